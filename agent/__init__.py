@@ -1,0 +1,3 @@
+"""kami-agent: exactly-once delivery of card keys (卡密) for small merchants."""
+
+__version__ = "0.1.0"

@@ -1,0 +1,359 @@
+"""Command line: run, demo, check, stock, orders, secrets."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import getpass
+import os
+import sys
+import time
+from collections.abc import Awaitable, Callable, Sequence
+from datetime import UTC, datetime
+from pathlib import Path
+
+from agent import logs
+from agent.config import Config, ConfigError, load_config
+from agent.domain import AgentError, LineState, OrderLine
+from agent.secrets import env_var_for, lookup_secret, store_secret
+from agent.stockfile import StockFileReader
+from agent.store.base import Store, StoreError
+
+DEFAULT_CONFIG_PATHS = (Path("config.toml"), Path("/etc/kami-agent/config.toml"))
+
+
+def _config_path(arg: str | None) -> Path:
+    if arg:
+        return Path(arg)
+    env = os.environ.get("KAMI_AGENT_CONFIG")
+    if env:
+        return Path(env)
+    for candidate in DEFAULT_CONFIG_PATHS:
+        if candidate.exists():
+            return candidate
+    raise ConfigError(
+        "no config file: pass --config, set KAMI_AGENT_CONFIG, or create ./config.toml "
+        "(see config.example.toml)"
+    )
+
+
+def _load(args: argparse.Namespace) -> Config:
+    return load_config(_config_path(args.config))
+
+
+async def _with_store(config: Config, action: Callable[[Store], Awaitable[int]]) -> int:
+    from agent.runtime import open_store
+
+    store = open_store(config.store)
+    await store.open()
+    try:
+        return await action(store)
+    finally:
+        await store.close()
+
+
+def _when(ts: float | None) -> str:
+    if ts is None:
+        return "-"
+    return datetime.fromtimestamp(ts, UTC).strftime("%Y-%m-%d %H:%M:%S")
+
+
+# --- commands ----------------------------------------------------------------------------------
+def cmd_run(args: argparse.Namespace) -> int:
+    config = _load(args)
+    logs.configure(config.log.level)
+    from agent.runtime import run_daemon
+
+    return asyncio.run(run_daemon(config))
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    from agent.demo import DemoPlan, run_demo
+
+    plan = DemoPlan(steady_orders=args.orders, burst=args.burst)
+    return asyncio.run(run_demo(plan))
+
+
+def cmd_check(args: argparse.Namespace) -> int:
+    config = _load(args)
+    print(
+        f"config {config.source}: ok ({len(config.platforms)} platform(s), "
+        f"{len(config.skus)} SKU(s))"
+    )
+    failures = 0
+    for platform in config.platforms:
+        if lookup_secret(platform.secret_name):
+            print(f"secret {platform.secret_name}: present")
+        else:
+            print(
+                f"secret {platform.secret_name}: MISSING (kami-agent secrets set "
+                f"{platform.secret_name}, or {env_var_for(platform.secret_name)})"
+            )
+            failures += 1
+
+    async def probe(store: Store) -> int:
+        problems = 0
+        result = await store.integrity_check()
+        print(f"store {config.store.path}: {result}")
+        problems += result != "ok"
+        from agent.runtime import build_platform
+
+        for settings in config.platforms:
+            if not lookup_secret(settings.secret_name):
+                continue
+            platform = build_platform(settings)
+            try:
+                await platform.ping()
+                print(f"platform {settings.name} ({settings.base_url}): reachable, auth ok")
+            except AgentError as exc:
+                print(f"platform {settings.name} ({settings.base_url}): FAILED: {exc}")
+                problems += 1
+            finally:
+                await platform.close()
+        return problems
+
+    failures += asyncio.run(_with_store(config, probe))
+    print("check: ok" if not failures else f"check: {failures} problem(s)")
+    return 0 if not failures else 1
+
+
+def _progress_printer(total: int) -> Callable[[int], None]:
+    interactive = sys.stderr.isatty()
+
+    def show(done: int) -> None:
+        if not interactive:
+            return
+        width = 30
+        filled = int(width * done / total) if total else width
+        sys.stderr.write(f"\r  [{'#' * filled}{'.' * (width - filled)}] {done:,}/{total:,}")
+        sys.stderr.flush()
+
+    return show
+
+
+def cmd_stock_import(args: argparse.Namespace) -> int:
+    config = _load(args)
+    path = Path(args.file)
+    if not path.is_file():
+        raise AgentError(f"stock file {path} does not exist or is not a file")
+    if args.sku not in config.skus:
+        print(
+            f"warning: SKU {args.sku!r} is not in [skus] of {config.source}; "
+            "orders for it are parked until it is added",
+            file=sys.stderr,
+        )
+    reader = StockFileReader(path)
+    started = time.monotonic()
+
+    async def action(store: Store) -> int:
+        report = await store.import_keys(
+            args.sku,
+            reader,
+            f"import:{path.name}",
+            time.time(),
+            _progress_printer(reader.count_lines()),
+        )
+        if sys.stderr.isatty():
+            sys.stderr.write("\n")
+        elapsed = time.monotonic() - started
+        print(
+            f"{args.sku}: added {report.added}, duplicates {report.duplicates}, "
+            f"rejected {reader.rejected} ({elapsed:.1f} s)"
+        )
+        for sample in reader.samples:
+            print(f"  rejected {sample}")
+        return 0
+
+    return asyncio.run(_with_store(config, action))
+
+
+def cmd_stock_list(args: argparse.Namespace) -> int:
+    config = _load(args)
+
+    async def action(store: Store) -> int:
+        counts = await store.stock_counts()
+        print(f"{'SKU':<24} {'free':>9} {'bound':>9} {'void':>7}")
+        for c in counts:
+            print(f"{c.sku:<24} {c.free:>9} {c.bound:>9} {c.void:>7}")
+        for sku in sorted(set(config.skus) - {c.sku for c in counts}):
+            print(f"{sku:<24} {0:>9} {0:>9} {0:>7}")
+        return 0
+
+    return asyncio.run(_with_store(config, action))
+
+
+def cmd_stock_void(args: argparse.Namespace) -> int:
+    config = _load(args)
+    if args.count is None and not args.all:
+        raise AgentError("say how many free keys to void: --count N or --all")
+
+    async def action(store: Store) -> int:
+        voided = await store.void_free_keys(args.sku, args.count, args.reason, time.time())
+        print(f"{args.sku}: voided {voided} free key(s) ({args.reason})")
+        return 0
+
+    return asyncio.run(_with_store(config, action))
+
+
+def _print_lines(lines: Sequence[OrderLine]) -> None:
+    print(
+        f"{'order':<20} {'sku':<14} {'qty':>3} {'state':<16} {'tries':>5} {'seen (UTC)':<19} reason"
+    )
+    for ln in lines:
+        print(
+            f"{ln.order_id:<20} {ln.sku[:14]:<14} {ln.quantity:>3} {ln.state:<16} "
+            f"{ln.attempts:>5} {_when(ln.seen_at):<19} {ln.reason or ''}"
+        )
+
+
+def cmd_orders_list(args: argparse.Namespace) -> int:
+    config = _load(args)
+    state = LineState(args.state) if args.state else None
+
+    async def action(store: Store) -> int:
+        _print_lines(await store.list_lines(state, args.limit))
+        return 0
+
+    return asyncio.run(_with_store(config, action))
+
+
+async def _one_line(store: Store, ref: str) -> OrderLine:
+    lines = await store.find_lines(ref)
+    if not lines:
+        raise StoreError(f"no order {ref!r} in the ledger")
+    if len(lines) > 1:
+        raise StoreError(f"order {ref!r} exists on several platforms or lines; use the row id")
+    return lines[0]
+
+
+def cmd_orders_show(args: argparse.Namespace) -> int:
+    config = _load(args)
+
+    async def action(store: Store) -> int:
+        line = await _one_line(store, args.id)
+        _print_lines([line])
+        print(
+            f"\nplatform {line.platform}, row {line.id}, buyer {line.buyer_contact or '-'}, "
+            f"paid {line.paid_at or '-'}, delivered {_when(line.delivered_at)}"
+        )
+        print("audit trail:")
+        for event in await store.events(line.id):
+            print(f"  {_when(event.at)}  {event.kind:<18} {event.detail}")
+        return 0
+
+    return asyncio.run(_with_store(config, action))
+
+
+def _operator_action(name: str) -> Callable[[argparse.Namespace], int]:
+    def command(args: argparse.Namespace) -> int:
+        config = _load(args)
+
+        async def action(store: Store) -> int:
+            line = await _one_line(store, args.id)
+            method = store.retry_line if name == "retry" else store.resend_line
+            updated = await method(line.id, time.time())
+            print(
+                f"order {updated.order_id}: now {updated.state}; the running agent picks it "
+                "up on its next sweep"
+            )
+            return 0
+
+        return asyncio.run(_with_store(config, action))
+
+    return command
+
+
+def cmd_secrets_set(args: argparse.Namespace) -> int:
+    value = sys.stdin.readline().rstrip("\n") if args.stdin else getpass.getpass(f"{args.name}: ")
+    if not value:
+        raise AgentError("empty secret, nothing stored")
+    store_secret(args.name, value)
+    print(f"secret {args.name}: stored in the keyring")
+    return 0
+
+
+def cmd_secrets_list_missing(args: argparse.Namespace) -> int:
+    config = _load(args)
+    missing = [p.secret_name for p in config.platforms if not lookup_secret(p.secret_name)]
+    for name in missing:
+        print(name)
+    return 1 if missing else 0
+
+
+# --- parser ---------------------------------------------------------------------------------------
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="kami-agent", description=__doc__)
+    parser.add_argument(
+        "-c",
+        "--config",
+        help="config file (default: $KAMI_AGENT_CONFIG, "
+        "./config.toml, /etc/kami-agent/config.toml)",
+    )
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    sub.add_parser("run", help="run the daemon in the foreground").set_defaults(func=cmd_run)
+    demo = sub.add_parser("demo", help="run against the embedded sandbox platform")
+    demo.add_argument("--orders", type=int, default=150, help="orders in the steady stream")
+    demo.add_argument("--burst", type=int, default=500, help="orders in the flash-sale burst")
+    demo.set_defaults(func=cmd_demo)
+    sub.add_parser("check", help="validate config, secrets and connectivity").set_defaults(
+        func=cmd_check
+    )
+
+    stock = sub.add_parser("stock", help="card key stock").add_subparsers(
+        dest="stock_cmd", required=True
+    )
+    imp = stock.add_parser("import", help="import keys: one per line, or CSV code,secret")
+    imp.add_argument("sku")
+    imp.add_argument("file")
+    imp.set_defaults(func=cmd_stock_import)
+    stock.add_parser("list", help="key counts per SKU").set_defaults(func=cmd_stock_list)
+    void = stock.add_parser("void", help="take free keys out of stock, with a reason")
+    void.add_argument("sku")
+    void.add_argument("--count", type=int, help="how many free keys (oldest first)")
+    void.add_argument("--all", action="store_true", help="every free key of the SKU")
+    void.add_argument("--reason", required=True)
+    void.set_defaults(func=cmd_stock_void)
+
+    orders = sub.add_parser("orders", help="orders in the ledger").add_subparsers(
+        dest="orders_cmd", required=True
+    )
+    lst = orders.add_parser("list", help="recent order lines")
+    lst.add_argument("--state", choices=[s.value for s in LineState])
+    lst.add_argument("--limit", type=int, default=50)
+    lst.set_defaults(func=cmd_orders_list)
+    for name, func, text in (
+        ("show", cmd_orders_show, "an order and its audit trail"),
+        ("retry", _operator_action("retry"), "send a needs_attention order back to work"),
+        ("resend", _operator_action("resend"), "deliver the same keys again"),
+    ):
+        p = orders.add_parser(name, help=text)
+        p.add_argument("id", help="platform order id (or ledger row id)")
+        p.set_defaults(func=func)
+
+    sec = sub.add_parser("secrets", help="secrets in the keyring").add_subparsers(
+        dest="secrets_cmd", required=True
+    )
+    sset = sec.add_parser("set", help="store a secret (prompted, or --stdin)")
+    sset.add_argument("name")
+    sset.add_argument("--stdin", action="store_true")
+    sset.set_defaults(func=cmd_secrets_set)
+    sec.add_parser("list-missing", help="secrets the config names but nobody stored").set_defaults(
+        func=cmd_secrets_list_missing
+    )
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    func: Callable[[argparse.Namespace], int] = args.func
+    try:
+        return func(args)
+    except ConfigError as exc:
+        print(f"kami-agent: config error: {exc}", file=sys.stderr)
+        return 2
+    except (AgentError, StoreError) as exc:
+        print(f"kami-agent: error: {exc}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        return 130

@@ -1,0 +1,253 @@
+"""TOML configuration into frozen dataclasses.
+
+Every bad value raises one ConfigError naming the file and the key, so `kami-agent check`
+and `kami-agent run` can print a single clear line instead of a traceback.
+"""
+
+from __future__ import annotations
+
+import re
+import tomllib
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+from urllib.parse import urlparse
+
+from agent.domain import AgentError
+
+LOG_LEVELS = ("debug", "info", "warning", "error")
+_NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
+MAX_QUANTITY_LIMIT = 1000
+
+
+class ConfigError(AgentError):
+    """A configuration problem, already phrased for the merchant."""
+
+
+DEFAULT_DELIVERY_MESSAGE = "Thank you for your order."
+
+
+@dataclass(frozen=True, slots=True)
+class AgentSettings:
+    poll_interval: float = 2.0
+    sweep_interval: float = 5.0
+    reconcile_interval: float = 300.0
+    concurrency: int = 16
+    delivery_message: str = DEFAULT_DELIVERY_MESSAGE
+    # How long a delivery may stay ambiguous before we park it for a human.
+    max_delivery_attempts: int = 50
+
+
+@dataclass(frozen=True, slots=True)
+class StoreSettings:
+    path: Path
+
+
+@dataclass(frozen=True, slots=True)
+class LogSettings:
+    level: str = "info"
+
+
+@dataclass(frozen=True, slots=True)
+class PlatformSettings:
+    name: str
+    kind: str
+    base_url: str
+    api_key: str
+    secret_name: str
+    timeout: float = 10.0
+    page_size: int = 100
+
+
+@dataclass(frozen=True, slots=True)
+class SkuSettings:
+    sku: str
+    max_quantity: int = 50
+    message: str | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class Config:
+    source: Path
+    agent: AgentSettings
+    store: StoreSettings
+    log: LogSettings
+    platforms: tuple[PlatformSettings, ...]
+    skus: Mapping[str, SkuSettings] = field(default_factory=dict)
+
+
+class _Section:
+    """Reads one TOML table, remembering which keys were used to reject typos."""
+
+    def __init__(self, source: Path, where: str, data: Any) -> None:
+        self.source = source
+        self.where = where
+        if not isinstance(data, dict):
+            raise self.error(None, f"must be a table, got {type(data).__name__}")
+        self.data: dict[str, Any] = data
+        self.used: set[str] = set()
+
+    def error(self, key: str | None, message: str) -> ConfigError:
+        name = f"{self.where}.{key}" if key and self.where else (key or self.where or "(top)")
+        return ConfigError(f"{self.source}: {name}: {message}")
+
+    def _get(self, key: str) -> Any:
+        self.used.add(key)
+        return self.data.get(key)
+
+    def string(self, key: str, default: str | None = None, *, required: bool = False) -> str:
+        value = self._get(key)
+        if value is None:
+            if required or default is None:
+                raise self.error(key, "is required")
+            return default
+        if not isinstance(value, str) or not value.strip():
+            raise self.error(key, f"must be a non-empty string, got {value!r}")
+        return value
+
+    def optional_string(self, key: str) -> str | None:
+        value = self._get(key)
+        if value is None:
+            return None
+        if not isinstance(value, str):
+            raise self.error(key, f"must be a string, got {value!r}")
+        return value
+
+    def number(self, key: str, default: float, *, minimum: float, maximum: float) -> float:
+        value = self._get(key)
+        if value is None:
+            return default
+        if isinstance(value, bool) or not isinstance(value, int | float):
+            raise self.error(key, f"must be a number, got {value!r}")
+        if not minimum <= value <= maximum:
+            raise self.error(key, f"must be between {minimum} and {maximum}, got {value}")
+        return float(value)
+
+    def integer(self, key: str, default: int, *, minimum: int, maximum: int) -> int:
+        value = self._get(key)
+        if value is None:
+            return default
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise self.error(key, f"must be a whole number, got {value!r}")
+        if not minimum <= value <= maximum:
+            raise self.error(key, f"must be between {minimum} and {maximum}, got {value}")
+        return value
+
+    def table(self, key: str) -> dict[str, Any]:
+        value = self._get(key)
+        if value is None:
+            return {}
+        if not isinstance(value, dict):
+            raise self.error(key, f"must be a table, got {type(value).__name__}")
+        return value
+
+    def reject_unknown(self) -> None:
+        unknown = sorted(set(self.data) - self.used)
+        if unknown:
+            raise self.error(unknown[0], "is not a known setting (typo?)")
+
+
+def load_config(path: Path | str) -> Config:
+    source = Path(path)
+    try:
+        raw = source.read_bytes()
+    except OSError as exc:
+        raise ConfigError(f"{source}: cannot read config file: {exc.strerror or exc}") from None
+    try:
+        data = tomllib.loads(raw.decode("utf-8"))
+    except UnicodeDecodeError:
+        raise ConfigError(f"{source}: config file is not valid UTF-8") from None
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(f"{source}: invalid TOML: {exc}") from None
+    return parse_config(data, source)
+
+
+def parse_config(data: dict[str, Any], source: Path) -> Config:
+    top = _Section(source, "", data)
+    agent = _parse_agent(_Section(source, "agent", top.table("agent")))
+    store = _parse_store(_Section(source, "store", top.table("store")), source)
+    log_section = _Section(source, "log", top.table("log"))
+    level = log_section.string("level", "info").lower()
+    if level not in LOG_LEVELS:
+        raise log_section.error("level", f"must be one of {', '.join(LOG_LEVELS)}, got {level!r}")
+    log_section.reject_unknown()
+
+    platforms_table = top.table("platforms")
+    if not platforms_table:
+        raise top.error("platforms", "at least one [platforms.<name>] table is required")
+    platforms = tuple(
+        _parse_platform(name, _Section(source, f"platforms.{name}", value), top)
+        for name, value in platforms_table.items()
+    )
+    skus = {
+        sku: _parse_sku(sku, _Section(source, f"skus.{sku}", value), top)
+        for sku, value in top.table("skus").items()
+    }
+    top.reject_unknown()
+    return Config(
+        source=source,
+        agent=agent,
+        store=store,
+        log=LogSettings(level=level),
+        platforms=platforms,
+        skus=skus,
+    )
+
+
+def _parse_agent(s: _Section) -> AgentSettings:
+    settings = AgentSettings(
+        poll_interval=s.number("poll_interval", 2.0, minimum=0.05, maximum=3600),
+        sweep_interval=s.number("sweep_interval", 5.0, minimum=0.05, maximum=3600),
+        reconcile_interval=s.number("reconcile_interval", 300.0, minimum=1, maximum=86400),
+        concurrency=s.integer("concurrency", 16, minimum=1, maximum=512),
+        delivery_message=s.string("delivery_message", DEFAULT_DELIVERY_MESSAGE),
+        max_delivery_attempts=s.integer("max_delivery_attempts", 50, minimum=1, maximum=10_000),
+    )
+    s.reject_unknown()
+    return settings
+
+
+def _parse_store(s: _Section, source: Path) -> StoreSettings:
+    raw = s.string("path", required=True)
+    path = Path(raw).expanduser()
+    if not path.is_absolute():
+        # Relative to the config file, not to wherever systemd happens to start us.
+        path = source.parent / path
+    s.reject_unknown()
+    return StoreSettings(path=path)
+
+
+def _parse_platform(name: str, s: _Section, top: _Section) -> PlatformSettings:
+    if not _NAME_RE.match(name):
+        raise top.error(f"platforms.{name}", "name must be letters, digits, '.', '_' or '-'")
+    kind = s.string("kind", "http")
+    if kind != "http":
+        raise s.error("kind", f"unknown platform kind {kind!r} (known: http)")
+    base_url = s.string("base_url", required=True)
+    parsed = urlparse(base_url)
+    if parsed.scheme not in ("http", "https") or not parsed.hostname:
+        raise s.error("base_url", f"must be an http(s) URL, got {base_url!r}")
+    settings = PlatformSettings(
+        name=name,
+        kind=kind,
+        base_url=base_url.rstrip("/"),
+        api_key=s.string("api_key", required=True),
+        secret_name=s.string("secret", required=True),
+        timeout=s.number("timeout", 10.0, minimum=0.1, maximum=300),
+        page_size=s.integer("page_size", 100, minimum=1, maximum=1000),
+    )
+    s.reject_unknown()
+    return settings
+
+
+def _parse_sku(sku: str, s: _Section, top: _Section) -> SkuSettings:
+    if not sku.strip() or len(sku) > 128:
+        raise top.error(f"skus.{sku}", "SKU must be 1 to 128 characters")
+    settings = SkuSettings(
+        sku=sku,
+        max_quantity=s.integer("max_quantity", 50, minimum=1, maximum=MAX_QUANTITY_LIMIT),
+        message=s.optional_string("message"),
+    )
+    s.reject_unknown()
+    return settings

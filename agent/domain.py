@@ -1,0 +1,209 @@
+"""Domain types and pure rules shared by the engine, the store and the adapters."""
+
+from __future__ import annotations
+
+import enum
+import hashlib
+from dataclasses import dataclass, field
+
+
+class LineState(enum.StrEnum):
+    NEW = "new"
+    BACKORDERED = "backordered"
+    PURCHASING = "purchasing"
+    ALLOCATED = "allocated"
+    DELIVERING = "delivering"
+    DELIVERED = "delivered"
+    NEEDS_ATTENTION = "needs_attention"
+    REFUNDED = "refunded"
+    CANCELLED = "cancelled"
+
+    @property
+    def terminal(self) -> bool:
+        return self in TERMINAL_STATES
+
+
+TERMINAL_STATES = frozenset(
+    {LineState.DELIVERED, LineState.NEEDS_ATTENTION, LineState.REFUNDED, LineState.CANCELLED}
+)
+# States the sweeper drives forward on its own.
+ACTIVE_STATES = frozenset(
+    {LineState.NEW, LineState.BACKORDERED, LineState.ALLOCATED, LineState.DELIVERING}
+)
+
+
+class KeyState(enum.StrEnum):
+    FREE = "free"
+    BOUND = "bound"
+    VOID = "void"
+
+
+# --- errors decided at the adapter edge; the engine acts on the class -------------------
+
+
+class AgentError(Exception):
+    """Base class of every error kami-agent raises on purpose."""
+
+
+class Transient(AgentError):
+    """The call did not take effect; trying again later is safe."""
+
+    def __init__(self, message: str, retry_after: float | None = None) -> None:
+        super().__init__(message)
+        self.retry_after = retry_after
+
+
+class AuthFailed(Transient):
+    """The platform refused our credentials; nothing took effect."""
+
+
+class Ambiguous(AgentError):
+    """The call may or may not have taken effect; ask the other side before acting again."""
+
+
+class Permanent(AgentError):
+    """The other side refused the request for good; retrying the same request won't help."""
+
+
+class DeliveryConflict(Permanent):
+    """The platform already holds a different delivery for this order."""
+
+
+class BadResponse(Transient):
+    """The other side answered with something we cannot parse (malformed or oversized)."""
+
+
+# --- wire-level values --------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class CardItem:
+    """One card key as delivered: an optional card number (code) and the secret."""
+
+    code: str
+    secret: str
+
+    def __repr__(self) -> str:  # never let a secret slip into a log or traceback
+        return f"CardItem(fp={fingerprint(self.code, self.secret)})"
+
+
+@dataclass(frozen=True, slots=True)
+class PlatformOrder:
+    """An order as the platform reports it, already validated."""
+
+    order_id: str
+    status: str
+    sku: str
+    quantity: int
+    paid_at: str | None = None
+    amount: str | None = None
+    currency: str | None = None
+    buyer_contact: str | None = None
+    deliver_by: str | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class RejectedOrder:
+    """An order whose content we cannot act on; it is parked with the reason."""
+
+    order_id: str
+    reason: str
+    sku: str = ""
+    quantity: int = 0
+
+
+@dataclass(frozen=True, slots=True)
+class OrderPage:
+    orders: list[PlatformOrder | RejectedOrder]
+    next_cursor: str | None
+    has_more: bool
+    # Entries so broken they do not even carry an order id; logged, cannot be parked.
+    unidentifiable: int = 0
+
+
+@dataclass(frozen=True, slots=True)
+class RemoteDelivery:
+    """What the platform says about an order when we reconcile."""
+
+    status: str
+    items: tuple[CardItem, ...] = ()
+
+
+# --- ledger rows -------------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class OrderLine:
+    id: int
+    platform: str
+    order_id: str
+    line: int
+    sku: str
+    quantity: int
+    state: LineState
+    reason: str | None
+    attempts: int
+    next_attempt_at: float
+    ambiguous: bool
+    delivery_key: str | None
+    seen_at: float
+    delivered_at: float | None
+    buyer_contact: str | None = None
+    paid_at: str | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class DeliveryIntent:
+    """Committed before the delivery call: the idempotency key and the exact items."""
+
+    line: OrderLine
+    idempotency_key: str
+    items: tuple[CardItem, ...]
+    key_ids: tuple[int, ...]
+
+
+@dataclass(frozen=True, slots=True)
+class ImportReport:
+    added: int = 0
+    duplicates: int = 0
+    rejected: int = 0
+    rejected_samples: list[str] = field(default_factory=list)
+
+
+@dataclass(frozen=True, slots=True)
+class StockCount:
+    sku: str
+    free: int
+    bound: int
+    void: int
+
+
+@dataclass(frozen=True, slots=True)
+class OrderEvent:
+    at: float
+    kind: str
+    detail: str
+
+
+# --- pure rules --------------------------------------------------------------------------
+
+
+def secret_digest(code: str, secret: str) -> bytes:
+    """Identity of a card key for duplicate detection: the code and secret together."""
+    return hashlib.sha256(f"{code}\x1f{secret}".encode()).digest()
+
+
+def fingerprint(code: str, secret: str) -> str:
+    """A short, non-reversible tag to name a key in logs (8 hex digits of its digest)."""
+    return secret_digest(code, secret).hex()[:8]
+
+
+def delivery_idempotency_key(platform: str, order_id: str, line: int, generation: int) -> str:
+    """Deterministic, so a restart after a crash re-sends with the very same key."""
+    digest = hashlib.sha256(f"{platform}\x1f{order_id}\x1f{line}".encode()).hexdigest()[:24]
+    return f"kami-{digest}-{generation}"
+
+
+def retry_delay(attempts: int, base: float = 2.0, cap: float = 300.0) -> float:
+    """Backoff for the order row: 2, 4, 8 … seconds, capped."""
+    return float(min(cap, base * (2 ** max(0, attempts - 1))))

@@ -1,0 +1,347 @@
+"""The order state machine: intake, allocate, deliver, sweep.
+
+Every external call is bracketed by store transactions: the intent (with a deterministic
+idempotency key) is committed before the call, the result after it. A line found in
+`delivering` with an attempt already made is reconciled with the platform before anything
+is sent again.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections import Counter
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from agent.config import AgentSettings, SkuSettings
+from agent.crashpoints import crash_point
+from agent.domain import (
+    AgentError,
+    Ambiguous,
+    CardItem,
+    DeliveryConflict,
+    LineState,
+    OrderLine,
+    Permanent,
+    PlatformOrder,
+    RejectedOrder,
+    Transient,
+    retry_delay,
+)
+from agent.logs import get_logger
+from agent.platforms.base import Platform
+from agent.store.base import Store, StoreError
+
+log = get_logger("kami.engine")
+
+MAX_PAGES_PER_POLL = 1000
+SWEEP_BATCH = 1000
+
+
+@dataclass(slots=True)
+class EngineStats:
+    polled_orders: int = 0
+    delivered: int = 0
+    parked: int = 0
+    retries: int = 0
+    last_progress: float = 0.0
+
+
+def screen_order(
+    order: PlatformOrder | RejectedOrder, skus: Mapping[str, SkuSettings]
+) -> PlatformOrder | RejectedOrder | None:
+    """Pure intake rules: which orders we act on, which we park, which we ignore."""
+    if isinstance(order, RejectedOrder):
+        return order
+    if order.status != "paid":
+        return None  # only paid orders are ours to deliver; others are the platform's business
+    sku = skus.get(order.sku)
+    if sku is None:
+        return RejectedOrder(
+            order.order_id, f"unknown SKU {order.sku!r} (not in config [skus])", sku=order.sku
+        )
+    if order.quantity > sku.max_quantity:
+        return RejectedOrder(
+            order.order_id,
+            f"quantity {order.quantity} exceeds max_quantity {sku.max_quantity} for {order.sku}",
+            sku=order.sku,
+            quantity=order.quantity,
+        )
+    return order
+
+
+def _same_items(a: Sequence[CardItem], b: Sequence[CardItem]) -> bool:
+    return Counter((i.code, i.secret) for i in a) == Counter((i.code, i.secret) for i in b)
+
+
+class Engine:
+    def __init__(
+        self,
+        settings: AgentSettings,
+        skus: Mapping[str, SkuSettings],
+        store: Store,
+        platforms: Mapping[str, Platform],
+        clock: Callable[[], float] = time.time,
+    ) -> None:
+        self.settings = settings
+        self.skus = skus
+        self.store = store
+        self.platforms = platforms
+        self.clock = clock
+        self.stats = EngineStats()
+        self._queue: asyncio.Queue[int] = asyncio.Queue()
+        self._queued: set[int] = set()
+        self._workers: list[asyncio.Task[None]] = []
+        self._busy = 0
+
+    # --- lifecycle ----------------------------------------------------------------------------
+    def start_workers(self) -> None:
+        for index in range(self.settings.concurrency):
+            self._workers.append(asyncio.create_task(self._worker(), name=f"kami-worker-{index}"))
+
+    async def stop_workers(self, grace: float) -> None:
+        """Let every worker finish the line in hand, then stop; queued lines stay in the DB."""
+        while not self._queue.empty():
+            self._queued.discard(self._queue.get_nowait())
+            self._queue.task_done()
+        try:
+            async with asyncio.timeout(grace):
+                await self._queue.join()
+        except TimeoutError:
+            log.warning("drain_timeout", busy=self._busy)
+        for task in self._workers:
+            task.cancel()
+        await asyncio.gather(*self._workers, return_exceptions=True)
+        self._workers.clear()
+
+    async def idle(self) -> None:
+        """Waits until every queued line has been handled (tests and the demo use it)."""
+        await self._queue.join()
+
+    @property
+    def backlog(self) -> int:
+        return self._queue.qsize() + self._busy
+
+    def dispatch(self, line_ids: Sequence[int]) -> None:
+        for line_id in line_ids:
+            if line_id not in self._queued:
+                self._queued.add(line_id)
+                self._queue.put_nowait(line_id)
+
+    async def _worker(self) -> None:
+        while True:
+            line_id = await self._queue.get()
+            self._busy += 1
+            try:
+                await self.process(line_id)
+            except Exception:
+                # A bug or a store failure must not kill the worker; the row is still in
+                # the DB and the sweeper will bring it back.
+                log.exception("line_processing_failed", line_id=line_id)
+            finally:
+                self._busy -= 1
+                self._queued.discard(line_id)
+                self._queue.task_done()
+
+    # --- intake -----------------------------------------------------------------------------
+    async def poll(self, platform_name: str, *, from_start: bool = False) -> int:
+        """Lists paid orders page by page; returns how many new lines were taken in."""
+        platform = self.platforms[platform_name]
+        cursor = None if from_start else await self.store.get_cursor(platform_name)
+        taken = 0
+        for _ in range(MAX_PAGES_PER_POLL):
+            try:
+                page = await platform.list_paid(cursor)
+            except AgentError as exc:
+                log.warning(
+                    "poll_failed", platform=platform_name, error=str(exc), kind=type(exc).__name__
+                )
+                return taken
+            if page.unidentifiable:
+                log.warning("orders_without_id", platform=platform_name, count=page.unidentifiable)
+            screened = [s for o in page.orders if (s := screen_order(o, self.skus)) is not None]
+            new_ids = await self.store.ingest(platform_name, screened, self.clock())
+            self.stats.polled_orders += len(page.orders)
+            for order in screened:
+                if isinstance(order, RejectedOrder):
+                    log.warning(
+                        "order_rejected",
+                        platform=platform_name,
+                        order_id=order.order_id,
+                        reason=order.reason,
+                    )
+            if new_ids:
+                log.info("orders_taken", platform=platform_name, count=len(new_ids))
+                self.dispatch(new_ids)
+                taken += len(new_ids)
+            if page.next_cursor and page.next_cursor != cursor:
+                # Only after the page is committed, so a crash re-reads rather than skips.
+                await self.store.set_cursor(platform_name, page.next_cursor, self.clock())
+                cursor = page.next_cursor
+            elif page.has_more:
+                log.warning("cursor_did_not_advance", platform=platform_name)
+                break
+            if not page.has_more:
+                break
+        return taken
+
+    async def reconcile_all(self) -> None:
+        """Re-list from the start: the cursor is only an optimisation (catch-up on start)."""
+        for name in self.platforms:
+            await self.poll(name, from_start=True)
+
+    async def sweep(self) -> int:
+        lines = await self.store.due_lines(self.clock(), SWEEP_BATCH)
+        fresh = [line.id for line in lines if line.id not in self._queued]
+        self.dispatch(fresh)
+        return len(fresh)
+
+    # --- one line -------------------------------------------------------------------------------
+    async def process(self, line_id: int) -> None:
+        line = await self.store.get_line(line_id)
+        while line is not None and line.state in (
+            LineState.NEW,
+            LineState.BACKORDERED,
+            LineState.ALLOCATED,
+            LineState.DELIVERING,
+        ):
+            if line.next_attempt_at > self.clock():
+                return
+            if line.state in (LineState.NEW, LineState.BACKORDERED):
+                line = await self.store.allocate(line.id, self.clock())
+                crash_point("after_allocate")
+                if line.state == LineState.BACKORDERED:
+                    log.info(
+                        "backordered", order_id=line.order_id, sku=line.sku, quantity=line.quantity
+                    )
+                    return
+                continue
+            await self._deliver(line)
+            return
+
+    async def _deliver(self, line: OrderLine) -> None:
+        platform = self.platforms.get(line.platform)
+        if platform is None:
+            await self._park(line, f"platform {line.platform!r} is not configured")
+            return
+        needs_reconcile = line.state == LineState.DELIVERING and (
+            line.attempts > 0 or line.ambiguous
+        )
+        if needs_reconcile and not await self._reconcile(line, platform):
+            return
+        if line.attempts >= self.settings.max_delivery_attempts:
+            await self._park(
+                line,
+                f"still undelivered after {line.attempts} attempts: "
+                f"{line.reason or 'no reason recorded'}",
+            )
+            return
+        try:
+            intent = await self.store.begin_delivery(line.id, self.clock())
+        except StoreError as exc:
+            await self._park(line, str(exc))
+            return
+        crash_point("after_intent")
+        message = self._message_for(line.sku)
+        try:
+            await platform.deliver(line.order_id, intent.idempotency_key, intent.items, message)
+        except DeliveryConflict as exc:
+            await self._park(line, str(exc))
+            return
+        except Permanent as exc:
+            await self._park(line, str(exc))
+            return
+        except Ambiguous as exc:
+            await self._retry_later(intent.line, str(exc), ambiguous=True)
+            return
+        except Transient as exc:
+            await self._retry_later(
+                intent.line, str(exc), ambiguous=False, retry_after=exc.retry_after
+            )
+            return
+        crash_point("after_deliver_call")
+        await self.store.mark_delivered(line.id, self.clock(), f"key {intent.idempotency_key}")
+        self.stats.delivered += 1
+        self.stats.last_progress = self.clock()
+        log.info(
+            "delivered",
+            order_id=line.order_id,
+            sku=line.sku,
+            quantity=line.quantity,
+            attempt=intent.line.attempts,
+            latency_ms=round((self.clock() - line.seen_at) * 1000, 1),
+        )
+
+    async def _reconcile(self, line: OrderLine, platform: Platform) -> bool:
+        """Ask the platform what became of an earlier attempt; True = safe to send (again)."""
+        try:
+            remote = await platform.get_order(line.order_id)
+        except Permanent as exc:
+            await self._park(line, f"platform cannot show the order: {exc}")
+            return False
+        except (Transient, Ambiguous) as exc:
+            await self._retry_later(line, f"reconcile failed: {exc}", ambiguous=True)
+            return False
+        now = self.clock()
+        if remote.status == "delivered":
+            ours = await self.store.bound_items(line.id)
+            if _same_items(ours, remote.items):
+                await self.store.mark_delivered(line.id, now, "confirmed by platform")
+                self.stats.delivered += 1
+                self.stats.last_progress = now
+                log.info(
+                    "delivered",
+                    order_id=line.order_id,
+                    sku=line.sku,
+                    quantity=line.quantity,
+                    confirmed=True,
+                )
+            else:
+                await self._park(line, "platform shows a delivery with other keys")
+            return False
+        if remote.status in ("refunded", "cancelled"):
+            state = LineState(remote.status)
+            await self.store.close_line(line.id, state, f"platform reports {remote.status}", now)
+            log.warning("order_closed_by_platform", order_id=line.order_id, status=remote.status)
+            return False
+        if remote.status != "paid":
+            await self._park(line, f"platform reports unexpected status {remote.status[:40]!r}")
+            return False
+        await self.store.add_event(line.id, "reconciled", "platform: still paid, re-sending", now)
+        return True
+
+    async def _retry_later(
+        self, line: OrderLine, reason: str, *, ambiguous: bool, retry_after: float | None = None
+    ) -> None:
+        now = self.clock()
+        delay = max(retry_delay(line.attempts), retry_after or 0.0)
+        await self.store.defer(line.id, now + delay, reason, ambiguous=ambiguous, now=now)
+        self.stats.retries += 1
+        log.warning(
+            "delivery_retry_scheduled",
+            order_id=line.order_id,
+            reason=reason,
+            ambiguous=ambiguous,
+            delay_s=round(delay, 2),
+        )
+
+    async def _park(self, line: OrderLine, reason: str) -> None:
+        await self.store.park(line.id, reason, self.clock())
+        self.stats.parked += 1
+        log.error("needs_attention", order_id=line.order_id, sku=line.sku, reason=reason)
+
+    def _message_for(self, sku: str) -> str:
+        settings = self.skus.get(sku)
+        if settings is not None and settings.message:
+            return settings.message
+        return self.settings.delivery_message
+
+    def snapshot(self) -> dict[str, Any]:
+        return {
+            "delivered": self.stats.delivered,
+            "parked": self.stats.parked,
+            "retries": self.stats.retries,
+            "backlog": self.backlog,
+        }

@@ -1,0 +1,117 @@
+"""Adapter for the platform HTTP protocol (shared/protocol/platform-http.md)."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+from tenacity import AsyncRetrying, retry_if_exception, stop_after_attempt, wait_exponential
+
+from agent.config import PlatformSettings
+from agent.domain import (
+    Ambiguous,
+    AuthFailed,
+    BadResponse,
+    CardItem,
+    DeliveryConflict,
+    OrderPage,
+    Permanent,
+    RemoteDelivery,
+    Transient,
+)
+from agent.platforms.parsing import ParseError, parse_order_page, parse_remote_order
+from agent.signed_http import HttpResponse, SignedClient, quote_segment
+
+
+# In-call retries only (seconds); anything longer is scheduled in the order row.
+def _worth_retrying_now(exc: BaseException) -> bool:
+    # A GET has no side effect, so an ambiguous read is just a failed read. Bad credentials
+    # will not fix themselves within seconds.
+    return isinstance(exc, Transient | Ambiguous) and not isinstance(exc, AuthFailed)
+
+
+def _read_retrying() -> AsyncRetrying:
+    return AsyncRetrying(
+        retry=retry_if_exception(_worth_retrying_now),
+        stop=stop_after_attempt(3),
+        wait=wait_exponential(multiplier=0.2, max=2),
+        reraise=True,
+    )
+
+
+def _raise_for_status(resp: HttpResponse, *, committed_maybe: bool) -> None:
+    """Map a non-2xx status to the error class the engine acts on."""
+    if resp.status < 300:
+        return
+    text = resp.error_text()
+    if resp.status in (401, 403):
+        raise AuthFailed(f"platform refused our credentials: {text}")
+    if resp.status == 429:
+        raise Transient(f"rate limited: {text}", retry_after=resp.retry_after)
+    if resp.status >= 500:
+        # 5xx may come after the change was committed on the platform.
+        if committed_maybe:
+            raise Ambiguous(f"platform error, outcome unknown: {text}")
+        raise Transient(f"platform error: {text}", retry_after=resp.retry_after)
+    raise Permanent(f"platform rejected the request: {text}")
+
+
+class HttpPlatform:
+    def __init__(self, settings: PlatformSettings, secret: str) -> None:
+        self.name = settings.name
+        self._page_size = settings.page_size
+        self._client = SignedClient(settings.base_url, settings.api_key, secret, settings.timeout)
+
+    async def _read(self, path: str, params: dict[str, str | int] | None = None) -> HttpResponse:
+        async for attempt in _read_retrying():
+            with attempt:
+                resp = await self._client.request("GET", path, params=params)
+                _raise_for_status(resp, committed_maybe=False)
+                return resp
+        raise AssertionError("unreachable: tenacity reraises")
+
+    async def list_paid(self, cursor: str | None) -> OrderPage:
+        params: dict[str, str | int] = {"status": "paid", "limit": self._page_size}
+        if cursor:
+            params["cursor"] = cursor
+        resp = await self._read("/api/v1/orders", params)
+        try:
+            return parse_order_page(resp.json())
+        except ParseError as exc:
+            raise BadResponse(f"order list: {exc}") from None
+
+    async def get_order(self, order_id: str) -> RemoteDelivery:
+        resp = await self._read(f"/api/v1/orders/{quote_segment(order_id)}")
+        try:
+            return parse_remote_order(resp.json())
+        except ParseError as exc:
+            raise BadResponse(f"order {order_id}: {exc}") from None
+
+    async def deliver(
+        self, order_id: str, idempotency_key: str, items: Sequence[CardItem], message: str
+    ) -> None:
+        payload = {
+            "items": [{"code": item.code, "secret": item.secret} for item in items],
+            "message": message,
+        }
+        resp = await self._client.request(
+            "POST",
+            f"/api/v1/orders/{quote_segment(order_id)}/delivery",
+            payload=payload,
+            headers={"Idempotency-Key": idempotency_key},
+        )
+        if resp.status == 409:
+            raise DeliveryConflict(f"order already delivered with other items: {resp.error_text()}")
+        _raise_for_status(resp, committed_maybe=True)
+        try:
+            body = resp.json()
+        except BadResponse:
+            raise Ambiguous("delivery answered 2xx with malformed JSON") from None
+        if not isinstance(body, dict) or body.get("status") != "delivered":
+            raise Ambiguous(f"delivery answered {resp.status} without status 'delivered'")
+
+    async def ping(self) -> None:
+        params: dict[str, str | int] = {"status": "paid", "limit": 1}
+        await self._read("/api/v1/orders", params)
+
+    async def close(self) -> None:
+        await self._client.close()

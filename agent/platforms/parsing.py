@@ -1,0 +1,110 @@
+"""Turns platform JSON into domain values; anything odd becomes a RejectedOrder with a reason."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from agent.domain import CardItem, OrderPage, PlatformOrder, RejectedOrder, RemoteDelivery
+
+MAX_ID_LENGTH = 128
+MAX_TEXT_LENGTH = 512
+# Far beyond any real order; anything larger is treated as garbage, not as a big order.
+ABSURD_QUANTITY = 1_000_000
+
+
+class ParseError(ValueError):
+    """The response as a whole is not what the protocol promises."""
+
+
+def _short(value: Any, limit: int = 60) -> str:
+    text = repr(value)
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+def _optional_text(raw: dict[str, Any], key: str) -> str | None:
+    value = raw.get(key)
+    if isinstance(value, str) and len(value) <= MAX_TEXT_LENGTH:
+        return value
+    return None
+
+
+def parse_order(raw: Any) -> PlatformOrder | RejectedOrder | None:
+    """None when the entry has no usable id at all (it cannot even be parked)."""
+    if not isinstance(raw, dict):
+        return None
+    order_id = raw.get("id")
+    if isinstance(order_id, int) and not isinstance(order_id, bool):
+        order_id = str(order_id)
+    if not isinstance(order_id, str) or not order_id or len(order_id) > MAX_ID_LENGTH:
+        return None
+    sku = raw.get("sku")
+    sku_text = sku[:MAX_ID_LENGTH] if isinstance(sku, str) else ""
+    quantity = raw.get("quantity")
+    if not isinstance(sku, str) or not sku or len(sku) > MAX_ID_LENGTH:
+        return RejectedOrder(order_id, f"invalid sku {_short(sku)}")
+    if isinstance(quantity, bool) or not isinstance(quantity, int):
+        return RejectedOrder(order_id, f"invalid quantity {_short(quantity)}", sku=sku_text)
+    if quantity < 1:
+        return RejectedOrder(order_id, f"quantity must be at least 1, got {quantity}", sku=sku_text)
+    if quantity > ABSURD_QUANTITY:
+        return RejectedOrder(order_id, f"absurd quantity {quantity}", sku=sku_text)
+    status = raw.get("status")
+    if not isinstance(status, str):
+        return RejectedOrder(order_id, f"invalid status {_short(status)}", sku=sku_text)
+    buyer = raw.get("buyer")
+    contact = _optional_text(buyer, "contact") if isinstance(buyer, dict) else None
+    return PlatformOrder(
+        order_id=order_id,
+        status=status,
+        sku=sku,
+        quantity=quantity,
+        paid_at=_optional_text(raw, "paid_at"),
+        amount=_optional_text(raw, "amount"),
+        currency=_optional_text(raw, "currency"),
+        buyer_contact=contact,
+        deliver_by=_optional_text(raw, "deliver_by"),
+    )
+
+
+def parse_order_page(body: Any) -> OrderPage:
+    if not isinstance(body, dict) or not isinstance(body.get("orders"), list):
+        raise ParseError("order list response has no 'orders' array")
+    next_cursor = body.get("next_cursor")
+    if next_cursor is not None and not isinstance(next_cursor, str):
+        raise ParseError(f"next_cursor must be a string, got {_short(next_cursor)}")
+    has_more = body.get("has_more", False)
+    if not isinstance(has_more, bool):
+        raise ParseError(f"has_more must be a boolean, got {_short(has_more)}")
+    orders: list[PlatformOrder | RejectedOrder] = []
+    unidentifiable = 0
+    for raw in body["orders"]:
+        parsed = parse_order(raw)
+        if parsed is None:
+            unidentifiable += 1
+        else:
+            orders.append(parsed)
+    return OrderPage(orders, next_cursor or None, has_more, unidentifiable)
+
+
+def parse_items(raw: Any) -> tuple[CardItem, ...]:
+    if not isinstance(raw, list):
+        raise ParseError("items must be an array")
+    items = []
+    for entry in raw:
+        if not isinstance(entry, dict):
+            raise ParseError("each item must be an object")
+        code, secret = entry.get("code", ""), entry.get("secret")
+        if not isinstance(code, str) or not isinstance(secret, str):
+            raise ParseError("item code and secret must be strings")
+        items.append(CardItem(code=code, secret=secret))
+    return tuple(items)
+
+
+def parse_remote_order(body: Any) -> RemoteDelivery:
+    if not isinstance(body, dict) or not isinstance(body.get("status"), str):
+        raise ParseError("order response has no status")
+    delivery = body.get("delivery")
+    items: tuple[CardItem, ...] = ()
+    if isinstance(delivery, dict) and "items" in delivery:
+        items = parse_items(delivery["items"])
+    return RemoteDelivery(status=body["status"], items=items)

@@ -1,0 +1,102 @@
+"""Assembles the daemon from config: store, platforms, engine, scheduler, signals."""
+
+from __future__ import annotations
+
+import asyncio
+import signal
+import time
+from collections.abc import Mapping
+
+from agent.config import Config, PlatformSettings, StoreSettings
+from agent.engine import Engine
+from agent.logs import get_logger
+from agent.platforms.base import Platform
+from agent.platforms.http import HttpPlatform
+from agent.scheduler import build_scheduler
+from agent.secrets import resolve_secret
+from agent.service import notify, watchdog_interval
+from agent.store.base import Store
+from agent.store.sqlite import SQLiteStore
+
+log = get_logger("kami.runtime")
+DRAIN_GRACE_SECONDS = 20.0
+
+
+def open_store(settings: StoreSettings) -> Store:
+    return SQLiteStore(settings.path)
+
+
+def build_platform(settings: PlatformSettings, secret: str | None = None) -> Platform:
+    return HttpPlatform(
+        settings, secret if secret is not None else resolve_secret(settings.secret_name)
+    )
+
+
+def build_platforms(config: Config) -> dict[str, Platform]:
+    return {p.name: build_platform(p) for p in config.platforms}
+
+
+async def run_engine(
+    config: Config,
+    store: Store,
+    platforms: Mapping[str, Platform],
+    stop: asyncio.Event,
+) -> Engine:
+    """Runs until `stop` is set, then drains gracefully. The store must already be open."""
+    engine = Engine(config.agent, config.skus, store, platforms)
+    engine.start_workers()
+    resumed = await engine.sweep()  # every non-terminal line left by the last run
+    log.info("started", platforms=list(platforms), resumed_lines=resumed)
+
+    watchdog = None
+    interval = watchdog_interval()
+    if interval is not None:
+
+        async def ping() -> None:
+            # Only while the ledger answers: a wedged store must get us restarted.
+            await store.count_by_state()
+            notify("WATCHDOG=1")
+
+        watchdog = (interval, ping)
+    scheduler = build_scheduler(engine, config.agent, watchdog)
+    scheduler.start()
+    notify("READY=1\nSTATUS=delivering")
+
+    async def report_status() -> None:
+        while True:
+            await asyncio.sleep(30)
+            s = engine.snapshot()
+            notify(
+                f"STATUS=delivered {s['delivered']}, backlog {s['backlog']}, "
+                f"needs attention {s['parked']}"
+            )
+
+    status_task = asyncio.create_task(report_status())
+    try:
+        await stop.wait()
+    finally:
+        notify("STOPPING=1\nSTATUS=draining")
+        log.info("stopping", backlog=engine.backlog)
+        status_task.cancel()
+        scheduler.shutdown(wait=False)
+        await engine.stop_workers(DRAIN_GRACE_SECONDS)
+    return engine
+
+
+async def run_daemon(config: Config) -> int:
+    store = open_store(config.store)
+    platforms = build_platforms(config)
+    await store.open()
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(signum, stop.set)
+    started = time.time()
+    try:
+        engine = await run_engine(config, store, platforms, stop)
+    finally:
+        for platform in platforms.values():
+            await platform.close()
+        await store.close()
+    log.info("stopped", uptime_s=round(time.time() - started, 1), **engine.snapshot())
+    return 0

@@ -1,0 +1,277 @@
+"""An embedded selling platform implementing shared/protocol/platform-http.md.
+
+Runs on loopback inside the demo and the tests. It keeps a full log of delivery calls so the
+tests can check the invariants from the platform's side (exactly the ordered quantity of
+distinct keys per order, no key to two orders, re-sends only with the same key).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import random
+import secrets
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+from aiohttp import web
+
+from agent.signing import verify
+
+
+@dataclass
+class Faults:
+    """Probabilities (0..1) and delays that make the sandbox misbehave like a real platform."""
+
+    error_rate: float = 0.0  # 503 before anything is committed
+    drop_after_commit_rate: float = 0.0  # commit the delivery, then lose the response
+    rate_limit_rate: float = 0.0  # 429 with Retry-After
+    malformed_rate: float = 0.0  # order list answered with broken JSON
+    duplicate_rate: float = 0.0  # an order listed twice in one page
+    latency: float = 0.0  # up to this many seconds added to every request
+
+
+@dataclass
+class DeliveryCall:
+    order_id: str
+    idempotency_key: str
+    secrets: tuple[str, ...]
+    outcome: str
+
+
+@dataclass
+class SandboxOrder:
+    data: dict[str, Any]
+    visible_at: float
+    delivery: dict[str, Any] | None = None
+    delivered_at: float | None = None
+    notices: list[str] = field(default_factory=list)
+
+    @property
+    def status(self) -> str:
+        return str(self.data.get("status", "paid"))
+
+
+class SandboxPlatform:
+    def __init__(self, api_key: str = "sandbox", secret: str | None = None, seed: int = 0) -> None:
+        self.api_key = api_key
+        self.secret = secret or secrets.token_hex(16)
+        self.faults = Faults()
+        self.random = random.Random(seed)
+        self.orders: dict[str, SandboxOrder] = {}
+        self._sequence: list[str] = []
+        self._idempotent: dict[str, tuple[int, dict[str, Any]]] = {}
+        self.delivery_calls: list[DeliveryCall] = []
+        self.requests = 0
+        self.auth_failures = 0
+        self._runner: web.AppRunner | None = None
+        self.base_url = ""
+        self._next_id = 1
+
+    # --- test/demo API ------------------------------------------------------------------------
+    def add_order(
+        self, sku: str, quantity: int = 1, order_id: str | None = None, **extra: Any
+    ) -> str:
+        if order_id is None:
+            order_id = f"SB{self._next_id:07d}"
+            self._next_id += 1
+        data = {
+            "id": order_id,
+            "status": "paid",
+            "sku": sku,
+            "quantity": quantity,
+            "paid_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+            "amount": "9.90",
+            "currency": "CNY",
+            "buyer": {"contact": f"buyer-{order_id}@example.test"},
+            "deliver_by": None,
+            **extra,
+        }
+        self.add_raw_order(order_id, data)
+        return order_id
+
+    def add_raw_order(self, order_id: str, data: Any) -> None:
+        """Lists `data` verbatim (tests use it to feed hostile input)."""
+        self.orders[order_id] = SandboxOrder(
+            data=data if isinstance(data, dict) else {"raw": data}, visible_at=time.time()
+        )
+        self._sequence.append(order_id)
+
+    def set_status(self, order_id: str, status: str) -> None:
+        self.orders[order_id].data["status"] = status
+
+    def delivered_secrets(self) -> dict[str, list[str]]:
+        return {
+            oid: [item["secret"] for item in o.delivery["items"]]
+            for oid, o in self.orders.items()
+            if o.delivery is not None
+        }
+
+    def latencies(self) -> list[float]:
+        return [
+            o.delivered_at - o.visible_at
+            for o in self.orders.values()
+            if o.delivered_at is not None
+        ]
+
+    # --- server -------------------------------------------------------------------------------
+    def app(self) -> web.Application:
+        app = web.Application(middlewares=[self._middleware], client_max_size=1024 * 1024)
+        app.router.add_get("/api/v1/orders", self._list)
+        app.router.add_get("/api/v1/orders/{id}", self._get)
+        app.router.add_post("/api/v1/orders/{id}/delivery", self._deliver)
+        app.router.add_post("/api/v1/orders/{id}/notice", self._notice)
+        return app
+
+    async def start(self, host: str = "127.0.0.1", port: int = 0) -> str:
+        self._runner = web.AppRunner(self.app(), access_log=None)
+        await self._runner.setup()
+        site = web.TCPSite(self._runner, host, port)
+        await site.start()
+        # TCPSite keeps the listening sockets on its server; port 0 means "any free port".
+        sockets = getattr(site._server, "sockets", None)
+        assert sockets, "sandbox platform did not bind"
+        bound_port = int(sockets[0].getsockname()[1])
+        self.base_url = f"http://{host}:{bound_port}"
+        return self.base_url
+
+    async def stop(self) -> None:
+        if self._runner is not None:
+            await self._runner.cleanup()
+            self._runner = None
+
+    @staticmethod
+    def _error(status: int, code: str, message: str, **headers: str) -> web.Response:
+        return web.json_response(
+            {"error": {"code": code, "message": message}}, status=status, headers=headers
+        )
+
+    @web.middleware
+    async def _middleware(self, request: web.Request, handler: Any) -> web.StreamResponse:
+        self.requests += 1
+        if self.faults.latency:
+            await asyncio.sleep(self.random.uniform(0, self.faults.latency))
+        body = await request.read()
+        problem = None
+        if request.headers.get("X-Api-Key") != self.api_key:
+            problem = "unknown api key"
+        else:
+            problem = verify(
+                self.secret,
+                request.headers.get("X-Timestamp", ""),
+                request.headers.get("X-Signature", ""),
+                request.method,
+                request.raw_path,
+                body,
+                time.time(),
+            )
+        if problem is not None:
+            self.auth_failures += 1
+            return self._error(401, "unauthorized", problem)
+        if self.random.random() < self.faults.rate_limit_rate:
+            return self._error(429, "rate_limited", "slow down", **{"Retry-After": "1"})
+        if self.random.random() < self.faults.error_rate:
+            return self._error(503, "unavailable", "try again", **{"Retry-After": "1"})
+        return await handler(request)  # type: ignore[no-any-return]
+
+    async def _list(self, request: web.Request) -> web.Response:
+        if request.query.get("status", "paid") != "paid":
+            return self._error(400, "bad_status", "only status=paid is supported")
+        try:
+            position = int(request.query.get("cursor") or 0)
+            limit = max(1, min(int(request.query.get("limit", "100")), 1000))
+        except ValueError:
+            return self._error(400, "bad_cursor", "cursor and limit must be integers")
+        if self.random.random() < self.faults.malformed_rate:
+            return web.Response(text='{"orders": [{"id": "trunc', content_type="application/json")
+        page: list[Any] = []
+        while position < len(self._sequence) and len(page) < limit:
+            order = self.orders[self._sequence[position]]
+            position += 1
+            if order.status == "paid":
+                page.append(order.data.get("raw", order.data))
+        if page and self.random.random() < self.faults.duplicate_rate:
+            page.append(self.random.choice(page))
+        return web.json_response(
+            {
+                "orders": page,
+                "next_cursor": str(position),
+                "has_more": position < len(self._sequence),
+            }
+        )
+
+    async def _get(self, request: web.Request) -> web.Response:
+        order = self.orders.get(request.match_info["id"])
+        if order is None:
+            return self._error(404, "not_found", "no such order")
+        body = dict(order.data)
+        if order.delivery is not None:
+            body["delivery"] = order.delivery
+        return web.json_response(body)
+
+    async def _deliver(self, request: web.Request) -> web.StreamResponse:
+        order_id = request.match_info["id"]
+        key = request.headers.get("Idempotency-Key")
+        if not key:
+            return self._error(400, "missing_idempotency_key", "Idempotency-Key is required")
+        try:
+            payload = json.loads(await request.read())
+            items = payload["items"]
+            item_secrets = tuple(str(item["secret"]) for item in items)
+        except (ValueError, KeyError, TypeError):
+            return self._error(400, "bad_body", "body must be {items:[{code,secret}],message}")
+        if key in self._idempotent:
+            status, cached = self._idempotent[key]
+            self.delivery_calls.append(DeliveryCall(order_id, key, item_secrets, "replayed"))
+            return web.json_response(cached, status=status)
+        order = self.orders.get(order_id)
+        if order is None:
+            return self._error(404, "not_found", "no such order")
+        if order.delivery is not None:
+            if sorted(item_secrets) == sorted(i["secret"] for i in order.delivery["items"]):
+                self.delivery_calls.append(DeliveryCall(order_id, key, item_secrets, "resent"))
+                return web.json_response(
+                    {"status": "delivered", "delivered_at": order.delivery["delivered_at"]}
+                )
+            self.delivery_calls.append(DeliveryCall(order_id, key, item_secrets, "conflict"))
+            return web.json_response(
+                {
+                    "error": {"code": "already_delivered", "message": "other items"},
+                    "delivery": order.delivery,
+                },
+                status=409,
+            )
+        if order.status != "paid":
+            return self._error(422, "not_payable", f"order is {order.status}")
+        if len(items) != order.data.get("quantity"):
+            return self._error(422, "wrong_quantity", "item count differs from quantity")
+        now = time.time()
+        order.delivery = {
+            "items": [{"code": i.get("code", ""), "secret": i["secret"]} for i in items],
+            "message": payload.get("message", ""),
+            "delivered_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(now)),
+        }
+        order.delivered_at = now
+        order.data["status"] = "delivered"
+        response = {"status": "delivered", "delivered_at": order.delivery["delivered_at"]}
+        self._idempotent[key] = (200, response)
+        if self.random.random() < self.faults.drop_after_commit_rate:
+            self.delivery_calls.append(DeliveryCall(order_id, key, item_secrets, "dropped"))
+            # Committed, but the agent never hears about it.
+            if request.transport is not None:
+                request.transport.close()
+            return self._error(502, "bad_gateway", "response lost")
+        self.delivery_calls.append(DeliveryCall(order_id, key, item_secrets, "delivered"))
+        return web.json_response(response)
+
+    async def _notice(self, request: web.Request) -> web.Response:
+        order = self.orders.get(request.match_info["id"])
+        if order is None:
+            return self._error(404, "not_found", "no such order")
+        try:
+            message = json.loads(await request.read())["message"]
+        except (ValueError, KeyError, TypeError):
+            return self._error(400, "bad_body", "body must be {message}")
+        order.notices.append(str(message))
+        return web.Response(status=204)

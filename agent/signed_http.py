@@ -1,0 +1,119 @@
+"""A small signed JSON client shared by the platform and supplier HTTP adapters.
+
+It only moves bytes and classifies what went wrong at the transport level; each adapter
+decides what a status code means for its own calls.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any
+from urllib.parse import quote, urlencode
+
+import aiohttp
+from yarl import URL
+
+from agent.domain import Ambiguous, BadResponse, Transient
+from agent.signing import auth_headers
+
+MAX_BODY_BYTES = 4 * 1024 * 1024
+
+
+@dataclass(frozen=True, slots=True)
+class HttpResponse:
+    status: int
+    body: bytes
+    retry_after: float | None
+
+    def json(self) -> Any:
+        try:
+            return json.loads(self.body)
+        except (ValueError, UnicodeDecodeError):
+            raise BadResponse(f"malformed JSON in HTTP {self.status} response") from None
+
+    def error_text(self) -> str:
+        """`code: message` from the protocol's error envelope, shortened, for reasons and logs."""
+        try:
+            error = json.loads(self.body).get("error", {})
+            text = f"{error.get('code', '?')}: {error.get('message', '')}"
+        except (ValueError, UnicodeDecodeError, AttributeError):
+            text = "unparseable error body"
+        return f"HTTP {self.status} {text[:200]}"
+
+
+def quote_segment(value: str) -> str:
+    """An order id or purchase id as one URL path segment."""
+    return quote(value, safe="")
+
+
+def parse_retry_after(value: str | None) -> float | None:
+    if value is None:
+        return None
+    try:
+        seconds = float(value)
+    except ValueError:
+        return None
+    return max(0.0, min(seconds, 3600.0))
+
+
+class SignedClient:
+    def __init__(self, base_url: str, api_key: str, secret: str, timeout: float) -> None:
+        self._base = URL(base_url)
+        self._api_key = api_key
+        self._secret = secret
+        self._timeout = aiohttp.ClientTimeout(total=timeout)
+        self._session: aiohttp.ClientSession | None = None
+
+    def _session_or_new(self) -> aiohttp.ClientSession:
+        if self._session is None or self._session.closed:
+            # One pooled session per adapter: connection reuse matters under a burst.
+            connector = aiohttp.TCPConnector(limit=64, keepalive_timeout=30)
+            self._session = aiohttp.ClientSession(timeout=self._timeout, connector=connector)
+        return self._session
+
+    def url_for(self, path: str, params: Mapping[str, str | int] | None = None) -> URL:
+        """`path` must already be percent-encoded (see `quote_segment`)."""
+        query = f"?{urlencode(params)}" if params else ""
+        return URL(f"{str(self._base).rstrip('/')}{path}{query}", encoded=True)
+
+    async def request(
+        self,
+        method: str,
+        path: str,
+        *,
+        params: Mapping[str, str | int] | None = None,
+        payload: Any = None,
+        headers: Mapping[str, str] | None = None,
+    ) -> HttpResponse:
+        """Raises Transient when the request surely did not reach the server, else Ambiguous."""
+        url = self.url_for(path, params)
+        body = b"" if payload is None else json.dumps(payload, ensure_ascii=False).encode()
+        signed = auth_headers(
+            self._api_key, self._secret, time.time(), method, url.raw_path_qs, body
+        )
+        all_headers = {**signed, **(headers or {})}
+        if payload is not None:
+            all_headers["Content-Type"] = "application/json"
+        session = self._session_or_new()
+        try:
+            async with session.request(method, url, data=body or None, headers=all_headers) as resp:
+                data = await resp.content.read(MAX_BODY_BYTES + 1)
+                if len(data) > MAX_BODY_BYTES:
+                    raise BadResponse(f"response body larger than {MAX_BODY_BYTES} bytes")
+                return HttpResponse(
+                    resp.status, data, parse_retry_after(resp.headers.get("Retry-After"))
+                )
+        except aiohttp.ClientConnectorError as exc:
+            raise Transient(f"cannot connect to {self._base.host}: {exc.os_error}") from None
+        except TimeoutError:
+            raise Ambiguous(f"{method} {path}: no response within the timeout") from None
+        except aiohttp.ClientError as exc:
+            raise Ambiguous(f"{method} {path}: connection broke: {type(exc).__name__}") from None
+
+    async def close(self) -> None:
+        if self._session is not None:
+            await self._session.close()
+            self._session = None

@@ -1,0 +1,107 @@
+"""The Store port: the ledger of orders, card keys, events and cursors.
+
+Every method is one transaction: when it returns, its effect is durable; when it raises,
+nothing of it happened. The engine relies on that to bracket every external call.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable, Sequence
+from typing import Protocol
+
+from agent.domain import (
+    CardItem,
+    DeliveryIntent,
+    ImportReport,
+    LineState,
+    OrderEvent,
+    OrderLine,
+    PlatformOrder,
+    RejectedOrder,
+    StockCount,
+)
+
+ProgressCallback = Callable[[int], None]
+
+
+class StoreError(Exception):
+    """The store refused an operation (unknown line, wrong state); phrased for the merchant."""
+
+
+class Store(Protocol):
+    async def open(self) -> None: ...
+
+    async def close(self) -> None: ...
+
+    # --- intake ---------------------------------------------------------------------
+    async def ingest(
+        self, platform: str, orders: Sequence[PlatformOrder | RejectedOrder], now: float
+    ) -> list[int]:
+        """Insert order lines idempotently; returns the ids of lines that are new and ready."""
+        ...
+
+    async def get_cursor(self, platform: str) -> str | None: ...
+
+    async def set_cursor(self, platform: str, cursor: str | None, now: float) -> None: ...
+
+    # --- the order state machine --------------------------------------------------------
+    async def due_lines(self, now: float, limit: int) -> list[OrderLine]: ...
+
+    async def get_line(self, line_id: int) -> OrderLine | None: ...
+
+    async def allocate(self, line_id: int, now: float) -> OrderLine:
+        """new/backordered -> allocated (binding `quantity` distinct free keys) or backordered."""
+        ...
+
+    async def begin_delivery(self, line_id: int, now: float) -> DeliveryIntent:
+        """allocated/delivering -> delivering: commits the idempotency key before the call."""
+        ...
+
+    async def mark_delivered(self, line_id: int, now: float, detail: str) -> OrderLine: ...
+
+    async def defer(
+        self, line_id: int, next_attempt_at: float, reason: str, *, ambiguous: bool, now: float
+    ) -> None:
+        """Keep the state, try again at next_attempt_at (long waits live in the row)."""
+        ...
+
+    async def park(self, line_id: int, reason: str, now: float) -> None:
+        """-> needs_attention with the reason; keys stay bound."""
+        ...
+
+    async def close_line(self, line_id: int, state: LineState, reason: str, now: float) -> None:
+        """-> cancelled/refunded because the platform says so."""
+        ...
+
+    async def add_event(self, line_id: int, kind: str, detail: str, now: float) -> None: ...
+
+    # --- operator actions ---------------------------------------------------------------
+    async def retry_line(self, line_id: int, now: float) -> OrderLine: ...
+
+    async def resend_line(self, line_id: int, now: float) -> OrderLine: ...
+
+    async def find_lines(self, order_ref: str) -> list[OrderLine]: ...
+
+    async def list_lines(self, state: LineState | None, limit: int) -> list[OrderLine]: ...
+
+    async def events(self, line_id: int) -> list[OrderEvent]: ...
+
+    async def count_by_state(self) -> dict[LineState, int]: ...
+
+    # --- stock ----------------------------------------------------------------------------
+    async def import_keys(
+        self,
+        sku: str,
+        items: Iterable[CardItem],
+        source: str,
+        now: float,
+        progress: ProgressCallback | None = None,
+    ) -> ImportReport: ...
+
+    async def void_free_keys(self, sku: str, count: int | None, reason: str, now: float) -> int: ...
+
+    async def stock_counts(self) -> list[StockCount]: ...
+
+    async def bound_items(self, line_id: int) -> tuple[CardItem, ...]: ...
+
+    async def integrity_check(self) -> str: ...

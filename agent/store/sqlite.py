@@ -1,0 +1,598 @@
+"""SQLite implementation of the Store port.
+
+One connection, owned by one worker thread: every call is shipped to that thread and runs as
+one `BEGIN IMMEDIATE … COMMIT` transaction, so the ledger never sees interleaved writers and
+a SIGKILL at any point leaves either the whole call or nothing (WAL + synchronous=FULL).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import os
+import sqlite3
+from collections.abc import Callable, Iterable, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from importlib import resources
+from pathlib import Path
+from typing import Any, TypeVar
+
+from agent.domain import (
+    CardItem,
+    DeliveryIntent,
+    ImportReport,
+    KeyState,
+    LineState,
+    OrderEvent,
+    OrderLine,
+    PlatformOrder,
+    RejectedOrder,
+    StockCount,
+    delivery_idempotency_key,
+    fingerprint,
+    secret_digest,
+)
+from agent.store.base import ProgressCallback, StoreError
+
+T = TypeVar("T")
+
+IMPORT_BATCH = 20_000
+_LINE_COLUMNS = (
+    "id, platform, order_id, line, sku, quantity, state, reason, attempts, next_attempt_at,"
+    " ambiguous, delivery_key, seen_at, delivered_at, buyer_contact, paid_at"
+)
+
+
+def _line(row: sqlite3.Row | tuple[Any, ...]) -> OrderLine:
+    return OrderLine(
+        id=row[0],
+        platform=row[1],
+        order_id=row[2],
+        line=row[3],
+        sku=row[4],
+        quantity=row[5],
+        state=LineState(row[6]),
+        reason=row[7],
+        attempts=row[8],
+        next_attempt_at=row[9],
+        ambiguous=bool(row[10]),
+        delivery_key=row[11],
+        seen_at=row[12],
+        delivered_at=row[13],
+        buyer_contact=row[14],
+        paid_at=row[15],
+    )
+
+
+def migrations() -> list[tuple[int, str]]:
+    folder = resources.files("agent.store.migrations").joinpath("sqlite")
+    found = []
+    for entry in folder.iterdir():
+        if entry.name.endswith(".sql"):
+            found.append((int(entry.name.split("_", 1)[0]), entry.read_text(encoding="utf-8")))
+    return sorted(found)
+
+
+class SQLiteStore:
+    def __init__(self, path: Path | str) -> None:
+        self.path = Path(path)
+        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="kami-sqlite")
+        self._conn: sqlite3.Connection | None = None
+
+    # --- plumbing -------------------------------------------------------------------------
+    async def _call(self, fn: Callable[..., T], *args: Any) -> T:
+        loop = asyncio.get_running_loop()
+        return await loop.run_in_executor(self._executor, fn, *args)
+
+    async def _tx(self, fn: Callable[..., T], *args: Any) -> T:
+        return await self._call(self._in_tx, fn, *args)
+
+    def _in_tx(self, fn: Callable[..., T], *args: Any) -> T:
+        conn = self._require()
+        conn.execute("BEGIN IMMEDIATE")
+        try:
+            result = fn(conn, *args)
+        except BaseException:
+            conn.execute("ROLLBACK")
+            raise
+        conn.execute("COMMIT")
+        return result
+
+    def _require(self) -> sqlite3.Connection:
+        if self._conn is None:
+            raise StoreError("store is not open")
+        return self._conn
+
+    async def open(self) -> None:
+        await self._call(self._open)
+
+    def _open(self) -> None:
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        if not self.path.exists():
+            # Card keys are money: the ledger is readable by its owner only.
+            fd = os.open(self.path, os.O_CREAT | os.O_WRONLY, 0o600)
+            os.close(fd)
+        conn = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False)
+        conn.execute("PRAGMA journal_mode=WAL")
+        conn.execute("PRAGMA synchronous=FULL")
+        conn.execute("PRAGMA foreign_keys=ON")
+        conn.execute("PRAGMA busy_timeout=10000")
+        self._conn = conn
+        self._migrate(conn)
+
+    def _migrate(self, conn: sqlite3.Connection) -> None:
+        conn.execute("CREATE TABLE IF NOT EXISTS schema_version (version INTEGER NOT NULL)")
+        current = conn.execute("SELECT MAX(version) FROM schema_version").fetchone()[0] or 0
+        for version, sql in migrations():
+            if version <= current:
+                continue
+            try:
+                conn.executescript(
+                    f"BEGIN IMMEDIATE;\n{sql}\n"
+                    f"INSERT INTO schema_version (version) VALUES ({version});\nCOMMIT;"
+                )
+            except sqlite3.Error:
+                if conn.in_transaction:
+                    conn.execute("ROLLBACK")
+                raise
+
+    async def close(self) -> None:
+        if self._conn is not None:
+            await self._call(self._close)
+        self._executor.shutdown(wait=True)
+
+    def _close(self) -> None:
+        assert self._conn is not None
+        self._conn.close()
+        self._conn = None
+
+    @staticmethod
+    def _event(conn: sqlite3.Connection, line_id: int, kind: str, detail: str, now: float) -> None:
+        conn.execute(
+            "INSERT INTO events (order_line_id, at, kind, detail) VALUES (?, ?, ?, ?)",
+            (line_id, now, kind, detail),
+        )
+
+    @staticmethod
+    def _fetch_line(conn: sqlite3.Connection, line_id: int) -> OrderLine:
+        row = conn.execute(
+            f"SELECT {_LINE_COLUMNS} FROM orders WHERE id = ?", (line_id,)
+        ).fetchone()
+        if row is None:
+            raise StoreError(f"no order line with id {line_id}")
+        return _line(row)
+
+    # --- intake -----------------------------------------------------------------------------
+    async def ingest(
+        self, platform: str, orders: Sequence[PlatformOrder | RejectedOrder], now: float
+    ) -> list[int]:
+        if not orders:
+            return []
+        return await self._tx(self._ingest, platform, orders, now)
+
+    def _ingest(
+        self,
+        conn: sqlite3.Connection,
+        platform: str,
+        orders: Sequence[PlatformOrder | RejectedOrder],
+        now: float,
+    ) -> list[int]:
+        ready: list[int] = []
+        for order in orders:
+            existing = conn.execute(
+                "SELECT id, sku, quantity, state FROM orders"
+                " WHERE platform = ? AND order_id = ? AND line = 0",
+                (platform, order.order_id),
+            ).fetchone()
+            if existing is not None:
+                self._check_duplicate(conn, existing, order, now)
+                continue
+            if isinstance(order, RejectedOrder):
+                cur = conn.execute(
+                    "INSERT INTO orders (platform, order_id, line, sku, quantity, state, reason,"
+                    " seen_at, updated_at) VALUES (?, ?, 0, ?, ?, 'needs_attention', ?, ?, ?)",
+                    (platform, order.order_id, order.sku, order.quantity, order.reason, now, now),
+                )
+                line_id = int(cur.lastrowid or 0)
+                self._event(conn, line_id, "rejected", order.reason, now)
+                continue
+            cur = conn.execute(
+                "INSERT INTO orders (platform, order_id, line, sku, quantity, state, paid_at,"
+                " amount, currency, buyer_contact, deliver_by, seen_at, updated_at)"
+                " VALUES (?, ?, 0, ?, ?, 'new', ?, ?, ?, ?, ?, ?, ?)",
+                (
+                    platform,
+                    order.order_id,
+                    order.sku,
+                    order.quantity,
+                    order.paid_at,
+                    order.amount,
+                    order.currency,
+                    order.buyer_contact,
+                    order.deliver_by,
+                    now,
+                    now,
+                ),
+            )
+            line_id = int(cur.lastrowid or 0)
+            self._event(conn, line_id, "intake", f"sku={order.sku} quantity={order.quantity}", now)
+            ready.append(line_id)
+        return ready
+
+    def _check_duplicate(
+        self,
+        conn: sqlite3.Connection,
+        existing: tuple[Any, ...],
+        order: PlatformOrder | RejectedOrder,
+        now: float,
+    ) -> None:
+        """The same order id seen again: harmless if identical, parked if it changed."""
+        line_id, sku, quantity, state = existing
+        if isinstance(order, RejectedOrder) or (order.sku, order.quantity) == (sku, quantity):
+            return
+        if LineState(state) in (LineState.NEW, LineState.BACKORDERED):
+            reason = (
+                f"platform reported order again with different content "
+                f"(sku {sku!r}->{order.sku!r}, quantity {quantity}->{order.quantity})"
+            )
+            conn.execute(
+                "UPDATE orders SET state = 'needs_attention', reason = ?, updated_at = ?"
+                " WHERE id = ?",
+                (reason, now, line_id),
+            )
+            self._event(conn, line_id, "parked", reason, now)
+
+    async def get_cursor(self, platform: str) -> str | None:
+        def run(conn: sqlite3.Connection) -> str | None:
+            row = conn.execute(
+                "SELECT cursor FROM cursors WHERE platform = ?", (platform,)
+            ).fetchone()
+            return None if row is None else row[0]
+
+        return await self._tx(run)
+
+    async def set_cursor(self, platform: str, cursor: str | None, now: float) -> None:
+        def run(conn: sqlite3.Connection) -> None:
+            conn.execute(
+                "INSERT INTO cursors (platform, cursor, updated_at) VALUES (?, ?, ?)"
+                " ON CONFLICT (platform) DO UPDATE SET cursor = excluded.cursor,"
+                " updated_at = excluded.updated_at",
+                (platform, cursor, now),
+            )
+
+        await self._tx(run)
+
+    # --- state machine --------------------------------------------------------------------
+    async def due_lines(self, now: float, limit: int) -> list[OrderLine]:
+        def run(conn: sqlite3.Connection) -> list[OrderLine]:
+            rows = conn.execute(
+                f"SELECT {_LINE_COLUMNS} FROM orders o"
+                " WHERE state IN ('new', 'allocated', 'delivering') AND next_attempt_at <= ?"
+                " UNION ALL"
+                f" SELECT {_LINE_COLUMNS} FROM orders o"
+                " WHERE state = 'backordered' AND next_attempt_at <= ? AND EXISTS"
+                " (SELECT 1 FROM card_keys k WHERE k.sku = o.sku AND k.state = 'free')"
+                " ORDER BY id LIMIT ?",
+                (now, now, limit),
+            ).fetchall()
+            return [_line(r) for r in rows]
+
+        return await self._tx(run)
+
+    async def get_line(self, line_id: int) -> OrderLine | None:
+        def run(conn: sqlite3.Connection) -> OrderLine | None:
+            row = conn.execute(
+                f"SELECT {_LINE_COLUMNS} FROM orders WHERE id = ?", (line_id,)
+            ).fetchone()
+            return None if row is None else _line(row)
+
+        return await self._tx(run)
+
+    async def allocate(self, line_id: int, now: float) -> OrderLine:
+        return await self._tx(self._allocate, line_id, now)
+
+    def _allocate(self, conn: sqlite3.Connection, line_id: int, now: float) -> OrderLine:
+        line = self._fetch_line(conn, line_id)
+        if line.state not in (LineState.NEW, LineState.BACKORDERED):
+            return line
+        bound = conn.execute(
+            "SELECT COUNT(*) FROM card_keys WHERE order_line_id = ?", (line_id,)
+        ).fetchone()[0]
+        needed = line.quantity - bound
+        keys = conn.execute(
+            "SELECT id, code, secret FROM card_keys WHERE sku = ? AND state = 'free'"
+            " ORDER BY id LIMIT ?",
+            (line.sku, needed),
+        ).fetchall()
+        if len(keys) < needed:
+            # All or nothing: a half-filled line would hold keys another buyer could use now.
+            if line.state != LineState.BACKORDERED:
+                conn.execute(
+                    "UPDATE orders SET state = 'backordered', updated_at = ? WHERE id = ?",
+                    (now, line_id),
+                )
+                self._event(conn, line_id, "backordered", f"need {needed}, free {len(keys)}", now)
+            return self._fetch_line(conn, line_id)
+        for slot, (key_id, _code, _secret) in enumerate(keys, start=bound):
+            conn.execute(
+                "UPDATE card_keys SET state = 'bound', order_line_id = ?, slot = ?, bound_at = ?"
+                " WHERE id = ? AND state = 'free'",
+                (line_id, slot, now, key_id),
+            )
+        conn.execute(
+            "UPDATE orders SET state = 'allocated', updated_at = ? WHERE id = ?", (now, line_id)
+        )
+        fps = ",".join(f"#{k[0]}:{fingerprint(k[1], k[2])}" for k in keys)
+        self._event(conn, line_id, "allocated", f"keys {fps}", now)
+        return self._fetch_line(conn, line_id)
+
+    async def begin_delivery(self, line_id: int, now: float) -> DeliveryIntent:
+        return await self._tx(self._begin_delivery, line_id, now)
+
+    def _begin_delivery(self, conn: sqlite3.Connection, line_id: int, now: float) -> DeliveryIntent:
+        line = self._fetch_line(conn, line_id)
+        if line.state not in (LineState.ALLOCATED, LineState.DELIVERING):
+            raise StoreError(f"order line {line_id} is {line.state}, not ready to deliver")
+        keys = conn.execute(
+            "SELECT id, code, secret FROM card_keys WHERE order_line_id = ? ORDER BY slot",
+            (line_id,),
+        ).fetchall()
+        if len(keys) != line.quantity:
+            raise StoreError(
+                f"order line {line_id} holds {len(keys)} keys for quantity {line.quantity}"
+            )
+        generation = conn.execute(
+            "SELECT delivery_generation FROM orders WHERE id = ?", (line_id,)
+        ).fetchone()[0]
+        key = delivery_idempotency_key(line.platform, line.order_id, line.line, generation)
+        conn.execute(
+            "UPDATE orders SET state = 'delivering', delivery_key = ?, attempts = attempts + 1,"
+            " updated_at = ? WHERE id = ?",
+            (key, now, line_id),
+        )
+        self._event(conn, line_id, "delivery_intent", f"attempt {line.attempts + 1} key {key}", now)
+        return DeliveryIntent(
+            line=self._fetch_line(conn, line_id),
+            idempotency_key=key,
+            items=tuple(CardItem(code=k[1], secret=k[2]) for k in keys),
+            key_ids=tuple(k[0] for k in keys),
+        )
+
+    async def mark_delivered(self, line_id: int, now: float, detail: str) -> OrderLine:
+        def run(conn: sqlite3.Connection) -> OrderLine:
+            line = self._fetch_line(conn, line_id)
+            if line.state == LineState.DELIVERED:
+                return line
+            conn.execute(
+                "UPDATE orders SET state = 'delivered', delivered_at = ?, ambiguous = 0,"
+                " reason = NULL, updated_at = ? WHERE id = ?",
+                (now, now, line_id),
+            )
+            self._event(conn, line_id, "delivered", detail, now)
+            return self._fetch_line(conn, line_id)
+
+        return await self._tx(run)
+
+    async def defer(
+        self, line_id: int, next_attempt_at: float, reason: str, *, ambiguous: bool, now: float
+    ) -> None:
+        def run(conn: sqlite3.Connection) -> None:
+            conn.execute(
+                "UPDATE orders SET next_attempt_at = ?, reason = ?, ambiguous = ?,"
+                " updated_at = ? WHERE id = ?",
+                (next_attempt_at, reason, int(ambiguous), now, line_id),
+            )
+            self._event(conn, line_id, "retry_scheduled", reason, now)
+
+        await self._tx(run)
+
+    async def add_event(self, line_id: int, kind: str, detail: str, now: float) -> None:
+        def run(conn: sqlite3.Connection) -> None:
+            self._event(conn, line_id, kind, detail, now)
+
+        await self._tx(run)
+
+    async def park(self, line_id: int, reason: str, now: float) -> None:
+        def run(conn: sqlite3.Connection) -> None:
+            conn.execute(
+                "UPDATE orders SET state = 'needs_attention', reason = ?, updated_at = ?"
+                " WHERE id = ?",
+                (reason, now, line_id),
+            )
+            self._event(conn, line_id, "parked", reason, now)
+
+        await self._tx(run)
+
+    async def close_line(self, line_id: int, state: LineState, reason: str, now: float) -> None:
+        if state not in (LineState.CANCELLED, LineState.REFUNDED):
+            raise StoreError(f"close_line takes cancelled or refunded, not {state}")
+
+        def run(conn: sqlite3.Connection) -> None:
+            conn.execute(
+                "UPDATE orders SET state = ?, reason = ?, updated_at = ? WHERE id = ?",
+                (state.value, reason, now, line_id),
+            )
+            self._event(conn, line_id, str(state), reason, now)
+
+        await self._tx(run)
+
+    # --- operator actions -----------------------------------------------------------------
+    async def retry_line(self, line_id: int, now: float) -> OrderLine:
+        def run(conn: sqlite3.Connection) -> OrderLine:
+            line = self._fetch_line(conn, line_id)
+            if line.state != LineState.NEEDS_ATTENTION:
+                raise StoreError(
+                    f"order {line.order_id} is {line.state}; only needs_attention can be retried"
+                )
+            bound = conn.execute(
+                "SELECT COUNT(*) FROM card_keys WHERE order_line_id = ?", (line_id,)
+            ).fetchone()[0]
+            if line.delivery_key is not None:
+                # It may have reached the platform: ask before sending again.
+                state, ambiguous = LineState.DELIVERING, 1
+            elif bound:
+                state, ambiguous = LineState.ALLOCATED, 0
+            else:
+                state, ambiguous = LineState.NEW, 0
+            conn.execute(
+                "UPDATE orders SET state = ?, reason = NULL, attempts = 0, next_attempt_at = 0,"
+                " ambiguous = ?, updated_at = ? WHERE id = ?",
+                (state.value, ambiguous, now, line_id),
+            )
+            self._event(conn, line_id, "operator_retry", f"back to {state}", now)
+            return self._fetch_line(conn, line_id)
+
+        return await self._tx(run)
+
+    async def resend_line(self, line_id: int, now: float) -> OrderLine:
+        def run(conn: sqlite3.Connection) -> OrderLine:
+            line = self._fetch_line(conn, line_id)
+            if line.state != LineState.DELIVERED:
+                raise StoreError(
+                    f"order {line.order_id} is {line.state}; only delivered orders can be resent"
+                )
+            # A new generation gives a new idempotency key, so the platform sends it again
+            # (same keys: resend never hands out a second set).
+            conn.execute(
+                "UPDATE orders SET state = 'delivering', delivery_generation ="
+                " delivery_generation + 1, attempts = 0, next_attempt_at = 0, ambiguous = 0,"
+                " updated_at = ? WHERE id = ?",
+                (now, line_id),
+            )
+            self._event(conn, line_id, "operator_resend", "same keys, new delivery", now)
+            return self._fetch_line(conn, line_id)
+
+        return await self._tx(run)
+
+    async def find_lines(self, order_ref: str) -> list[OrderLine]:
+        def run(conn: sqlite3.Connection) -> list[OrderLine]:
+            rows = conn.execute(
+                f"SELECT {_LINE_COLUMNS} FROM orders WHERE order_id = ? ORDER BY id", (order_ref,)
+            ).fetchall()
+            if not rows and order_ref.isdigit():
+                rows = conn.execute(
+                    f"SELECT {_LINE_COLUMNS} FROM orders WHERE id = ?", (int(order_ref),)
+                ).fetchall()
+            return [_line(r) for r in rows]
+
+        return await self._tx(run)
+
+    async def list_lines(self, state: LineState | None, limit: int) -> list[OrderLine]:
+        def run(conn: sqlite3.Connection) -> list[OrderLine]:
+            if state is None:
+                rows = conn.execute(
+                    f"SELECT {_LINE_COLUMNS} FROM orders ORDER BY id DESC LIMIT ?", (limit,)
+                ).fetchall()
+            else:
+                rows = conn.execute(
+                    f"SELECT {_LINE_COLUMNS} FROM orders WHERE state = ? ORDER BY id DESC LIMIT ?",
+                    (state.value, limit),
+                ).fetchall()
+            return [_line(r) for r in rows]
+
+        return await self._tx(run)
+
+    async def events(self, line_id: int) -> list[OrderEvent]:
+        def run(conn: sqlite3.Connection) -> list[OrderEvent]:
+            rows = conn.execute(
+                "SELECT at, kind, detail FROM events WHERE order_line_id = ? ORDER BY id",
+                (line_id,),
+            ).fetchall()
+            return [OrderEvent(at=r[0], kind=r[1], detail=r[2]) for r in rows]
+
+        return await self._tx(run)
+
+    async def count_by_state(self) -> dict[LineState, int]:
+        def run(conn: sqlite3.Connection) -> dict[LineState, int]:
+            rows = conn.execute("SELECT state, COUNT(*) FROM orders GROUP BY state").fetchall()
+            return {LineState(r[0]): r[1] for r in rows}
+
+        return await self._tx(run)
+
+    # --- stock ------------------------------------------------------------------------------
+    async def import_keys(
+        self,
+        sku: str,
+        items: Iterable[CardItem],
+        source: str,
+        now: float,
+        progress: ProgressCallback | None = None,
+    ) -> ImportReport:
+        return await self._call(self._import_keys, sku, items, source, now, progress)
+
+    def _import_keys(
+        self,
+        sku: str,
+        items: Iterable[CardItem],
+        source: str,
+        now: float,
+        progress: ProgressCallback | None,
+    ) -> ImportReport:
+        # Batches of their own transactions keep the daemon's writes flowing during a big
+        # import; an interrupted import is simply run again (duplicates are skipped).
+        added = seen = 0
+        iterator = iter(items)
+        while batch := list(itertools.islice(iterator, IMPORT_BATCH)):
+            rows = [
+                (sku, item.code, item.secret, secret_digest(item.code, item.secret), source, now)
+                for item in batch
+            ]
+
+            def insert(conn: sqlite3.Connection, rows: list[tuple[Any, ...]] = rows) -> int:
+                before = conn.total_changes
+                conn.executemany(
+                    "INSERT OR IGNORE INTO card_keys (sku, code, secret, secret_hash, state,"
+                    " source, added_at) VALUES (?, ?, ?, ?, 'free', ?, ?)",
+                    rows,
+                )
+                return conn.total_changes - before
+
+            added += self._in_tx(insert)
+            seen += len(batch)
+            if progress is not None:
+                progress(seen)
+        return ImportReport(added=added, duplicates=seen - added)
+
+    async def void_free_keys(self, sku: str, count: int | None, reason: str, now: float) -> int:
+        if not reason.strip():
+            raise StoreError("a reason is required to void keys")
+
+        def run(conn: sqlite3.Connection) -> int:
+            limit = -1 if count is None else count
+            cur = conn.execute(
+                "UPDATE card_keys SET state = 'void', void_reason = ? WHERE id IN"
+                " (SELECT id FROM card_keys WHERE sku = ? AND state = 'free' ORDER BY id LIMIT ?)",
+                (reason, sku, limit),
+            )
+            return cur.rowcount
+
+        return await self._tx(run)
+
+    async def stock_counts(self) -> list[StockCount]:
+        def run(conn: sqlite3.Connection) -> list[StockCount]:
+            rows = conn.execute(
+                "SELECT sku, SUM(state = 'free'), SUM(state = 'bound'), SUM(state = 'void')"
+                " FROM card_keys GROUP BY sku ORDER BY sku"
+            ).fetchall()
+            return [StockCount(sku=r[0], free=r[1], bound=r[2], void=r[3]) for r in rows]
+
+        return await self._tx(run)
+
+    async def bound_items(self, line_id: int) -> tuple[CardItem, ...]:
+        def run(conn: sqlite3.Connection) -> tuple[CardItem, ...]:
+            rows = conn.execute(
+                "SELECT code, secret FROM card_keys WHERE order_line_id = ? ORDER BY slot",
+                (line_id,),
+            ).fetchall()
+            return tuple(CardItem(code=r[0], secret=r[1]) for r in rows)
+
+        return await self._tx(run)
+
+    async def integrity_check(self) -> str:
+        def run(conn: sqlite3.Connection) -> str:
+            return str(conn.execute("PRAGMA integrity_check").fetchone()[0])
+
+        return await self._call(run, self._require())
+
+
+__all__ = ["KeyState", "SQLiteStore"]
