@@ -37,6 +37,9 @@ class AgentSettings:
     delivery_message: str = DEFAULT_DELIVERY_MESSAGE
     # How long a delivery may stay ambiguous before we park it for a human.
     max_delivery_attempts: int = 50
+    # Backoff between delivery attempts kept in the order row: base * 2^n, capped.
+    retry_base: float = 2.0
+    retry_cap: float = 300.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -203,6 +206,8 @@ def _parse_agent(s: _Section) -> AgentSettings:
         concurrency=s.integer("concurrency", 16, minimum=1, maximum=512),
         delivery_message=s.string("delivery_message", DEFAULT_DELIVERY_MESSAGE),
         max_delivery_attempts=s.integer("max_delivery_attempts", 50, minimum=1, maximum=10_000),
+        retry_base=s.number("retry_base", 2.0, minimum=0.01, maximum=3600),
+        retry_cap=s.number("retry_cap", 300.0, minimum=0.01, maximum=86400),
     )
     s.reject_unknown()
     return settings

@@ -163,6 +163,7 @@ class Engine:
                 log.warning("orders_without_id", platform=platform_name, count=page.unidentifiable)
             screened = [s for o in page.orders if (s := screen_order(o, self.skus)) is not None]
             new_ids = await self.store.ingest(platform_name, screened, self.clock())
+            crash_point("after_ingest")
             self.stats.polled_orders += len(page.orders)
             for order in screened:
                 if isinstance(order, RejectedOrder):
@@ -316,7 +317,8 @@ class Engine:
         self, line: OrderLine, reason: str, *, ambiguous: bool, retry_after: float | None = None
     ) -> None:
         now = self.clock()
-        delay = max(retry_delay(line.attempts), retry_after or 0.0)
+        backoff = retry_delay(line.attempts, self.settings.retry_base, self.settings.retry_cap)
+        delay = max(backoff, retry_after or 0.0)
         await self.store.defer(line.id, now + delay, reason, ambiguous=ambiguous, now=now)
         self.stats.retries += 1
         log.warning(

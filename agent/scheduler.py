@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import logging
 from collections.abc import Awaitable, Callable
 from datetime import UTC, datetime
@@ -10,8 +11,24 @@ from apscheduler.schedulers.asyncio import AsyncIOScheduler
 
 from agent.config import AgentSettings
 from agent.engine import Engine
+from agent.logs import get_logger
 
 JobFunc = Callable[[], Awaitable[object]]
+log = get_logger("kami.scheduler")
+
+
+def guarded(name: str, func: JobFunc) -> Callable[[], Awaitable[None]]:
+    """Job errors go to our JSON log; a job cancelled by shutdown is not an error."""
+
+    async def job() -> None:
+        try:
+            await func()
+        except asyncio.CancelledError:
+            return
+        except Exception:
+            log.exception("job_failed", job=name)
+
+    return job
 
 
 def build_scheduler(
@@ -31,7 +48,7 @@ def build_scheduler(
 
     for name in engine.platforms:
         scheduler.add_job(
-            poll_job(name),
+            guarded(f"poll:{name}", poll_job(name)),
             "interval",
             seconds=settings.poll_interval,
             id=f"poll:{name}",
@@ -39,7 +56,7 @@ def build_scheduler(
             **common,
         )
     scheduler.add_job(
-        engine.reconcile_all,
+        guarded("reconcile", engine.reconcile_all),
         "interval",
         seconds=settings.reconcile_interval,
         id="reconcile",
@@ -47,9 +64,15 @@ def build_scheduler(
         **common,
     )
     scheduler.add_job(
-        engine.sweep, "interval", seconds=settings.sweep_interval, id="sweep", **common
+        guarded("sweep", engine.sweep),
+        "interval",
+        seconds=settings.sweep_interval,
+        id="sweep",
+        **common,
     )
     if watchdog is not None:
         interval, ping = watchdog
-        scheduler.add_job(ping, "interval", seconds=interval, id="watchdog", **common)
+        scheduler.add_job(
+            guarded("watchdog", ping), "interval", seconds=interval, id="watchdog", **common
+        )
     return scheduler

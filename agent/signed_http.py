@@ -59,6 +59,21 @@ def parse_retry_after(value: str | None) -> float | None:
     return max(0.0, min(seconds, 3600.0))
 
 
+async def _read_capped(resp: aiohttp.ClientResponse) -> bytes:
+    """The body, refusing to buffer more than MAX_BODY_BYTES of a hostile or broken peer."""
+    too_big = BadResponse(f"response body larger than {MAX_BODY_BYTES} bytes")
+    if (resp.content_length or 0) > MAX_BODY_BYTES:
+        raise too_big
+    chunks: list[bytes] = []
+    size = 0
+    async for chunk in resp.content.iter_chunked(64 * 1024):
+        size += len(chunk)
+        if size > MAX_BODY_BYTES:
+            raise too_big
+        chunks.append(chunk)
+    return b"".join(chunks)
+
+
 class SignedClient:
     def __init__(self, base_url: str, api_key: str, secret: str, timeout: float) -> None:
         self._base = URL(base_url)
@@ -100,9 +115,7 @@ class SignedClient:
         session = self._session_or_new()
         try:
             async with session.request(method, url, data=body or None, headers=all_headers) as resp:
-                data = await resp.content.read(MAX_BODY_BYTES + 1)
-                if len(data) > MAX_BODY_BYTES:
-                    raise BadResponse(f"response body larger than {MAX_BODY_BYTES} bytes")
+                data = await _read_capped(resp)
                 return HttpResponse(
                     resp.status, data, parse_retry_after(resp.headers.get("Retry-After"))
                 )

@@ -76,8 +76,12 @@ def migrations() -> list[tuple[int, str]]:
 class SQLiteStore:
     def __init__(self, path: Path | str) -> None:
         self.path = Path(path)
-        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="kami-sqlite")
+        self._executor = self._new_executor()
         self._conn: sqlite3.Connection | None = None
+
+    @staticmethod
+    def _new_executor() -> ThreadPoolExecutor:
+        return ThreadPoolExecutor(max_workers=1, thread_name_prefix="kami-sqlite")
 
     # --- plumbing -------------------------------------------------------------------------
     async def _call(self, fn: Callable[..., T], *args: Any) -> T:
@@ -104,6 +108,8 @@ class SQLiteStore:
         return self._conn
 
     async def open(self) -> None:
+        if self._executor._shutdown:  # reopened after close()
+            self._executor = self._new_executor()
         await self._call(self._open)
 
     def _open(self) -> None:
@@ -266,16 +272,33 @@ class SQLiteStore:
     async def due_lines(self, now: float, limit: int) -> list[OrderLine]:
         def run(conn: sqlite3.Connection) -> list[OrderLine]:
             rows = conn.execute(
-                f"SELECT {_LINE_COLUMNS} FROM orders o"
+                f"SELECT {_LINE_COLUMNS} FROM orders"
                 " WHERE state IN ('new', 'allocated', 'delivering') AND next_attempt_at <= ?"
-                " UNION ALL"
-                f" SELECT {_LINE_COLUMNS} FROM orders o"
-                " WHERE state = 'backordered' AND next_attempt_at <= ? AND EXISTS"
-                " (SELECT 1 FROM card_keys k WHERE k.sku = o.sku AND k.state = 'free')"
                 " ORDER BY id LIMIT ?",
-                (now, now, limit),
+                (now, limit),
             ).fetchall()
-            return [_line(r) for r in rows]
+            due = [_line(r) for r in rows]
+            waiting = [
+                _line(r)
+                for r in conn.execute(
+                    f"SELECT {_LINE_COLUMNS} FROM orders WHERE state = 'backordered'"
+                    " ORDER BY id LIMIT ?",
+                    (limit,),
+                )
+            ]
+            if waiting:
+                # Oldest first, and only lines the free stock can now fill whole, so a
+                # sweep does not churn on lines that would just be backordered again.
+                free = dict(
+                    conn.execute(
+                        "SELECT sku, COUNT(*) FROM card_keys WHERE state = 'free' GROUP BY sku"
+                    ).fetchall()
+                )
+                for line in waiting:
+                    if free.get(line.sku, 0) >= line.quantity:
+                        free[line.sku] -= line.quantity
+                        due.append(line)
+            return due
 
         return await self._tx(run)
 

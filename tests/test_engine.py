@@ -1,0 +1,212 @@
+"""The engine end to end, in-process, against the sandbox platform on loopback."""
+
+from __future__ import annotations
+
+import asyncio
+import inspect
+import time
+from collections import Counter
+from collections.abc import AsyncIterator, Awaitable, Callable
+from contextlib import asynccontextmanager
+from pathlib import Path
+
+from agent.config import Config
+from agent.domain import LineState
+from agent.engine import screen_order
+from agent.platforms.http import HttpPlatform
+from agent.runtime import run_engine
+from agent.sandbox.platform import SandboxPlatform
+from agent.store.sqlite import SQLiteStore
+from tests.conftest import make_config, platform_settings, stock
+
+SAFETY_TIMEOUT = 30.0  # a hang guard, not a performance assertion
+
+
+async def wait_for(condition: Callable[[], bool | Awaitable[bool]], what: str) -> None:
+    deadline = time.monotonic() + SAFETY_TIMEOUT
+    while True:
+        result = condition()
+        if inspect.isawaitable(result):
+            result = await result
+        if result:
+            return
+        assert time.monotonic() < deadline, f"timed out waiting for {what}"
+        await asyncio.sleep(0.02)
+
+
+def line_state_is(
+    store: SQLiteStore, order_id: str, state: LineState
+) -> Callable[[], Awaitable[bool]]:
+    async def check() -> bool:
+        lines = await store.find_lines(order_id)
+        return bool(lines) and lines[0].state == state
+
+    return check
+
+
+@asynccontextmanager
+async def running_agent(
+    config: Config, store: SQLiteStore, sandbox: SandboxPlatform
+) -> AsyncIterator[None]:
+    platform = HttpPlatform(platform_settings(sandbox.base_url), sandbox.secret)
+    stop = asyncio.Event()
+    task = asyncio.create_task(run_engine(config, store, {"main": platform}, stop))
+    try:
+        yield
+    finally:
+        stop.set()
+        await task
+        await platform.close()
+
+
+def delivered_all(sandbox: SandboxPlatform, ids: list[str]) -> Callable[[], bool]:
+    return lambda: all(sandbox.orders[i].delivery is not None for i in ids)
+
+
+def assert_platform_invariants(sandbox: SandboxPlatform) -> None:
+    delivered = sandbox.delivered_secrets()
+    for order_id, secrets in delivered.items():
+        assert len(set(secrets)) == sandbox.orders[order_id].data["quantity"], order_id
+    everything = Counter(s for secrets in delivered.values() for s in secrets)
+    assert [k for k, n in everything.items() if n > 1] == []
+    keys_per_order: dict[str, set[str]] = {}
+    for call in sandbox.delivery_calls:
+        keys_per_order.setdefault(call.order_id, set()).add(call.idempotency_key)
+    assert all(len(k) == 1 for k in keys_per_order.values()), "re-sent with another key"
+
+
+async def test_delivers_orders_with_distinct_keys(
+    tmp_path: Path, sandbox: SandboxPlatform, store: SQLiteStore
+) -> None:
+    await stock(store, "GAME-100", 40)
+    ids = [sandbox.add_order("GAME-100", quantity=1 + i % 3) for i in range(20)]
+    async with running_agent(make_config(tmp_path, sandbox.base_url), store, sandbox):
+        await wait_for(delivered_all(sandbox, ids), "deliveries")
+    assert_platform_invariants(sandbox)
+    counts = await store.count_by_state()
+    assert counts == {LineState.DELIVERED: 20}
+
+
+async def test_catches_up_on_orders_paid_while_down(
+    tmp_path: Path, sandbox: SandboxPlatform, store: SQLiteStore
+) -> None:
+    await stock(store, "GAME-100", 300)
+    ids = [sandbox.add_order("GAME-100") for _ in range(260)]  # several pages, before start
+    async with running_agent(make_config(tmp_path, sandbox.base_url), store, sandbox):
+        await wait_for(delivered_all(sandbox, ids), "catch-up")
+    assert_platform_invariants(sandbox)
+
+
+async def test_survives_faults_with_same_key_resends_only(
+    tmp_path: Path, sandbox: SandboxPlatform, store: SQLiteStore
+) -> None:
+    sandbox.faults.error_rate = 0.15
+    sandbox.faults.drop_after_commit_rate = 0.25
+    sandbox.faults.duplicate_rate = 0.3
+    sandbox.faults.malformed_rate = 0.1
+    await stock(store, "GAME-100", 200)
+    ids = [sandbox.add_order("GAME-100", quantity=1 + i % 2) for i in range(80)]
+    config = make_config(tmp_path, sandbox.base_url)
+    async with running_agent(config, store, sandbox):
+        await wait_for(delivered_all(sandbox, ids), "deliveries despite faults")
+
+        # the agent's own ledger must agree once its retries settle
+        async def settled() -> bool:
+            return (await store.count_by_state()) == {LineState.DELIVERED: 80}
+
+        await wait_for(settled, "ledger settles")
+    assert_platform_invariants(sandbox)
+    outcomes = Counter(call.outcome for call in sandbox.delivery_calls)
+    assert outcomes["dropped"] > 0  # the fault really happened
+    assert outcomes["conflict"] == 0
+
+
+async def test_bad_input_is_parked_and_the_rest_delivered(
+    tmp_path: Path, sandbox: SandboxPlatform, store: SQLiteStore
+) -> None:
+    await stock(store, "GAME-100", 10)
+    good = [sandbox.add_order("GAME-100"), sandbox.add_order("GAME-100")]
+    sandbox.add_order("NO-SUCH-SKU", order_id="UNKNOWN")
+    sandbox.add_order("GAME-100", quantity=0, order_id="ZERO")
+    sandbox.add_order("GAME-100", quantity=500, order_id="ABSURD")
+    sandbox.add_order("GAME-100", quantity=True, order_id="BOOL")
+    sandbox.add_raw_order("GARBAGE", "just a string")
+    sandbox.add_raw_order("HUGE", {"id": "H" * 10_000, "sku": "GAME-100", "quantity": 1})
+    async with running_agent(make_config(tmp_path, sandbox.base_url), store, sandbox):
+        await wait_for(delivered_all(sandbox, good), "good orders")
+        parked = {"UNKNOWN", "ZERO", "ABSURD", "BOOL"}
+
+        async def parked_all() -> bool:
+            lines = await store.list_lines(LineState.NEEDS_ATTENTION, 100)
+            return {line.order_id for line in lines} == parked
+
+        await wait_for(parked_all, "bad orders parked")
+    reasons = {ln.order_id: ln.reason for ln in await store.list_lines(None, 100)}
+    assert "unknown SKU" in (reasons["UNKNOWN"] or "")
+    assert "exceeds max_quantity" in (reasons["ABSURD"] or "")
+    assert (await store.stock_counts())[0].bound == 2
+
+
+async def test_backorder_is_filled_after_import(
+    tmp_path: Path, sandbox: SandboxPlatform, store: SQLiteStore
+) -> None:
+    await stock(store, "VIP-30D", 1)
+    first, second = sandbox.add_order("VIP-30D"), sandbox.add_order("VIP-30D", quantity=2)
+    async with running_agent(make_config(tmp_path, sandbox.base_url), store, sandbox):
+        await wait_for(delivered_all(sandbox, [first]), "first order")
+        await wait_for(line_state_is(store, second, LineState.BACKORDERED), "backorder")
+        await stock(store, "VIP-30D", 2, start=50)
+        await wait_for(delivered_all(sandbox, [second]), "backordered order")
+    assert_platform_invariants(sandbox)
+
+
+async def test_order_cancelled_during_outage_is_closed_not_delivered(
+    tmp_path: Path, sandbox: SandboxPlatform, store: SQLiteStore
+) -> None:
+    order_id = sandbox.add_order("GAME-100")
+    config = make_config(tmp_path, sandbox.base_url)
+    async with running_agent(config, store, sandbox):
+        await wait_for(line_state_is(store, order_id, LineState.BACKORDERED), "backorder")
+        sandbox.faults.error_rate = 1.0  # from now on the platform is down
+        await stock(store, "GAME-100", 2)
+
+        async def attempted() -> bool:
+            (line,) = await store.find_lines(order_id)
+            return line.attempts > 0 and line.ambiguous
+
+        await wait_for(attempted, "a failed delivery attempt")
+        sandbox.set_status(order_id, "cancelled")
+        sandbox.faults.error_rate = 0.0
+        line_id = (await store.find_lines(order_id))[0].id
+        await store.defer(line_id, 0, "test: retry now", ambiguous=True, now=time.time())
+        await wait_for(line_state_is(store, order_id, LineState.CANCELLED), "cancelled")
+    assert sandbox.orders[order_id].delivery is None
+    assert [c.outcome for c in sandbox.delivery_calls] == []  # never reached the handler
+
+
+async def test_resend_uses_same_keys_with_a_new_key(
+    tmp_path: Path, sandbox: SandboxPlatform, store: SQLiteStore
+) -> None:
+    await stock(store, "GAME-100", 5)
+    order_id = sandbox.add_order("GAME-100")
+    async with running_agent(make_config(tmp_path, sandbox.base_url), store, sandbox):
+        await wait_for(line_state_is(store, order_id, LineState.DELIVERED), "delivery")
+        (line,) = await store.find_lines(order_id)
+        await store.resend_line(line.id, time.time())
+        await wait_for(lambda: len(sandbox.delivery_calls) == 2, "resend")
+    first, second = sandbox.delivery_calls
+    assert first.secrets == second.secrets
+    assert first.idempotency_key != second.idempotency_key
+    assert second.outcome == "resent"
+
+
+def test_screen_order_rules() -> None:
+    from agent.config import SkuSettings
+    from agent.domain import PlatformOrder, RejectedOrder
+
+    skus = {"A": SkuSettings(sku="A", max_quantity=3)}
+    ok = PlatformOrder("1", "paid", "A", 3)
+    assert screen_order(ok, skus) is ok
+    assert screen_order(PlatformOrder("1", "delivered", "A", 1), skus) is None
+    assert isinstance(screen_order(PlatformOrder("1", "paid", "A", 4), skus), RejectedOrder)
+    assert isinstance(screen_order(PlatformOrder("1", "paid", "B", 1), skus), RejectedOrder)

@@ -1,0 +1,191 @@
+from __future__ import annotations
+
+import sqlite3
+import stat
+import time
+from pathlib import Path
+
+import pytest
+
+from agent.domain import CardItem, LineState, PlatformOrder, RejectedOrder
+from agent.store.base import StoreError
+from agent.store.sqlite import SQLiteStore
+from tests.conftest import keys, stock
+
+NOW = 1_700_000_000.0
+
+
+def order(order_id: str, sku: str = "GAME-100", quantity: int = 1) -> PlatformOrder:
+    return PlatformOrder(order_id=order_id, status="paid", sku=sku, quantity=quantity)
+
+
+async def test_ledger_file_is_private_and_migrated(store: SQLiteStore, tmp_path: Path) -> None:
+    mode = stat.S_IMODE((tmp_path / "kami.db").stat().st_mode)
+    assert mode == 0o600
+    with sqlite3.connect(tmp_path / "kami.db") as conn:
+        assert conn.execute("SELECT MAX(version) FROM schema_version").fetchone()[0] == 1
+        assert conn.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
+
+
+async def test_reopen_does_not_migrate_twice(tmp_path: Path) -> None:
+    for _ in range(2):
+        s = SQLiteStore(tmp_path / "kami.db")
+        await s.open()
+        await s.close()
+    with sqlite3.connect(tmp_path / "kami.db") as conn:
+        assert conn.execute("SELECT COUNT(*) FROM schema_version").fetchone()[0] == 1
+
+
+async def test_ingest_is_idempotent(store: SQLiteStore) -> None:
+    first = await store.ingest("main", [order("A"), order("B")], NOW)
+    again = await store.ingest("main", [order("A"), order("B"), order("C")], NOW)
+    assert len(first) == 2
+    assert len(again) == 1
+    other_platform = await store.ingest("other", [order("A")], NOW)
+    assert len(other_platform) == 1
+
+
+async def test_rejected_order_is_parked_with_reason(store: SQLiteStore) -> None:
+    ready = await store.ingest("main", [RejectedOrder("X", "quantity must be at least 1")], NOW)
+    assert ready == []
+    (line,) = await store.find_lines("X")
+    assert line.state == LineState.NEEDS_ATTENTION
+    assert line.reason == "quantity must be at least 1"
+
+
+async def test_conflicting_duplicate_is_parked(store: SQLiteStore) -> None:
+    (line_id,) = await store.ingest("main", [order("A", quantity=1)], NOW)
+    await store.ingest("main", [order("A", quantity=3)], NOW)
+    line = await store.get_line(line_id)
+    assert line is not None and line.state == LineState.NEEDS_ATTENTION
+    assert "different content" in (line.reason or "")
+
+
+async def test_allocate_binds_distinct_keys_per_quantity(store: SQLiteStore) -> None:
+    await stock(store, "GAME-100", 5)
+    (line_id,) = await store.ingest("main", [order("A", quantity=3)], NOW)
+    line = await store.allocate(line_id, NOW)
+    assert line.state == LineState.ALLOCATED
+    intent = await store.begin_delivery(line_id, NOW)
+    assert len({item.secret for item in intent.items}) == 3
+    assert intent.line.state == LineState.DELIVERING
+    counts = {c.sku: c for c in await store.stock_counts()}
+    assert (counts["GAME-100"].free, counts["GAME-100"].bound) == (2, 3)
+
+
+async def test_allocation_is_all_or_nothing(store: SQLiteStore) -> None:
+    await stock(store, "GAME-100", 2)
+    (line_id,) = await store.ingest("main", [order("A", quantity=3)], NOW)
+    line = await store.allocate(line_id, NOW)
+    assert line.state == LineState.BACKORDERED
+    assert (await store.stock_counts())[0].free == 2
+    assert [ln.id for ln in await store.due_lines(NOW, 10)] == []  # nothing to do yet
+    await stock(store, "GAME-100", 1, start=100)
+    assert [ln.id for ln in await store.due_lines(NOW, 10)] == [line_id]
+    assert (await store.allocate(line_id, NOW)).state == LineState.ALLOCATED
+
+
+async def test_delivery_key_is_deterministic_and_resend_changes_it(store: SQLiteStore) -> None:
+    await stock(store, "GAME-100", 1)
+    (line_id,) = await store.ingest("main", [order("A")], NOW)
+    await store.allocate(line_id, NOW)
+    first = await store.begin_delivery(line_id, NOW)
+    second = await store.begin_delivery(line_id, NOW + 1)
+    assert first.idempotency_key == second.idempotency_key
+    assert first.items == second.items
+    assert second.line.attempts == 2
+    await store.mark_delivered(line_id, NOW, "ok")
+    await store.resend_line(line_id, NOW)
+    third = await store.begin_delivery(line_id, NOW + 2)
+    assert third.idempotency_key != first.idempotency_key
+    assert third.items == first.items
+
+
+async def test_bound_key_never_returns_to_free(store: SQLiteStore, tmp_path: Path) -> None:
+    await stock(store, "GAME-100", 1)
+    (line_id,) = await store.ingest("main", [order("A")], NOW)
+    await store.allocate(line_id, NOW)
+    await store.park(line_id, "operator check", NOW)
+    await store.close()
+    conn = sqlite3.connect(tmp_path / "kami.db")
+    with pytest.raises(sqlite3.IntegrityError, match="bound card key"):
+        conn.execute("UPDATE card_keys SET state = 'free', order_line_id = NULL, slot = NULL")
+    with pytest.raises(sqlite3.IntegrityError, match="never deleted"):
+        conn.execute("DELETE FROM card_keys")
+    conn.close()
+    await store.open()
+
+
+async def test_a_key_cannot_fill_two_slots_or_two_lines(store: SQLiteStore, tmp_path: Path) -> None:
+    await stock(store, "GAME-100", 2)
+    a, _ = await store.ingest("main", [order("A"), order("B")], NOW)
+    await store.allocate(a, NOW)
+    await store.close()
+    conn = sqlite3.connect(tmp_path / "kami.db")
+    with pytest.raises(sqlite3.IntegrityError):
+        # second free key into A's slot 0: the (order_line_id, slot) constraint refuses
+        conn.execute(
+            "UPDATE card_keys SET state='bound', order_line_id=?, slot=0 WHERE state='free'", (a,)
+        )
+    conn.close()
+    await store.open()
+
+
+async def test_import_dedupes_and_counts(store: SQLiteStore) -> None:
+    items = keys("GAME-100", 10) + keys("GAME-100", 5)  # 5 duplicates within the import
+    seen: list[int] = []
+    report = await store.import_keys("GAME-100", items, "test", NOW, seen.append)
+    assert (report.added, report.duplicates) == (10, 5)
+    assert seen[-1] == 15
+    again = await store.import_keys("GAME-100", keys("GAME-100", 10), "test", NOW)
+    assert (again.added, again.duplicates) == (0, 10)
+    other = await store.import_keys("VIP-30D", keys("GAME-100", 10), "test", NOW)
+    assert other.added == 10  # uniqueness is per SKU
+
+
+async def test_void_only_touches_free_keys_and_needs_reason(store: SQLiteStore) -> None:
+    await stock(store, "GAME-100", 4)
+    (line_id,) = await store.ingest("main", [order("A")], NOW)
+    await store.allocate(line_id, NOW)
+    with pytest.raises(StoreError):
+        await store.void_free_keys("GAME-100", None, " ", NOW)
+    assert await store.void_free_keys("GAME-100", 2, "leaked", NOW) == 2
+    assert await store.void_free_keys("GAME-100", None, "leaked", NOW) == 1
+    (count,) = await store.stock_counts()
+    assert (count.free, count.bound, count.void) == (0, 1, 3)
+
+
+async def test_retry_after_attention_resumes_in_the_right_state(store: SQLiteStore) -> None:
+    await stock(store, "GAME-100", 1)
+    a, b = await store.ingest("main", [order("A"), order("B", sku="VIP-30D")], NOW)
+    await store.allocate(a, NOW)
+    await store.begin_delivery(a, NOW)
+    await store.park(a, "conflict", NOW)
+    await store.park(b, "unknown sku", NOW)
+    resumed = await store.retry_line(a, NOW)
+    assert resumed.state == LineState.DELIVERING and resumed.ambiguous
+    assert (await store.retry_line(b, NOW)).state == LineState.NEW
+    with pytest.raises(StoreError, match="only needs_attention"):
+        await store.retry_line(a, NOW)
+
+
+async def test_events_form_an_audit_trail(store: SQLiteStore) -> None:
+    await stock(store, "GAME-100", 1)
+    (line_id,) = await store.ingest("main", [order("A")], NOW)
+    await store.allocate(line_id, NOW)
+    await store.begin_delivery(line_id, NOW)
+    await store.mark_delivered(line_id, NOW, "ok")
+    kinds = [e.kind for e in await store.events(line_id)]
+    assert kinds == ["intake", "allocated", "delivery_intent", "delivered"]
+    trail = " ".join(e.detail for e in await store.events(line_id))
+    assert "S-GAME-100" not in trail  # fingerprints only
+
+
+async def test_card_item_repr_hides_secret() -> None:
+    item = CardItem(code="C", secret="very-secret")
+    assert "very-secret" not in repr(item)
+
+
+async def test_integrity_check(store: SQLiteStore) -> None:
+    assert await store.integrity_check() == "ok"
+    assert time.time() > 0
