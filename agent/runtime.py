@@ -84,13 +84,13 @@ async def run_engine(
 
 
 async def run_daemon(config: Config) -> int:
-    store = open_store(config.store)
-    platforms = build_platforms(config)
-    await store.open()
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for signum in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(signum, stop.set)
+    store = open_store(config.store)
+    platforms = build_platforms(config)
+    await store.open()
     started = time.time()
     try:
         engine = await run_engine(config, store, platforms, stop)

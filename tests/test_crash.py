@@ -1,0 +1,211 @@
+"""Crash test: the real daemon as a subprocess, SIGKILLed at random moments and at named
+crash points, restarted, until 2,000 orders are through. Then the invariants, checked from
+the platform's side and from the ledger's."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import random
+import signal
+import sqlite3
+import sys
+import time
+from collections import Counter
+from pathlib import Path
+
+import pytest
+
+from agent.sandbox.platform import SandboxPlatform
+
+ORDERS = 2000
+CYCLES = 14
+STOCK_PER_SKU = 3200
+SKUS = ("GAME-100", "VIP-30D")
+CRASH_POINTS = ("after_ingest", "after_allocate", "after_intent", "after_deliver_call")
+SECRET = "crash-test-platform-secret"
+SAFETY_TIMEOUT = 180.0  # hang guard only
+
+
+def write_config(tmp_path: Path, base_url: str) -> Path:
+    path = tmp_path / "config.toml"
+    skus = "\n".join(f'[skus."{sku}"]\nmax_quantity = 5\n' for sku in SKUS)
+    path.write_text(
+        f"""
+[agent]
+poll_interval = 0.1
+sweep_interval = 0.1
+reconcile_interval = 2.0
+concurrency = 8
+retry_base = 0.05
+retry_cap = 0.5
+
+[store]
+path = "kami.db"
+
+[platforms.main]
+base_url = "{base_url}"
+api_key = "crash"
+secret = "platform.main.secret"
+timeout = 2.0
+
+{skus}
+""",
+        encoding="utf-8",
+    )
+    return path
+
+
+def agent_env(config: Path, crash_at: str | None = None) -> dict[str, str]:
+    env = dict(os.environ)
+    env["KAMI_AGENT_CONFIG"] = str(config)
+    env["KAMI_SECRET_PLATFORM_MAIN_SECRET"] = SECRET
+    env.pop("KAMI_CRASH_AT", None)
+    if crash_at:
+        env["KAMI_CRASH_AT"] = crash_at
+    return env
+
+
+async def run_cli(config: Path, *args: str) -> str:
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable,
+        "-m",
+        "agent",
+        *args,
+        env=agent_env(config),
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.STDOUT,
+    )
+    out, _ = await proc.communicate()
+    assert proc.returncode == 0, out.decode()
+    return out.decode()
+
+
+async def start_daemon(config: Path, log: Path, crash_at: str | None) -> asyncio.subprocess.Process:
+    with log.open("ab") as sink:
+        return await asyncio.create_subprocess_exec(
+            sys.executable,
+            "-m",
+            "agent",
+            "run",
+            env=agent_env(config, crash_at),
+            stdout=sink,
+            stderr=asyncio.subprocess.STDOUT,
+        )
+
+
+async def kill_after(proc: asyncio.subprocess.Process, seconds: float) -> tuple[int, bool]:
+    """Waits for the process to die at its crash point, or SIGKILLs it after `seconds`.
+
+    Returns the exit code and whether it died by itself (the crash point fired)."""
+    try:
+        return await asyncio.wait_for(proc.wait(), seconds), True
+    except TimeoutError:
+        proc.send_signal(signal.SIGKILL)
+        return await proc.wait(), False
+
+
+def ledger_settled(db: Path) -> bool:
+    with sqlite3.connect(f"file:{db}?mode=ro", uri=True) as conn:
+        states = dict(conn.execute("SELECT state, COUNT(*) FROM orders GROUP BY state"))
+    return states == {"delivered": ORDERS}
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("seed", [1, 2, 3])
+async def test_crash_recovery_keeps_every_invariant(tmp_path: Path, seed: int) -> None:
+    rng = random.Random(seed)
+    sandbox = SandboxPlatform(api_key="crash", secret=SECRET, seed=seed)
+    sandbox.faults.error_rate = 0.05
+    sandbox.faults.drop_after_commit_rate = 0.05
+    sandbox.faults.duplicate_rate = 0.05
+    await sandbox.start()
+    config = write_config(tmp_path, sandbox.base_url)
+    log = tmp_path / "daemon.log"
+    db = tmp_path / "kami.db"
+    try:
+        imported: dict[str, set[str]] = {}
+        for sku in SKUS:
+            stock_file = tmp_path / f"{sku}.txt"
+            secrets = [
+                f"{sku}-{seed}-{i:05d}-{rng.getrandbits(48):012x}" for i in range(STOCK_PER_SKU)
+            ]
+            stock_file.write_text("\n".join(secrets) + "\n", encoding="utf-8")
+            imported[sku] = set(secrets)
+            out = await run_cli(config, "stock", "import", sku, str(stock_file))
+            assert f"added {STOCK_PER_SKU}" in out
+
+        per_cycle = -(-ORDERS // (CYCLES - 2))
+        kills = Counter[str]()
+        for cycle in range(CYCLES):
+            for _ in range(min(per_cycle, ORDERS - len(sandbox.orders))):
+                sandbox.add_order(rng.choice(SKUS), quantity=rng.randint(1, 3))
+            if cycle % 2 == 0:
+                point = CRASH_POINTS[(cycle // 2) % len(CRASH_POINTS)]
+                # intake happens about once per cycle, the others once per order
+                hits = rng.randint(1, 2) if point == "after_ingest" else rng.randint(1, 40)
+                crash_at = f"{point}:{hits}"
+                budget = 4.0
+            else:
+                crash_at, budget = None, rng.uniform(0.3, 1.5)
+            proc = await start_daemon(config, log, crash_at)
+            code, by_itself = await kill_after(proc, budget)
+            assert code == -signal.SIGKILL, f"daemon exited with {code}, see {log}"
+            if by_itself:
+                kills[crash_at.split(":")[0] if crash_at else "?"] += 1
+            else:
+                kills["random"] += 1
+
+        starts_before = log.read_text(encoding="utf-8").count('"event": "started"')
+        proc = await start_daemon(config, log, None)
+        deadline = time.monotonic() + SAFETY_TIMEOUT
+        while log.read_text(encoding="utf-8").count('"event": "started"') == starts_before:
+            assert proc.returncode is None and time.monotonic() < deadline, f"see {log}"
+            await asyncio.sleep(0.05)
+        while not (len(sandbox.delivered_secrets()) == ORDERS and ledger_settled(db)):
+            assert proc.returncode is None, f"daemon died, see {log}"
+            assert time.monotonic() < deadline, "orders not all delivered in time"
+            await asyncio.sleep(0.2)
+        proc.send_signal(signal.SIGTERM)
+        assert await asyncio.wait_for(proc.wait(), 30) == 0, "graceful stop failed"
+    finally:
+        await sandbox.stop()
+
+    # 1. Every paid order has exactly its quantity of distinct keys, all from our stock.
+    delivered = sandbox.delivered_secrets()
+    assert len(delivered) == ORDERS
+    all_stock = set().union(*imported.values())
+    for order_id, secrets in delivered.items():
+        order = sandbox.orders[order_id].data
+        assert len(secrets) == len(set(secrets)) == order["quantity"], order_id
+        assert set(secrets) <= imported[order["sku"]], order_id
+    # 2. No key went to two orders.
+    usage = Counter(s for secrets in delivered.values() for s in secrets)
+    assert max(usage.values()) == 1
+    # 3. The platform only ever saw re-sends with the same idempotency key and the same keys.
+    calls: dict[str, set[tuple[str, tuple[str, ...]]]] = {}
+    for call in sandbox.delivery_calls:
+        calls.setdefault(call.order_id, set()).add(
+            (call.idempotency_key, tuple(sorted(call.secrets)))
+        )
+    assert all(len(variants) == 1 for variants in calls.values())
+    assert not [c for c in sandbox.delivery_calls if c.outcome == "conflict"]
+    # 4. The ledger: intact, every key accounted for, bound keys match what was delivered.
+    with sqlite3.connect(db) as conn:
+        assert conn.execute("PRAGMA integrity_check").fetchone()[0] == "ok"
+        states = dict(conn.execute("SELECT state, COUNT(*) FROM card_keys GROUP BY state"))
+        assert sum(states.values()) == len(all_stock)
+        assert states.get("bound", 0) == sum(usage.values())
+        bound = conn.execute(
+            "SELECT o.order_id, k.secret FROM card_keys k JOIN orders o ON o.id = k.order_line_id"
+        ).fetchall()
+    ledger: dict[str, set[str]] = {}
+    for order_id, secret in bound:
+        ledger.setdefault(order_id, set()).add(secret)
+    assert ledger == {oid: set(s) for oid, s in delivered.items()}
+    # 5. No card key in the daemon's logs.
+    text = log.read_text(encoding="utf-8", errors="replace")
+    assert not [s for s in usage if s in text]
+    assert SECRET not in text
+    # The crash points really fired (each at least once), besides the random kills.
+    assert set(kills) >= set(CRASH_POINTS), kills
