@@ -1,4 +1,4 @@
-"""Secrets are named in config and resolved at start: environment first, then keyring.
+"""Secrets are named in config and resolved at start: systemd credentials, environment, keyring.
 
 The value never goes into config files, logs or error messages — only its name does.
 """
@@ -25,8 +25,21 @@ def env_var_for(name: str) -> str:
     return "KAMI_SECRET_" + re.sub(r"[^A-Za-z0-9]", "_", name).upper()
 
 
+def _from_credentials(name: str) -> str | None:
+    """systemd's LoadCredential(Encrypted)= puts each secret in a file named after it."""
+    directory = os.environ.get("CREDENTIALS_DIRECTORY")
+    if not directory or "/" in name or name.startswith("."):
+        return None
+    try:
+        with open(os.path.join(directory, name), encoding="utf-8") as handle:
+            return handle.read().strip() or None
+    except OSError:
+        return None
+
+
 def lookup_secret(name: str) -> str | None:
-    value = os.environ.get(env_var_for(name))
+    """systemd credentials, then environment, then the keyring."""
+    value = _from_credentials(name) or os.environ.get(env_var_for(name))
     if value:
         return value
     try:
