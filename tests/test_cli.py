@@ -1,0 +1,158 @@
+"""The command line, run as the merchant runs it (a subprocess), against a temp ledger."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from agent.sandbox.platform import SandboxPlatform
+
+
+def config_for(tmp_path: Path, base_url: str = "http://127.0.0.1:9") -> Path:
+    path = tmp_path / "config.toml"
+    path.write_text(
+        f"""
+[store]
+path = "kami.db"
+
+[platforms.main]
+base_url = "{base_url}"
+api_key = "test-key"
+secret = "platform.main.secret"
+timeout = 2.0
+
+[skus."GAME-100"]
+max_quantity = 5
+""",
+        encoding="utf-8",
+    )
+    return path
+
+
+def cli(config: Path, *args: str, secret: str | None = None) -> subprocess.CompletedProcess[str]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("KAMI_")}
+    if secret is not None:
+        env["KAMI_SECRET_PLATFORM_MAIN_SECRET"] = secret
+    return subprocess.run(
+        [sys.executable, "-m", "agent", "--config", str(config), *args],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=120,
+        check=False,
+    )
+
+
+def test_stock_import_list_void(tmp_path: Path) -> None:
+    config = config_for(tmp_path)
+    keys = tmp_path / "keys.csv"
+    keys.write_text("code,secret\nC1,S1\nC2,S2\nC2,S2\nC3,S3\nbad,line,here\n", encoding="utf-8")
+    result = cli(config, "stock", "import", "GAME-100", str(keys))
+    assert result.returncode == 0, result.stderr
+    assert "added 3, duplicates 1, rejected 1" in result.stdout
+    assert "S1" not in result.stdout + result.stderr
+    void = cli(config, "stock", "void", "GAME-100", "--count", "1", "--reason", "leaked")
+    assert "voided 1" in void.stdout
+    listing = cli(config, "stock", "list").stdout.split("\n")
+    assert any(line.split() == ["GAME-100", "2", "0", "1"] for line in listing), listing
+
+
+def test_bad_config_is_one_clear_line(tmp_path: Path) -> None:
+    config = tmp_path / "bad.toml"
+    config.write_text("[agent]\npoll_interval = -1\n", encoding="utf-8")
+    result = cli(config, "stock", "list")
+    assert result.returncode == 2
+    assert result.stderr.strip().count("\n") == 0
+    assert "agent.poll_interval" in result.stderr and "Traceback" not in result.stderr
+
+
+def test_missing_stock_file_is_clear(tmp_path: Path) -> None:
+    result = cli(config_for(tmp_path), "stock", "import", "GAME-100", str(tmp_path / "nope"))
+    assert result.returncode == 1
+    assert "does not exist" in result.stderr and "Traceback" not in result.stderr
+
+
+def test_orders_unknown_id_is_clear(tmp_path: Path) -> None:
+    result = cli(config_for(tmp_path), "orders", "show", "NOPE")
+    assert result.returncode == 1
+    assert "no order 'NOPE'" in result.stderr
+
+
+def test_check_reports_missing_secret(tmp_path: Path) -> None:
+    result = cli(config_for(tmp_path), "check")
+    assert result.returncode == 1
+    assert "platform.main.secret: MISSING" in result.stdout
+
+
+@pytest.fixture
+def sandbox_thread() -> object:
+    """The sandbox platform in a background thread, so the CLI subprocess can reach it."""
+    import asyncio
+    import threading
+
+    sandbox = SandboxPlatform(api_key="test-key", secret="cli-secret")
+    loop = asyncio.new_event_loop()
+    ready = threading.Event()
+
+    def serve() -> None:
+        asyncio.set_event_loop(loop)
+        loop.run_until_complete(sandbox.start())
+        ready.set()
+        loop.run_forever()
+
+    thread = threading.Thread(target=serve, daemon=True)
+    thread.start()
+    ready.wait(10)
+    yield sandbox
+    asyncio.run_coroutine_threadsafe(sandbox.stop(), loop).result(10)
+    loop.call_soon_threadsafe(loop.stop)
+    thread.join(10)
+
+
+def test_check_against_a_live_platform(tmp_path: Path, sandbox_thread: SandboxPlatform) -> None:
+    config = config_for(tmp_path, sandbox_thread.base_url)
+    good = cli(config, "check", secret="cli-secret")
+    assert good.returncode == 0, good.stdout + good.stderr
+    assert "reachable, auth ok" in good.stdout
+    bad = cli(config, "check", secret="wrong")
+    assert bad.returncode == 1
+    assert "FAILED" in bad.stdout and "wrong" not in bad.stdout
+
+
+def test_orders_list_show_retry_resend(tmp_path: Path) -> None:
+    import asyncio
+
+    from agent.domain import PlatformOrder, RejectedOrder
+    from agent.store.sqlite import SQLiteStore
+    from tests.conftest import stock
+
+    config = config_for(tmp_path)
+
+    async def seed() -> None:
+        store = SQLiteStore(tmp_path / "kami.db")
+        await store.open()
+        await stock(store, "GAME-100", 3)
+        (line_id,) = await store.ingest(
+            "main",
+            [PlatformOrder("O-1", "paid", "GAME-100", 1), RejectedOrder("O-2", "unknown SKU 'X'")],
+            1.0,
+        )
+        await store.allocate(line_id, 1.0)
+        await store.begin_delivery(line_id, 1.0)
+        await store.mark_delivered(line_id, 2.0, "ok")
+        await store.close()
+
+    asyncio.run(seed())
+    listing = cli(config, "orders", "list", "--state", "needs_attention").stdout
+    assert "O-2" in listing and "unknown SKU" in listing and "O-1" not in listing
+    show = cli(config, "orders", "show", "O-1").stdout
+    assert "audit trail" in show and "delivery_intent" in show and "S-GAME-100" not in show
+    retry = cli(config, "orders", "retry", "O-2")
+    assert retry.returncode == 0 and "now new" in retry.stdout
+    assert "only needs_attention" in cli(config, "orders", "retry", "O-1").stderr
+    resend = cli(config, "orders", "resend", "O-1")
+    assert resend.returncode == 0 and "now delivering" in resend.stdout

@@ -1,0 +1,79 @@
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from agent.config import ConfigError, load_config
+
+ROOT = Path(__file__).resolve().parent.parent
+
+MINIMAL = """
+[store]
+path = "kami.db"
+
+[platforms.main]
+base_url = "https://shop.example.com"
+api_key = "id"
+secret = "platform.main.secret"
+"""
+
+
+def write(tmp_path: Path, text: str) -> Path:
+    path = tmp_path / "config.toml"
+    path.write_text(text, encoding="utf-8")
+    return path
+
+
+def test_example_config_loads() -> None:
+    config = load_config(ROOT / "config.example.toml")
+    assert config.platforms[0].name == "main"
+    assert config.skus["GAME-100"].max_quantity == 20
+    assert config.agent.poll_interval == 2.0
+
+
+def test_minimal_config_gets_defaults_and_relative_store(tmp_path: Path) -> None:
+    config = load_config(write(tmp_path, MINIMAL))
+    assert config.store.path == tmp_path / "kami.db"
+    assert config.agent.concurrency == 16
+    assert config.skus == {}
+
+
+@pytest.mark.parametrize(
+    ("extra", "expected"),
+    [
+        ("[agent]\npoll_interval = 0\n", "agent.poll_interval: must be between"),
+        ("[agent]\nconcurrency = 2.5\n", "agent.concurrency: must be a whole number"),
+        ("[agent]\npoll_intervall = 1\n", "agent.poll_intervall: is not a known setting"),
+        ('[log]\nlevel = "loud"\n', "log.level: must be one of"),
+        ('[skus."A"]\nmax_quantity = 0\n', "skus.A.max_quantity: must be between"),
+        ('[skus."A"]\nmax_quantity = true\n', "skus.A.max_quantity: must be a whole number"),
+        ('[agent]\nconcurrency = "8"\n', "agent.concurrency: must be a whole number"),
+    ],
+)
+def test_bad_values_name_file_and_key(tmp_path: Path, extra: str, expected: str) -> None:
+    path = write(tmp_path, MINIMAL + extra)
+    with pytest.raises(ConfigError) as caught:
+        load_config(path)
+    assert str(path) in str(caught.value)
+    assert expected in str(caught.value)
+
+
+def test_bad_platform_url(tmp_path: Path) -> None:
+    path = write(tmp_path, MINIMAL.replace("https://shop.example.com", "ftp://x"))
+    with pytest.raises(ConfigError, match=r"platforms\.main\.base_url: must be an http\(s\) URL"):
+        load_config(path)
+
+
+def test_missing_required_keys(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match=r"store\.path: is required"):
+        load_config(write(tmp_path, MINIMAL.replace('path = "kami.db"', "")))
+    with pytest.raises(ConfigError, match="at least one"):
+        load_config(write(tmp_path, '[store]\npath = "x.db"\n'))
+
+
+def test_invalid_toml_and_missing_file(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match="invalid TOML"):
+        load_config(write(tmp_path, "[store\n"))
+    with pytest.raises(ConfigError, match="cannot read config file"):
+        load_config(tmp_path / "nope.toml")
