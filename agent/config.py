@@ -10,6 +10,7 @@ import re
 import tomllib
 from collections.abc import Mapping
 from dataclasses import dataclass, field
+from decimal import Decimal, InvalidOperation
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlparse
@@ -40,6 +41,9 @@ class AgentSettings:
     # Backoff between delivery attempts kept in the order row: base * 2^n, capped.
     retry_base: float = 2.0
     retry_cap: float = 300.0
+    # A backordered line that can be bought is offered to the suppliers again this often.
+    supplier_retry_interval: float = 30.0
+    balance_interval: float = 300.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -64,10 +68,36 @@ class PlatformSettings:
 
 
 @dataclass(frozen=True, slots=True)
+class SupplierSettings:
+    name: str
+    kind: str
+    base_url: str
+    api_key: str
+    secret_name: str
+    timeout: float = 10.0
+    # How long a purchase may stay of unknown outcome before a human must look at it.
+    unknown_window: float = 600.0
+    # Wait after a lost response before re-asking a supplier that has not seen the reference.
+    query_grace: float = 10.0
+    processing_poll: float = 2.0
+
+
+LOCAL_SOURCE = "local"
+
+
+@dataclass(frozen=True, slots=True)
 class SkuSettings:
     sku: str
     max_quantity: int = 50
     message: str | None = None
+    # Where keys come from, in order: "local" stock and/or supplier names.
+    sources: tuple[str, ...] = (LOCAL_SOURCE,)
+    max_price: Decimal | None = None
+    # The supplier's own product id per supplier, when it differs from our SKU.
+    supplier_skus: Mapping[str, str] = field(default_factory=dict)
+
+    def supplier_sku(self, supplier: str) -> str:
+        return self.supplier_skus.get(supplier, self.sku)
 
 
 @dataclass(frozen=True, slots=True)
@@ -78,6 +108,7 @@ class Config:
     log: LogSettings
     platforms: tuple[PlatformSettings, ...]
     skus: Mapping[str, SkuSettings] = field(default_factory=dict)
+    suppliers: tuple[SupplierSettings, ...] = ()
 
 
 class _Section:
@@ -183,8 +214,13 @@ def parse_config(data: dict[str, Any], source: Path) -> Config:
         _parse_platform(name, _Section(source, f"platforms.{name}", value), top)
         for name, value in platforms_table.items()
     )
+    suppliers = tuple(
+        _parse_supplier(name, _Section(source, f"suppliers.{name}", value), top)
+        for name, value in top.table("suppliers").items()
+    )
+    supplier_names = {s.name for s in suppliers}
     skus = {
-        sku: _parse_sku(sku, _Section(source, f"skus.{sku}", value), top)
+        sku: _parse_sku(sku, _Section(source, f"skus.{sku}", value), top, supplier_names)
         for sku, value in top.table("skus").items()
     }
     top.reject_unknown()
@@ -195,6 +231,7 @@ def parse_config(data: dict[str, Any], source: Path) -> Config:
         log=LogSettings(level=level),
         platforms=platforms,
         skus=skus,
+        suppliers=suppliers,
     )
 
 
@@ -208,6 +245,10 @@ def _parse_agent(s: _Section) -> AgentSettings:
         max_delivery_attempts=s.integer("max_delivery_attempts", 50, minimum=1, maximum=10_000),
         retry_base=s.number("retry_base", 2.0, minimum=0.01, maximum=3600),
         retry_cap=s.number("retry_cap", 300.0, minimum=0.01, maximum=86400),
+        supplier_retry_interval=s.number(
+            "supplier_retry_interval", 30.0, minimum=0.01, maximum=86400
+        ),
+        balance_interval=s.number("balance_interval", 300.0, minimum=1, maximum=86400),
     )
     s.reject_unknown()
     return settings
@@ -246,13 +287,71 @@ def _parse_platform(name: str, s: _Section, top: _Section) -> PlatformSettings:
     return settings
 
 
-def _parse_sku(sku: str, s: _Section, top: _Section) -> SkuSettings:
+def _parse_sku(sku: str, s: _Section, top: _Section, suppliers: set[str]) -> SkuSettings:
     if not sku.strip() or len(sku) > 128:
         raise top.error(f"skus.{sku}", "SKU must be 1 to 128 characters")
+    sources = s._get("sources")
+    if sources is None:
+        sources = [LOCAL_SOURCE]
+    if not isinstance(sources, list) or not sources or not all(isinstance(x, str) for x in sources):
+        raise s.error("sources", f"must be a non-empty list of names, got {sources!r}")
+    for name in sources:
+        if name != LOCAL_SOURCE and name not in suppliers:
+            raise s.error("sources", f"{name!r} is neither 'local' nor a [suppliers.*] name")
+    if len(set(sources)) != len(sources):
+        raise s.error("sources", "lists a source twice")
+    max_price = None
+    raw_price = s._get("max_price")
+    if raw_price is not None:
+        try:
+            max_price = Decimal(str(raw_price))
+        except InvalidOperation:
+            raise s.error("max_price", f"must be a decimal amount, got {raw_price!r}") from None
+        if not max_price.is_finite() or max_price <= 0:
+            raise s.error("max_price", f"must be a positive amount, got {raw_price!r}")
+    supplier_skus = s.table("supplier_sku")
+    for name, value in supplier_skus.items():
+        if name not in suppliers or not isinstance(value, str) or not value:
+            raise s.error(f"supplier_sku.{name}", "must map a configured supplier to a product id")
     settings = SkuSettings(
         sku=sku,
         max_quantity=s.integer("max_quantity", 50, minimum=1, maximum=MAX_QUANTITY_LIMIT),
         message=s.optional_string("message"),
+        sources=tuple(sources),
+        max_price=max_price,
+        supplier_skus=dict(supplier_skus),
+    )
+    s.reject_unknown()
+    return settings
+
+
+SUPPLIER_KINDS = ("http",)
+
+
+def _parse_supplier(name: str, s: _Section, top: _Section) -> SupplierSettings:
+    if not _NAME_RE.match(name) or name == LOCAL_SOURCE:
+        raise top.error(
+            f"suppliers.{name}", "name must be letters, digits, '.', '_' or '-' and not 'local'"
+        )
+    kind = s.string("kind", "http")
+    if kind not in SUPPLIER_KINDS:
+        raise s.error(
+            "kind", f"unknown supplier kind {kind!r} (known: {', '.join(SUPPLIER_KINDS)})"
+        )
+    base_url = s.string("base_url", required=True)
+    parsed = urlparse(base_url)
+    if parsed.scheme not in ("http", "https") or not parsed.hostname:
+        raise s.error("base_url", f"must be an http(s) URL, got {base_url!r}")
+    settings = SupplierSettings(
+        name=name,
+        kind=kind,
+        base_url=base_url.rstrip("/"),
+        api_key=s.string("api_key", required=True),
+        secret_name=s.string("secret", required=True),
+        timeout=s.number("timeout", 10.0, minimum=0.1, maximum=300),
+        unknown_window=s.number("unknown_window", 600.0, minimum=1, maximum=7 * 86400),
+        query_grace=s.number("query_grace", 10.0, minimum=0, maximum=3600),
+        processing_poll=s.number("processing_poll", 2.0, minimum=0.05, maximum=3600),
     )
     s.reject_unknown()
     return settings

@@ -28,7 +28,13 @@ TERMINAL_STATES = frozenset(
 )
 # States the sweeper drives forward on its own.
 ACTIVE_STATES = frozenset(
-    {LineState.NEW, LineState.BACKORDERED, LineState.ALLOCATED, LineState.DELIVERING}
+    {
+        LineState.NEW,
+        LineState.BACKORDERED,
+        LineState.PURCHASING,
+        LineState.ALLOCATED,
+        LineState.DELIVERING,
+    }
 )
 
 
@@ -162,6 +168,47 @@ class DeliveryIntent:
     key_ids: tuple[int, ...]
 
 
+class PurchaseState(enum.StrEnum):
+    INTENT = "intent"  # committed, request maybe not sent yet
+    UNKNOWN = "unknown"  # sent, outcome not known (timeout, lost response, 5xx)
+    PROCESSING = "processing"  # supplier accepted, keys come later
+    COMPLETED = "completed"
+    FAILED = "failed"  # definite failure: a new merchant_ref is allowed
+
+    @property
+    def open(self) -> bool:
+        return self in (PurchaseState.INTENT, PurchaseState.UNKNOWN, PurchaseState.PROCESSING)
+
+
+@dataclass(frozen=True, slots=True)
+class PurchaseResult:
+    """What a supplier says about one purchase."""
+
+    purchase_id: str
+    merchant_ref: str
+    status: str  # completed | processing | failed
+    items: tuple[CardItem, ...] = ()
+    failure_code: str | None = None
+    failure_message: str | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class Purchase:
+    """Our ledger row for one purchase attempt."""
+
+    id: int
+    order_line_id: int
+    supplier: str
+    sku: str
+    quantity: int
+    merchant_ref: str
+    state: PurchaseState
+    purchase_id: str | None
+    failure: str | None
+    created_at: float
+    unknown_since: float | None
+
+
 @dataclass(frozen=True, slots=True)
 class ImportReport:
     added: int = 0
@@ -202,6 +249,14 @@ def delivery_idempotency_key(platform: str, order_id: str, line: int, generation
     """Deterministic, so a restart after a crash re-sends with the very same key."""
     digest = hashlib.sha256(f"{platform}\x1f{order_id}\x1f{line}".encode()).hexdigest()[:24]
     return f"kami-{digest}-{generation}"
+
+
+def purchase_merchant_ref(
+    platform: str, order_id: str, line: int, supplier: str, attempt: int
+) -> str:
+    """Deterministic per need and attempt: a restart asks about the very same purchase."""
+    digest = hashlib.sha256(f"{platform}\x1f{order_id}\x1f{line}".encode()).hexdigest()[:20]
+    return f"kami-{digest}-{supplier}-{attempt}"
 
 
 def retry_delay(attempts: int, base: float = 2.0, cap: float = 300.0) -> float:

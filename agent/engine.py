@@ -15,9 +15,10 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from agent.config import AgentSettings, SkuSettings
+from agent.config import AgentSettings, SkuSettings, SupplierSettings
 from agent.crashpoints import crash_point
 from agent.domain import (
+    ACTIVE_STATES,
     AgentError,
     Ambiguous,
     CardItem,
@@ -32,7 +33,9 @@ from agent.domain import (
 )
 from agent.logs import get_logger
 from agent.platforms.base import Platform
+from agent.sourcing import Sourcing
 from agent.store.base import Store, StoreError
+from agent.suppliers.base import Balance, Supplier
 
 log = get_logger("kami.engine")
 
@@ -84,12 +87,19 @@ class Engine:
         store: Store,
         platforms: Mapping[str, Platform],
         clock: Callable[[], float] = time.time,
+        suppliers: Mapping[str, Supplier] | None = None,
+        supplier_settings: Mapping[str, SupplierSettings] | None = None,
     ) -> None:
         self.settings = settings
         self.skus = skus
         self.store = store
         self.platforms = platforms
         self.clock = clock
+        self.suppliers = dict(suppliers or {})
+        self.sourcing = Sourcing(
+            settings, skus, store, self.suppliers, supplier_settings or {}, clock
+        )
+        self.balances: dict[str, Balance] = {}
         self.stats = EngineStats()
         self._queue: asyncio.Queue[int] = asyncio.Queue()
         self._queued: set[int] = set()
@@ -202,25 +212,42 @@ class Engine:
     # --- one line -------------------------------------------------------------------------------
     async def process(self, line_id: int) -> None:
         line = await self.store.get_line(line_id)
-        while line is not None and line.state in (
-            LineState.NEW,
-            LineState.BACKORDERED,
-            LineState.ALLOCATED,
-            LineState.DELIVERING,
-        ):
-            if line.next_attempt_at > self.clock():
+        while line is not None and line.state in ACTIVE_STATES:
+            waiting = line.next_attempt_at > self.clock()
+            if line.state == LineState.BACKORDERED:
+                # Stock may have arrived before the next supplier round is due.
+                line = await self.sourcing.fill(line, suppliers=not waiting)
+            elif waiting:
                 return
-            if line.state in (LineState.NEW, LineState.BACKORDERED):
-                line = await self.store.allocate(line.id, self.clock())
-                crash_point("after_allocate")
+            elif line.state == LineState.NEW:
+                line = await self.sourcing.fill(line)
+            elif line.state == LineState.PURCHASING:
+                line = await self.sourcing.resume(line)
+            else:
+                await self._deliver(line)
+                return
+            crash_point("after_allocate")
+            if line.state != LineState.ALLOCATED:
                 if line.state == LineState.BACKORDERED:
                     log.info(
                         "backordered", order_id=line.order_id, sku=line.sku, quantity=line.quantity
                     )
-                    return
+                return
+
+    async def poll_balances(self) -> None:
+        for name, supplier in self.suppliers.items():
+            try:
+                balance = await supplier.balance()
+            except AgentError as exc:
+                log.warning("supplier_balance_failed", supplier=name, error=str(exc))
                 continue
-            await self._deliver(line)
-            return
+            self.balances[name] = balance
+            log.info(
+                "supplier_balance",
+                supplier=name,
+                balance=str(balance.amount),
+                currency=balance.currency,
+            )
 
     async def _deliver(self, line: OrderLine) -> None:
         platform = self.platforms.get(line.platform)

@@ -7,7 +7,7 @@ import signal
 import time
 from collections.abc import Mapping
 
-from agent.config import Config, PlatformSettings, StoreSettings
+from agent.config import Config, PlatformSettings, StoreSettings, SupplierSettings
 from agent.engine import Engine
 from agent.logs import get_logger
 from agent.platforms.base import Platform
@@ -17,6 +17,8 @@ from agent.secrets import resolve_secret
 from agent.service import notify, watchdog_interval
 from agent.store.base import Store
 from agent.store.sqlite import SQLiteStore
+from agent.suppliers.base import Supplier
+from agent.suppliers.http import HttpSupplier
 
 log = get_logger("kami.runtime")
 DRAIN_GRACE_SECONDS = 20.0
@@ -36,14 +38,30 @@ def build_platforms(config: Config) -> dict[str, Platform]:
     return {p.name: build_platform(p) for p in config.platforms}
 
 
+def build_supplier(settings: SupplierSettings) -> Supplier:
+    return HttpSupplier(settings, resolve_secret(settings.secret_name))
+
+
+def build_suppliers(config: Config) -> dict[str, Supplier]:
+    return {s.name: build_supplier(s) for s in config.suppliers}
+
+
 async def run_engine(
     config: Config,
     store: Store,
     platforms: Mapping[str, Platform],
     stop: asyncio.Event,
+    suppliers: Mapping[str, Supplier] | None = None,
 ) -> Engine:
     """Runs until `stop` is set, then drains gracefully. The store must already be open."""
-    engine = Engine(config.agent, config.skus, store, platforms)
+    engine = Engine(
+        config.agent,
+        config.skus,
+        store,
+        platforms,
+        suppliers=suppliers,
+        supplier_settings={s.name: s for s in config.suppliers},
+    )
     engine.start_workers()
     resumed = await engine.sweep()  # every non-terminal line left by the last run
     log.info("started", platforms=list(platforms), resumed_lines=resumed)
@@ -90,13 +108,16 @@ async def run_daemon(config: Config) -> int:
         loop.add_signal_handler(signum, stop.set)
     store = open_store(config.store)
     platforms = build_platforms(config)
+    suppliers = build_suppliers(config)
     await store.open()
     started = time.time()
     try:
-        engine = await run_engine(config, store, platforms, stop)
+        engine = await run_engine(config, store, platforms, stop, suppliers)
     finally:
         for platform in platforms.values():
             await platform.close()
+        for supplier in suppliers.values():
+            await supplier.close()
         await store.close()
     log.info("stopped", uptime_s=round(time.time() - started, 1), **engine.snapshot())
     return 0

@@ -63,6 +63,15 @@ def build_scheduler(
         next_run_time=now,  # catch-up on orders paid while we were down
         **common,
     )
+    if engine.suppliers:
+        scheduler.add_job(
+            guarded("balances", engine.poll_balances),
+            "interval",
+            seconds=settings.balance_interval,
+            id="balances",
+            next_run_time=now,
+            **common,
+        )
     scheduler.add_job(
         guarded("sweep", engine.sweep),
         "interval",

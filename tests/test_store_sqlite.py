@@ -9,7 +9,7 @@ import pytest
 
 from agent.domain import CardItem, LineState, PlatformOrder, RejectedOrder
 from agent.store.base import StoreError
-from agent.store.sqlite import SQLiteStore
+from agent.store.sqlite import SQLiteStore, migrations
 from tests.conftest import keys, stock
 
 NOW = 1_700_000_000.0
@@ -23,7 +23,8 @@ async def test_ledger_file_is_private_and_migrated(store: SQLiteStore, tmp_path:
     mode = stat.S_IMODE((tmp_path / "kami.db").stat().st_mode)
     assert mode == 0o600
     with sqlite3.connect(tmp_path / "kami.db") as conn:
-        assert conn.execute("SELECT MAX(version) FROM schema_version").fetchone()[0] == 1
+        latest = max(version for version, _ in migrations())
+        assert conn.execute("SELECT MAX(version) FROM schema_version").fetchone()[0] == latest
         assert conn.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
 
 
@@ -33,7 +34,9 @@ async def test_reopen_does_not_migrate_twice(tmp_path: Path) -> None:
         await s.open()
         await s.close()
     with sqlite3.connect(tmp_path / "kami.db") as conn:
-        assert conn.execute("SELECT COUNT(*) FROM schema_version").fetchone()[0] == 1
+        assert conn.execute("SELECT COUNT(*) FROM schema_version").fetchone()[0] == len(
+            migrations()
+        )
 
 
 async def test_ingest_is_idempotent(store: SQLiteStore) -> None:

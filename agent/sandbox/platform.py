@@ -7,17 +7,14 @@ distinct keys per order, no key to two orders, re-sends only with the same key).
 
 from __future__ import annotations
 
-import asyncio
 import json
-import random
-import secrets
 import time
 from dataclasses import dataclass, field
 from typing import Any
 
 from aiohttp import web
 
-from agent.signing import verify
+from agent.sandbox.server import SignedSandbox
 
 
 @dataclass
@@ -53,20 +50,14 @@ class SandboxOrder:
         return str(self.data.get("status", "paid"))
 
 
-class SandboxPlatform:
+class SandboxPlatform(SignedSandbox):
     def __init__(self, api_key: str = "sandbox", secret: str | None = None, seed: int = 0) -> None:
-        self.api_key = api_key
-        self.secret = secret or secrets.token_hex(16)
+        super().__init__(api_key, secret, seed)
         self.faults = Faults()
-        self.random = random.Random(seed)
         self.orders: dict[str, SandboxOrder] = {}
         self._sequence: list[str] = []
         self._idempotent: dict[str, tuple[int, dict[str, Any]]] = {}
         self.delivery_calls: list[DeliveryCall] = []
-        self.requests = 0
-        self.auth_failures = 0
-        self._runner: web.AppRunner | None = None
-        self.base_url = ""
         self._next_id = 1
 
     # --- test/demo API ------------------------------------------------------------------------
@@ -116,73 +107,23 @@ class SandboxPlatform:
         ]
 
     # --- server -------------------------------------------------------------------------------
-    def app(self) -> web.Application:
-        app = web.Application(middlewares=[self._middleware], client_max_size=1024 * 1024)
+    def fault_rates(self) -> tuple[float, float, float]:
+        return self.faults.error_rate, self.faults.rate_limit_rate, self.faults.latency
+
+    def routes(self, app: web.Application) -> None:
         app.router.add_get("/api/v1/orders", self._list)
         app.router.add_get("/api/v1/orders/{id}", self._get)
         app.router.add_post("/api/v1/orders/{id}/delivery", self._deliver)
         app.router.add_post("/api/v1/orders/{id}/notice", self._notice)
-        return app
-
-    async def start(self, host: str = "127.0.0.1", port: int = 0) -> str:
-        self._runner = web.AppRunner(self.app(), access_log=None)
-        await self._runner.setup()
-        site = web.TCPSite(self._runner, host, port)
-        await site.start()
-        # TCPSite keeps the listening sockets on its server; port 0 means "any free port".
-        sockets = getattr(site._server, "sockets", None)
-        assert sockets, "sandbox platform did not bind"
-        bound_port = int(sockets[0].getsockname()[1])
-        self.base_url = f"http://{host}:{bound_port}"
-        return self.base_url
-
-    async def stop(self) -> None:
-        if self._runner is not None:
-            await self._runner.cleanup()
-            self._runner = None
-
-    @staticmethod
-    def _error(status: int, code: str, message: str, **headers: str) -> web.Response:
-        return web.json_response(
-            {"error": {"code": code, "message": message}}, status=status, headers=headers
-        )
-
-    @web.middleware
-    async def _middleware(self, request: web.Request, handler: Any) -> web.StreamResponse:
-        self.requests += 1
-        if self.faults.latency:
-            await asyncio.sleep(self.random.uniform(0, self.faults.latency))
-        body = await request.read()
-        problem = None
-        if request.headers.get("X-Api-Key") != self.api_key:
-            problem = "unknown api key"
-        else:
-            problem = verify(
-                self.secret,
-                request.headers.get("X-Timestamp", ""),
-                request.headers.get("X-Signature", ""),
-                request.method,
-                request.raw_path,
-                body,
-                time.time(),
-            )
-        if problem is not None:
-            self.auth_failures += 1
-            return self._error(401, "unauthorized", problem)
-        if self.random.random() < self.faults.rate_limit_rate:
-            return self._error(429, "rate_limited", "slow down", **{"Retry-After": "1"})
-        if self.random.random() < self.faults.error_rate:
-            return self._error(503, "unavailable", "try again", **{"Retry-After": "1"})
-        return await handler(request)  # type: ignore[no-any-return]
 
     async def _list(self, request: web.Request) -> web.Response:
         if request.query.get("status", "paid") != "paid":
-            return self._error(400, "bad_status", "only status=paid is supported")
+            return self.error(400, "bad_status", "only status=paid is supported")
         try:
             position = int(request.query.get("cursor") or 0)
             limit = max(1, min(int(request.query.get("limit", "100")), 1000))
         except ValueError:
-            return self._error(400, "bad_cursor", "cursor and limit must be integers")
+            return self.error(400, "bad_cursor", "cursor and limit must be integers")
         if self.random.random() < self.faults.malformed_rate:
             return web.Response(text='{"orders": [{"id": "trunc', content_type="application/json")
         page: list[Any] = []
@@ -204,7 +145,7 @@ class SandboxPlatform:
     async def _get(self, request: web.Request) -> web.Response:
         order = self.orders.get(request.match_info["id"])
         if order is None:
-            return self._error(404, "not_found", "no such order")
+            return self.error(404, "not_found", "no such order")
         body = dict(order.data)
         if order.delivery is not None:
             body["delivery"] = order.delivery
@@ -214,20 +155,20 @@ class SandboxPlatform:
         order_id = request.match_info["id"]
         key = request.headers.get("Idempotency-Key")
         if not key:
-            return self._error(400, "missing_idempotency_key", "Idempotency-Key is required")
+            return self.error(400, "missing_idempotency_key", "Idempotency-Key is required")
         try:
             payload = json.loads(await request.read())
             items = payload["items"]
             item_secrets = tuple(str(item["secret"]) for item in items)
         except (ValueError, KeyError, TypeError):
-            return self._error(400, "bad_body", "body must be {items:[{code,secret}],message}")
+            return self.error(400, "bad_body", "body must be {items:[{code,secret}],message}")
         if key in self._idempotent:
             status, cached = self._idempotent[key]
             self.delivery_calls.append(DeliveryCall(order_id, key, item_secrets, "replayed"))
             return web.json_response(cached, status=status)
         order = self.orders.get(order_id)
         if order is None:
-            return self._error(404, "not_found", "no such order")
+            return self.error(404, "not_found", "no such order")
         if order.delivery is not None:
             if sorted(item_secrets) == sorted(i["secret"] for i in order.delivery["items"]):
                 self.delivery_calls.append(DeliveryCall(order_id, key, item_secrets, "resent"))
@@ -243,9 +184,9 @@ class SandboxPlatform:
                 status=409,
             )
         if order.status != "paid":
-            return self._error(422, "not_payable", f"order is {order.status}")
+            return self.error(422, "not_payable", f"order is {order.status}")
         if len(items) != order.data.get("quantity"):
-            return self._error(422, "wrong_quantity", "item count differs from quantity")
+            return self.error(422, "wrong_quantity", "item count differs from quantity")
         now = time.time()
         order.delivery = {
             "items": [{"code": i.get("code", ""), "secret": i["secret"]} for i in items],
@@ -258,20 +199,17 @@ class SandboxPlatform:
         self._idempotent[key] = (200, response)
         if self.random.random() < self.faults.drop_after_commit_rate:
             self.delivery_calls.append(DeliveryCall(order_id, key, item_secrets, "dropped"))
-            # Committed, but the agent never hears about it.
-            if request.transport is not None:
-                request.transport.close()
-            return self._error(502, "bad_gateway", "response lost")
+            return self.lose_response(request)
         self.delivery_calls.append(DeliveryCall(order_id, key, item_secrets, "delivered"))
         return web.json_response(response)
 
     async def _notice(self, request: web.Request) -> web.Response:
         order = self.orders.get(request.match_info["id"])
         if order is None:
-            return self._error(404, "not_found", "no such order")
+            return self.error(404, "not_found", "no such order")
         try:
             message = json.loads(await request.read())["message"]
         except (ValueError, KeyError, TypeError):
-            return self._error(400, "bad_body", "body must be {message}")
+            return self.error(400, "bad_body", "body must be {message}")
         order.notices.append(str(message))
         return web.Response(status=204)

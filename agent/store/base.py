@@ -17,6 +17,7 @@ from agent.domain import (
     OrderEvent,
     OrderLine,
     PlatformOrder,
+    Purchase,
     RejectedOrder,
     StockCount,
 )
@@ -49,8 +50,38 @@ class Store(Protocol):
 
     async def get_line(self, line_id: int) -> OrderLine | None: ...
 
-    async def allocate(self, line_id: int, now: float) -> OrderLine:
-        """new/backordered -> allocated (binding `quantity` distinct free keys) or backordered."""
+    async def allocate(self, line_id: int, now: float, *, backorder: bool = True) -> OrderLine:
+        """new/backordered/purchasing -> allocated (binding `quantity` distinct free keys);
+        when stock is short: -> backordered, or unchanged with backorder=False."""
+        ...
+
+    async def backorder(
+        self, line_id: int, next_attempt_at: float, reason: str, now: float
+    ) -> None:
+        """-> backordered; next_attempt_at > 0 offers it to the suppliers again then."""
+        ...
+
+    # --- purchases ------------------------------------------------------------------------
+    async def open_purchase(self, line_id: int) -> Purchase | None: ...
+
+    async def purchases_for(self, line_id: int) -> list[Purchase]: ...
+
+    async def begin_purchase(self, line_id: int, supplier: str, now: float) -> Purchase:
+        """Commits the intent (deterministic merchant_ref) before the request; -> purchasing."""
+        ...
+
+    async def purchase_unknown(self, purchase: Purchase, reason: str, now: float) -> Purchase: ...
+
+    async def purchase_processing(
+        self, purchase: Purchase, purchase_id: str, now: float
+    ) -> None: ...
+
+    async def purchase_failed(self, purchase: Purchase, failure: str, now: float) -> None: ...
+
+    async def complete_purchase(
+        self, purchase: Purchase, purchase_id: str, items: Sequence[CardItem], now: float
+    ) -> OrderLine:
+        """Stores bought keys and binds them to the line in the same transaction."""
         ...
 
     async def begin_delivery(self, line_id: int, now: float) -> DeliveryIntent:

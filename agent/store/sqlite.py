@@ -26,10 +26,13 @@ from agent.domain import (
     OrderEvent,
     OrderLine,
     PlatformOrder,
+    Purchase,
+    PurchaseState,
     RejectedOrder,
     StockCount,
     delivery_idempotency_key,
     fingerprint,
+    purchase_merchant_ref,
     secret_digest,
 )
 from agent.store.base import ProgressCallback, StoreError
@@ -61,6 +64,28 @@ def _line(row: sqlite3.Row | tuple[Any, ...]) -> OrderLine:
         delivered_at=row[13],
         buyer_contact=row[14],
         paid_at=row[15],
+    )
+
+
+_PURCHASE_COLUMNS = (
+    "id, order_line_id, supplier, sku, quantity, merchant_ref, state, purchase_id, failure,"
+    " created_at, unknown_since"
+)
+
+
+def _purchase(row: tuple[Any, ...]) -> Purchase:
+    return Purchase(
+        id=row[0],
+        order_line_id=row[1],
+        supplier=row[2],
+        sku=row[3],
+        quantity=row[4],
+        merchant_ref=row[5],
+        state=PurchaseState(row[6]),
+        purchase_id=row[7],
+        failure=row[8],
+        created_at=row[9],
+        unknown_since=row[10],
     )
 
 
@@ -273,11 +298,14 @@ class SQLiteStore:
         def run(conn: sqlite3.Connection) -> list[OrderLine]:
             rows = conn.execute(
                 f"SELECT {_LINE_COLUMNS} FROM orders"
-                " WHERE state IN ('new', 'allocated', 'delivering') AND next_attempt_at <= ?"
-                " ORDER BY id LIMIT ?",
+                " WHERE (state IN ('new', 'purchasing', 'allocated', 'delivering')"
+                # a backorder with a time set is waiting to be offered to suppliers again
+                "        OR (state = 'backordered' AND next_attempt_at > 0))"
+                " AND next_attempt_at <= ? ORDER BY id LIMIT ?",
                 (now, limit),
             ).fetchall()
             due = [_line(r) for r in rows]
+            taken = {line.id for line in due}
             waiting = [
                 _line(r)
                 for r in conn.execute(
@@ -295,7 +323,7 @@ class SQLiteStore:
                     ).fetchall()
                 )
                 for line in waiting:
-                    if free.get(line.sku, 0) >= line.quantity:
+                    if line.id not in taken and free.get(line.sku, 0) >= line.quantity:
                         free[line.sku] -= line.quantity
                         due.append(line)
             return due
@@ -311,12 +339,14 @@ class SQLiteStore:
 
         return await self._tx(run)
 
-    async def allocate(self, line_id: int, now: float) -> OrderLine:
-        return await self._tx(self._allocate, line_id, now)
+    async def allocate(self, line_id: int, now: float, *, backorder: bool = True) -> OrderLine:
+        return await self._tx(self._allocate, line_id, now, backorder)
 
-    def _allocate(self, conn: sqlite3.Connection, line_id: int, now: float) -> OrderLine:
+    def _allocate(
+        self, conn: sqlite3.Connection, line_id: int, now: float, backorder: bool = True
+    ) -> OrderLine:
         line = self._fetch_line(conn, line_id)
-        if line.state not in (LineState.NEW, LineState.BACKORDERED):
+        if line.state not in (LineState.NEW, LineState.BACKORDERED, LineState.PURCHASING):
             return line
         bound = conn.execute(
             "SELECT COUNT(*) FROM card_keys WHERE order_line_id = ?", (line_id,)
@@ -329,7 +359,7 @@ class SQLiteStore:
         ).fetchall()
         if len(keys) < needed:
             # All or nothing: a half-filled line would hold keys another buyer could use now.
-            if line.state != LineState.BACKORDERED:
+            if backorder and line.state != LineState.BACKORDERED:
                 conn.execute(
                     "UPDATE orders SET state = 'backordered', updated_at = ? WHERE id = ?",
                     (now, line_id),
@@ -343,7 +373,9 @@ class SQLiteStore:
                 (line_id, slot, now, key_id),
             )
         conn.execute(
-            "UPDATE orders SET state = 'allocated', updated_at = ? WHERE id = ?", (now, line_id)
+            "UPDATE orders SET state = 'allocated', next_attempt_at = 0, updated_at = ?"
+            " WHERE id = ?",
+            (now, line_id),
         )
         fps = ",".join(f"#{k[0]}:{fingerprint(k[1], k[2])}" for k in keys)
         self._event(conn, line_id, "allocated", f"keys {fps}", now)
@@ -439,6 +471,223 @@ class SQLiteStore:
 
         await self._tx(run)
 
+    async def backorder(
+        self, line_id: int, next_attempt_at: float, reason: str, now: float
+    ) -> None:
+        def run(conn: sqlite3.Connection) -> None:
+            conn.execute(
+                "UPDATE orders SET state = 'backordered', next_attempt_at = ?, reason = ?,"
+                " updated_at = ? WHERE id = ? AND state IN ('new', 'backordered', 'purchasing')",
+                (next_attempt_at, reason, now, line_id),
+            )
+            self._event(conn, line_id, "backordered", reason, now)
+
+        await self._tx(run)
+
+    # --- purchases --------------------------------------------------------------------------
+    async def open_purchase(self, line_id: int) -> Purchase | None:
+        def run(conn: sqlite3.Connection) -> Purchase | None:
+            row = conn.execute(
+                f"SELECT {_PURCHASE_COLUMNS} FROM purchases WHERE order_line_id = ?"
+                " AND state IN ('intent', 'unknown', 'processing')",
+                (line_id,),
+            ).fetchone()
+            return None if row is None else _purchase(row)
+
+        return await self._tx(run)
+
+    async def purchases_for(self, line_id: int) -> list[Purchase]:
+        def run(conn: sqlite3.Connection) -> list[Purchase]:
+            rows = conn.execute(
+                f"SELECT {_PURCHASE_COLUMNS} FROM purchases WHERE order_line_id = ? ORDER BY id",
+                (line_id,),
+            ).fetchall()
+            return [_purchase(r) for r in rows]
+
+        return await self._tx(run)
+
+    async def begin_purchase(self, line_id: int, supplier: str, now: float) -> Purchase:
+        def run(conn: sqlite3.Connection) -> Purchase:
+            line = self._fetch_line(conn, line_id)
+            if line.state not in (LineState.NEW, LineState.BACKORDERED, LineState.PURCHASING):
+                raise StoreError(f"order line {line_id} is {line.state}, not buying")
+            attempt = conn.execute(
+                "SELECT COUNT(*) FROM purchases WHERE order_line_id = ? AND supplier = ?",
+                (line_id, supplier),
+            ).fetchone()[0]
+            ref = purchase_merchant_ref(
+                line.platform, line.order_id, line.line, supplier, attempt + 1
+            )
+            # The partial unique index refuses a second open purchase for the line.
+            cur = conn.execute(
+                "INSERT INTO purchases (order_line_id, supplier, sku, quantity, merchant_ref,"
+                " state, created_at, updated_at) VALUES (?, ?, ?, ?, ?, 'intent', ?, ?)",
+                (line_id, supplier, line.sku, line.quantity, ref, now, now),
+            )
+            conn.execute(
+                "UPDATE orders SET state = 'purchasing', updated_at = ? WHERE id = ?",
+                (now, line_id),
+            )
+            self._event(conn, line_id, "purchase_intent", f"{supplier} ref {ref}", now)
+            return self._fetch_purchase(conn, int(cur.lastrowid or 0))
+
+        return await self._tx(run)
+
+    async def purchase_unknown(self, purchase: Purchase, reason: str, now: float) -> Purchase:
+        def run(conn: sqlite3.Connection) -> Purchase:
+            conn.execute(
+                "UPDATE purchases SET state = 'unknown', unknown_since = COALESCE(unknown_since,"
+                " ?), failure = ?, updated_at = ? WHERE id = ? AND state IN ('intent', 'unknown')",
+                (now, reason, now, purchase.id),
+            )
+            self._event(
+                conn,
+                purchase.order_line_id,
+                "purchase_unknown",
+                f"{purchase.merchant_ref}: {reason}",
+                now,
+            )
+            return self._fetch_purchase(conn, purchase.id)
+
+        return await self._tx(run)
+
+    async def purchase_processing(self, purchase: Purchase, purchase_id: str, now: float) -> None:
+        def run(conn: sqlite3.Connection) -> None:
+            conn.execute(
+                "UPDATE purchases SET state = 'processing', purchase_id = ?, updated_at = ?"
+                " WHERE id = ? AND state IN ('intent', 'unknown', 'processing')",
+                (purchase_id, now, purchase.id),
+            )
+            self._event(
+                conn,
+                purchase.order_line_id,
+                "purchase_processing",
+                f"{purchase.supplier} purchase {purchase_id}",
+                now,
+            )
+
+        await self._tx(run)
+
+    async def purchase_failed(self, purchase: Purchase, failure: str, now: float) -> None:
+        def run(conn: sqlite3.Connection) -> None:
+            conn.execute(
+                "UPDATE purchases SET state = 'failed', failure = ?, updated_at = ?"
+                " WHERE id = ? AND state IN ('intent', 'unknown', 'processing')",
+                (failure, now, purchase.id),
+            )
+            self._event(
+                conn,
+                purchase.order_line_id,
+                "purchase_failed",
+                f"{purchase.supplier} {purchase.merchant_ref}: {failure}",
+                now,
+            )
+
+        await self._tx(run)
+
+    async def complete_purchase(
+        self, purchase: Purchase, purchase_id: str, items: Sequence[CardItem], now: float
+    ) -> OrderLine:
+        """Stores the bought keys and binds them to the line in one transaction."""
+
+        def run(conn: sqlite3.Connection) -> OrderLine:
+            current = self._fetch_purchase(conn, purchase.id)
+            line = self._fetch_line(conn, purchase.order_line_id)
+            if current.state == PurchaseState.COMPLETED:
+                return line
+            source = f"purchase:{purchase.supplier}:{purchase.merchant_ref}"
+            new_ids: list[int] = []
+            for item in items:
+                cur = conn.execute(
+                    "INSERT OR IGNORE INTO card_keys (sku, code, secret, secret_hash, state,"
+                    " source, added_at) VALUES (?, ?, ?, ?, 'free', ?, ?)",
+                    (
+                        line.sku,
+                        item.code,
+                        item.secret,
+                        secret_digest(item.code, item.secret),
+                        source,
+                        now,
+                    ),
+                )
+                if cur.rowcount:
+                    new_ids.append(int(cur.lastrowid or 0))
+            conn.execute(
+                "UPDATE purchases SET state = 'completed', purchase_id = ?, failure = NULL,"
+                " updated_at = ? WHERE id = ?",
+                (purchase_id, now, purchase.id),
+            )
+            self._event(
+                conn,
+                line.id,
+                "purchase_completed",
+                f"{purchase.supplier} {purchase.merchant_ref}: {len(new_ids)} new keys",
+                now,
+            )
+            return self._bind_first(conn, line, new_ids, now)
+
+        return await self._tx(run)
+
+    def _bind_first(
+        self, conn: sqlite3.Connection, line: OrderLine, preferred: list[int], now: float
+    ) -> OrderLine:
+        """Binds the just-bought keys to the line (extras stay free), else the oldest free."""
+        if line.state not in (LineState.NEW, LineState.BACKORDERED, LineState.PURCHASING):
+            return line
+        needed = line.quantity
+        free_preferred = (
+            [
+                r[0]
+                for r in conn.execute(
+                    f"SELECT id FROM card_keys WHERE state = 'free' AND id IN"
+                    f" ({','.join('?' * len(preferred))}) ORDER BY id",
+                    preferred,
+                )
+            ]
+            if preferred
+            else []
+        )
+        chosen = free_preferred[:needed]
+        if len(chosen) < needed:
+            chosen += [
+                r[0]
+                for r in conn.execute(
+                    "SELECT id FROM card_keys WHERE sku = ? AND state = 'free' ORDER BY id LIMIT ?",
+                    (line.sku, needed + len(chosen)),
+                )
+                if r[0] not in chosen
+            ][: needed - len(chosen)]
+        if len(chosen) < needed:
+            conn.execute(
+                "UPDATE orders SET state = 'backordered', next_attempt_at = 0, updated_at = ?"
+                " WHERE id = ?",
+                (now, line.id),
+            )
+            self._event(conn, line.id, "backordered", f"bought too few keys; need {needed}", now)
+            return self._fetch_line(conn, line.id)
+        for slot, key_id in enumerate(chosen):
+            conn.execute(
+                "UPDATE card_keys SET state = 'bound', order_line_id = ?, slot = ?, bound_at = ?"
+                " WHERE id = ? AND state = 'free'",
+                (line.id, slot, now, key_id),
+            )
+        conn.execute(
+            "UPDATE orders SET state = 'allocated', next_attempt_at = 0, updated_at = ?"
+            " WHERE id = ?",
+            (now, line.id),
+        )
+        self._event(conn, line.id, "allocated", f"keys {','.join(f'#{k}' for k in chosen)}", now)
+        return self._fetch_line(conn, line.id)
+
+    @staticmethod
+    def _fetch_purchase(conn: sqlite3.Connection, row_id: int) -> Purchase:
+        row = conn.execute(
+            f"SELECT {_PURCHASE_COLUMNS} FROM purchases WHERE id = ?", (row_id,)
+        ).fetchone()
+        if row is None:
+            raise StoreError(f"no purchase with id {row_id}")
+        return _purchase(row)
+
     # --- operator actions -----------------------------------------------------------------
     async def retry_line(self, line_id: int, now: float) -> OrderLine:
         def run(conn: sqlite3.Connection) -> OrderLine:
@@ -450,9 +699,17 @@ class SQLiteStore:
             bound = conn.execute(
                 "SELECT COUNT(*) FROM card_keys WHERE order_line_id = ?", (line_id,)
             ).fetchone()[0]
+            open_purchase = conn.execute(
+                "SELECT 1 FROM purchases WHERE order_line_id = ?"
+                " AND state IN ('intent', 'unknown', 'processing')",
+                (line_id,),
+            ).fetchone()
             if line.delivery_key is not None:
                 # It may have reached the platform: ask before sending again.
                 state, ambiguous = LineState.DELIVERING, 1
+            elif open_purchase and not bound:
+                # Ask the supplier about the open purchase again; never buy blind.
+                state, ambiguous = LineState.PURCHASING, 0
             elif bound:
                 state, ambiguous = LineState.ALLOCATED, 0
             else:

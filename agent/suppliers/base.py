@@ -1,0 +1,35 @@
+"""The Supplier port: where keys are bought when local stock cannot fill an order."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from decimal import Decimal
+from typing import Protocol
+
+from agent.domain import PurchaseResult
+
+
+@dataclass(frozen=True, slots=True)
+class Balance:
+    amount: Decimal
+    currency: str
+
+
+class Supplier(Protocol):
+    name: str
+
+    async def purchase(
+        self, merchant_ref: str, sku: str, quantity: int, max_price: Decimal | None
+    ) -> PurchaseResult:
+        """Raises Transient/Permanent when surely nothing was bought, Ambiguous when unknown."""
+        ...
+
+    async def find_purchase(self, merchant_ref: str) -> PurchaseResult | None:
+        """The purchase made with this reference, or None if the supplier never saw it."""
+        ...
+
+    async def get_purchase(self, purchase_id: str) -> PurchaseResult: ...
+
+    async def balance(self) -> Balance: ...
+
+    async def close(self) -> None: ...

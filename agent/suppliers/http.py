@@ -1,0 +1,108 @@
+"""Adapter for the supplier HTTP protocol (shared/protocol/supplier-http.md)."""
+
+from __future__ import annotations
+
+from decimal import Decimal, InvalidOperation
+from typing import Any
+
+from agent.config import SupplierSettings
+from agent.domain import (
+    Ambiguous,
+    AuthFailed,
+    BadResponse,
+    Permanent,
+    PurchaseResult,
+    Transient,
+)
+from agent.platforms.parsing import ParseError, parse_items
+from agent.signed_http import HttpResponse, SignedClient, quote_segment
+from agent.suppliers.base import Balance
+
+PURCHASE_STATUSES = ("completed", "processing", "failed")
+
+
+def parse_purchase(body: Any) -> PurchaseResult:
+    if not isinstance(body, dict):
+        raise BadResponse("purchase response is not an object")
+    status = body.get("status")
+    purchase_id = body.get("purchase_id")
+    merchant_ref = body.get("merchant_ref")
+    if status not in PURCHASE_STATUSES:
+        raise BadResponse(f"purchase status {str(status)[:40]!r} is not one of {PURCHASE_STATUSES}")
+    if not isinstance(purchase_id, str) or not isinstance(merchant_ref, str):
+        raise BadResponse("purchase response lacks purchase_id or merchant_ref")
+    try:
+        items = parse_items(body.get("items") or [])
+    except ParseError as exc:
+        raise BadResponse(f"purchase items: {exc}") from None
+    failure = body.get("failure") if isinstance(body.get("failure"), dict) else {}
+    assert isinstance(failure, dict)
+    return PurchaseResult(
+        purchase_id=purchase_id,
+        merchant_ref=merchant_ref,
+        status=status,
+        items=items,
+        failure_code=str(failure.get("code"))[:60] if failure.get("code") else None,
+        failure_message=str(failure.get("message"))[:200] if failure.get("message") else None,
+    )
+
+
+def _raise_for_status(resp: HttpResponse, *, unknown_outcome: bool) -> None:
+    if resp.status < 300:
+        return
+    text = resp.error_text()
+    if resp.status in (401, 403):
+        raise AuthFailed(f"supplier refused our credentials: {text}")
+    if resp.status == 429:
+        raise Transient(f"supplier rate limit: {text}", retry_after=resp.retry_after)
+    if resp.status >= 500:
+        if unknown_outcome:
+            raise Ambiguous(f"supplier error, outcome unknown: {text}")
+        raise Transient(f"supplier error: {text}", retry_after=resp.retry_after)
+    raise Permanent(f"supplier rejected the request: {text}")
+
+
+class HttpSupplier:
+    def __init__(self, settings: SupplierSettings, secret: str) -> None:
+        self.name = settings.name
+        self._client = SignedClient(settings.base_url, settings.api_key, secret, settings.timeout)
+
+    async def purchase(
+        self, merchant_ref: str, sku: str, quantity: int, max_price: Decimal | None
+    ) -> PurchaseResult:
+        payload: dict[str, Any] = {"merchant_ref": merchant_ref, "sku": sku, "quantity": quantity}
+        if max_price is not None:
+            payload["max_price"] = str(max_price)
+        resp = await self._client.request("POST", "/api/v1/purchases", payload=payload)
+        _raise_for_status(resp, unknown_outcome=True)
+        try:
+            return parse_purchase(resp.json())
+        except BadResponse as exc:
+            # A 2xx we cannot read may well be a purchase that went through.
+            raise Ambiguous(f"unreadable purchase response: {exc}") from None
+
+    async def find_purchase(self, merchant_ref: str) -> PurchaseResult | None:
+        resp = await self._client.request(
+            "GET", "/api/v1/purchases", params={"merchant_ref": merchant_ref}
+        )
+        if resp.status == 404:
+            return None
+        _raise_for_status(resp, unknown_outcome=False)
+        return parse_purchase(resp.json())
+
+    async def get_purchase(self, purchase_id: str) -> PurchaseResult:
+        resp = await self._client.request("GET", f"/api/v1/purchases/{quote_segment(purchase_id)}")
+        _raise_for_status(resp, unknown_outcome=False)
+        return parse_purchase(resp.json())
+
+    async def balance(self) -> Balance:
+        resp = await self._client.request("GET", "/api/v1/balance")
+        _raise_for_status(resp, unknown_outcome=False)
+        body = resp.json()
+        try:
+            return Balance(Decimal(str(body["balance"])), str(body.get("currency", "")))
+        except (KeyError, TypeError, InvalidOperation):
+            raise BadResponse("balance response lacks a decimal 'balance'") from None
+
+    async def close(self) -> None:
+        await self._client.close()
