@@ -2,77 +2,22 @@
 
 from __future__ import annotations
 
-import asyncio
-import inspect
 import time
 from collections import Counter
-from collections.abc import AsyncIterator, Awaitable, Callable
-from contextlib import asynccontextmanager
 from pathlib import Path
 
-from agent.config import Config
 from agent.domain import LineState
 from agent.engine import screen_order
-from agent.platforms.http import HttpPlatform
-from agent.runtime import run_engine
 from agent.sandbox.platform import SandboxPlatform
 from agent.store.sqlite import SQLiteStore
-from tests.conftest import make_config, platform_settings, stock
-
-SAFETY_TIMEOUT = 30.0  # a hang guard, not a performance assertion
-
-
-async def wait_for(condition: Callable[[], bool | Awaitable[bool]], what: str) -> None:
-    deadline = time.monotonic() + SAFETY_TIMEOUT
-    while True:
-        result = condition()
-        if inspect.isawaitable(result):
-            result = await result
-        if result:
-            return
-        assert time.monotonic() < deadline, f"timed out waiting for {what}"
-        await asyncio.sleep(0.02)
-
-
-def line_state_is(
-    store: SQLiteStore, order_id: str, state: LineState
-) -> Callable[[], Awaitable[bool]]:
-    async def check() -> bool:
-        lines = await store.find_lines(order_id)
-        return bool(lines) and lines[0].state == state
-
-    return check
-
-
-@asynccontextmanager
-async def running_agent(
-    config: Config, store: SQLiteStore, sandbox: SandboxPlatform
-) -> AsyncIterator[None]:
-    platform = HttpPlatform(platform_settings(sandbox.base_url), sandbox.secret)
-    stop = asyncio.Event()
-    task = asyncio.create_task(run_engine(config, store, {"main": platform}, stop))
-    try:
-        yield
-    finally:
-        stop.set()
-        await task
-        await platform.close()
-
-
-def delivered_all(sandbox: SandboxPlatform, ids: list[str]) -> Callable[[], bool]:
-    return lambda: all(sandbox.orders[i].delivery is not None for i in ids)
-
-
-def assert_platform_invariants(sandbox: SandboxPlatform) -> None:
-    delivered = sandbox.delivered_secrets()
-    for order_id, secrets in delivered.items():
-        assert len(set(secrets)) == sandbox.orders[order_id].data["quantity"], order_id
-    everything = Counter(s for secrets in delivered.values() for s in secrets)
-    assert [k for k, n in everything.items() if n > 1] == []
-    keys_per_order: dict[str, set[str]] = {}
-    for call in sandbox.delivery_calls:
-        keys_per_order.setdefault(call.order_id, set()).add(call.idempotency_key)
-    assert all(len(k) == 1 for k in keys_per_order.values()), "re-sent with another key"
+from tests.conftest import make_config, stock
+from tests.helpers import (
+    assert_platform_invariants,
+    delivered_all,
+    line_state_is,
+    running_agent,
+    wait_for,
+)
 
 
 async def test_delivers_orders_with_distinct_keys(

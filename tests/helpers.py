@@ -1,0 +1,77 @@
+"""Shared helpers for the in-process end-to-end tests."""
+
+from __future__ import annotations
+
+import asyncio
+import inspect
+import time
+from collections import Counter
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
+from contextlib import asynccontextmanager
+
+from agent.config import Config
+from agent.domain import LineState
+from agent.platforms.http import HttpPlatform
+from agent.runtime import run_engine
+from agent.sandbox.platform import SandboxPlatform
+from agent.store.sqlite import SQLiteStore
+from agent.suppliers.base import Supplier
+from tests.conftest import platform_settings
+
+SAFETY_TIMEOUT = 30.0  # a hang guard, not a performance assertion
+
+
+async def wait_for(condition: Callable[[], bool | Awaitable[bool]], what: str) -> None:
+    deadline = time.monotonic() + SAFETY_TIMEOUT
+    while True:
+        result = condition()
+        if inspect.isawaitable(result):
+            result = await result
+        if result:
+            return
+        assert time.monotonic() < deadline, f"timed out waiting for {what}"
+        await asyncio.sleep(0.02)
+
+
+def line_state_is(
+    store: SQLiteStore, order_id: str, state: LineState
+) -> Callable[[], Awaitable[bool]]:
+    async def check() -> bool:
+        lines = await store.find_lines(order_id)
+        return bool(lines) and lines[0].state == state
+
+    return check
+
+
+@asynccontextmanager
+async def running_agent(
+    config: Config,
+    store: SQLiteStore,
+    sandbox: SandboxPlatform,
+    suppliers: Mapping[str, Supplier] | None = None,
+) -> AsyncIterator[None]:
+    platform = HttpPlatform(platform_settings(sandbox.base_url), sandbox.secret)
+    stop = asyncio.Event()
+    task = asyncio.create_task(run_engine(config, store, {"main": platform}, stop, suppliers))
+    try:
+        yield
+    finally:
+        stop.set()
+        await task
+        await platform.close()
+
+
+def delivered_all(sandbox: SandboxPlatform, ids: list[str]) -> Callable[[], bool]:
+    return lambda: all(sandbox.orders[i].delivery is not None for i in ids)
+
+
+def assert_platform_invariants(sandbox: SandboxPlatform) -> None:
+    delivered = sandbox.delivered_secrets()
+    for order_id, secrets in delivered.items():
+        assert len(set(secrets)) == sandbox.orders[order_id].data["quantity"], order_id
+    everything = Counter(s for secrets in delivered.values() for s in secrets)
+    assert [k for k, n in everything.items() if n > 1] == []
+    keys_per_order: dict[str, set[str]] = {}
+    for call in sandbox.delivery_calls:
+        keys_per_order.setdefault(call.order_id, set()).add(call.idempotency_key)
+    assert all(len(k) == 1 for k in keys_per_order.values()), "re-sent with another key"
