@@ -17,19 +17,39 @@ from pathlib import Path
 import pytest
 
 from agent.sandbox.platform import SandboxPlatform
+from agent.sandbox.supplier import SandboxSupplier
 
 ORDERS = 2000
-CYCLES = 14
+CYCLES = 18
 STOCK_PER_SKU = 3200
 SKUS = ("GAME-100", "VIP-30D")
-CRASH_POINTS = ("after_ingest", "after_allocate", "after_intent", "after_deliver_call")
+BOUGHT_SKU = "SUP-1"  # no local stock: every order of it is bought upstream
+CRASH_POINTS = (
+    "after_ingest",
+    "after_allocate",
+    "after_intent",
+    "after_deliver_call",
+    "after_purchase_intent",
+    "after_purchase_call",
+)
 SECRET = "crash-test-platform-secret"
+SUPPLIER_SECRET = "crash-test-supplier-secret"
 SAFETY_TIMEOUT = 180.0  # hang guard only
 
 
-def write_config(tmp_path: Path, base_url: str) -> Path:
+def write_config(tmp_path: Path, base_url: str, supplier_url: str) -> Path:
     path = tmp_path / "config.toml"
     skus = "\n".join(f'[skus."{sku}"]\nmax_quantity = 5\n' for sku in SKUS)
+    skus += f'\n[skus."{BOUGHT_SKU}"]\nmax_quantity = 5\nsources = ["up"]\n'
+    skus += f"""
+[suppliers.up]
+base_url = "{supplier_url}"
+api_key = "crash-supplier"
+secret = "supplier.up.secret"
+timeout = 1.0
+query_grace = 0.3
+processing_poll = 0.1
+"""
     path.write_text(
         f"""
 [agent]
@@ -60,6 +80,7 @@ def agent_env(config: Path, crash_at: str | None = None) -> dict[str, str]:
     env = dict(os.environ)
     env["KAMI_AGENT_CONFIG"] = str(config)
     env["KAMI_SECRET_PLATFORM_MAIN_SECRET"] = SECRET
+    env["KAMI_SECRET_SUPPLIER_UP_SECRET"] = SUPPLIER_SECRET
     env.pop("KAMI_CRASH_AT", None)
     if crash_at:
         env["KAMI_CRASH_AT"] = crash_at
@@ -120,7 +141,16 @@ async def test_crash_recovery_keeps_every_invariant(tmp_path: Path, seed: int) -
     sandbox.faults.drop_after_commit_rate = 0.05
     sandbox.faults.duplicate_rate = 0.05
     await sandbox.start()
-    config = write_config(tmp_path, sandbox.base_url)
+    upstream = SandboxSupplier(
+        name="up", api_key="crash-supplier", secret=SUPPLIER_SECRET, seed=seed
+    )
+    upstream.add_product(BOUGHT_SKU, price="3.00")
+    upstream.faults.drop_after_commit_rate = 0.1
+    upstream.faults.error_rate = 0.05
+    upstream.faults.processing_rate = 0.2
+    upstream.faults.processing_seconds = 0.2
+    await upstream.start()
+    config = write_config(tmp_path, sandbox.base_url, upstream.base_url)
     log = tmp_path / "daemon.log"
     db = tmp_path / "kami.db"
     try:
@@ -139,11 +169,16 @@ async def test_crash_recovery_keeps_every_invariant(tmp_path: Path, seed: int) -
         kills = Counter[str]()
         for cycle in range(CYCLES):
             for _ in range(min(per_cycle, ORDERS - len(sandbox.orders))):
-                sandbox.add_order(rng.choice(SKUS), quantity=rng.randint(1, 3))
+                sku = BOUGHT_SKU if rng.random() < 0.2 else rng.choice(SKUS)
+                sandbox.add_order(sku, quantity=rng.randint(1, 3))
             if cycle % 2 == 0:
                 point = CRASH_POINTS[(cycle // 2) % len(CRASH_POINTS)]
-                # intake happens about once per cycle, the others once per order
-                hits = rng.randint(1, 2) if point == "after_ingest" else rng.randint(1, 40)
+                # intake happens about once per cycle, purchases for a fifth of the orders
+                hits = {
+                    "after_ingest": rng.randint(1, 2),
+                    "after_purchase_intent": rng.randint(1, 8),
+                    "after_purchase_call": rng.randint(1, 6),
+                }.get(point, rng.randint(1, 40))
                 crash_at = f"{point}:{hits}"
                 budget = 4.0
             else:
@@ -170,15 +205,22 @@ async def test_crash_recovery_keeps_every_invariant(tmp_path: Path, seed: int) -
         assert await asyncio.wait_for(proc.wait(), 30) == 0, "graceful stop failed"
     finally:
         await sandbox.stop()
+        await upstream.stop()
 
     # 1. Every paid order has exactly its quantity of distinct keys, all from our stock.
     delivered = sandbox.delivered_secrets()
     assert len(delivered) == ORDERS
+    bought = {item["secret"] for p in upstream.charged for item in p.items}
+    imported[BOUGHT_SKU] = bought
     all_stock = set().union(*imported.values())
     for order_id, secrets in delivered.items():
         order = sandbox.orders[order_id].data
         assert len(secrets) == len(set(secrets)) == order["quantity"], order_id
         assert set(secrets) <= imported[order["sku"]], order_id
+    # Never bought twice for one need: one charged purchase per bought order, all delivered.
+    bought_orders = [o for o in sandbox.orders.values() if o.data["sku"] == BOUGHT_SKU]
+    assert len(upstream.charged) == len(bought_orders) > 0
+    assert bought == {s for o in bought_orders for s in delivered[o.data["id"]]}
     # 2. No key went to two orders.
     usage = Counter(s for secrets in delivered.values() for s in secrets)
     assert max(usage.values()) == 1
