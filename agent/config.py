@@ -39,7 +39,7 @@ class AgentSettings:
     # How long a delivery may stay ambiguous before we park it for a human.
     max_delivery_attempts: int = 50
     # Backoff between delivery attempts kept in the order row: base * 2^n, capped.
-    retry_base: float = 2.0
+    retry_base: float = 1.0
     retry_cap: float = 300.0
     # A backordered line that can be bought is offered to the suppliers again this often.
     supplier_retry_interval: float = 30.0
@@ -243,7 +243,7 @@ def _parse_agent(s: _Section) -> AgentSettings:
         concurrency=s.integer("concurrency", 16, minimum=1, maximum=512),
         delivery_message=s.string("delivery_message", DEFAULT_DELIVERY_MESSAGE),
         max_delivery_attempts=s.integer("max_delivery_attempts", 50, minimum=1, maximum=10_000),
-        retry_base=s.number("retry_base", 2.0, minimum=0.01, maximum=3600),
+        retry_base=s.number("retry_base", 1.0, minimum=0.01, maximum=3600),
         retry_cap=s.number("retry_cap", 300.0, minimum=0.01, maximum=86400),
         supplier_retry_interval=s.number(
             "supplier_retry_interval", 30.0, minimum=0.01, maximum=86400
