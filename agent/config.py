@@ -80,6 +80,7 @@ class SupplierSettings:
     # Wait after a lost response before re-asking a supplier that has not seen the reference.
     query_grace: float = 10.0
     processing_poll: float = 2.0
+    balance_low: Decimal | None = None
 
 
 LOCAL_SOURCE = "local"
@@ -95,9 +96,62 @@ class SkuSettings:
     max_price: Decimal | None = None
     # The supplier's own product id per supplier, when it differs from our SKU.
     supplier_skus: Mapping[str, str] = field(default_factory=dict)
+    # Alert when the forecast says stock lasts less than this (seconds) or falls below min_stock.
+    lead_time: float = 3600.0
+    min_stock: int = 0
+    # An order not delivered within this (seconds) is "stuck" and alerts.
+    promise: float = 600.0
+    # Refund an order still waiting for stock after this long (seconds); None = never.
+    refund_after: float | None = None
 
     def supplier_sku(self, supplier: str) -> str:
         return self.supplier_skus.get(supplier, self.sku)
+
+
+@dataclass(frozen=True, slots=True)
+class AlertSettings:
+    forecast_interval: float = 60.0
+    # EWMA half-life of the sales rate: how fast the forecast forgets old sales.
+    half_life: float = 3600.0
+    escalate_after: float = 3600.0
+    max_escalations: int = 3
+    outbox_interval: float = 5.0
+    # A buyer whose order waits for stock this long gets a notice with an ETA.
+    buyer_notice_after: float = 600.0
+
+
+# Per channel kind: option -> (type, required, default). Secret-valued options name a secret.
+NOTIFY_KINDS: dict[str, dict[str, tuple[type, bool, Any]]] = {
+    "email": {
+        "host": (str, True, None),
+        "port": (int, False, 587),
+        "starttls": (bool, False, True),
+        "sender": (str, True, None),
+        "to": (list, True, None),
+        "username": (str, False, None),
+        "password": (str, False, None),
+    },
+    "webhook": {"url": (str, True, None), "secret": (str, True, None)},
+    "telegram": {
+        "token": (str, True, None),
+        "chat_id": (str, True, None),
+        "api_base": (str, False, "https://api.telegram.org"),
+    },
+    "dingtalk": {"url_secret": (str, True, None), "sign_secret": (str, False, None)},
+    "wecom": {"url_secret": (str, True, None)},
+    "feishu": {"url_secret": (str, True, None), "sign_secret": (str, False, None)},
+}
+SECRET_OPTIONS = ("password", "secret", "token", "url_secret", "sign_secret")
+
+
+@dataclass(frozen=True, slots=True)
+class NotifySettings:
+    name: str
+    kind: str
+    options: Mapping[str, Any]
+
+    def secret_names(self) -> list[str]:
+        return [self.options[k] for k in SECRET_OPTIONS if self.options.get(k)]
 
 
 @dataclass(frozen=True, slots=True)
@@ -109,6 +163,15 @@ class Config:
     platforms: tuple[PlatformSettings, ...]
     skus: Mapping[str, SkuSettings] = field(default_factory=dict)
     suppliers: tuple[SupplierSettings, ...] = ()
+    alerts: AlertSettings = field(default_factory=AlertSettings)
+    notify: tuple[NotifySettings, ...] = ()
+
+    def secret_names(self) -> list[str]:
+        """Every secret the config refers to, by name."""
+        names = [p.secret_name for p in self.platforms] + [s.secret_name for s in self.suppliers]
+        for channel in self.notify:
+            names.extend(channel.secret_names())
+        return names
 
 
 class _Section:
@@ -223,6 +286,11 @@ def parse_config(data: dict[str, Any], source: Path) -> Config:
         sku: _parse_sku(sku, _Section(source, f"skus.{sku}", value), top, supplier_names)
         for sku, value in top.table("skus").items()
     }
+    alerts = _parse_alerts(_Section(source, "alerts", top.table("alerts")))
+    notify = tuple(
+        _parse_notify(name, _Section(source, f"notify.{name}", value), top)
+        for name, value in top.table("notify").items()
+    )
     top.reject_unknown()
     return Config(
         source=source,
@@ -232,6 +300,8 @@ def parse_config(data: dict[str, Any], source: Path) -> Config:
         platforms=platforms,
         skus=skus,
         suppliers=suppliers,
+        alerts=alerts,
+        notify=notify,
     )
 
 
@@ -300,15 +370,7 @@ def _parse_sku(sku: str, s: _Section, top: _Section, suppliers: set[str]) -> Sku
             raise s.error("sources", f"{name!r} is neither 'local' nor a [suppliers.*] name")
     if len(set(sources)) != len(sources):
         raise s.error("sources", "lists a source twice")
-    max_price = None
-    raw_price = s._get("max_price")
-    if raw_price is not None:
-        try:
-            max_price = Decimal(str(raw_price))
-        except InvalidOperation:
-            raise s.error("max_price", f"must be a decimal amount, got {raw_price!r}") from None
-        if not max_price.is_finite() or max_price <= 0:
-            raise s.error("max_price", f"must be a positive amount, got {raw_price!r}")
+    max_price = _decimal(s, "max_price")
     supplier_skus = s.table("supplier_sku")
     for name, value in supplier_skus.items():
         if name not in suppliers or not isinstance(value, str) or not value:
@@ -320,9 +382,80 @@ def _parse_sku(sku: str, s: _Section, top: _Section, suppliers: set[str]) -> Sku
         sources=tuple(sources),
         max_price=max_price,
         supplier_skus=dict(supplier_skus),
+        lead_time=s.number("lead_time", 3600.0, minimum=0, maximum=30 * 86400),
+        min_stock=s.integer("min_stock", 0, minimum=0, maximum=10_000_000),
+        promise=s.number("promise", 600.0, minimum=1, maximum=30 * 86400),
+        refund_after=(
+            s.number("refund_after", 0.0, minimum=60, maximum=90 * 86400)
+            if s.data.get("refund_after") is not None
+            else None
+        ),
     )
     s.reject_unknown()
     return settings
+
+
+def _decimal(s: _Section, key: str) -> Decimal | None:
+    raw = s._get(key)
+    if raw is None:
+        return None
+    try:
+        value = Decimal(str(raw))
+    except InvalidOperation:
+        raise s.error(key, f"must be a decimal amount, got {raw!r}") from None
+    if not value.is_finite() or value <= 0:
+        raise s.error(key, f"must be a positive amount, got {raw!r}")
+    return value
+
+
+def _parse_alerts(s: _Section) -> AlertSettings:
+    settings = AlertSettings(
+        forecast_interval=s.number("forecast_interval", 60.0, minimum=0.05, maximum=86400),
+        half_life=s.number("half_life", 3600.0, minimum=1, maximum=30 * 86400),
+        escalate_after=s.number("escalate_after", 3600.0, minimum=1, maximum=30 * 86400),
+        max_escalations=s.integer("max_escalations", 3, minimum=0, maximum=100),
+        outbox_interval=s.number("outbox_interval", 5.0, minimum=0.05, maximum=3600),
+        buyer_notice_after=s.number("buyer_notice_after", 600.0, minimum=1, maximum=30 * 86400),
+    )
+    s.reject_unknown()
+    return settings
+
+
+def _parse_notify(name: str, s: _Section, top: _Section) -> NotifySettings:
+    if not _NAME_RE.match(name):
+        raise top.error(f"notify.{name}", "name must be letters, digits, '.', '_' or '-'")
+    kind = s.string("kind", required=True)
+    spec = NOTIFY_KINDS.get(kind)
+    if spec is None:
+        raise s.error("kind", f"unknown channel kind {kind!r} (known: {', '.join(NOTIFY_KINDS)})")
+    options: dict[str, Any] = {}
+    for key, (kind_type, required, default) in spec.items():
+        value = s._get(key)
+        if value is None:
+            if required:
+                raise s.error(key, f"is required for a {kind} channel")
+            options[key] = default
+            continue
+        if kind_type is list:
+            if (
+                not isinstance(value, list)
+                or not value
+                or not all(isinstance(v, str) for v in value)
+            ):
+                raise s.error(key, f"must be a non-empty list of strings, got {value!r}")
+            value = tuple(value)
+        elif kind_type is int and (isinstance(value, bool) or not isinstance(value, int)):
+            raise s.error(key, f"must be a whole number, got {value!r}")
+        elif kind_type is not int and not isinstance(value, kind_type):
+            raise s.error(key, f"must be a {kind_type.__name__}, got {value!r}")
+        options[key] = value
+    for key in ("url", "api_base"):
+        if options.get(key):
+            parsed = urlparse(options[key])
+            if parsed.scheme not in ("http", "https") or not parsed.hostname:
+                raise s.error(key, f"must be an http(s) URL, got {options[key]!r}")
+    s.reject_unknown()
+    return NotifySettings(name=name, kind=kind, options=options)
 
 
 SUPPLIER_KINDS = ("http",)
@@ -352,6 +485,7 @@ def _parse_supplier(name: str, s: _Section, top: _Section) -> SupplierSettings:
         unknown_window=s.number("unknown_window", 600.0, minimum=1, maximum=7 * 86400),
         query_grace=s.number("query_grace", 10.0, minimum=0, maximum=3600),
         processing_poll=s.number("processing_poll", 2.0, minimum=0.05, maximum=3600),
+        balance_low=_decimal(s, "balance_low"),
     )
     s.reject_unknown()
     return settings

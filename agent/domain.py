@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import enum
 import hashlib
-from dataclasses import dataclass, field
+import json
+from dataclasses import asdict, dataclass, field
 
 
 class LineState(enum.StrEnum):
@@ -262,3 +263,60 @@ def purchase_merchant_ref(
 def retry_delay(attempts: int, base: float = 2.0, cap: float = 300.0) -> float:
     """Backoff for the order row: 2, 4, 8 … seconds, capped."""
     return float(min(cap, base * (2 ** max(0, attempts - 1))))
+
+
+@dataclass(frozen=True, slots=True)
+class AlertCondition:
+    """Something that is wrong right now; the alert store turns crossings into messages."""
+
+    key: str
+    kind: str
+    severity: str
+    summary: str
+
+
+@dataclass(frozen=True, slots=True)
+class AlertMessage:
+    key: str
+    kind: str
+    event: str  # opened | escalated | resolved
+    severity: str
+    summary: str
+    at: float
+
+    @property
+    def text(self) -> str:
+        prefix = {"opened": "ALERT", "escalated": "STILL UNRESOLVED", "resolved": "RESOLVED"}
+        return (
+            f"[kami-agent] {prefix.get(self.event, self.event)} ({self.severity}): {self.summary}"
+        )
+
+    def to_json(self) -> str:
+        return json.dumps(asdict(self), ensure_ascii=False, sort_keys=True)
+
+    @classmethod
+    def from_json(cls, raw: str) -> AlertMessage:
+        return cls(**json.loads(raw))
+
+
+@dataclass(frozen=True, slots=True)
+class OpenAlert:
+    key: str
+    kind: str
+    severity: str
+    summary: str
+    opened_at: float
+    escalations: int
+
+
+@dataclass(frozen=True, slots=True)
+class OutboxItem:
+    id: int
+    channel: str
+    payload: str
+    attempts: int
+
+
+def refund_idempotency_key(platform: str, order_id: str, line: int) -> str:
+    digest = hashlib.sha256(f"{platform}\x1f{order_id}\x1f{line}".encode()).hexdigest()[:24]
+    return f"kami-refund-{digest}"

@@ -21,6 +21,7 @@ from agent.domain import (
     ACTIVE_STATES,
     AgentError,
     Ambiguous,
+    AuthFailed,
     CardItem,
     DeliveryConflict,
     LineState,
@@ -100,6 +101,7 @@ class Engine:
             settings, skus, store, self.suppliers, supplier_settings or {}, clock
         )
         self.balances: dict[str, Balance] = {}
+        self.auth_failures: set[str] = set()
         self.stats = EngineStats()
         self._queue: asyncio.Queue[int] = asyncio.Queue()
         self._queued: set[int] = set()
@@ -164,6 +166,11 @@ class Engine:
         for _ in range(MAX_PAGES_PER_POLL):
             try:
                 page = await platform.list_paid(cursor)
+                self.auth_failures.discard(platform_name)
+            except AuthFailed as exc:
+                self.auth_failures.add(platform_name)
+                log.error("platform_auth_failed", platform=platform_name, error=str(exc))
+                return taken
             except AgentError as exc:
                 log.warning(
                     "poll_failed", platform=platform_name, error=str(exc), kind=type(exc).__name__

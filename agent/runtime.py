@@ -7,12 +7,16 @@ import signal
 import time
 from collections.abc import Mapping
 
+from agent.alerts import AlertEvaluator, OutboxDrainer
+from agent.buyer import BuyerCare
 from agent.config import Config, PlatformSettings, StoreSettings, SupplierSettings
 from agent.engine import Engine
 from agent.logs import get_logger
+from agent.notify.base import Notifier
+from agent.notify.factory import build_notifier
 from agent.platforms.base import Platform
 from agent.platforms.http import HttpPlatform
-from agent.scheduler import build_scheduler
+from agent.scheduler import build_scheduler, guarded
 from agent.secrets import resolve_secret
 from agent.service import notify, watchdog_interval
 from agent.store.base import Store
@@ -52,6 +56,7 @@ async def run_engine(
     platforms: Mapping[str, Platform],
     stop: asyncio.Event,
     suppliers: Mapping[str, Supplier] | None = None,
+    notifiers: Mapping[str, Notifier] | None = None,
 ) -> Engine:
     """Runs until `stop` is set, then drains gracefully. The store must already be open."""
     engine = Engine(
@@ -76,7 +81,33 @@ async def run_engine(
             notify("WATCHDOG=1")
 
         watchdog = (interval, ping)
+    evaluator = AlertEvaluator(config, store, engine.clock, engine.balances, engine.auth_failures)
+    drainer = OutboxDrainer(store, notifiers or {}, engine.clock)
+    buyers = BuyerCare(config, store, platforms, engine.clock)
+
+    async def watch() -> None:
+        await evaluator.run()
+        await buyers.run()
+
     scheduler = build_scheduler(engine, config.agent, watchdog)
+    scheduler.add_job(
+        guarded("forecast", watch),
+        "interval",
+        seconds=config.alerts.forecast_interval,
+        id="forecast",
+        coalesce=True,
+        max_instances=1,
+        misfire_grace_time=None,
+    )
+    scheduler.add_job(
+        guarded("outbox", drainer.drain),
+        "interval",
+        seconds=config.alerts.outbox_interval,
+        id="outbox",
+        coalesce=True,
+        max_instances=1,
+        misfire_grace_time=None,
+    )
     scheduler.start()
     notify("READY=1\nSTATUS=delivering")
 
@@ -109,15 +140,18 @@ async def run_daemon(config: Config) -> int:
     store = open_store(config.store)
     platforms = build_platforms(config)
     suppliers = build_suppliers(config)
+    notifiers = {n.name: build_notifier(n) for n in config.notify}
     await store.open()
     started = time.time()
     try:
-        engine = await run_engine(config, store, platforms, stop, suppliers)
+        engine = await run_engine(config, store, platforms, stop, suppliers, notifiers)
     finally:
         for platform in platforms.values():
             await platform.close()
         for supplier in suppliers.values():
             await supplier.close()
+        for notifier in notifiers.values():
+            await notifier.close()
         await store.close()
     log.info("stopped", uptime_s=round(time.time() - started, 1), **engine.snapshot())
     return 0

@@ -25,6 +25,14 @@ class Platform(Protocol):
         """Raises Transient, Ambiguous, Permanent or DeliveryConflict; returns when delivered."""
         ...
 
+    async def notice(self, order_id: str, message: str) -> None:
+        """A message to the buyer (e.g. waiting for stock, with an ETA)."""
+        ...
+
+    async def refund(self, order_id: str, idempotency_key: str, reason: str) -> None:
+        """Idempotent by key; returns when the platform reports the order refunded."""
+        ...
+
     async def ping(self) -> None:
         """A cheap authenticated call for `kami-agent check`."""
         ...

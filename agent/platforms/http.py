@@ -109,6 +109,26 @@ class HttpPlatform:
         if not isinstance(body, dict) or body.get("status") != "delivered":
             raise Ambiguous(f"delivery answered {resp.status} without status 'delivered'")
 
+    async def notice(self, order_id: str, message: str) -> None:
+        resp = await self._client.request(
+            "POST",
+            f"/api/v1/orders/{quote_segment(order_id)}/notice",
+            payload={"message": message},
+        )
+        _raise_for_status(resp, committed_maybe=True)
+
+    async def refund(self, order_id: str, idempotency_key: str, reason: str) -> None:
+        resp = await self._client.request(
+            "POST",
+            f"/api/v1/orders/{quote_segment(order_id)}/refund",
+            payload={"reason": reason},
+            headers={"Idempotency-Key": idempotency_key},
+        )
+        _raise_for_status(resp, committed_maybe=True)
+        body = resp.json()
+        if not isinstance(body, dict) or body.get("status") != "refunded":
+            raise Ambiguous(f"refund answered {resp.status} without status 'refunded'")
+
     async def ping(self) -> None:
         params: dict[str, str | int] = {"status": "paid", "limit": 1}
         await self._read("/api/v1/orders", params)

@@ -58,6 +58,7 @@ class SandboxPlatform(SignedSandbox):
         self._sequence: list[str] = []
         self._idempotent: dict[str, tuple[int, dict[str, Any]]] = {}
         self.delivery_calls: list[DeliveryCall] = []
+        self.refunds: list[str] = []
         self._next_id = 1
 
     # --- test/demo API ------------------------------------------------------------------------
@@ -115,6 +116,7 @@ class SandboxPlatform(SignedSandbox):
         app.router.add_get("/api/v1/orders/{id}", self._get)
         app.router.add_post("/api/v1/orders/{id}/delivery", self._deliver)
         app.router.add_post("/api/v1/orders/{id}/notice", self._notice)
+        app.router.add_post("/api/v1/orders/{id}/refund", self._refund)
 
     async def _list(self, request: web.Request) -> web.Response:
         if request.query.get("status", "paid") != "paid":
@@ -213,3 +215,20 @@ class SandboxPlatform(SignedSandbox):
             return self.error(400, "bad_body", "body must be {message}")
         order.notices.append(str(message))
         return web.Response(status=204)
+
+    async def _refund(self, request: web.Request) -> web.Response:
+        key = request.headers.get("Idempotency-Key")
+        if not key:
+            return self.error(400, "missing_idempotency_key", "Idempotency-Key is required")
+        if key in self._idempotent:
+            status, cached = self._idempotent[key]
+            return web.json_response(cached, status=status)
+        order = self.orders.get(request.match_info["id"])
+        if order is None:
+            return self.error(404, "not_found", "no such order")
+        if order.status == "delivered":
+            return self.error(409, "already_delivered", "a delivered order cannot be refunded")
+        order.data["status"] = "refunded"
+        self.refunds.append(order.data["id"])
+        self._idempotent[key] = (200, {"status": "refunded"})
+        return web.json_response({"status": "refunded"})

@@ -10,12 +10,16 @@ from collections.abc import Callable, Iterable, Sequence
 from typing import Protocol
 
 from agent.domain import (
+    AlertCondition,
+    AlertMessage,
     CardItem,
     DeliveryIntent,
     ImportReport,
     LineState,
+    OpenAlert,
     OrderEvent,
     OrderLine,
+    OutboxItem,
     PlatformOrder,
     Purchase,
     RejectedOrder,
@@ -118,6 +122,43 @@ class Store(Protocol):
     async def events(self, line_id: int) -> list[OrderEvent]: ...
 
     async def count_by_state(self) -> dict[LineState, int]: ...
+
+    # --- forecast, alerts, outbox ----------------------------------------------------------
+    async def demand_since(self, since: float) -> list[tuple[str, float, int]]:
+        """(sku, seen_at, quantity) of real demand since a time, for the sales rate."""
+        ...
+
+    async def active_lines(self, limit: int) -> list[OrderLine]: ...
+
+    async def apply_alerts(
+        self,
+        active: Sequence[AlertCondition],
+        channels: Sequence[str],
+        now: float,
+        escalate_after: float,
+        max_escalations: int,
+    ) -> list[AlertMessage]:
+        """Opens/escalates/resolves alerts and queues one outbox row per channel, atomically."""
+        ...
+
+    async def open_alerts(self) -> list[OpenAlert]: ...
+
+    async def due_outbox(self, now: float, limit: int) -> list[OutboxItem]: ...
+
+    async def outbox_done(
+        self, item_id: int, now: float, *, error: str | None = None, retry_at: float | None = None
+    ) -> None: ...
+
+    # --- buyer side -----------------------------------------------------------------------
+    async def lines_needing_notice(self, seen_before: float, limit: int) -> list[OrderLine]: ...
+
+    async def mark_notice_sent(self, line_id: int, message: str, now: float) -> None: ...
+
+    async def begin_refund(self, line_id: int, now: float) -> str | None:
+        """Commits the refund key if the line is backordered with no keys and no purchase."""
+        ...
+
+    async def refunds_in_flight(self) -> list[tuple[OrderLine, str]]: ...
 
     # --- stock ----------------------------------------------------------------------------
     async def import_keys(

@@ -1,0 +1,240 @@
+"""Turns the state of the shop into alerts, and drains the alert outbox to the channels.
+
+Alerts fire once per crossing: a condition opens an alert (and queues one message per
+channel in the same transaction), an alert still open after `escalate_after` is sent again
+(at most `max_escalations` times), and an alert whose condition clears is resolved with a
+recovery message. Low stock clears only with headroom (hysteresis), so an alert re-arms after
+a restock instead of flapping around its threshold.
+"""
+
+from __future__ import annotations
+
+import math
+from collections import Counter
+from collections.abc import Callable, Mapping, Sequence
+from decimal import Decimal
+
+from agent.config import LOCAL_SOURCE, Config
+from agent.domain import (
+    AlertCondition,
+    AlertMessage,
+    LineState,
+    Permanent,
+    Transient,
+    retry_delay,
+)
+from agent.forecast import SkuForecast, ewma_rate, format_duration, time_to_empty
+from agent.logs import get_logger
+from agent.notify.base import Notifier
+from agent.store.base import Store
+from agent.suppliers.base import Balance
+
+log = get_logger("kami.alerts")
+
+CLEAR_HEADROOM = 1.5  # a low-stock alert clears at 1.5x its thresholds
+FORECAST_HORIZON_HALF_LIVES = 8  # older sales weigh < 0.4 %; not worth reading
+MAX_OUTBOX_ATTEMPTS = 50
+
+
+class Forecaster:
+    def __init__(self, config: Config, store: Store, clock: Callable[[], float]) -> None:
+        self.config = config
+        self.store = store
+        self.clock = clock
+
+    async def forecast(self, balances: Mapping[str, Balance]) -> list[SkuForecast]:
+        now = self.clock()
+        half_life = self.config.alerts.half_life
+        demand = await self.store.demand_since(now - FORECAST_HORIZON_HALF_LIVES * half_life)
+        sales: dict[str, list[tuple[float, int]]] = {}
+        for sku, at, quantity in demand:
+            sales.setdefault(sku, []).append((at, quantity))
+        free = {c.sku: c.free for c in await self.store.stock_counts()}
+        pending = Counter(line.sku for line in await self.store.active_lines(100_000))
+        result = []
+        for sku in sorted(set(self.config.skus) | set(free)):
+            rate = ewma_rate(sales.get(sku, []), now, half_life)
+            bought = self._supplier_keys(sku, balances)
+            local = free.get(sku, 0)
+            result.append(
+                SkuForecast(
+                    sku=sku,
+                    free=local,
+                    supplier_keys=bought,
+                    rate_per_hour=rate * 3600,
+                    time_to_empty=time_to_empty(local + bought, rate),
+                    pending=pending.get(sku, 0),
+                )
+            )
+        return result
+
+    def _supplier_keys(self, sku: str, balances: Mapping[str, Balance]) -> int:
+        """Keys the suppliers' balances can still buy; 0 where that is unknown (be cautious)."""
+        settings = self.config.skus.get(sku)
+        if settings is None or settings.max_price is None:
+            return 0
+        total = 0
+        for source in settings.sources:
+            balance = balances.get(source)
+            if source != LOCAL_SOURCE and balance is not None:
+                total += int(balance.amount // settings.max_price)
+        return total
+
+
+def low_stock_conditions(
+    config: Config, forecasts: Sequence[SkuForecast], open_keys: set[str]
+) -> list[AlertCondition]:
+    conditions = []
+    for f in forecasts:
+        sku = config.skus.get(f.sku)
+        if sku is None:
+            continue
+        key = f"low_stock:{f.sku}"
+        headroom = CLEAR_HEADROOM if key in open_keys else 1.0
+        short_time = f.time_to_empty is not None and f.time_to_empty < sku.lead_time * headroom
+        short_count = LOCAL_SOURCE in sku.sources and f.free < math.ceil(sku.min_stock * headroom)
+        if not (short_time or short_count):
+            continue
+        summary = (
+            f"{f.sku} stock runs out in {format_duration(f.time_to_empty)} at "
+            f"{f.rate_per_hour:.1f}/h (lead time {format_duration(sku.lead_time)}): "
+            f"{f.free} local keys, {f.supplier_keys} affordable upstream, "
+            f"{f.pending} orders waiting"
+        )
+        severity = "critical" if f.free == 0 and f.supplier_keys == 0 else "warning"
+        conditions.append(AlertCondition(key, "low_stock", severity, summary))
+    return conditions
+
+
+class AlertEvaluator:
+    def __init__(
+        self,
+        config: Config,
+        store: Store,
+        clock: Callable[[], float],
+        balances: Mapping[str, Balance],
+        auth_failures: set[str],
+    ) -> None:
+        self.config = config
+        self.store = store
+        self.clock = clock
+        self.forecaster = Forecaster(config, store, clock)
+        self.balances = balances
+        self.auth_failures = auth_failures
+
+    async def conditions(self) -> list[AlertCondition]:
+        now = self.clock()
+        open_keys = {a.key for a in await self.store.open_alerts()}
+        forecasts = await self.forecaster.forecast(self.balances)
+        found = low_stock_conditions(self.config, forecasts, open_keys)
+        for supplier in self.config.suppliers:
+            balance = self.balances.get(supplier.name)
+            if balance is not None and supplier.balance_low is not None:
+                low = supplier.balance_low * (
+                    Decimal(CLEAR_HEADROOM) if f"balance:{supplier.name}" in open_keys else 1
+                )
+                if balance.amount < low:
+                    found.append(
+                        AlertCondition(
+                            f"balance:{supplier.name}",
+                            "supplier_balance",
+                            "warning",
+                            f"supplier {supplier.name} balance {balance.amount} {balance.currency} "
+                            f"is below {supplier.balance_low}",
+                        )
+                    )
+        for platform in sorted(self.auth_failures):
+            found.append(
+                AlertCondition(
+                    f"auth:{platform}",
+                    "platform_auth",
+                    "critical",
+                    f"platform {platform} refuses our credentials: orders are not being taken in",
+                )
+            )
+        stuck = []
+        for line in await self.store.active_lines(100_000):
+            sku = self.config.skus.get(line.sku)
+            promise = sku.promise if sku else 600.0
+            if now - line.seen_at > promise:
+                stuck.append(line.order_id)
+        if stuck:
+            found.append(
+                AlertCondition(
+                    "stuck_orders",
+                    "stuck_orders",
+                    "critical",
+                    f"{len(stuck)} orders undelivered past their promised time: "
+                    f"{', '.join(stuck[:5])}{' …' if len(stuck) > 5 else ''}",
+                )
+            )
+        attention = (await self.store.count_by_state()).get(LineState.NEEDS_ATTENTION, 0)
+        if attention:
+            found.append(
+                AlertCondition(
+                    "needs_attention",
+                    "needs_attention",
+                    "warning",
+                    f"{attention} orders need attention (kami-agent orders list --state "
+                    "needs_attention)",
+                )
+            )
+        return found
+
+    async def run(self) -> list[AlertMessage]:
+        conditions = await self.conditions()
+        messages = await self.store.apply_alerts(
+            conditions,
+            [channel.name for channel in self.config.notify],
+            self.clock(),
+            self.config.alerts.escalate_after,
+            self.config.alerts.max_escalations,
+        )
+        for message in messages:
+            log.warning(
+                "alert",
+                key=message.key,
+                alert_event=message.event,
+                severity=message.severity,
+                summary=message.summary,
+            )
+        return messages
+
+
+class OutboxDrainer:
+    def __init__(
+        self, store: Store, notifiers: Mapping[str, Notifier], clock: Callable[[], float]
+    ) -> None:
+        self.store = store
+        self.notifiers = notifiers
+        self.clock = clock
+
+    async def drain(self) -> int:
+        sent = 0
+        for item in await self.store.due_outbox(self.clock(), 100):
+            notifier = self.notifiers.get(item.channel)
+            now = self.clock()
+            if notifier is None:
+                await self.store.outbox_done(item.id, now, error="channel no longer configured")
+                continue
+            try:
+                await notifier.send(AlertMessage.from_json(item.payload))
+            except Transient as exc:
+                if item.attempts + 1 >= MAX_OUTBOX_ATTEMPTS:
+                    await self.store.outbox_done(item.id, now, error=str(exc))
+                else:
+                    await self.store.outbox_done(
+                        item.id,
+                        now,
+                        error=str(exc),
+                        retry_at=now + retry_delay(item.attempts + 1, 5.0, 600.0),
+                    )
+                log.warning("alert_send_failed", channel=item.channel, error=str(exc))
+                continue
+            except Permanent as exc:
+                await self.store.outbox_done(item.id, now, error=str(exc))
+                log.error("alert_channel_broken", channel=item.channel, error=str(exc))
+                continue
+            await self.store.outbox_done(item.id, now)
+            sent += 1
+        return sent

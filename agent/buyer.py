@@ -1,0 +1,93 @@
+"""Keeping the buyer informed: a notice with an ETA for orders waiting on stock, and the
+optional automatic refund once a SKU's deadline has passed (idempotent, bracketed like a
+delivery: the refund key is committed first, so a crash re-sends the same refund)."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Mapping
+
+from agent.config import Config
+from agent.domain import AgentError, LineState, OrderLine
+from agent.logs import get_logger
+from agent.platforms.base import Platform
+from agent.store.base import Store
+
+log = get_logger("kami.buyer")
+
+
+class BuyerCare:
+    def __init__(
+        self,
+        config: Config,
+        store: Store,
+        platforms: Mapping[str, Platform],
+        clock: Callable[[], float],
+    ) -> None:
+        self.config = config
+        self.store = store
+        self.platforms = platforms
+        self.clock = clock
+
+    def eta_message(self, line: OrderLine) -> str:
+        sku = self.config.skus.get(line.sku)
+        wait = sku.promise if sku else 600.0
+        if sku and any(s != "local" for s in sku.sources):
+            wait = max(wait, self.config.agent.supplier_retry_interval)
+        minutes = max(1, math.ceil(wait / 60))
+        return (
+            f"Your order {line.order_id} is waiting for new stock. We expect to deliver it "
+            f"within about {minutes} minutes and will send it automatically."
+        )
+
+    async def run(self) -> None:
+        await self.send_notices()
+        await self.refund_overdue()
+
+    async def send_notices(self) -> int:
+        now = self.clock()
+        sent = 0
+        for line in await self.store.lines_needing_notice(
+            now - self.config.alerts.buyer_notice_after, 200
+        ):
+            platform = self.platforms.get(line.platform)
+            if platform is None:
+                continue
+            message = self.eta_message(line)
+            try:
+                await platform.notice(line.order_id, message)
+            except AgentError as exc:
+                log.warning("buyer_notice_failed", order_id=line.order_id, error=str(exc))
+                continue
+            # A crash right here sends the notice once more on restart: a message, not money.
+            await self.store.mark_notice_sent(line.id, message, self.clock())
+            sent += 1
+        return sent
+
+    async def refund_overdue(self) -> int:
+        now = self.clock()
+        refunded = 0
+        for line in await self.store.active_lines(100_000):
+            sku = self.config.skus.get(line.sku)
+            if (
+                sku is None
+                or sku.refund_after is None
+                or line.state != LineState.BACKORDERED
+                or now - line.seen_at < sku.refund_after
+            ):
+                continue
+            await self.store.begin_refund(line.id, now)
+        for line, key in await self.store.refunds_in_flight():
+            platform = self.platforms.get(line.platform)
+            if platform is None:
+                continue
+            reason = f"{line.sku} out of stock past the delivery deadline"
+            try:
+                await platform.refund(line.order_id, key, reason)
+            except AgentError as exc:
+                log.warning("refund_failed", order_id=line.order_id, error=str(exc))
+                continue
+            await self.store.close_line(line.id, LineState.REFUNDED, reason, self.clock())
+            log.warning("refunded", order_id=line.order_id, sku=line.sku)
+            refunded += 1
+        return refunded

@@ -1,0 +1,45 @@
+"""Builds notifier channels from config, resolving their secrets by name."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+from agent.config import NotifySettings
+from agent.notify.base import Notifier
+from agent.notify.email import EmailNotifier
+from agent.notify.robots import DingTalkNotifier, FeishuNotifier, TelegramNotifier, WeComNotifier
+from agent.notify.webhook import WebhookNotifier
+from agent.secrets import resolve_secret
+
+
+def build_notifier(
+    settings: NotifySettings, secret: Callable[[str], str] = resolve_secret
+) -> Notifier:
+    o = settings.options
+    name = settings.name
+
+    def optional(key: str) -> str | None:
+        return secret(o[key]) if o.get(key) else None
+
+    if settings.kind == "email":
+        return EmailNotifier(
+            name,
+            o["host"],
+            o["port"],
+            o["sender"],
+            tuple(o["to"]),
+            o["starttls"],
+            o.get("username"),
+            optional("password"),
+        )
+    if settings.kind == "webhook":
+        return WebhookNotifier(name, o["url"], secret(o["secret"]))
+    if settings.kind == "telegram":
+        return TelegramNotifier(name, secret(o["token"]), o["chat_id"], o["api_base"])
+    if settings.kind == "dingtalk":
+        return DingTalkNotifier(name, secret(o["url_secret"]), optional("sign_secret"))
+    if settings.kind == "wecom":
+        return WeComNotifier(name, secret(o["url_secret"]))
+    if settings.kind == "feishu":
+        return FeishuNotifier(name, secret(o["url_secret"]), optional("sign_secret"))
+    raise ValueError(f"unknown notifier kind {settings.kind!r}")
