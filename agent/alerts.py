@@ -31,6 +31,8 @@ from agent.suppliers.base import Balance
 
 log = get_logger("kami.alerts")
 
+# Sales come in bursts and the rate is an estimate: warn a little earlier than the lead time.
+ALERT_MARGIN = 1.2
 CLEAR_HEADROOM = 1.5  # a low-stock alert clears at 1.5x its thresholds
 FORECAST_HORIZON_HALF_LIVES = 8  # older sales weigh < 0.4 %; not worth reading
 MAX_OUTBOX_ATTEMPTS = 50
@@ -91,7 +93,8 @@ def low_stock_conditions(
             continue
         key = f"low_stock:{f.sku}"
         headroom = CLEAR_HEADROOM if key in open_keys else 1.0
-        short_time = f.time_to_empty is not None and f.time_to_empty < sku.lead_time * headroom
+        horizon = sku.lead_time * ALERT_MARGIN * headroom
+        short_time = f.time_to_empty is not None and f.time_to_empty < horizon
         short_count = LOCAL_SOURCE in sku.sources and f.free < math.ceil(sku.min_stock * headroom)
         if not (short_time or short_count):
             continue
