@@ -81,14 +81,11 @@ def cmd_check(args: argparse.Namespace) -> int:
         f"{len(config.skus)} SKU(s))"
     )
     failures = 0
-    for platform in config.platforms:
-        if lookup_secret(platform.secret_name):
-            print(f"secret {platform.secret_name}: present")
+    for name in config.secret_names():
+        if lookup_secret(name):
+            print(f"secret {name}: present")
         else:
-            print(
-                f"secret {platform.secret_name}: MISSING (kami-agent secrets set "
-                f"{platform.secret_name}, or {env_var_for(platform.secret_name)})"
-            )
+            print(f"secret {name}: MISSING (kami-agent secrets set {name}, or {env_var_for(name)})")
             failures += 1
 
     async def probe(store: Store) -> int:
@@ -129,6 +126,33 @@ def _progress_printer(total: int) -> Callable[[int], None]:
         sys.stderr.flush()
 
     return show
+
+
+def cmd_status(args: argparse.Namespace) -> int:
+    config = _load(args)
+
+    async def action(store: Store) -> int:
+        from agent.alerts import Forecaster
+        from agent.forecast import format_duration
+
+        forecasts = await Forecaster(config, store, time.time).forecast({})
+        alerts = await store.open_alerts()
+        print(f"{'SKU':<20} {'stock':>8} {'rate/h':>8} {'empty in':>10} {'pending':>8}  alerts")
+        for f in forecasts:
+            mine = [a.kind for a in alerts if a.key.endswith(f":{f.sku}")]
+            print(
+                f"{f.sku[:20]:<20} {f.free:>8} {f.rate_per_hour:>8.1f} "
+                f"{format_duration(f.time_to_empty):>10} {f.pending:>8}  {', '.join(mine)}"
+            )
+        if alerts:
+            print("\nopen alerts:")
+            for alert in alerts:
+                print(f"  {_when(alert.opened_at)}  {alert.severity:<8} {alert.summary}")
+        else:
+            print("\nno open alerts")
+        return 0
+
+    return asyncio.run(_with_store(config, action))
 
 
 def cmd_stock_import(args: argparse.Namespace) -> int:
@@ -274,7 +298,7 @@ def cmd_secrets_set(args: argparse.Namespace) -> int:
 
 def cmd_secrets_list_missing(args: argparse.Namespace) -> int:
     config = _load(args)
-    missing = [p.secret_name for p in config.platforms if not lookup_secret(p.secret_name)]
+    missing = [name for name in config.secret_names() if not lookup_secret(name)]
     for name in missing:
         print(name)
     return 1 if missing else 0
@@ -296,6 +320,9 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--orders", type=int, default=150, help="orders in the steady stream")
     demo.add_argument("--burst", type=int, default=500, help="orders in the flash-sale burst")
     demo.set_defaults(func=cmd_demo)
+    sub.add_parser("status", help="stock, sales rate, time to empty, open alerts").set_defaults(
+        func=cmd_status
+    )
     sub.add_parser("check", help="validate config, secrets and connectivity").set_defaults(
         func=cmd_check
     )

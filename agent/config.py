@@ -140,6 +140,8 @@ NOTIFY_KINDS: dict[str, dict[str, tuple[type, bool, Any]]] = {
     "dingtalk": {"url_secret": (str, True, None), "sign_secret": (str, False, None)},
     "wecom": {"url_secret": (str, True, None)},
     "feishu": {"url_secret": (str, True, None), "sign_secret": (str, False, None)},
+    # Prints alerts to the daemon's own output (the demo uses it; handy for a first setup).
+    "console": {},
 }
 SECRET_OPTIONS = ("password", "secret", "token", "url_secret", "sign_secret")
 

@@ -156,3 +156,38 @@ def test_orders_list_show_retry_resend(tmp_path: Path) -> None:
     assert "only needs_attention" in cli(config, "orders", "retry", "O-1").stderr
     resend = cli(config, "orders", "resend", "O-1")
     assert resend.returncode == 0 and "now delivering" in resend.stdout
+
+
+def test_status_shows_stock_rate_and_alerts(tmp_path: Path) -> None:
+    import asyncio
+    import time
+
+    from agent.domain import AlertCondition, PlatformOrder
+    from agent.store.sqlite import SQLiteStore
+    from tests.conftest import stock
+
+    config = config_for(tmp_path)
+
+    async def seed() -> None:
+        store = SQLiteStore(tmp_path / "kami.db")
+        await store.open()
+        await stock(store, "GAME-100", 7)
+        now = time.time()
+        orders = [PlatformOrder(f"O-{i}", "paid", "GAME-100", 1) for i in range(3)]
+        await store.ingest("main", orders, now - 60)
+        await store.apply_alerts(
+            [AlertCondition("low_stock:GAME-100", "low_stock", "warning", "GAME-100 low")],
+            [],
+            now,
+            3600,
+            3,
+        )
+        await store.close()
+
+    asyncio.run(seed())
+    result = cli(config, "status")
+    assert result.returncode == 0, result.stderr
+    row = next(line for line in result.stdout.splitlines() if line.startswith("GAME-100"))
+    fields = row.split()
+    assert fields[1] == "7" and float(fields[2]) > 0 and "low_stock" in row
+    assert "GAME-100 low" in result.stdout

@@ -6,6 +6,7 @@ from collections.abc import Callable
 
 from agent.config import NotifySettings
 from agent.notify.base import Notifier
+from agent.notify.console import ConsoleNotifier
 from agent.notify.email import EmailNotifier
 from agent.notify.robots import DingTalkNotifier, FeishuNotifier, TelegramNotifier, WeComNotifier
 from agent.notify.webhook import WebhookNotifier
@@ -42,4 +43,6 @@ def build_notifier(
         return WeComNotifier(name, secret(o["url_secret"]))
     if settings.kind == "feishu":
         return FeishuNotifier(name, secret(o["url_secret"]), optional("sign_secret"))
+    if settings.kind == "console":
+        return ConsoleNotifier(name)
     raise ValueError(f"unknown notifier kind {settings.kind!r}")
