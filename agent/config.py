@@ -233,6 +233,13 @@ class _Section:
             raise self.error(key, f"must be between {minimum} and {maximum}, got {value}")
         return value
 
+    def url(self, key: str) -> str:
+        value = self.string(key, required=True)
+        parsed = urlparse(value)
+        if parsed.scheme not in ("http", "https") or not parsed.hostname:
+            raise self.error(key, f"must be an http(s) URL, got {value!r}")
+        return value.rstrip("/")
+
     def table(self, key: str) -> dict[str, Any]:
         value = self._get(key)
         if value is None:
@@ -342,14 +349,11 @@ def _parse_platform(name: str, s: _Section, top: _Section) -> PlatformSettings:
     kind = s.string("kind", "http")
     if kind != "http":
         raise s.error("kind", f"unknown platform kind {kind!r} (known: http)")
-    base_url = s.string("base_url", required=True)
-    parsed = urlparse(base_url)
-    if parsed.scheme not in ("http", "https") or not parsed.hostname:
-        raise s.error("base_url", f"must be an http(s) URL, got {base_url!r}")
+    base_url = s.url("base_url")
     settings = PlatformSettings(
         name=name,
         kind=kind,
-        base_url=base_url.rstrip("/"),
+        base_url=base_url,
         api_key=s.string("api_key", required=True),
         secret_name=s.string("secret", required=True),
         timeout=s.number("timeout", 10.0, minimum=0.1, maximum=300),
@@ -453,9 +457,7 @@ def _parse_notify(name: str, s: _Section, top: _Section) -> NotifySettings:
         options[key] = value
     for key in ("url", "api_base"):
         if options.get(key):
-            parsed = urlparse(options[key])
-            if parsed.scheme not in ("http", "https") or not parsed.hostname:
-                raise s.error(key, f"must be an http(s) URL, got {options[key]!r}")
+            options[key] = s.url(key)
     s.reject_unknown()
     return NotifySettings(name=name, kind=kind, options=options)
 
@@ -473,14 +475,11 @@ def _parse_supplier(name: str, s: _Section, top: _Section) -> SupplierSettings:
         raise s.error(
             "kind", f"unknown supplier kind {kind!r} (known: {', '.join(SUPPLIER_KINDS)})"
         )
-    base_url = s.string("base_url", required=True)
-    parsed = urlparse(base_url)
-    if parsed.scheme not in ("http", "https") or not parsed.hostname:
-        raise s.error("base_url", f"must be an http(s) URL, got {base_url!r}")
+    base_url = s.url("base_url")
     settings = SupplierSettings(
         name=name,
         kind=kind,
-        base_url=base_url.rstrip("/"),
+        base_url=base_url,
         api_key=s.string("api_key", required=True),
         secret_name=s.string("secret", required=True),
         timeout=s.number("timeout", 10.0, minimum=0.1, maximum=300),

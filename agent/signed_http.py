@@ -16,7 +16,7 @@ from urllib.parse import quote, urlencode
 import aiohttp
 from yarl import URL
 
-from agent.domain import Ambiguous, BadResponse, Transient
+from agent.domain import Ambiguous, AuthFailed, BadResponse, Permanent, Transient
 from agent.signing import auth_headers
 
 MAX_BODY_BYTES = 4 * 1024 * 1024
@@ -130,3 +130,23 @@ class SignedClient:
         if self._session is not None:
             await self._session.close()
             self._session = None
+
+
+def raise_for_status(resp: HttpResponse, who: str, *, unknown_outcome: bool) -> None:
+    """Maps a non-2xx status to the error class the engine acts on.
+
+    `unknown_outcome`: the request changes something (a delivery, a purchase), so a 5xx may
+    come after the change was committed — the caller must ask before acting again.
+    """
+    if resp.status < 300:
+        return
+    text = resp.error_text()
+    if resp.status in (401, 403):
+        raise AuthFailed(f"{who} refused our credentials: {text}")
+    if resp.status == 429:
+        raise Transient(f"{who} rate limit: {text}", retry_after=resp.retry_after)
+    if resp.status >= 500:
+        if unknown_outcome:
+            raise Ambiguous(f"{who} error, outcome unknown: {text}")
+        raise Transient(f"{who} error: {text}", retry_after=resp.retry_after)
+    raise Permanent(f"{who} rejected the request: {text}")

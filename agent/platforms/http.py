@@ -14,12 +14,11 @@ from agent.domain import (
     CardItem,
     DeliveryConflict,
     OrderPage,
-    Permanent,
     RemoteDelivery,
     Transient,
 )
 from agent.platforms.parsing import ParseError, parse_order_page, parse_remote_order
-from agent.signed_http import HttpResponse, SignedClient, quote_segment
+from agent.signed_http import HttpResponse, SignedClient, quote_segment, raise_for_status
 
 
 # In-call retries only (seconds); anything longer is scheduled in the order row.
@@ -38,23 +37,6 @@ def _read_retrying() -> AsyncRetrying:
     )
 
 
-def _raise_for_status(resp: HttpResponse, *, committed_maybe: bool) -> None:
-    """Map a non-2xx status to the error class the engine acts on."""
-    if resp.status < 300:
-        return
-    text = resp.error_text()
-    if resp.status in (401, 403):
-        raise AuthFailed(f"platform refused our credentials: {text}")
-    if resp.status == 429:
-        raise Transient(f"rate limited: {text}", retry_after=resp.retry_after)
-    if resp.status >= 500:
-        # 5xx may come after the change was committed on the platform.
-        if committed_maybe:
-            raise Ambiguous(f"platform error, outcome unknown: {text}")
-        raise Transient(f"platform error: {text}", retry_after=resp.retry_after)
-    raise Permanent(f"platform rejected the request: {text}")
-
-
 class HttpPlatform:
     def __init__(self, settings: PlatformSettings, secret: str) -> None:
         self.name = settings.name
@@ -65,7 +47,7 @@ class HttpPlatform:
         async for attempt in _read_retrying():
             with attempt:
                 resp = await self._client.request("GET", path, params=params)
-                _raise_for_status(resp, committed_maybe=False)
+                raise_for_status(resp, "platform", unknown_outcome=False)
                 return resp
         raise AssertionError("unreachable: tenacity reraises")
 
@@ -101,7 +83,7 @@ class HttpPlatform:
         )
         if resp.status == 409:
             raise DeliveryConflict(f"order already delivered with other items: {resp.error_text()}")
-        _raise_for_status(resp, committed_maybe=True)
+        raise_for_status(resp, "platform", unknown_outcome=True)
         try:
             body = resp.json()
         except BadResponse:
@@ -115,7 +97,7 @@ class HttpPlatform:
             f"/api/v1/orders/{quote_segment(order_id)}/notice",
             payload={"message": message},
         )
-        _raise_for_status(resp, committed_maybe=True)
+        raise_for_status(resp, "platform", unknown_outcome=True)
 
     async def refund(self, order_id: str, idempotency_key: str, reason: str) -> None:
         resp = await self._client.request(
@@ -124,7 +106,7 @@ class HttpPlatform:
             payload={"reason": reason},
             headers={"Idempotency-Key": idempotency_key},
         )
-        _raise_for_status(resp, committed_maybe=True)
+        raise_for_status(resp, "platform", unknown_outcome=True)
         body = resp.json()
         if not isinstance(body, dict) or body.get("status") != "refunded":
             raise Ambiguous(f"refund answered {resp.status} without status 'refunded'")

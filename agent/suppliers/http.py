@@ -8,14 +8,11 @@ from typing import Any
 from agent.config import SupplierSettings
 from agent.domain import (
     Ambiguous,
-    AuthFailed,
     BadResponse,
-    Permanent,
     PurchaseResult,
-    Transient,
 )
 from agent.platforms.parsing import ParseError, parse_items
-from agent.signed_http import HttpResponse, SignedClient, quote_segment
+from agent.signed_http import SignedClient, quote_segment, raise_for_status
 from agent.suppliers.base import Balance
 
 PURCHASE_STATUSES = ("completed", "processing", "failed")
@@ -47,21 +44,6 @@ def parse_purchase(body: Any) -> PurchaseResult:
     )
 
 
-def _raise_for_status(resp: HttpResponse, *, unknown_outcome: bool) -> None:
-    if resp.status < 300:
-        return
-    text = resp.error_text()
-    if resp.status in (401, 403):
-        raise AuthFailed(f"supplier refused our credentials: {text}")
-    if resp.status == 429:
-        raise Transient(f"supplier rate limit: {text}", retry_after=resp.retry_after)
-    if resp.status >= 500:
-        if unknown_outcome:
-            raise Ambiguous(f"supplier error, outcome unknown: {text}")
-        raise Transient(f"supplier error: {text}", retry_after=resp.retry_after)
-    raise Permanent(f"supplier rejected the request: {text}")
-
-
 class HttpSupplier:
     def __init__(self, settings: SupplierSettings, secret: str) -> None:
         self.name = settings.name
@@ -74,7 +56,7 @@ class HttpSupplier:
         if max_price is not None:
             payload["max_price"] = str(max_price)
         resp = await self._client.request("POST", "/api/v1/purchases", payload=payload)
-        _raise_for_status(resp, unknown_outcome=True)
+        raise_for_status(resp, "supplier", unknown_outcome=True)
         try:
             return parse_purchase(resp.json())
         except BadResponse as exc:
@@ -87,17 +69,17 @@ class HttpSupplier:
         )
         if resp.status == 404:
             return None
-        _raise_for_status(resp, unknown_outcome=False)
+        raise_for_status(resp, "supplier", unknown_outcome=False)
         return parse_purchase(resp.json())
 
     async def get_purchase(self, purchase_id: str) -> PurchaseResult:
         resp = await self._client.request("GET", f"/api/v1/purchases/{quote_segment(purchase_id)}")
-        _raise_for_status(resp, unknown_outcome=False)
+        raise_for_status(resp, "supplier", unknown_outcome=False)
         return parse_purchase(resp.json())
 
     async def balance(self) -> Balance:
         resp = await self._client.request("GET", "/api/v1/balance")
-        _raise_for_status(resp, unknown_outcome=False)
+        raise_for_status(resp, "supplier", unknown_outcome=False)
         body = resp.json()
         try:
             return Balance(Decimal(str(body["balance"])), str(body.get("currency", "")))
