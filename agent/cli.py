@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import csv
 import getpass
 import os
 import sys
@@ -14,10 +15,12 @@ from pathlib import Path
 
 from agent import logs
 from agent.config import Config, ConfigError, load_config
-from agent.domain import AgentError, LineState, OrderLine
-from agent.secrets import env_var_for, lookup_secret, store_secret
+from agent.domain import AgentError, KeyState, LineState, OrderLine
+from agent.keybox import new_master_key
+from agent.secrets import delete_secret, env_var_for, lookup_secret, store_secret
 from agent.stockfile import StockFileReader
 from agent.store.base import Store, StoreError
+from agent.store.sqlite import SQLiteStore
 
 DEFAULT_CONFIG_PATHS = (Path("config.toml"), Path("/etc/kami-agent/config.toml"))
 
@@ -41,7 +44,7 @@ def _load(args: argparse.Namespace) -> Config:
     return load_config(_config_path(args.config))
 
 
-async def _with_store(config: Config, action: Callable[[Store], Awaitable[int]]) -> int:
+async def _with_store(config: Config, action: Callable[[SQLiteStore], Awaitable[int]]) -> int:
     from agent.runtime import open_store
 
     store = open_store(config.store)
@@ -287,6 +290,59 @@ def _operator_action(name: str) -> Callable[[argparse.Namespace], int]:
     return command
 
 
+def cmd_stock_export(args: argparse.Namespace) -> int:
+    config = _load(args)
+    target = Path(args.file)
+    if target.exists():
+        raise AgentError(f"{target} exists; refusing to overwrite a file with card keys")
+
+    async def action(store: SQLiteStore) -> int:
+        items = await store.export_keys(args.sku, KeyState(args.state))
+        # Created private before a single key is written.
+        fd = os.open(target, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        with os.fdopen(fd, "w", encoding="utf-8", newline="") as handle:
+            writer = csv.writer(handle)
+            writer.writerow(["code", "secret"])
+            writer.writerows([item.code, item.secret] for item in items)
+        print(
+            f"{args.sku}: exported {len(items)} {args.state} key(s) in clear to {target} "
+            "(mode 0600) — delete it when done"
+        )
+        return 0
+
+    return asyncio.run(_with_store(config, action))
+
+
+def cmd_keys_rotate(args: argparse.Namespace) -> int:
+    config = _load(args)
+
+    async def action(store: SQLiteStore) -> int:
+        key_id, moved = await store.rotate_data_key(time.time())
+        print(f"card keys re-sealed with data key {key_id}: {moved} row(s); old data keys retired")
+        return 0
+
+    return asyncio.run(_with_store(config, action))
+
+
+def cmd_keys_init(args: argparse.Namespace) -> int:
+    config = _load(args)
+    name = config.store.key_secret
+    if lookup_secret(name):
+        raise AgentError(f"secret {name} already exists; a new one would lock the ledger")
+    store_secret(name, new_master_key())
+    print(
+        f"secret {name}: a new random store key is in the keyring — back it up: without it "
+        "the card keys in the ledger cannot be read"
+    )
+    return 0
+
+
+def cmd_secrets_delete(args: argparse.Namespace) -> int:
+    delete_secret(args.name)
+    print(f"secret {args.name}: deleted from the keyring")
+    return 0
+
+
 def cmd_secrets_set(args: argparse.Namespace) -> int:
     value = sys.stdin.readline().rstrip("\n") if args.stdin else getpass.getpass(f"{args.name}: ")
     if not value:
@@ -335,6 +391,11 @@ def build_parser() -> argparse.ArgumentParser:
     imp.add_argument("file")
     imp.set_defaults(func=cmd_stock_import)
     stock.add_parser("list", help="key counts per SKU").set_defaults(func=cmd_stock_list)
+    export = stock.add_parser("export", help="write keys IN CLEAR to a new CSV file (0600)")
+    export.add_argument("sku")
+    export.add_argument("file")
+    export.add_argument("--state", choices=[s.value for s in KeyState], default="free")
+    export.set_defaults(func=cmd_stock_export)
     void = stock.add_parser("void", help="take free keys out of stock, with a reason")
     void.add_argument("sku")
     void.add_argument("--count", type=int, help="how many free keys (oldest first)")
@@ -365,8 +426,20 @@ def build_parser() -> argparse.ArgumentParser:
     sset.add_argument("name")
     sset.add_argument("--stdin", action="store_true")
     sset.set_defaults(func=cmd_secrets_set)
+    sdel = sec.add_parser("delete", help="remove a secret from the keyring")
+    sdel.add_argument("name")
+    sdel.set_defaults(func=cmd_secrets_delete)
     sec.add_parser("list-missing", help="secrets the config names but nobody stored").set_defaults(
         func=cmd_secrets_list_missing
+    )
+    keys = sub.add_parser("keys", help="the encryption of card keys at rest").add_subparsers(
+        dest="keys_cmd", required=True
+    )
+    keys.add_parser(
+        "init", help="create the store key secret (once, before first use)"
+    ).set_defaults(func=cmd_keys_init)
+    keys.add_parser("rotate", help="re-seal every card key with a fresh data key").set_defaults(
+        func=cmd_keys_rotate
     )
     return parser
 

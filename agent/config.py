@@ -49,6 +49,8 @@ class AgentSettings:
 @dataclass(frozen=True, slots=True)
 class StoreSettings:
     path: Path
+    # Name of the secret holding the master key that seals card keys at rest.
+    key_secret: str = "store.key"
 
 
 @dataclass(frozen=True, slots=True)
@@ -170,7 +172,8 @@ class Config:
 
     def secret_names(self) -> list[str]:
         """Every secret the config refers to, by name."""
-        names = [p.secret_name for p in self.platforms] + [s.secret_name for s in self.suppliers]
+        names = [self.store.key_secret]
+        names += [p.secret_name for p in self.platforms] + [s.secret_name for s in self.suppliers]
         for channel in self.notify:
             names.extend(channel.secret_names())
         return names
@@ -339,8 +342,9 @@ def _parse_store(s: _Section, source: Path) -> StoreSettings:
     if not path.is_absolute():
         # Relative to the config file, not to wherever systemd happens to start us.
         path = source.parent / path
+    key_secret = s.string("key", "store.key")
     s.reject_unknown()
-    return StoreSettings(path=path)
+    return StoreSettings(path=path, key_secret=key_secret)
 
 
 def _parse_platform(name: str, s: _Section, top: _Section) -> PlatformSettings:

@@ -33,6 +33,7 @@ from agent.config import (
     SupplierSettings,
 )
 from agent.domain import AlertMessage, CardItem, LineState
+from agent.keybox import new_master_key, parse_master_key
 from agent.notify.console import ConsoleNotifier
 from agent.platforms.http import HttpPlatform
 from agent.runtime import run_engine
@@ -213,7 +214,7 @@ async def run_demo(plan: DemoPlan = DemoPlan(), out: TextIO = sys.stdout) -> int
     )
     supplier_url = await upstream.start()
     config = demo_config(workdir, base_url, supplier_url)
-    store = SQLiteStore(config.store.path)
+    store = SQLiteStore(config.store.path, parse_master_key(new_master_key()))
     await store.open()
     print(f"kami-agent demo — sandbox platform at {base_url}, ledger {config.store.path}", file=out)
     for sku, count in {**BURST_SKUS, LOW_SKU: LOW_STOCK}.items():

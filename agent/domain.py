@@ -91,7 +91,7 @@ class CardItem:
     secret: str
 
     def __repr__(self) -> str:  # never let a secret slip into a log or traceback
-        return f"CardItem(fp={fingerprint(self.code, self.secret)})"
+        return "CardItem(<sealed>)"
 
 
 @dataclass(frozen=True, slots=True)
@@ -234,16 +234,6 @@ class OrderEvent:
 
 
 # --- pure rules --------------------------------------------------------------------------
-
-
-def secret_digest(code: str, secret: str) -> bytes:
-    """Identity of a card key for duplicate detection: the code and secret together."""
-    return hashlib.sha256(f"{code}\x1f{secret}".encode()).digest()
-
-
-def fingerprint(code: str, secret: str) -> str:
-    """A short, non-reversible tag to name a key in logs (8 hex digits of its digest)."""
-    return secret_digest(code, secret).hex()[:8]
 
 
 def delivery_idempotency_key(platform: str, order_id: str, line: int, generation: int) -> str:

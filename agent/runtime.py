@@ -11,6 +11,7 @@ from agent.alerts import AlertEvaluator, OutboxDrainer
 from agent.buyer import BuyerCare
 from agent.config import Config, PlatformSettings, StoreSettings, SupplierSettings
 from agent.engine import Engine
+from agent.keybox import parse_master_key
 from agent.logs import get_logger
 from agent.notify.base import Notifier
 from agent.notify.factory import build_notifier
@@ -28,8 +29,9 @@ log = get_logger("kami.runtime")
 DRAIN_GRACE_SECONDS = 20.0
 
 
-def open_store(settings: StoreSettings) -> Store:
-    return SQLiteStore(settings.path)
+def open_store(settings: StoreSettings) -> SQLiteStore:
+    master = parse_master_key(resolve_secret(settings.key_secret))
+    return SQLiteStore(settings.path, master)
 
 
 def build_platform(settings: PlatformSettings, secret: str | None = None) -> Platform:

@@ -16,11 +16,19 @@ from agent.config import (
     StoreSettings,
 )
 from agent.domain import CardItem
+from agent.keybox import parse_master_key
 from agent.platforms.http import HttpPlatform
 from agent.sandbox.platform import SandboxPlatform
 from agent.store.sqlite import SQLiteStore
 
 SKUS = ("GAME-100", "VIP-30D")
+# The master key tests seal card keys with (base64 of 32 bytes), and its secret's env var.
+TEST_STORE_KEY = "a2FtaS1hZ2VudCB0ZXN0IHN0b3JlIGtleSAzMiBieXQ="
+STORE_KEY_ENV = "KAMI_SECRET_STORE_KEY"
+
+
+def master_key_for_tests() -> bytes:
+    return parse_master_key(TEST_STORE_KEY)
 
 
 @pytest.fixture(autouse=True, scope="session")
@@ -40,7 +48,7 @@ async def sandbox() -> AsyncIterator[SandboxPlatform]:
 
 @pytest.fixture
 async def store(tmp_path: Path) -> AsyncIterator[SQLiteStore]:
-    s = SQLiteStore(tmp_path / "kami.db")
+    s = SQLiteStore(tmp_path / "kami.db", master_key_for_tests())
     await s.open()
     yield s
     await s.close()

@@ -10,6 +10,7 @@ from pathlib import Path
 import pytest
 
 from agent.sandbox.platform import SandboxPlatform
+from tests.conftest import STORE_KEY_ENV, TEST_STORE_KEY, master_key_for_tests
 
 
 def config_for(tmp_path: Path, base_url: str = "http://127.0.0.1:9") -> Path:
@@ -35,6 +36,7 @@ max_quantity = 5
 
 def cli(config: Path, *args: str, secret: str | None = None) -> subprocess.CompletedProcess[str]:
     env = {k: v for k, v in os.environ.items() if not k.startswith("KAMI_")}
+    env[STORE_KEY_ENV] = TEST_STORE_KEY
     if secret is not None:
         env["KAMI_SECRET_PLATFORM_MAIN_SECRET"] = secret
     return subprocess.run(
@@ -128,12 +130,12 @@ def test_orders_list_show_retry_resend(tmp_path: Path) -> None:
 
     from agent.domain import PlatformOrder, RejectedOrder
     from agent.store.sqlite import SQLiteStore
-    from tests.conftest import stock
+    from tests.conftest import master_key_for_tests, stock
 
     config = config_for(tmp_path)
 
     async def seed() -> None:
-        store = SQLiteStore(tmp_path / "kami.db")
+        store = SQLiteStore(tmp_path / "kami.db", master_key_for_tests())
         await store.open()
         await stock(store, "GAME-100", 3)
         (line_id,) = await store.ingest(
@@ -169,7 +171,7 @@ def test_status_shows_stock_rate_and_alerts(tmp_path: Path) -> None:
     config = config_for(tmp_path)
 
     async def seed() -> None:
-        store = SQLiteStore(tmp_path / "kami.db")
+        store = SQLiteStore(tmp_path / "kami.db", master_key_for_tests())
         await store.open()
         await stock(store, "GAME-100", 7)
         now = time.time()

@@ -18,6 +18,8 @@ import pytest
 
 from agent.sandbox.platform import SandboxPlatform
 from agent.sandbox.supplier import SandboxSupplier
+from agent.store.sqlite import SQLiteStore
+from tests.conftest import STORE_KEY_ENV, TEST_STORE_KEY, master_key_for_tests
 
 ORDERS = 2000
 CYCLES = 18
@@ -81,6 +83,7 @@ def agent_env(config: Path, crash_at: str | None = None) -> dict[str, str]:
     env["KAMI_AGENT_CONFIG"] = str(config)
     env["KAMI_SECRET_PLATFORM_MAIN_SECRET"] = SECRET
     env["KAMI_SECRET_SUPPLIER_UP_SECRET"] = SUPPLIER_SECRET
+    env[STORE_KEY_ENV] = TEST_STORE_KEY
     env.pop("KAMI_CRASH_AT", None)
     if crash_at:
         env["KAMI_CRASH_AT"] = crash_at
@@ -124,6 +127,11 @@ async def kill_after(proc: asyncio.subprocess.Process, seconds: float) -> tuple[
     except TimeoutError:
         proc.send_signal(signal.SIGKILL)
         return await proc.wait(), False
+
+
+def ledger_bytes(folder: Path) -> bytes:
+    """The ledger and its WAL, as bytes on disk."""
+    return b"".join(p.read_bytes() for p in folder.glob("kami.db*"))
 
 
 def ledger_settled(db: Path) -> bool:
@@ -238,16 +246,20 @@ async def test_crash_recovery_keeps_every_invariant(tmp_path: Path, seed: int) -
         states = dict(conn.execute("SELECT state, COUNT(*) FROM card_keys GROUP BY state"))
         assert sum(states.values()) == len(all_stock)
         assert states.get("bound", 0) == sum(usage.values())
-        bound = conn.execute(
-            "SELECT o.order_id, k.secret FROM card_keys k JOIN orders o ON o.id = k.order_line_id"
-        ).fetchall()
-    ledger: dict[str, set[str]] = {}
-    for order_id, secret in bound:
-        ledger.setdefault(order_id, set()).add(secret)
+        lines = conn.execute("SELECT order_id, id FROM orders").fetchall()
+    store = SQLiteStore(db, master_key_for_tests())
+    await store.open()
+    ledger = {
+        order_id: {i.secret for i in await store.bound_items(line_id)}
+        for order_id, line_id in lines
+    }
+    await store.close()
     assert ledger == {oid: set(s) for oid, s in delivered.items()}
-    # 5. No card key in the daemon's logs.
+    # 5. No card key or secret in clear in the daemon's logs or in the ledger file.
     text = log.read_text(encoding="utf-8", errors="replace")
     assert not [s for s in usage if s in text]
-    assert SECRET not in text
+    assert SECRET not in text and TEST_STORE_KEY not in text
+    raw = ledger_bytes(tmp_path)
+    assert not [s for s in usage if s.encode() in raw]
     # The crash points really fired (each at least once), besides the random kills.
     assert set(kills) >= set(CRASH_POINTS), kills

@@ -10,7 +10,7 @@ import pytest
 from agent.domain import CardItem, LineState, PlatformOrder, RejectedOrder
 from agent.store.base import StoreError
 from agent.store.sqlite import SQLiteStore, migrations
-from tests.conftest import keys, stock
+from tests.conftest import keys, master_key_for_tests, stock
 
 NOW = 1_700_000_000.0
 
@@ -30,7 +30,7 @@ async def test_ledger_file_is_private_and_migrated(store: SQLiteStore, tmp_path:
 
 async def test_reopen_does_not_migrate_twice(tmp_path: Path) -> None:
     for _ in range(2):
-        s = SQLiteStore(tmp_path / "kami.db")
+        s = SQLiteStore(tmp_path / "kami.db", master_key_for_tests())
         await s.open()
         await s.close()
     with sqlite3.connect(tmp_path / "kami.db") as conn:

@@ -11,6 +11,7 @@ import asyncio
 import itertools
 import os
 import sqlite3
+import time
 from collections.abc import Callable, Iterable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from importlib import resources
@@ -35,11 +36,10 @@ from agent.domain import (
     RejectedOrder,
     StockCount,
     delivery_idempotency_key,
-    fingerprint,
     purchase_merchant_ref,
     refund_idempotency_key,
-    secret_digest,
 )
+from agent.keybox import KEY_BYTES, KeyBox, unwrap, wrap
 from agent.store.base import ProgressCallback, StoreError
 
 T = TypeVar("T")
@@ -104,8 +104,10 @@ def migrations() -> list[tuple[int, str]]:
 
 
 class SQLiteStore:
-    def __init__(self, path: Path | str) -> None:
+    def __init__(self, path: Path | str, master_key: bytes) -> None:
         self.path = Path(path)
+        self._master_key = master_key
+        self._keybox: KeyBox | None = None
         self._executor = self._new_executor()
         self._conn: sqlite3.Connection | None = None
 
@@ -155,6 +157,7 @@ class SQLiteStore:
         conn.execute("PRAGMA busy_timeout=10000")
         self._conn = conn
         self._migrate(conn)
+        self._keybox = self._in_tx(self._load_keys)
 
     def _migrate(self, conn: sqlite3.Connection) -> None:
         conn.execute("CREATE TABLE IF NOT EXISTS schema_version (version INTEGER NOT NULL)")
@@ -171,6 +174,100 @@ class SQLiteStore:
                 if conn.in_transaction:
                     conn.execute("ROLLBACK")
                 raise
+
+    def _load_keys(self, conn: sqlite3.Connection) -> KeyBox:
+        rows = conn.execute(
+            "SELECT id, purpose, wrapped FROM data_keys WHERE retired_at IS NULL ORDER BY id"
+        ).fetchall()
+        if not rows:  # a new ledger: one hash key for its lifetime, a first data key
+            for purpose in ("hash", "data"):
+                self._new_key(conn, purpose, time.time())
+            rows = conn.execute(
+                "SELECT id, purpose, wrapped FROM data_keys WHERE retired_at IS NULL ORDER BY id"
+            ).fetchall()
+        keys = {r[0]: unwrap(self._master_key, r[2], f"{r[1]}:{r[0]}".encode()) for r in rows}
+        data = [r[0] for r in rows if r[1] == "data"]
+        hash_id = next(r[0] for r in rows if r[1] == "hash")
+        return KeyBox({k: keys[k] for k in data}, max(data), keys[hash_id])
+
+    def _new_key(self, conn: sqlite3.Connection, purpose: str, now: float) -> tuple[int, bytes]:
+        key = os.urandom(KEY_BYTES)
+        key_id = int(
+            conn.execute(
+                "INSERT INTO data_keys (purpose, wrapped, created_at) VALUES (?, x'', ?)",
+                (purpose, now),
+            ).lastrowid
+            or 0
+        )
+        conn.execute(
+            "UPDATE data_keys SET wrapped = ? WHERE id = ?",
+            (wrap(self._master_key, key, f"{purpose}:{key_id}".encode()), key_id),
+        )
+        return key_id, key
+
+    @property
+    def keybox(self) -> KeyBox:
+        if self._keybox is None:
+            raise StoreError("store is not open")
+        return self._keybox
+
+    def _key_row(self, sku: str, item: CardItem, source: str, now: float) -> tuple[Any, ...]:
+        key_id, sealed = self.keybox.seal(sku, item)
+        return (sku, key_id, sealed, self.keybox.digest(item), source, now)
+
+    def _open_rows(self, rows: Sequence[tuple[Any, ...]]) -> list[CardItem]:
+        """(sku, key_id, sealed) rows -> card keys."""
+        return [self.keybox.open(r[0], r[1], r[2]) for r in rows]
+
+    async def rotate_data_key(self, now: float, batch: int = 10_000) -> tuple[int, int]:
+        """Seals every card key with a fresh data key; returns (new key id, rows moved)."""
+
+        def start(conn: sqlite3.Connection) -> int:
+            key_id, key = self._new_key(conn, "data", now)
+            self.keybox.add_data_key(key_id, key)
+            self.keybox.current = key_id
+            return key_id
+
+        new_id = await self._tx(start)
+
+        def move(conn: sqlite3.Connection) -> int:
+            rows = conn.execute(
+                "SELECT id, sku, key_id, sealed FROM card_keys WHERE key_id != ? LIMIT ?",
+                (new_id, batch),
+            ).fetchall()
+            for row_id, sku, key_id, sealed in rows:
+                item = self.keybox.open(sku, key_id, sealed)
+                conn.execute(
+                    "UPDATE card_keys SET key_id = ?, sealed = ? WHERE id = ?",
+                    (*self.keybox.seal(sku, item, new_id), row_id),
+                )
+            return len(rows)
+
+        moved = 0
+        while count := await self._tx(move):
+            moved += count
+
+        def retire(conn: sqlite3.Connection) -> None:
+            conn.execute(
+                "UPDATE data_keys SET retired_at = ? WHERE purpose = 'data' AND id != ?"
+                " AND retired_at IS NULL",
+                (now, new_id),
+            )
+
+        await self._tx(retire)
+        return new_id, moved
+
+    async def export_keys(self, sku: str, state: KeyState) -> list[CardItem]:
+        """Decrypted keys, for `kami-agent stock export` only."""
+
+        def run(conn: sqlite3.Connection) -> list[CardItem]:
+            rows = conn.execute(
+                "SELECT sku, key_id, sealed FROM card_keys WHERE sku = ? AND state = ? ORDER BY id",
+                (sku, state.value),
+            ).fetchall()
+            return self._open_rows(rows)
+
+        return await self._tx(run)
 
     async def close(self) -> None:
         if self._conn is not None:
@@ -365,7 +462,7 @@ class SQLiteStore:
         ).fetchone()[0]
         needed = line.quantity - bound
         keys = conn.execute(
-            "SELECT id, code, secret FROM card_keys WHERE sku = ? AND state = 'free'"
+            "SELECT id, secret_hash FROM card_keys WHERE sku = ? AND state = 'free'"
             " ORDER BY id LIMIT ?",
             (line.sku, needed),
         ).fetchall()
@@ -378,7 +475,7 @@ class SQLiteStore:
                 )
                 self._event(conn, line_id, "backordered", f"need {needed}, free {len(keys)}", now)
             return self._fetch_line(conn, line_id)
-        for slot, (key_id, _code, _secret) in enumerate(keys, start=bound):
+        for slot, (key_id, _digest) in enumerate(keys, start=bound):
             conn.execute(
                 "UPDATE card_keys SET state = 'bound', order_line_id = ?, slot = ?, bound_at = ?"
                 " WHERE id = ? AND state = 'free'",
@@ -389,7 +486,7 @@ class SQLiteStore:
             " WHERE id = ?",
             (now, line_id),
         )
-        fps = ",".join(f"#{k[0]}:{fingerprint(k[1], k[2])}" for k in keys)
+        fps = ",".join(f"#{k[0]}:{bytes(k[1]).hex()[:10]}" for k in keys)
         self._event(conn, line_id, "allocated", f"keys {fps}", now)
         return self._fetch_line(conn, line_id)
 
@@ -401,7 +498,7 @@ class SQLiteStore:
         if line.state not in (LineState.ALLOCATED, LineState.DELIVERING):
             raise StoreError(f"order line {line_id} is {line.state}, not ready to deliver")
         keys = conn.execute(
-            "SELECT id, code, secret FROM card_keys WHERE order_line_id = ? ORDER BY slot",
+            "SELECT id, sku, key_id, sealed FROM card_keys WHERE order_line_id = ? ORDER BY slot",
             (line_id,),
         ).fetchall()
         if len(keys) != line.quantity:
@@ -421,7 +518,7 @@ class SQLiteStore:
         return DeliveryIntent(
             line=self._fetch_line(conn, line_id),
             idempotency_key=key,
-            items=tuple(CardItem(code=k[1], secret=k[2]) for k in keys),
+            items=tuple(self._open_rows([k[1:] for k in keys])),
             key_ids=tuple(k[0] for k in keys),
         )
 
@@ -613,16 +710,9 @@ class SQLiteStore:
             new_ids: list[int] = []
             for item in items:
                 cur = conn.execute(
-                    "INSERT OR IGNORE INTO card_keys (sku, code, secret, secret_hash, state,"
+                    "INSERT OR IGNORE INTO card_keys (sku, key_id, sealed, secret_hash, state,"
                     " source, added_at) VALUES (?, ?, ?, ?, 'free', ?, ?)",
-                    (
-                        line.sku,
-                        item.code,
-                        item.secret,
-                        secret_digest(item.code, item.secret),
-                        source,
-                        now,
-                    ),
+                    self._key_row(line.sku, item, source, now),
                 )
                 if cur.rowcount:
                     new_ids.append(int(cur.lastrowid or 0))
@@ -1022,15 +1112,12 @@ class SQLiteStore:
         added = seen = 0
         iterator = iter(items)
         while batch := list(itertools.islice(iterator, IMPORT_BATCH)):
-            rows = [
-                (sku, item.code, item.secret, secret_digest(item.code, item.secret), source, now)
-                for item in batch
-            ]
+            rows = [self._key_row(sku, item, source, now) for item in batch]
 
             def insert(conn: sqlite3.Connection, rows: list[tuple[Any, ...]] = rows) -> int:
                 before = conn.total_changes
                 conn.executemany(
-                    "INSERT OR IGNORE INTO card_keys (sku, code, secret, secret_hash, state,"
+                    "INSERT OR IGNORE INTO card_keys (sku, key_id, sealed, secret_hash, state,"
                     " source, added_at) VALUES (?, ?, ?, ?, 'free', ?, ?)",
                     rows,
                 )
@@ -1070,10 +1157,10 @@ class SQLiteStore:
     async def bound_items(self, line_id: int) -> tuple[CardItem, ...]:
         def run(conn: sqlite3.Connection) -> tuple[CardItem, ...]:
             rows = conn.execute(
-                "SELECT code, secret FROM card_keys WHERE order_line_id = ? ORDER BY slot",
+                "SELECT sku, key_id, sealed FROM card_keys WHERE order_line_id = ? ORDER BY slot",
                 (line_id,),
             ).fetchall()
-            return tuple(CardItem(code=r[0], secret=r[1]) for r in rows)
+            return tuple(self._open_rows(rows))
 
         return await self._tx(run)
 

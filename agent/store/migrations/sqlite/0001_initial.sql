@@ -30,13 +30,24 @@ CREATE TABLE orders (
 CREATE INDEX orders_due ON orders (state, next_attempt_at);
 CREATE INDEX orders_sku_state ON orders (sku, state);
 
+-- Data keys that seal card keys, each wrapped (AES-GCM) by the master key, which never
+-- enters the ledger. purpose: 'data' seals card keys, 'hash' keys the duplicate-detection HMAC.
+CREATE TABLE data_keys (
+    id          INTEGER PRIMARY KEY,
+    purpose     TEXT NOT NULL CHECK (purpose IN ('data', 'hash')),
+    wrapped     BLOB NOT NULL,
+    created_at  REAL NOT NULL,
+    retired_at  REAL
+);
+
 -- Every key ever imported or purchased stays here: free, bound to one order line, or void
--- with a reason. Nothing deletes rows from this table.
+-- with a reason. Nothing deletes rows from this table. The card number and secret are only
+-- ever stored sealed (AES-256-GCM, see agent/keybox.py); secret_hash is a keyed HMAC.
 CREATE TABLE card_keys (
     id              INTEGER PRIMARY KEY,
     sku             TEXT NOT NULL,
-    code            TEXT NOT NULL DEFAULT '',
-    secret          TEXT NOT NULL,
+    sealed          BLOB NOT NULL,
+    key_id          INTEGER NOT NULL REFERENCES data_keys (id),
     secret_hash     BLOB NOT NULL,
     state           TEXT NOT NULL CHECK (state IN ('free', 'bound', 'void')),
     order_line_id   INTEGER REFERENCES orders (id),
