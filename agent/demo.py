@@ -196,7 +196,12 @@ class Demo:
         return line
 
 
-async def run_demo(plan: DemoPlan = DemoPlan(), out: TextIO = sys.stdout) -> int:
+async def run_demo(
+    plan: DemoPlan = DemoPlan(),
+    out: TextIO = sys.stdout,
+    witness: list[SandboxPlatform] | None = None,
+) -> int:
+    """Runs the demo; `witness` (tests) receives the sandbox platform to inspect afterwards."""
     workdir = Path(tempfile.mkdtemp(prefix="kami-demo-"))
     log_path = workdir / "kami-agent.log"
     log_file = log_path.open("w", encoding="utf-8")
@@ -207,6 +212,8 @@ async def run_demo(plan: DemoPlan = DemoPlan(), out: TextIO = sys.stdout) -> int
         error_rate=0.03, drop_after_commit_rate=0.02, duplicate_rate=0.05, latency=0.005
     )
     base_url = await sandbox.start()
+    if witness is not None:
+        witness.append(sandbox)
     upstream = SandboxSupplier(name="upstream", api_key="demo-supplier", seed=11)
     upstream.add_product(BOUGHT_SKU, price="42.50")
     upstream.faults = SupplierFaults(

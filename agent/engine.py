@@ -50,6 +50,7 @@ class EngineStats:
     delivered: int = 0
     parked: int = 0
     retries: int = 0
+    handled: int = 0  # lines a worker finished with, whatever the outcome
     last_progress: float = 0.0
 
 
@@ -153,6 +154,7 @@ class Engine:
                 # the DB and the sweeper will bring it back.
                 log.exception("line_processing_failed", line_id=line_id)
             finally:
+                self.stats.handled += 1
                 self._busy -= 1
                 self._queued.discard(line_id)
                 self._queue.task_done()

@@ -76,11 +76,17 @@ async def run_engine(
     watchdog = None
     interval = watchdog_interval()
     if interval is not None:
+        seen = {"handled": -1}
 
         async def ping() -> None:
-            # Only while the ledger answers: a wedged store must get us restarted.
+            # Only while work progresses: the ledger must answer, and with lines waiting the
+            # workers must have finished some since the last ping. A wedged engine or store
+            # misses the watchdog and systemd restarts us (the ledger makes that safe).
             await store.count_by_state()
-            notify("WATCHDOG=1")
+            handled = engine.stats.handled
+            if engine.backlog == 0 or handled != seen["handled"]:
+                notify("WATCHDOG=1")
+            seen["handled"] = handled
 
         watchdog = (interval, ping)
     evaluator = AlertEvaluator(config, store, engine.clock, engine.balances, engine.auth_failures)

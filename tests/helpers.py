@@ -8,6 +8,7 @@ import time
 from collections import Counter
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 from contextlib import asynccontextmanager
+from pathlib import Path
 
 from agent.config import Config
 from agent.domain import LineState
@@ -17,6 +18,12 @@ from agent.sandbox.platform import SandboxPlatform
 from agent.store.sqlite import SQLiteStore
 from agent.suppliers.base import Supplier
 from tests.conftest import platform_settings
+
+
+def ledger_bytes(folder: Path) -> bytes:
+    """The ledger and its WAL, as bytes on disk (for scans for clear-text secrets)."""
+    return b"".join(p.read_bytes() for p in folder.glob("kami.db*"))
+
 
 SAFETY_TIMEOUT = 30.0  # a hang guard, not a performance assertion
 

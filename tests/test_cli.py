@@ -193,3 +193,34 @@ def test_status_shows_stock_rate_and_alerts(tmp_path: Path) -> None:
     fields = row.split()
     assert fields[1] == "7" and float(fields[2]) > 0 and "low_stock" in row
     assert "GAME-100 low" in result.stdout
+
+
+def test_keys_rotate_and_explicit_export(tmp_path: Path) -> None:
+    config = config_for(tmp_path)
+    keys = tmp_path / "keys.txt"
+    keys.write_text("AAA-1\nBBB-2\n", encoding="utf-8")
+    assert cli(config, "stock", "import", "GAME-100", str(keys)).returncode == 0
+    rotated = cli(config, "keys", "rotate")
+    assert rotated.returncode == 0 and "2 row(s)" in rotated.stdout
+    target = tmp_path / "out.csv"
+    exported = cli(config, "stock", "export", "GAME-100", str(target))
+    assert exported.returncode == 0, exported.stderr
+    assert "AAA-1" not in exported.stdout
+    assert target.read_text(encoding="utf-8").splitlines() == ["code,secret", ",AAA-1", ",BBB-2"]
+    assert oct(target.stat().st_mode & 0o777) == "0o600"
+    again = cli(config, "stock", "export", "GAME-100", str(target))
+    assert again.returncode == 1 and "refusing to overwrite" in again.stderr
+
+
+def test_missing_store_key_is_a_clear_error(tmp_path: Path) -> None:
+    env_free = subprocess.run(
+        [sys.executable, "-m", "agent", "--config", str(config_for(tmp_path)), "stock", "list"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+        env={k: v for k, v in os.environ.items() if not k.startswith("KAMI_")}
+        | {"PYTHON_KEYRING_BACKEND": "keyring.backends.fail.Keyring"},
+    )
+    assert env_free.returncode == 1
+    assert "secret 'store.key' is not set" in env_free.stderr

@@ -20,6 +20,7 @@ from agent.sandbox.platform import SandboxPlatform
 from agent.sandbox.supplier import SandboxSupplier
 from agent.store.sqlite import SQLiteStore
 from tests.conftest import STORE_KEY_ENV, TEST_STORE_KEY, master_key_for_tests
+from tests.helpers import ledger_bytes
 
 ORDERS = 2000
 CYCLES = 18
@@ -127,11 +128,6 @@ async def kill_after(proc: asyncio.subprocess.Process, seconds: float) -> tuple[
     except TimeoutError:
         proc.send_signal(signal.SIGKILL)
         return await proc.wait(), False
-
-
-def ledger_bytes(folder: Path) -> bytes:
-    """The ledger and its WAL, as bytes on disk."""
-    return b"".join(p.read_bytes() for p in folder.glob("kami.db*"))
 
 
 def ledger_settled(db: Path) -> bool:

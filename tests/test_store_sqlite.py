@@ -7,10 +7,12 @@ from pathlib import Path
 
 import pytest
 
-from agent.domain import CardItem, LineState, PlatformOrder, RejectedOrder
+from agent.domain import CardItem, KeyState, LineState, PlatformOrder, RejectedOrder
+from agent.keybox import StoreKeyError
 from agent.store.base import StoreError
 from agent.store.sqlite import SQLiteStore, migrations
 from tests.conftest import keys, master_key_for_tests, stock
+from tests.helpers import ledger_bytes
 
 NOW = 1_700_000_000.0
 
@@ -192,3 +194,58 @@ async def test_card_item_repr_hides_secret() -> None:
 async def test_integrity_check(store: SQLiteStore) -> None:
     assert await store.integrity_check() == "ok"
     assert time.time() > 0
+
+
+async def test_card_keys_are_sealed_on_disk(store: SQLiteStore, tmp_path: Path) -> None:
+    await stock(store, "GAME-100", 50)
+    await store.close()
+    raw = ledger_bytes(tmp_path)
+    assert b"S-GAME-100" not in raw and b"GAME-100-1" not in raw
+    await store.open()
+    (line_id,) = await store.ingest("main", [order("A", quantity=2)], NOW)
+    await store.allocate(line_id, NOW)
+    intent = await store.begin_delivery(line_id, NOW)
+    assert {i.secret for i in intent.items} == {"S-GAME-100-000000", "S-GAME-100-000001"}
+
+
+async def test_wrong_master_key_is_refused_clearly(store: SQLiteStore, tmp_path: Path) -> None:
+    await store.close()
+    other = SQLiteStore(tmp_path / "kami.db", bytes(32))
+    with pytest.raises(StoreKeyError, match="does not open this ledger"):
+        await other.open()
+    await other.close()
+    await store.open()
+
+
+async def test_tampered_card_key_fails_integrity(store: SQLiteStore, tmp_path: Path) -> None:
+    await stock(store, "GAME-100", 1)
+    (line_id,) = await store.ingest("main", [order("A")], NOW)
+    await store.allocate(line_id, NOW)
+    await store.close()
+    with sqlite3.connect(tmp_path / "kami.db") as conn:
+        # move the sealed key to another SKU: the SKU is bound in as associated data
+        conn.execute("UPDATE card_keys SET sku = 'VIP-30D'")
+    await store.open()
+    with pytest.raises(StoreKeyError, match="integrity"):
+        await store.bound_items(line_id)
+
+
+async def test_rotation_reseals_every_key(store: SQLiteStore, tmp_path: Path) -> None:
+    await stock(store, "GAME-100", 25)
+    (line_id,) = await store.ingest("main", [order("A", quantity=3)], NOW)
+    await store.allocate(line_id, NOW)
+    before = await store.bound_items(line_id)
+    new_id, moved = await store.rotate_data_key(NOW, batch=7)
+    assert moved == 25
+    assert await store.bound_items(line_id) == before
+    await store.close()
+    with sqlite3.connect(tmp_path / "kami.db") as conn:
+        assert {r[0] for r in conn.execute("SELECT key_id FROM card_keys")} == {new_id}
+        live = conn.execute(
+            "SELECT COUNT(*) FROM data_keys WHERE purpose = 'data' AND retired_at IS NULL"
+        ).fetchone()[0]
+        assert live == 1
+    await store.open()  # reopens with the new data key
+    assert len(await store.export_keys("GAME-100", KeyState.FREE)) == 22
+    again = await store.import_keys("GAME-100", keys("GAME-100", 25), "test", NOW)
+    assert again.added == 0  # duplicate detection survives rotation
