@@ -276,3 +276,40 @@ async def test_robot_error_reply_is_permanent(
     )
     with pytest.raises(Permanent):
         await send(notifier)
+
+
+async def test_auth_balance_stuck_and_attention_alerts(tmp_path: Path, store: SQLiteStore) -> None:
+    from decimal import Decimal
+
+    from agent.config import SupplierSettings
+    from agent.domain import RejectedOrder
+    from agent.suppliers.base import Balance
+
+    clock = Clock()
+    base = low_stock_config(tmp_path, min_stock=0, lead_time=1.0, promise=60.0)
+    supplier = SupplierSettings(
+        name="up",
+        kind="http",
+        base_url="http://127.0.0.1:9",
+        api_key="k",
+        secret_name="s",
+        balance_low=Decimal("100"),
+    )
+    config = dataclasses.replace(base, suppliers=(supplier,))
+    await stock(store, "GAME-100", 100)
+    await store.ingest(
+        "main",
+        [PlatformOrder("OLD", "paid", "GAME-100", 1), RejectedOrder("BAD", "unknown SKU 'X'")],
+        clock.now,
+    )
+    balances = {"up": Balance(Decimal("42.00"), "CNY")}
+    auth_failures = {"main"}
+    clock.now += 120  # OLD is now past its 60 s promise
+    evaluator = AlertEvaluator(config, store, clock, balances, auth_failures)
+    opened = {m.key: m for m in await evaluator.run()}
+    assert set(opened) == {"balance:up", "auth:main", "stuck_orders", "needs_attention"}
+    assert "OLD" in opened["stuck_orders"].summary and "42.00" in opened["balance:up"].summary
+    auth_failures.clear()
+    balances["up"] = Balance(Decimal("1000.00"), "CNY")
+    resolved = {m.key for m in await evaluator.run() if m.event == "resolved"}
+    assert resolved == {"balance:up", "auth:main"}
