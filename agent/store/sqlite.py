@@ -43,6 +43,8 @@ from agent.keybox import KEY_BYTES, KeyBox, unwrap, wrap
 from agent.store.base import ProgressCallback, StoreError
 
 T = TypeVar("T")
+# A queued store call: the function, its arguments, and the future its caller awaits.
+_Op = tuple[Callable[..., Any], tuple[Any, ...], "asyncio.Future[Any]"]
 
 IMPORT_BATCH = 20_000
 _LINE_COLUMNS = (
@@ -110,6 +112,9 @@ class SQLiteStore:
         self._keybox: KeyBox | None = None
         self._executor = self._new_executor()
         self._conn: sqlite3.Connection | None = None
+        self._pending: list[_Op] = []
+        self._flushing = False
+        self._flusher: asyncio.Task[None] | None = None
 
     @staticmethod
     def _new_executor() -> ThreadPoolExecutor:
@@ -121,7 +126,59 @@ class SQLiteStore:
         return await loop.run_in_executor(self._executor, fn, *args)
 
     async def _tx(self, fn: Callable[..., T], *args: Any) -> T:
-        return await self._call(self._in_tx, fn, *args)
+        """Runs fn(conn, *args) atomically and durably, sharing the commit with other calls.
+
+        Group commit: calls that arrive while a transaction is being written queue up and go
+        into the next one together, each inside its own SAVEPOINT, so one call's failure
+        rolls back only that call. A call returns only after the COMMIT that carries it, so
+        "when it returns, it is durable" holds as if every call had its own transaction —
+        at one fsync per batch instead of one per call.
+        """
+        loop = asyncio.get_running_loop()
+        future: asyncio.Future[Any] = loop.create_future()
+        self._pending.append((fn, args, future))
+        if not self._flushing:
+            self._flushing = True
+            self._flusher = loop.create_task(self._flush())
+        return await future  # type: ignore[no-any-return]
+
+    async def _flush(self) -> None:
+        loop = asyncio.get_running_loop()
+        try:
+            while self._pending:
+                batch, self._pending = self._pending, []
+                try:
+                    outcomes = await loop.run_in_executor(self._executor, self._run_batch, batch)
+                except BaseException as exc:  # the COMMIT itself failed: nothing is durable
+                    outcomes = [(False, exc)] * len(batch)
+                for (_, _, future), (ok, value) in zip(batch, outcomes, strict=True):
+                    if future.done():
+                        continue
+                    if ok:
+                        future.set_result(value)
+                    else:
+                        future.set_exception(value)
+        finally:
+            self._flushing = False
+
+    def _run_batch(self, batch: list[_Op]) -> list[tuple[bool, Any]]:
+        conn = self._require()
+        outcomes: list[tuple[bool, Any]] = []
+        conn.execute("BEGIN IMMEDIATE")
+        try:
+            for fn, args, _ in batch:
+                conn.execute("SAVEPOINT op")
+                try:
+                    outcomes.append((True, fn(conn, *args)))
+                except Exception as exc:
+                    conn.execute("ROLLBACK TO op")
+                    outcomes.append((False, exc))
+                conn.execute("RELEASE op")
+        except BaseException:
+            conn.execute("ROLLBACK")
+            raise
+        conn.execute("COMMIT")
+        return outcomes
 
     def _in_tx(self, fn: Callable[..., T], *args: Any) -> T:
         conn = self._require()
@@ -270,6 +327,8 @@ class SQLiteStore:
         return await self._tx(run)
 
     async def close(self) -> None:
+        if self._flusher is not None:
+            await self._flusher  # calls already queued still get their commit
         if self._conn is not None:
             await self._call(self._close)
         self._executor.shutdown(wait=True)

@@ -1,0 +1,242 @@
+"""Flash-sale benchmark: `python -m bench.flash_sale [--orders 20000]`.
+
+One run measures, against the sandbox platform on loopback (its own process):
+  1. the raw limit: plain signed aiohttp delivery calls, as many as the burst, 16 at a time;
+  2. the agent, in-process with its SQLite ledger (synchronous=FULL): a burst of N orders,
+     then a steady stream at --rate orders/s — orders delivered per second, latency from the
+     order being visible on the platform to the delivery being acknowledged, peak RSS, CPU;
+  3. the agent idle with a 2 s poll interval: CPU share.
+and prints the ratio agent/limit. Figures also go to bench/results/flash_sale.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import bisect
+import json
+import resource
+import secrets
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+from agent import logs
+from agent.config import (
+    AgentSettings,
+    AlertSettings,
+    Config,
+    LogSettings,
+    PlatformSettings,
+    SkuSettings,
+    StoreSettings,
+)
+from agent.domain import CardItem
+from agent.keybox import new_master_key, parse_master_key
+from agent.platforms.http import HttpPlatform
+from agent.runtime import run_engine
+from agent.signed_http import SignedClient
+from agent.stats import percentile
+from agent.store.sqlite import SQLiteStore
+from bench.sandbox_process import start_platform_process
+
+SKU = "FLASH-1"
+API_KEY = "bench"
+CONCURRENCY = 64  # in flight at once, for the agent and for the raw-limit client alike
+POLL_INTERVAL = 2.0
+
+
+def cpu_seconds() -> float:
+    usage = resource.getrusage(resource.RUSAGE_SELF)
+    return usage.ru_utime + usage.ru_stime
+
+
+async def raw_limit(client: SignedClient, count: int) -> float:
+    """Delivery calls per second with nothing but aiohttp and the signature in the way."""
+    await client.request(
+        "POST", "/_admin/orders", payload={"sku": SKU, "prefix": "RAW", "count": count}
+    )
+    queue: asyncio.Queue[int] = asyncio.Queue()
+    for i in range(count):
+        queue.put_nowait(i)
+
+    async def worker() -> None:
+        while not queue.empty():
+            i = queue.get_nowait()
+            items = [{"code": "", "secret": f"raw-{i}"}]
+            resp = await client.request(
+                "POST",
+                f"/api/v1/orders/RAW{i:07d}/delivery",
+                payload={"items": items, "message": ""},
+                headers={"Idempotency-Key": f"raw-{i}"},
+            )
+            assert resp.status == 200, resp.status
+
+    start = time.perf_counter()
+    await asyncio.gather(*(worker() for _ in range(CONCURRENCY)))
+    return count / (time.perf_counter() - start)
+
+
+async def timings(client: SignedClient, prefix: str) -> list[tuple[float, float | None]]:
+    resp = await client.request("GET", "/_admin/timings", params={"prefix": prefix})
+    return [(row[1], row[2]) for row in resp.json()["orders"]]
+
+
+async def listing_times(client: SignedClient) -> list[float]:
+    resp = await client.request("GET", "/_admin/timings", params={"prefix": "-"})
+    return sorted(resp.json()["listed_at"])
+
+
+def added_latencies(orders: list[tuple[float, float]], listed: list[float]) -> list[float]:
+    """Per order: delivery ack minus the first listing that could show it (its poll)."""
+    added = []
+    for visible, acked in orders:
+        index = bisect.bisect_left(listed, visible)
+        if index < len(listed) and listed[index] <= acked:
+            added.append(acked - listed[index])
+    return added
+
+
+async def wait_delivered(
+    client: SignedClient, prefix: str, count: int, limit: float
+) -> list[tuple[float, float]]:
+    deadline = time.monotonic() + limit
+    while True:
+        rows = await timings(client, prefix)
+        done = [(v, d) for v, d in rows if d is not None]
+        if len(rows) >= count and len(done) == count:
+            return done
+        if time.monotonic() > deadline:
+            raise SystemExit(f"{prefix}: only {len(done)}/{count} delivered in {limit:.0f} s")
+        await asyncio.sleep(0.5)
+
+
+def bench_config(workdir: Path, base_url: str) -> Config:
+    return Config(
+        source=workdir / "bench.toml",
+        agent=AgentSettings(
+            poll_interval=POLL_INTERVAL,
+            sweep_interval=5.0,
+            reconcile_interval=3600,
+            concurrency=CONCURRENCY,
+        ),
+        store=StoreSettings(path=workdir / "kami.db"),
+        log=LogSettings(level="warning"),
+        platforms=(
+            PlatformSettings(
+                name="main",
+                kind="http",
+                base_url=base_url,
+                api_key=API_KEY,
+                secret_name="bench",
+                timeout=10.0,
+                page_size=1000,
+            ),
+        ),
+        skus={SKU: SkuSettings(sku=SKU, max_quantity=5, lead_time=0.0)},
+        alerts=AlertSettings(forecast_interval=60.0),
+    )
+
+
+async def run(
+    orders: int, rate: float, steady_seconds: float, idle_seconds: float
+) -> dict[str, Any]:
+    secret = secrets.token_hex(16)
+    process, base_url = start_platform_process(API_KEY, secret)
+    client = SignedClient(base_url, API_KEY, secret, timeout=30.0)
+    workdir = Path(tempfile.mkdtemp(prefix="kami-bench-"))
+    logs.configure("warning", (workdir / "agent.log").open("w", encoding="utf-8"))
+    try:
+        limit = await raw_limit(client, orders)
+        print(f"raw limit: {limit:,.0f} delivery calls/s")
+
+        config = bench_config(workdir, base_url)
+        store = SQLiteStore(config.store.path, parse_master_key(new_master_key()))
+        await store.open()
+        steady_count = int(rate * steady_seconds)
+        keys = (
+            CardItem("", f"key-{i}-{secrets.token_hex(6)}") for i in range(orders + steady_count)
+        )
+        await store.import_keys(SKU, keys, "bench", time.time())
+        platform = HttpPlatform(config.platforms[0], secret)
+        stop = asyncio.Event()
+        cpu0, wall0 = cpu_seconds(), time.perf_counter()
+        engine = asyncio.create_task(run_engine(config, store, {"main": platform}, stop))
+
+        await client.request(
+            "POST", "/_admin/orders", payload={"sku": SKU, "prefix": "BURST", "count": orders}
+        )
+        burst = await wait_delivered(client, "BURST", orders, 600)
+        first_ack, last_ack = min(d for _, d in burst), max(d for _, d in burst)
+        visible = min(v for v, _ in burst)
+        print(f"burst: {orders:,} orders delivered in {last_ack - visible:.1f} s")
+
+        await client.request(
+            "POST",
+            "/_admin/stream",
+            payload={"sku": SKU, "prefix": "STEADY", "rate": rate, "count": steady_count},
+        )
+        steady = await wait_delivered(client, "STEADY", steady_count, 120)
+        latencies = [d - v for v, d in steady]
+        added = added_latencies(steady, await listing_times(client))
+        busy_cpu, busy_wall = cpu_seconds() - cpu0, time.perf_counter() - wall0
+
+        await asyncio.sleep(POLL_INTERVAL)  # let the last poll land
+        cpu_idle0, idle0 = cpu_seconds(), time.perf_counter()
+        await asyncio.sleep(idle_seconds)
+        idle_share = (cpu_seconds() - cpu_idle0) / (time.perf_counter() - idle0)
+
+        stop.set()
+        await engine
+        await platform.close()
+        await store.close()
+    finally:
+        await client.close()
+        process.terminate()
+
+    delivered_per_s = orders / (last_ack - first_ack)
+    return {
+        "orders_burst": orders,
+        "steady_rate_per_s": rate,
+        "steady_orders": steady_count,
+        "raw_limit_calls_per_s": round(limit, 1),
+        "agent_delivered_per_s": round(delivered_per_s, 1),
+        "ratio_agent_to_limit": round(delivered_per_s / limit, 3),
+        "burst_seconds_visible_to_last_ack": round(last_ack - visible, 2),
+        "steady_latency_ms": {
+            "p50": round(percentile(latencies, 0.5) * 1000, 1),
+            "p99": round(percentile(latencies, 0.99) * 1000, 1),
+            "max": round(max(latencies) * 1000, 1),
+        },
+        "steady_added_latency_after_poll_ms": {
+            "p50": round(percentile(added, 0.5) * 1000, 1),
+            "p99": round(percentile(added, 0.99) * 1000, 1),
+        },
+        "poll_interval_s": POLL_INTERVAL,
+        "peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
+        "cpu_seconds_busy": round(busy_cpu, 2),
+        "cpu_share_busy": round(busy_cpu / busy_wall, 3),
+        "cpu_share_idle": round(idle_share, 4),
+    }
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--orders", type=int, default=20_000)
+    parser.add_argument("--rate", type=float, default=200.0)
+    parser.add_argument("--steady-seconds", type=float, default=10.0)
+    parser.add_argument("--idle-seconds", type=float, default=10.0)
+    parser.add_argument("--json", default="bench/results/flash_sale.json")
+    args = parser.parse_args()
+    started = time.perf_counter()
+    result = asyncio.run(run(args.orders, args.rate, args.steady_seconds, args.idle_seconds))
+    result["bench_wall_seconds"] = round(time.perf_counter() - started, 1)
+    target = Path(args.json)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    target.write_text(json.dumps(result, indent=2) + "\n", encoding="utf-8")
+    print(json.dumps(result, indent=2))
+
+
+if __name__ == "__main__":
+    main()
