@@ -466,7 +466,7 @@ def _parse_notify(name: str, s: _Section, top: _Section) -> NotifySettings:
     return NotifySettings(name=name, kind=kind, options=options)
 
 
-SUPPLIER_KINDS = ("http",)
+SUPPLIER_KINDS = ("http", "fulu")
 
 
 def _parse_supplier(name: str, s: _Section, top: _Section) -> SupplierSettings:

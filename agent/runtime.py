@@ -23,6 +23,7 @@ from agent.service import notify, watchdog_interval
 from agent.store.base import Store
 from agent.store.sqlite import SQLiteStore
 from agent.suppliers.base import Supplier
+from agent.suppliers.fulu import FuluSupplier
 from agent.suppliers.http import HttpSupplier
 
 log = get_logger("kami.runtime")
@@ -45,7 +46,10 @@ def build_platforms(config: Config) -> dict[str, Platform]:
 
 
 def build_supplier(settings: SupplierSettings) -> Supplier:
-    return HttpSupplier(settings, resolve_secret(settings.secret_name))
+    secret = resolve_secret(settings.secret_name)
+    if settings.kind == "fulu":
+        return FuluSupplier(settings, secret)
+    return HttpSupplier(settings, secret)
 
 
 def build_suppliers(config: Config) -> dict[str, Supplier]:

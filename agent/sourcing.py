@@ -114,7 +114,9 @@ class Sourcing:
             return await self._reload(line)
         try:
             if purchase.state == PurchaseState.PROCESSING and purchase.purchase_id:
-                result: PurchaseResult | None = await supplier.get_purchase(purchase.purchase_id)
+                result: PurchaseResult | None = await supplier.get_purchase(
+                    purchase.purchase_id, purchase.merchant_ref
+                )
             else:
                 result = await supplier.find_purchase(purchase.merchant_ref)
         except AgentError as exc:

@@ -72,7 +72,7 @@ class HttpSupplier:
         raise_for_status(resp, "supplier", unknown_outcome=False)
         return parse_purchase(resp.json())
 
-    async def get_purchase(self, purchase_id: str) -> PurchaseResult:
+    async def get_purchase(self, purchase_id: str, merchant_ref: str) -> PurchaseResult:
         resp = await self._client.request("GET", f"/api/v1/purchases/{quote_segment(purchase_id)}")
         raise_for_status(resp, "supplier", unknown_outcome=False)
         return parse_purchase(resp.json())
