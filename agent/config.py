@@ -67,6 +67,8 @@ class PlatformSettings:
     secret_name: str
     timeout: float = 10.0
     page_size: int = 100
+    # Use the platform's long-poll endpoint (GET /api/v1/orders/wait) when it offers one.
+    long_poll: bool = False
 
 
 @dataclass(frozen=True, slots=True)
@@ -236,6 +238,14 @@ class _Section:
             raise self.error(key, f"must be between {minimum} and {maximum}, got {value}")
         return value
 
+    def boolean(self, key: str, default: bool) -> bool:
+        value = self._get(key)
+        if value is None:
+            return default
+        if not isinstance(value, bool):
+            raise self.error(key, f"must be true or false, got {value!r}")
+        return value
+
     def url(self, key: str) -> str:
         value = self.string(key, required=True)
         parsed = urlparse(value)
@@ -362,6 +372,7 @@ def _parse_platform(name: str, s: _Section, top: _Section) -> PlatformSettings:
         secret_name=s.string("secret", required=True),
         timeout=s.number("timeout", 10.0, minimum=0.1, maximum=300),
         page_size=s.integer("page_size", 100, minimum=1, maximum=1000),
+        long_poll=s.boolean("long_poll", False),
     )
     s.reject_unknown()
     return settings

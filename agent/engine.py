@@ -11,7 +11,7 @@ from __future__ import annotations
 import asyncio
 import time
 from collections import Counter
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -26,6 +26,7 @@ from agent.domain import (
     DeliveryConflict,
     LineState,
     OrderLine,
+    OrderPage,
     Permanent,
     PlatformOrder,
     RejectedOrder,
@@ -166,39 +167,11 @@ class Engine:
         cursor = None if from_start else await self.store.get_cursor(platform_name)
         taken = 0
         for _ in range(MAX_PAGES_PER_POLL):
-            try:
-                page = await platform.list_paid(cursor)
-                self.auth_failures.discard(platform_name)
-            except AuthFailed as exc:
-                self.auth_failures.add(platform_name)
-                log.error("platform_auth_failed", platform=platform_name, error=str(exc))
+            page = await self._fetch(platform_name, platform.list_paid(cursor))
+            if page is None:
                 return taken
-            except AgentError as exc:
-                log.warning(
-                    "poll_failed", platform=platform_name, error=str(exc), kind=type(exc).__name__
-                )
-                return taken
-            if page.unidentifiable:
-                log.warning("orders_without_id", platform=platform_name, count=page.unidentifiable)
-            screened = [s for o in page.orders if (s := screen_order(o, self.skus)) is not None]
-            new_ids = await self.store.ingest(platform_name, screened, self.clock())
-            crash_point("after_ingest")
-            self.stats.polled_orders += len(page.orders)
-            for order in screened:
-                if isinstance(order, RejectedOrder):
-                    log.warning(
-                        "order_rejected",
-                        platform=platform_name,
-                        order_id=order.order_id,
-                        reason=order.reason,
-                    )
-            if new_ids:
-                log.info("orders_taken", platform=platform_name, count=len(new_ids))
-                self.dispatch(new_ids)
-                taken += len(new_ids)
+            taken += await self._take_page(platform_name, page)
             if page.next_cursor and page.next_cursor != cursor:
-                # Only after the page is committed, so a crash re-reads rather than skips.
-                await self.store.set_cursor(platform_name, page.next_cursor, self.clock())
                 cursor = page.next_cursor
             elif page.has_more:
                 log.warning("cursor_did_not_advance", platform=platform_name)
@@ -206,6 +179,62 @@ class Engine:
             if not page.has_more:
                 break
         return taken
+
+    async def long_poll(self, platform_name: str, wait_seconds: float) -> None:
+        """Takes orders in as the platform announces them, so latency does not wait for the
+        next poll. Runs until cancelled; polling stays on as the safety net."""
+        platform = self.platforms[platform_name]
+        while True:
+            cursor = await self.store.get_cursor(platform_name)
+            try:
+                page = await platform.wait_for_orders(cursor, wait_seconds)
+            except Permanent as exc:
+                log.warning("long_poll_unsupported", platform=platform_name, error=str(exc))
+                return
+            except AgentError as exc:
+                log.warning("long_poll_failed", platform=platform_name, error=str(exc))
+                await asyncio.sleep(1.0)
+                continue
+            await self._take_page(platform_name, page)
+
+    async def _fetch(self, platform_name: str, call: Awaitable[OrderPage]) -> OrderPage | None:
+        try:
+            page = await call
+        except AuthFailed as exc:
+            self.auth_failures.add(platform_name)
+            log.error("platform_auth_failed", platform=platform_name, error=str(exc))
+            return None
+        except AgentError as exc:
+            log.warning(
+                "poll_failed", platform=platform_name, error=str(exc), kind=type(exc).__name__
+            )
+            return None
+        self.auth_failures.discard(platform_name)
+        return page
+
+    async def _take_page(self, platform_name: str, page: OrderPage) -> int:
+        """Ingests one page, dispatches its new lines, then advances the stored cursor."""
+        if page.unidentifiable:
+            log.warning("orders_without_id", platform=platform_name, count=page.unidentifiable)
+        screened = [s for o in page.orders if (s := screen_order(o, self.skus)) is not None]
+        new_ids = await self.store.ingest(platform_name, screened, self.clock())
+        crash_point("after_ingest")
+        self.stats.polled_orders += len(page.orders)
+        for order in screened:
+            if isinstance(order, RejectedOrder):
+                log.warning(
+                    "order_rejected",
+                    platform=platform_name,
+                    order_id=order.order_id,
+                    reason=order.reason,
+                )
+        if new_ids:
+            log.info("orders_taken", platform=platform_name, count=len(new_ids))
+            self.dispatch(new_ids)
+        if page.next_cursor:
+            # Only after the page is committed, so a crash re-reads rather than skips.
+            await self.store.set_cursor(platform_name, page.next_cursor, self.clock())
+        return len(new_ids)
 
     async def reconcile_all(self) -> None:
         """Re-list from the start: the cursor is only an optimisation (catch-up on start)."""

@@ -28,6 +28,7 @@ from agent.suppliers.http import HttpSupplier
 
 log = get_logger("kami.runtime")
 DRAIN_GRACE_SECONDS = 20.0
+LONG_POLL_SECONDS = 25.0
 
 
 def open_store(settings: StoreSettings) -> SQLiteStore:
@@ -121,6 +122,11 @@ async def run_engine(
         misfire_grace_time=None,
     )
     scheduler.start()
+    long_polls = [
+        asyncio.create_task(engine.long_poll(p.name, LONG_POLL_SECONDS), name=f"long-poll:{p.name}")
+        for p in config.platforms
+        if p.long_poll and p.name in platforms
+    ]
     notify("READY=1\nSTATUS=delivering")
 
     async def report_status() -> None:
@@ -139,6 +145,8 @@ async def run_engine(
         notify("STOPPING=1\nSTATUS=draining")
         log.info("stopping", backlog=engine.backlog)
         status_task.cancel()
+        for task in long_polls:
+            task.cancel()
         scheduler.shutdown(wait=False)
         await engine.stop_workers(DRAIN_GRACE_SECONDS)
     return engine

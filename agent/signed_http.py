@@ -102,6 +102,7 @@ class SignedClient:
         params: Mapping[str, str | int] | None = None,
         payload: Any = None,
         headers: Mapping[str, str] | None = None,
+        read_timeout: float | None = None,
     ) -> HttpResponse:
         """Raises Transient when the request surely did not reach the server, else Ambiguous."""
         url = self.url_for(path, params)
@@ -114,7 +115,14 @@ class SignedClient:
             all_headers["Content-Type"] = "application/json"
         session = self._session_or_new()
         try:
-            async with session.request(method, url, data=body or None, headers=all_headers) as resp:
+            # A long poll waits longer than an ordinary call may. (timeout=None would mean
+            # "no timeout at all" to aiohttp, so the argument is only passed when set.)
+            extra: dict[str, Any] = {}
+            if read_timeout:
+                extra["timeout"] = aiohttp.ClientTimeout(total=read_timeout)
+            async with session.request(
+                method, url, data=body or None, headers=all_headers, **extra
+            ) as resp:
                 data = await _read_capped(resp)
                 return HttpResponse(
                     resp.status, data, parse_retry_after(resp.headers.get("Retry-After"))

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import asyncio
+import dataclasses
 import time
 from collections import Counter
 from pathlib import Path
@@ -155,3 +157,17 @@ def test_screen_order_rules() -> None:
     assert screen_order(PlatformOrder("1", "delivered", "A", 1), skus) is None
     assert isinstance(screen_order(PlatformOrder("1", "paid", "A", 4), skus), RejectedOrder)
     assert isinstance(screen_order(PlatformOrder("1", "paid", "B", 1), skus), RejectedOrder)
+
+
+async def test_long_poll_takes_orders_without_waiting_for_a_poll(
+    tmp_path: Path, sandbox: SandboxPlatform, store: SQLiteStore
+) -> None:
+    await stock(store, "GAME-100", 5)
+    config = make_config(tmp_path, sandbox.base_url, poll_interval=3600, reconcile_interval=3600)
+    main = dataclasses.replace(config.platforms[0], long_poll=True)
+    config = dataclasses.replace(config, platforms=(main,))
+    async with running_agent(config, store, sandbox):
+        await wait_for(lambda: sandbox.requests >= 3, "start-up poll, reconcile, long poll")
+        await asyncio.sleep(0.2)  # let the start-up listings finish
+        order_id = sandbox.add_order("GAME-100")  # the next poll is an hour away
+        await wait_for(delivered_all(sandbox, [order_id]), "delivery via long poll")

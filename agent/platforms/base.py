@@ -15,6 +15,11 @@ class Platform(Protocol):
         """One page of paid orders after `cursor` (None = from the start)."""
         ...
 
+    async def wait_for_orders(self, cursor: str | None, wait_seconds: float) -> OrderPage:
+        """Long poll: returns as soon as paid orders after `cursor` exist (or the wait ends).
+        Raises Permanent when the platform does not offer it."""
+        ...
+
     async def get_order(self, order_id: str) -> RemoteDelivery:
         """The platform's view of one order, used to reconcile after an ambiguous call."""
         ...

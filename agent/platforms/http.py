@@ -61,6 +61,19 @@ class HttpPlatform:
         except ParseError as exc:
             raise BadResponse(f"order list: {exc}") from None
 
+    async def wait_for_orders(self, cursor: str | None, wait_seconds: float) -> OrderPage:
+        params: dict[str, str | int] = {"timeout": int(wait_seconds), "limit": self._page_size}
+        if cursor:
+            params["cursor"] = cursor
+        resp = await self._client.request(
+            "GET", "/api/v1/orders/wait", params=params, read_timeout=wait_seconds + 10
+        )
+        raise_for_status(resp, "platform", unknown_outcome=False)
+        try:
+            return parse_order_page(resp.json())
+        except ParseError as exc:
+            raise BadResponse(f"order wait: {exc}") from None
+
     async def get_order(self, order_id: str) -> RemoteDelivery:
         resp = await self._read(f"/api/v1/orders/{quote_segment(order_id)}")
         try:

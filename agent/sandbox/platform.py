@@ -7,6 +7,8 @@ distinct keys per order, no key to two orders, re-sends only with the same key).
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import json
 import time
 from dataclasses import dataclass, field
@@ -59,6 +61,7 @@ class SandboxPlatform(SignedSandbox):
         self._idempotent: dict[str, tuple[int, dict[str, Any]]] = {}
         self.delivery_calls: list[DeliveryCall] = []
         self.refunds: list[str] = []
+        self._arrivals = asyncio.Event()
         self._next_id = 1
 
     # --- test/demo API ------------------------------------------------------------------------
@@ -89,6 +92,8 @@ class SandboxPlatform(SignedSandbox):
             data=data if isinstance(data, dict) else {"raw": data}, visible_at=time.time()
         )
         self._sequence.append(order_id)
+        self._arrivals.set()  # wake long polls
+        self._arrivals = asyncio.Event()
 
     def set_status(self, order_id: str, status: str) -> None:
         self.orders[order_id].data["status"] = status
@@ -113,6 +118,7 @@ class SandboxPlatform(SignedSandbox):
 
     def routes(self, app: web.Application) -> None:
         app.router.add_get("/api/v1/orders", self._list)
+        app.router.add_get("/api/v1/orders/wait", self._wait)
         app.router.add_get("/api/v1/orders/{id}", self._get)
         app.router.add_post("/api/v1/orders/{id}/delivery", self._deliver)
         app.router.add_post("/api/v1/orders/{id}/notice", self._notice)
@@ -143,6 +149,22 @@ class SandboxPlatform(SignedSandbox):
                 "has_more": position < len(self._sequence),
             }
         )
+
+    async def _wait(self, request: web.Request) -> web.Response:
+        """Long poll: answers as soon as a paid order exists after the cursor."""
+        try:
+            position = int(request.query.get("cursor") or 0)
+            wait = min(float(request.query.get("timeout", "25")), 30.0)
+        except ValueError:
+            return self.error(400, "bad_cursor", "cursor and timeout must be numbers")
+        deadline = time.monotonic() + wait
+        while not any(self.orders[oid].status == "paid" for oid in self._sequence[position:]):
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                break
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._arrivals.wait(), remaining)
+        return await self._list(request)
 
     async def _get(self, request: web.Request) -> web.Response:
         order = self.orders.get(request.match_info["id"])
