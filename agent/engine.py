@@ -24,6 +24,7 @@ from agent.domain import (
     AuthFailed,
     CardItem,
     DeliveryConflict,
+    DeliveryIntent,
     LineState,
     OrderLine,
     OrderPage,
@@ -257,6 +258,9 @@ class Engine:
                 line = await self.sourcing.fill(line, suppliers=not waiting)
             elif waiting:
                 return
+            elif line.state == LineState.NEW and self.sourcing.local_only(line.sku):
+                await self._claim_and_deliver(line)
+                return
             elif line.state == LineState.NEW:
                 line = await self.sourcing.fill(line)
             elif line.state == LineState.PURCHASING:
@@ -271,6 +275,21 @@ class Engine:
                         "backordered", order_id=line.order_id, sku=line.sku, quantity=line.quantity
                     )
                 return
+
+    async def _claim_and_deliver(self, line: OrderLine) -> None:
+        """The common case in one ledger call: bind the keys and commit the delivery intent
+        together (a flash sale is mostly this), then deliver."""
+        platform = self.platforms.get(line.platform)
+        if platform is None:
+            await self._park(line, f"platform {line.platform!r} is not configured")
+            return
+        claimed = await self.store.claim_for_delivery(line.id, self.clock())
+        crash_point("after_allocate")
+        if isinstance(claimed, DeliveryIntent):
+            crash_point("after_intent")
+            await self._send(platform, claimed.line, claimed)
+        elif claimed.state == LineState.BACKORDERED:
+            log.info("backordered", order_id=line.order_id, sku=line.sku, quantity=line.quantity)
 
     async def poll_balances(self) -> None:
         for name, supplier in self.suppliers.items():
@@ -310,6 +329,10 @@ class Engine:
             await self._park(line, str(exc))
             return
         crash_point("after_intent")
+        await self._send(platform, line, intent)
+
+    async def _send(self, platform: Platform, line: OrderLine, intent: DeliveryIntent) -> None:
+        """The delivery call, its intent already committed; then its outcome committed."""
         message = self._message_for(line.sku)
         try:
             await platform.deliver(line.order_id, intent.idempotency_key, intent.items, message)

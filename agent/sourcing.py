@@ -59,6 +59,9 @@ class Sourcing:
         settings = self.skus.get(sku)
         return settings.sources if settings is not None else (LOCAL_SOURCE,)
 
+    def local_only(self, sku: str) -> bool:
+        return self.sources(sku) == (LOCAL_SOURCE,)
+
     def buys(self, sku: str) -> bool:
         return any(source != LOCAL_SOURCE for source in self.sources(sku))
 

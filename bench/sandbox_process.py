@@ -22,6 +22,8 @@ class BenchPlatform(SandboxPlatform):
     def __init__(self, api_key: str, secret: str) -> None:
         super().__init__(api_key=api_key, secret=secret)
         self.listed_at: list[float] = []
+        self.delivered_by_prefix: dict[str, int] = {}
+        self.counted: set[str] = set()
 
     async def _list(self, request: web.Request) -> web.Response:
         self.listed_at.append(time.time())
@@ -32,6 +34,7 @@ class BenchPlatform(SandboxPlatform):
         app.router.add_post("/_admin/orders", self._admin_orders)
         app.router.add_post("/_admin/stream", self._admin_stream)
         app.router.add_get("/_admin/timings", self._admin_timings)
+        app.router.add_get("/_admin/progress", self._admin_progress)
 
     async def _admin_orders(self, request: web.Request) -> web.Response:
         body = await request.json()
@@ -56,6 +59,23 @@ class BenchPlatform(SandboxPlatform):
             if delay > 0:
                 await asyncio.sleep(delay)
             self.add_order(sku, order_id=f"{prefix}{i:07d}")
+
+    async def _admin_progress(self, request: web.Request) -> web.Response:
+        """Cheap enough to ask twice a second without slowing the platform down."""
+        return web.json_response({"delivered": self.delivered_count(request.query["prefix"])})
+
+    def delivered_count(self, prefix: str) -> int:
+        counts = self.delivered_by_prefix
+        return counts.get(prefix, 0)
+
+    async def _deliver(self, request: web.Request) -> web.StreamResponse:
+        response = await super()._deliver(request)
+        order_id = request.match_info["id"]
+        if response.status == 200 and order_id not in self.counted:
+            self.counted.add(order_id)
+            prefix = order_id.rstrip("0123456789")
+            self.delivered_by_prefix[prefix] = self.delivered_by_prefix.get(prefix, 0) + 1
+        return response
 
     async def _admin_timings(self, request: web.Request) -> web.Response:
         prefix = request.query["prefix"]

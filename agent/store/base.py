@@ -88,6 +88,11 @@ class Store(Protocol):
         """Stores bought keys and binds them to the line in the same transaction."""
         ...
 
+    async def claim_for_delivery(self, line_id: int, now: float) -> DeliveryIntent | OrderLine:
+        """allocate + begin_delivery in one transaction: the intent if the keys were bound,
+        else the line (backordered, or in whatever state it already was)."""
+        ...
+
     async def begin_delivery(self, line_id: int, now: float) -> DeliveryIntent:
         """allocated/delivering -> delivering: commits the idempotency key before the call."""
         ...

@@ -14,6 +14,7 @@ import sqlite3
 import time
 from collections.abc import Callable, Iterable, Sequence
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import replace
 from importlib import resources
 from pathlib import Path
 from typing import Any, TypeVar
@@ -547,7 +548,17 @@ class SQLiteStore:
         )
         fps = ",".join(f"#{k[0]}:{bytes(k[1]).hex()[:10]}" for k in keys)
         self._event(conn, line_id, "allocated", f"keys {fps}", now)
-        return self._fetch_line(conn, line_id)
+        # What the UPDATE above wrote, without reading the row back (hot path).
+        return replace(line, state=LineState.ALLOCATED, next_attempt_at=0.0)
+
+    async def claim_for_delivery(self, line_id: int, now: float) -> DeliveryIntent | OrderLine:
+        def run(conn: sqlite3.Connection) -> DeliveryIntent | OrderLine:
+            line = self._allocate(conn, line_id, now)
+            if line.state != LineState.ALLOCATED:
+                return line
+            return self._begin_delivery(conn, line_id, now)
+
+        return await self._tx(run)
 
     async def begin_delivery(self, line_id: int, now: float) -> DeliveryIntent:
         return await self._tx(self._begin_delivery, line_id, now)
@@ -575,7 +586,9 @@ class SQLiteStore:
         )
         self._event(conn, line_id, "delivery_intent", f"attempt {line.attempts + 1} key {key}", now)
         return DeliveryIntent(
-            line=self._fetch_line(conn, line_id),
+            line=replace(
+                line, state=LineState.DELIVERING, delivery_key=key, attempts=line.attempts + 1
+            ),
             idempotency_key=key,
             items=tuple(self._open_rows([k[1:] for k in keys])),
             key_ids=tuple(k[0] for k in keys),
@@ -592,7 +605,9 @@ class SQLiteStore:
                 (now, now, line_id),
             )
             self._event(conn, line_id, "delivered", detail, now)
-            return self._fetch_line(conn, line_id)
+            return replace(
+                line, state=LineState.DELIVERED, delivered_at=now, ambiguous=False, reason=None
+            )
 
         return await self._tx(run)
 
