@@ -357,20 +357,29 @@ def _parse_store(s: _Section, source: Path) -> StoreSettings:
     return StoreSettings(path=path, key_secret=key_secret)
 
 
+PLATFORM_KINDS = ("http",)
+
+
+def _endpoint(s: _Section, what: str, kinds: tuple[str, ...]) -> dict[str, Any]:
+    """What platforms and suppliers share: protocol kind, where, and how to sign."""
+    kind = s.string("kind", kinds[0])
+    if kind not in kinds:
+        raise s.error("kind", f"unknown {what} kind {kind!r} (known: {', '.join(kinds)})")
+    return {
+        "kind": kind,
+        "base_url": s.url("base_url"),
+        "api_key": s.string("api_key", required=True),
+        "secret_name": s.string("secret", required=True),
+        "timeout": s.number("timeout", 10.0, minimum=0.1, maximum=300),
+    }
+
+
 def _parse_platform(name: str, s: _Section, top: _Section) -> PlatformSettings:
     if not _NAME_RE.match(name):
         raise top.error(f"platforms.{name}", "name must be letters, digits, '.', '_' or '-'")
-    kind = s.string("kind", "http")
-    if kind != "http":
-        raise s.error("kind", f"unknown platform kind {kind!r} (known: http)")
-    base_url = s.url("base_url")
     settings = PlatformSettings(
         name=name,
-        kind=kind,
-        base_url=base_url,
-        api_key=s.string("api_key", required=True),
-        secret_name=s.string("secret", required=True),
-        timeout=s.number("timeout", 10.0, minimum=0.1, maximum=300),
+        **_endpoint(s, "platform", PLATFORM_KINDS),
         page_size=s.integer("page_size", 100, minimum=1, maximum=1000),
         long_poll=s.boolean("long_poll", False),
     )
@@ -485,19 +494,9 @@ def _parse_supplier(name: str, s: _Section, top: _Section) -> SupplierSettings:
         raise top.error(
             f"suppliers.{name}", "name must be letters, digits, '.', '_' or '-' and not 'local'"
         )
-    kind = s.string("kind", "http")
-    if kind not in SUPPLIER_KINDS:
-        raise s.error(
-            "kind", f"unknown supplier kind {kind!r} (known: {', '.join(SUPPLIER_KINDS)})"
-        )
-    base_url = s.url("base_url")
     settings = SupplierSettings(
         name=name,
-        kind=kind,
-        base_url=base_url,
-        api_key=s.string("api_key", required=True),
-        secret_name=s.string("secret", required=True),
-        timeout=s.number("timeout", 10.0, minimum=0.1, maximum=300),
+        **_endpoint(s, "supplier", SUPPLIER_KINDS),
         unknown_window=s.number("unknown_window", 600.0, minimum=1, maximum=7 * 86400),
         query_grace=s.number("query_grace", 10.0, minimum=0, maximum=3600),
         processing_poll=s.number("processing_poll", 2.0, minimum=0.05, maximum=3600),

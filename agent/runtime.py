@@ -17,7 +17,7 @@ from agent.notify.base import Notifier
 from agent.notify.factory import build_notifier
 from agent.platforms.base import Platform
 from agent.platforms.http import HttpPlatform
-from agent.scheduler import build_scheduler, guarded
+from agent.scheduler import Job, build_scheduler
 from agent.secrets import resolve_secret
 from agent.service import notify, watchdog_interval
 from agent.store.base import Store
@@ -78,7 +78,18 @@ async def run_engine(
     resumed = await engine.sweep()  # every non-terminal line left by the last run
     log.info("started", platforms=list(platforms), resumed_lines=resumed)
 
-    watchdog = None
+    evaluator = AlertEvaluator(config, store, engine.clock, engine.balances, engine.auth_failures)
+    drainer = OutboxDrainer(store, notifiers or {}, engine.clock)
+    buyers = BuyerCare(config, store, platforms, engine.clock)
+
+    async def watch() -> None:
+        await evaluator.run()
+        await buyers.run()
+
+    jobs = [
+        Job("forecast", watch, config.alerts.forecast_interval),
+        Job("outbox", drainer.drain, config.alerts.outbox_interval),
+    ]
     interval = watchdog_interval()
     if interval is not None:
         seen = {"handled": -1}
@@ -93,34 +104,8 @@ async def run_engine(
                 notify("WATCHDOG=1")
             seen["handled"] = handled
 
-        watchdog = (interval, ping)
-    evaluator = AlertEvaluator(config, store, engine.clock, engine.balances, engine.auth_failures)
-    drainer = OutboxDrainer(store, notifiers or {}, engine.clock)
-    buyers = BuyerCare(config, store, platforms, engine.clock)
-
-    async def watch() -> None:
-        await evaluator.run()
-        await buyers.run()
-
-    scheduler = build_scheduler(engine, config.agent, watchdog)
-    scheduler.add_job(
-        guarded("forecast", watch),
-        "interval",
-        seconds=config.alerts.forecast_interval,
-        id="forecast",
-        coalesce=True,
-        max_instances=1,
-        misfire_grace_time=None,
-    )
-    scheduler.add_job(
-        guarded("outbox", drainer.drain),
-        "interval",
-        seconds=config.alerts.outbox_interval,
-        id="outbox",
-        coalesce=True,
-        max_instances=1,
-        misfire_grace_time=None,
-    )
+        jobs.append(Job("watchdog", ping, interval))
+    scheduler = build_scheduler(engine, config.agent, jobs)
     scheduler.start()
     long_polls = [
         asyncio.create_task(engine.long_poll(p.name, LONG_POLL_SECONDS), name=f"long-poll:{p.name}")

@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Sequence
+from dataclasses import dataclass
 from datetime import UTC, datetime
 
 from apscheduler.schedulers.asyncio import AsyncIOScheduler
@@ -31,14 +32,20 @@ def guarded(name: str, func: JobFunc) -> Callable[[], Awaitable[None]]:
     return job
 
 
+@dataclass(frozen=True, slots=True)
+class Job:
+    name: str
+    func: JobFunc
+    every: float  # seconds
+    at_start: bool = False  # also run right away
+
+
 def build_scheduler(
-    engine: Engine, settings: AgentSettings, watchdog: tuple[float, JobFunc] | None = None
+    engine: Engine, settings: AgentSettings, extra: Sequence[Job] = ()
 ) -> AsyncIOScheduler:
+    """Every periodic job: coalesced, one instance at a time, errors to our log."""
     # "max instances reached" is expected when a poll outlasts its interval; not news.
     logging.getLogger("apscheduler").setLevel(logging.ERROR)
-    scheduler = AsyncIOScheduler(timezone=UTC)
-    now = datetime.now(UTC)
-    common = {"coalesce": True, "max_instances": 1, "misfire_grace_time": None}
 
     def poll_job(name: str) -> JobFunc:
         async def poll() -> int:
@@ -46,42 +53,29 @@ def build_scheduler(
 
         return poll
 
-    for name in engine.platforms:
-        scheduler.add_job(
-            guarded(f"poll:{name}", poll_job(name)),
-            "interval",
-            seconds=settings.poll_interval,
-            id=f"poll:{name}",
-            next_run_time=now,
-            **common,
-        )
-    scheduler.add_job(
-        guarded("reconcile", engine.reconcile_all),
-        "interval",
-        seconds=settings.reconcile_interval,
-        id="reconcile",
-        next_run_time=now,  # catch-up on orders paid while we were down
-        **common,
-    )
+    jobs = [
+        Job(f"poll:{name}", poll_job(name), settings.poll_interval, at_start=True)
+        for name in engine.platforms
+    ]
+    # at start: catch up on orders paid while we were down
+    jobs.append(Job("reconcile", engine.reconcile_all, settings.reconcile_interval, True))
     if engine.suppliers:
+        jobs.append(Job("balances", engine.poll_balances, settings.balance_interval, True))
+    jobs.append(Job("sweep", engine.sweep, settings.sweep_interval))
+    jobs.extend(extra)
+
+    scheduler = AsyncIOScheduler(timezone=UTC)
+    now = datetime.now(UTC)
+    for job in jobs:
+        start = {"next_run_time": now} if job.at_start else {}
         scheduler.add_job(
-            guarded("balances", engine.poll_balances),
+            guarded(job.name, job.func),
             "interval",
-            seconds=settings.balance_interval,
-            id="balances",
-            next_run_time=now,
-            **common,
-        )
-    scheduler.add_job(
-        guarded("sweep", engine.sweep),
-        "interval",
-        seconds=settings.sweep_interval,
-        id="sweep",
-        **common,
-    )
-    if watchdog is not None:
-        interval, ping = watchdog
-        scheduler.add_job(
-            guarded("watchdog", ping), "interval", seconds=interval, id="watchdog", **common
+            seconds=job.every,
+            id=job.name,
+            coalesce=True,
+            max_instances=1,
+            misfire_grace_time=None,
+            **start,
         )
     return scheduler
