@@ -1,0 +1,297 @@
+"""SQLite ledger plumbing: the connection and its worker thread, group commit, migrations,
+the keys that seal card keys, and the row helpers the other ledger modules share."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import sqlite3
+import time
+from collections.abc import Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from importlib import resources
+from pathlib import Path
+from typing import Any, TypeVar
+
+from agent.domain import (
+    CardItem,
+    LineState,
+    OrderLine,
+    Purchase,
+    PurchaseState,
+)
+from agent.keybox import KEY_BYTES, KeyBox, unwrap, wrap
+from agent.store.base import StoreError
+
+T = TypeVar("T")
+# A queued store call: the function, its arguments, and the future its caller awaits.
+_Op = tuple[Callable[..., Any], tuple[Any, ...], "asyncio.Future[Any]"]
+
+IMPORT_BATCH = 20_000
+LINE_COLUMNS = (
+    "id, platform, order_id, line, sku, quantity, state, reason, attempts, next_attempt_at,"
+    " ambiguous, delivery_key, seen_at, delivered_at, buyer_contact, paid_at"
+)
+
+
+def line_from_row(row: sqlite3.Row | tuple[Any, ...]) -> OrderLine:
+    return OrderLine(
+        id=row[0],
+        platform=row[1],
+        order_id=row[2],
+        line=row[3],
+        sku=row[4],
+        quantity=row[5],
+        state=LineState(row[6]),
+        reason=row[7],
+        attempts=row[8],
+        next_attempt_at=row[9],
+        ambiguous=bool(row[10]),
+        delivery_key=row[11],
+        seen_at=row[12],
+        delivered_at=row[13],
+        buyer_contact=row[14],
+        paid_at=row[15],
+    )
+
+
+PURCHASE_COLUMNS = (
+    "id, order_line_id, supplier, sku, quantity, merchant_ref, state, purchase_id, failure,"
+    " created_at, unknown_since"
+)
+
+
+def purchase_from_row(row: tuple[Any, ...]) -> Purchase:
+    return Purchase(
+        id=row[0],
+        order_line_id=row[1],
+        supplier=row[2],
+        sku=row[3],
+        quantity=row[4],
+        merchant_ref=row[5],
+        state=PurchaseState(row[6]),
+        purchase_id=row[7],
+        failure=row[8],
+        created_at=row[9],
+        unknown_since=row[10],
+    )
+
+
+def migrations() -> list[tuple[int, str]]:
+    folder = resources.files("agent.store.migrations").joinpath("sqlite")
+    found = []
+    for entry in folder.iterdir():
+        if entry.name.endswith(".sql"):
+            found.append((int(entry.name.split("_", 1)[0]), entry.read_text(encoding="utf-8")))
+    return sorted(found)
+
+
+class SQLiteBase:
+    """Plumbing: the worker thread, group commit, migrations, the sealing keys."""
+
+    def __init__(self, path: Path | str, master_key: bytes) -> None:
+        self.path = Path(path)
+        self._master_key = master_key
+        self._keybox: KeyBox | None = None
+        self._executor = self._new_executor()
+        self._conn: sqlite3.Connection | None = None
+        self._pending: list[_Op] = []
+        self._flushing = False
+        self._flusher: asyncio.Task[None] | None = None
+
+    @staticmethod
+    def _new_executor() -> ThreadPoolExecutor:
+        return ThreadPoolExecutor(max_workers=1, thread_name_prefix="kami-sqlite")
+
+    # --- plumbing -------------------------------------------------------------------------
+    async def _call(self, fn: Callable[..., T], *args: Any) -> T:
+        loop = asyncio.get_running_loop()
+        return await loop.run_in_executor(self._executor, fn, *args)
+
+    async def _tx(self, fn: Callable[..., T], *args: Any) -> T:
+        """Runs fn(conn, *args) atomically and durably, sharing the commit with other calls.
+
+        Group commit: calls that arrive while a transaction is being written queue up and go
+        into the next one together, each inside its own SAVEPOINT, so one call's failure
+        rolls back only that call. A call returns only after the COMMIT that carries it, so
+        "when it returns, it is durable" holds as if every call had its own transaction —
+        at one fsync per batch instead of one per call.
+        """
+        loop = asyncio.get_running_loop()
+        future: asyncio.Future[Any] = loop.create_future()
+        self._pending.append((fn, args, future))
+        if not self._flushing:
+            self._flushing = True
+            self._flusher = loop.create_task(self._flush())
+        return await future  # type: ignore[no-any-return]
+
+    async def _flush(self) -> None:
+        loop = asyncio.get_running_loop()
+        try:
+            while self._pending:
+                batch, self._pending = self._pending, []
+                try:
+                    outcomes = await loop.run_in_executor(self._executor, self._run_batch, batch)
+                except BaseException as exc:  # the COMMIT itself failed: nothing is durable
+                    outcomes = [(False, exc)] * len(batch)
+                for (_, _, future), (ok, value) in zip(batch, outcomes, strict=True):
+                    if future.done():
+                        continue
+                    if ok:
+                        future.set_result(value)
+                    else:
+                        future.set_exception(value)
+        finally:
+            self._flushing = False
+
+    def _run_batch(self, batch: list[_Op]) -> list[tuple[bool, Any]]:
+        conn = self._require()
+        outcomes: list[tuple[bool, Any]] = []
+        conn.execute("BEGIN IMMEDIATE")
+        try:
+            for fn, args, _ in batch:
+                conn.execute("SAVEPOINT op")
+                try:
+                    outcomes.append((True, fn(conn, *args)))
+                except Exception as exc:
+                    conn.execute("ROLLBACK TO op")
+                    outcomes.append((False, exc))
+                conn.execute("RELEASE op")
+        except BaseException:
+            conn.execute("ROLLBACK")
+            raise
+        conn.execute("COMMIT")
+        return outcomes
+
+    def _in_tx(self, fn: Callable[..., T], *args: Any) -> T:
+        conn = self._require()
+        conn.execute("BEGIN IMMEDIATE")
+        try:
+            result = fn(conn, *args)
+        except BaseException:
+            conn.execute("ROLLBACK")
+            raise
+        conn.execute("COMMIT")
+        return result
+
+    def _require(self) -> sqlite3.Connection:
+        if self._conn is None:
+            raise StoreError("store is not open")
+        return self._conn
+
+    async def open(self) -> None:
+        if self._executor._shutdown:  # reopened after close()
+            self._executor = self._new_executor()
+        await self._call(self._open)
+
+    def _open(self) -> None:
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        if not self.path.exists():
+            # Card keys are money: the ledger is readable by its owner only.
+            fd = os.open(self.path, os.O_CREAT | os.O_WRONLY, 0o600)
+            os.close(fd)
+        conn = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False)
+        conn.execute("PRAGMA journal_mode=WAL")
+        conn.execute("PRAGMA synchronous=FULL")
+        conn.execute("PRAGMA foreign_keys=ON")
+        conn.execute("PRAGMA busy_timeout=10000")
+        self._conn = conn
+        self._migrate(conn)
+        self._keybox = self._in_tx(self._load_keys)
+
+    def _migrate(self, conn: sqlite3.Connection) -> None:
+        conn.execute("CREATE TABLE IF NOT EXISTS schema_version (version INTEGER NOT NULL)")
+        current = conn.execute("SELECT MAX(version) FROM schema_version").fetchone()[0] or 0
+        for version, sql in migrations():
+            if version <= current:
+                continue
+            try:
+                conn.executescript(
+                    f"BEGIN IMMEDIATE;\n{sql}\n"
+                    f"INSERT INTO schema_version (version) VALUES ({version});\nCOMMIT;"
+                )
+            except sqlite3.Error:
+                if conn.in_transaction:
+                    conn.execute("ROLLBACK")
+                raise
+
+    def _load_keys(self, conn: sqlite3.Connection) -> KeyBox:
+        rows = conn.execute(
+            "SELECT id, purpose, wrapped FROM data_keys WHERE retired_at IS NULL ORDER BY id"
+        ).fetchall()
+        if not rows:  # a new ledger: one hash key for its lifetime, a first data key
+            for purpose in ("hash", "data"):
+                self._new_key(conn, purpose, time.time())
+            rows = conn.execute(
+                "SELECT id, purpose, wrapped FROM data_keys WHERE retired_at IS NULL ORDER BY id"
+            ).fetchall()
+        keys = {r[0]: unwrap(self._master_key, r[2], f"{r[1]}:{r[0]}".encode()) for r in rows}
+        data = [r[0] for r in rows if r[1] == "data"]
+        hash_id = next(r[0] for r in rows if r[1] == "hash")
+        return KeyBox({k: keys[k] for k in data}, max(data), keys[hash_id])
+
+    def _new_key(self, conn: sqlite3.Connection, purpose: str, now: float) -> tuple[int, bytes]:
+        key = os.urandom(KEY_BYTES)
+        key_id = int(
+            conn.execute(
+                "INSERT INTO data_keys (purpose, wrapped, created_at) VALUES (?, x'', ?)",
+                (purpose, now),
+            ).lastrowid
+            or 0
+        )
+        conn.execute(
+            "UPDATE data_keys SET wrapped = ? WHERE id = ?",
+            (wrap(self._master_key, key, f"{purpose}:{key_id}".encode()), key_id),
+        )
+        return key_id, key
+
+    @property
+    def keybox(self) -> KeyBox:
+        if self._keybox is None:
+            raise StoreError("store is not open")
+        return self._keybox
+
+    def _key_row(self, sku: str, item: CardItem, source: str, now: float) -> tuple[Any, ...]:
+        key_id, sealed = self.keybox.seal(sku, item)
+        return (sku, key_id, sealed, self.keybox.digest(item), source, now)
+
+    def _open_rows(self, rows: Sequence[tuple[Any, ...]]) -> list[CardItem]:
+        """(sku, key_id, sealed) rows -> card keys."""
+        return [self.keybox.open(r[0], r[1], r[2]) for r in rows]
+
+    async def close(self) -> None:
+        if self._flusher is not None:
+            await self._flusher  # calls already queued still get their commit
+        if self._conn is not None:
+            await self._call(self._close)
+        self._executor.shutdown(wait=True)
+
+    def _close(self) -> None:
+        assert self._conn is not None
+        self._conn.close()
+        self._conn = None
+
+    @staticmethod
+    def _event(conn: sqlite3.Connection, line_id: int, kind: str, detail: str, now: float) -> None:
+        conn.execute(
+            "INSERT INTO events (order_line_id, at, kind, detail) VALUES (?, ?, ?, ?)",
+            (line_id, now, kind, detail),
+        )
+
+    @staticmethod
+    def _refunding(conn: sqlite3.Connection, line_id: int) -> bool:
+        row = conn.execute("SELECT refund_key FROM orders WHERE id = ?", (line_id,)).fetchone()
+        return row is not None and row[0] is not None
+
+    @staticmethod
+    def _fetch_line(conn: sqlite3.Connection, line_id: int) -> OrderLine:
+        row = conn.execute(f"SELECT {LINE_COLUMNS} FROM orders WHERE id = ?", (line_id,)).fetchone()
+        if row is None:
+            raise StoreError(f"no order line with id {line_id}")
+        return line_from_row(row)
+
+    async def integrity_check(self) -> str:
+        def run(conn: sqlite3.Connection) -> str:
+            return str(conn.execute("PRAGMA integrity_check").fetchone()[0])
+
+        return await self._call(run, self._require())

@@ -1,0 +1,432 @@
+"""SQLite ledger: order intake, the order state machine and operator actions."""
+
+from __future__ import annotations
+
+import sqlite3
+from collections.abc import Sequence
+from dataclasses import replace
+from typing import Any
+
+from agent.domain import (
+    DeliveryIntent,
+    LineState,
+    OrderEvent,
+    OrderLine,
+    PlatformOrder,
+    RejectedOrder,
+    delivery_idempotency_key,
+)
+from agent.store.base import StoreError
+from agent.store.sqlite_base import (
+    LINE_COLUMNS,
+    SQLiteBase,
+    line_from_row,
+)
+
+
+class OrdersLedger(SQLiteBase):
+    async def ingest(
+        self, platform: str, orders: Sequence[PlatformOrder | RejectedOrder], now: float
+    ) -> list[int]:
+        if not orders:
+            return []
+        return await self._tx(self._ingest, platform, orders, now)
+
+    def _ingest(
+        self,
+        conn: sqlite3.Connection,
+        platform: str,
+        orders: Sequence[PlatformOrder | RejectedOrder],
+        now: float,
+    ) -> list[int]:
+        ready: list[int] = []
+        for order in orders:
+            existing = conn.execute(
+                "SELECT id, sku, quantity, state FROM orders"
+                " WHERE platform = ? AND order_id = ? AND line = 0",
+                (platform, order.order_id),
+            ).fetchone()
+            if existing is not None:
+                self._check_duplicate(conn, existing, order, now)
+                continue
+            if isinstance(order, RejectedOrder):
+                cur = conn.execute(
+                    "INSERT INTO orders (platform, order_id, line, sku, quantity, state, reason,"
+                    " seen_at, updated_at) VALUES (?, ?, 0, ?, ?, 'needs_attention', ?, ?, ?)",
+                    (platform, order.order_id, order.sku, order.quantity, order.reason, now, now),
+                )
+                line_id = int(cur.lastrowid or 0)
+                self._event(conn, line_id, "rejected", order.reason, now)
+                continue
+            cur = conn.execute(
+                "INSERT INTO orders (platform, order_id, line, sku, quantity, state, paid_at,"
+                " amount, currency, buyer_contact, deliver_by, seen_at, updated_at)"
+                " VALUES (?, ?, 0, ?, ?, 'new', ?, ?, ?, ?, ?, ?, ?)",
+                (
+                    platform,
+                    order.order_id,
+                    order.sku,
+                    order.quantity,
+                    order.paid_at,
+                    order.amount,
+                    order.currency,
+                    order.buyer_contact,
+                    order.deliver_by,
+                    now,
+                    now,
+                ),
+            )
+            line_id = int(cur.lastrowid or 0)
+            self._event(conn, line_id, "intake", f"sku={order.sku} quantity={order.quantity}", now)
+            ready.append(line_id)
+        return ready
+
+    def _check_duplicate(
+        self,
+        conn: sqlite3.Connection,
+        existing: tuple[Any, ...],
+        order: PlatformOrder | RejectedOrder,
+        now: float,
+    ) -> None:
+        """The same order id seen again: harmless if identical, parked if it changed."""
+        line_id, sku, quantity, state = existing
+        if isinstance(order, RejectedOrder) or (order.sku, order.quantity) == (sku, quantity):
+            return
+        if LineState(state) in (LineState.NEW, LineState.BACKORDERED):
+            reason = (
+                f"platform reported order again with different content "
+                f"(sku {sku!r}->{order.sku!r}, quantity {quantity}->{order.quantity})"
+            )
+            conn.execute(
+                "UPDATE orders SET state = 'needs_attention', reason = ?, updated_at = ?"
+                " WHERE id = ?",
+                (reason, now, line_id),
+            )
+            self._event(conn, line_id, "parked", reason, now)
+
+    async def get_cursor(self, platform: str) -> str | None:
+        def run(conn: sqlite3.Connection) -> str | None:
+            row = conn.execute(
+                "SELECT cursor FROM cursors WHERE platform = ?", (platform,)
+            ).fetchone()
+            return None if row is None else row[0]
+
+        return await self._tx(run)
+
+    async def set_cursor(self, platform: str, cursor: str | None, now: float) -> None:
+        def run(conn: sqlite3.Connection) -> None:
+            conn.execute(
+                "INSERT INTO cursors (platform, cursor, updated_at) VALUES (?, ?, ?)"
+                " ON CONFLICT (platform) DO UPDATE SET cursor = excluded.cursor,"
+                " updated_at = excluded.updated_at",
+                (platform, cursor, now),
+            )
+
+        await self._tx(run)
+
+    # --- state machine --------------------------------------------------------------------
+    async def due_lines(self, now: float, limit: int) -> list[OrderLine]:
+        def run(conn: sqlite3.Connection) -> list[OrderLine]:
+            rows = conn.execute(
+                f"SELECT {LINE_COLUMNS} FROM orders"
+                " WHERE (state IN ('new', 'purchasing', 'allocated', 'delivering')"
+                # a backorder with a time set is waiting to be offered to suppliers again
+                "        OR (state = 'backordered' AND next_attempt_at > 0))"
+                " AND next_attempt_at <= ? AND refund_key IS NULL ORDER BY id LIMIT ?",
+                (now, limit),
+            ).fetchall()
+            due = [line_from_row(r) for r in rows]
+            taken = {line.id for line in due}
+            waiting = [
+                line_from_row(r)
+                for r in conn.execute(
+                    f"SELECT {LINE_COLUMNS} FROM orders WHERE state = 'backordered'"
+                    " AND refund_key IS NULL ORDER BY id LIMIT ?",
+                    (limit,),
+                )
+            ]
+            if waiting:
+                # Oldest first, and only lines the free stock can now fill whole, so a
+                # sweep does not churn on lines that would just be backordered again.
+                free = dict(
+                    conn.execute(
+                        "SELECT sku, COUNT(*) FROM card_keys WHERE state = 'free' GROUP BY sku"
+                    ).fetchall()
+                )
+                for line in waiting:
+                    if line.id not in taken and free.get(line.sku, 0) >= line.quantity:
+                        free[line.sku] -= line.quantity
+                        due.append(line)
+            return due
+
+        return await self._tx(run)
+
+    async def get_line(self, line_id: int) -> OrderLine | None:
+        def run(conn: sqlite3.Connection) -> OrderLine | None:
+            row = conn.execute(
+                f"SELECT {LINE_COLUMNS} FROM orders WHERE id = ?", (line_id,)
+            ).fetchone()
+            return None if row is None else line_from_row(row)
+
+        return await self._tx(run)
+
+    async def allocate(self, line_id: int, now: float, *, backorder: bool = True) -> OrderLine:
+        return await self._tx(self._allocate, line_id, now, backorder)
+
+    def _allocate(
+        self, conn: sqlite3.Connection, line_id: int, now: float, backorder: bool = True
+    ) -> OrderLine:
+        line = self._fetch_line(conn, line_id)
+        if line.state not in (LineState.NEW, LineState.BACKORDERED, LineState.PURCHASING):
+            return line
+        if self._refunding(conn, line_id):
+            return line
+        bound = conn.execute(
+            "SELECT COUNT(*) FROM card_keys WHERE order_line_id = ?", (line_id,)
+        ).fetchone()[0]
+        needed = line.quantity - bound
+        keys = conn.execute(
+            "SELECT id, secret_hash FROM card_keys WHERE sku = ? AND state = 'free'"
+            " ORDER BY id LIMIT ?",
+            (line.sku, needed),
+        ).fetchall()
+        if len(keys) < needed:
+            # All or nothing: a half-filled line would hold keys another buyer could use now.
+            if backorder and line.state != LineState.BACKORDERED:
+                conn.execute(
+                    "UPDATE orders SET state = 'backordered', updated_at = ? WHERE id = ?",
+                    (now, line_id),
+                )
+                self._event(conn, line_id, "backordered", f"need {needed}, free {len(keys)}", now)
+            return self._fetch_line(conn, line_id)
+        for slot, (key_id, _digest) in enumerate(keys, start=bound):
+            conn.execute(
+                "UPDATE card_keys SET state = 'bound', order_line_id = ?, slot = ?, bound_at = ?"
+                " WHERE id = ? AND state = 'free'",
+                (line_id, slot, now, key_id),
+            )
+        conn.execute(
+            "UPDATE orders SET state = 'allocated', next_attempt_at = 0, updated_at = ?"
+            " WHERE id = ?",
+            (now, line_id),
+        )
+        fps = ",".join(f"#{k[0]}:{bytes(k[1]).hex()[:10]}" for k in keys)
+        self._event(conn, line_id, "allocated", f"keys {fps}", now)
+        # What the UPDATE above wrote, without reading the row back (hot path).
+        return replace(line, state=LineState.ALLOCATED, next_attempt_at=0.0)
+
+    async def claim_for_delivery(self, line_id: int, now: float) -> DeliveryIntent | OrderLine:
+        def run(conn: sqlite3.Connection) -> DeliveryIntent | OrderLine:
+            line = self._allocate(conn, line_id, now)
+            if line.state != LineState.ALLOCATED:
+                return line
+            return self._begin_delivery(conn, line_id, now)
+
+        return await self._tx(run)
+
+    async def begin_delivery(self, line_id: int, now: float) -> DeliveryIntent:
+        return await self._tx(self._begin_delivery, line_id, now)
+
+    def _begin_delivery(self, conn: sqlite3.Connection, line_id: int, now: float) -> DeliveryIntent:
+        line = self._fetch_line(conn, line_id)
+        if line.state not in (LineState.ALLOCATED, LineState.DELIVERING):
+            raise StoreError(f"order line {line_id} is {line.state}, not ready to deliver")
+        keys = conn.execute(
+            "SELECT id, sku, key_id, sealed FROM card_keys WHERE order_line_id = ? ORDER BY slot",
+            (line_id,),
+        ).fetchall()
+        if len(keys) != line.quantity:
+            raise StoreError(
+                f"order line {line_id} holds {len(keys)} keys for quantity {line.quantity}"
+            )
+        generation = conn.execute(
+            "SELECT delivery_generation FROM orders WHERE id = ?", (line_id,)
+        ).fetchone()[0]
+        key = delivery_idempotency_key(line.platform, line.order_id, line.line, generation)
+        conn.execute(
+            "UPDATE orders SET state = 'delivering', delivery_key = ?, attempts = attempts + 1,"
+            " updated_at = ? WHERE id = ?",
+            (key, now, line_id),
+        )
+        self._event(conn, line_id, "delivery_intent", f"attempt {line.attempts + 1} key {key}", now)
+        return DeliveryIntent(
+            line=replace(
+                line, state=LineState.DELIVERING, delivery_key=key, attempts=line.attempts + 1
+            ),
+            idempotency_key=key,
+            items=tuple(self._open_rows([k[1:] for k in keys])),
+            key_ids=tuple(k[0] for k in keys),
+        )
+
+    async def mark_delivered(self, line_id: int, now: float, detail: str) -> OrderLine:
+        def run(conn: sqlite3.Connection) -> OrderLine:
+            line = self._fetch_line(conn, line_id)
+            if line.state == LineState.DELIVERED:
+                return line
+            conn.execute(
+                "UPDATE orders SET state = 'delivered', delivered_at = ?, ambiguous = 0,"
+                " reason = NULL, updated_at = ? WHERE id = ?",
+                (now, now, line_id),
+            )
+            self._event(conn, line_id, "delivered", detail, now)
+            return replace(
+                line, state=LineState.DELIVERED, delivered_at=now, ambiguous=False, reason=None
+            )
+
+        return await self._tx(run)
+
+    async def defer(
+        self, line_id: int, next_attempt_at: float, reason: str, *, ambiguous: bool, now: float
+    ) -> None:
+        def run(conn: sqlite3.Connection) -> None:
+            conn.execute(
+                "UPDATE orders SET next_attempt_at = ?, reason = ?, ambiguous = ?,"
+                " updated_at = ? WHERE id = ?",
+                (next_attempt_at, reason, int(ambiguous), now, line_id),
+            )
+            self._event(conn, line_id, "retry_scheduled", reason, now)
+
+        await self._tx(run)
+
+    async def add_event(self, line_id: int, kind: str, detail: str, now: float) -> None:
+        def run(conn: sqlite3.Connection) -> None:
+            self._event(conn, line_id, kind, detail, now)
+
+        await self._tx(run)
+
+    async def park(self, line_id: int, reason: str, now: float) -> None:
+        def run(conn: sqlite3.Connection) -> None:
+            conn.execute(
+                "UPDATE orders SET state = 'needs_attention', reason = ?, updated_at = ?"
+                " WHERE id = ?",
+                (reason, now, line_id),
+            )
+            self._event(conn, line_id, "parked", reason, now)
+
+        await self._tx(run)
+
+    async def close_line(self, line_id: int, state: LineState, reason: str, now: float) -> None:
+        if state not in (LineState.CANCELLED, LineState.REFUNDED):
+            raise StoreError(f"close_line takes cancelled or refunded, not {state}")
+
+        def run(conn: sqlite3.Connection) -> None:
+            conn.execute(
+                "UPDATE orders SET state = ?, reason = ?, updated_at = ? WHERE id = ?",
+                (state.value, reason, now, line_id),
+            )
+            self._event(conn, line_id, str(state), reason, now)
+
+        await self._tx(run)
+
+    async def backorder(
+        self, line_id: int, next_attempt_at: float, reason: str, now: float
+    ) -> None:
+        def run(conn: sqlite3.Connection) -> None:
+            conn.execute(
+                "UPDATE orders SET state = 'backordered', next_attempt_at = ?, reason = ?,"
+                " updated_at = ? WHERE id = ? AND state IN ('new', 'backordered', 'purchasing')",
+                (next_attempt_at, reason, now, line_id),
+            )
+            self._event(conn, line_id, "backordered", reason, now)
+
+        await self._tx(run)
+
+    async def retry_line(self, line_id: int, now: float) -> OrderLine:
+        def run(conn: sqlite3.Connection) -> OrderLine:
+            line = self._fetch_line(conn, line_id)
+            if line.state != LineState.NEEDS_ATTENTION:
+                raise StoreError(
+                    f"order {line.order_id} is {line.state}; only needs_attention can be retried"
+                )
+            bound = conn.execute(
+                "SELECT COUNT(*) FROM card_keys WHERE order_line_id = ?", (line_id,)
+            ).fetchone()[0]
+            open_purchase = conn.execute(
+                "SELECT 1 FROM purchases WHERE order_line_id = ?"
+                " AND state IN ('intent', 'unknown', 'processing')",
+                (line_id,),
+            ).fetchone()
+            if line.delivery_key is not None:
+                # It may have reached the platform: ask before sending again.
+                state, ambiguous = LineState.DELIVERING, 1
+            elif open_purchase and not bound:
+                # Ask the supplier about the open purchase again; never buy blind.
+                state, ambiguous = LineState.PURCHASING, 0
+            elif bound:
+                state, ambiguous = LineState.ALLOCATED, 0
+            else:
+                state, ambiguous = LineState.NEW, 0
+            conn.execute(
+                "UPDATE orders SET state = ?, reason = NULL, attempts = 0, next_attempt_at = 0,"
+                " ambiguous = ?, updated_at = ? WHERE id = ?",
+                (state.value, ambiguous, now, line_id),
+            )
+            self._event(conn, line_id, "operator_retry", f"back to {state}", now)
+            return self._fetch_line(conn, line_id)
+
+        return await self._tx(run)
+
+    async def resend_line(self, line_id: int, now: float) -> OrderLine:
+        def run(conn: sqlite3.Connection) -> OrderLine:
+            line = self._fetch_line(conn, line_id)
+            if line.state != LineState.DELIVERED:
+                raise StoreError(
+                    f"order {line.order_id} is {line.state}; only delivered orders can be resent"
+                )
+            # A new generation gives a new idempotency key, so the platform sends it again
+            # (same keys: resend never hands out a second set).
+            conn.execute(
+                "UPDATE orders SET state = 'delivering', delivery_generation ="
+                " delivery_generation + 1, attempts = 0, next_attempt_at = 0, ambiguous = 0,"
+                " updated_at = ? WHERE id = ?",
+                (now, line_id),
+            )
+            self._event(conn, line_id, "operator_resend", "same keys, new delivery", now)
+            return self._fetch_line(conn, line_id)
+
+        return await self._tx(run)
+
+    async def find_lines(self, order_ref: str) -> list[OrderLine]:
+        def run(conn: sqlite3.Connection) -> list[OrderLine]:
+            rows = conn.execute(
+                f"SELECT {LINE_COLUMNS} FROM orders WHERE order_id = ? ORDER BY id", (order_ref,)
+            ).fetchall()
+            if not rows and order_ref.isdigit():
+                rows = conn.execute(
+                    f"SELECT {LINE_COLUMNS} FROM orders WHERE id = ?", (int(order_ref),)
+                ).fetchall()
+            return [line_from_row(r) for r in rows]
+
+        return await self._tx(run)
+
+    async def list_lines(self, state: LineState | None, limit: int) -> list[OrderLine]:
+        def run(conn: sqlite3.Connection) -> list[OrderLine]:
+            if state is None:
+                rows = conn.execute(
+                    f"SELECT {LINE_COLUMNS} FROM orders ORDER BY id DESC LIMIT ?", (limit,)
+                ).fetchall()
+            else:
+                rows = conn.execute(
+                    f"SELECT {LINE_COLUMNS} FROM orders WHERE state = ? ORDER BY id DESC LIMIT ?",
+                    (state.value, limit),
+                ).fetchall()
+            return [line_from_row(r) for r in rows]
+
+        return await self._tx(run)
+
+    async def events(self, line_id: int) -> list[OrderEvent]:
+        def run(conn: sqlite3.Connection) -> list[OrderEvent]:
+            rows = conn.execute(
+                "SELECT at, kind, detail FROM events WHERE order_line_id = ? ORDER BY id",
+                (line_id,),
+            ).fetchall()
+            return [OrderEvent(at=r[0], kind=r[1], detail=r[2]) for r in rows]
+
+        return await self._tx(run)
+
+    async def count_by_state(self) -> dict[LineState, int]:
+        def run(conn: sqlite3.Connection) -> dict[LineState, int]:
+            rows = conn.execute("SELECT state, COUNT(*) FROM orders GROUP BY state").fetchall()
+            return {LineState(r[0]): r[1] for r in rows}
+
+        return await self._tx(run)
