@@ -236,18 +236,25 @@ class OrderEvent:
 # --- pure rules --------------------------------------------------------------------------
 
 
+def _line_digest(platform: str, order_id: str, line: int, length: int) -> str:
+    """A stable name for one order line, the root of every deterministic reference."""
+    return hashlib.sha256(f"{platform}\x1f{order_id}\x1f{line}".encode()).hexdigest()[:length]
+
+
 def delivery_idempotency_key(platform: str, order_id: str, line: int, generation: int) -> str:
     """Deterministic, so a restart after a crash re-sends with the very same key."""
-    digest = hashlib.sha256(f"{platform}\x1f{order_id}\x1f{line}".encode()).hexdigest()[:24]
-    return f"kami-{digest}-{generation}"
+    return f"kami-{_line_digest(platform, order_id, line, 24)}-{generation}"
+
+
+def refund_idempotency_key(platform: str, order_id: str, line: int) -> str:
+    return f"kami-refund-{_line_digest(platform, order_id, line, 24)}"
 
 
 def purchase_merchant_ref(
     platform: str, order_id: str, line: int, supplier: str, attempt: int
 ) -> str:
     """Deterministic per need and attempt: a restart asks about the very same purchase."""
-    digest = hashlib.sha256(f"{platform}\x1f{order_id}\x1f{line}".encode()).hexdigest()[:20]
-    return f"kami-{digest}-{supplier}-{attempt}"
+    return f"kami-{_line_digest(platform, order_id, line, 20)}-{supplier}-{attempt}"
 
 
 def retry_delay(attempts: int, base: float = 2.0, cap: float = 300.0) -> float:
@@ -305,8 +312,3 @@ class OutboxItem:
     channel: str
     payload: str
     attempts: int
-
-
-def refund_idempotency_key(platform: str, order_id: str, line: int) -> str:
-    digest = hashlib.sha256(f"{platform}\x1f{order_id}\x1f{line}".encode()).hexdigest()[:24]
-    return f"kami-refund-{digest}"

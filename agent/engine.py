@@ -276,12 +276,18 @@ class Engine:
                     )
                 return
 
-    async def _claim_and_deliver(self, line: OrderLine) -> None:
-        """The common case in one ledger call: bind the keys and commit the delivery intent
-        together (a flash sale is mostly this), then deliver."""
+    async def _platform_for(self, line: OrderLine) -> Platform | None:
+        """The line's platform, or None after parking a line whose platform left the config."""
         platform = self.platforms.get(line.platform)
         if platform is None:
             await self._park(line, f"platform {line.platform!r} is not configured")
+        return platform
+
+    async def _claim_and_deliver(self, line: OrderLine) -> None:
+        """The common case in one ledger call: bind the keys and commit the delivery intent
+        together (a flash sale is mostly this), then deliver."""
+        platform = await self._platform_for(line)
+        if platform is None:
             return
         claimed = await self.store.claim_for_delivery(line.id, self.clock())
         crash_point("after_allocate")
@@ -307,9 +313,8 @@ class Engine:
             )
 
     async def _deliver(self, line: OrderLine) -> None:
-        platform = self.platforms.get(line.platform)
+        platform = await self._platform_for(line)
         if platform is None:
-            await self._park(line, f"platform {line.platform!r} is not configured")
             return
         needs_reconcile = line.state == LineState.DELIVERING and (
             line.attempts > 0 or line.ambiguous
