@@ -19,6 +19,7 @@ from agent.domain import (
     AlertCondition,
     AlertMessage,
     LineState,
+    OrderLine,
     Permanent,
     Transient,
     retry_delay,
@@ -36,6 +37,7 @@ ALERT_MARGIN = 1.2
 CLEAR_HEADROOM = 1.5  # a low-stock alert clears at 1.5x its thresholds
 FORECAST_HORIZON_HALF_LIVES = 8  # older sales weigh < 0.4 %; not worth reading
 MAX_OUTBOX_ATTEMPTS = 50
+MAX_ACTIVE_LINES = 100_000  # undelivered lines read per check; far beyond any real backlog
 
 
 class Forecaster:
@@ -44,7 +46,10 @@ class Forecaster:
         self.store = store
         self.clock = clock
 
-    async def forecast(self, balances: Mapping[str, Balance]) -> list[SkuForecast]:
+    async def forecast(
+        self, balances: Mapping[str, Balance], active: Sequence[OrderLine] | None = None
+    ) -> list[SkuForecast]:
+        """`active`: the undelivered lines, when the caller has already read them."""
         now = self.clock()
         half_life = self.config.alerts.half_life
         demand = await self.store.demand_since(now - FORECAST_HORIZON_HALF_LIVES * half_life)
@@ -52,7 +57,9 @@ class Forecaster:
         for sku, at, quantity in demand:
             sales.setdefault(sku, []).append((at, quantity))
         free = {c.sku: c.free for c in await self.store.stock_counts()}
-        pending = Counter(line.sku for line in await self.store.active_lines(100_000))
+        if active is None:
+            active = await self.store.active_lines(MAX_ACTIVE_LINES)
+        pending = Counter(line.sku for line in active)
         result = []
         for sku in sorted(set(self.config.skus) | set(free)):
             rate = ewma_rate(sales.get(sku, []), now, half_life)
@@ -128,7 +135,8 @@ class AlertEvaluator:
     async def conditions(self) -> list[AlertCondition]:
         now = self.clock()
         open_keys = {a.key for a in await self.store.open_alerts()}
-        forecasts = await self.forecaster.forecast(self.balances)
+        active = await self.store.active_lines(MAX_ACTIVE_LINES)
+        forecasts = await self.forecaster.forecast(self.balances, active)
         found = low_stock_conditions(self.config, forecasts, open_keys)
         for supplier in self.config.suppliers:
             balance = self.balances.get(supplier.name)
@@ -156,7 +164,7 @@ class AlertEvaluator:
                 )
             )
         stuck = []
-        for line in await self.store.active_lines(100_000):
+        for line in active:
             sku = self.config.skus.get(line.sku)
             promise = sku.promise if sku else 600.0
             if now - line.seen_at > promise:

@@ -7,6 +7,7 @@ from __future__ import annotations
 import math
 from collections.abc import Callable, Mapping
 
+from agent.alerts import MAX_ACTIVE_LINES
 from agent.config import Config
 from agent.domain import AgentError, LineState, OrderLine
 from agent.logs import get_logger
@@ -67,7 +68,10 @@ class BuyerCare:
     async def refund_overdue(self) -> int:
         now = self.clock()
         refunded = 0
-        for line in await self.store.active_lines(100_000):
+        refunding = any(sku.refund_after is not None for sku in self.config.skus.values())
+        # Most shops never auto-refund: then there is nothing to scan for.
+        waiting = await self.store.active_lines(MAX_ACTIVE_LINES) if refunding else []
+        for line in waiting:
             sku = self.config.skus.get(line.sku)
             if (
                 sku is None
