@@ -8,8 +8,8 @@ module per concern; this class puts them together.
 
 from __future__ import annotations
 
+from agent.store.rows import migrations
 from agent.store.sqlite_alerts import AlertsLedger
-from agent.store.sqlite_base import migrations
 from agent.store.sqlite_orders import OrdersLedger
 from agent.store.sqlite_purchases import PurchasesLedger
 from agent.store.sqlite_stock import StockLedger

@@ -14,11 +14,8 @@ from agent.domain import (
     OutboxItem,
     refund_idempotency_key,
 )
-from agent.store.sqlite_base import (
-    LINE_COLUMNS,
-    SQLiteBase,
-    line_from_row,
-)
+from agent.store.rows import LINE_COLUMNS, line_from_row
+from agent.store.sqlite_base import SQLiteBase
 
 
 class AlertsLedger(SQLiteBase):

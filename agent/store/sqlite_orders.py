@@ -17,11 +17,8 @@ from agent.domain import (
     delivery_idempotency_key,
 )
 from agent.store.base import StoreError
-from agent.store.sqlite_base import (
-    LINE_COLUMNS,
-    SQLiteBase,
-    line_from_row,
-)
+from agent.store.rows import LINE_COLUMNS, line_from_row
+from agent.store.sqlite_base import SQLiteBase
 
 
 class OrdersLedger(SQLiteBase):

@@ -14,11 +14,8 @@ from agent.domain import (
     purchase_merchant_ref,
 )
 from agent.store.base import StoreError
-from agent.store.sqlite_base import (
-    PURCHASE_COLUMNS,
-    SQLiteBase,
-    purchase_from_row,
-)
+from agent.store.rows import PURCHASE_COLUMNS, purchase_from_row
+from agent.store.sqlite_base import SQLiteBase
 
 
 class PurchasesLedger(SQLiteBase):

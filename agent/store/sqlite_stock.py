@@ -14,10 +14,8 @@ from agent.domain import (
     StockCount,
 )
 from agent.store.base import ProgressCallback, StoreError
-from agent.store.sqlite_base import (
-    IMPORT_BATCH,
-    SQLiteBase,
-)
+from agent.store.rows import IMPORT_BATCH
+from agent.store.sqlite_base import SQLiteBase
 
 
 class StockLedger(SQLiteBase):

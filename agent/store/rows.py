@@ -1,0 +1,67 @@
+"""What both ledgers share: the row layouts, their mappers, and the migration files."""
+
+from __future__ import annotations
+
+from importlib import resources
+from typing import Any
+
+from agent.domain import LineState, OrderLine, Purchase, PurchaseState
+
+IMPORT_BATCH = 20_000
+LINE_COLUMNS = (
+    "id, platform, order_id, line, sku, quantity, state, reason, attempts, next_attempt_at,"
+    " ambiguous, delivery_key, seen_at, delivered_at, buyer_contact, paid_at"
+)
+
+
+def line_from_row(row: Any) -> OrderLine:
+    return OrderLine(
+        id=row[0],
+        platform=row[1],
+        order_id=row[2],
+        line=row[3],
+        sku=row[4],
+        quantity=row[5],
+        state=LineState(row[6]),
+        reason=row[7],
+        attempts=row[8],
+        next_attempt_at=row[9],
+        ambiguous=bool(row[10]),
+        delivery_key=row[11],
+        seen_at=row[12],
+        delivered_at=row[13],
+        buyer_contact=row[14],
+        paid_at=row[15],
+    )
+
+
+PURCHASE_COLUMNS = (
+    "id, order_line_id, supplier, sku, quantity, merchant_ref, state, purchase_id, failure,"
+    " created_at, unknown_since"
+)
+
+
+def purchase_from_row(row: Any) -> Purchase:
+    return Purchase(
+        id=row[0],
+        order_line_id=row[1],
+        supplier=row[2],
+        sku=row[3],
+        quantity=row[4],
+        merchant_ref=row[5],
+        state=PurchaseState(row[6]),
+        purchase_id=row[7],
+        failure=row[8],
+        created_at=row[9],
+        unknown_since=row[10],
+    )
+
+
+def migrations(dialect: str = "sqlite") -> list[tuple[int, str]]:
+    """(version, sql) of one dialect's migration files, oldest first."""
+    folder = resources.files("agent.store.migrations").joinpath(dialect)
+    found = []
+    for entry in folder.iterdir():
+        if entry.name.endswith(".sql"):
+            found.append((int(entry.name.split("_", 1)[0]), entry.read_text(encoding="utf-8")))
+    return sorted(found)
