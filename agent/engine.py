@@ -243,14 +243,18 @@ class Engine:
             await self.poll(name, from_start=True)
 
     async def sweep(self) -> int:
-        lines = await self.store.due_lines(self.clock(), SWEEP_BATCH)
+        async with self.store.singleton("sweep") as ours:
+            if not ours:
+                return 0  # another agent sharing the store is sweeping right now
+            lines = await self.store.due_lines(self.clock(), SWEEP_BATCH)
         fresh = [line.id for line in lines if line.id not in self._queued]
         self.dispatch(fresh)
         return len(fresh)
 
     # --- one line -------------------------------------------------------------------------------
     async def process(self, line_id: int) -> None:
-        line = await self.store.get_line(line_id)
+        # None when another agent sharing the store is working on the line right now.
+        line = await self.store.take_line(line_id, self.clock())
         while line is not None and line.state in ACTIVE_STATES:
             waiting = line.next_attempt_at > self.clock()
             if line.state == LineState.BACKORDERED:

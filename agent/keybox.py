@@ -72,6 +72,9 @@ class KeyBox:
     def add_data_key(self, key_id: int, key: bytes) -> None:
         self._ciphers[key_id] = AESGCM(key)
 
+    def knows(self, key_id: int) -> bool:
+        return key_id in self._ciphers
+
     def seal(self, sku: str, item: CardItem, key_id: int | None = None) -> tuple[int, bytes]:
         """(key id, nonce + ciphertext); the SKU is bound in as associated data."""
         key_id = self.current if key_id is None else key_id

@@ -17,7 +17,7 @@ from agent.notify.base import Notifier
 from agent.notify.factory import build_notifier
 from agent.platforms.base import Platform
 from agent.platforms.http import HttpPlatform
-from agent.scheduler import Job, build_scheduler
+from agent.scheduler import Job, JobFunc, build_scheduler
 from agent.secrets import resolve_secret
 from agent.service import notify, watchdog_interval
 from agent.store.base import Store
@@ -57,6 +57,18 @@ def build_suppliers(config: Config) -> dict[str, Supplier]:
     return {s.name: build_supplier(s) for s in config.suppliers}
 
 
+def only_one_agent(store: Store, name: str, func: JobFunc) -> JobFunc:
+    """The job runs on one agent at a time among those sharing the store (advisory lock);
+    the others skip that round."""
+
+    async def job() -> None:
+        async with store.singleton(name) as ours:
+            if ours:
+                await func()
+
+    return job
+
+
 async def run_engine(
     config: Config,
     store: Store,
@@ -86,9 +98,10 @@ async def run_engine(
         await evaluator.run()
         await buyers.run()
 
+    alerts = config.alerts
     jobs = [
-        Job("forecast", watch, config.alerts.forecast_interval),
-        Job("outbox", drainer.drain, config.alerts.outbox_interval),
+        Job("forecast", only_one_agent(store, "forecast", watch), alerts.forecast_interval),
+        Job("outbox", only_one_agent(store, "outbox", drainer.drain), alerts.outbox_interval),
     ]
     interval = watchdog_interval()
     if interval is not None:

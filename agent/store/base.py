@@ -7,6 +7,7 @@ nothing of it happened. The engine relies on that to bracket every external call
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable, Sequence
+from contextlib import AbstractAsyncContextManager
 from typing import Protocol
 
 from agent.domain import (
@@ -53,6 +54,16 @@ class Store(Protocol):
     async def due_lines(self, now: float, limit: int) -> list[OrderLine]: ...
 
     async def get_line(self, line_id: int) -> OrderLine | None: ...
+
+    async def take_line(self, line_id: int, now: float) -> OrderLine | None:
+        """The line, for this agent to work on; None if another agent sharing the store holds
+        it now (its lease), or there is no such line."""
+        ...
+
+    def singleton(self, name: str) -> AbstractAsyncContextManager[bool]:
+        """Enters True when this agent is the one to run job `name` now, False when another
+        agent sharing the store is running it."""
+        ...
 
     async def allocate(self, line_id: int, now: float, *, backorder: bool = True) -> OrderLine:
         """new/backordered/purchasing -> allocated (binding `quantity` distinct free keys);

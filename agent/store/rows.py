@@ -5,7 +5,7 @@ from __future__ import annotations
 from importlib import resources
 from typing import Any
 
-from agent.domain import LineState, OrderLine, Purchase, PurchaseState
+from agent.domain import LineState, OrderLine, PlatformOrder, Purchase, PurchaseState
 
 IMPORT_BATCH = 20_000
 LINE_COLUMNS = (
@@ -65,3 +65,31 @@ def migrations(dialect: str = "sqlite") -> list[tuple[int, str]]:
         if entry.name.endswith(".sql"):
             found.append((int(entry.name.split("_", 1)[0]), entry.read_text(encoding="utf-8")))
     return sorted(found)
+
+
+def changed_order_reason(
+    sku: str, quantity: int, state: LineState, order: PlatformOrder
+) -> str | None:
+    """Why an order seen again must be parked, or None when that is harmless: identical,
+    or too far along to change (its keys are already bound to what was first listed)."""
+    if (order.sku, order.quantity) == (sku, quantity):
+        return None
+    if state not in (LineState.NEW, LineState.BACKORDERED):
+        return None
+    return (
+        f"platform reported order again with different content "
+        f"(sku {sku!r}->{order.sku!r}, quantity {quantity}->{order.quantity})"
+    )
+
+
+def retry_target(line: OrderLine, bound_keys: int, open_purchase: bool) -> tuple[LineState, bool]:
+    """Where an operator's retry sends a parked line: (state, ambiguous)."""
+    if line.delivery_key is not None:
+        # It may have reached the platform: ask before sending again.
+        return LineState.DELIVERING, True
+    if open_purchase and not bound_keys:
+        # Ask the supplier about the open purchase again; never buy blind.
+        return LineState.PURCHASING, False
+    if bound_keys:
+        return LineState.ALLOCATED, False
+    return LineState.NEW, False

@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 import sqlite3
-from collections.abc import Sequence
+from collections.abc import AsyncIterator, Sequence
+from contextlib import asynccontextmanager
 from dataclasses import replace
 from typing import Any
 
@@ -17,7 +18,7 @@ from agent.domain import (
     delivery_idempotency_key,
 )
 from agent.store.base import StoreError
-from agent.store.rows import LINE_COLUMNS, line_from_row
+from agent.store.rows import LINE_COLUMNS, changed_order_reason, line_from_row, retry_target
 from agent.store.sqlite_base import SQLiteBase
 
 
@@ -87,13 +88,10 @@ class OrdersLedger(SQLiteBase):
     ) -> None:
         """The same order id seen again: harmless if identical, parked if it changed."""
         line_id, sku, quantity, state = existing
-        if isinstance(order, RejectedOrder) or (order.sku, order.quantity) == (sku, quantity):
+        if isinstance(order, RejectedOrder):
             return
-        if LineState(state) in (LineState.NEW, LineState.BACKORDERED):
-            reason = (
-                f"platform reported order again with different content "
-                f"(sku {sku!r}->{order.sku!r}, quantity {quantity}->{order.quantity})"
-            )
+        reason = changed_order_reason(sku, quantity, LineState(state), order)
+        if reason is not None:
             conn.execute(
                 "UPDATE orders SET state = 'needs_attention', reason = ?, updated_at = ?"
                 " WHERE id = ?",
@@ -166,6 +164,14 @@ class OrdersLedger(SQLiteBase):
             return None if row is None else line_from_row(row)
 
         return await self._tx(run)
+
+    async def take_line(self, line_id: int, now: float) -> OrderLine | None:
+        # One agent per SQLite ledger: every line is ours.
+        return await self.get_line(line_id)
+
+    @asynccontextmanager
+    async def singleton(self, name: str) -> AsyncIterator[bool]:
+        yield True
 
     async def allocate(self, line_id: int, now: float, *, backorder: bool = True) -> OrderLine:
         return await self._tx(self._allocate, line_id, now, backorder)
@@ -343,20 +349,11 @@ class OrdersLedger(SQLiteBase):
                 " AND state IN ('intent', 'unknown', 'processing')",
                 (line_id,),
             ).fetchone()
-            if line.delivery_key is not None:
-                # It may have reached the platform: ask before sending again.
-                state, ambiguous = LineState.DELIVERING, 1
-            elif open_purchase and not bound:
-                # Ask the supplier about the open purchase again; never buy blind.
-                state, ambiguous = LineState.PURCHASING, 0
-            elif bound:
-                state, ambiguous = LineState.ALLOCATED, 0
-            else:
-                state, ambiguous = LineState.NEW, 0
+            state, ambiguous = retry_target(line, bound, open_purchase is not None)
             conn.execute(
                 "UPDATE orders SET state = ?, reason = NULL, attempts = 0, next_attempt_at = 0,"
                 " ambiguous = ?, updated_at = ? WHERE id = ?",
-                (state.value, ambiguous, now, line_id),
+                (state.value, int(ambiguous), now, line_id),
             )
             self._event(conn, line_id, "operator_retry", f"back to {state}", now)
             return self._fetch_line(conn, line_id)

@@ -1,0 +1,512 @@
+"""PostgreSQL ledger: order intake, claiming lines across agents, the order state machine and
+operator actions. The same transitions as sqlite_orders.py; what differs is how agents share:
+row locks, SKIP LOCKED and leases."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import replace
+
+from agent.domain import (
+    DeliveryIntent,
+    LineState,
+    OrderEvent,
+    OrderLine,
+    PlatformOrder,
+    RejectedOrder,
+    delivery_idempotency_key,
+)
+from agent.store.base import StoreError
+from agent.store.postgres_base import Conn, PostgresBase
+from agent.store.rows import LINE_COLUMNS, changed_order_reason, line_from_row, retry_target
+
+# A line another agent holds a live lease on is left alone.
+_LEASE_FREE = "(lease_until IS NULL OR lease_until <= $1 OR claimed_by = $2)"
+
+
+class PgOrdersLedger(PostgresBase):
+    async def ingest(
+        self, platform: str, orders: Sequence[PlatformOrder | RejectedOrder], now: float
+    ) -> list[int]:
+        if not orders:
+            return []
+        # One order of inserts for every agent, so two agents taking in the same page wait
+        # for each other instead of deadlocking.
+        ordered = sorted(orders, key=lambda o: o.order_id)
+        return await self._tx(self._ingest, platform, ordered, now)
+
+    async def _ingest(
+        self,
+        conn: Conn,
+        platform: str,
+        orders: Sequence[PlatformOrder | RejectedOrder],
+        now: float,
+    ) -> list[int]:
+        ready: list[int] = []
+        for order in orders:
+            if isinstance(order, RejectedOrder):
+                line_id = await conn.fetchval(
+                    "INSERT INTO orders (platform, order_id, line, sku, quantity, state, reason,"
+                    " seen_at, updated_at) VALUES ($1, $2, 0, $3, $4, 'needs_attention', $5, $6,"
+                    " $6) ON CONFLICT (platform, order_id, line) DO NOTHING RETURNING id",
+                    platform,
+                    order.order_id,
+                    order.sku,
+                    order.quantity,
+                    order.reason,
+                    now,
+                )
+                if line_id is not None:
+                    await self._event(conn, line_id, "rejected", order.reason, now)
+                continue
+            # The agent that takes the order in holds the first lease on it.
+            line_id = await conn.fetchval(
+                "INSERT INTO orders (platform, order_id, line, sku, quantity, state, paid_at,"
+                " amount, currency, buyer_contact, deliver_by, seen_at, updated_at, claimed_by,"
+                " lease_until) VALUES ($1, $2, 0, $3, $4, 'new', $5, $6, $7, $8, $9, $10, $10,"
+                " $11, $12) ON CONFLICT (platform, order_id, line) DO NOTHING RETURNING id",
+                platform,
+                order.order_id,
+                order.sku,
+                order.quantity,
+                order.paid_at,
+                order.amount,
+                order.currency,
+                order.buyer_contact,
+                order.deliver_by,
+                now,
+                self.instance,
+                now + self.lease_seconds,
+            )
+            if line_id is None:
+                await self._check_duplicate(conn, platform, order, now)
+                continue
+            await self._event(
+                conn, line_id, "intake", f"sku={order.sku} quantity={order.quantity}", now
+            )
+            ready.append(int(line_id))
+        return ready
+
+    async def _check_duplicate(
+        self, conn: Conn, platform: str, order: PlatformOrder, now: float
+    ) -> None:
+        """The same order id seen again: harmless if identical, parked if it changed."""
+        row = await conn.fetchrow(
+            "SELECT id, sku, quantity, state FROM orders"
+            " WHERE platform = $1 AND order_id = $2 AND line = 0 FOR UPDATE",
+            platform,
+            order.order_id,
+        )
+        line_id, sku, quantity, state = row
+        reason = changed_order_reason(sku, quantity, LineState(state), order)
+        if reason is not None:
+            await conn.execute(
+                "UPDATE orders SET state = 'needs_attention', reason = $1, updated_at = $2,"
+                " lease_until = NULL WHERE id = $3",
+                reason,
+                now,
+                line_id,
+            )
+            await self._event(conn, line_id, "parked", reason, now)
+
+    async def get_cursor(self, platform: str) -> str | None:
+        async def run(conn: Conn) -> str | None:
+            value = await conn.fetchval("SELECT cursor FROM cursors WHERE platform = $1", platform)
+            return None if value is None else str(value)
+
+        return await self._tx(run)
+
+    async def set_cursor(self, platform: str, cursor: str | None, now: float) -> None:
+        async def run(conn: Conn) -> None:
+            await conn.execute(
+                "INSERT INTO cursors (platform, cursor, updated_at) VALUES ($1, $2, $3)"
+                " ON CONFLICT (platform) DO UPDATE SET cursor = excluded.cursor,"
+                " updated_at = excluded.updated_at",
+                platform,
+                cursor,
+                now,
+            )
+
+        await self._tx(run)
+
+    # --- claiming work ------------------------------------------------------------------------
+    async def due_lines(self, now: float, limit: int) -> list[OrderLine]:
+        """Lines due for work that no other agent holds, each now leased to this agent."""
+
+        async def run(conn: Conn) -> list[OrderLine]:
+            lease = now + self.lease_seconds
+            rows = await conn.fetch(
+                f"WITH due AS (SELECT id FROM orders"
+                f" WHERE (state IN ('new', 'purchasing', 'allocated', 'delivering')"
+                f"        OR (state = 'backordered' AND next_attempt_at > 0))"
+                f" AND next_attempt_at <= $1 AND refund_key IS NULL AND {_LEASE_FREE}"
+                f" ORDER BY id LIMIT $3 FOR UPDATE SKIP LOCKED)"
+                f" UPDATE orders o SET claimed_by = $2, lease_until = $4 FROM due"
+                f" WHERE o.id = due.id RETURNING {_qualified('o')}",
+                now,
+                self.instance,
+                limit,
+                lease,
+            )
+            due = sorted((line_from_row(r) for r in rows), key=lambda line: line.id)
+            taken = {line.id for line in due}
+            waiting = await conn.fetch(
+                f"SELECT {LINE_COLUMNS} FROM orders WHERE state = 'backordered'"
+                f" AND refund_key IS NULL AND {_LEASE_FREE} ORDER BY id LIMIT $3"
+                f" FOR UPDATE SKIP LOCKED",
+                now,
+                self.instance,
+                limit,
+            )
+            if waiting:
+                # Oldest first, and only lines the free stock can now fill whole, so a
+                # sweep does not churn on lines that would just be backordered again.
+                free = {
+                    r[0]: r[1]
+                    for r in await conn.fetch(
+                        "SELECT sku, COUNT(*) FROM card_keys WHERE state = 'free' GROUP BY sku"
+                    )
+                }
+                fillable = []
+                for line in map(line_from_row, waiting):
+                    if line.id not in taken and free.get(line.sku, 0) >= line.quantity:
+                        free[line.sku] -= line.quantity
+                        fillable.append(line)
+                if fillable:
+                    await conn.execute(
+                        "UPDATE orders SET claimed_by = $1, lease_until = $2"
+                        " WHERE id = ANY($3::bigint[])",
+                        self.instance,
+                        lease,
+                        [line.id for line in fillable],
+                    )
+                    due.extend(fillable)
+            return due
+
+        return await self._tx(run)
+
+    async def take_line(self, line_id: int, now: float) -> OrderLine | None:
+        """The line, leased to this agent; None if another agent holds it (or it is gone)."""
+
+        async def run(conn: Conn) -> OrderLine | None:
+            row = await conn.fetchrow(
+                f"UPDATE orders SET claimed_by = $2, lease_until = $4"
+                f" WHERE id = $3 AND {_LEASE_FREE} RETURNING {LINE_COLUMNS}",
+                now,
+                self.instance,
+                line_id,
+                now + self.lease_seconds,
+            )
+            return None if row is None else line_from_row(row)
+
+        return await self._tx(run)
+
+    async def get_line(self, line_id: int) -> OrderLine | None:
+        async def run(conn: Conn) -> OrderLine | None:
+            row = await conn.fetchrow(f"SELECT {LINE_COLUMNS} FROM orders WHERE id = $1", line_id)
+            return None if row is None else line_from_row(row)
+
+        return await self._tx(run)
+
+    # --- the state machine --------------------------------------------------------------------
+    async def allocate(self, line_id: int, now: float, *, backorder: bool = True) -> OrderLine:
+        async def run(conn: Conn) -> OrderLine:
+            return await self._allocate(
+                conn, await self._lock_line(conn, line_id, now), now, backorder
+            )
+
+        return await self._tx(run)
+
+    async def _allocate(
+        self, conn: Conn, line: OrderLine, now: float, backorder: bool = True
+    ) -> OrderLine:
+        if line.state not in (LineState.NEW, LineState.BACKORDERED, LineState.PURCHASING):
+            return line
+        if await self._refunding(conn, line.id):
+            return line
+        bound = await conn.fetchval(
+            "SELECT COUNT(*) FROM card_keys WHERE order_line_id = $1", line.id
+        )
+        needed = line.quantity - bound
+        # SKIP LOCKED: keys another agent is binding right now are not ours to wait for.
+        keys = await conn.fetch(
+            "SELECT id, secret_hash FROM card_keys WHERE sku = $1 AND state = 'free'"
+            " ORDER BY id LIMIT $2 FOR UPDATE SKIP LOCKED",
+            line.sku,
+            needed,
+        )
+        if len(keys) < needed:
+            # All or nothing: a half-filled line would hold keys another buyer could use now.
+            if backorder and line.state != LineState.BACKORDERED:
+                await conn.execute(
+                    "UPDATE orders SET state = 'backordered', updated_at = $1, lease_until = NULL"
+                    " WHERE id = $2",
+                    now,
+                    line.id,
+                )
+                await self._event(
+                    conn, line.id, "backordered", f"need {needed}, free {len(keys)}", now
+                )
+            return await self._fetch_line(conn, line.id)
+        await self._bind(conn, line.id, [k[0] for k in keys], bound, now)
+        fps = ",".join(f"#{k[0]}:{bytes(k[1]).hex()[:10]}" for k in keys)
+        await self._event(conn, line.id, "allocated", f"keys {fps}", now)
+        return replace(line, state=LineState.ALLOCATED, next_attempt_at=0.0)
+
+    @staticmethod
+    async def _bind(
+        conn: Conn, line_id: int, key_ids: list[int], first_slot: int, now: float
+    ) -> None:
+        """Binds locked free keys to the line's slots and marks the line allocated."""
+        bound = await conn.execute(
+            "UPDATE card_keys k SET state = 'bound', order_line_id = $1, slot = s.slot,"
+            " bound_at = $2 FROM unnest($3::bigint[], $4::int[]) AS s(id, slot)"
+            " WHERE k.id = s.id AND k.state = 'free'",
+            line_id,
+            now,
+            key_ids,
+            list(range(first_slot, first_slot + len(key_ids))),
+        )
+        if bound != f"UPDATE {len(key_ids)}":
+            raise StoreError(f"order line {line_id}: a key was taken while binding ({bound})")
+        await conn.execute(
+            "UPDATE orders SET state = 'allocated', next_attempt_at = 0, updated_at = $1"
+            " WHERE id = $2",
+            now,
+            line_id,
+        )
+
+    async def claim_for_delivery(self, line_id: int, now: float) -> DeliveryIntent | OrderLine:
+        async def run(conn: Conn) -> DeliveryIntent | OrderLine:
+            line = await self._allocate(conn, await self._lock_line(conn, line_id, now), now)
+            if line.state != LineState.ALLOCATED:
+                return line
+            return await self._begin_delivery(conn, line, now)
+
+        return await self._tx(run)
+
+    async def begin_delivery(self, line_id: int, now: float) -> DeliveryIntent:
+        async def run(conn: Conn) -> DeliveryIntent:
+            return await self._begin_delivery(conn, await self._lock_line(conn, line_id, now), now)
+
+        return await self._tx(run)
+
+    async def _begin_delivery(self, conn: Conn, line: OrderLine, now: float) -> DeliveryIntent:
+        if line.state not in (LineState.ALLOCATED, LineState.DELIVERING):
+            raise StoreError(f"order line {line.id} is {line.state}, not ready to deliver")
+        keys = await conn.fetch(
+            "SELECT id, sku, key_id, sealed FROM card_keys WHERE order_line_id = $1 ORDER BY slot",
+            line.id,
+        )
+        if len(keys) != line.quantity:
+            raise StoreError(
+                f"order line {line.id} holds {len(keys)} keys for quantity {line.quantity}"
+            )
+        generation = await conn.fetchval(
+            "SELECT delivery_generation FROM orders WHERE id = $1", line.id
+        )
+        key = delivery_idempotency_key(line.platform, line.order_id, line.line, generation)
+        await conn.execute(
+            "UPDATE orders SET state = 'delivering', delivery_key = $1, attempts = attempts + 1,"
+            " updated_at = $2 WHERE id = $3",
+            key,
+            now,
+            line.id,
+        )
+        await self._event(
+            conn, line.id, "delivery_intent", f"attempt {line.attempts + 1} key {key}", now
+        )
+        return DeliveryIntent(
+            line=replace(
+                line, state=LineState.DELIVERING, delivery_key=key, attempts=line.attempts + 1
+            ),
+            idempotency_key=key,
+            items=tuple(await self._open_rows(conn, [k[1:] for k in keys])),
+            key_ids=tuple(k[0] for k in keys),
+        )
+
+    async def mark_delivered(self, line_id: int, now: float, detail: str) -> OrderLine:
+        async def run(conn: Conn) -> OrderLine:
+            line = await self._lock_line(conn, line_id, now)
+            if line.state == LineState.DELIVERED:
+                return line
+            await conn.execute(
+                "UPDATE orders SET state = 'delivered', delivered_at = $1, ambiguous = 0,"
+                " reason = NULL, updated_at = $1, lease_until = NULL WHERE id = $2",
+                now,
+                line_id,
+            )
+            await self._event(conn, line_id, "delivered", detail, now)
+            return replace(
+                line, state=LineState.DELIVERED, delivered_at=now, ambiguous=False, reason=None
+            )
+
+        return await self._tx(run)
+
+    async def defer(
+        self, line_id: int, next_attempt_at: float, reason: str, *, ambiguous: bool, now: float
+    ) -> None:
+        async def run(conn: Conn) -> None:
+            # The lease goes: whichever agent sweeps when it is due takes the line.
+            await conn.execute(
+                "UPDATE orders SET next_attempt_at = $1, reason = $2, ambiguous = $3,"
+                " updated_at = $4, lease_until = NULL WHERE id = $5",
+                next_attempt_at,
+                reason,
+                int(ambiguous),
+                now,
+                line_id,
+            )
+            await self._event(conn, line_id, "retry_scheduled", reason, now)
+
+        await self._tx(run)
+
+    async def add_event(self, line_id: int, kind: str, detail: str, now: float) -> None:
+        async def run(conn: Conn) -> None:
+            await self._event(conn, line_id, kind, detail, now)
+
+        await self._tx(run)
+
+    async def park(self, line_id: int, reason: str, now: float) -> None:
+        async def run(conn: Conn) -> None:
+            await conn.execute(
+                "UPDATE orders SET state = 'needs_attention', reason = $1, updated_at = $2,"
+                " lease_until = NULL WHERE id = $3",
+                reason,
+                now,
+                line_id,
+            )
+            await self._event(conn, line_id, "parked", reason, now)
+
+        await self._tx(run)
+
+    async def close_line(self, line_id: int, state: LineState, reason: str, now: float) -> None:
+        if state not in (LineState.CANCELLED, LineState.REFUNDED):
+            raise StoreError(f"close_line takes cancelled or refunded, not {state}")
+
+        async def run(conn: Conn) -> None:
+            await conn.execute(
+                "UPDATE orders SET state = $1, reason = $2, updated_at = $3, lease_until = NULL"
+                " WHERE id = $4",
+                state.value,
+                reason,
+                now,
+                line_id,
+            )
+            await self._event(conn, line_id, str(state), reason, now)
+
+        await self._tx(run)
+
+    async def backorder(
+        self, line_id: int, next_attempt_at: float, reason: str, now: float
+    ) -> None:
+        async def run(conn: Conn) -> None:
+            await conn.execute(
+                "UPDATE orders SET state = 'backordered', next_attempt_at = $1, reason = $2,"
+                " updated_at = $3, lease_until = NULL"
+                " WHERE id = $4 AND state IN ('new', 'backordered', 'purchasing')",
+                next_attempt_at,
+                reason,
+                now,
+                line_id,
+            )
+            await self._event(conn, line_id, "backordered", reason, now)
+
+        await self._tx(run)
+
+    # --- operator actions -----------------------------------------------------------------------
+    async def retry_line(self, line_id: int, now: float) -> OrderLine:
+        async def run(conn: Conn) -> OrderLine:
+            line = await self._lock_line(conn, line_id, now)
+            if line.state != LineState.NEEDS_ATTENTION:
+                raise StoreError(
+                    f"order {line.order_id} is {line.state}; only needs_attention can be retried"
+                )
+            bound = await conn.fetchval(
+                "SELECT COUNT(*) FROM card_keys WHERE order_line_id = $1", line_id
+            )
+            open_purchase = await conn.fetchval(
+                "SELECT COUNT(*) FROM purchases WHERE order_line_id = $1"
+                " AND state IN ('intent', 'unknown', 'processing')",
+                line_id,
+            )
+            state, ambiguous = retry_target(line, bound, open_purchase > 0)
+            await conn.execute(
+                "UPDATE orders SET state = $1, reason = NULL, attempts = 0, next_attempt_at = 0,"
+                " ambiguous = $2, updated_at = $3, lease_until = NULL WHERE id = $4",
+                state.value,
+                int(ambiguous),
+                now,
+                line_id,
+            )
+            await self._event(conn, line_id, "operator_retry", f"back to {state}", now)
+            return await self._fetch_line(conn, line_id)
+
+        return await self._tx(run)
+
+    async def resend_line(self, line_id: int, now: float) -> OrderLine:
+        async def run(conn: Conn) -> OrderLine:
+            line = await self._lock_line(conn, line_id, now)
+            if line.state != LineState.DELIVERED:
+                raise StoreError(
+                    f"order {line.order_id} is {line.state}; only delivered orders can be resent"
+                )
+            # A new generation gives a new idempotency key, so the platform sends it again
+            # (same keys: resend never hands out a second set).
+            await conn.execute(
+                "UPDATE orders SET state = 'delivering', delivery_generation ="
+                " delivery_generation + 1, attempts = 0, next_attempt_at = 0, ambiguous = 0,"
+                " updated_at = $1, lease_until = NULL WHERE id = $2",
+                now,
+                line_id,
+            )
+            await self._event(conn, line_id, "operator_resend", "same keys, new delivery", now)
+            return await self._fetch_line(conn, line_id)
+
+        return await self._tx(run)
+
+    async def find_lines(self, order_ref: str) -> list[OrderLine]:
+        async def run(conn: Conn) -> list[OrderLine]:
+            rows = await conn.fetch(
+                f"SELECT {LINE_COLUMNS} FROM orders WHERE order_id = $1 ORDER BY id", order_ref
+            )
+            if not rows and order_ref.isdigit():
+                rows = await conn.fetch(
+                    f"SELECT {LINE_COLUMNS} FROM orders WHERE id = $1", int(order_ref)
+                )
+            return [line_from_row(r) for r in rows]
+
+        return await self._tx(run)
+
+    async def list_lines(self, state: LineState | None, limit: int) -> list[OrderLine]:
+        async def run(conn: Conn) -> list[OrderLine]:
+            rows = await conn.fetch(
+                f"SELECT {LINE_COLUMNS} FROM orders WHERE $1::text IS NULL OR state = $1"
+                f" ORDER BY id DESC LIMIT $2",
+                None if state is None else state.value,
+                limit,
+            )
+            return [line_from_row(r) for r in rows]
+
+        return await self._tx(run)
+
+    async def events(self, line_id: int) -> list[OrderEvent]:
+        async def run(conn: Conn) -> list[OrderEvent]:
+            rows = await conn.fetch(
+                "SELECT at, kind, detail FROM events WHERE order_line_id = $1 ORDER BY id",
+                line_id,
+            )
+            return [OrderEvent(at=r[0], kind=r[1], detail=r[2]) for r in rows]
+
+        return await self._tx(run)
+
+    async def count_by_state(self) -> dict[LineState, int]:
+        async def run(conn: Conn) -> dict[LineState, int]:
+            rows = await conn.fetch("SELECT state, COUNT(*) FROM orders GROUP BY state")
+            return {LineState(r[0]): r[1] for r in rows}
+
+        return await self._tx(run)
+
+
+def _qualified(alias: str) -> str:
+    return ", ".join(f"{alias}.{column.strip()}" for column in LINE_COLUMNS.split(","))
