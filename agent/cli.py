@@ -20,7 +20,6 @@ from agent.keybox import new_master_key
 from agent.secrets import delete_secret, env_var_for, lookup_secret, store_secret
 from agent.stockfile import StockFileReader
 from agent.store.base import Store, StoreError
-from agent.store.sqlite import SQLiteStore
 
 DEFAULT_CONFIG_PATHS = (Path("config.toml"), Path("/etc/kami-agent/config.toml"))
 
@@ -44,7 +43,7 @@ def _load(args: argparse.Namespace) -> Config:
     return load_config(_config_path(args.config))
 
 
-async def _with_store(config: Config, action: Callable[[SQLiteStore], Awaitable[int]]) -> int:
+async def _with_store(config: Config, action: Callable[[Store], Awaitable[int]]) -> int:
     from agent.runtime import open_store
 
     store = open_store(config.store)
@@ -94,7 +93,7 @@ def cmd_check(args: argparse.Namespace) -> int:
     async def probe(store: Store) -> int:
         problems = 0
         result = await store.integrity_check()
-        print(f"store {config.store.path}: {result}")
+        print(f"store {config.store.describe()}: {result}")
         problems += result != "ok"
         from agent.runtime import build_platform
 
@@ -116,7 +115,8 @@ def cmd_check(args: argparse.Namespace) -> int:
         failures += asyncio.run(_with_store(config, probe))
     else:
         print(
-            f"store {config.store.path}: not checked (its key {config.store.key_secret} is missing)"
+            f"store {config.store.describe()}: not checked"
+            f" (its key {config.store.key_secret} is missing)"
         )
     print("check: ok" if not failures else f"check: {failures} problem(s)")
     return 0 if not failures else 1
@@ -301,7 +301,7 @@ def cmd_stock_export(args: argparse.Namespace) -> int:
     if target.exists():
         raise AgentError(f"{target} exists; refusing to overwrite a file with card keys")
 
-    async def action(store: SQLiteStore) -> int:
+    async def action(store: Store) -> int:
         items = await store.export_keys(args.sku, KeyState(args.state))
         # Created private before a single key is written.
         fd = os.open(target, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
@@ -321,7 +321,7 @@ def cmd_stock_export(args: argparse.Namespace) -> int:
 def cmd_keys_rotate(args: argparse.Namespace) -> int:
     config = _load(args)
 
-    async def action(store: SQLiteStore) -> int:
+    async def action(store: Store) -> int:
         key_id, moved = await store.rotate_data_key(time.time())
         print(f"card keys re-sealed with data key {key_id}: {moved} row(s); old data keys retired")
         return 0

@@ -48,9 +48,21 @@ class AgentSettings:
 
 @dataclass(frozen=True, slots=True)
 class StoreSettings:
-    path: Path
+    """Either `path` (the embedded SQLite ledger) or `url` (PostgreSQL shared by agents)."""
+
+    path: Path | None = None
     # Name of the secret holding the master key that seals card keys at rest.
     key_secret: str = "store.key"
+    url: str | None = None
+    password_secret: str | None = None  # secret holding the PostgreSQL password, if any
+    instance: str | None = None  # this agent's name among those sharing the database
+    lease_seconds: float = 60.0
+    pool_size: int = 10
+
+    def describe(self) -> str:
+        if self.url is not None:
+            return self.url
+        return str(self.path)
 
 
 @dataclass(frozen=True, slots=True)
@@ -175,6 +187,8 @@ class Config:
     def secret_names(self) -> list[str]:
         """Every secret the config refers to, by name."""
         names = [self.store.key_secret]
+        if self.store.password_secret:
+            names.append(self.store.password_secret)
         names += [p.secret_name for p in self.platforms] + [s.secret_name for s in self.suppliers]
         for channel in self.notify:
             names.extend(channel.secret_names())
@@ -347,14 +361,43 @@ def _parse_agent(s: _Section) -> AgentSettings:
 
 
 def _parse_store(s: _Section, source: Path) -> StoreSettings:
-    raw = s.string("path", required=True)
-    path = Path(raw).expanduser()
+    key_secret = s.string("key", "store.key")
+    raw_path = s.optional_string("path")
+    url = s.optional_string("url")
+    if (raw_path is None) == (url is None):
+        raise s.error(None, "needs exactly one of path (SQLite) or url (PostgreSQL)")
+    if url is not None:
+        settings = _parse_postgres(s, url, key_secret)
+        s.reject_unknown()
+        return settings
+    assert raw_path is not None
+    path = Path(raw_path).expanduser()
     if not path.is_absolute():
         # Relative to the config file, not to wherever systemd happens to start us.
         path = source.parent / path
-    key_secret = s.string("key", "store.key")
     s.reject_unknown()
     return StoreSettings(path=path, key_secret=key_secret)
+
+
+def _parse_postgres(s: _Section, url: str, key_secret: str) -> StoreSettings:
+    parsed = urlparse(url)
+    if parsed.scheme not in ("postgresql", "postgres") or not parsed.hostname:
+        raise s.error("url", f"must be a postgresql://user@host:port/database URL, got {url!r}")
+    if parsed.password:
+        # Config files get copied around; the password lives in a secret instead.
+        raise s.error(
+            "url",
+            "must not contain a password; name a secret in store.password instead"
+            " (kami-agent secrets set <name>)",
+        )
+    return StoreSettings(
+        key_secret=key_secret,
+        url=url,
+        password_secret=s.optional_string("password"),
+        instance=s.optional_string("instance"),
+        lease_seconds=s.number("lease_seconds", 60.0, minimum=2.0, maximum=3600.0),
+        pool_size=s.integer("pool_size", 10, minimum=2, maximum=100),
+    )
 
 
 PLATFORM_KINDS = ("http",)

@@ -221,7 +221,7 @@ async def run_demo(
     )
     supplier_url = await upstream.start()
     config = demo_config(workdir, base_url, supplier_url)
-    store = SQLiteStore(config.store.path, parse_master_key(new_master_key()))
+    store = SQLiteStore(workdir / "kami.db", parse_master_key(new_master_key()))
     await store.open()
     print(f"kami-agent demo — sandbox platform at {base_url}, ledger {config.store.path}", file=out)
     for sku, count in {**BURST_SKUS, LOW_SKU: LOW_STOCK}.items():

@@ -9,7 +9,7 @@ from collections.abc import Mapping
 
 from agent.alerts import AlertEvaluator, OutboxDrainer
 from agent.buyer import BuyerCare
-from agent.config import Config, PlatformSettings, StoreSettings, SupplierSettings
+from agent.config import Config, ConfigError, PlatformSettings, StoreSettings, SupplierSettings
 from agent.engine import Engine
 from agent.keybox import parse_master_key
 from agent.logs import get_logger
@@ -31,9 +31,27 @@ DRAIN_GRACE_SECONDS = 20.0
 LONG_POLL_SECONDS = 25.0
 
 
-def open_store(settings: StoreSettings) -> SQLiteStore:
+def open_store(settings: StoreSettings) -> Store:
+    """The configured ledger (not yet opened): SQLite by path, or PostgreSQL by URL."""
     master = parse_master_key(resolve_secret(settings.key_secret))
-    return SQLiteStore(settings.path, master)
+    if settings.url is None:
+        assert settings.path is not None
+        return SQLiteStore(settings.path, master)
+    try:
+        from agent.store.postgres import PostgresStore
+    except ImportError as exc:
+        raise ConfigError(
+            "store.url names PostgreSQL, which needs asyncpg: pip install 'kami-agent[postgres]'"
+        ) from exc
+    password = resolve_secret(settings.password_secret) if settings.password_secret else None
+    return PostgresStore(
+        settings.url,
+        master,
+        instance=settings.instance,
+        lease_seconds=settings.lease_seconds,
+        pool_size=settings.pool_size,
+        password=password,
+    )
 
 
 def build_platform(settings: PlatformSettings, secret: str | None = None) -> Platform:

@@ -1,8 +1,13 @@
 from __future__ import annotations
 
+import asyncio
+import os
 import time
+import uuid
 from collections.abc import AsyncIterator, Iterator
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -19,7 +24,10 @@ from agent.domain import CardItem
 from agent.keybox import parse_master_key
 from agent.platforms.http import HttpPlatform
 from agent.sandbox.platform import SandboxPlatform
+from agent.store.base import Store
 from agent.store.sqlite import SQLiteStore
+from tests.pg_server import REQUIRE_ENV, PgServer
+from tests.pg_server import start as start_pg_server
 
 SKUS = ("GAME-100", "VIP-30D")
 # The master key tests seal card keys with (base64 of 32 bytes), and its secret's env var.
@@ -46,8 +54,67 @@ async def sandbox() -> AsyncIterator[SandboxPlatform]:
     await platform.stop()
 
 
+@pytest.fixture(scope="session")
+def pg_server() -> Iterator[PgServer]:
+    """One PostgreSQL server for the session (see tests/pg_server.py)."""
+    try:
+        import asyncpg  # noqa: F401
+
+        server = start_pg_server()
+    except (ImportError, RuntimeError) as exc:
+        message = f"PostgreSQL tests cannot run: {exc}"
+        if os.environ.get(REQUIRE_ENV):
+            pytest.fail(message, pytrace=False)
+        pytest.skip(message)
+    yield server
+    server.stop()
+
+
+def _admin(url: str, sql: str) -> None:
+    """One statement on the server, from sync code (fixtures may sit inside a running loop)."""
+    import asyncpg
+
+    async def run() -> None:
+        conn = await asyncpg.connect(url)
+        try:
+            await conn.execute(sql)
+        finally:
+            await conn.close()
+
+    with ThreadPoolExecutor(1) as pool:
+        pool.submit(asyncio.run, run()).result()
+
+
 @pytest.fixture
-async def store(tmp_path: Path) -> AsyncIterator[SQLiteStore]:
+def pg_url(pg_server: PgServer) -> Iterator[str]:
+    """A fresh, empty database for one test."""
+    name = f"kami_test_{uuid.uuid4().hex[:12]}"
+    _admin(pg_server.url, f"CREATE DATABASE {name}")
+    yield pg_server.url.rsplit("/", 1)[0] + f"/{name}"
+    _admin(pg_server.url, f"DROP DATABASE {name} WITH (FORCE)")
+
+
+def open_test_store(backend: str, tmp_path: Path, url: str | None = None, **pg: Any) -> Store:
+    if backend == "sqlite":
+        return SQLiteStore(tmp_path / "kami.db", master_key_for_tests())
+    from agent.store.postgres import PostgresStore
+
+    assert url is not None
+    return PostgresStore(url, master_key_for_tests(), **pg)
+
+
+@pytest.fixture(params=["sqlite", "postgres"])
+async def store(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIterator[Store]:
+    """The Store contract holds for both backends: every test using this runs on each."""
+    url = request.getfixturevalue("pg_url") if request.param == "postgres" else None
+    s = open_test_store(request.param, tmp_path, url, instance="test")
+    await s.open()
+    yield s
+    await s.close()
+
+
+@pytest.fixture
+async def sqlite_store(tmp_path: Path) -> AsyncIterator[SQLiteStore]:
     s = SQLiteStore(tmp_path / "kami.db", master_key_for_tests())
     await s.open()
     yield s
@@ -101,5 +168,5 @@ def keys(sku: str, count: int, start: int = 0) -> list[CardItem]:
     ]
 
 
-async def stock(store: SQLiteStore, sku: str, count: int, start: int = 0) -> None:
+async def stock(store: Store, sku: str, count: int, start: int = 0) -> None:
     await store.import_keys(sku, keys(sku, count, start), "test", time.time())

@@ -15,7 +15,7 @@ from agent.domain import LineState
 from agent.platforms.http import HttpPlatform
 from agent.runtime import run_engine
 from agent.sandbox.platform import SandboxPlatform
-from agent.store.sqlite import SQLiteStore
+from agent.store.base import Store
 from agent.suppliers.base import Supplier
 from tests.conftest import platform_settings
 
@@ -40,9 +40,7 @@ async def wait_for(condition: Callable[[], bool | Awaitable[bool]], what: str) -
         await asyncio.sleep(0.02)
 
 
-def line_state_is(
-    store: SQLiteStore, order_id: str, state: LineState
-) -> Callable[[], Awaitable[bool]]:
+def line_state_is(store: Store, order_id: str, state: LineState) -> Callable[[], Awaitable[bool]]:
     async def check() -> bool:
         lines = await store.find_lines(order_id)
         return bool(lines) and lines[0].state == state
@@ -53,7 +51,7 @@ def line_state_is(
 @asynccontextmanager
 async def running_agent(
     config: Config,
-    store: SQLiteStore,
+    store: Store,
     sandbox: SandboxPlatform,
     suppliers: Mapping[str, Supplier] | None = None,
 ) -> AsyncIterator[None]:

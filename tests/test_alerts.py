@@ -25,7 +25,7 @@ from agent.notify.base import Notifier
 from agent.notify.email import EmailNotifier
 from agent.notify.factory import build_notifier
 from agent.notify.webhook import SIGNATURE_HEADER, TIMESTAMP_HEADER, webhook_signature
-from agent.store.sqlite import SQLiteStore
+from agent.store.base import Store
 from tests.conftest import make_config, stock
 
 
@@ -79,12 +79,12 @@ def low_stock_config(tmp_path: Path, **sku: Any) -> Config:
     return dataclasses.replace(base, skus={"GAME-100": settings}, notify=channels)
 
 
-async def evaluate(config: Config, store: SQLiteStore, clock: Clock) -> list[AlertMessage]:
+async def evaluate(config: Config, store: Store, clock: Clock) -> list[AlertMessage]:
     return await AlertEvaluator(config, store, clock, {}, set()).run()
 
 
 async def test_one_email_per_crossing_then_recovery(
-    tmp_path: Path, store: SQLiteStore, smtp: Any
+    tmp_path: Path, store: Store, smtp: Any
 ) -> None:
     clock = Clock()
     config = low_stock_config(tmp_path)
@@ -110,7 +110,7 @@ async def test_one_email_per_crossing_then_recovery(
     assert len(smtp.inbox.messages) == 3 and b"ALERT" in smtp.inbox.messages[2]
 
 
-async def test_escalates_while_unresolved(tmp_path: Path, store: SQLiteStore) -> None:
+async def test_escalates_while_unresolved(tmp_path: Path, store: Store) -> None:
     clock = Clock()
     config = low_stock_config(tmp_path)
     config = dataclasses.replace(
@@ -124,7 +124,7 @@ async def test_escalates_while_unresolved(tmp_path: Path, store: SQLiteStore) ->
 
 
 async def test_outbox_keeps_alerts_until_the_channel_works(
-    tmp_path: Path, store: SQLiteStore, smtp: Any
+    tmp_path: Path, store: Store, smtp: Any
 ) -> None:
     clock = Clock()
     await evaluate(low_stock_config(tmp_path), store, clock)
@@ -138,7 +138,7 @@ async def test_outbox_keeps_alerts_until_the_channel_works(
 
 
 async def test_alert_fires_a_lead_time_before_the_first_unfilled_order(
-    tmp_path: Path, store: SQLiteStore
+    tmp_path: Path, store: Store
 ) -> None:
     """A simulated sales run: 30 orders/hour, 100 keys, lead time 1 h, checks every minute."""
     clock = Clock()
@@ -278,7 +278,7 @@ async def test_robot_error_reply_is_permanent(
         await send(notifier)
 
 
-async def test_auth_balance_stuck_and_attention_alerts(tmp_path: Path, store: SQLiteStore) -> None:
+async def test_auth_balance_stuck_and_attention_alerts(tmp_path: Path, store: Store) -> None:
     from decimal import Decimal
 
     from agent.config import SupplierSettings

@@ -8,7 +8,7 @@ from pathlib import Path
 from agent.config import SkuSettings
 from agent.domain import LineState
 from agent.sandbox.platform import SandboxPlatform
-from agent.store.sqlite import SQLiteStore
+from agent.store.base import Store
 from tests.conftest import make_config, stock
 from tests.helpers import delivered_all, line_state_is, running_agent, wait_for
 
@@ -21,7 +21,7 @@ def buyer_config(tmp_path: Path, base_url: str, refund_after: float | None) -> o
 
 
 async def test_waiting_buyer_gets_one_notice_then_the_keys(
-    tmp_path: Path, sandbox: SandboxPlatform, store: SQLiteStore
+    tmp_path: Path, sandbox: SandboxPlatform, store: Store
 ) -> None:
     order_id = sandbox.add_order("GAME-100")
     config = buyer_config(tmp_path, sandbox.base_url, refund_after=None)
@@ -36,7 +36,7 @@ async def test_waiting_buyer_gets_one_notice_then_the_keys(
 
 
 async def test_overdue_backorder_is_refunded_once(
-    tmp_path: Path, sandbox: SandboxPlatform, store: SQLiteStore
+    tmp_path: Path, sandbox: SandboxPlatform, store: Store
 ) -> None:
     order_id = sandbox.add_order("GAME-100")
     config = buyer_config(tmp_path, sandbox.base_url, refund_after=0.5)

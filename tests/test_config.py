@@ -66,7 +66,7 @@ def test_bad_platform_url(tmp_path: Path) -> None:
 
 
 def test_missing_required_keys(tmp_path: Path) -> None:
-    with pytest.raises(ConfigError, match=r"store\.path: is required"):
+    with pytest.raises(ConfigError, match=r"store: needs exactly one of path .* or url"):
         load_config(write(tmp_path, MINIMAL.replace('path = "kami.db"', "")))
     with pytest.raises(ConfigError, match="at least one"):
         load_config(write(tmp_path, '[store]\npath = "x.db"\n'))
@@ -77,3 +77,28 @@ def test_invalid_toml_and_missing_file(tmp_path: Path) -> None:
         load_config(write(tmp_path, "[store\n"))
     with pytest.raises(ConfigError, match="cannot read config file"):
         load_config(tmp_path / "nope.toml")
+
+
+def test_postgres_store_settings(tmp_path: Path) -> None:
+    url = "postgresql://kami@db.internal:5432/shop"
+    text = MINIMAL.replace(
+        'path = "kami.db"',
+        f'url = "{url}"\npassword = "store.db-password"\ninstance = "box-a"\nlease_seconds = 30',
+    )
+    config = load_config(write(tmp_path, text))
+    assert (config.store.url, config.store.instance, config.store.lease_seconds) == (
+        url,
+        "box-a",
+        30.0,
+    )
+    assert config.store.path is None
+    assert "store.db-password" in config.secret_names()
+    both = MINIMAL.replace('path = "kami.db"', f'path = "kami.db"\nurl = "{url}"')
+    with pytest.raises(ConfigError, match="exactly one of path"):
+        load_config(write(tmp_path, both))
+    with_password = MINIMAL.replace('path = "kami.db"', 'url = "postgresql://kami:hunter2@db/shop"')
+    with pytest.raises(ConfigError, match=r"store\.url: must not contain a password"):
+        load_config(write(tmp_path, with_password))
+    wrong_scheme = MINIMAL.replace('path = "kami.db"', 'url = "mysql://kami@db/shop"')
+    with pytest.raises(ConfigError, match=r"store\.url: must be a postgresql://"):
+        load_config(write(tmp_path, wrong_scheme))

@@ -11,7 +11,7 @@ from pathlib import Path
 from agent.domain import LineState
 from agent.engine import screen_order
 from agent.sandbox.platform import SandboxPlatform
-from agent.store.sqlite import SQLiteStore
+from agent.store.base import Store
 from tests.conftest import make_config, stock
 from tests.helpers import (
     assert_platform_invariants,
@@ -23,7 +23,7 @@ from tests.helpers import (
 
 
 async def test_delivers_orders_with_distinct_keys(
-    tmp_path: Path, sandbox: SandboxPlatform, store: SQLiteStore
+    tmp_path: Path, sandbox: SandboxPlatform, store: Store
 ) -> None:
     await stock(store, "GAME-100", 40)
     ids = [sandbox.add_order("GAME-100", quantity=1 + i % 3) for i in range(20)]
@@ -35,7 +35,7 @@ async def test_delivers_orders_with_distinct_keys(
 
 
 async def test_catches_up_on_orders_paid_while_down(
-    tmp_path: Path, sandbox: SandboxPlatform, store: SQLiteStore
+    tmp_path: Path, sandbox: SandboxPlatform, store: Store
 ) -> None:
     await stock(store, "GAME-100", 300)
     ids = [sandbox.add_order("GAME-100") for _ in range(260)]  # several pages, before start
@@ -45,7 +45,7 @@ async def test_catches_up_on_orders_paid_while_down(
 
 
 async def test_survives_faults_with_same_key_resends_only(
-    tmp_path: Path, sandbox: SandboxPlatform, store: SQLiteStore
+    tmp_path: Path, sandbox: SandboxPlatform, store: Store
 ) -> None:
     sandbox.faults.error_rate = 0.15
     sandbox.faults.drop_after_commit_rate = 0.25
@@ -69,7 +69,7 @@ async def test_survives_faults_with_same_key_resends_only(
 
 
 async def test_bad_input_is_parked_and_the_rest_delivered(
-    tmp_path: Path, sandbox: SandboxPlatform, store: SQLiteStore
+    tmp_path: Path, sandbox: SandboxPlatform, store: Store
 ) -> None:
     await stock(store, "GAME-100", 10)
     good = [sandbox.add_order("GAME-100"), sandbox.add_order("GAME-100")]
@@ -95,7 +95,7 @@ async def test_bad_input_is_parked_and_the_rest_delivered(
 
 
 async def test_backorder_is_filled_after_import(
-    tmp_path: Path, sandbox: SandboxPlatform, store: SQLiteStore
+    tmp_path: Path, sandbox: SandboxPlatform, store: Store
 ) -> None:
     await stock(store, "VIP-30D", 1)
     first, second = sandbox.add_order("VIP-30D"), sandbox.add_order("VIP-30D", quantity=2)
@@ -108,7 +108,7 @@ async def test_backorder_is_filled_after_import(
 
 
 async def test_order_cancelled_during_outage_is_closed_not_delivered(
-    tmp_path: Path, sandbox: SandboxPlatform, store: SQLiteStore
+    tmp_path: Path, sandbox: SandboxPlatform, store: Store
 ) -> None:
     order_id = sandbox.add_order("GAME-100")
     config = make_config(tmp_path, sandbox.base_url)
@@ -132,7 +132,7 @@ async def test_order_cancelled_during_outage_is_closed_not_delivered(
 
 
 async def test_resend_uses_same_keys_with_a_new_key(
-    tmp_path: Path, sandbox: SandboxPlatform, store: SQLiteStore
+    tmp_path: Path, sandbox: SandboxPlatform, store: Store
 ) -> None:
     await stock(store, "GAME-100", 5)
     order_id = sandbox.add_order("GAME-100")
@@ -160,7 +160,7 @@ def test_screen_order_rules() -> None:
 
 
 async def test_long_poll_takes_orders_without_waiting_for_a_poll(
-    tmp_path: Path, sandbox: SandboxPlatform, store: SQLiteStore
+    tmp_path: Path, sandbox: SandboxPlatform, store: Store
 ) -> None:
     await stock(store, "GAME-100", 5)
     config = make_config(tmp_path, sandbox.base_url, poll_interval=3600, reconcile_interval=3600)

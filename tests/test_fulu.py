@@ -11,7 +11,7 @@ import pytest
 from agent.config import SkuSettings, SupplierSettings
 from agent.domain import Ambiguous, Permanent
 from agent.sandbox.platform import SandboxPlatform
-from agent.store.sqlite import SQLiteStore
+from agent.store.base import Store
 from agent.suppliers.fulu import FuluSupplier, decrypt_card_field, fulu_sign
 from tests.conftest import make_config
 from tests.fulu_fake import FakeFulu
@@ -99,7 +99,7 @@ async def test_wrong_secret_is_refused(fulu: FakeFulu) -> None:
 
 
 async def test_engine_buys_through_fulu_once_per_order(
-    tmp_path: Path, sandbox: SandboxPlatform, store: SQLiteStore, fulu: FakeFulu
+    tmp_path: Path, sandbox: SandboxPlatform, store: Store, fulu: FakeFulu
 ) -> None:
     fulu.drop_after_commit_rate = 0.3
     ids = [sandbox.add_order("GAME-100", quantity=1 + i % 2) for i in range(12)]

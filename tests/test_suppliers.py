@@ -14,7 +14,7 @@ from agent.config import Config, SkuSettings, SupplierSettings
 from agent.domain import Ambiguous, LineState, PurchaseState
 from agent.sandbox.platform import SandboxPlatform
 from agent.sandbox.supplier import SandboxSupplier
-from agent.store.sqlite import SQLiteStore
+from agent.store.base import Store
 from agent.suppliers.http import HttpSupplier
 from tests.conftest import make_config, stock
 from tests.helpers import (
@@ -139,7 +139,7 @@ async def test_adapter_lost_and_stalled_responses_are_ambiguous(upstream: Sandbo
 
 
 async def test_buys_when_local_stock_is_empty(
-    tmp_path: Path, sandbox: SandboxPlatform, store: SQLiteStore, upstream: SandboxSupplier
+    tmp_path: Path, sandbox: SandboxPlatform, store: Store, upstream: SandboxSupplier
 ) -> None:
     await stock(store, "GAME-100", 3)
     ids = [sandbox.add_order("GAME-100", quantity=1 + i % 2) for i in range(10)]
@@ -158,7 +158,7 @@ async def test_buys_when_local_stock_is_empty(
 
 
 async def test_lost_responses_never_buy_twice(
-    tmp_path: Path, sandbox: SandboxPlatform, store: SQLiteStore, upstream: SandboxSupplier
+    tmp_path: Path, sandbox: SandboxPlatform, store: Store, upstream: SandboxSupplier
 ) -> None:
     upstream.faults.drop_after_commit_rate = 0.2
     upstream.faults.stall_after_commit_rate = 0.05
@@ -181,7 +181,7 @@ async def test_lost_responses_never_buy_twice(
 async def test_fails_over_to_the_next_supplier(
     tmp_path: Path,
     sandbox: SandboxPlatform,
-    store: SQLiteStore,
+    store: Store,
     upstream: SandboxSupplier,
     backup: SandboxSupplier,
 ) -> None:
@@ -208,7 +208,7 @@ async def test_fails_over_to_the_next_supplier(
 
 
 async def test_processing_purchases_complete_later(
-    tmp_path: Path, sandbox: SandboxPlatform, store: SQLiteStore, upstream: SandboxSupplier
+    tmp_path: Path, sandbox: SandboxPlatform, store: Store, upstream: SandboxSupplier
 ) -> None:
     upstream.faults.processing_rate = 1.0
     upstream.faults.processing_seconds = 0.3
@@ -224,7 +224,7 @@ async def test_processing_purchases_complete_later(
 
 
 async def test_unknown_outcome_parks_instead_of_buying_again(
-    tmp_path: Path, sandbox: SandboxPlatform, store: SQLiteStore, upstream: SandboxSupplier
+    tmp_path: Path, sandbox: SandboxPlatform, store: Store, upstream: SandboxSupplier
 ) -> None:
     upstream.faults.drop_after_commit_rate = 1.0
     order_id = sandbox.add_order("GAME-100")
@@ -247,7 +247,7 @@ async def test_unknown_outcome_parks_instead_of_buying_again(
 
 
 async def test_backorders_fill_when_the_supplier_recovers(
-    tmp_path: Path, sandbox: SandboxPlatform, store: SQLiteStore, upstream: SandboxSupplier
+    tmp_path: Path, sandbox: SandboxPlatform, store: Store, upstream: SandboxSupplier
 ) -> None:
     upstream.available["GAME-100"] = 0
     ids = [sandbox.add_order("GAME-100") for _ in range(3)]
@@ -265,7 +265,7 @@ async def test_backorders_fill_when_the_supplier_recovers(
 
 
 async def test_supplier_first_sku_buys_even_with_local_stock(
-    tmp_path: Path, sandbox: SandboxPlatform, store: SQLiteStore, upstream: SandboxSupplier
+    tmp_path: Path, sandbox: SandboxPlatform, store: Store, upstream: SandboxSupplier
 ) -> None:
     await stock(store, "GAME-100", 5)
     order_id = sandbox.add_order("GAME-100")

@@ -16,6 +16,7 @@ from agent.domain import (
     CardItem,
     DeliveryIntent,
     ImportReport,
+    KeyState,
     LineState,
     OpenAlert,
     OrderEvent,
@@ -191,5 +192,13 @@ class Store(Protocol):
     async def stock_counts(self) -> list[StockCount]: ...
 
     async def bound_items(self, line_id: int) -> tuple[CardItem, ...]: ...
+
+    async def export_keys(self, sku: str, state: KeyState) -> list[CardItem]:
+        """Decrypted keys, for `kami-agent stock export` only."""
+        ...
+
+    async def rotate_data_key(self, now: float, batch: int = 10_000) -> tuple[int, int]:
+        """Seals every card key with a fresh data key; returns (new key id, rows moved)."""
+        ...
 
     async def integrity_check(self) -> str: ...

@@ -58,8 +58,10 @@ class PostgresBase:
         instance: str | None = None,
         lease_seconds: float = DEFAULT_LEASE_SECONDS,
         pool_size: int = 10,
+        password: str | None = None,
     ) -> None:
         self.url = url
+        self._password = password
         self.instance = instance or default_instance()
         self.lease_seconds = lease_seconds
         self._master_key = master_key
@@ -71,7 +73,11 @@ class PostgresBase:
     async def open(self) -> None:
         try:
             self._pool = await asyncpg.create_pool(
-                self.url, min_size=1, max_size=self._pool_size, command_timeout=60
+                self.url,
+                password=self._password,
+                min_size=1,
+                max_size=self._pool_size,
+                command_timeout=60,
             )
         except (OSError, asyncpg.PostgresError) as exc:
             raise StoreError(

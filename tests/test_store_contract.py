@@ -9,7 +9,7 @@ import pytest
 
 from agent.domain import CardItem, KeyState, LineState, PlatformOrder, RejectedOrder
 from agent.keybox import StoreKeyError
-from agent.store.base import StoreError
+from agent.store.base import Store, StoreError
 from agent.store.sqlite import SQLiteStore, migrations
 from tests.conftest import keys, master_key_for_tests, stock
 from tests.helpers import ledger_bytes
@@ -21,7 +21,9 @@ def order(order_id: str, sku: str = "GAME-100", quantity: int = 1) -> PlatformOr
     return PlatformOrder(order_id=order_id, status="paid", sku=sku, quantity=quantity)
 
 
-async def test_ledger_file_is_private_and_migrated(store: SQLiteStore, tmp_path: Path) -> None:
+async def test_ledger_file_is_private_and_migrated(
+    sqlite_store: SQLiteStore, tmp_path: Path
+) -> None:
     mode = stat.S_IMODE((tmp_path / "kami.db").stat().st_mode)
     assert mode == 0o600
     with sqlite3.connect(tmp_path / "kami.db") as conn:
@@ -41,7 +43,7 @@ async def test_reopen_does_not_migrate_twice(tmp_path: Path) -> None:
         )
 
 
-async def test_ingest_is_idempotent(store: SQLiteStore) -> None:
+async def test_ingest_is_idempotent(store: Store) -> None:
     first = await store.ingest("main", [order("A"), order("B")], NOW)
     again = await store.ingest("main", [order("A"), order("B"), order("C")], NOW)
     assert len(first) == 2
@@ -50,7 +52,7 @@ async def test_ingest_is_idempotent(store: SQLiteStore) -> None:
     assert len(other_platform) == 1
 
 
-async def test_rejected_order_is_parked_with_reason(store: SQLiteStore) -> None:
+async def test_rejected_order_is_parked_with_reason(store: Store) -> None:
     ready = await store.ingest("main", [RejectedOrder("X", "quantity must be at least 1")], NOW)
     assert ready == []
     (line,) = await store.find_lines("X")
@@ -58,7 +60,7 @@ async def test_rejected_order_is_parked_with_reason(store: SQLiteStore) -> None:
     assert line.reason == "quantity must be at least 1"
 
 
-async def test_conflicting_duplicate_is_parked(store: SQLiteStore) -> None:
+async def test_conflicting_duplicate_is_parked(store: Store) -> None:
     (line_id,) = await store.ingest("main", [order("A", quantity=1)], NOW)
     await store.ingest("main", [order("A", quantity=3)], NOW)
     line = await store.get_line(line_id)
@@ -66,7 +68,7 @@ async def test_conflicting_duplicate_is_parked(store: SQLiteStore) -> None:
     assert "different content" in (line.reason or "")
 
 
-async def test_allocate_binds_distinct_keys_per_quantity(store: SQLiteStore) -> None:
+async def test_allocate_binds_distinct_keys_per_quantity(store: Store) -> None:
     await stock(store, "GAME-100", 5)
     (line_id,) = await store.ingest("main", [order("A", quantity=3)], NOW)
     line = await store.allocate(line_id, NOW)
@@ -78,7 +80,7 @@ async def test_allocate_binds_distinct_keys_per_quantity(store: SQLiteStore) -> 
     assert (counts["GAME-100"].free, counts["GAME-100"].bound) == (2, 3)
 
 
-async def test_allocation_is_all_or_nothing(store: SQLiteStore) -> None:
+async def test_allocation_is_all_or_nothing(store: Store) -> None:
     await stock(store, "GAME-100", 2)
     (line_id,) = await store.ingest("main", [order("A", quantity=3)], NOW)
     line = await store.allocate(line_id, NOW)
@@ -90,7 +92,7 @@ async def test_allocation_is_all_or_nothing(store: SQLiteStore) -> None:
     assert (await store.allocate(line_id, NOW)).state == LineState.ALLOCATED
 
 
-async def test_delivery_key_is_deterministic_and_resend_changes_it(store: SQLiteStore) -> None:
+async def test_delivery_key_is_deterministic_and_resend_changes_it(store: Store) -> None:
     await stock(store, "GAME-100", 1)
     (line_id,) = await store.ingest("main", [order("A")], NOW)
     await store.allocate(line_id, NOW)
@@ -106,26 +108,28 @@ async def test_delivery_key_is_deterministic_and_resend_changes_it(store: SQLite
     assert third.items == first.items
 
 
-async def test_bound_key_never_returns_to_free(store: SQLiteStore, tmp_path: Path) -> None:
-    await stock(store, "GAME-100", 1)
-    (line_id,) = await store.ingest("main", [order("A")], NOW)
-    await store.allocate(line_id, NOW)
-    await store.park(line_id, "operator check", NOW)
-    await store.close()
+async def test_bound_key_never_returns_to_free(sqlite_store: SQLiteStore, tmp_path: Path) -> None:
+    await stock(sqlite_store, "GAME-100", 1)
+    (line_id,) = await sqlite_store.ingest("main", [order("A")], NOW)
+    await sqlite_store.allocate(line_id, NOW)
+    await sqlite_store.park(line_id, "operator check", NOW)
+    await sqlite_store.close()
     conn = sqlite3.connect(tmp_path / "kami.db")
     with pytest.raises(sqlite3.IntegrityError, match="bound card key"):
         conn.execute("UPDATE card_keys SET state = 'free', order_line_id = NULL, slot = NULL")
     with pytest.raises(sqlite3.IntegrityError, match="never deleted"):
         conn.execute("DELETE FROM card_keys")
     conn.close()
-    await store.open()
+    await sqlite_store.open()
 
 
-async def test_a_key_cannot_fill_two_slots_or_two_lines(store: SQLiteStore, tmp_path: Path) -> None:
-    await stock(store, "GAME-100", 2)
-    a, _ = await store.ingest("main", [order("A"), order("B")], NOW)
-    await store.allocate(a, NOW)
-    await store.close()
+async def test_a_key_cannot_fill_two_slots_or_two_lines(
+    sqlite_store: SQLiteStore, tmp_path: Path
+) -> None:
+    await stock(sqlite_store, "GAME-100", 2)
+    a, _ = await sqlite_store.ingest("main", [order("A"), order("B")], NOW)
+    await sqlite_store.allocate(a, NOW)
+    await sqlite_store.close()
     conn = sqlite3.connect(tmp_path / "kami.db")
     with pytest.raises(sqlite3.IntegrityError):
         # second free key into A's slot 0: the (order_line_id, slot) constraint refuses
@@ -133,10 +137,10 @@ async def test_a_key_cannot_fill_two_slots_or_two_lines(store: SQLiteStore, tmp_
             "UPDATE card_keys SET state='bound', order_line_id=?, slot=0 WHERE state='free'", (a,)
         )
     conn.close()
-    await store.open()
+    await sqlite_store.open()
 
 
-async def test_import_dedupes_and_counts(store: SQLiteStore) -> None:
+async def test_import_dedupes_and_counts(store: Store) -> None:
     items = keys("GAME-100", 10) + keys("GAME-100", 5)  # 5 duplicates within the import
     seen: list[int] = []
     report = await store.import_keys("GAME-100", items, "test", NOW, seen.append)
@@ -148,7 +152,7 @@ async def test_import_dedupes_and_counts(store: SQLiteStore) -> None:
     assert other.added == 10  # uniqueness is per SKU
 
 
-async def test_void_only_touches_free_keys_and_needs_reason(store: SQLiteStore) -> None:
+async def test_void_only_touches_free_keys_and_needs_reason(store: Store) -> None:
     await stock(store, "GAME-100", 4)
     (line_id,) = await store.ingest("main", [order("A")], NOW)
     await store.allocate(line_id, NOW)
@@ -160,7 +164,7 @@ async def test_void_only_touches_free_keys_and_needs_reason(store: SQLiteStore) 
     assert (count.free, count.bound, count.void) == (0, 1, 3)
 
 
-async def test_retry_after_attention_resumes_in_the_right_state(store: SQLiteStore) -> None:
+async def test_retry_after_attention_resumes_in_the_right_state(store: Store) -> None:
     await stock(store, "GAME-100", 1)
     a, b = await store.ingest("main", [order("A"), order("B", sku="VIP-30D")], NOW)
     await store.allocate(a, NOW)
@@ -174,7 +178,7 @@ async def test_retry_after_attention_resumes_in_the_right_state(store: SQLiteSto
         await store.retry_line(a, NOW)
 
 
-async def test_events_form_an_audit_trail(store: SQLiteStore) -> None:
+async def test_events_form_an_audit_trail(store: Store) -> None:
     await stock(store, "GAME-100", 1)
     (line_id,) = await store.ingest("main", [order("A")], NOW)
     await store.allocate(line_id, NOW)
@@ -191,61 +195,63 @@ async def test_card_item_repr_hides_secret() -> None:
     assert "very-secret" not in repr(item)
 
 
-async def test_integrity_check(store: SQLiteStore) -> None:
+async def test_integrity_check(store: Store) -> None:
     assert await store.integrity_check() == "ok"
     assert time.time() > 0
 
 
-async def test_card_keys_are_sealed_on_disk(store: SQLiteStore, tmp_path: Path) -> None:
-    await stock(store, "GAME-100", 50)
-    await store.close()
+async def test_card_keys_are_sealed_on_disk(sqlite_store: SQLiteStore, tmp_path: Path) -> None:
+    await stock(sqlite_store, "GAME-100", 50)
+    await sqlite_store.close()
     raw = ledger_bytes(tmp_path)
     assert b"S-GAME-100" not in raw and b"GAME-100-1" not in raw
-    await store.open()
-    (line_id,) = await store.ingest("main", [order("A", quantity=2)], NOW)
-    await store.allocate(line_id, NOW)
-    intent = await store.begin_delivery(line_id, NOW)
+    await sqlite_store.open()
+    (line_id,) = await sqlite_store.ingest("main", [order("A", quantity=2)], NOW)
+    await sqlite_store.allocate(line_id, NOW)
+    intent = await sqlite_store.begin_delivery(line_id, NOW)
     assert {i.secret for i in intent.items} == {"S-GAME-100-000000", "S-GAME-100-000001"}
 
 
-async def test_wrong_master_key_is_refused_clearly(store: SQLiteStore, tmp_path: Path) -> None:
-    await store.close()
+async def test_wrong_master_key_is_refused_clearly(
+    sqlite_store: SQLiteStore, tmp_path: Path
+) -> None:
+    await sqlite_store.close()
     other = SQLiteStore(tmp_path / "kami.db", bytes(32))
     with pytest.raises(StoreKeyError, match="does not open this ledger"):
         await other.open()
     await other.close()
-    await store.open()
+    await sqlite_store.open()
 
 
-async def test_tampered_card_key_fails_integrity(store: SQLiteStore, tmp_path: Path) -> None:
-    await stock(store, "GAME-100", 1)
-    (line_id,) = await store.ingest("main", [order("A")], NOW)
-    await store.allocate(line_id, NOW)
-    await store.close()
+async def test_tampered_card_key_fails_integrity(sqlite_store: SQLiteStore, tmp_path: Path) -> None:
+    await stock(sqlite_store, "GAME-100", 1)
+    (line_id,) = await sqlite_store.ingest("main", [order("A")], NOW)
+    await sqlite_store.allocate(line_id, NOW)
+    await sqlite_store.close()
     with sqlite3.connect(tmp_path / "kami.db") as conn:
         # move the sealed key to another SKU: the SKU is bound in as associated data
         conn.execute("UPDATE card_keys SET sku = 'VIP-30D'")
-    await store.open()
+    await sqlite_store.open()
     with pytest.raises(StoreKeyError, match="integrity"):
-        await store.bound_items(line_id)
+        await sqlite_store.bound_items(line_id)
 
 
-async def test_rotation_reseals_every_key(store: SQLiteStore, tmp_path: Path) -> None:
-    await stock(store, "GAME-100", 25)
-    (line_id,) = await store.ingest("main", [order("A", quantity=3)], NOW)
-    await store.allocate(line_id, NOW)
-    before = await store.bound_items(line_id)
-    new_id, moved = await store.rotate_data_key(NOW, batch=7)
+async def test_rotation_reseals_every_key(sqlite_store: SQLiteStore, tmp_path: Path) -> None:
+    await stock(sqlite_store, "GAME-100", 25)
+    (line_id,) = await sqlite_store.ingest("main", [order("A", quantity=3)], NOW)
+    await sqlite_store.allocate(line_id, NOW)
+    before = await sqlite_store.bound_items(line_id)
+    new_id, moved = await sqlite_store.rotate_data_key(NOW, batch=7)
     assert moved == 25
-    assert await store.bound_items(line_id) == before
-    await store.close()
+    assert await sqlite_store.bound_items(line_id) == before
+    await sqlite_store.close()
     with sqlite3.connect(tmp_path / "kami.db") as conn:
         assert {r[0] for r in conn.execute("SELECT key_id FROM card_keys")} == {new_id}
         live = conn.execute(
             "SELECT COUNT(*) FROM data_keys WHERE purpose = 'data' AND retired_at IS NULL"
         ).fetchone()[0]
         assert live == 1
-    await store.open()  # reopens with the new data key
-    assert len(await store.export_keys("GAME-100", KeyState.FREE)) == 22
-    again = await store.import_keys("GAME-100", keys("GAME-100", 25), "test", NOW)
+    await sqlite_store.open()  # reopens with the new data key
+    assert len(await sqlite_store.export_keys("GAME-100", KeyState.FREE)) == 22
+    again = await sqlite_store.import_keys("GAME-100", keys("GAME-100", 25), "test", NOW)
     assert again.added == 0  # duplicate detection survives rotation
