@@ -5,11 +5,9 @@ the platform's side and from the ledger's."""
 from __future__ import annotations
 
 import asyncio
-import os
 import random
 import signal
 import sqlite3
-import sys
 import time
 from collections import Counter
 from pathlib import Path
@@ -19,7 +17,8 @@ import pytest
 from agent.sandbox.platform import SandboxPlatform
 from agent.sandbox.supplier import SandboxSupplier
 from agent.store.sqlite import SQLiteStore
-from tests.conftest import STORE_KEY_ENV, TEST_STORE_KEY, master_key_for_tests
+from tests.conftest import TEST_STORE_KEY, master_key_for_tests
+from tests.daemon import kill_after, run_cli, start_daemon
 from tests.helpers import ledger_bytes
 
 ORDERS = 2000
@@ -79,55 +78,10 @@ timeout = 2.0
     return path
 
 
-def agent_env(config: Path, crash_at: str | None = None) -> dict[str, str]:
-    env = dict(os.environ)
-    env["KAMI_AGENT_CONFIG"] = str(config)
-    env["KAMI_SECRET_PLATFORM_MAIN_SECRET"] = SECRET
-    env["KAMI_SECRET_SUPPLIER_UP_SECRET"] = SUPPLIER_SECRET
-    env[STORE_KEY_ENV] = TEST_STORE_KEY
-    env.pop("KAMI_CRASH_AT", None)
-    if crash_at:
-        env["KAMI_CRASH_AT"] = crash_at
-    return env
-
-
-async def run_cli(config: Path, *args: str) -> str:
-    proc = await asyncio.create_subprocess_exec(
-        sys.executable,
-        "-m",
-        "agent",
-        *args,
-        env=agent_env(config),
-        stdout=asyncio.subprocess.PIPE,
-        stderr=asyncio.subprocess.STDOUT,
-    )
-    out, _ = await proc.communicate()
-    assert proc.returncode == 0, out.decode()
-    return out.decode()
-
-
-async def start_daemon(config: Path, log: Path, crash_at: str | None) -> asyncio.subprocess.Process:
-    with log.open("ab") as sink:
-        return await asyncio.create_subprocess_exec(
-            sys.executable,
-            "-m",
-            "agent",
-            "run",
-            env=agent_env(config, crash_at),
-            stdout=sink,
-            stderr=asyncio.subprocess.STDOUT,
-        )
-
-
-async def kill_after(proc: asyncio.subprocess.Process, seconds: float) -> tuple[int, bool]:
-    """Waits for the process to die at its crash point, or SIGKILLs it after `seconds`.
-
-    Returns the exit code and whether it died by itself (the crash point fired)."""
-    try:
-        return await asyncio.wait_for(proc.wait(), seconds), True
-    except TimeoutError:
-        proc.send_signal(signal.SIGKILL)
-        return await proc.wait(), False
+SECRETS = {
+    "KAMI_SECRET_PLATFORM_MAIN_SECRET": SECRET,
+    "KAMI_SECRET_SUPPLIER_UP_SECRET": SUPPLIER_SECRET,
+}
 
 
 def ledger_settled(db: Path) -> bool:
@@ -166,7 +120,7 @@ async def test_crash_recovery_keeps_every_invariant(tmp_path: Path, seed: int) -
             ]
             stock_file.write_text("\n".join(secrets) + "\n", encoding="utf-8")
             imported[sku] = set(secrets)
-            out = await run_cli(config, "stock", "import", sku, str(stock_file))
+            out = await run_cli(config, SECRETS, "stock", "import", sku, str(stock_file))
             assert f"added {STOCK_PER_SKU}" in out
 
         per_cycle = -(-ORDERS // (CYCLES - 2))
@@ -187,7 +141,7 @@ async def test_crash_recovery_keeps_every_invariant(tmp_path: Path, seed: int) -
                 budget = 4.0
             else:
                 crash_at, budget = None, rng.uniform(0.3, 1.5)
-            proc = await start_daemon(config, log, crash_at)
+            proc = await start_daemon(config, SECRETS, log, crash_at)
             code, by_itself = await kill_after(proc, budget)
             assert code == -signal.SIGKILL, f"daemon exited with {code}, see {log}"
             if by_itself:
@@ -196,7 +150,7 @@ async def test_crash_recovery_keeps_every_invariant(tmp_path: Path, seed: int) -
                 kills["random"] += 1
 
         starts_before = log.read_text(encoding="utf-8").count('"event": "started"')
-        proc = await start_daemon(config, log, None)
+        proc = await start_daemon(config, SECRETS, log)
         deadline = time.monotonic() + SAFETY_TIMEOUT
         while log.read_text(encoding="utf-8").count('"event": "started"') == starts_before:
             assert proc.returncode is None and time.monotonic() < deadline, f"see {log}"

@@ -81,9 +81,8 @@ class PgOrdersLedger(PostgresBase):
             if line_id is None:
                 await self._check_duplicate(conn, platform, order, now)
                 continue
-            await self._event(
-                conn, line_id, "intake", f"sku={order.sku} quantity={order.quantity}", now
-            )
+            detail = f"sku={order.sku} quantity={order.quantity} by {self.instance}"
+            await self._event(conn, line_id, "intake", detail, now)
             ready.append(int(line_id))
         return ready
 
@@ -313,9 +312,8 @@ class PgOrdersLedger(PostgresBase):
             now,
             line.id,
         )
-        await self._event(
-            conn, line.id, "delivery_intent", f"attempt {line.attempts + 1} key {key}", now
-        )
+        detail = f"attempt {line.attempts + 1} key {key} by {self.instance}"
+        await self._event(conn, line.id, "delivery_intent", detail, now)
         return DeliveryIntent(
             line=replace(
                 line, state=LineState.DELIVERING, delivery_key=key, attempts=line.attempts + 1

@@ -1,0 +1,67 @@
+"""Running the real daemon (and its CLI) as subprocesses, for the end-to-end tests."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import sys
+from collections.abc import Mapping
+from pathlib import Path
+
+from tests.conftest import STORE_KEY_ENV, TEST_STORE_KEY
+
+
+def agent_env(
+    config: Path, secrets: Mapping[str, str], crash_at: str | None = None
+) -> dict[str, str]:
+    """The environment of an agent: its config, its secrets (by env var), a crash point."""
+    env = dict(os.environ)
+    env["KAMI_AGENT_CONFIG"] = str(config)
+    env.update(secrets)
+    env[STORE_KEY_ENV] = TEST_STORE_KEY
+    env.pop("KAMI_CRASH_AT", None)
+    if crash_at:
+        env["KAMI_CRASH_AT"] = crash_at
+    return env
+
+
+async def run_cli(config: Path, secrets: Mapping[str, str], *args: str) -> str:
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable,
+        "-m",
+        "agent",
+        *args,
+        env=agent_env(config, secrets),
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.STDOUT,
+    )
+    out, _ = await proc.communicate()
+    assert proc.returncode == 0, out.decode()
+    return out.decode()
+
+
+async def start_daemon(
+    config: Path, secrets: Mapping[str, str], log: Path, crash_at: str | None = None
+) -> asyncio.subprocess.Process:
+    with log.open("ab") as sink:
+        return await asyncio.create_subprocess_exec(
+            sys.executable,
+            "-m",
+            "agent",
+            "run",
+            env=agent_env(config, secrets, crash_at),
+            stdout=sink,
+            stderr=asyncio.subprocess.STDOUT,
+        )
+
+
+async def kill_after(proc: asyncio.subprocess.Process, seconds: float) -> tuple[int, bool]:
+    """Waits for the process to die at its crash point, or SIGKILLs it after `seconds`.
+
+    Returns the exit code and whether it died by itself (the crash point fired)."""
+    try:
+        return await asyncio.wait_for(proc.wait(), seconds), True
+    except TimeoutError:
+        proc.send_signal(signal.SIGKILL)
+        return await proc.wait(), False
