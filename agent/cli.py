@@ -16,8 +16,14 @@ from pathlib import Path
 from agent import logs
 from agent.config import Config, ConfigError, load_config
 from agent.domain import AgentError, KeyState, LineState, OrderLine
-from agent.keybox import new_master_key
-from agent.secrets import delete_secret, env_var_for, lookup_secret, store_secret
+from agent.keybox import new_master_key, parse_master_key
+from agent.secrets import (
+    delete_secret,
+    env_var_for,
+    lookup_secret,
+    resolve_secret,
+    store_secret,
+)
 from agent.stockfile import StockFileReader
 from agent.store.base import Store, StoreError
 
@@ -365,6 +371,28 @@ def cmd_secrets_list_missing(args: argparse.Namespace) -> int:
     return 1 if missing else 0
 
 
+def cmd_migrate_store(args: argparse.Namespace) -> int:
+    from agent.store.migrate import (
+        check_postgres_target,
+        migrate_sqlite_to_postgres,
+        parse_sqlite_source,
+    )
+
+    source = parse_sqlite_source(args.source)
+    target = check_postgres_target(args.target)
+    key_name = args.key or _load(args).store.key_secret
+    master = parse_master_key(resolve_secret(key_name))
+    password = resolve_secret(args.password) if args.password else None
+    report = asyncio.run(migrate_sqlite_to_postgres(source, target, master, password=password))
+    print(
+        f"migrate-store: done — {report.rows['orders']} order lines, {report.rows['card_keys']}"
+        f" card keys, {report.rows['events']} events copied. {source} is untouched (keep it as"
+        f' a backup). Now set [store] url = "{target}" in the config of every agent and'
+        " start them."
+    )
+    return 0
+
+
 # --- parser ---------------------------------------------------------------------------------------
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="kami-agent", description=__doc__)
@@ -437,6 +465,17 @@ def build_parser() -> argparse.ArgumentParser:
     sec.add_parser("list-missing", help="secrets the config names but nobody stored").set_defaults(
         func=cmd_secrets_list_missing
     )
+    mig = sub.add_parser(
+        "migrate-store",
+        help="copy a stopped agent's SQLite ledger into an empty PostgreSQL database",
+    )
+    mig.add_argument("--from", dest="source", required=True, help="sqlite:/path/to/kami.db")
+    mig.add_argument(
+        "--to", dest="target", required=True, help="postgresql://user@host:port/database"
+    )
+    mig.add_argument("--key", help="secret holding the store key (default: the config's)")
+    mig.add_argument("--password", help="secret holding the PostgreSQL password, if any")
+    mig.set_defaults(func=cmd_migrate_store)
     keys = sub.add_parser("keys", help="the encryption of card keys at rest").add_subparsers(
         dest="keys_cmd", required=True
     )

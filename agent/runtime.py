@@ -22,6 +22,7 @@ from agent.secrets import resolve_secret
 from agent.service import notify, watchdog_interval
 from agent.store.base import Store
 from agent.store.sqlite import SQLiteStore
+from agent.store.sqlite_base import exclusive_ledger
 from agent.suppliers.base import Supplier
 from agent.suppliers.fulu import FuluSupplier
 from agent.suppliers.http import HttpSupplier
@@ -169,6 +170,13 @@ async def run_engine(
 
 
 async def run_daemon(config: Config) -> int:
+    if config.store.path is None:
+        return await _run_daemon(config)
+    with exclusive_ledger(config.store.path):  # one daemon per SQLite ledger
+        return await _run_daemon(config)
+
+
+async def _run_daemon(config: Config) -> int:
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for signum in (signal.SIGTERM, signal.SIGINT):

@@ -81,7 +81,7 @@ class PostgresBase:
             )
         except (OSError, asyncpg.PostgresError) as exc:
             raise StoreError(
-                f"cannot connect to PostgreSQL at {_safe_url(self.url)}: {exc}"
+                f"cannot connect to PostgreSQL at {safe_url(self.url)}: {exc}"
             ) from exc
         async with self._pool.acquire() as conn:
             await self._migrate(conn)
@@ -113,22 +113,7 @@ class PostgresBase:
         raise AssertionError("unreachable")
 
     async def _migrate(self, conn: Conn) -> None:
-        # Agents starting together: the first migrates, the others wait on the lock.
-        await conn.execute("SELECT pg_advisory_lock($1)", MIGRATION_LOCK)
-        try:
-            await conn.execute(
-                "CREATE TABLE IF NOT EXISTS schema_version (version INTEGER NOT NULL)"
-            )
-            current = await conn.fetchval("SELECT MAX(version) FROM schema_version") or 0
-            for version, sql in migrations("postgres"):
-                if version <= current:
-                    continue
-                async with conn.transaction():
-                    await conn.execute(sql)
-                    await conn.execute("INSERT INTO schema_version (version) VALUES ($1)", version)
-                log.info("store_migrated", version=version)
-        finally:
-            await conn.execute("SELECT pg_advisory_unlock($1)", MIGRATION_LOCK)
+        await migrate_schema(conn)
 
     @asynccontextmanager
     async def singleton(self, name: str) -> AsyncIterator[bool]:
@@ -261,7 +246,25 @@ class PostgresBase:
         return await self._tx(run)
 
 
-def _safe_url(url: str) -> str:
+async def migrate_schema(conn: Conn) -> None:
+    """Brings the schema up to date. Agents starting together: the first migrates, the
+    others wait on the lock and then find nothing to do."""
+    await conn.execute("SELECT pg_advisory_lock($1)", MIGRATION_LOCK)
+    try:
+        await conn.execute("CREATE TABLE IF NOT EXISTS schema_version (version INTEGER NOT NULL)")
+        current = await conn.fetchval("SELECT MAX(version) FROM schema_version") or 0
+        for version, sql in migrations("postgres"):
+            if version <= current:
+                continue
+            async with conn.transaction():
+                await conn.execute(sql)
+                await conn.execute("INSERT INTO schema_version (version) VALUES ($1)", version)
+            log.info("store_migrated", version=version)
+    finally:
+        await conn.execute("SELECT pg_advisory_unlock($1)", MIGRATION_LOCK)
+
+
+def safe_url(url: str) -> str:
     """The URL without its password, for messages and logs."""
     if "@" not in url or "://" not in url:
         return url

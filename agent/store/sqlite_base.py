@@ -4,11 +4,13 @@ the keys that seal card keys, and the row helpers the other ledger modules share
 from __future__ import annotations
 
 import asyncio
+import fcntl
 import os
 import sqlite3
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -20,6 +22,25 @@ from agent.store.rows import LINE_COLUMNS, line_from_row, migrations
 T = TypeVar("T")
 # A queued store call: the function, its arguments, and the future its caller awaits.
 _Op = tuple[Callable[..., Any], tuple[Any, ...], "asyncio.Future[Any]"]
+
+
+@contextmanager
+def exclusive_ledger(path: Path) -> Iterator[None]:
+    """Held by the daemon for as long as it runs on a SQLite ledger: a second daemon on the
+    same file, or migrate-store while one runs, is refused instead of racing it."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd = os.open(f"{path}.lock", os.O_CREAT | os.O_RDWR, 0o600)
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise StoreError(
+                f"the ledger {path} is in use by a running agent (stop it first:"
+                " systemctl stop kami-agent)"
+            ) from None
+        yield
+    finally:
+        os.close(fd)  # closing the descriptor lets go of the lock
 
 
 class SQLiteBase:
