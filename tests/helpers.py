@@ -15,6 +15,7 @@ from agent.domain import LineState
 from agent.platforms.http import HttpPlatform
 from agent.runtime import run_engine
 from agent.sandbox.platform import SandboxPlatform
+from agent.sandbox.supplier import SandboxSupplier
 from agent.store.base import Store
 from agent.suppliers.base import Supplier
 from tests.conftest import platform_settings
@@ -80,3 +81,39 @@ def assert_platform_invariants(sandbox: SandboxPlatform) -> None:
     for call in sandbox.delivery_calls:
         keys_per_order.setdefault(call.order_id, set()).add(call.idempotency_key)
     assert all(len(k) == 1 for k in keys_per_order.values()), "re-sent with another key"
+
+
+def assert_exactly_once(
+    sandbox: SandboxPlatform,
+    upstream: SandboxSupplier,
+    imported: dict[str, set[str]],
+    bought_sku: str,
+    orders: int,
+) -> Counter[str]:
+    """The end-to-end invariants, from the platform's and the supplier's side; returns how
+    often each key was delivered (always once)."""
+    # 1. Every paid order has exactly its quantity of distinct keys, all from our stock.
+    delivered = sandbox.delivered_secrets()
+    assert len(delivered) == orders
+    stock = dict(imported)
+    stock[bought_sku] = {item["secret"] for p in upstream.charged for item in p.items}
+    for order_id, secrets in delivered.items():
+        order = sandbox.orders[order_id].data
+        assert len(secrets) == len(set(secrets)) == order["quantity"], order_id
+        assert set(secrets) <= stock[order["sku"]], order_id
+    # 2. Never bought twice for one need: one charged purchase per bought order, all delivered.
+    bought_orders = [o for o in sandbox.orders.values() if o.data["sku"] == bought_sku]
+    assert len(upstream.charged) == len(bought_orders) > 0
+    assert stock[bought_sku] == {s for o in bought_orders for s in delivered[o.data["id"]]}
+    # 3. No key went to two orders.
+    usage = Counter(s for secrets in delivered.values() for s in secrets)
+    assert max(usage.values()) == 1
+    # 4. The platform only ever saw re-sends with the same idempotency key and the same keys.
+    calls: dict[str, set[tuple[str, tuple[str, ...]]]] = {}
+    for call in sandbox.delivery_calls:
+        calls.setdefault(call.order_id, set()).add(
+            (call.idempotency_key, tuple(sorted(call.secrets)))
+        )
+    assert all(len(variants) == 1 for variants in calls.values())
+    assert not [c for c in sandbox.delivery_calls if c.outcome == "conflict"]
+    return usage

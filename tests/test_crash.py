@@ -19,7 +19,7 @@ from agent.sandbox.supplier import SandboxSupplier
 from agent.store.sqlite import SQLiteStore
 from tests.conftest import TEST_STORE_KEY, master_key_for_tests
 from tests.daemon import kill_after, run_cli, start_daemon
-from tests.helpers import ledger_bytes
+from tests.helpers import assert_exactly_once, ledger_bytes
 
 ORDERS = 2000
 CYCLES = 18
@@ -165,31 +165,10 @@ async def test_crash_recovery_keeps_every_invariant(tmp_path: Path, seed: int) -
         await sandbox.stop()
         await upstream.stop()
 
-    # 1. Every paid order has exactly its quantity of distinct keys, all from our stock.
+    usage = assert_exactly_once(sandbox, upstream, imported, BOUGHT_SKU, ORDERS)
     delivered = sandbox.delivered_secrets()
-    assert len(delivered) == ORDERS
     bought = {item["secret"] for p in upstream.charged for item in p.items}
-    imported[BOUGHT_SKU] = bought
-    all_stock = set().union(*imported.values())
-    for order_id, secrets in delivered.items():
-        order = sandbox.orders[order_id].data
-        assert len(secrets) == len(set(secrets)) == order["quantity"], order_id
-        assert set(secrets) <= imported[order["sku"]], order_id
-    # Never bought twice for one need: one charged purchase per bought order, all delivered.
-    bought_orders = [o for o in sandbox.orders.values() if o.data["sku"] == BOUGHT_SKU]
-    assert len(upstream.charged) == len(bought_orders) > 0
-    assert bought == {s for o in bought_orders for s in delivered[o.data["id"]]}
-    # 2. No key went to two orders.
-    usage = Counter(s for secrets in delivered.values() for s in secrets)
-    assert max(usage.values()) == 1
-    # 3. The platform only ever saw re-sends with the same idempotency key and the same keys.
-    calls: dict[str, set[tuple[str, tuple[str, ...]]]] = {}
-    for call in sandbox.delivery_calls:
-        calls.setdefault(call.order_id, set()).add(
-            (call.idempotency_key, tuple(sorted(call.secrets)))
-        )
-    assert all(len(variants) == 1 for variants in calls.values())
-    assert not [c for c in sandbox.delivery_calls if c.outcome == "conflict"]
+    all_stock = set().union(*imported.values(), bought)
     # 4. The ledger: intact, every key accounted for, bound keys match what was delivered.
     with sqlite3.connect(db) as conn:
         assert conn.execute("PRAGMA integrity_check").fetchone()[0] == "ok"

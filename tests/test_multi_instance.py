@@ -18,6 +18,7 @@ from agent.sandbox.supplier import SandboxSupplier
 from agent.store.postgres import PostgresStore
 from tests.conftest import TEST_STORE_KEY, master_key_for_tests
 from tests.daemon import run_cli, start_daemon
+from tests.helpers import assert_exactly_once
 
 asyncpg = pytest.importorskip("asyncpg")
 
@@ -165,28 +166,8 @@ async def test_three_agents_one_killed_deliver_every_order_once(
         await sandbox.stop()
         await upstream.stop()
 
-    # 1. Every paid order has exactly its quantity of distinct keys, all from our stock.
+    usage = assert_exactly_once(sandbox, upstream, imported, BOUGHT_SKU, ORDERS)
     delivered = sandbox.delivered_secrets()
-    assert len(delivered) == ORDERS
-    bought = {item["secret"] for p in upstream.charged for item in p.items}
-    imported[BOUGHT_SKU] = bought
-    for order_id, secrets in delivered.items():
-        order = sandbox.orders[order_id].data
-        assert len(secrets) == len(set(secrets)) == order["quantity"], order_id
-        assert set(secrets) <= imported[order["sku"]], order_id
-    # 2. No key went to two orders, whichever agents handled them.
-    usage = Counter(s for secrets in delivered.values() for s in secrets)
-    assert max(usage.values()) == 1
-    # 3. Never bought twice for one need: one charged purchase per bought order.
-    bought_orders = [o for o in sandbox.orders.values() if o.data["sku"] == BOUGHT_SKU]
-    assert len(upstream.charged) == len(bought_orders) > 0
-    # 4. Re-sends only ever with the same idempotency key and the same keys.
-    calls: dict[str, set[tuple[str, tuple[str, ...]]]] = {}
-    for call in sandbox.delivery_calls:
-        calls.setdefault(call.order_id, set()).add(
-            (call.idempotency_key, tuple(sorted(call.secrets)))
-        )
-    assert all(len(variants) == 1 for variants in calls.values())
     # 5. The ledger agrees with the platform, and every agent did part of the work.
     store = PostgresStore(pg_url, master_key_for_tests(), instance="checker")
     await store.open()

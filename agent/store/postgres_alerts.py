@@ -18,7 +18,7 @@ from agent.domain import (
 )
 from agent.store.postgres_base import Conn
 from agent.store.postgres_purchases import PgPurchasesLedger
-from agent.store.rows import LINE_COLUMNS, line_from_row
+from agent.store.rows import LINE_COLUMNS, OPEN_ALERT_COLUMNS, line_from_row, plan_alerts
 
 ACTIVE = "('new', 'backordered', 'purchasing', 'allocated', 'delivering')"
 
@@ -56,72 +56,48 @@ class PgAlertsLedger(PgPurchasesLedger):
         """Opens, escalates and resolves alerts and queues their messages, in one transaction."""
 
         async def run(conn: Conn) -> list[AlertMessage]:
-            messages: list[AlertMessage] = []
-            current = {c.key: c for c in active}
             rows = await conn.fetch(
-                "SELECT key, kind, severity, summary, last_sent_at, escalations FROM alerts"
-                " WHERE state = 'open' FOR UPDATE"
+                f"SELECT {OPEN_ALERT_COLUMNS} FROM alerts WHERE state = 'open' FOR UPDATE"
             )
-            open_now = {r[0]: r for r in rows}
-            for cond in active:
-                row = open_now.get(cond.key)
-                if row is None:
-                    await conn.execute(
-                        "INSERT INTO alerts (key, kind, state, severity, summary, opened_at,"
-                        " last_sent_at, escalations) VALUES ($1, $2, 'open', $3, $4, $5, $5, 0)"
-                        " ON CONFLICT (key) DO UPDATE SET state = 'open', severity ="
-                        " excluded.severity, summary = excluded.summary, opened_at = excluded"
-                        ".opened_at, last_sent_at = excluded.last_sent_at, escalations = 0,"
-                        " resolved_at = NULL",
-                        cond.key,
-                        cond.kind,
-                        cond.severity,
-                        cond.summary,
-                        now,
-                    )
-                    messages.append(
-                        AlertMessage(
-                            cond.key, cond.kind, "opened", cond.severity, cond.summary, now
-                        )
-                    )
-                elif now - row[4] >= escalate_after and row[5] < max_escalations:
-                    await conn.execute(
-                        "UPDATE alerts SET last_sent_at = $1, escalations = escalations + 1,"
-                        " summary = $2 WHERE key = $3",
-                        now,
-                        cond.summary,
-                        cond.key,
-                    )
-                    messages.append(
-                        AlertMessage(
-                            cond.key, cond.kind, "escalated", cond.severity, cond.summary, now
-                        )
-                    )
-                else:
-                    await conn.execute(
-                        "UPDATE alerts SET summary = $1 WHERE key = $2", cond.summary, cond.key
-                    )
-            for key, row in open_now.items():
-                if key not in current:
-                    await conn.execute(
-                        "UPDATE alerts SET state = 'resolved', resolved_at = $1 WHERE key = $2",
-                        now,
-                        key,
-                    )
-                    messages.append(
-                        AlertMessage(key, row[1], "resolved", row[2], f"resolved: {row[3]}", now)
-                    )
-            for message in messages:
-                for channel in channels:
-                    await conn.execute(
-                        "INSERT INTO outbox (channel, alert_key, payload, created_at)"
-                        " VALUES ($1, $2, $3, $4)",
-                        channel,
-                        message.key,
-                        message.to_json(),
-                        now,
-                    )
-            return messages
+            plan = plan_alerts(rows, active, now, escalate_after, max_escalations)
+            for cond in plan.opened:
+                await conn.execute(
+                    "INSERT INTO alerts (key, kind, state, severity, summary, opened_at,"
+                    " last_sent_at, escalations) VALUES ($1, $2, 'open', $3, $4, $5, $5, 0)"
+                    " ON CONFLICT (key) DO UPDATE SET state = 'open', severity ="
+                    " excluded.severity, summary = excluded.summary, opened_at = excluded"
+                    ".opened_at, last_sent_at = excluded.last_sent_at, escalations = 0,"
+                    " resolved_at = NULL",
+                    cond.key,
+                    cond.kind,
+                    cond.severity,
+                    cond.summary,
+                    now,
+                )
+            for cond in plan.escalated:
+                await conn.execute(
+                    "UPDATE alerts SET last_sent_at = $1, escalations = escalations + 1,"
+                    " summary = $2 WHERE key = $3",
+                    now,
+                    cond.summary,
+                    cond.key,
+                )
+            for cond in plan.unchanged:
+                await conn.execute(
+                    "UPDATE alerts SET summary = $1 WHERE key = $2", cond.summary, cond.key
+                )
+            for key in plan.resolved:
+                await conn.execute(
+                    "UPDATE alerts SET state = 'resolved', resolved_at = $1 WHERE key = $2",
+                    now,
+                    key,
+                )
+            await conn.executemany(
+                "INSERT INTO outbox (channel, alert_key, payload, created_at)"
+                " VALUES ($1, $2, $3, $4)",
+                [(c, m.key, m.to_json(), now) for m in plan.messages for c in channels],
+            )
+            return plan.messages
 
         return await self._tx(run)
 

@@ -2,10 +2,20 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+from dataclasses import dataclass, field
 from importlib import resources
 from typing import Any
 
-from agent.domain import LineState, OrderLine, PlatformOrder, Purchase, PurchaseState
+from agent.domain import (
+    AlertCondition,
+    AlertMessage,
+    LineState,
+    OrderLine,
+    PlatformOrder,
+    Purchase,
+    PurchaseState,
+)
 
 IMPORT_BATCH = 20_000
 LINE_COLUMNS = (
@@ -93,3 +103,53 @@ def retry_target(line: OrderLine, bound_keys: int, open_purchase: bool) -> tuple
     if bound_keys:
         return LineState.ALLOCATED, False
     return LineState.NEW, False
+
+
+# An open alert as both ledgers read it: key, kind, severity, summary, last_sent_at, escalations.
+OPEN_ALERT_COLUMNS = "key, kind, severity, summary, last_sent_at, escalations"
+
+
+@dataclass
+class AlertPlan:
+    """What apply_alerts writes, decided once for both ledgers."""
+
+    opened: list[AlertCondition] = field(default_factory=list)
+    escalated: list[AlertCondition] = field(default_factory=list)
+    unchanged: list[AlertCondition] = field(default_factory=list)  # summary refreshed only
+    resolved: list[str] = field(default_factory=list)
+    messages: list[AlertMessage] = field(default_factory=list)
+
+
+def plan_alerts(
+    open_rows: Sequence[Any],
+    active: Sequence[AlertCondition],
+    now: float,
+    escalate_after: float,
+    max_escalations: int,
+) -> AlertPlan:
+    """Each alert fires once per crossing, is re-sent while unresolved (a bounded number of
+    times), and sends a recovery when its condition clears."""
+    plan = AlertPlan()
+    open_now = {r[0]: r for r in open_rows}
+    for cond in active:
+        row = open_now.get(cond.key)
+        if row is None:
+            plan.opened.append(cond)
+            event = "opened"
+        elif now - row[4] >= escalate_after and row[5] < max_escalations:
+            plan.escalated.append(cond)
+            event = "escalated"
+        else:
+            plan.unchanged.append(cond)
+            continue
+        plan.messages.append(
+            AlertMessage(cond.key, cond.kind, event, cond.severity, cond.summary, now)
+        )
+    current = {c.key for c in active}
+    for key, row in open_now.items():
+        if key not in current:
+            plan.resolved.append(key)
+            plan.messages.append(
+                AlertMessage(key, row[1], "resolved", row[2], f"resolved: {row[3]}", now)
+            )
+    return plan

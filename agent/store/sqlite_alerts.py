@@ -14,7 +14,7 @@ from agent.domain import (
     OutboxItem,
     refund_idempotency_key,
 )
-from agent.store.rows import LINE_COLUMNS, line_from_row
+from agent.store.rows import LINE_COLUMNS, OPEN_ALERT_COLUMNS, line_from_row, plan_alerts
 from agent.store.sqlite_base import SQLiteBase
 
 
@@ -52,62 +52,43 @@ class AlertsLedger(SQLiteBase):
         """Opens, escalates and resolves alerts and queues their messages, in one transaction."""
 
         def run(conn: sqlite3.Connection) -> list[AlertMessage]:
-            messages: list[AlertMessage] = []
-            current = {c.key: c for c in active}
             rows = conn.execute(
-                "SELECT key, kind, severity, summary, last_sent_at, escalations FROM alerts"
-                " WHERE state = 'open'"
+                f"SELECT {OPEN_ALERT_COLUMNS} FROM alerts WHERE state = 'open'"
             ).fetchall()
-            open_now = {r[0]: r for r in rows}
-            for cond in active:
-                row = open_now.get(cond.key)
-                if row is None:
-                    conn.execute(
-                        "INSERT INTO alerts (key, kind, state, severity, summary, opened_at,"
-                        " last_sent_at, escalations) VALUES (?, ?, 'open', ?, ?, ?, ?, 0)"
-                        " ON CONFLICT (key) DO UPDATE SET state = 'open', severity ="
-                        " excluded.severity, summary = excluded.summary, opened_at = excluded"
-                        ".opened_at, last_sent_at = excluded.last_sent_at, escalations = 0,"
-                        " resolved_at = NULL",
-                        (cond.key, cond.kind, cond.severity, cond.summary, now, now),
-                    )
-                    messages.append(
-                        AlertMessage(
-                            cond.key, cond.kind, "opened", cond.severity, cond.summary, now
-                        )
-                    )
-                elif now - row[4] >= escalate_after and row[5] < max_escalations:
-                    conn.execute(
-                        "UPDATE alerts SET last_sent_at = ?, escalations = escalations + 1,"
-                        " summary = ? WHERE key = ?",
-                        (now, cond.summary, cond.key),
-                    )
-                    messages.append(
-                        AlertMessage(
-                            cond.key, cond.kind, "escalated", cond.severity, cond.summary, now
-                        )
-                    )
-                else:
-                    conn.execute(
-                        "UPDATE alerts SET summary = ? WHERE key = ?", (cond.summary, cond.key)
-                    )
-            for key, row in open_now.items():
-                if key not in current:
-                    conn.execute(
-                        "UPDATE alerts SET state = 'resolved', resolved_at = ? WHERE key = ?",
-                        (now, key),
-                    )
-                    messages.append(
-                        AlertMessage(key, row[1], "resolved", row[2], f"resolved: {row[3]}", now)
-                    )
-            for message in messages:
+            plan = plan_alerts(rows, active, now, escalate_after, max_escalations)
+            for cond in plan.opened:
+                conn.execute(
+                    "INSERT INTO alerts (key, kind, state, severity, summary, opened_at,"
+                    " last_sent_at, escalations) VALUES (?, ?, 'open', ?, ?, ?, ?, 0)"
+                    " ON CONFLICT (key) DO UPDATE SET state = 'open', severity ="
+                    " excluded.severity, summary = excluded.summary, opened_at = excluded"
+                    ".opened_at, last_sent_at = excluded.last_sent_at, escalations = 0,"
+                    " resolved_at = NULL",
+                    (cond.key, cond.kind, cond.severity, cond.summary, now, now),
+                )
+            for cond in plan.escalated:
+                conn.execute(
+                    "UPDATE alerts SET last_sent_at = ?, escalations = escalations + 1,"
+                    " summary = ? WHERE key = ?",
+                    (now, cond.summary, cond.key),
+                )
+            for cond in plan.unchanged:
+                conn.execute(
+                    "UPDATE alerts SET summary = ? WHERE key = ?", (cond.summary, cond.key)
+                )
+            for key in plan.resolved:
+                conn.execute(
+                    "UPDATE alerts SET state = 'resolved', resolved_at = ? WHERE key = ?",
+                    (now, key),
+                )
+            for message in plan.messages:
                 for channel in channels:
                     conn.execute(
                         "INSERT INTO outbox (channel, alert_key, payload, created_at)"
                         " VALUES (?, ?, ?, ?)",
                         (channel, message.key, message.to_json(), now),
                     )
-            return messages
+            return plan.messages
 
         return await self._tx(run)
 
