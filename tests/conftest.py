@@ -54,18 +54,23 @@ async def sandbox() -> AsyncIterator[SandboxPlatform]:
     await platform.stop()
 
 
-@pytest.fixture(scope="session")
-def pg_server() -> Iterator[PgServer]:
-    """One PostgreSQL server for the session (see tests/pg_server.py)."""
+def pg_server_or_skip(*, own: bool = False) -> PgServer:
+    """A PostgreSQL server, or a skip saying why not (a failure in CI, see .ci/run)."""
     try:
         import asyncpg  # noqa: F401
 
-        server = start_pg_server()
+        return start_pg_server(own=own)
     except (ImportError, RuntimeError) as exc:
         message = f"PostgreSQL tests cannot run: {exc}"
         if os.environ.get(REQUIRE_ENV):
             pytest.fail(message, pytrace=False)
         pytest.skip(message)
+
+
+@pytest.fixture(scope="session")
+def pg_server() -> Iterator[PgServer]:
+    """One PostgreSQL server for the session (see tests/pg_server.py)."""
+    server = pg_server_or_skip()
     yield server
     server.stop()
 

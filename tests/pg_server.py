@@ -28,15 +28,27 @@ class PgServer:
     data_dir: Path | None = None
     bin_dir: Path | None = None
     user: str | None = None
+    options: str = ""
 
     def stop(self) -> None:
+        self.halt()
+        if self.data_dir is not None:
+            shutil.rmtree(self.data_dir.parent, ignore_errors=True)
+
+    def halt(self) -> None:
+        """Stops the server abruptly (an outage); start_again() brings it back."""
         if self.data_dir is None or self.bin_dir is None:
             return
         _run(
             [str(self.bin_dir / "pg_ctl"), "-D", str(self.data_dir), "-m", "immediate", "stop"],
             self.user,
         )
-        shutil.rmtree(self.data_dir.parent, ignore_errors=True)
+
+    def start_again(self) -> None:
+        assert self.data_dir is not None and self.bin_dir is not None
+        started = _pg_ctl_start(self.bin_dir, self.data_dir, self.options, self.user)
+        if started.returncode != 0:
+            raise RuntimeError(f"PostgreSQL did not start again: {started.stderr.strip()}")
 
 
 def _bin_dir() -> Path | None:
@@ -59,10 +71,21 @@ def _run(cmd: list[str], user: str | None) -> subprocess.CompletedProcess[str]:
     return subprocess.run(cmd, capture_output=True, text=True, timeout=120, check=False)
 
 
-def start() -> PgServer:
-    """The server to test against; raises RuntimeError saying why there is none."""
+def _pg_ctl_start(
+    bin_dir: Path, data: Path, options: str, user: str | None
+) -> subprocess.CompletedProcess[str]:
+    log = data.parent / "server.log"
+    pg_ctl = str(bin_dir / "pg_ctl")
+    return _run(
+        [pg_ctl, "-D", str(data), "-o", options, "-l", str(log), "-w", "-t", "60", "start"], user
+    )
+
+
+def start(*, own: bool = False) -> PgServer:
+    """The server to test against; raises RuntimeError saying why there is none.
+    own=True: always a new server of our own (a test that stops it), whatever the env says."""
     url = os.environ.get(URL_ENV)
-    if url:
+    if url and not own:
         return PgServer(url)
     bin_dir = _bin_dir()
     if bin_dir is None:
@@ -92,26 +115,11 @@ def start() -> PgServer:
         f"-c listen_addresses=127.0.0.1 -c port={port} -c unix_socket_directories={root}"
         " -c max_connections=200 -c fsync=on -c synchronous_commit=on"
     )
-    started = _run(
-        [
-            str(bin_dir / "pg_ctl"),
-            "-D",
-            str(data),
-            "-o",
-            options,
-            "-l",
-            str(root / "server.log"),
-            "-w",
-            "-t",
-            "60",
-            "start",
-        ],
-        user,
-    )
+    started = _pg_ctl_start(bin_dir, data, options, user)
     if started.returncode != 0:
         log = (root / "server.log").read_text(errors="replace")[-600:]
         raise RuntimeError(f"PostgreSQL did not start: {started.stderr.strip()} {log}")
-    server = PgServer(f"postgresql://kami@127.0.0.1:{port}/postgres", data, bin_dir, user)
+    server = PgServer(f"postgresql://kami@127.0.0.1:{port}/postgres", data, bin_dir, user, options)
     deadline = time.monotonic() + 30
     while time.monotonic() < deadline:
         with socket.socket() as sock:
