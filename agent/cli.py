@@ -371,6 +371,16 @@ def cmd_secrets_list_missing(args: argparse.Namespace) -> int:
     return 1 if missing else 0
 
 
+def _key_secret_name(args: argparse.Namespace) -> str:
+    """The store key's secret name from the config, or the default when there is no config
+    (migrate-store needs nothing else from it)."""
+    try:
+        path = _config_path(args.config)
+    except ConfigError:
+        return "store.key"
+    return load_config(path).store.key_secret if path.exists() else "store.key"
+
+
 def cmd_migrate_store(args: argparse.Namespace) -> int:
     from agent.store.migrate import (
         check_postgres_target,
@@ -380,7 +390,7 @@ def cmd_migrate_store(args: argparse.Namespace) -> int:
 
     source = parse_sqlite_source(args.source)
     target = check_postgres_target(args.target)
-    key_name = args.key or _load(args).store.key_secret
+    key_name = args.key or _key_secret_name(args)
     master = parse_master_key(resolve_secret(key_name))
     password = resolve_secret(args.password) if args.password else None
     report = asyncio.run(migrate_sqlite_to_postgres(source, target, master, password=password))

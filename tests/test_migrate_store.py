@@ -62,11 +62,9 @@ async def test_migrate_store_moves_a_running_shop(
         await migrate_sqlite_to_postgres(db, pg_url, master_key_for_tests(), say=print)
 
     out = await run_cli(
-        tmp_path / "none.toml",
+        tmp_path / "none.toml",  # no config file: the default store key secret name
         {},
         "migrate-store",
-        "--key",
-        "store.key",
         "--from",
         f"sqlite:{db}",
         "--to",
@@ -106,3 +104,25 @@ async def _all_backordered(store: Store, order_ids: list[str]) -> bool:
         if not lines or lines[0].state != LineState.BACKORDERED:
             return False
     return True
+
+
+def test_migrate_store_names_what_is_wrong(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from agent.cli import main
+    from tests.conftest import STORE_KEY_ENV, TEST_STORE_KEY
+
+    monkeypatch.setenv(STORE_KEY_ENV, TEST_STORE_KEY)
+    monkeypatch.setenv("KAMI_AGENT_CONFIG", str(tmp_path / "absent.toml"))
+    db = tmp_path / "kami.db"
+    db.write_bytes(b"")
+    cases = {
+        ("mysql://x", "postgresql://kami@127.0.0.1/x"): "--from must be sqlite:",
+        (f"sqlite:{tmp_path}/nope.db", "postgresql://kami@127.0.0.1/x"): "no SQLite ledger at",
+        (f"sqlite:{db}", "sqlite:/tmp/x.db"): "--to must be a postgresql://",
+        # nothing listens on port 1 of loopback
+        (f"sqlite:{db}", "postgresql://kami@127.0.0.1:1/x"): "cannot connect to",
+    }
+    for (source, target), message in cases.items():
+        assert main(["migrate-store", "--from", source, "--to", target]) == 1
+        assert message in capsys.readouterr().err

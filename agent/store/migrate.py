@@ -63,24 +63,26 @@ async def migrate_sqlite_to_postgres(
     password: str | None = None,
     say: Callable[[str], None] = print,
 ) -> MigrationReport:
-    with exclusive_ledger(source):  # no daemon may write while we copy
-        # Opening brings an older ledger up to date and proves the master key opens it.
-        sqlite_store = SQLiteStore(source, master_key)
-        await sqlite_store.open()
-        await sqlite_store.close()
-        src = sqlite3.connect(f"file:{source}?mode=ro", uri=True)
-        try:
-            conn = await asyncpg.connect(target_url, password=password)
-        except (OSError, asyncpg.PostgresError) as exc:
-            src.close()
-            raise StoreError(f"cannot connect to {safe_url(target_url)}: {exc}") from exc
-        try:
-            await migrate_schema(conn)
-            rows = await _copy_all(src, conn, say)
-            expected = _sqlite_digest(src)
-        finally:
-            await conn.close()
-            src.close()
+    try:
+        conn = await asyncpg.connect(target_url, password=password)
+    except (OSError, asyncpg.PostgresError) as exc:
+        raise StoreError(f"cannot connect to {safe_url(target_url)}: {exc}") from exc
+    try:
+        with exclusive_ledger(source):  # no daemon may write while we copy
+            # Opening brings an older ledger's schema up to date and proves the master key
+            # opens it, before anything is copied.
+            sqlite_store = SQLiteStore(source, master_key)
+            await sqlite_store.open()
+            await sqlite_store.close()
+            src = sqlite3.connect(f"file:{source}?mode=ro", uri=True)
+            try:
+                await migrate_schema(conn)
+                rows = await _copy_all(src, conn, say)
+                expected = _sqlite_digest(src)
+            finally:
+                src.close()
+    finally:
+        await conn.close()
     # Verify through the store itself: the keys unwrap, and the rows are the same rows.
     target = PostgresStore(target_url, master_key, instance="migrate-store", password=password)
     await target.open()
