@@ -15,6 +15,7 @@ from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
+from agent.coalesce import Coalescer
 from agent.config import AgentSettings, SkuSettings, SupplierSettings
 from agent.crashpoints import crash_point
 from agent.domain import (
@@ -44,6 +45,9 @@ log = get_logger("kami.engine")
 
 MAX_PAGES_PER_POLL = 1000
 SWEEP_BATCH = 1000
+# Lines claimed per ledger call at intake: big enough to save the per-call overhead, small
+# enough that the commits of finished deliveries are not held up behind one long transaction.
+CLAIM_CHUNK = 64
 
 
 @dataclass(slots=True)
@@ -79,6 +83,18 @@ def screen_order(
     return order
 
 
+@dataclass(frozen=True, slots=True)
+class _Send:
+    """A delivery claimed at intake, its intent committed: the worker only sends it."""
+
+    platform: Platform
+    intent: DeliveryIntent
+
+
+def _line_id(item: int | _Send) -> int:
+    return item.intent.line.id if isinstance(item, _Send) else item
+
+
 def _same_items(a: Sequence[CardItem], b: Sequence[CardItem]) -> bool:
     return Counter((i.code, i.secret) for i in a) == Counter((i.code, i.secret) for i in b)
 
@@ -106,7 +122,13 @@ class Engine:
         self.balances: dict[str, Balance] = {}
         self.auth_failures: set[str] = set()
         self.stats = EngineStats()
-        self._queue: asyncio.Queue[int] = asyncio.Queue()
+        # Work for the workers: a line to take through its states, or a delivery whose
+        # intent is already committed (claimed at intake).
+        self._queue: asyncio.Queue[int | _Send] = asyncio.Queue()
+        self._delivered: Coalescer[tuple[int, str]] = Coalescer(
+            lambda batch: self.store.mark_many_delivered(batch, self.clock())
+        )
+        self._local_skus = frozenset(s for s in skus if self.sourcing.local_only(s))
         self._queued: set[int] = set()
         self._workers: list[asyncio.Task[None]] = []
         self._busy = 0
@@ -119,7 +141,7 @@ class Engine:
     async def stop_workers(self, grace: float) -> None:
         """Let every worker finish the line in hand, then stop; queued lines stay in the DB."""
         while not self._queue.empty():
-            self._queued.discard(self._queue.get_nowait())
+            self._queued.discard(_line_id(self._queue.get_nowait()))
             self._queue.task_done()
         try:
             async with asyncio.timeout(grace):
@@ -147,10 +169,14 @@ class Engine:
 
     async def _worker(self) -> None:
         while True:
-            line_id = await self._queue.get()
+            item = await self._queue.get()
+            line_id = _line_id(item)
             self._busy += 1
             try:
-                await self.process(line_id)
+                if isinstance(item, _Send):
+                    await self._send(item.platform, item.intent.line, item.intent)
+                else:
+                    await self.process(item)
             except Exception:
                 # A bug or a store failure must not kill the worker; the row is still in
                 # the DB and the sweeper will bring it back.
@@ -231,11 +257,42 @@ class Engine:
                 )
         if new_ids:
             log.info("orders_taken", platform=platform_name, count=len(new_ids))
-            self.dispatch(new_ids)
+            await self._claim_new(platform_name, new_ids)
         if page.next_cursor:
             # Only after the page is committed, so a crash re-reads rather than skips.
             await self.store.set_cursor(platform_name, page.next_cursor, self.clock())
         return len(new_ids)
+
+    async def _claim_new(self, platform_name: str, line_ids: Sequence[int]) -> None:
+        """Binds keys and commits delivery intents for new local-stock lines, CLAIM_CHUNK per
+        ledger call (a flash sale is mostly this), and hands each chunk's deliveries to the
+        workers as soon as it is committed. Lines that may buy upstream go to the workers as
+        they are."""
+        fresh = [line_id for line_id in line_ids if line_id not in self._queued]
+        self._queued.update(fresh)
+        platform = self.platforms[platform_name]
+        for start in range(0, len(fresh), CLAIM_CHUNK):
+            chunk = fresh[start : start + CLAIM_CHUNK]
+            try:
+                claims = await self.store.claim_many(chunk, self.clock(), self._local_skus)
+            except BaseException:
+                self._queued.difference_update(fresh[start:])
+                raise
+            for claimed in claims:
+                if isinstance(claimed, DeliveryIntent):
+                    crash_point("after_allocate")
+                    crash_point("after_intent")
+                    self._queue.put_nowait(_Send(platform, claimed))
+                    continue
+                self._queued.discard(claimed.id)
+                if claimed.state == LineState.BACKORDERED:
+                    log.info(
+                        "backordered",
+                        order_id=claimed.order_id,
+                        sku=claimed.sku,
+                        quantity=claimed.quantity,
+                    )
+                self.dispatch([claimed.id])
 
     async def reconcile_all(self) -> None:
         """Re-list from the start: the cursor is only an optimisation (catch-up on start)."""
@@ -360,7 +417,8 @@ class Engine:
             )
             return
         crash_point("after_deliver_call")
-        await self.store.mark_delivered(line.id, self.clock(), f"key {intent.idempotency_key}")
+        # Deliveries finishing together are recorded in one ledger call (a flash sale).
+        await self._delivered.submit((line.id, f"key {intent.idempotency_key}"))
         self.stats.delivered += 1
         self.stats.last_progress = self.clock()
         log.info(

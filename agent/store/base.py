@@ -6,7 +6,7 @@ nothing of it happened. The engine relies on that to bracket every external call
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Collection, Iterable, Sequence
 from contextlib import AbstractAsyncContextManager
 from typing import Protocol
 
@@ -105,11 +105,22 @@ class Store(Protocol):
         else the line (backordered, or in whatever state it already was)."""
         ...
 
+    async def claim_many(
+        self, line_ids: Sequence[int], now: float, local_skus: Collection[str]
+    ) -> list[DeliveryIntent | OrderLine]:
+        """claim_for_delivery for each line whose SKU sells from local stock only (the others
+        come back as they are), in order; each line's claim is all or nothing."""
+        ...
+
     async def begin_delivery(self, line_id: int, now: float) -> DeliveryIntent:
         """allocated/delivering -> delivering: commits the idempotency key before the call."""
         ...
 
     async def mark_delivered(self, line_id: int, now: float, detail: str) -> OrderLine: ...
+
+    async def mark_many_delivered(self, deliveries: Sequence[tuple[int, str]], now: float) -> None:
+        """mark_delivered for each (line id, detail), in one transaction."""
+        ...
 
     async def defer(
         self, line_id: int, next_attempt_at: float, reason: str, *, ambiguous: bool, now: float

@@ -4,7 +4,7 @@ row locks, SKIP LOCKED and leases."""
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Collection, Sequence
 from dataclasses import replace
 
 from agent.domain import (
@@ -284,6 +284,19 @@ class PgOrdersLedger(PostgresBase):
 
         return await self._tx(run)
 
+    async def claim_many(
+        self, line_ids: Sequence[int], now: float, local_skus: Collection[str]
+    ) -> list[DeliveryIntent | OrderLine]:
+        # One transaction per line: a long one would hold other agents' locks for its length.
+        claims: list[DeliveryIntent | OrderLine] = []
+        for line_id in line_ids:
+            line = await self.get_line(line_id)
+            if line is None:
+                raise StoreError(f"no order line with id {line_id}")
+            local = line.sku in local_skus
+            claims.append(await self.claim_for_delivery(line_id, now) if local else line)
+        return claims
+
     async def begin_delivery(self, line_id: int, now: float) -> DeliveryIntent:
         async def run(conn: Conn) -> DeliveryIntent:
             return await self._begin_delivery(conn, await self._lock_line(conn, line_id, now), now)
@@ -340,6 +353,26 @@ class PgOrdersLedger(PostgresBase):
             )
 
         return await self._tx(run)
+
+    async def mark_many_delivered(self, deliveries: Sequence[tuple[int, str]], now: float) -> None:
+        async def run(conn: Conn) -> None:
+            details = dict(deliveries)
+            changed = await conn.fetch(
+                "UPDATE orders SET state = 'delivered', delivered_at = $1, ambiguous = 0,"
+                " reason = NULL, updated_at = $1, claimed_by = $2, lease_until = NULL"
+                " WHERE id = ANY($3::bigint[]) AND state != 'delivered' RETURNING id",
+                now,
+                self.instance,
+                list(details),
+            )
+            await conn.executemany(
+                "INSERT INTO events (order_line_id, at, kind, detail)"
+                " VALUES ($1, $2, 'delivered', $3)",
+                [(row[0], now, details[row[0]]) for row in changed],
+            )
+
+        if deliveries:
+            await self._tx(run)
 
     async def defer(
         self, line_id: int, next_attempt_at: float, reason: str, *, ambiguous: bool, now: float

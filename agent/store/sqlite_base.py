@@ -55,6 +55,7 @@ class SQLiteBase:
         self._pending: list[_Op] = []
         self._flushing = False
         self._flusher: asyncio.Task[None] | None = None
+        self._conn_lock = asyncio.Lock()  # a batch, or one _call, uses the connection
 
     @staticmethod
     def _new_executor() -> ThreadPoolExecutor:
@@ -62,8 +63,10 @@ class SQLiteBase:
 
     # --- plumbing -------------------------------------------------------------------------
     async def _call(self, fn: Callable[..., T], *args: Any) -> T:
+        """Runs fn on the ledger thread, never while a group-commit batch holds the connection."""
         loop = asyncio.get_running_loop()
-        return await loop.run_in_executor(self._executor, fn, *args)
+        async with self._conn_lock:
+            return await loop.run_in_executor(self._executor, fn, *args)
 
     async def _tx(self, fn: Callable[..., T], *args: Any) -> T:
         """Runs fn(conn, *args) atomically and durably, sharing the commit with other calls.
@@ -83,14 +86,22 @@ class SQLiteBase:
         return await future  # type: ignore[no-any-return]
 
     async def _flush(self) -> None:
+        """One batch at a time. BEGIN IMMEDIATE (which may wait for another process's write
+        lock) and COMMIT (the fsync) run on the ledger thread; the statements in between run
+        right here on the event loop: they take microseconds, and running them on another
+        thread would cost a GIL hand-over per statement."""
         loop = asyncio.get_running_loop()
         try:
             while self._pending:
                 batch, self._pending = self._pending, []
-                try:
-                    outcomes = await loop.run_in_executor(self._executor, self._run_batch, batch)
-                except BaseException as exc:  # the COMMIT itself failed: nothing is durable
-                    outcomes = [(False, exc)] * len(batch)
+                async with self._conn_lock:
+                    try:
+                        await loop.run_in_executor(self._executor, self._begin)
+                        outcomes = self._run_batch(batch)
+                        await loop.run_in_executor(self._executor, self._commit)
+                    except BaseException as exc:  # no COMMIT: nothing of the batch is durable
+                        self._rollback()
+                        outcomes = [(False, exc)] * len(batch)
                 for (_, _, future), (ok, value) in zip(batch, outcomes, strict=True):
                     if future.done():
                         continue
@@ -101,23 +112,28 @@ class SQLiteBase:
         finally:
             self._flushing = False
 
+    def _begin(self) -> None:
+        self._require().execute("BEGIN IMMEDIATE")
+
+    def _commit(self) -> None:
+        self._require().execute("COMMIT")
+
+    def _rollback(self) -> None:
+        conn = self._conn
+        if conn is not None and conn.in_transaction:
+            conn.execute("ROLLBACK")
+
     def _run_batch(self, batch: list[_Op]) -> list[tuple[bool, Any]]:
         conn = self._require()
         outcomes: list[tuple[bool, Any]] = []
-        conn.execute("BEGIN IMMEDIATE")
-        try:
-            for fn, args, _ in batch:
-                conn.execute("SAVEPOINT op")
-                try:
-                    outcomes.append((True, fn(conn, *args)))
-                except Exception as exc:
-                    conn.execute("ROLLBACK TO op")
-                    outcomes.append((False, exc))
-                conn.execute("RELEASE op")
-        except BaseException:
-            conn.execute("ROLLBACK")
-            raise
-        conn.execute("COMMIT")
+        for fn, args, _ in batch:
+            conn.execute("SAVEPOINT op")
+            try:
+                outcomes.append((True, fn(conn, *args)))
+            except Exception as exc:
+                conn.execute("ROLLBACK TO op")
+                outcomes.append((False, exc))
+            conn.execute("RELEASE op")
         return outcomes
 
     def _in_tx(self, fn: Callable[..., T], *args: Any) -> T:

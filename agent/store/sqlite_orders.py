@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import sqlite3
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Collection, Sequence
 from contextlib import asynccontextmanager
 from dataclasses import replace
 from typing import Any
@@ -194,14 +194,9 @@ class OrdersLedger(SQLiteBase):
             (line.sku, needed),
         ).fetchall()
         if len(keys) < needed:
-            # All or nothing: a half-filled line would hold keys another buyer could use now.
-            if backorder and line.state != LineState.BACKORDERED:
-                conn.execute(
-                    "UPDATE orders SET state = 'backordered', updated_at = ? WHERE id = ?",
-                    (now, line_id),
-                )
-                self._event(conn, line_id, "backordered", f"need {needed}, free {len(keys)}", now)
-            return self._fetch_line(conn, line_id)
+            if not backorder:
+                return line
+            return self._short_of_keys(conn, line, needed, len(keys), now)
         for slot, (key_id, _digest) in enumerate(keys, start=bound):
             conn.execute(
                 "UPDATE card_keys SET state = 'bound', order_line_id = ?, slot = ?, bound_at = ?"
@@ -219,13 +214,92 @@ class OrdersLedger(SQLiteBase):
         return replace(line, state=LineState.ALLOCATED, next_attempt_at=0.0)
 
     async def claim_for_delivery(self, line_id: int, now: float) -> DeliveryIntent | OrderLine:
-        def run(conn: sqlite3.Connection) -> DeliveryIntent | OrderLine:
+        return await self._tx(self._claim, line_id, now)
+
+    async def claim_many(
+        self, line_ids: Sequence[int], now: float, local_skus: Collection[str]
+    ) -> list[DeliveryIntent | OrderLine]:
+        """claim_for_delivery for each local-stock line, in one transaction (a flash sale's
+        intake): one hand-off to the ledger thread instead of one per line."""
+
+        def run(conn: sqlite3.Connection) -> list[DeliveryIntent | OrderLine]:
+            return [self._claim(conn, line_id, now, local_skus) for line_id in line_ids]
+
+        return await self._tx(run)
+
+    def _claim(
+        self,
+        conn: sqlite3.Connection,
+        line_id: int,
+        now: float,
+        local_skus: Collection[str] | None = None,
+    ) -> DeliveryIntent | OrderLine:
+        row = conn.execute(
+            f"SELECT {LINE_COLUMNS}, refund_key, delivery_generation FROM orders WHERE id = ?",
+            (line_id,),
+        ).fetchone()
+        if row is None:
+            raise StoreError(f"no order line with id {line_id}")
+        line = line_from_row(row)
+        if local_skus is not None and line.sku not in local_skus:
+            return line
+        if line.state != LineState.NEW or row[16] is not None:
             line = self._allocate(conn, line_id, now)
             if line.state != LineState.ALLOCATED:
                 return line
             return self._begin_delivery(conn, line_id, now)
+        # The hot path, in as few statements as it takes: a new line holds no keys yet
+        # (keys are only ever bound on the way to allocated), so bind and commit the intent.
+        keys = conn.execute(
+            "SELECT id, sku, key_id, sealed, secret_hash FROM card_keys"
+            " WHERE sku = ? AND state = 'free' ORDER BY id LIMIT ?",
+            (line.sku, line.quantity),
+        ).fetchall()
+        if len(keys) < line.quantity:
+            return self._short_of_keys(conn, line, line.quantity, len(keys), now)
+        conn.executemany(
+            "UPDATE card_keys SET state = 'bound', order_line_id = ?, slot = ?, bound_at = ?"
+            " WHERE id = ? AND state = 'free'",
+            [(line_id, slot, now, k[0]) for slot, k in enumerate(keys)],
+        )
+        key = delivery_idempotency_key(line.platform, line.order_id, line.line, row[17])
+        conn.execute(
+            "UPDATE orders SET state = 'delivering', delivery_key = ?, attempts = attempts + 1,"
+            " next_attempt_at = 0, updated_at = ? WHERE id = ?",
+            (key, now, line_id),
+        )
+        fps = ",".join(f"#{k[0]}:{bytes(k[4]).hex()[:10]}" for k in keys)
+        conn.executemany(
+            "INSERT INTO events (order_line_id, at, kind, detail) VALUES (?, ?, ?, ?)",
+            [
+                (line_id, now, "allocated", f"keys {fps}"),
+                (line_id, now, "delivery_intent", f"attempt {line.attempts + 1} key {key}"),
+            ],
+        )
+        return DeliveryIntent(
+            line=replace(
+                line,
+                state=LineState.DELIVERING,
+                delivery_key=key,
+                attempts=line.attempts + 1,
+                next_attempt_at=0.0,
+            ),
+            idempotency_key=key,
+            items=tuple(self._open_rows([k[1:4] for k in keys])),
+            key_ids=tuple(k[0] for k in keys),
+        )
 
-        return await self._tx(run)
+    def _short_of_keys(
+        self, conn: sqlite3.Connection, line: OrderLine, needed: int, free: int, now: float
+    ) -> OrderLine:
+        """All or nothing: a half-filled line would hold keys another buyer could use now."""
+        if line.state != LineState.BACKORDERED:
+            conn.execute(
+                "UPDATE orders SET state = 'backordered', updated_at = ? WHERE id = ?",
+                (now, line.id),
+            )
+            self._event(conn, line.id, "backordered", f"need {needed}, free {free}", now)
+        return self._fetch_line(conn, line.id)
 
     async def begin_delivery(self, line_id: int, now: float) -> DeliveryIntent:
         return await self._tx(self._begin_delivery, line_id, now)
@@ -263,20 +337,37 @@ class OrdersLedger(SQLiteBase):
 
     async def mark_delivered(self, line_id: int, now: float, detail: str) -> OrderLine:
         def run(conn: sqlite3.Connection) -> OrderLine:
-            line = self._fetch_line(conn, line_id)
-            if line.state == LineState.DELIVERED:
-                return line
-            conn.execute(
-                "UPDATE orders SET state = 'delivered', delivered_at = ?, ambiguous = 0,"
-                " reason = NULL, updated_at = ? WHERE id = ?",
+            row = conn.execute(
+                f"UPDATE orders SET state = 'delivered', delivered_at = ?, ambiguous = 0,"
+                f" reason = NULL, updated_at = ? WHERE id = ? AND state != 'delivered'"
+                f" RETURNING {LINE_COLUMNS}",
                 (now, now, line_id),
-            )
+            ).fetchone()
+            if row is None:  # delivered already (or no such line: _fetch_line says so)
+                return self._fetch_line(conn, line_id)
             self._event(conn, line_id, "delivered", detail, now)
-            return replace(
-                line, state=LineState.DELIVERED, delivered_at=now, ambiguous=False, reason=None
-            )
+            return line_from_row(row)
 
         return await self._tx(run)
+
+    async def mark_many_delivered(self, deliveries: Sequence[tuple[int, str]], now: float) -> None:
+        def run(conn: sqlite3.Connection) -> None:
+            details = dict(deliveries)
+            marks = ",".join("?" * len(details))
+            changed = conn.execute(
+                f"UPDATE orders SET state = 'delivered', delivered_at = ?, ambiguous = 0,"
+                f" reason = NULL, updated_at = ? WHERE id IN ({marks}) AND state != 'delivered'"
+                f" RETURNING id",
+                (now, now, *details),
+            ).fetchall()
+            conn.executemany(
+                "INSERT INTO events (order_line_id, at, kind, detail)"
+                " VALUES (?, ?, 'delivered', ?)",
+                [(row[0], now, details[row[0]]) for row in changed],
+            )
+
+        if deliveries:
+            await self._tx(run)
 
     async def defer(
         self, line_id: int, next_attempt_at: float, reason: str, *, ambiguous: bool, now: float
