@@ -32,6 +32,9 @@ DEFAULT_DELIVERY_MESSAGE = "Thank you for your order."
 @dataclass(frozen=True, slots=True)
 class AgentSettings:
     poll_interval: float = 2.0
+    # After a poll that found new orders, poll again this soon, until one finds none (0: only
+    # every poll_interval), so a stream of orders does not wait for the next scheduled poll.
+    busy_poll_interval: float = 0.25
     sweep_interval: float = 5.0
     reconcile_interval: float = 300.0
     concurrency: int = 16
@@ -344,6 +347,7 @@ def parse_config(data: dict[str, Any], source: Path) -> Config:
 def _parse_agent(s: _Section) -> AgentSettings:
     settings = AgentSettings(
         poll_interval=s.number("poll_interval", 2.0, minimum=0.05, maximum=3600),
+        busy_poll_interval=s.number("busy_poll_interval", 0.25, minimum=0.0, maximum=3600),
         sweep_interval=s.number("sweep_interval", 5.0, minimum=0.05, maximum=3600),
         reconcile_interval=s.number("reconcile_interval", 300.0, minimum=1, maximum=86400),
         concurrency=s.integer("concurrency", 16, minimum=1, maximum=512),

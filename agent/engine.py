@@ -131,6 +131,7 @@ class Engine:
         self._local_skus = frozenset(s for s in skus if self.sourcing.local_only(s))
         self._queued: set[int] = set()
         self._workers: list[asyncio.Task[None]] = []
+        self._followers: dict[str, asyncio.Task[None]] = {}
         self._busy = 0
 
     # --- lifecycle ----------------------------------------------------------------------------
@@ -140,6 +141,9 @@ class Engine:
 
     async def stop_workers(self, grace: float) -> None:
         """Let every worker finish the line in hand, then stop; queued lines stay in the DB."""
+        for follower in self._followers.values():
+            follower.cancel()
+        await asyncio.gather(*self._followers.values(), return_exceptions=True)
         while not self._queue.empty():
             self._queued.discard(_line_id(self._queue.get_nowait()))
             self._queue.task_done()
@@ -188,8 +192,11 @@ class Engine:
                 self._queue.task_done()
 
     # --- intake -----------------------------------------------------------------------------
-    async def poll(self, platform_name: str, *, from_start: bool = False) -> int:
-        """Lists paid orders page by page; returns how many new lines were taken in."""
+    async def poll(
+        self, platform_name: str, *, from_start: bool = False, follow: bool = True
+    ) -> int:
+        """Lists paid orders page by page; returns how many new lines were taken in. New
+        orders start follow-up polls (see _follow_up) unless `follow` is off."""
         platform = self.platforms[platform_name]
         cursor = None if from_start else await self.store.get_cursor(platform_name)
         taken = 0
@@ -205,7 +212,33 @@ class Engine:
                 break
             if not page.has_more:
                 break
+        if taken and follow:
+            self._follow_up(platform_name)
         return taken
+
+    def _follow_up(self, platform_name: str) -> None:
+        """After an intake that found new orders, keep polling every busy_poll_interval until
+        a poll finds none: orders flowing in wait a fraction of a second for a listing, not a
+        whole poll_interval, and a quiet shop is still polled once per poll_interval."""
+        busy = self.settings.busy_poll_interval
+        if busy <= 0 or busy >= self.settings.poll_interval:
+            return
+        running = self._followers.get(platform_name)
+        if running is not None and not running.done():
+            return
+
+        async def follow() -> None:
+            try:
+                while True:
+                    await asyncio.sleep(busy)
+                    if not await self.poll(platform_name, follow=False):
+                        return
+            except Exception:
+                log.exception("follow_up_poll_failed", platform=platform_name)
+
+        self._followers[platform_name] = asyncio.create_task(
+            follow(), name=f"follow-up-poll:{platform_name}"
+        )
 
     async def long_poll(self, platform_name: str, wait_seconds: float) -> None:
         """Takes orders in as the platform announces them, so latency does not wait for the

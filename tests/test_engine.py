@@ -171,3 +171,35 @@ async def test_long_poll_takes_orders_without_waiting_for_a_poll(
         await asyncio.sleep(0.2)  # let the start-up listings finish
         order_id = sandbox.add_order("GAME-100")  # the next poll is an hour away
         await wait_for(delivered_all(sandbox, [order_id]), "delivery via long poll")
+
+
+async def test_busy_polling_follows_a_stream_then_goes_quiet(
+    tmp_path: Path, sandbox: SandboxPlatform, store: Store
+) -> None:
+    """With the next scheduled poll an hour away, a stream of orders is still taken in: each
+    poll that finds orders is followed by another one soon. Once polls find nothing, the
+    shop is quiet and the agent waits for the schedule."""
+    await stock(store, "GAME-100", 200)
+    config = make_config(
+        tmp_path,
+        sandbox.base_url,
+        poll_interval=3600,
+        busy_poll_interval=0.05,
+        reconcile_interval=3600,
+    )
+    first = sandbox.add_order("GAME-100")  # the start-up poll finds it: busy from there
+    streamed: list[str] = []
+
+    async def stream() -> None:
+        for _ in range(60):  # an order every 10 ms, so every busy poll finds some
+            streamed.append(sandbox.add_order("GAME-100"))
+            await asyncio.sleep(0.01)
+
+    async with running_agent(config, store, sandbox):
+        await stream()
+        await wait_for(delivered_all(sandbox, [first, *streamed]), "the stream, via busy polls")
+        await asyncio.sleep(0.3)  # a busy poll or two find nothing: back to the schedule
+        late = sandbox.add_order("GAME-100")
+        await asyncio.sleep(0.5)
+        assert sandbox.orders[late].delivery is None  # waits for the hourly poll
+    assert_platform_invariants(sandbox)
