@@ -132,6 +132,7 @@ class Engine:
         self._queued: set[int] = set()
         self._workers: list[asyncio.Task[None]] = []
         self._followers: dict[str, asyncio.Task[None]] = {}
+        self._long_polled: set[str] = set()  # platforms whose long poll is running
         self._busy = 0
 
     # --- lifecycle ----------------------------------------------------------------------------
@@ -221,8 +222,8 @@ class Engine:
         a poll finds none: orders flowing in wait a fraction of a second for a listing, not a
         whole poll_interval, and a quiet shop is still polled once per poll_interval."""
         busy = self.settings.busy_poll_interval
-        if busy <= 0 or busy >= self.settings.poll_interval:
-            return
+        if busy <= 0 or busy >= self.settings.poll_interval or platform_name in self._long_polled:
+            return  # the long poll already brings orders in as they come
         running = self._followers.get(platform_name)
         if running is not None and not running.done():
             return
@@ -244,6 +245,13 @@ class Engine:
         """Takes orders in as the platform announces them, so latency does not wait for the
         next poll. Runs until cancelled; polling stays on as the safety net."""
         platform = self.platforms[platform_name]
+        self._long_polled.add(platform_name)
+        try:
+            await self._long_poll(platform, platform_name, wait_seconds)
+        finally:
+            self._long_polled.discard(platform_name)
+
+    async def _long_poll(self, platform: Platform, platform_name: str, wait_seconds: float) -> None:
         while True:
             cursor = await self.store.get_cursor(platform_name)
             try:
