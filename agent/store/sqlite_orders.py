@@ -38,15 +38,25 @@ class OrdersLedger(SQLiteBase):
         orders: Sequence[PlatformOrder | RejectedOrder],
         now: float,
     ) -> list[int]:
+        # The page's orders already in the ledger, in one query per 500 (not one per order).
+        known: dict[str, tuple[Any, ...]] = {}
+        order_ids = [o.order_id for o in orders]
+        for start in range(0, len(order_ids), 500):
+            chunk = order_ids[start : start + 500]
+            known.update(
+                (row[0], row[1:])
+                for row in conn.execute(
+                    f"SELECT order_id, id, sku, quantity, state FROM orders WHERE platform = ?"
+                    f" AND line = 0 AND order_id IN ({','.join('?' * len(chunk))})",
+                    (platform, *chunk),
+                )
+            )
         ready: list[int] = []
+        events: list[tuple[int, float, str, str]] = []
         for order in orders:
-            existing = conn.execute(
-                "SELECT id, sku, quantity, state FROM orders"
-                " WHERE platform = ? AND order_id = ? AND line = 0",
-                (platform, order.order_id),
-            ).fetchone()
+            existing = known.get(order.order_id)
             if existing is not None:
-                self._check_duplicate(conn, existing, order, now)
+                known[order.order_id] = self._check_duplicate(conn, existing, order, now, events)
                 continue
             if isinstance(order, RejectedOrder):
                 cur = conn.execute(
@@ -55,7 +65,8 @@ class OrdersLedger(SQLiteBase):
                     (platform, order.order_id, order.sku, order.quantity, order.reason, now, now),
                 )
                 line_id = int(cur.lastrowid or 0)
-                self._event(conn, line_id, "rejected", order.reason, now)
+                known[order.order_id] = (line_id, order.sku, order.quantity, "needs_attention")
+                events.append((line_id, now, "rejected", order.reason))
                 continue
             cur = conn.execute(
                 "INSERT INTO orders (platform, order_id, line, sku, quantity, state, paid_at,"
@@ -76,8 +87,12 @@ class OrdersLedger(SQLiteBase):
                 ),
             )
             line_id = int(cur.lastrowid or 0)
-            self._event(conn, line_id, "intake", f"sku={order.sku} quantity={order.quantity}", now)
+            known[order.order_id] = (line_id, order.sku, order.quantity, "new")
+            events.append((line_id, now, "intake", f"sku={order.sku} quantity={order.quantity}"))
             ready.append(line_id)
+        conn.executemany(
+            "INSERT INTO events (order_line_id, at, kind, detail) VALUES (?, ?, ?, ?)", events
+        )
         return ready
 
     def _check_duplicate(
@@ -86,19 +101,22 @@ class OrdersLedger(SQLiteBase):
         existing: tuple[Any, ...],
         order: PlatformOrder | RejectedOrder,
         now: float,
-    ) -> None:
-        """The same order id seen again: harmless if identical, parked if it changed."""
+        events: list[tuple[int, float, str, str]],
+    ) -> tuple[Any, ...]:
+        """The same order id seen again: harmless if identical, parked if it changed (its
+        event joins the page's `events`, in order). Returns the row as it now stands."""
         line_id, sku, quantity, state = existing
         if isinstance(order, RejectedOrder):
-            return
+            return existing
         reason = changed_order_reason(sku, quantity, LineState(state), order)
-        if reason is not None:
-            conn.execute(
-                "UPDATE orders SET state = 'needs_attention', reason = ?, updated_at = ?"
-                " WHERE id = ?",
-                (reason, now, line_id),
-            )
-            self._event(conn, line_id, "parked", reason, now)
+        if reason is None:
+            return existing
+        conn.execute(
+            "UPDATE orders SET state = 'needs_attention', reason = ?, updated_at = ? WHERE id = ?",
+            (reason, now, line_id),
+        )
+        events.append((line_id, now, "parked", reason))
+        return (line_id, sku, quantity, "needs_attention")
 
     async def get_cursor(self, platform: str) -> str | None:
         def run(conn: sqlite3.Connection) -> str | None:
