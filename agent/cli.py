@@ -26,6 +26,7 @@ from agent.secrets import (
 )
 from agent.stockfile import StockFileReader
 from agent.store.base import Store, StoreError
+from agent.suppliers.base import Balance
 
 DEFAULT_CONFIG_PATHS = (Path("config.toml"), Path("/etc/kami-agent/config.toml"))
 
@@ -142,6 +143,31 @@ def _progress_printer(total: int) -> Callable[[int], None]:
     return show
 
 
+async def _supplier_balances(config: Config) -> dict[str, Balance]:
+    """Each supplier's balance, asked once (it is what they can still sell us); a supplier
+    that cannot be asked counts as no capacity, and the line says why."""
+    from agent.runtime import build_supplier
+
+    balances: dict[str, Balance] = {}
+    for settings in config.suppliers:
+        if not lookup_secret(settings.secret_name):
+            print(
+                f"supplier {settings.name}: balance unknown (secret {settings.secret_name} missing)"
+            )
+            continue
+        supplier = build_supplier(settings)
+        try:
+            balance = await supplier.balance()
+        except AgentError as exc:
+            print(f"supplier {settings.name}: balance unknown ({exc})")
+            continue
+        finally:
+            await supplier.close()
+        balances[settings.name] = balance
+        print(f"supplier {settings.name}: balance {balance.amount} {balance.currency}")
+    return balances
+
+
 def cmd_status(args: argparse.Namespace) -> int:
     config = _load(args)
 
@@ -149,7 +175,8 @@ def cmd_status(args: argparse.Namespace) -> int:
         from agent.alerts import Forecaster
         from agent.forecast import format_duration
 
-        forecasts = await Forecaster(config, store, time.time).forecast({})
+        balances = await _supplier_balances(config)
+        forecasts = await Forecaster(config, store, time.time).forecast(balances)
         alerts = await store.open_alerts()
         print(f"{'SKU':<20} {'stock':>8} {'rate/h':>8} {'empty in':>10} {'pending':>8}  alerts")
         for f in forecasts:

@@ -5,11 +5,14 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
 from agent.sandbox.platform import SandboxPlatform
+from agent.sandbox.server import SignedSandbox
+from agent.sandbox.supplier import SandboxSupplier
 from tests.conftest import STORE_KEY_ENV, TEST_STORE_KEY, master_key_for_tests
 
 
@@ -34,9 +37,12 @@ max_quantity = 5
     return path
 
 
-def cli(config: Path, *args: str, secret: str | None = None) -> subprocess.CompletedProcess[str]:
+def cli(
+    config: Path, *args: str, secret: str | None = None, extra_env: dict[str, str] | None = None
+) -> subprocess.CompletedProcess[str]:
     env = {k: v for k, v in os.environ.items() if not k.startswith("KAMI_")}
     env[STORE_KEY_ENV] = TEST_STORE_KEY
+    env.update(extra_env or {})
     if secret is not None:
         env["KAMI_SECRET_PLATFORM_MAIN_SECRET"] = secret
     return subprocess.run(
@@ -90,29 +96,42 @@ def test_check_reports_missing_secret(tmp_path: Path) -> None:
     assert "platform.main.secret: MISSING" in result.stdout
 
 
-@pytest.fixture
-def sandbox_thread() -> object:
-    """The sandbox platform in a background thread, so the CLI subprocess can reach it."""
+def serve_in_thread(server: SignedSandbox) -> Iterator[None]:
+    """A sandbox server in a background thread, so a CLI subprocess can reach it."""
     import asyncio
     import threading
 
-    sandbox = SandboxPlatform(api_key="test-key", secret="cli-secret")
     loop = asyncio.new_event_loop()
     ready = threading.Event()
 
     def serve() -> None:
         asyncio.set_event_loop(loop)
-        loop.run_until_complete(sandbox.start())
+        loop.run_until_complete(server.start())
         ready.set()
         loop.run_forever()
 
     thread = threading.Thread(target=serve, daemon=True)
     thread.start()
     ready.wait(10)
-    yield sandbox
-    asyncio.run_coroutine_threadsafe(sandbox.stop(), loop).result(10)
+    yield
+    asyncio.run_coroutine_threadsafe(server.stop(), loop).result(10)
     loop.call_soon_threadsafe(loop.stop)
     thread.join(10)
+
+
+@pytest.fixture
+def sandbox_thread() -> Iterator[SandboxPlatform]:
+    sandbox = SandboxPlatform(api_key="test-key", secret="cli-secret")
+    for _ in serve_in_thread(sandbox):
+        yield sandbox
+
+
+@pytest.fixture
+def supplier_thread() -> Iterator[SandboxSupplier]:
+    upstream = SandboxSupplier(name="up", api_key="up-key", secret="up-secret", balance="120.00")
+    upstream.add_product("GAME-100", price="3.00")
+    for _ in serve_in_thread(upstream):
+        yield upstream
 
 
 def test_check_against_a_live_platform(tmp_path: Path, sandbox_thread: SandboxPlatform) -> None:
@@ -193,6 +212,33 @@ def test_status_shows_stock_rate_and_alerts(tmp_path: Path) -> None:
     fields = row.split()
     assert fields[1] == "7" and float(fields[2]) > 0 and "low_stock" in row
     assert "GAME-100 low" in result.stdout
+
+
+def test_status_counts_what_suppliers_can_still_sell(
+    tmp_path: Path, supplier_thread: SandboxSupplier
+) -> None:
+    config = config_for(tmp_path)
+    text = config.read_text(encoding="utf-8").replace(
+        "max_quantity = 5\n", 'max_quantity = 5\nsources = ["local", "up"]\nmax_price = "3.00"\n'
+    )
+    config.write_text(
+        text
+        + f"""
+[suppliers.up]
+base_url = "{supplier_thread.base_url}"
+api_key = "up-key"
+secret = "supplier.up.secret"
+""",
+        encoding="utf-8",
+    )
+    without = cli(config, "status")
+    assert "supplier up: balance unknown (secret supplier.up.secret missing)" in without.stdout
+    env = {"KAMI_SECRET_SUPPLIER_UP_SECRET": "up-secret"}
+    result = cli(config, "status", extra_env=env)
+    assert result.returncode == 0, result.stderr
+    assert "supplier up: balance 120.00 CNY" in result.stdout
+    wrong = cli(config, "status", extra_env={"KAMI_SECRET_SUPPLIER_UP_SECRET": "nope"})
+    assert "supplier up: balance unknown" in wrong.stdout and "nope" not in wrong.stdout
 
 
 def test_keys_rotate_and_explicit_export(tmp_path: Path) -> None:
