@@ -119,7 +119,6 @@ async def run_engine(
         suppliers=suppliers,
         supplier_settings={s.name: s for s in config.suppliers},
     )
-    tune_gc()
     engine.start_workers()
     resumed = await engine.sweep()  # every non-terminal line left by the last run
     log.info("started", platforms=list(platforms), resumed_lines=resumed)
@@ -192,6 +191,7 @@ async def run_daemon(config: Config) -> int:
 
 
 async def _run_daemon(config: Config) -> int:
+    tune_gc()
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for signum in (signal.SIGTERM, signal.SIGINT):

@@ -35,7 +35,7 @@ from agent.config import (
 from agent.domain import CardItem
 from agent.keybox import new_master_key, parse_master_key
 from agent.platforms.http import HttpPlatform
-from agent.runtime import run_engine
+from agent.runtime import run_engine, tune_gc
 from agent.signed_http import SignedClient
 from agent.stats import percentile
 from agent.store.sqlite import SQLiteStore
@@ -167,6 +167,7 @@ async def run(
         await store.import_keys(SKU, keys, "bench", time.time())
         platform = HttpPlatform(config.platforms[0], secret)
         stop = asyncio.Event()
+        tune_gc()  # as run_daemon does at start
         cpu0, wall0 = cpu_seconds(), time.perf_counter()
         engine = asyncio.create_task(run_engine(config, store, {"main": platform}, stop))
 

@@ -213,9 +213,14 @@ class OrdersLedger(SQLiteBase):
             (line.sku, needed),
         ).fetchall()
         if len(keys) < needed:
-            if not backorder:
-                return line
-            return self._short_of_keys(conn, line, needed, len(keys), now)
+            # All or nothing: a half-filled line would hold keys another buyer could use now.
+            if backorder and line.state != LineState.BACKORDERED:
+                conn.execute(
+                    "UPDATE orders SET state = 'backordered', updated_at = ? WHERE id = ?",
+                    (now, line_id),
+                )
+                self._event(conn, line_id, "backordered", f"need {needed}, free {len(keys)}", now)
+            return self._fetch_line(conn, line_id)
         for slot, (key_id, _digest) in enumerate(keys, start=bound):
             conn.execute(
                 "UPDATE card_keys SET state = 'bound', order_line_id = ?, slot = ?, bound_at = ?"
@@ -233,7 +238,8 @@ class OrdersLedger(SQLiteBase):
         return replace(line, state=LineState.ALLOCATED, next_attempt_at=0.0)
 
     async def claim_for_delivery(self, line_id: int, now: float) -> DeliveryIntent | OrderLine:
-        return await self._tx(self._claim, line_id, now)
+        (claimed,) = await self._tx(self._claim_batch, [line_id], now, None)
+        return claimed
 
     async def claim_many(
         self, line_ids: Sequence[int], now: float, local_skus: Collection[str]
@@ -248,11 +254,12 @@ class OrdersLedger(SQLiteBase):
         conn: sqlite3.Connection,
         line_ids: Sequence[int],
         now: float,
-        local_skus: Collection[str],
+        local_skus: Collection[str] | None,
     ) -> list[DeliveryIntent | OrderLine]:
-        """The hot path of a flash sale, set-wise: the new local-stock lines take their keys
-        from one query per SKU and are written with one statement per table; any other line
-        (and one the free keys cannot fill whole) goes through _claim, in the same order."""
+        """Claims the lines (only those of `local_skus`, when given), in order. The hot path of
+        a flash sale, set-wise: new lines take their keys from one query per SKU and are
+        written with one statement per table; any other line (and one the free keys cannot
+        fill whole) goes through _claim_one."""
         marks = ",".join("?" * len(line_ids))
         rows = {
             r[0]: r
@@ -268,7 +275,7 @@ class OrdersLedger(SQLiteBase):
             if i in rows
             and rows[i][6] == "new"
             and rows[i][16] is None
-            and rows[i][4] in local_skus
+            and (local_skus is None or rows[i][4] in local_skus)
         ]
         wanted = Counter[str]()
         for row in fast:
@@ -318,82 +325,25 @@ class OrdersLedger(SQLiteBase):
             "INSERT INTO events (order_line_id, at, kind, detail) VALUES (?, ?, ?, ?)", events
         )
         return [
-            claimed[i] if i in claimed else self._claim(conn, i, now, local_skus) for i in line_ids
+            claimed[i] if i in claimed else self._claim_one(conn, i, now, local_skus)
+            for i in line_ids
         ]
 
-    def _claim(
+    def _claim_one(
         self,
         conn: sqlite3.Connection,
         line_id: int,
         now: float,
-        local_skus: Collection[str] | None = None,
+        local_skus: Collection[str] | None,
     ) -> DeliveryIntent | OrderLine:
-        row = conn.execute(
-            f"SELECT {LINE_COLUMNS}, refund_key, delivery_generation FROM orders WHERE id = ?",
-            (line_id,),
-        ).fetchone()
-        if row is None:
-            raise StoreError(f"no order line with id {line_id}")
-        line = line_from_row(row)
+        """claim_for_delivery the general way: a line in any state, or one short of keys."""
+        line = self._fetch_line(conn, line_id)
         if local_skus is not None and line.sku not in local_skus:
             return line
-        if line.state != LineState.NEW or row[16] is not None:
-            line = self._allocate(conn, line_id, now)
-            if line.state != LineState.ALLOCATED:
-                return line
-            return self._begin_delivery(conn, line_id, now)
-        # The hot path, in as few statements as it takes: a new line holds no keys yet
-        # (keys are only ever bound on the way to allocated), so bind and commit the intent.
-        keys = conn.execute(
-            "SELECT id, sku, key_id, sealed, secret_hash FROM card_keys"
-            " WHERE sku = ? AND state = 'free' ORDER BY id LIMIT ?",
-            (line.sku, line.quantity),
-        ).fetchall()
-        if len(keys) < line.quantity:
-            return self._short_of_keys(conn, line, line.quantity, len(keys), now)
-        conn.executemany(
-            "UPDATE card_keys SET state = 'bound', order_line_id = ?, slot = ?, bound_at = ?"
-            " WHERE id = ? AND state = 'free'",
-            [(line_id, slot, now, k[0]) for slot, k in enumerate(keys)],
-        )
-        key = delivery_idempotency_key(line.platform, line.order_id, line.line, row[17])
-        conn.execute(
-            "UPDATE orders SET state = 'delivering', delivery_key = ?, attempts = attempts + 1,"
-            " next_attempt_at = 0, updated_at = ? WHERE id = ?",
-            (key, now, line_id),
-        )
-        fps = ",".join(f"#{k[0]}:{bytes(k[4]).hex()[:10]}" for k in keys)
-        conn.executemany(
-            "INSERT INTO events (order_line_id, at, kind, detail) VALUES (?, ?, ?, ?)",
-            [
-                (line_id, now, "allocated", f"keys {fps}"),
-                (line_id, now, "delivery_intent", f"attempt {line.attempts + 1} key {key}"),
-            ],
-        )
-        return DeliveryIntent(
-            line=replace(
-                line,
-                state=LineState.DELIVERING,
-                delivery_key=key,
-                attempts=line.attempts + 1,
-                next_attempt_at=0.0,
-            ),
-            idempotency_key=key,
-            items=tuple(self._open_rows([k[1:4] for k in keys])),
-            key_ids=tuple(k[0] for k in keys),
-        )
-
-    def _short_of_keys(
-        self, conn: sqlite3.Connection, line: OrderLine, needed: int, free: int, now: float
-    ) -> OrderLine:
-        """All or nothing: a half-filled line would hold keys another buyer could use now."""
-        if line.state != LineState.BACKORDERED:
-            conn.execute(
-                "UPDATE orders SET state = 'backordered', updated_at = ? WHERE id = ?",
-                (now, line.id),
-            )
-            self._event(conn, line.id, "backordered", f"need {needed}, free {free}", now)
-        return self._fetch_line(conn, line.id)
+        line = self._allocate(conn, line_id, now)
+        if line.state != LineState.ALLOCATED:
+            return line
+        return self._begin_delivery(conn, line_id, now)
 
     async def begin_delivery(self, line_id: int, now: float) -> DeliveryIntent:
         return await self._tx(self._begin_delivery, line_id, now)
