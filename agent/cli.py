@@ -414,6 +414,7 @@ def cmd_migrate_store(args: argparse.Namespace) -> int:
         migrate_sqlite_to_postgres,
         parse_sqlite_source,
     )
+    from agent.store.postgres_base import safe_url
 
     source = parse_sqlite_source(args.source)
     target = check_postgres_target(args.target)
@@ -424,7 +425,7 @@ def cmd_migrate_store(args: argparse.Namespace) -> int:
     print(
         f"migrate-store: done — {report.rows['orders']} order lines, {report.rows['card_keys']}"
         f" card keys, {report.rows['events']} events copied. {source} is untouched (keep it as"
-        f' a backup). Now set [store] url = "{target}" in the config of every agent and'
+        f' a backup). Now set [store] url = "{safe_url(target)}" in the config of every agent and'
         " start them."
     )
     return 0

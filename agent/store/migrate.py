@@ -51,7 +51,9 @@ def parse_sqlite_source(spec: str) -> Path:
 
 def check_postgres_target(spec: str) -> str:
     if not spec.startswith(("postgresql://", "postgres://")):
-        raise StoreError(f"--to must be a postgresql://user@host/database URL, got {spec!r}")
+        raise StoreError(
+            f"--to must be a postgresql://user@host/database URL, got {safe_url(spec)!r}"
+        )
     return spec
 
 
