@@ -95,6 +95,10 @@ def _line_id(item: int | _Send) -> int:
     return item.intent.line.id if isinstance(item, _Send) else item
 
 
+def _log_backordered(line: OrderLine) -> None:
+    log.info("backordered", order_id=line.order_id, sku=line.sku, quantity=line.quantity)
+
+
 def _same_items(a: Sequence[CardItem], b: Sequence[CardItem]) -> bool:
     return Counter((i.code, i.secret) for i in a) == Counter((i.code, i.secret) for i in b)
 
@@ -327,13 +331,10 @@ class Engine:
                     continue
                 self._queued.discard(claimed.id)
                 if claimed.state == LineState.BACKORDERED:
-                    log.info(
-                        "backordered",
-                        order_id=claimed.order_id,
-                        sku=claimed.sku,
-                        quantity=claimed.quantity,
-                    )
-                self.dispatch([claimed.id])
+                    # Nothing to do until stock comes: the sweep brings it back then.
+                    _log_backordered(claimed)
+                else:
+                    self.dispatch([claimed.id])  # it may buy upstream: the worker decides
 
     async def reconcile_all(self) -> None:
         """Re-list from the start: the cursor is only an optimisation (catch-up on start)."""
@@ -373,9 +374,7 @@ class Engine:
             crash_point("after_allocate")
             if line.state != LineState.ALLOCATED:
                 if line.state == LineState.BACKORDERED:
-                    log.info(
-                        "backordered", order_id=line.order_id, sku=line.sku, quantity=line.quantity
-                    )
+                    _log_backordered(line)
                 return
 
     async def _platform_for(self, line: OrderLine) -> Platform | None:
@@ -397,7 +396,7 @@ class Engine:
             crash_point("after_intent")
             await self._send(platform, claimed.line, claimed)
         elif claimed.state == LineState.BACKORDERED:
-            log.info("backordered", order_id=line.order_id, sku=line.sku, quantity=line.quantity)
+            _log_backordered(line)
 
     async def poll_balances(self) -> None:
         for name, supplier in self.suppliers.items():
