@@ -99,14 +99,7 @@ class PgOrdersLedger(PostgresBase):
         line_id, sku, quantity, state = row
         reason = changed_order_reason(sku, quantity, LineState(state), order)
         if reason is not None:
-            await conn.execute(
-                "UPDATE orders SET state = 'needs_attention', reason = $1, updated_at = $2,"
-                " lease_until = NULL WHERE id = $3",
-                reason,
-                now,
-                line_id,
-            )
-            await self._event(conn, line_id, "parked", reason, now)
+            await self._park(conn, line_id, reason, now)
 
     async def get_cursor(self, platform: str) -> str | None:
         async def run(conn: Conn) -> str | None:
@@ -399,17 +392,17 @@ class PgOrdersLedger(PostgresBase):
         await self._tx(run)
 
     async def park(self, line_id: int, reason: str, now: float) -> None:
-        async def run(conn: Conn) -> None:
-            await conn.execute(
-                "UPDATE orders SET state = 'needs_attention', reason = $1, updated_at = $2,"
-                " lease_until = NULL WHERE id = $3",
-                reason,
-                now,
-                line_id,
-            )
-            await self._event(conn, line_id, "parked", reason, now)
+        await self._tx(self._park, line_id, reason, now)
 
-        await self._tx(run)
+    async def _park(self, conn: Conn, line_id: int, reason: str, now: float) -> None:
+        await conn.execute(
+            "UPDATE orders SET state = 'needs_attention', reason = $1, updated_at = $2,"
+            " lease_until = NULL WHERE id = $3",
+            reason,
+            now,
+            line_id,
+        )
+        await self._event(conn, line_id, "parked", reason, now)
 
     async def close_line(self, line_id: int, state: LineState, reason: str, now: float) -> None:
         if state not in (LineState.CANCELLED, LineState.REFUNDED):
