@@ -9,6 +9,7 @@ import sys
 from collections.abc import Mapping
 from pathlib import Path
 
+from agent.sandbox.supplier import SandboxSupplier
 from tests.conftest import STORE_KEY_ENV, TEST_STORE_KEY
 
 
@@ -65,3 +66,26 @@ async def kill_after(proc: asyncio.subprocess.Process, seconds: float) -> tuple[
     except TimeoutError:
         proc.send_signal(signal.SIGKILL)
         return await proc.wait(), False
+
+
+async def import_stock(
+    config: Path, secrets: Mapping[str, str], folder: Path, sku: str, values: list[str]
+) -> set[str]:
+    """Writes the keys to a stock file and imports it with the real CLI; returns the keys."""
+    stock_file = folder / f"{sku}.txt"
+    stock_file.write_text("\n".join(values) + "\n", encoding="utf-8")
+    out = await run_cli(config, secrets, "stock", "import", sku, str(stock_file))
+    assert f"added {len(values)}" in out
+    return set(values)
+
+
+def faulty_upstream(api_key: str, secret: str, seed: int, sku: str) -> SandboxSupplier:
+    """The supplier of the end-to-end tests: it sells `sku`, loses 10% of its answers after
+    charging, fails 5% with a 5xx and leaves 20% processing for a moment."""
+    upstream = SandboxSupplier(name="up", api_key=api_key, secret=secret, seed=seed)
+    upstream.add_product(sku, price="3.00")
+    upstream.faults.drop_after_commit_rate = 0.1
+    upstream.faults.error_rate = 0.05
+    upstream.faults.processing_rate = 0.2
+    upstream.faults.processing_seconds = 0.2
+    return upstream

@@ -15,10 +15,9 @@ from pathlib import Path
 import pytest
 
 from agent.sandbox.platform import SandboxPlatform
-from agent.sandbox.supplier import SandboxSupplier
 from agent.store.sqlite import SQLiteStore
 from tests.conftest import TEST_STORE_KEY, master_key_for_tests
-from tests.daemon import kill_after, run_cli, start_daemon
+from tests.daemon import faulty_upstream, import_stock, kill_after, start_daemon
 from tests.helpers import assert_exactly_once, ledger_bytes
 
 ORDERS = 2000
@@ -99,14 +98,7 @@ async def test_crash_recovery_keeps_every_invariant(tmp_path: Path, seed: int) -
     sandbox.faults.drop_after_commit_rate = 0.05
     sandbox.faults.duplicate_rate = 0.05
     await sandbox.start()
-    upstream = SandboxSupplier(
-        name="up", api_key="crash-supplier", secret=SUPPLIER_SECRET, seed=seed
-    )
-    upstream.add_product(BOUGHT_SKU, price="3.00")
-    upstream.faults.drop_after_commit_rate = 0.1
-    upstream.faults.error_rate = 0.05
-    upstream.faults.processing_rate = 0.2
-    upstream.faults.processing_seconds = 0.2
+    upstream = faulty_upstream("crash-supplier", SUPPLIER_SECRET, seed, BOUGHT_SKU)
     await upstream.start()
     config = write_config(tmp_path, sandbox.base_url, upstream.base_url)
     log = tmp_path / "daemon.log"
@@ -114,14 +106,10 @@ async def test_crash_recovery_keeps_every_invariant(tmp_path: Path, seed: int) -
     try:
         imported: dict[str, set[str]] = {}
         for sku in SKUS:
-            stock_file = tmp_path / f"{sku}.txt"
-            secrets = [
+            values = [
                 f"{sku}-{seed}-{i:05d}-{rng.getrandbits(48):012x}" for i in range(STOCK_PER_SKU)
             ]
-            stock_file.write_text("\n".join(secrets) + "\n", encoding="utf-8")
-            imported[sku] = set(secrets)
-            out = await run_cli(config, SECRETS, "stock", "import", sku, str(stock_file))
-            assert f"added {STOCK_PER_SKU}" in out
+            imported[sku] = await import_stock(config, SECRETS, tmp_path, sku, values)
 
         per_cycle = -(-ORDERS // (CYCLES - 2))
         kills = Counter[str]()

@@ -14,10 +14,9 @@ from pathlib import Path
 import pytest
 
 from agent.sandbox.platform import SandboxPlatform
-from agent.sandbox.supplier import SandboxSupplier
 from agent.store.postgres import PostgresStore
 from tests.conftest import TEST_STORE_KEY, master_key_for_tests
-from tests.daemon import run_cli, start_daemon
+from tests.daemon import faulty_upstream, import_stock, start_daemon
 from tests.helpers import assert_exactly_once
 
 asyncpg = pytest.importorskip("asyncpg")
@@ -99,12 +98,7 @@ async def test_three_agents_one_killed_deliver_every_order_once(
     sandbox.faults.drop_after_commit_rate = 0.03
     sandbox.faults.duplicate_rate = 0.05
     await sandbox.start()
-    upstream = SandboxSupplier(name="up", api_key="multi-supplier", secret=SUPPLIER_SECRET, seed=7)
-    upstream.add_product(BOUGHT_SKU, price="3.00")
-    upstream.faults.drop_after_commit_rate = 0.1
-    upstream.faults.error_rate = 0.05
-    upstream.faults.processing_rate = 0.2
-    upstream.faults.processing_seconds = 0.2
+    upstream = faulty_upstream("multi-supplier", SUPPLIER_SECRET, 7, BOUGHT_SKU)
     await upstream.start()
     configs = {
         name: write_config(tmp_path, name, pg_url, sandbox.base_url, upstream.base_url)
@@ -115,14 +109,8 @@ async def test_three_agents_one_killed_deliver_every_order_once(
     try:
         imported: dict[str, set[str]] = {}
         for sku in SKUS:
-            stock_file = tmp_path / f"{sku}.txt"
-            secrets = [f"{sku}-{i:05d}-{rng.getrandbits(48):012x}" for i in range(STOCK_PER_SKU)]
-            stock_file.write_text("\n".join(secrets) + "\n", encoding="utf-8")
-            imported[sku] = set(secrets)
-            out = await run_cli(
-                configs[AGENTS[0]], SECRETS, "stock", "import", sku, str(stock_file)
-            )
-            assert f"added {STOCK_PER_SKU}" in out
+            values = [f"{sku}-{i:05d}-{rng.getrandbits(48):012x}" for i in range(STOCK_PER_SKU)]
+            imported[sku] = await import_stock(configs[AGENTS[0]], SECRETS, tmp_path, sku, values)
 
         for name in AGENTS:  # all three start at once: they race to migrate and to poll
             # The victim SIGKILLs itself mid-delivery: keys bound and the intent committed,
