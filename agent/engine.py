@@ -48,6 +48,10 @@ SWEEP_BATCH = 1000
 # Lines claimed per ledger call at intake: big enough to save the per-call overhead, small
 # enough that the commits of finished deliveries are not held up behind one long transaction.
 CLAIM_CHUNK = 64
+# A long poll that has not answered for its wait plus this long is taken for dead and the
+# poll job resumes; longer than the adapters' read-timeout margin, so a hung request fails
+# (and says so) first.
+LONG_POLL_SILENCE_MARGIN = 15.0
 
 
 @dataclass(slots=True)
@@ -137,6 +141,8 @@ class Engine:
         self._workers: list[asyncio.Task[None]] = []
         self._followers: dict[str, asyncio.Task[None]] = {}
         self._long_polled: set[str] = set()  # platforms whose long poll is running
+        # platform -> (monotonic time of its long poll's last answer, the wait it asks for)
+        self._long_poll_answered: dict[str, tuple[float, float]] = {}
         self._busy = 0
 
     # --- lifecycle ----------------------------------------------------------------------------
@@ -221,6 +227,18 @@ class Engine:
             self._follow_up(platform_name)
         return taken
 
+    async def scheduled_poll(self, platform_name: str) -> int:
+        """The poll job. Skipped while the platform's long poll keeps answering: both read
+        from the same cursor, so the poll would list, parse and ingest the very pages the
+        long poll brings (in a flash sale, every page twice). When the long poll fails or
+        goes silent well past the wait it asked for, polling takes over again."""
+        answered = self._long_poll_answered.get(platform_name)
+        if answered is not None and platform_name in self._long_polled:
+            at, wait_seconds = answered
+            if time.monotonic() - at < wait_seconds + LONG_POLL_SILENCE_MARGIN:
+                return 0
+        return await self.poll(platform_name)
+
     def _follow_up(self, platform_name: str) -> None:
         """After an intake that found new orders, keep polling every busy_poll_interval until
         a poll finds none: orders flowing in wait a fraction of a second for a listing, not a
@@ -254,6 +272,7 @@ class Engine:
             await self._long_poll(platform, platform_name, wait_seconds)
         finally:
             self._long_polled.discard(platform_name)
+            self._long_poll_answered.pop(platform_name, None)
 
     async def _long_poll(self, platform: Platform, platform_name: str, wait_seconds: float) -> None:
         while True:
@@ -264,9 +283,11 @@ class Engine:
                 log.warning("long_poll_unsupported", platform=platform_name, error=str(exc))
                 return
             except AgentError as exc:
+                self._long_poll_answered.pop(platform_name, None)  # the poll job takes over
                 log.warning("long_poll_failed", platform=platform_name, error=str(exc))
                 await asyncio.sleep(1.0)
                 continue
+            self._long_poll_answered[platform_name] = (time.monotonic(), wait_seconds)
             await self._take_page(platform_name, page)
 
     async def _fetch(self, platform_name: str, call: Awaitable[OrderPage]) -> OrderPage | None:

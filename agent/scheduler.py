@@ -49,7 +49,7 @@ def build_scheduler(
 
     def poll_job(name: str) -> JobFunc:
         async def poll() -> int:
-            return await engine.poll(name)
+            return await engine.scheduled_poll(name)
 
         return poll
 

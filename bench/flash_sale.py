@@ -88,6 +88,15 @@ async def listing_times(client: SignedClient) -> list[float]:
     return sorted(resp.json()["listed_at"])
 
 
+async def wait_listed(client: SignedClient, count: int) -> None:
+    """Until the platform has answered `count` order listings."""
+    for _ in range(600):
+        if len(await listing_times(client)) >= count:
+            return
+        await asyncio.sleep(0.05)
+    raise SystemExit("the agent did not list orders within 30 s of starting")
+
+
 def added_latencies(orders: list[tuple[float, float]], listed: list[float]) -> list[float]:
     """Per order: delivery ack minus the first listing that could show it (its poll)."""
     added = []
@@ -151,7 +160,9 @@ async def run(
     logs.configure("warning", (workdir / "agent.log").open("w", encoding="utf-8"))
     try:
         # The limit is the best plain aiohttp does: 16 in flight, and the agent's number.
-        limits = {n: await raw_limit(client, orders, n, f"RAW{n}-") for n in (16, CONCURRENCY)}
+        limits = {
+            n: await raw_limit(client, orders, n, f"RAW{n}-") for n in sorted({16, CONCURRENCY})
+        }
         limit = max(limits.values())
         print(
             "raw limit: " + ", ".join(f"{v:,.0f}/s with {n} in flight" for n, v in limits.items())
@@ -170,6 +181,8 @@ async def run(
         tune_gc()  # as run_daemon does at start
         cpu0, wall0 = cpu_seconds(), time.perf_counter()
         engine = asyncio.create_task(run_engine(config, store, {"main": platform}, stop))
+        # A flash sale meets a running agent: its start-up poll and catch-up listing are done.
+        await wait_listed(client, 2)
 
         await client.request(
             "POST", "/_admin/orders", payload={"sku": SKU, "prefix": "BURST", "count": orders}

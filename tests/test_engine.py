@@ -8,6 +8,9 @@ import time
 from collections import Counter
 from pathlib import Path
 
+import pytest
+
+from agent import runtime
 from agent.domain import LineState
 from agent.engine import screen_order
 from agent.sandbox.platform import SandboxPlatform
@@ -171,6 +174,30 @@ async def test_long_poll_takes_orders_without_waiting_for_a_poll(
         await asyncio.sleep(0.2)  # let the start-up listings finish
         order_id = sandbox.add_order("GAME-100")  # the next poll is an hour away
         await wait_for(delivered_all(sandbox, [order_id]), "delivery via long poll")
+
+
+async def test_poll_job_rests_while_the_long_poll_answers(
+    tmp_path: Path, sandbox: SandboxPlatform, store: Store, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Both read from the same cursor, so polling beside a working long poll would take every
+    page in twice. Once the platform stops offering the long poll, polling is back."""
+    monkeypatch.setattr(runtime, "LONG_POLL_SECONDS", 0.2)  # an empty answer every 0.2 s
+    await stock(store, "GAME-100", 5)
+    config = make_config(tmp_path, sandbox.base_url, poll_interval=0.05, reconcile_interval=3600)
+    main = dataclasses.replace(config.platforms[0], long_poll=True)
+    config = dataclasses.replace(config, platforms=(main,))
+    async with running_agent(config, store, sandbox):
+        first = sandbox.add_order("GAME-100")
+        await wait_for(delivered_all(sandbox, [first]), "delivery via long poll")
+        await wait_for(lambda: sandbox.long_polls >= 3, "the long poll answering")
+        polls = sandbox.polls
+        await asyncio.sleep(0.5)  # ten poll intervals
+        assert sandbox.polls - polls <= 1  # at most one that was already on its way
+        sandbox.long_poll_offered = False
+        await wait_for(lambda: sandbox.polls >= polls + 5, "polling again")
+        second = sandbox.add_order("GAME-100")
+        await wait_for(delivered_all(sandbox, [second]), "delivery via polling")
+    assert_platform_invariants(sandbox)
 
 
 async def test_busy_polling_follows_a_stream_then_goes_quiet(

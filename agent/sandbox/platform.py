@@ -63,6 +63,9 @@ class SandboxPlatform(SignedSandbox):
         self.refunds: list[str] = []
         self._arrivals = asyncio.Event()
         self._next_id = 1
+        self.polls = 0  # plain listings
+        self.long_polls = 0
+        self.long_poll_offered = True  # the protocol makes the long poll optional
 
     # --- test/demo API ------------------------------------------------------------------------
     def add_order(
@@ -117,7 +120,7 @@ class SandboxPlatform(SignedSandbox):
         return self.faults.error_rate, self.faults.rate_limit_rate, self.faults.latency
 
     def routes(self, app: web.Application) -> None:
-        app.router.add_get("/api/v1/orders", self._list)
+        app.router.add_get("/api/v1/orders", self._poll)
         app.router.add_get("/api/v1/orders/wait", self._wait)
         app.router.add_get("/api/v1/orders/{id}", self._get)
         app.router.add_post("/api/v1/orders/{id}/delivery", self._deliver)
@@ -150,8 +153,15 @@ class SandboxPlatform(SignedSandbox):
             }
         )
 
+    async def _poll(self, request: web.Request) -> web.Response:
+        self.polls += 1
+        return await self._list(request)
+
     async def _wait(self, request: web.Request) -> web.Response:
         """Long poll: answers as soon as a paid order exists after the cursor."""
+        if not self.long_poll_offered:
+            return self.error(404, "not_found", "no such route")
+        self.long_polls += 1
         try:
             position = int(request.query.get("cursor") or 0)
             wait = min(float(request.query.get("timeout", "25")), 30.0)
