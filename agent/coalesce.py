@@ -20,11 +20,16 @@ class Coalescer(Generic[T]):
         self._writer: asyncio.Task[None] | None = None
 
     async def submit(self, item: T) -> None:
+        await self.enqueue(item)
+
+    def enqueue(self, item: T) -> asyncio.Future[None]:
+        """Like submit, for a caller that does not wait: the future is done once the item
+        is written (or holds the write's exception)."""
         future: asyncio.Future[None] = asyncio.get_running_loop().create_future()
         self._pending.append((item, future))
         if self._writer is None:
             self._writer = asyncio.create_task(self._drain())
-        await future
+        return future
 
     async def _drain(self) -> None:
         try:

@@ -9,6 +9,7 @@ is sent again.
 from __future__ import annotations
 
 import asyncio
+import functools
 import time
 from collections import Counter
 from collections.abc import Awaitable, Callable, Mapping, Sequence
@@ -187,9 +188,12 @@ class Engine:
             item = await self._queue.get()
             line_id = _line_id(item)
             self._busy += 1
+            recording: asyncio.Future[None] | None = None
             try:
                 if isinstance(item, _Send):
-                    await self._send(item.platform, item.intent.line, item.intent)
+                    # The worker goes on to the next delivery while the ledger records this
+                    # one: waiting for that commit would leave a platform connection idle.
+                    recording = await self._send(item.platform, item.intent.line, item.intent)
                 else:
                     await self.process(item)
             except Exception:
@@ -199,8 +203,21 @@ class Engine:
             finally:
                 self.stats.handled += 1
                 self._busy -= 1
-                self._queued.discard(line_id)
-                self._queue.task_done()
+                if recording is None:
+                    self._release(line_id)
+                else:  # queued until recorded, so the sweep does not take it up meanwhile
+                    recording.add_done_callback(functools.partial(self._recorded, line_id))
+
+    def _release(self, line_id: int) -> None:
+        self._queued.discard(line_id)
+        self._queue.task_done()
+
+    def _recorded(self, line_id: int, recording: asyncio.Future[None]) -> None:
+        if not recording.cancelled() and (exc := recording.exception()) is not None:
+            # Delivered but not recorded: the line is still `delivering` in the ledger, and
+            # the sweep reconciles it with the platform (which has it) without a resend.
+            log.error("delivery_not_recorded", line_id=line_id, error=str(exc))
+        self._release(line_id)
 
     # --- intake -----------------------------------------------------------------------------
     async def poll(
@@ -415,7 +432,7 @@ class Engine:
         crash_point("after_allocate")
         if isinstance(claimed, DeliveryIntent):
             crash_point("after_intent")
-            await self._send(platform, claimed.line, claimed)
+            await self._send_recorded(platform, claimed.line, claimed)
         elif claimed.state == LineState.BACKORDERED:
             _log_backordered(line)
 
@@ -456,30 +473,41 @@ class Engine:
             await self._park(line, str(exc))
             return
         crash_point("after_intent")
-        await self._send(platform, line, intent)
+        await self._send_recorded(platform, line, intent)
 
-    async def _send(self, platform: Platform, line: OrderLine, intent: DeliveryIntent) -> None:
-        """The delivery call, its intent already committed; then its outcome committed."""
+    async def _send_recorded(
+        self, platform: Platform, line: OrderLine, intent: DeliveryIntent
+    ) -> None:
+        recording = await self._send(platform, line, intent)
+        if recording is not None:
+            await recording
+
+    async def _send(
+        self, platform: Platform, line: OrderLine, intent: DeliveryIntent
+    ) -> asyncio.Future[None] | None:
+        """The delivery call, its intent already committed; then its outcome committed. A
+        failure is committed before returning (None); a delivery is returned as its
+        recording in the ledger, under way, for the caller to wait for or hand off."""
         message = self._message_for(line.sku)
         try:
             await platform.deliver(line.order_id, intent.idempotency_key, intent.items, message)
         except DeliveryConflict as exc:
             await self._park(line, str(exc))
-            return
+            return None
         except Permanent as exc:
             await self._park(line, str(exc))
-            return
+            return None
         except Ambiguous as exc:
             await self._retry_later(intent.line, str(exc), ambiguous=True)
-            return
+            return None
         except Transient as exc:
             await self._retry_later(
                 intent.line, str(exc), ambiguous=False, retry_after=exc.retry_after
             )
-            return
+            return None
         crash_point("after_deliver_call")
         # Deliveries finishing together are recorded in one ledger call (a flash sale).
-        await self._delivered.submit((line.id, f"key {intent.idempotency_key}"))
+        recording = self._delivered.enqueue((line.id, f"key {intent.idempotency_key}"))
         self.stats.delivered += 1
         self.stats.last_progress = self.clock()
         log.info(
@@ -490,6 +518,7 @@ class Engine:
             attempt=intent.line.attempts,
             latency_ms=round((self.clock() - line.seen_at) * 1000, 1),
         )
+        return recording
 
     async def _reconcile(self, line: OrderLine, platform: Platform) -> bool:
         """Ask the platform what became of an earlier attempt; True = safe to send (again)."""

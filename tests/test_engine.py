@@ -6,6 +6,7 @@ import asyncio
 import dataclasses
 import time
 from collections import Counter
+from collections.abc import Sequence
 from pathlib import Path
 
 import pytest
@@ -14,7 +15,7 @@ from agent import runtime
 from agent.domain import LineState
 from agent.engine import screen_order
 from agent.sandbox.platform import SandboxPlatform
-from agent.store.base import Store
+from agent.store.base import Store, StoreError
 from tests.conftest import make_config, stock
 from tests.helpers import (
     assert_platform_invariants,
@@ -174,6 +175,31 @@ async def test_long_poll_takes_orders_without_waiting_for_a_poll(
         await asyncio.sleep(0.2)  # let the start-up listings finish
         order_id = sandbox.add_order("GAME-100")  # the next poll is an hour away
         await wait_for(delivered_all(sandbox, [order_id]), "delivery via long poll")
+
+
+async def test_delivery_whose_record_fails_is_reconciled_not_resent(
+    tmp_path: Path, sandbox: SandboxPlatform, store: Store, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Workers do not wait for a delivery to be recorded. When that record fails, the line
+    is still `delivering` with its attempt made: the sweep asks the platform, which has the
+    delivery, and records it, with no second delivery call."""
+    await stock(store, "GAME-100", 5)
+    real = store.mark_many_delivered
+    failures: list[int] = []
+
+    async def fails_once(deliveries: Sequence[tuple[int, str]], now: float) -> None:
+        if not failures:
+            failures.append(len(deliveries))
+            raise StoreError("disk I/O error (injected)")
+        await real(deliveries, now)
+
+    monkeypatch.setattr(store, "mark_many_delivered", fails_once)
+    order_id = sandbox.add_order("GAME-100")
+    async with running_agent(make_config(tmp_path, sandbox.base_url), store, sandbox):
+        await wait_for(line_state_is(store, order_id, LineState.DELIVERED), "recorded at last")
+    assert failures == [1]
+    assert [c.order_id for c in sandbox.delivery_calls] == [order_id]
+    assert_platform_invariants(sandbox)
 
 
 async def test_poll_job_rests_while_the_long_poll_answers(

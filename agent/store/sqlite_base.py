@@ -168,6 +168,10 @@ class SQLiteBase:
         conn.execute("PRAGMA synchronous=FULL")
         conn.execute("PRAGMA foreign_keys=ON")
         conn.execute("PRAGMA busy_timeout=10000")
+        # Group commit runs each call in a savepoint, whose undo copies of the pages it
+        # touches would otherwise go to a temporary file: a write per page in a flash sale.
+        # They are only needed until COMMIT (crash safety is the WAL's job).
+        conn.execute("PRAGMA temp_store=MEMORY")
         self._conn = conn
         self._migrate(conn)
         self._keybox = self._in_tx(self._load_keys)
