@@ -11,7 +11,7 @@ from __future__ import annotations
 import asyncio
 import functools
 import time
-from collections import Counter
+from collections import Counter, deque
 from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -49,6 +49,7 @@ SWEEP_BATCH = 1000
 # Lines claimed per ledger call at intake: big enough to save the per-call overhead, small
 # enough that the commits of finished deliveries are not held up behind one long transaction.
 CLAIM_CHUNK = 64
+CLAIMS_IN_FLIGHT = 2
 # A long poll that has not answered for its wait plus this long is taken for dead and the
 # poll job resumes; longer than the adapters' read-timeout margin, so a hung request fails
 # (and says so) first.
@@ -292,20 +293,37 @@ class Engine:
             self._long_poll_answered.pop(platform_name, None)
 
     async def _long_poll(self, platform: Platform, platform_name: str, wait_seconds: float) -> None:
-        while True:
-            cursor = await self.store.get_cursor(platform_name)
-            try:
-                page = await platform.wait_for_orders(cursor, wait_seconds)
-            except Permanent as exc:
-                log.warning("long_poll_unsupported", platform=platform_name, error=str(exc))
-                return
-            except AgentError as exc:
-                self._long_poll_answered.pop(platform_name, None)  # the poll job takes over
-                log.warning("long_poll_failed", platform=platform_name, error=str(exc))
-                await asyncio.sleep(1.0)
-                continue
-            self._long_poll_answered[platform_name] = (time.monotonic(), wait_seconds)
-            await self._take_page(platform_name, page)
+        cursor = await self.store.get_cursor(platform_name)
+        ahead: asyncio.Future[OrderPage] | None = None
+        try:
+            while True:
+                call = ahead or asyncio.ensure_future(
+                    platform.wait_for_orders(cursor, wait_seconds)
+                )
+                ahead = None
+                try:
+                    page = await call
+                except Permanent as exc:
+                    log.warning("long_poll_unsupported", platform=platform_name, error=str(exc))
+                    return
+                except AgentError as exc:
+                    self._long_poll_answered.pop(platform_name, None)  # the poll job takes over
+                    log.warning("long_poll_failed", platform=platform_name, error=str(exc))
+                    await asyncio.sleep(1.0)
+                    cursor = await self.store.get_cursor(platform_name)
+                    continue
+                self._long_poll_answered[platform_name] = (time.monotonic(), wait_seconds)
+                cursor = page.next_cursor or cursor
+                # The next page is asked for while this one is taken in, so a flash sale's
+                # deliveries do not pause at every page boundary. Pages are still taken in
+                # one after the other, each committed before the stored cursor moves.
+                ahead = asyncio.ensure_future(platform.wait_for_orders(cursor, wait_seconds))
+                await self._take_page(platform_name, page)
+        finally:
+            if ahead is not None:
+                ahead.cancel()
+                if ahead.done() and not ahead.cancelled():
+                    ahead.exception()  # not wanted any more; retrieved so asyncio keeps quiet
 
     async def _fetch(self, platform_name: str, call: Awaitable[OrderPage]) -> OrderPage | None:
         try:
@@ -354,25 +372,56 @@ class Engine:
         fresh = [line_id for line_id in line_ids if line_id not in self._queued]
         self._queued.update(fresh)
         platform = self.platforms[platform_name]
-        for start in range(0, len(fresh), CLAIM_CHUNK):
-            chunk = fresh[start : start + CLAIM_CHUNK]
-            try:
-                claims = await self.store.claim_many(chunk, self.clock(), self._local_skus)
-            except BaseException:
-                self._queued.difference_update(fresh[start:])
-                raise
-            for claimed in claims:
-                if isinstance(claimed, DeliveryIntent):
-                    crash_point("after_allocate")
-                    crash_point("after_intent")
-                    self._queue.put_nowait(_Send(platform, claimed))
-                    continue
-                self._queued.discard(claimed.id)
-                if claimed.state == LineState.BACKORDERED:
-                    # Nothing to do until stock comes: the sweep brings it back then.
-                    _log_backordered(claimed)
-                else:
-                    self.dispatch([claimed.id])  # it may buy upstream: the worker decides
+        chunks = [fresh[i : i + CLAIM_CHUNK] for i in range(0, len(fresh), CLAIM_CHUNK)]
+        claiming: deque[tuple[list[int], asyncio.Future[list[DeliveryIntent | OrderLine]]]]
+        claiming = deque()
+        started = 0
+        try:
+            while started < len(chunks) or claiming:
+                # CLAIMS_IN_FLIGHT chunks at once: the next chunk's statements run while the
+                # commit (the fsync) of the one before is under way, so the workers are not
+                # left idle at every commit. They are handed out in order.
+                while started < len(chunks) and len(claiming) < CLAIMS_IN_FLIGHT:
+                    chunk = chunks[started]
+                    started += 1
+                    claim = self.store.claim_many(chunk, self.clock(), self._local_skus)
+                    claiming.append((chunk, asyncio.ensure_future(claim)))
+                claims = await claiming[0][1]
+                claiming.popleft()
+                self._hand_out(platform, claims)
+        except BaseException:
+            for chunk in chunks[started:]:
+                self._queued.difference_update(chunk)
+            for chunk, under_way in claiming:  # already on its way to the ledger
+                under_way.add_done_callback(functools.partial(self._late_claims, platform, chunk))
+            raise
+
+    def _late_claims(
+        self,
+        platform: Platform,
+        chunk: list[int],
+        call: asyncio.Future[list[DeliveryIntent | OrderLine]],
+    ) -> None:
+        """A chunk still being claimed when its intake failed: what it claimed goes out all
+        the same; if it failed too, the sweep finds its lines in the ledger."""
+        if call.cancelled() or call.exception() is not None:
+            self._queued.difference_update(chunk)
+        else:
+            self._hand_out(platform, call.result())
+
+    def _hand_out(self, platform: Platform, claims: Sequence[DeliveryIntent | OrderLine]) -> None:
+        for claimed in claims:
+            if isinstance(claimed, DeliveryIntent):
+                crash_point("after_allocate")
+                crash_point("after_intent")
+                self._queue.put_nowait(_Send(platform, claimed))
+                continue
+            self._queued.discard(claimed.id)
+            if claimed.state == LineState.BACKORDERED:
+                # Nothing to do until stock comes: the sweep brings it back then.
+                _log_backordered(claimed)
+            else:
+                self.dispatch([claimed.id])  # it may buy upstream: the worker decides
 
     async def reconcile_all(self) -> None:
         """Re-list from the start: the cursor is only an optimisation (catch-up on start)."""

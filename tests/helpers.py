@@ -55,16 +55,18 @@ async def running_agent(
     store: Store,
     sandbox: SandboxPlatform,
     suppliers: Mapping[str, Supplier] | None = None,
+    **platform: object,
 ) -> AsyncIterator[None]:
-    platform = HttpPlatform(platform_settings(sandbox.base_url), sandbox.secret)
+    """`platform`: settings of the platform adapter that differ from the tests' usual ones."""
+    adapter = HttpPlatform(platform_settings(sandbox.base_url, **platform), sandbox.secret)
     stop = asyncio.Event()
-    task = asyncio.create_task(run_engine(config, store, {"main": platform}, stop, suppliers))
+    task = asyncio.create_task(run_engine(config, store, {"main": adapter}, stop, suppliers))
     try:
         yield
     finally:
         stop.set()
         await task
-        await platform.close()
+        await adapter.close()
 
 
 def delivered_all(sandbox: SandboxPlatform, ids: list[str]) -> Callable[[], bool]:

@@ -6,14 +6,14 @@ import asyncio
 import dataclasses
 import time
 from collections import Counter
-from collections.abc import Sequence
+from collections.abc import Collection, Sequence
 from pathlib import Path
 
 import pytest
 
 from agent import runtime
-from agent.domain import LineState
-from agent.engine import screen_order
+from agent.domain import DeliveryIntent, LineState, OrderLine
+from agent.engine import CLAIM_CHUNK, screen_order
 from agent.sandbox.platform import SandboxPlatform
 from agent.store.base import Store, StoreError
 from tests.conftest import make_config, stock
@@ -199,6 +199,33 @@ async def test_delivery_whose_record_fails_is_reconciled_not_resent(
         await wait_for(line_state_is(store, order_id, LineState.DELIVERED), "recorded at last")
     assert failures == [1]
     assert [c.order_id for c in sandbox.delivery_calls] == [order_id]
+    assert_platform_invariants(sandbox)
+
+
+async def test_intake_claim_failure_loses_no_order(
+    tmp_path: Path, sandbox: SandboxPlatform, store: Store, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Intake claims a page in chunks, two in flight. When the first fails, the second (already
+    on its way to the ledger) still goes out, and the sweep delivers the failed chunk's lines."""
+    await stock(store, "GAME-100", 2 * CLAIM_CHUNK)
+    real = store.claim_many
+    failed: list[int] = []
+
+    async def first_fails(
+        line_ids: Sequence[int], now: float, local_skus: Collection[str]
+    ) -> list[DeliveryIntent | OrderLine]:
+        if not failed:
+            failed.extend(line_ids)
+            raise StoreError("database is locked (injected)")
+        return await real(line_ids, now, local_skus)
+
+    monkeypatch.setattr(store, "claim_many", first_fails)
+    ids = [sandbox.add_order("GAME-100") for _ in range(2 * CLAIM_CHUNK)]
+    config = make_config(tmp_path, sandbox.base_url)
+    async with running_agent(config, store, sandbox, page_size=2 * CLAIM_CHUNK):
+        await wait_for(delivered_all(sandbox, ids), "every order, the failed chunk's too")
+    assert len(failed) == CLAIM_CHUNK
+    assert sorted(c.order_id for c in sandbox.delivery_calls) == sorted(ids)
     assert_platform_invariants(sandbox)
 
 
