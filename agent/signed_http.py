@@ -20,6 +20,8 @@ from agent.domain import Ambiguous, AuthFailed, BadResponse, Permanent, Transien
 from agent.signing import auth_headers
 
 MAX_BODY_BYTES = 4 * 1024 * 1024
+# One encoder for every request body: json.dumps with options builds a new one per call.
+_ENCODER = json.JSONEncoder(ensure_ascii=False)
 
 
 @dataclass(frozen=True, slots=True)
@@ -62,8 +64,11 @@ def parse_retry_after(value: str | None) -> float | None:
 async def _read_capped(resp: aiohttp.ClientResponse) -> bytes:
     """The body, refusing to buffer more than MAX_BODY_BYTES of a hostile or broken peer."""
     too_big = BadResponse(f"response body larger than {MAX_BODY_BYTES} bytes")
-    if (resp.content_length or 0) > MAX_BODY_BYTES:
-        raise too_big
+    length = resp.content_length
+    if length is not None:
+        if length > MAX_BODY_BYTES:
+            raise too_big
+        return await resp.read()  # the peer said how much; aiohttp reads no more than that
     chunks: list[bytes] = []
     size = 0
     async for chunk in resp.content.iter_chunked(64 * 1024):
@@ -77,6 +82,7 @@ async def _read_capped(resp: aiohttp.ClientResponse) -> bytes:
 class SignedClient:
     def __init__(self, base_url: str, api_key: str, secret: str, timeout: float) -> None:
         self._base = URL(base_url)
+        self._base_text = str(self._base).rstrip("/")
         self._api_key = api_key
         self._secret = secret
         self._timeout = aiohttp.ClientTimeout(total=timeout)
@@ -86,13 +92,17 @@ class SignedClient:
         if self._session is None or self._session.closed:
             # One pooled session per adapter: connection reuse matters under a burst.
             connector = aiohttp.TCPConnector(limit=64, keepalive_timeout=30)
-            self._session = aiohttp.ClientSession(timeout=self._timeout, connector=connector)
+            self._session = aiohttp.ClientSession(
+                timeout=self._timeout,
+                connector=connector,
+                cookie_jar=aiohttp.DummyCookieJar(),  # the protocols sign requests; no cookies
+            )
         return self._session
 
     def url_for(self, path: str, params: Mapping[str, str | int] | None = None) -> URL:
         """`path` must already be percent-encoded (see `quote_segment`)."""
         query = f"?{urlencode(params)}" if params else ""
-        return URL(f"{str(self._base).rstrip('/')}{path}{query}", encoded=True)
+        return URL(f"{self._base_text}{path}{query}", encoded=True)
 
     async def request(
         self,
@@ -106,7 +116,7 @@ class SignedClient:
     ) -> HttpResponse:
         """Raises Transient when the request surely did not reach the server, else Ambiguous."""
         url = self.url_for(path, params)
-        body = b"" if payload is None else json.dumps(payload, ensure_ascii=False).encode()
+        body = b"" if payload is None else _ENCODER.encode(payload).encode()
         signed = auth_headers(
             self._api_key, self._secret, time.time(), method, url.raw_path_qs, body
         )

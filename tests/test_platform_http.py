@@ -144,9 +144,19 @@ async def test_connection_refused_is_transient() -> None:
         await platform.close()
 
 
-async def test_oversized_body_is_refused() -> None:
-    async def huge(_: web.Request) -> web.StreamResponse:
-        return web.Response(body=b"[" + b"0," * (3 * 1024 * 1024) + b"0]")
+@pytest.mark.parametrize("announced", [True, False], ids=["content-length", "chunked"])
+async def test_oversized_body_is_refused(announced: bool) -> None:
+    async def huge(request: web.Request) -> web.StreamResponse:
+        body = b"[" + b"0," * (3 * 1024 * 1024) + b"0]"
+        if announced:
+            return web.Response(body=body)
+        response = web.StreamResponse()  # no Content-Length: the size shows only as it comes
+        response.enable_chunked_encoding()
+        await response.prepare(request)
+        for start in range(0, len(body), 256 * 1024):
+            await response.write(body[start : start + 256 * 1024])
+        await response.write_eof()
+        return response
 
     app = web.Application()
     app.router.add_get("/api/v1/orders", huge)
