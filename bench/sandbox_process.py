@@ -43,6 +43,9 @@ class BenchPlatform(SandboxPlatform):
             self.add_order(body["sku"], order_id=f"{body['prefix']}{i:07d}")
             for i in range(body["count"])
         ]
+        if not body.get("listed", True):
+            # For the raw-limit client only: deliverable, but never shown to the agent.
+            del self._sequence[-len(ids) :]
         # The order book only grows during a run, and every 25% of growth the collector makes
         # a full pass over all of it: 100-200 ms with the platform frozen, at moments that
         # fall into one measurement and not the other. Bulk-made orders are moved out of its
