@@ -46,9 +46,10 @@ log = get_logger("kami.engine")
 
 MAX_PAGES_PER_POLL = 1000
 SWEEP_BATCH = 1000
-# Lines claimed per ledger call at intake: big enough to save the per-call overhead, small
-# enough that the commits of finished deliveries are not held up behind one long transaction.
-CLAIM_CHUNK = 64
+# Lines claimed per ledger call at intake: big enough to save the per-call overhead (30 us of
+# ledger time per line at 64, 26 at 128, 25 at 256), small enough that a page's first
+# deliveries start after a short transaction, not after the whole page's.
+CLAIM_CHUNK = 128
 CLAIMS_IN_FLIGHT = 2
 # A long poll that has not answered for its wait plus this long is taken for dead and the
 # poll job resumes; longer than the adapters' read-timeout margin, so a hung request fails
