@@ -57,7 +57,8 @@ async def running_agent(
     suppliers: Mapping[str, Supplier] | None = None,
     **platform: object,
 ) -> AsyncIterator[None]:
-    """`platform`: settings of the platform adapter that differ from the tests' usual ones."""
+    """`platform`: settings of the platform adapter that differ from the tests' usual ones.
+    The supplier adapters given are closed on the way out, like the platform's."""
     adapter = HttpPlatform(platform_settings(sandbox.base_url, **platform), sandbox.secret)
     stop = asyncio.Event()
     task = asyncio.create_task(run_engine(config, store, {"main": adapter}, stop, suppliers))
@@ -67,6 +68,8 @@ async def running_agent(
         stop.set()
         await task
         await adapter.close()
+        for supplier in (suppliers or {}).values():
+            await supplier.close()
 
 
 def delivered_all(sandbox: SandboxPlatform, ids: list[str]) -> Callable[[], bool]:
