@@ -10,7 +10,14 @@ from collections.abc import Mapping
 
 from agent.alerts import AlertEvaluator, OutboxDrainer
 from agent.buyer import BuyerCare
-from agent.config import Config, ConfigError, PlatformSettings, StoreSettings, SupplierSettings
+from agent.config import (
+    AgentSettings,
+    Config,
+    ConfigError,
+    PlatformSettings,
+    StoreSettings,
+    SupplierSettings,
+)
 from agent.engine import Engine
 from agent.keybox import parse_master_key
 from agent.logs import get_logger
@@ -21,6 +28,7 @@ from agent.platforms.http import HttpPlatform
 from agent.scheduler import Job, JobFunc, build_scheduler
 from agent.secrets import resolve_secret
 from agent.service import notify, watchdog_interval
+from agent.signed_http import DEFAULT_CONNECTIONS
 from agent.store.base import Store
 from agent.store.sqlite import SQLiteStore
 from agent.store.sqlite_base import exclusive_ledger
@@ -56,14 +64,31 @@ def open_store(settings: StoreSettings) -> Store:
     )
 
 
-def build_platform(settings: PlatformSettings, secret: str | None = None) -> Platform:
+# Platform connections besides the workers' deliveries: the long poll, a poll or catch-up
+# listing, buyer notices.
+INTAKE_CONNECTIONS = 4
+
+
+def platform_connections(agent: AgentSettings) -> int:
+    """A connection for every worker and for intake: a merchant who raises `concurrency` (a
+    distant platform, a flash sale) gets that many calls in flight, not a fixed pool's worth;
+    and no more, since each call in flight costs CPU even while it waits."""
+    return agent.concurrency + INTAKE_CONNECTIONS
+
+
+def build_platform(
+    settings: PlatformSettings, secret: str | None = None, max_connections: int | None = None
+) -> Platform:
     return HttpPlatform(
-        settings, secret if secret is not None else resolve_secret(settings.secret_name)
+        settings,
+        secret if secret is not None else resolve_secret(settings.secret_name),
+        max_connections or DEFAULT_CONNECTIONS,
     )
 
 
 def build_platforms(config: Config) -> dict[str, Platform]:
-    return {p.name: build_platform(p) for p in config.platforms}
+    connections = platform_connections(config.agent)
+    return {p.name: build_platform(p, max_connections=connections) for p in config.platforms}
 
 
 def build_supplier(settings: SupplierSettings) -> Supplier:

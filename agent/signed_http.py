@@ -79,19 +79,30 @@ async def _read_capped(resp: aiohttp.ClientResponse) -> bytes:
     return b"".join(chunks)
 
 
+DEFAULT_CONNECTIONS = 64
+
+
 class SignedClient:
-    def __init__(self, base_url: str, api_key: str, secret: str, timeout: float) -> None:
+    def __init__(
+        self,
+        base_url: str,
+        api_key: str,
+        secret: str,
+        timeout: float,
+        max_connections: int = DEFAULT_CONNECTIONS,
+    ) -> None:
         self._base = URL(base_url)
         self._base_text = str(self._base).rstrip("/")
         self._api_key = api_key
         self._secret = secret
         self._timeout = aiohttp.ClientTimeout(total=timeout)
+        self._max_connections = max_connections
         self._session: aiohttp.ClientSession | None = None
 
     def _session_or_new(self) -> aiohttp.ClientSession:
         if self._session is None or self._session.closed:
             # One pooled session per adapter: connection reuse matters under a burst.
-            connector = aiohttp.TCPConnector(limit=64, keepalive_timeout=30)
+            connector = aiohttp.TCPConnector(limit=self._max_connections, keepalive_timeout=30)
             self._session = aiohttp.ClientSession(
                 timeout=self._timeout,
                 connector=connector,

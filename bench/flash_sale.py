@@ -4,7 +4,7 @@ One run measures, against the sandbox platform on loopback (its own process), wi
 in-process on its SQLite ledger (synchronous=FULL), already running:
   1. rounds of two back-to-back measurements, so that both see the machine in the same state:
      the raw limit (plain aiohttp delivery calls, signed as the protocol wants, as many as the
-     burst, 16 and 256 at a time, the better of the two; the agent never sees these orders),
+     burst, 16 and 64 at a time, the better of the two; the agent never sees these orders),
      then the agent on a burst of N orders: orders delivered per second. The ratio of the two
      is reported for every round, and the median round as the headline;
   2. a steady stream at --rate orders/s: latency from the order being visible on the platform
@@ -43,7 +43,7 @@ from agent.config import (
 from agent.domain import CardItem
 from agent.keybox import new_master_key, parse_master_key
 from agent.platforms.http import HttpPlatform
-from agent.runtime import run_engine, tune_gc
+from agent.runtime import platform_connections, run_engine, tune_gc
 from agent.signed_http import SignedClient
 from agent.signing import auth_headers
 from agent.stats import percentile
@@ -52,7 +52,7 @@ from bench.sandbox_process import start_platform_process
 
 SKU = "FLASH-1"
 API_KEY = "bench"
-CONCURRENCY = 256  # in flight at once, for the agent and for the raw-limit client alike
+CONCURRENCY = 64  # in flight at once, for the agent and for the raw-limit client alike
 POLL_INTERVAL = 2.0
 
 
@@ -177,10 +177,12 @@ async def burst_round(client: SignedClient, secret: str, orders: int, index: int
     }
     limit = max(limits.values())
     prefix = f"BURST{index}-"
+    cpu_before = cpu_seconds()
     await client.request(
         "POST", "/_admin/orders", payload={"sku": SKU, "prefix": prefix, "count": orders}
     )
     burst = await wait_delivered(client, prefix, orders, 600)
+    cpu_per_order = (cpu_seconds() - cpu_before) / orders
     first_ack, last_ack = min(d for _, d in burst), max(d for _, d in burst)
     visible = min(v for v, _ in burst)
     delivered_per_s = orders / (last_ack - first_ack)
@@ -188,7 +190,8 @@ async def burst_round(client: SignedClient, secret: str, orders: int, index: int
         f"round {index + 1}: raw limit "
         + ", ".join(f"{v:,.0f}/s with {n} in flight" for n, v in limits.items())
         + f"; agent {orders:,} orders in {last_ack - visible:.1f} s,"
-        f" {delivered_per_s:,.0f}/s; ratio {delivered_per_s / limit:.3f}"
+        f" {delivered_per_s:,.0f}/s, {cpu_per_order * 1e6:.0f} us CPU per order;"
+        f" ratio {delivered_per_s / limit:.3f}"
     )
     return {
         "raw_limit_by_in_flight": {str(n): round(v, 1) for n, v in limits.items()},
@@ -196,6 +199,9 @@ async def burst_round(client: SignedClient, secret: str, orders: int, index: int
         "agent_delivered_per_s": round(delivered_per_s, 1),
         "ratio_agent_to_limit": round(delivered_per_s / limit, 3),
         "burst_seconds_visible_to_last_ack": round(last_ack - visible, 2),
+        # The process's CPU over the burst (up to half a second of waiting for the end
+        # included): what one order costs the agent, whatever the machine's speed today.
+        "agent_cpu_us_per_order": round(cpu_per_order * 1e6, 1),
     }
 
 
@@ -222,7 +228,7 @@ async def run(
             for i in range(rounds * orders + steady_count)
         )
         await store.import_keys(SKU, keys, "bench", time.time())
-        platform = HttpPlatform(config.platforms[0], secret)
+        platform = HttpPlatform(config.platforms[0], secret, platform_connections(config.agent))
         stop = asyncio.Event()
         tune_gc()  # as run_daemon does at start
         cpu0, wall0 = cpu_seconds(), time.perf_counter()

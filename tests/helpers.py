@@ -13,7 +13,7 @@ from pathlib import Path
 from agent.config import Config
 from agent.domain import LineState
 from agent.platforms.http import HttpPlatform
-from agent.runtime import run_engine
+from agent.runtime import platform_connections, run_engine
 from agent.sandbox.platform import SandboxPlatform
 from agent.sandbox.supplier import SandboxSupplier
 from agent.store.base import Store
@@ -59,7 +59,11 @@ async def running_agent(
 ) -> AsyncIterator[None]:
     """`platform`: settings of the platform adapter that differ from the tests' usual ones.
     The supplier adapters given are closed on the way out, like the platform's."""
-    adapter = HttpPlatform(platform_settings(sandbox.base_url, **platform), sandbox.secret)
+    adapter = HttpPlatform(
+        platform_settings(sandbox.base_url, **platform),
+        sandbox.secret,
+        platform_connections(config.agent),
+    )
     stop = asyncio.Event()
     task = asyncio.create_task(run_engine(config, store, {"main": adapter}, stop, suppliers))
     try:

@@ -15,6 +15,7 @@ from agent import runtime
 from agent.domain import DeliveryIntent, LineState, OrderLine
 from agent.engine import CLAIM_CHUNK, screen_order
 from agent.sandbox.platform import SandboxPlatform
+from agent.signed_http import DEFAULT_CONNECTIONS
 from agent.store.base import Store, StoreError
 from tests.conftest import make_config, stock
 from tests.helpers import (
@@ -226,6 +227,22 @@ async def test_intake_claim_failure_loses_no_order(
         await wait_for(delivered_all(sandbox, ids), "every order, the failed chunk's too")
     assert len(failed) == CLAIM_CHUNK
     assert sorted(c.order_id for c in sandbox.delivery_calls) == sorted(ids)
+    assert_platform_invariants(sandbox)
+
+
+async def test_calls_in_flight_follow_concurrency_past_the_default_pool(
+    tmp_path: Path, sandbox: SandboxPlatform, store: Store
+) -> None:
+    """A merchant raises concurrency for a distant platform: the adapter's connection pool
+    follows, so that many deliveries are under way at once, not a fixed pool's worth."""
+    count = DEFAULT_CONNECTIONS + 36
+    await stock(store, "GAME-100", count)
+    sandbox.faults.latency = 0.5  # each request waits up to half a second: a distant platform
+    ids = [sandbox.add_order("GAME-100") for _ in range(count)]
+    config = make_config(tmp_path, sandbox.base_url, concurrency=count)
+    async with running_agent(config, store, sandbox, page_size=count):
+        await wait_for(delivered_all(sandbox, ids), "deliveries")
+    assert sandbox.max_in_flight > DEFAULT_CONNECTIONS
     assert_platform_invariants(sandbox)
 
 

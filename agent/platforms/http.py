@@ -18,7 +18,13 @@ from agent.domain import (
     Transient,
 )
 from agent.platforms.parsing import ParseError, parse_order_page, parse_remote_order
-from agent.signed_http import HttpResponse, SignedClient, quote_segment, raise_for_status
+from agent.signed_http import (
+    DEFAULT_CONNECTIONS,
+    HttpResponse,
+    SignedClient,
+    quote_segment,
+    raise_for_status,
+)
 
 
 # In-call retries only (seconds); anything longer is scheduled in the order row.
@@ -38,10 +44,15 @@ def _read_retrying() -> AsyncRetrying:
 
 
 class HttpPlatform:
-    def __init__(self, settings: PlatformSettings, secret: str) -> None:
+    def __init__(
+        self, settings: PlatformSettings, secret: str, max_connections: int = DEFAULT_CONNECTIONS
+    ) -> None:
+        """`max_connections`: see agent.runtime.platform_connections."""
         self.name = settings.name
         self._page_size = settings.page_size
-        self._client = SignedClient(settings.base_url, settings.api_key, secret, settings.timeout)
+        self._client = SignedClient(
+            settings.base_url, settings.api_key, secret, settings.timeout, max_connections
+        )
 
     async def _read(self, path: str, params: dict[str, str | int] | None = None) -> HttpResponse:
         async for attempt in _read_retrying():

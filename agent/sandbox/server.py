@@ -25,6 +25,8 @@ class SignedSandbox:
         self.secret = secret or secrets.token_hex(16)
         self.random = random.Random(seed)
         self.requests = 0
+        self.in_flight = 0
+        self.max_in_flight = 0  # requests being handled at once, at most
         self.auth_failures = 0
         self.base_url = ""
         self._runner: web.AppRunner | None = None
@@ -73,6 +75,14 @@ class SignedSandbox:
     @web.middleware
     async def _middleware(self, request: web.Request, handler: Any) -> web.StreamResponse:
         self.requests += 1
+        self.in_flight += 1
+        self.max_in_flight = max(self.max_in_flight, self.in_flight)
+        try:
+            return await self._handle(request, handler)
+        finally:
+            self.in_flight -= 1
+
+    async def _handle(self, request: web.Request, handler: Any) -> web.StreamResponse:
         error_rate, rate_limit_rate, latency = self.fault_rates()
         if latency:
             await asyncio.sleep(self.random.uniform(0, latency))
