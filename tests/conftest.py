@@ -7,7 +7,7 @@ import uuid
 from collections.abc import AsyncIterator, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import Any
+from typing import Any, TextIO
 
 import pytest
 
@@ -40,10 +40,12 @@ def master_key_for_tests() -> bytes:
 
 
 @pytest.fixture(autouse=True, scope="session")
-def _quiet_logs() -> Iterator[None]:
+def quiet_logs() -> Iterator[TextIO]:
+    """Every log line goes through the whole pipeline, into /dev/null. A test that logs
+    elsewhere puts this sink back when done (it stays open for the whole session)."""
     with open("/dev/null", "w") as sink:
         logs.configure("debug", sink)
-        yield
+        yield sink
 
 
 @pytest.fixture

@@ -3,6 +3,7 @@ from __future__ import annotations
 import io
 import re
 from pathlib import Path
+from typing import TextIO
 
 from agent import logs
 from agent.demo import DemoPlan, run_demo
@@ -14,13 +15,13 @@ def files_to_scan(log_path: Path) -> dict[str, bytes]:
     return {"log file": log_path.read_bytes(), "ledger": ledger_bytes(log_path.parent)}
 
 
-async def test_demo_delivers_the_whole_burst() -> None:
+async def test_demo_delivers_the_whole_burst(quiet_logs: TextIO) -> None:
     out = io.StringIO()
     witness: list[SandboxPlatform] = []
     try:
         code = await run_demo(DemoPlan(steady_orders=100, steady_rate=100, burst=200), out, witness)
     finally:
-        logs.configure("debug", io.StringIO())  # the demo closed its own log file
+        logs.configure("debug", quiet_logs)  # the demo closed its own log file
     text = out.getvalue()
     assert code == 0, text
     assert "burst delivered         200/200" in text

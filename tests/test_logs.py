@@ -7,6 +7,7 @@ import json
 from collections.abc import Iterator
 from decimal import Decimal
 from pathlib import Path
+from typing import TextIO
 
 import pytest
 
@@ -14,12 +15,11 @@ from agent import logs
 
 
 @pytest.fixture
-def captured() -> Iterator[io.StringIO]:
+def captured(quiet_logs: TextIO) -> Iterator[io.StringIO]:
     sink = io.StringIO()
     logs.configure("info", sink)
     yield sink
-    with open("/dev/null", "w") as quiet:  # back to what the session fixture set up
-        logs.configure("debug", quiet)
+    logs.configure("debug", quiet_logs)  # back to the session's sink, which is still open
 
 
 def test_sensitive_fields_are_redacted_every_time(captured: io.StringIO) -> None:
