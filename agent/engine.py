@@ -284,11 +284,21 @@ class Engine:
 
     async def long_poll(self, platform_name: str, wait_seconds: float) -> None:
         """Takes orders in as the platform announces them, so latency does not wait for the
-        next poll. Runs until cancelled; polling stays on as the safety net."""
+        next poll. Runs until cancelled (or until the platform turns out not to offer it);
+        the poll job is the safety net whenever it is not answering."""
         platform = self.platforms[platform_name]
         self._long_polled.add(platform_name)
         try:
-            await self._long_poll(platform, platform_name, wait_seconds)
+            while True:
+                try:
+                    await self._long_poll(platform, platform_name, wait_seconds)
+                    return  # not offered: polling only from now on
+                except Exception:
+                    # E.g. the ledger was unreachable while a page was taken in. The page was
+                    # not committed, so the stored cursor still points at it: start again.
+                    self._long_poll_answered.pop(platform_name, None)
+                    log.exception("long_poll_intake_failed", platform=platform_name)
+                    await asyncio.sleep(1.0)
         finally:
             self._long_polled.discard(platform_name)
             self._long_poll_answered.pop(platform_name, None)

@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 
 from agent import runtime
-from agent.domain import DeliveryIntent, LineState, OrderLine
+from agent.domain import DeliveryIntent, LineState, OrderLine, PlatformOrder, RejectedOrder
 from agent.engine import CLAIM_CHUNK, screen_order
 from agent.sandbox.platform import SandboxPlatform
 from agent.signed_http import DEFAULT_CONNECTIONS
@@ -243,6 +243,35 @@ async def test_calls_in_flight_follow_concurrency_past_the_default_pool(
     async with running_agent(config, store, sandbox, page_size=count):
         await wait_for(delivered_all(sandbox, ids), "deliveries")
     assert sandbox.max_in_flight > DEFAULT_CONNECTIONS
+    assert_platform_invariants(sandbox)
+
+
+async def test_long_poll_survives_a_failed_intake(
+    tmp_path: Path, sandbox: SandboxPlatform, store: Store, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The ledger refuses one page the long poll brought: the long poll starts again from the
+    stored cursor and delivers it, with the next scheduled poll an hour away."""
+    await stock(store, "GAME-100", 5)
+    real = store.ingest
+    refused: list[int] = []
+
+    async def refuses_once(
+        platform: str, orders: Sequence[PlatformOrder | RejectedOrder], now: float
+    ) -> list[int]:
+        if orders and not refused:
+            refused.append(len(orders))
+            raise StoreError("database is locked (injected)")
+        return await real(platform, orders, now)
+
+    config = make_config(tmp_path, sandbox.base_url, poll_interval=3600, reconcile_interval=3600)
+    main = dataclasses.replace(config.platforms[0], long_poll=True)
+    async with running_agent(dataclasses.replace(config, platforms=(main,)), store, sandbox):
+        await wait_for(lambda: sandbox.requests >= 3, "start-up poll, reconcile, long poll")
+        await asyncio.sleep(0.2)  # let the start-up listings finish
+        monkeypatch.setattr(store, "ingest", refuses_once)
+        order_id = sandbox.add_order("GAME-100")
+        await wait_for(delivered_all(sandbox, [order_id]), "delivery via the long poll")
+    assert refused == [1]
     assert_platform_invariants(sandbox)
 
 
