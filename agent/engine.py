@@ -251,8 +251,8 @@ class Engine:
         from the same cursor, so the poll would list, parse and ingest the very pages the
         long poll brings (in a flash sale, every page twice). When the long poll fails or
         goes silent well past the wait it asked for, polling takes over again."""
-        answered = self._long_poll_answered.get(platform_name)
-        if answered is not None and platform_name in self._long_polled:
+        answered = self._long_poll_answered.get(platform_name)  # only while it runs
+        if answered is not None:
             at, wait_seconds = answered
             if time.monotonic() - at < wait_seconds + LONG_POLL_SILENCE_MARGIN:
                 return 0

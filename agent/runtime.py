@@ -77,12 +77,14 @@ def platform_connections(agent: AgentSettings) -> int:
 
 
 def build_platform(
-    settings: PlatformSettings, secret: str | None = None, max_connections: int | None = None
+    settings: PlatformSettings,
+    secret: str | None = None,
+    max_connections: int = DEFAULT_CONNECTIONS,
 ) -> Platform:
     return HttpPlatform(
         settings,
         secret if secret is not None else resolve_secret(settings.secret_name),
-        max_connections or DEFAULT_CONNECTIONS,
+        max_connections,
     )
 
 
