@@ -18,7 +18,13 @@ from agent.domain import (
 )
 from agent.store.base import StoreError
 from agent.store.postgres_base import Conn, PostgresBase
-from agent.store.rows import LINE_COLUMNS, changed_order_reason, line_from_row, retry_target
+from agent.store.rows import (
+    LINE_COLUMNS,
+    allocated_detail,
+    changed_order_reason,
+    line_from_row,
+    retry_target,
+)
 
 # A line another agent holds a live lease on is left alone.
 _LEASE_FREE = "(lease_until IS NULL OR lease_until <= $1 OR claimed_by = $2)"
@@ -241,8 +247,8 @@ class PgOrdersLedger(PostgresBase):
                 )
             return await self._fetch_line(conn, line.id)
         await self._bind(conn, line.id, [k[0] for k in keys], bound, now)
-        fps = ",".join(f"#{k[0]}:{bytes(k[1]).hex()[:10]}" for k in keys)
-        await self._event(conn, line.id, "allocated", f"keys {fps}", now)
+        detail = allocated_detail((k[0], k[1]) for k in keys)
+        await self._event(conn, line.id, "allocated", detail, now)
         return replace(line, state=LineState.ALLOCATED, next_attempt_at=0.0)
 
     @staticmethod

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from importlib import resources
 from typing import Any
@@ -153,3 +153,9 @@ def plan_alerts(
                 AlertMessage(key, row[1], "resolved", row[2], f"resolved: {row[3]}", now)
             )
     return plan
+
+
+def allocated_detail(keys: Iterable[tuple[int, bytes]]) -> str:
+    """The `allocated` event's detail, from (key id, secret hash) pairs: each key by its id
+    and a fingerprint, the start of its keyed hash, never the key itself."""
+    return "keys " + ",".join(f"#{key_id}:{bytes(digest).hex()[:10]}" for key_id, digest in keys)

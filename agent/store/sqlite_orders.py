@@ -19,7 +19,13 @@ from agent.domain import (
     delivery_idempotency_key,
 )
 from agent.store.base import StoreError
-from agent.store.rows import LINE_COLUMNS, changed_order_reason, line_from_row, retry_target
+from agent.store.rows import (
+    LINE_COLUMNS,
+    allocated_detail,
+    changed_order_reason,
+    line_from_row,
+    retry_target,
+)
 from agent.store.sqlite_base import SQLiteBase
 
 
@@ -232,8 +238,7 @@ class OrdersLedger(SQLiteBase):
             " WHERE id = ?",
             (now, line_id),
         )
-        fps = ",".join(f"#{k[0]}:{bytes(k[1]).hex()[:10]}" for k in keys)
-        self._event(conn, line_id, "allocated", f"keys {fps}", now)
+        self._event(conn, line_id, "allocated", allocated_detail((k[0], k[1]) for k in keys), now)
         # What the UPDATE above wrote, without reading the row back (hot path).
         return replace(line, state=LineState.ALLOCATED, next_attempt_at=0.0)
 
@@ -300,8 +305,7 @@ class OrdersLedger(SQLiteBase):
             key = delivery_idempotency_key(row[1], row[2], row[3], row[17])
             binds += [(line_id, slot, now, k[0]) for slot, k in enumerate(keys)]
             intents.append((key, now, line_id))
-            fps = ",".join(f"#{k[0]}:{bytes(k[4]).hex()[:10]}" for k in keys)
-            events.append((line_id, now, "allocated", f"keys {fps}"))
+            events.append((line_id, now, "allocated", allocated_detail((k[0], k[4]) for k in keys)))
             events.append((line_id, now, "delivery_intent", f"attempt {row[8] + 1} key {key}"))
             # the row as the UPDATE below leaves it
             after = (*row[:6], "delivering", row[7], row[8] + 1, 0.0, row[10], key, *row[12:16])
