@@ -63,20 +63,24 @@ def parse_retry_after(value: str | None) -> float | None:
 
 async def _read_capped(resp: aiohttp.ClientResponse) -> bytes:
     """The body, refusing to buffer more than MAX_BODY_BYTES of a hostile or broken peer."""
-    too_big = BadResponse(f"response body larger than {MAX_BODY_BYTES} bytes")
     length = resp.content_length
     if length is not None:
         if length > MAX_BODY_BYTES:
-            raise too_big
+            raise _too_big()
         return await resp.read()  # the peer said how much; aiohttp reads no more than that
     chunks: list[bytes] = []
     size = 0
     async for chunk in resp.content.iter_chunked(64 * 1024):
         size += len(chunk)
         if size > MAX_BODY_BYTES:
-            raise too_big
+            raise _too_big()
         chunks.append(chunk)
     return b"".join(chunks)
+
+
+def _too_big() -> BadResponse:
+    # Built only when needed: every response of a flash sale passes through _read_capped.
+    return BadResponse(f"response body larger than {MAX_BODY_BYTES} bytes")
 
 
 DEFAULT_CONNECTIONS = 64
