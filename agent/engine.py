@@ -352,12 +352,11 @@ class Engine:
         return page
 
     async def _take_page(self, platform_name: str, page: OrderPage) -> int:
-        """Ingests one page, dispatches its new lines, then advances the stored cursor."""
+        """Takes one page in (see _take_in), then advances the stored cursor."""
         if page.unidentifiable:
             log.warning("orders_without_id", platform=platform_name, count=page.unidentifiable)
         screened = [s for o in page.orders if (s := screen_order(o, self.skus)) is not None]
-        new_ids = await self.store.ingest(platform_name, screened, self.clock())
-        crash_point("after_ingest")
+        taken = await self._take_in(platform_name, screened)
         self.stats.polled_orders += len(page.orders)
         for order in screened:
             if isinstance(order, RejectedOrder):
@@ -367,72 +366,69 @@ class Engine:
                     order_id=order.order_id,
                     reason=order.reason,
                 )
-        if new_ids:
-            log.info("orders_taken", platform=platform_name, count=len(new_ids))
-            await self._claim_new(platform_name, new_ids)
+        if taken:
+            log.info("orders_taken", platform=platform_name, count=taken)
         if page.next_cursor:
             # Only after the page is committed, so a crash re-reads rather than skips.
             await self.store.set_cursor(platform_name, page.next_cursor, self.clock())
-        return len(new_ids)
+        return taken
 
-    async def _claim_new(self, platform_name: str, line_ids: Sequence[int]) -> None:
-        """Binds keys and commits delivery intents for new local-stock lines, CLAIM_CHUNK per
-        ledger call (a flash sale is mostly this), and hands each chunk's deliveries to the
-        workers as soon as it is committed. Lines that may buy upstream go to the workers as
-        they are."""
-        fresh = [line_id for line_id in line_ids if line_id not in self._queued]
-        self._queued.update(fresh)
+    async def _take_in(
+        self, platform_name: str, orders: Sequence[PlatformOrder | RejectedOrder]
+    ) -> int:
+        """Records the orders, CLAIM_CHUNK per ledger call, and claims the new local-stock
+        lines in the same call (a flash sale is mostly this): each chunk's deliveries go to
+        the workers as soon as it is committed. Lines that may buy upstream go to the workers
+        as they are. Returns how many new lines were taken in."""
         platform = self.platforms[platform_name]
-        chunks = [fresh[i : i + CLAIM_CHUNK] for i in range(0, len(fresh), CLAIM_CHUNK)]
-        claiming: deque[tuple[list[int], asyncio.Future[list[DeliveryIntent | OrderLine]]]]
-        claiming = deque()
-        started = 0
+        chunks = [orders[i : i + CLAIM_CHUNK] for i in range(0, len(orders), CLAIM_CHUNK)]
+        under_way: deque[asyncio.Future[list[DeliveryIntent | OrderLine]]] = deque()
+        started = taken = 0
         try:
-            while started < len(chunks) or claiming:
+            while started < len(chunks) or under_way:
                 # CLAIMS_IN_FLIGHT chunks at once: the next chunk's statements run while the
                 # commit (the fsync) of the one before is under way, so the workers are not
                 # left idle at every commit. They are handed out in order.
-                while started < len(chunks) and len(claiming) < CLAIMS_IN_FLIGHT:
-                    chunk = chunks[started]
+                while started < len(chunks) and len(under_way) < CLAIMS_IN_FLIGHT:
+                    chunk = self.store.take_in(
+                        platform_name, chunks[started], self.clock(), self._local_skus
+                    )
                     started += 1
-                    claim = self.store.claim_many(chunk, self.clock(), self._local_skus)
-                    claiming.append((chunk, asyncio.ensure_future(claim)))
-                claims = await claiming[0][1]
-                claiming.popleft()
+                    under_way.append(asyncio.ensure_future(chunk))
+                claims = await under_way[0]
+                under_way.popleft()
+                taken += len(claims)
                 self._hand_out(platform, claims)
         except BaseException:
-            for chunk in chunks[started:]:
-                self._queued.difference_update(chunk)
-            for chunk, under_way in claiming:  # already on its way to the ledger
-                under_way.add_done_callback(functools.partial(self._late_claims, platform, chunk))
+            for pending in under_way:  # already on its way to the ledger
+                pending.add_done_callback(functools.partial(self._late_claims, platform))
             raise
+        return taken
 
     def _late_claims(
-        self,
-        platform: Platform,
-        chunk: list[int],
-        call: asyncio.Future[list[DeliveryIntent | OrderLine]],
+        self, platform: Platform, call: asyncio.Future[list[DeliveryIntent | OrderLine]]
     ) -> None:
-        """A chunk still being claimed when its intake failed: what it claimed goes out all
-        the same; if it failed too, the sweep finds its lines in the ledger."""
-        if call.cancelled() or call.exception() is not None:
-            self._queued.difference_update(chunk)
-        else:
+        """A chunk still being taken in when its page failed: what it claimed goes out all
+        the same. (A chunk that failed recorded nothing; the page is read again.)"""
+        if not call.cancelled() and call.exception() is None:
             self._hand_out(platform, call.result())
 
     def _hand_out(self, platform: Platform, claims: Sequence[DeliveryIntent | OrderLine]) -> None:
+        crash_point("after_ingest")
         for claimed in claims:
+            line_id = claimed.line.id if isinstance(claimed, DeliveryIntent) else claimed.id
+            if line_id in self._queued:
+                continue  # a sweep that ran meanwhile found it first; its worker has it
             if isinstance(claimed, DeliveryIntent):
                 crash_point("after_allocate")
                 crash_point("after_intent")
+                self._queued.add(line_id)
                 self._queue.put_nowait(_Send(platform, claimed))
-                continue
-            self._queued.discard(claimed.id)
-            if claimed.state == LineState.BACKORDERED:
+            elif claimed.state == LineState.BACKORDERED:
                 # Nothing to do until stock comes: the sweep brings it back then.
                 _log_backordered(claimed)
             else:
-                self.dispatch([claimed.id])  # it may buy upstream: the worker decides
+                self.dispatch([line_id])  # it may buy upstream: the worker decides
 
     async def reconcile_all(self) -> None:
         """Re-list from the start: the cursor is only an optimisation (catch-up on start)."""

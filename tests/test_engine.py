@@ -203,30 +203,39 @@ async def test_delivery_whose_record_fails_is_reconciled_not_resent(
     assert_platform_invariants(sandbox)
 
 
-async def test_intake_claim_failure_loses_no_order(
+async def test_intake_chunk_failure_loses_no_order(
     tmp_path: Path, sandbox: SandboxPlatform, store: Store, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """Intake claims a page in chunks, two in flight. When the first fails, the second (already
-    on its way to the ledger) still goes out, and the sweep delivers the failed chunk's lines."""
+    """Intake takes a page in chunks, two in flight. When the first fails (nothing of it is
+    recorded), the second, already on its way to the ledger, still goes out straight away,
+    and the failed chunk's orders are taken in when the page is read again."""
     await stock(store, "GAME-100", 2 * CLAIM_CHUNK)
-    real = store.claim_many
-    failed: list[int] = []
+    real = store.take_in
+    failed: list[str] = []
 
     async def first_fails(
-        line_ids: Sequence[int], now: float, local_skus: Collection[str]
+        platform: str,
+        orders: Sequence[PlatformOrder | RejectedOrder],
+        now: float,
+        local_skus: Collection[str],
     ) -> list[DeliveryIntent | OrderLine]:
         if not failed:
-            failed.extend(line_ids)
+            failed.extend(o.order_id for o in orders)
             raise StoreError("database is locked (injected)")
-        return await real(line_ids, now, local_skus)
+        return await real(platform, orders, now, local_skus)
 
-    monkeypatch.setattr(store, "claim_many", first_fails)
+    monkeypatch.setattr(store, "take_in", first_fails)
     ids = [sandbox.add_order("GAME-100") for _ in range(2 * CLAIM_CHUNK)]
     config = make_config(tmp_path, sandbox.base_url)
     async with running_agent(config, store, sandbox, page_size=2 * CLAIM_CHUNK):
         await wait_for(delivered_all(sandbox, ids), "every order, the failed chunk's too")
     assert len(failed) == CLAIM_CHUNK
     assert sorted(c.order_id for c in sandbox.delivery_calls) == sorted(ids)
+    # Each was sent as it was claimed: none waited for the sweep to find it claimed but
+    # unsent, which would have asked the platform first ("reconciled").
+    for order_id in ids:
+        (line,) = await store.find_lines(order_id)
+        assert "reconciled" not in [e.kind for e in await store.events(line.id)]
     assert_platform_invariants(sandbox)
 
 
@@ -252,23 +261,26 @@ async def test_long_poll_survives_a_failed_intake(
     """The ledger refuses one page the long poll brought: the long poll starts again from the
     stored cursor and delivers it, with the next scheduled poll an hour away."""
     await stock(store, "GAME-100", 5)
-    real = store.ingest
+    real = store.take_in
     refused: list[int] = []
 
     async def refuses_once(
-        platform: str, orders: Sequence[PlatformOrder | RejectedOrder], now: float
-    ) -> list[int]:
+        platform: str,
+        orders: Sequence[PlatformOrder | RejectedOrder],
+        now: float,
+        local_skus: Collection[str],
+    ) -> list[DeliveryIntent | OrderLine]:
         if orders and not refused:
             refused.append(len(orders))
             raise StoreError("database is locked (injected)")
-        return await real(platform, orders, now)
+        return await real(platform, orders, now, local_skus)
 
     config = make_config(tmp_path, sandbox.base_url, poll_interval=3600, reconcile_interval=3600)
     main = dataclasses.replace(config.platforms[0], long_poll=True)
     async with running_agent(dataclasses.replace(config, platforms=(main,)), store, sandbox):
         await wait_for(lambda: sandbox.requests >= 3, "start-up poll, reconcile, long poll")
         await asyncio.sleep(0.2)  # let the start-up listings finish
-        monkeypatch.setattr(store, "ingest", refuses_once)
+        monkeypatch.setattr(store, "take_in", refuses_once)
         order_id = sandbox.add_order("GAME-100")
         await wait_for(delivered_all(sandbox, [order_id]), "delivery via the long poll")
     assert refused == [1]

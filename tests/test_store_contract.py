@@ -7,7 +7,16 @@ from pathlib import Path
 
 import pytest
 
-from agent.domain import CardItem, KeyState, LineState, PlatformOrder, RejectedOrder
+from agent.domain import (
+    CardItem,
+    DeliveryIntent,
+    KeyState,
+    LineState,
+    OrderLine,
+    PlatformOrder,
+    RejectedOrder,
+    delivery_idempotency_key,
+)
 from agent.keybox import StoreKeyError
 from agent.store.base import Store, StoreError
 from agent.store.sqlite import SQLiteStore, migrations
@@ -188,6 +197,54 @@ async def test_events_form_an_audit_trail(store: Store) -> None:
     assert kinds == ["intake", "allocated", "delivery_intent", "delivered"]
     trail = " ".join(e.detail for e in await store.events(line_id))
     assert "S-GAME-100" not in trail  # fingerprints only
+
+
+async def test_take_in_claims_new_local_lines_as_it_records_them(store: Store) -> None:
+    await stock(store, "GAME-100", 3)
+    page = [
+        order("A", quantity=2),
+        order("B", sku="VIP-30D"),  # not sold from local stock only: left to the worker
+        order("C", quantity=2),  # one key left: backordered
+        RejectedOrder("X", "quantity must be at least 1"),
+    ]
+    taken = await store.take_in("main", page, NOW, {"GAME-100"})
+    intent, vip, short = taken
+    assert isinstance(intent, DeliveryIntent)
+    assert intent.idempotency_key == delivery_idempotency_key("main", "A", 0, 0)
+    assert len({item.secret for item in intent.items}) == 2
+    assert (intent.line.state, intent.line.attempts) == (LineState.DELIVERING, 1)
+    assert await store.get_line(intent.line.id) == intent.line
+    assert isinstance(vip, OrderLine) and vip.state == LineState.NEW
+    assert isinstance(short, OrderLine) and short.state == LineState.BACKORDERED
+    (parked,) = await store.find_lines("X")
+    assert parked.state == LineState.NEEDS_ATTENTION
+    kinds = [e.kind for e in await store.events(intent.line.id)]
+    assert kinds == ["intake", "allocated", "delivery_intent"]
+    counts = {c.sku: c for c in await store.stock_counts()}
+    assert (counts["GAME-100"].free, counts["GAME-100"].bound) == (1, 2)
+    # After a crash, the worker sends the same keys under the same idempotency key.
+    again = await store.begin_delivery(intent.line.id, NOW + 1)
+    assert (again.idempotency_key, again.items) == (intent.idempotency_key, intent.items)
+    # The same page again: nothing new, nothing claimed twice.
+    assert await store.take_in("main", page, NOW, {"GAME-100"}) == []
+    assert {c.sku: c for c in await store.stock_counts()}["GAME-100"].free == 1
+
+
+async def test_take_in_records_orders_whose_keys_do_not_open(
+    sqlite_store: SQLiteStore, tmp_path: Path
+) -> None:
+    """A damaged ledger must not stop intake: the orders are recorded, unclaimed, and the
+    worker that takes each one up reports the broken key."""
+    await stock(sqlite_store, "VIP-30D", 2)
+    await sqlite_store.close()
+    with sqlite3.connect(tmp_path / "kami.db") as conn:
+        # the SKU is bound in as associated data: these keys no longer open as GAME-100's
+        conn.execute("UPDATE card_keys SET sku = 'GAME-100'")
+    await sqlite_store.open()
+    (line,) = await sqlite_store.take_in("main", [order("A")], NOW, {"GAME-100"})
+    assert isinstance(line, OrderLine) and line.state == LineState.NEW
+    with pytest.raises(StoreKeyError, match="integrity"):
+        await sqlite_store.claim_for_delivery(line.id, NOW)
 
 
 async def test_card_item_repr_hides_secret() -> None:

@@ -47,6 +47,20 @@ class Store(Protocol):
         """Insert order lines idempotently; returns the ids of lines that are new and ready."""
         ...
 
+    async def take_in(
+        self,
+        platform: str,
+        orders: Sequence[PlatformOrder | RejectedOrder],
+        now: float,
+        local_skus: Collection[str],
+    ) -> list[DeliveryIntent | OrderLine]:
+        """ingest, then claim_for_delivery of each new line whose SKU sells from local stock
+        only: each new line that is ready, claimed if its keys could be bound, else as it
+        stands.
+        The orders are in the ledger when it returns, claimed or not; a claim is all or
+        nothing per line."""
+        ...
+
     async def get_cursor(self, platform: str) -> str | None: ...
 
     async def set_cursor(self, platform: str, cursor: str | None, now: float) -> None: ...
@@ -103,13 +117,6 @@ class Store(Protocol):
     async def claim_for_delivery(self, line_id: int, now: float) -> DeliveryIntent | OrderLine:
         """allocate + begin_delivery in one transaction: the intent if the keys were bound,
         else the line (backordered, or in whatever state it already was)."""
-        ...
-
-    async def claim_many(
-        self, line_ids: Sequence[int], now: float, local_skus: Collection[str]
-    ) -> list[DeliveryIntent | OrderLine]:
-        """claim_for_delivery for each line whose SKU sells from local stock only (the others
-        come back as they are), in order; each line's claim is all or nothing."""
         ...
 
     async def begin_delivery(self, line_id: int, now: float) -> DeliveryIntent:

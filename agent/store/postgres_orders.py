@@ -16,6 +16,7 @@ from agent.domain import (
     RejectedOrder,
     delivery_idempotency_key,
 )
+from agent.keybox import StoreKeyError
 from agent.store.base import StoreError
 from agent.store.postgres_base import Conn, PostgresBase
 from agent.store.rows import (
@@ -276,25 +277,42 @@ class PgOrdersLedger(PostgresBase):
 
     async def claim_for_delivery(self, line_id: int, now: float) -> DeliveryIntent | OrderLine:
         async def run(conn: Conn) -> DeliveryIntent | OrderLine:
-            line = await self._allocate(conn, await self._lock_line(conn, line_id, now), now)
-            if line.state != LineState.ALLOCATED:
-                return line
-            return await self._begin_delivery(conn, line, now)
+            return await self._claim(conn, await self._lock_line(conn, line_id, now), now)
 
         return await self._tx(run)
 
-    async def claim_many(
-        self, line_ids: Sequence[int], now: float, local_skus: Collection[str]
+    async def _claim(self, conn: Conn, line: OrderLine, now: float) -> DeliveryIntent | OrderLine:
+        line = await self._allocate(conn, line, now)
+        if line.state != LineState.ALLOCATED:
+            return line
+        return await self._begin_delivery(conn, line, now)
+
+    async def take_in(
+        self,
+        platform: str,
+        orders: Sequence[PlatformOrder | RejectedOrder],
+        now: float,
+        local_skus: Collection[str],
     ) -> list[DeliveryIntent | OrderLine]:
-        # One transaction per line: a long one would hold other agents' locks for its length.
-        claims: list[DeliveryIntent | OrderLine] = []
-        for line_id in line_ids:
-            line = await self.get_line(line_id)
-            if line is None:
-                raise StoreError(f"no order line with id {line_id}")
-            local = line.sku in local_skus
-            claims.append(await self.claim_for_delivery(line_id, now) if local else line)
-        return claims
+        if not orders:
+            return []
+        ordered = sorted(orders, key=lambda o: o.order_id)  # see ingest
+
+        async def run(conn: Conn) -> list[DeliveryIntent | OrderLine]:
+            taken: list[DeliveryIntent | OrderLine] = []
+            for line_id in await self._ingest(conn, platform, ordered, now):
+                line = await self._fetch_line(conn, line_id)  # leased to us by the insert
+                if line.sku in local_skus:
+                    try:
+                        async with conn.transaction():  # a savepoint: the claim, or nothing
+                            taken.append(await self._claim(conn, line, now))
+                            continue
+                    except StoreKeyError:
+                        pass  # the order stays recorded; the worker that takes it up reports it
+                taken.append(line)
+            return taken
+
+        return await self._tx(run)
 
     async def begin_delivery(self, line_id: int, now: float) -> DeliveryIntent:
         async def run(conn: Conn) -> DeliveryIntent:

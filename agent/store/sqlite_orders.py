@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 import sqlite3
-from collections import Counter
+from collections import Counter, deque
 from collections.abc import AsyncIterator, Collection, Sequence
 from contextlib import asynccontextmanager
 from dataclasses import replace
 from typing import Any
 
 from agent.domain import (
+    CardItem,
     DeliveryIntent,
     LineState,
     OrderEvent,
@@ -18,6 +19,7 @@ from agent.domain import (
     RejectedOrder,
     delivery_idempotency_key,
 )
+from agent.keybox import StoreKeyError
 from agent.store.base import StoreError
 from agent.store.rows import (
     LINE_COLUMNS,
@@ -27,6 +29,23 @@ from agent.store.rows import (
     retry_target,
 )
 from agent.store.sqlite_base import SQLiteBase
+
+
+def _take_keys(
+    free: dict[str, deque[tuple[int, bytes, CardItem]]], sku: str, quantity: int
+) -> list[tuple[int, bytes, CardItem]] | None:
+    """`quantity` keys off the SKU's free keys, or None (and none taken) if too few."""
+    keys = free.get(sku)
+    if keys is None or len(keys) < quantity:
+        return None
+    return [keys.popleft() for _ in range(quantity)]
+
+
+# A new line as intake writes it: (line id, its delivery intent if it was claimed as it was
+# inserted, the order it came from).
+_Inserted = tuple[int, DeliveryIntent | None, PlatformOrder]
+# Free keys of one SKU for intake to claim: (key id, secret hash, the key) in id order.
+_FreeKeys = dict[str, deque[tuple[int, bytes, CardItem]]]
 
 
 class OrdersLedger(SQLiteBase):
@@ -44,6 +63,55 @@ class OrdersLedger(SQLiteBase):
         orders: Sequence[PlatformOrder | RejectedOrder],
         now: float,
     ) -> list[int]:
+        inserted, _ = self._insert_orders(conn, platform, orders, now, ())
+        return [line_id for line_id, _, _ in inserted]
+
+    async def take_in(
+        self,
+        platform: str,
+        orders: Sequence[PlatformOrder | RejectedOrder],
+        now: float,
+        local_skus: Collection[str],
+    ) -> list[DeliveryIntent | OrderLine]:
+        if not orders:
+            return []
+        return await self._tx(self._take_in, platform, orders, now, local_skus)
+
+    def _take_in(
+        self,
+        conn: sqlite3.Connection,
+        platform: str,
+        orders: Sequence[PlatformOrder | RejectedOrder],
+        now: float,
+        local_skus: Collection[str],
+    ) -> list[DeliveryIntent | OrderLine]:
+        """ingest + claim_many in one transaction, the common case written once: a new
+        local-stock line is inserted already `delivering`, its keys bound, rather than
+        inserted `new` and then updated (a flash sale is mostly this)."""
+        inserted, keys_open = self._insert_orders(conn, platform, orders, now, local_skus)
+        taken: list[DeliveryIntent | OrderLine] = []
+        for line_id, intent, order in inserted:
+            if intent is not None:
+                taken.append(intent)
+            elif keys_open and order.sku in local_skus:
+                # Too few keys when it was inserted: the general path backorders it.
+                taken.append(self._claim_one(conn, line_id, now))
+            else:
+                taken.append(self._fetch_line(conn, line_id))
+        return taken
+
+    def _insert_orders(
+        self,
+        conn: sqlite3.Connection,
+        platform: str,
+        orders: Sequence[PlatformOrder | RejectedOrder],
+        now: float,
+        local_skus: Collection[str],
+    ) -> tuple[list[_Inserted], bool]:
+        """Inserts the orders not in the ledger yet (parks changed duplicates and rejected
+        orders), claiming the keys of new `local_skus` lines as they are inserted. Returns the
+        new lines that are ready, in order, and whether the free keys opened (else nothing
+        was claimed)."""
         # The page's orders already in the ledger, in one query per 500 (not one per order).
         known: dict[str, tuple[Any, ...]] = {}
         order_ids = [o.order_id for o in orders]
@@ -57,8 +125,11 @@ class OrdersLedger(SQLiteBase):
                     (platform, *chunk),
                 )
             )
-        ready: list[int] = []
+        free = self._free_keys_for(conn, orders, known, local_skus)
+        keys_open = free is not None
+        ready: list[_Inserted] = []
         events: list[tuple[int, float, str, str]] = []
+        binds: list[tuple[int, int, float, int]] = []
         for order in orders:
             existing = known.get(order.order_id)
             if existing is not None:
@@ -74,15 +145,19 @@ class OrdersLedger(SQLiteBase):
                 known[order.order_id] = (line_id, order.sku, order.quantity, "needs_attention")
                 events.append((line_id, now, "rejected", order.reason))
                 continue
+            keys = _take_keys(free, order.sku, order.quantity) if free else None
+            key = None if keys is None else delivery_idempotency_key(platform, order.order_id, 0, 0)
+            state = LineState.NEW if keys is None else LineState.DELIVERING
             cur = conn.execute(
                 "INSERT INTO orders (platform, order_id, line, sku, quantity, state, paid_at,"
-                " amount, currency, buyer_contact, deliver_by, seen_at, updated_at)"
-                " VALUES (?, ?, 0, ?, ?, 'new', ?, ?, ?, ?, ?, ?, ?)",
+                " amount, currency, buyer_contact, deliver_by, seen_at, updated_at,"
+                " delivery_key, attempts) VALUES (?, ?, 0, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
                 (
                     platform,
                     order.order_id,
                     order.sku,
                     order.quantity,
+                    state,
                     order.paid_at,
                     order.amount,
                     order.currency,
@@ -90,16 +165,79 @@ class OrdersLedger(SQLiteBase):
                     order.deliver_by,
                     now,
                     now,
+                    key,
+                    0 if keys is None else 1,
                 ),
             )
             line_id = int(cur.lastrowid or 0)
-            known[order.order_id] = (line_id, order.sku, order.quantity, "new")
+            known[order.order_id] = (line_id, order.sku, order.quantity, state)
             events.append((line_id, now, "intake", f"sku={order.sku} quantity={order.quantity}"))
-            ready.append(line_id)
+            if keys is None or key is None:
+                ready.append((line_id, None, order))
+                continue
+            binds += [(line_id, slot, now, k[0]) for slot, k in enumerate(keys)]
+            events.append((line_id, now, "allocated", allocated_detail((k[0], k[1]) for k in keys)))
+            events.append((line_id, now, "delivery_intent", f"attempt 1 key {key}"))
+            line = OrderLine(
+                id=line_id,
+                platform=platform,
+                order_id=order.order_id,
+                line=0,
+                sku=order.sku,
+                quantity=order.quantity,
+                state=LineState.DELIVERING,
+                reason=None,
+                attempts=1,
+                next_attempt_at=0.0,
+                ambiguous=False,
+                delivery_key=key,
+                seen_at=now,
+                delivered_at=None,
+                buyer_contact=order.buyer_contact,
+                paid_at=order.paid_at,
+            )
+            intent = DeliveryIntent(line, key, tuple(k[2] for k in keys), tuple(k[0] for k in keys))
+            ready.append((line_id, intent, order))
+        conn.executemany(
+            "UPDATE card_keys SET state = 'bound', order_line_id = ?, slot = ?, bound_at = ?"
+            " WHERE id = ? AND state = 'free'",
+            binds,
+        )
         conn.executemany(
             "INSERT INTO events (order_line_id, at, kind, detail) VALUES (?, ?, ?, ?)", events
         )
-        return ready
+        return ready, keys_open
+
+    def _free_keys_for(
+        self,
+        conn: sqlite3.Connection,
+        orders: Sequence[PlatformOrder | RejectedOrder],
+        known: dict[str, tuple[Any, ...]],
+        local_skus: Collection[str],
+    ) -> _FreeKeys | None:
+        """Enough free keys, opened, for the orders of `local_skus` about to be inserted.
+        None if one does not open (a damaged ledger): the lines are then inserted `new`, and
+        the worker that takes each one up reports the broken key."""
+        wanted = Counter[str]()
+        for order in orders:
+            if (
+                isinstance(order, PlatformOrder)
+                and order.sku in local_skus
+                and order.order_id not in known
+            ):
+                wanted[order.sku] += order.quantity
+        free: _FreeKeys = {}
+        try:
+            for sku, count in wanted.items():
+                rows = conn.execute(
+                    "SELECT id, secret_hash, key_id, sealed FROM card_keys"
+                    " WHERE sku = ? AND state = 'free' ORDER BY id LIMIT ?",
+                    (sku, count),
+                ).fetchall()
+                free[sku] = deque((r[0], r[1], self.keybox.open(sku, r[2], r[3])) for r in rows)
+        except StoreKeyError:
+            return None
+        return free
 
     def _check_duplicate(
         self,
@@ -243,107 +381,12 @@ class OrdersLedger(SQLiteBase):
         return replace(line, state=LineState.ALLOCATED, next_attempt_at=0.0)
 
     async def claim_for_delivery(self, line_id: int, now: float) -> DeliveryIntent | OrderLine:
-        (claimed,) = await self._tx(self._claim_batch, [line_id], now, None)
-        return claimed
-
-    async def claim_many(
-        self, line_ids: Sequence[int], now: float, local_skus: Collection[str]
-    ) -> list[DeliveryIntent | OrderLine]:
-        """claim_for_delivery for each local-stock line, in one transaction (a flash sale's
-        intake): one hand-off to the ledger thread instead of one per line."""
-
-        return await self._tx(self._claim_batch, line_ids, now, local_skus)
-
-    def _claim_batch(
-        self,
-        conn: sqlite3.Connection,
-        line_ids: Sequence[int],
-        now: float,
-        local_skus: Collection[str] | None,
-    ) -> list[DeliveryIntent | OrderLine]:
-        """Claims the lines (only those of `local_skus`, when given), in order. The hot path of
-        a flash sale, set-wise: new lines take their keys from one query per SKU and are
-        written with one statement per table; any other line (and one the free keys cannot
-        fill whole) goes through _claim_one."""
-        marks = ",".join("?" * len(line_ids))
-        rows = {
-            r[0]: r
-            for r in conn.execute(
-                f"SELECT {LINE_COLUMNS}, refund_key, delivery_generation FROM orders"
-                f" WHERE id IN ({marks})",
-                tuple(line_ids),
-            )
-        }
-        fast = [
-            rows[i]
-            for i in line_ids
-            if i in rows
-            and rows[i][6] == "new"
-            and rows[i][16] is None
-            and (local_skus is None or rows[i][4] in local_skus)
-        ]
-        wanted = Counter[str]()
-        for row in fast:
-            wanted[row[4]] += row[5]
-        free = {
-            sku: conn.execute(
-                "SELECT id, sku, key_id, sealed, secret_hash FROM card_keys"
-                " WHERE sku = ? AND state = 'free' ORDER BY id LIMIT ?",
-                (sku, count),
-            ).fetchall()
-            for sku, count in wanted.items()
-        }
-        used = Counter[str]()
-        claimed: dict[int, DeliveryIntent | OrderLine] = {}
-        binds, intents, events = [], [], []
-        for row in fast:
-            line_id, sku, quantity = row[0], row[4], row[5]
-            keys = free[sku][used[sku] : used[sku] + quantity]
-            if len(keys) < quantity:
-                continue  # short: _claim below backorders it, as one line at a time would
-            used[sku] += quantity
-            key = delivery_idempotency_key(row[1], row[2], row[3], row[17])
-            binds += [(line_id, slot, now, k[0]) for slot, k in enumerate(keys)]
-            intents.append((key, now, line_id))
-            events.append((line_id, now, "allocated", allocated_detail((k[0], k[4]) for k in keys)))
-            events.append((line_id, now, "delivery_intent", f"attempt {row[8] + 1} key {key}"))
-            # the row as the UPDATE below leaves it
-            after = (*row[:6], "delivering", row[7], row[8] + 1, 0.0, row[10], key, *row[12:16])
-            claimed[line_id] = DeliveryIntent(
-                line=line_from_row(after),
-                idempotency_key=key,
-                items=tuple(self._open_rows([k[1:4] for k in keys])),
-                key_ids=tuple(k[0] for k in keys),
-            )
-        conn.executemany(
-            "UPDATE card_keys SET state = 'bound', order_line_id = ?, slot = ?, bound_at = ?"
-            " WHERE id = ? AND state = 'free'",
-            binds,
-        )
-        conn.executemany(
-            "UPDATE orders SET state = 'delivering', delivery_key = ?, attempts = attempts + 1,"
-            " next_attempt_at = 0, updated_at = ? WHERE id = ?",
-            intents,
-        )
-        conn.executemany(
-            "INSERT INTO events (order_line_id, at, kind, detail) VALUES (?, ?, ?, ?)", events
-        )
-        return [
-            claimed[i] if i in claimed else self._claim_one(conn, i, now, local_skus)
-            for i in line_ids
-        ]
+        return await self._tx(self._claim_one, line_id, now)
 
     def _claim_one(
-        self,
-        conn: sqlite3.Connection,
-        line_id: int,
-        now: float,
-        local_skus: Collection[str] | None,
+        self, conn: sqlite3.Connection, line_id: int, now: float
     ) -> DeliveryIntent | OrderLine:
-        """claim_for_delivery the general way: a line in any state, or one short of keys."""
-        line = self._fetch_line(conn, line_id)
-        if local_skus is not None and line.sku not in local_skus:
-            return line
+        """claim_for_delivery: a line in any state, or one short of keys."""
         line = self._allocate(conn, line_id, now)
         if line.state != LineState.ALLOCATED:
             return line
