@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import functools
+import math
 import time
 from collections import Counter, deque
 from collections.abc import Awaitable, Callable, Mapping, Sequence
@@ -147,6 +148,7 @@ class Engine:
         # platform -> (monotonic time of its long poll's last answer, the wait it asks for)
         self._long_poll_answered: dict[str, tuple[float, float]] = {}
         self._busy = 0
+        self._taking_in: list[float] = []  # the `now` of each take-in under way
 
     # --- lifecycle ----------------------------------------------------------------------------
     def start_workers(self) -> None:
@@ -382,7 +384,8 @@ class Engine:
         as they are. Returns how many new lines were taken in."""
         platform = self.platforms[platform_name]
         chunks = [orders[i : i + CLAIM_CHUNK] for i in range(0, len(orders), CLAIM_CHUNK)]
-        under_way: deque[asyncio.Future[list[DeliveryIntent | OrderLine]]] = deque()
+        under_way: deque[tuple[float, asyncio.Future[list[DeliveryIntent | OrderLine]]]]
+        under_way = deque()
         started = taken = 0
         try:
             while started < len(chunks) or under_way:
@@ -390,28 +393,43 @@ class Engine:
                 # commit (the fsync) of the one before is under way, so the workers are not
                 # left idle at every commit. They are handed out in order.
                 while started < len(chunks) and len(under_way) < CLAIMS_IN_FLIGHT:
+                    now = self.clock()
                     chunk = self.store.take_in(
-                        platform_name, chunks[started], self.clock(), self._local_skus
+                        platform_name, chunks[started], now, self._local_skus
                     )
                     started += 1
-                    under_way.append(asyncio.ensure_future(chunk))
-                claims = await under_way[0]
-                under_way.popleft()
+                    self._taking_in.append(now)
+                    under_way.append((now, asyncio.ensure_future(chunk)))
+                now, call = under_way.popleft()
+                try:
+                    claims = await call
+                except BaseException:
+                    under_way.appendleft((now, call))
+                    raise
+                try:
+                    self._hand_out(platform, claims)
+                finally:
+                    self._taking_in.remove(now)
                 taken += len(claims)
-                self._hand_out(platform, claims)
         except BaseException:
-            for pending in under_way:  # already on its way to the ledger
-                pending.add_done_callback(functools.partial(self._late_claims, platform))
+            for now, pending in under_way:  # already on its way to the ledger
+                pending.add_done_callback(functools.partial(self._late_claims, platform, now))
             raise
         return taken
 
     def _late_claims(
-        self, platform: Platform, call: asyncio.Future[list[DeliveryIntent | OrderLine]]
+        self,
+        platform: Platform,
+        now: float,
+        call: asyncio.Future[list[DeliveryIntent | OrderLine]],
     ) -> None:
         """A chunk still being taken in when its page failed: what it claimed goes out all
         the same. (A chunk that failed recorded nothing; the page is read again.)"""
-        if not call.cancelled() and call.exception() is None:
-            self._hand_out(platform, call.result())
+        try:
+            if not call.cancelled() and call.exception() is None:
+                self._hand_out(platform, call.result())
+        finally:
+            self._taking_in.remove(now)
 
     def _hand_out(self, platform: Platform, claims: Sequence[DeliveryIntent | OrderLine]) -> None:
         crash_point("after_ingest")
@@ -440,7 +458,14 @@ class Engine:
             if not ours:
                 return 0  # another agent sharing the store is sweeping right now
             lines = await self.store.due_lines(self.clock(), SWEEP_BATCH)
-        fresh = [line.id for line in lines if line.id not in self._queued]
+        # Lines a take-in under way has recorded are its to hand out: claimed ones would
+        # otherwise be taken for unfinished sends and checked with the platform first.
+        recording_since = min(self._taking_in, default=math.inf)
+        fresh = [
+            line.id
+            for line in lines
+            if line.id not in self._queued and line.seen_at < recording_since
+        ]
         self.dispatch(fresh)
         return len(fresh)
 

@@ -239,6 +239,40 @@ async def test_intake_chunk_failure_loses_no_order(
     assert_platform_invariants(sandbox)
 
 
+async def test_sweep_leaves_lines_to_the_take_in_recording_them(
+    tmp_path: Path, sandbox: SandboxPlatform, store: Store, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Sweeps run while a take-in has committed its claims but not yet handed them out: they
+    leave those lines to it, instead of taking them for unfinished sends that must be
+    checked with the platform first."""
+    await stock(store, "GAME-100", 10)
+    real = store.take_in
+
+    async def slow_to_return(
+        platform: str,
+        orders: Sequence[PlatformOrder | RejectedOrder],
+        now: float,
+        local_skus: Collection[str],
+    ) -> list[DeliveryIntent | OrderLine]:
+        taken = await real(platform, orders, now, local_skus)
+        await asyncio.sleep(0.5)  # sweeps run every 0.05 s meanwhile
+        return taken
+
+    monkeypatch.setattr(store, "take_in", slow_to_return)
+    ids = [sandbox.add_order("GAME-100") for _ in range(10)]
+    async with running_agent(make_config(tmp_path, sandbox.base_url), store, sandbox):
+        await wait_for(delivered_all(sandbox, ids), "deliveries")
+    for order_id in ids:
+        (line,) = await store.find_lines(order_id)
+        assert [e.kind for e in await store.events(line.id)] == [
+            "intake",
+            "allocated",
+            "delivery_intent",
+            "delivered",
+        ]
+    assert sorted(c.order_id for c in sandbox.delivery_calls) == sorted(ids)
+
+
 async def test_calls_in_flight_follow_concurrency_past_the_default_pool(
     tmp_path: Path, sandbox: SandboxPlatform, store: Store
 ) -> None:
