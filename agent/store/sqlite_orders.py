@@ -30,22 +30,21 @@ from agent.store.rows import (
 )
 from agent.store.sqlite_base import SQLiteBase
 
+# A new line as intake writes it: (line id, its delivery intent if it was claimed as it was
+# inserted, the order it came from).
+_Inserted = tuple[int, DeliveryIntent | None, PlatformOrder]
+# Free keys of one SKU for intake to claim: (key id, secret hash, the key) in id order.
+_FreeKeys = dict[str, deque[tuple[int, bytes, CardItem]]]
+
 
 def _take_keys(
-    free: dict[str, deque[tuple[int, bytes, CardItem]]], sku: str, quantity: int
+    free: _FreeKeys, sku: str, quantity: int
 ) -> list[tuple[int, bytes, CardItem]] | None:
     """`quantity` keys off the SKU's free keys, or None (and none taken) if too few."""
     keys = free.get(sku)
     if keys is None or len(keys) < quantity:
         return None
     return [keys.popleft() for _ in range(quantity)]
-
-
-# A new line as intake writes it: (line id, its delivery intent if it was claimed as it was
-# inserted, the order it came from).
-_Inserted = tuple[int, DeliveryIntent | None, PlatformOrder]
-# Free keys of one SKU for intake to claim: (key id, secret hash, the key) in id order.
-_FreeKeys = dict[str, deque[tuple[int, bytes, CardItem]]]
 
 
 class OrdersLedger(SQLiteBase):
@@ -85,9 +84,10 @@ class OrdersLedger(SQLiteBase):
         now: float,
         local_skus: Collection[str],
     ) -> list[DeliveryIntent | OrderLine]:
-        """ingest + claim_many in one transaction, the common case written once: a new
-        local-stock line is inserted already `delivering`, its keys bound, rather than
-        inserted `new` and then updated (a flash sale is mostly this)."""
+        """ingest, and claim_for_delivery of each new local-stock line, in one transaction.
+        The common case is written once: such a line is inserted already `delivering`, its
+        keys bound, rather than inserted `new` and then updated (a flash sale is mostly
+        this)."""
         inserted, keys_open = self._insert_orders(conn, platform, orders, now, local_skus)
         taken: list[DeliveryIntent | OrderLine] = []
         for line_id, intent, order in inserted:
