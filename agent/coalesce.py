@@ -10,21 +10,18 @@ T = TypeVar("T")
 
 
 class Coalescer(Generic[T]):
-    """submit() returns once `write` has taken the item, in a batch with whatever else was
-    submitted meanwhile: items arriving while one batch is written wait for the next one.
-    Under load the batches grow by themselves; alone, an item is written at once."""
+    """enqueue() hands an item to `write`, in a batch with whatever else was enqueued
+    meanwhile: items arriving while one batch is written wait for the next one. Under load
+    the batches grow by themselves; alone, an item is written at once."""
 
     def __init__(self, write: Callable[[list[T]], Awaitable[None]]) -> None:
         self._write = write
         self._pending: list[tuple[T, asyncio.Future[None]]] = []
         self._writer: asyncio.Task[None] | None = None
 
-    async def submit(self, item: T) -> None:
-        await self.enqueue(item)
-
     def enqueue(self, item: T) -> asyncio.Future[None]:
-        """Like submit, for a caller that does not wait: the future is done once the item
-        is written (or holds the write's exception)."""
+        """The future is done once the item is written (or holds the write's exception); a
+        caller may wait for it or go on."""
         future: asyncio.Future[None] = asyncio.get_running_loop().create_future()
         self._pending.append((item, future))
         if self._writer is None:

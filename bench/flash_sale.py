@@ -139,7 +139,7 @@ async def wait_delivered(
         await asyncio.sleep(0.5)
 
 
-def bench_config(workdir: Path, base_url: str, long_poll: bool) -> Config:
+def bench_config(workdir: Path, base_url: str, long_poll: bool, log_level: str) -> Config:
     return Config(
         source=workdir / "bench.toml",
         agent=AgentSettings(
@@ -149,7 +149,7 @@ def bench_config(workdir: Path, base_url: str, long_poll: bool) -> Config:
             concurrency=CONCURRENCY,
         ),
         store=StoreSettings(path=workdir / "kami.db"),
-        log=LogSettings(level="warning"),
+        log=LogSettings(level=log_level),
         platforms=(
             PlatformSettings(
                 name="main",
@@ -212,14 +212,16 @@ async def run(
     idle_seconds: float,
     rounds: int,
     long_poll: bool = True,
+    log_level: str = "warning",
 ) -> dict[str, Any]:
     secret = secrets.token_hex(16)
     process, base_url = start_platform_process(API_KEY, secret)
     client = SignedClient(base_url, API_KEY, secret, timeout=30.0)
     workdir = Path(tempfile.mkdtemp(prefix="kami-bench-"))
-    logs.configure("warning", (workdir / "agent.log").open("w", encoding="utf-8"))
+    logs.configure(log_level, (workdir / "agent.log").open("w", encoding="utf-8"))
     try:
-        config = bench_config(workdir, base_url, long_poll)
+        config = bench_config(workdir, base_url, long_poll, log_level)
+        assert config.store.path is not None  # the bench runs on SQLite
         store = SQLiteStore(config.store.path, parse_master_key(new_master_key()))
         await store.open()
         steady_count = int(rate * steady_seconds)
@@ -291,6 +293,7 @@ async def run(
         },
         "poll_interval_s": POLL_INTERVAL,
         "long_poll": long_poll,
+        "log_level": log_level,
         "peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
         "cpu_seconds_busy": round(busy_cpu, 2),
         "cpu_share_busy": round(busy_cpu / busy_wall, 3),
@@ -316,6 +319,12 @@ def main() -> None:
         action="store_true",
         help="take orders by polling only (latency then includes the poll wait)",
     )
+    parser.add_argument(
+        "--log-level",
+        default="warning",
+        choices=("debug", "info", "warning", "error"),
+        help="the agent's log level (at info, every delivery also writes a JSON line)",
+    )
     args = parser.parse_args()
     started = time.perf_counter()
     result = asyncio.run(
@@ -326,6 +335,7 @@ def main() -> None:
             args.idle_seconds,
             args.rounds,
             long_poll=not args.no_long_poll,
+            log_level=args.log_level,
         )
     )
     result["bench_wall_seconds"] = round(time.perf_counter() - started, 1)

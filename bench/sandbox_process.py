@@ -105,7 +105,9 @@ def _serve(api_key: str, secret: str, ready: Queue[Any]) -> None:
     asyncio.run(main())
 
 
-def start_platform_process(api_key: str, secret: str) -> tuple[multiprocessing.Process, str]:
+def start_platform_process(
+    api_key: str, secret: str
+) -> tuple[multiprocessing.process.BaseProcess, str]:
     context = multiprocessing.get_context("spawn")
     ready: Queue[Any] = context.Queue()
     process = context.Process(target=_serve, args=(api_key, secret, ready), daemon=True)
