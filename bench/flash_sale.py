@@ -1,7 +1,8 @@
 """Flash-sale benchmark: `python -m bench.flash_sale [--orders 20000] [--rounds 3]`.
 
 One run measures, against the sandbox platform on loopback (its own process), with the agent
-in-process on its SQLite ledger (synchronous=FULL), already running:
+in-process on its SQLite ledger (synchronous=FULL; or PostgreSQL with --store-url), already
+running:
   1. rounds of two back-to-back measurements, so that both see the machine in the same state:
      the raw limit (plain aiohttp delivery calls, signed as the protocol wants, as many as the
      burst, 16 and 64 at a time, the better of the two; the agent never sees these orders),
@@ -47,6 +48,7 @@ from agent.runtime import platform_connections, run_engine, tune_gc
 from agent.signed_http import SignedClient
 from agent.signing import auth_headers
 from agent.stats import percentile
+from agent.store.base import Store
 from agent.store.sqlite import SQLiteStore
 from bench.sandbox_process import start_platform_process
 
@@ -148,7 +150,7 @@ def bench_config(workdir: Path, base_url: str, long_poll: bool, log_level: str) 
             reconcile_interval=3600,
             concurrency=CONCURRENCY,
         ),
-        store=StoreSettings(path=workdir / "kami.db"),
+        store=StoreSettings(path=workdir / "kami.db"),  # run_engine is handed the store
         log=LogSettings(level=log_level),
         platforms=(
             PlatformSettings(
@@ -165,6 +167,17 @@ def bench_config(workdir: Path, base_url: str, long_poll: bool, log_level: str) 
         skus={SKU: SkuSettings(sku=SKU, max_quantity=5, lead_time=0.0)},
         alerts=AlertSettings(forecast_interval=60.0),
     )
+
+
+def bench_store(sqlite_path: Path, store_url: str | None) -> Store:
+    """The agent's ledger: SQLite in the work directory, or the PostgreSQL database named
+    (it must be one for the bench alone: the bench fills it with keys and orders)."""
+    master = parse_master_key(new_master_key())
+    if store_url is None:
+        return SQLiteStore(sqlite_path, master)
+    from agent.store.postgres import PostgresStore
+
+    return PostgresStore(store_url, master, instance="bench")
 
 
 async def burst_round(client: SignedClient, secret: str, orders: int, index: int) -> dict[str, Any]:
@@ -213,6 +226,7 @@ async def run(
     rounds: int,
     long_poll: bool = True,
     log_level: str = "warning",
+    store_url: str | None = None,
 ) -> dict[str, Any]:
     secret = secrets.token_hex(16)
     process, base_url = start_platform_process(API_KEY, secret)
@@ -221,8 +235,7 @@ async def run(
     logs.configure(log_level, (workdir / "agent.log").open("w", encoding="utf-8"))
     try:
         config = bench_config(workdir, base_url, long_poll, log_level)
-        assert config.store.path is not None  # the bench runs on SQLite
-        store = SQLiteStore(config.store.path, parse_master_key(new_master_key()))
+        store = bench_store(workdir / "kami.db", store_url)
         await store.open()
         steady_count = int(rate * steady_seconds)
         keys = (
@@ -294,6 +307,7 @@ async def run(
         "poll_interval_s": POLL_INTERVAL,
         "long_poll": long_poll,
         "log_level": log_level,
+        "store": "postgresql" if store_url else "sqlite",
         "peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
         "cpu_seconds_busy": round(busy_cpu, 2),
         "cpu_share_busy": round(busy_cpu / busy_wall, 3),
@@ -325,6 +339,11 @@ def main() -> None:
         choices=("debug", "info", "warning", "error"),
         help="the agent's log level (at info, every delivery also writes a JSON line)",
     )
+    parser.add_argument(
+        "--store-url",
+        help="postgresql://user@host:port/db: run the agent on that (empty, bench-only)"
+        " PostgreSQL database instead of SQLite; the password from PGPASSWORD or ~/.pgpass",
+    )
     args = parser.parse_args()
     started = time.perf_counter()
     result = asyncio.run(
@@ -336,6 +355,7 @@ def main() -> None:
             args.rounds,
             long_poll=not args.no_long_poll,
             log_level=args.log_level,
+            store_url=args.store_url,
         )
     )
     result["bench_wall_seconds"] = round(time.perf_counter() - started, 1)
