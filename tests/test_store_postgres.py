@@ -116,6 +116,45 @@ async def test_concurrent_intake_makes_one_line_per_order(agents: list[PostgresS
     assert (await agents[0].count_by_state())[LineState.NEW] == 200
 
 
+async def test_concurrent_take_in_claims_each_order_once(agents: list[PostgresStore]) -> None:
+    """Agents taking in the same flash sale at once, pages cut differently: each order is
+    recorded and claimed by one of them, no key goes to two lines, and the orders the
+    stock cannot fill are backordered."""
+    await stock(agents[0], "GAME-100", 150)
+    orders = [order(f"F{i:03}") for i in range(200)]
+    pages = [orders[:120], orders[60:], orders[::-1]]
+    taken = await asyncio.gather(
+        *(s.take_in("main", p, NOW, {"GAME-100"}) for s, p in zip(agents, pages, strict=True))
+    )
+    lines = [t for page in taken for t in page]
+    intents = [t for t in lines if isinstance(t, DeliveryIntent)]
+    order_ids = [t.line.order_id if isinstance(t, DeliveryIntent) else t.order_id for t in lines]
+    # each order came back new to exactly one agent
+    assert sorted(order_ids) == sorted(o.order_id for o in orders)
+    assert len(intents) == 150
+    key_ids = [k for t in intents for k in t.key_ids]
+    assert len(key_ids) == len(set(key_ids)) == 150
+    states = await agents[0].count_by_state()
+    assert states[LineState.DELIVERING] == 150 and states[LineState.BACKORDERED] == 50
+    assert await agents[0].integrity_check() == "ok"
+
+
+async def test_take_in_records_orders_whose_keys_do_not_open(
+    agents: list[PostgresStore], pg_url: str
+) -> None:
+    a = agents[0]
+    await stock(a, "VIP-30D", 2)
+    conn = await asyncpg.connect(pg_url)
+    try:
+        # the SKU is bound in as associated data: these keys no longer open as GAME-100's
+        await conn.execute("UPDATE card_keys SET sku = 'GAME-100'")
+    finally:
+        await conn.close()
+    (line,) = await a.take_in("main", [order("A")], NOW, {"GAME-100"})
+    assert not isinstance(line, DeliveryIntent) and line.state == LineState.NEW
+    assert (await a.count_by_state())[LineState.NEW] == 1
+
+
 async def test_leases_keep_other_agents_off_a_line_until_they_expire(
     agents: list[PostgresStore],
 ) -> None:

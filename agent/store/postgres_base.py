@@ -227,6 +227,22 @@ class PostgresBase:
         )
 
     @staticmethod
+    async def _events(conn: Conn, events: Sequence[tuple[int, str, str]], now: float) -> None:
+        """(line id, kind, detail) events in one statement, in order."""
+        if not events:
+            return
+        await conn.execute(
+            "INSERT INTO events (order_line_id, at, kind, detail)"
+            " SELECT e.line_id, $1, e.kind, e.detail"
+            " FROM unnest($2::bigint[], $3::text[], $4::text[]) WITH ORDINALITY"
+            " AS e(line_id, kind, detail, n) ORDER BY e.n",
+            now,
+            [e[0] for e in events],
+            [e[1] for e in events],
+            [e[2] for e in events],
+        )
+
+    @staticmethod
     async def _refunding(conn: Conn, line_id: int) -> bool:
         key = await conn.fetchval("SELECT refund_key FROM orders WHERE id = $1", line_id)
         return key is not None

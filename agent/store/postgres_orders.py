@@ -4,10 +4,12 @@ row locks, SKIP LOCKED and leases."""
 
 from __future__ import annotations
 
+from collections import Counter, deque
 from collections.abc import Collection, Sequence
 from dataclasses import replace
 
 from agent.domain import (
+    CardItem,
     DeliveryIntent,
     LineState,
     OrderEvent,
@@ -24,6 +26,7 @@ from agent.store.rows import (
     allocated_detail,
     changed_order_reason,
     line_from_row,
+    new_line,
     retry_target,
 )
 
@@ -40,7 +43,8 @@ class PgOrdersLedger(PostgresBase):
         # One order of inserts for every agent, so two agents taking in the same page wait
         # for each other instead of deadlocking.
         ordered = sorted(orders, key=lambda o: o.order_id)
-        return await self._tx(self._ingest, platform, ordered, now)
+        inserted = await self._tx(self._ingest, platform, ordered, now)
+        return [line_id for line_id, _ in inserted]
 
     async def _ingest(
         self,
@@ -48,50 +52,71 @@ class PgOrdersLedger(PostgresBase):
         platform: str,
         orders: Sequence[PlatformOrder | RejectedOrder],
         now: float,
-    ) -> list[int]:
-        ready: list[int] = []
+    ) -> list[tuple[int, PlatformOrder]]:
+        """Inserts the orders not in the ledger yet, the agent taking them in holding the
+        first lease on each; parks changed duplicates and rejected orders. Returns the new
+        lines that are ready, with their orders, in order. The common case is one statement
+        for the whole page (a flash sale), an intake event each in another."""
+        fresh = [o for o in orders if isinstance(o, PlatformOrder)]
+        rows = await conn.fetch(
+            "INSERT INTO orders (platform, order_id, line, sku, quantity, state, paid_at, amount,"
+            " currency, buyer_contact, deliver_by, seen_at, updated_at, claimed_by, lease_until)"
+            " SELECT $1, o.order_id, 0, o.sku, o.quantity, 'new', o.paid_at, o.amount,"
+            " o.currency, o.contact, o.deliver_by, $2, $2, $3, $4"
+            " FROM unnest($5::text[], $6::text[], $7::int[], $8::text[], $9::text[], $10::text[],"
+            " $11::text[], $12::text[]) WITH ORDINALITY"
+            " AS o(order_id, sku, quantity, paid_at, amount, currency, contact, deliver_by, n)"
+            " ORDER BY o.n ON CONFLICT (platform, order_id, line) DO NOTHING"
+            " RETURNING id, order_id",
+            platform,
+            now,
+            self.instance,
+            now + self.lease_seconds,
+            [o.order_id for o in fresh],
+            [o.sku for o in fresh],
+            [o.quantity for o in fresh],
+            [o.paid_at for o in fresh],
+            [o.amount for o in fresh],
+            [o.currency for o in fresh],
+            [o.buyer_contact for o in fresh],
+            [o.deliver_by for o in fresh],
+        )
+        inserted = {row[1]: int(row[0]) for row in rows}
+        ready: list[tuple[int, PlatformOrder]] = []
         for order in orders:
             if isinstance(order, RejectedOrder):
-                line_id = await conn.fetchval(
-                    "INSERT INTO orders (platform, order_id, line, sku, quantity, state, reason,"
-                    " seen_at, updated_at) VALUES ($1, $2, 0, $3, $4, 'needs_attention', $5, $6,"
-                    " $6) ON CONFLICT (platform, order_id, line) DO NOTHING RETURNING id",
-                    platform,
-                    order.order_id,
-                    order.sku,
-                    order.quantity,
-                    order.reason,
-                    now,
-                )
-                if line_id is not None:
-                    await self._event(conn, line_id, "rejected", order.reason, now)
-                continue
-            # The agent that takes the order in holds the first lease on it.
-            line_id = await conn.fetchval(
-                "INSERT INTO orders (platform, order_id, line, sku, quantity, state, paid_at,"
-                " amount, currency, buyer_contact, deliver_by, seen_at, updated_at, claimed_by,"
-                " lease_until) VALUES ($1, $2, 0, $3, $4, 'new', $5, $6, $7, $8, $9, $10, $10,"
-                " $11, $12) ON CONFLICT (platform, order_id, line) DO NOTHING RETURNING id",
-                platform,
-                order.order_id,
-                order.sku,
-                order.quantity,
-                order.paid_at,
-                order.amount,
-                order.currency,
-                order.buyer_contact,
-                order.deliver_by,
-                now,
-                self.instance,
-                now + self.lease_seconds,
-            )
-            if line_id is None:
+                await self._insert_rejected(conn, platform, order, now)
+            elif order.order_id in inserted:
+                # popped: the same id listed twice in a page is a duplicate the second time
+                ready.append((inserted.pop(order.order_id), order))
+            else:
                 await self._check_duplicate(conn, platform, order, now)
-                continue
-            detail = f"sku={order.sku} quantity={order.quantity} by {self.instance}"
-            await self._event(conn, line_id, "intake", detail, now)
-            ready.append(int(line_id))
+        await self._events(
+            conn,
+            [
+                (line_id, "intake", f"sku={o.sku} quantity={o.quantity} by {self.instance}")
+                for line_id, o in ready
+            ],
+            now,
+        )
         return ready
+
+    async def _insert_rejected(
+        self, conn: Conn, platform: str, order: RejectedOrder, now: float
+    ) -> None:
+        line_id = await conn.fetchval(
+            "INSERT INTO orders (platform, order_id, line, sku, quantity, state, reason,"
+            " seen_at, updated_at) VALUES ($1, $2, 0, $3, $4, 'needs_attention', $5, $6,"
+            " $6) ON CONFLICT (platform, order_id, line) DO NOTHING RETURNING id",
+            platform,
+            order.order_id,
+            order.sku,
+            order.quantity,
+            order.reason,
+            now,
+        )
+        if line_id is not None:
+            await self._event(conn, line_id, "rejected", order.reason, now)
 
     async def _check_duplicate(
         self, conn: Conn, platform: str, order: PlatformOrder, now: float
@@ -299,20 +324,94 @@ class PgOrdersLedger(PostgresBase):
         ordered = sorted(orders, key=lambda o: o.order_id)  # see ingest
 
         async def run(conn: Conn) -> list[DeliveryIntent | OrderLine]:
+            ready = await self._ingest(conn, platform, ordered, now)
+            claimed = await self._claim_new(conn, platform, ready, now, local_skus)
             taken: list[DeliveryIntent | OrderLine] = []
-            for line_id in await self._ingest(conn, platform, ordered, now):
-                line = await self._fetch_line(conn, line_id)  # leased to us by the insert
-                if line.sku in local_skus:
-                    try:
-                        async with conn.transaction():  # a savepoint: the claim, or nothing
-                            taken.append(await self._claim(conn, line, now))
-                            continue
-                    except StoreKeyError:
-                        pass  # the order stays recorded; the worker that takes it up reports it
-                taken.append(line)
+            for line_id, order in ready:
+                intent = None if claimed is None else claimed.get(line_id)
+                line = new_line(line_id, platform, order, now)
+                if intent is not None:
+                    taken.append(intent)
+                elif claimed is not None and order.sku in local_skus:
+                    # Too few keys for it: the general path backorders it.
+                    taken.append(await self._claim(conn, line, now))
+                else:
+                    taken.append(line)
             return taken
 
         return await self._tx(run)
+
+    async def _claim_new(
+        self,
+        conn: Conn,
+        platform: str,
+        ready: Sequence[tuple[int, PlatformOrder]],
+        now: float,
+        local_skus: Collection[str],
+    ) -> dict[int, DeliveryIntent] | None:
+        """Claims the new local-stock lines set-wise: the keys of each SKU locked in one
+        query (SKIP LOCKED: keys another agent is binding are not ours to wait for), bound,
+        the lines moved to `delivering` and their events written in one statement each.
+        Returns the lines claimed; None if the keys do not open (a damaged ledger: the lines
+        stay `new`, and the worker that takes each one up reports it)."""
+        local = [(line_id, o) for line_id, o in ready if o.sku in local_skus]
+        wanted = Counter[str]()
+        for _, order in local:
+            wanted[order.sku] += order.quantity
+        free: dict[str, deque[tuple[int, bytes, CardItem]]] = {}
+        for sku, count in wanted.items():
+            rows = await conn.fetch(
+                "SELECT id, secret_hash, key_id, sealed FROM card_keys"
+                " WHERE sku = $1 AND state = 'free' ORDER BY id LIMIT $2 FOR UPDATE SKIP LOCKED",
+                sku,
+                count,
+            )
+            try:
+                items = await self._open_rows(conn, [(sku, r[2], r[3]) for r in rows])
+            except StoreKeyError:
+                return None
+            free[sku] = deque((r[0], r[1], item) for r, item in zip(rows, items, strict=True))
+        claimed: dict[int, DeliveryIntent] = {}
+        binds: list[tuple[int, int, int]] = []  # key id, line id, slot
+        events: list[tuple[int, str, str]] = []
+        for line_id, order in local:
+            keys = free.get(order.sku)
+            if keys is None or len(keys) < order.quantity:
+                continue
+            taken = [keys.popleft() for _ in range(order.quantity)]
+            key = delivery_idempotency_key(platform, order.order_id, 0, 0)
+            binds += [(k[0], line_id, slot) for slot, k in enumerate(taken)]
+            events.append((line_id, "allocated", allocated_detail((k[0], k[1]) for k in taken)))
+            events.append((line_id, "delivery_intent", f"attempt 1 key {key} by {self.instance}"))
+            claimed[line_id] = DeliveryIntent(
+                new_line(line_id, platform, order, now, key),
+                key,
+                tuple(k[2] for k in taken),
+                tuple(k[0] for k in taken),
+            )
+        if not claimed:
+            return claimed
+        bound = await conn.execute(
+            "UPDATE card_keys k SET state = 'bound', order_line_id = s.line_id, slot = s.slot,"
+            " bound_at = $1 FROM unnest($2::bigint[], $3::bigint[], $4::int[])"
+            " AS s(id, line_id, slot) WHERE k.id = s.id AND k.state = 'free'",
+            now,
+            [b[0] for b in binds],
+            [b[1] for b in binds],
+            [b[2] for b in binds],
+        )
+        if bound != f"UPDATE {len(binds)}":
+            raise StoreError(f"intake: a key was taken while binding ({bound})")
+        await conn.execute(
+            "UPDATE orders o SET state = 'delivering', delivery_key = c.key, attempts = 1,"
+            " next_attempt_at = 0, updated_at = $1 FROM unnest($2::bigint[], $3::text[])"
+            " AS c(id, key) WHERE o.id = c.id",
+            now,
+            list(claimed),
+            [intent.idempotency_key for intent in claimed.values()],
+        )
+        await self._events(conn, events, now)
+        return claimed
 
     async def begin_delivery(self, line_id: int, now: float) -> DeliveryIntent:
         async def run(conn: Conn) -> DeliveryIntent:
@@ -382,10 +481,8 @@ class PgOrdersLedger(PostgresBase):
                 self.instance,
                 list(details),
             )
-            await conn.executemany(
-                "INSERT INTO events (order_line_id, at, kind, detail)"
-                " VALUES ($1, $2, 'delivered', $3)",
-                [(row[0], now, details[row[0]]) for row in changed],
+            await self._events(
+                conn, [(row[0], "delivered", details[row[0]]) for row in changed], now
             )
 
         if deliveries:

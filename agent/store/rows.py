@@ -45,6 +45,32 @@ def line_from_row(row: Any) -> OrderLine:
     )
 
 
+def new_line(
+    line_id: int, platform: str, order: PlatformOrder, now: float, delivery_key: str | None = None
+) -> OrderLine:
+    """A line as intake inserts it: `new`, or, given its delivery key, claimed at intake
+    (`delivering`, attempt 1), without reading it back."""
+    claimed = delivery_key is not None
+    return OrderLine(
+        id=line_id,
+        platform=platform,
+        order_id=order.order_id,
+        line=0,
+        sku=order.sku,
+        quantity=order.quantity,
+        state=LineState.DELIVERING if claimed else LineState.NEW,
+        reason=None,
+        attempts=1 if claimed else 0,
+        next_attempt_at=0.0,
+        ambiguous=False,
+        delivery_key=delivery_key,
+        seen_at=now,
+        delivered_at=None,
+        buyer_contact=order.buyer_contact,
+        paid_at=order.paid_at,
+    )
+
+
 PURCHASE_COLUMNS = (
     "id, order_line_id, supplier, sku, quantity, merchant_ref, state, purchase_id, failure,"
     " created_at, unknown_since"

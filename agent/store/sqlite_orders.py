@@ -26,6 +26,7 @@ from agent.store.rows import (
     allocated_detail,
     changed_order_reason,
     line_from_row,
+    new_line,
     retry_target,
 )
 from agent.store.sqlite_base import SQLiteBase
@@ -97,7 +98,7 @@ class OrdersLedger(SQLiteBase):
                 # Too few keys when it was inserted: the general path backorders it.
                 taken.append(self._claim_one(conn, line_id, now))
             else:
-                taken.append(self._fetch_line(conn, line_id))
+                taken.append(new_line(line_id, platform, order, now))
         return taken
 
     def _insert_orders(
@@ -178,24 +179,7 @@ class OrdersLedger(SQLiteBase):
             binds += [(line_id, slot, now, k[0]) for slot, k in enumerate(keys)]
             events.append((line_id, now, "allocated", allocated_detail((k[0], k[1]) for k in keys)))
             events.append((line_id, now, "delivery_intent", f"attempt 1 key {key}"))
-            line = OrderLine(
-                id=line_id,
-                platform=platform,
-                order_id=order.order_id,
-                line=0,
-                sku=order.sku,
-                quantity=order.quantity,
-                state=LineState.DELIVERING,
-                reason=None,
-                attempts=1,
-                next_attempt_at=0.0,
-                ambiguous=False,
-                delivery_key=key,
-                seen_at=now,
-                delivered_at=None,
-                buyer_contact=order.buyer_contact,
-                paid_at=order.paid_at,
-            )
+            line = new_line(line_id, platform, order, now, key)
             intent = DeliveryIntent(line, key, tuple(k[2] for k in keys), tuple(k[0] for k in keys))
             ready.append((line_id, intent, order))
         conn.executemany(
