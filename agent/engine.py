@@ -52,6 +52,11 @@ SWEEP_BATCH = 1000
 # deliveries start after a short transaction, not after the whole page's.
 CLAIM_CHUNK = 128
 CLAIMS_IN_FLIGHT = 2
+# Claimed deliveries waiting for a worker, per worker, beyond which intake waits (at least a
+# chunk's worth): enough to keep every worker busy while the next chunk is claimed, few enough
+# that a claimed line waits for its send seconds, not minutes (on a shared ledger its lease
+# runs meanwhile, and another agent would take it up), and a burst's memory stays flat.
+INTAKE_AHEAD_PER_WORKER = 4
 # A long poll that has not answered for its wait plus this long is taken for dead and the
 # poll job resumes; longer than the adapters' read-timeout margin, so a hung request fails
 # (and says so) first.
@@ -149,6 +154,8 @@ class Engine:
         self._long_poll_answered: dict[str, tuple[float, float]] = {}
         self._busy = 0
         self._taking_in: list[float] = []  # the `now` of each take-in under way
+        self._intake_ahead = max(CLAIM_CHUNK, INTAKE_AHEAD_PER_WORKER * settings.concurrency)
+        self._room = asyncio.Event()  # set when the queue falls under _intake_ahead
 
     # --- lifecycle ----------------------------------------------------------------------------
     def start_workers(self) -> None:
@@ -157,6 +164,7 @@ class Engine:
 
     async def stop_workers(self, grace: float) -> None:
         """Let every worker finish the line in hand, then stop; queued lines stay in the DB."""
+        self._room.set()  # an intake waiting for the workers must not wait for ever
         for follower in self._followers.values():
             follower.cancel()
         await asyncio.gather(*self._followers.values(), return_exceptions=True)
@@ -190,6 +198,8 @@ class Engine:
     async def _worker(self) -> None:
         while True:
             item = await self._queue.get()
+            if self._queue.qsize() < self._intake_ahead:
+                self._room.set()
             line_id = _line_id(item)
             self._busy += 1
             recording: asyncio.Future[None] | None = None
@@ -392,7 +402,11 @@ class Engine:
                 # CLAIMS_IN_FLIGHT chunks at once: the next chunk's statements run while the
                 # commit (the fsync) of the one before is under way, so the workers are not
                 # left idle at every commit. They are handed out in order.
-                while started < len(chunks) and len(under_way) < CLAIMS_IN_FLIGHT:
+                while (
+                    started < len(chunks)
+                    and len(under_way) < CLAIMS_IN_FLIGHT
+                    and self._queue.qsize() < self._intake_ahead
+                ):
                     now = self.clock()
                     chunk = self.store.take_in(
                         platform_name, chunks[started], now, self._local_skus
@@ -400,6 +414,10 @@ class Engine:
                     started += 1
                     self._taking_in.append(now)
                     under_way.append((now, asyncio.ensure_future(chunk)))
+                if not under_way:  # the workers are far behind: let them catch up first
+                    self._room.clear()
+                    await self._room.wait()
+                    continue
                 now, call = under_way.popleft()
                 try:
                     claims = await call
@@ -551,6 +569,12 @@ class Engine:
         try:
             intent = await self.store.begin_delivery(line.id, self.clock())
         except StoreError as exc:
+            current = await self.store.get_line(line.id)
+            if current is not None and current.state not in ACTIVE_STATES:
+                # Settled meanwhile (on a shared ledger, by another agent that took the line
+                # up when our lease ran out): nothing left to do, and nothing to park.
+                log.info("line_settled_meanwhile", order_id=line.order_id, state=current.state)
+                return
             await self._park(line, str(exc))
             return
         crash_point("after_intent")

@@ -273,6 +273,65 @@ async def test_sweep_leaves_lines_to_the_take_in_recording_them(
     assert sorted(c.order_id for c in sandbox.delivery_calls) == sorted(ids)
 
 
+async def test_intake_stays_a_bounded_distance_ahead_of_the_workers(
+    tmp_path: Path, sandbox: SandboxPlatform, store: Store
+) -> None:
+    """A burst far larger than the workers can send at once: intake claims only so far
+    ahead of them, so a claimed line soon goes out (on a shared ledger its lease runs while
+    it waits) and memory does not grow with the burst."""
+    count = 800
+    await stock(store, "GAME-100", count)
+    sandbox.faults.latency = 0.05  # a platform that answers in tens of milliseconds
+    ids = [sandbox.add_order("GAME-100") for _ in range(count)]
+    config = make_config(tmp_path, sandbox.base_url)  # 8 workers
+    most_claimed = 0
+
+    async def watch() -> None:
+        nonlocal most_claimed
+        while True:
+            states = await store.count_by_state()
+            most_claimed = max(most_claimed, states.get(LineState.DELIVERING, 0))
+            await asyncio.sleep(0.02)
+
+    async with running_agent(config, store, sandbox, page_size=count):
+        watcher = asyncio.create_task(watch())
+        await wait_for(delivered_all(sandbox, ids), "deliveries")
+        watcher.cancel()
+    # At most a chunk's worth ahead (4 per worker, but at least CLAIM_CHUNK), two chunks
+    # being claimed, and the calls in flight: not the whole burst.
+    assert 0 < most_claimed <= 3 * CLAIM_CHUNK + config.agent.concurrency
+    assert_platform_invariants(sandbox)
+
+
+async def test_a_line_settled_meanwhile_is_not_parked(
+    tmp_path: Path, sandbox: SandboxPlatform, store: Store, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """On a shared ledger another agent may finish a line (its lease ran out while it
+    waited here) between our check with the platform and our next step: that line is done,
+    not a problem to park."""
+    await stock(store, "GAME-100", 1)
+    order_id = sandbox.add_order("GAME-100")
+    (claimed,) = await store.take_in(
+        "main", [PlatformOrder(order_id, "paid", "GAME-100", 1)], time.time(), {"GAME-100"}
+    )
+    assert isinstance(claimed, DeliveryIntent)  # intent committed, never sent: a crash
+    real = store.begin_delivery
+
+    async def finished_elsewhere_first(line_id: int, now: float) -> DeliveryIntent:
+        await store.mark_delivered(line_id, now, "by another agent")
+        return await real(line_id, now)
+
+    monkeypatch.setattr(store, "begin_delivery", finished_elsewhere_first)
+    async with running_agent(make_config(tmp_path, sandbox.base_url), store, sandbox):
+        await wait_for(
+            line_state_is(store, order_id, LineState.DELIVERED), "settled by the other agent"
+        )
+        await asyncio.sleep(0.3)  # sweeps come and go
+    (line,) = await store.find_lines(order_id)
+    assert line.state == LineState.DELIVERED
+    assert "parked" not in [e.kind for e in await store.events(line.id)]
+
+
 async def test_calls_in_flight_follow_concurrency_past_the_default_pool(
     tmp_path: Path, sandbox: SandboxPlatform, store: Store
 ) -> None:
