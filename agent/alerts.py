@@ -56,7 +56,7 @@ class Forecaster:
         sales: dict[str, list[tuple[float, int]]] = {}
         for sku, at, quantity in demand:
             sales.setdefault(sku, []).append((at, quantity))
-        free = {c.sku: c.free for c in await self.store.stock_counts()}
+        free = await self.store.free_counts()
         if active is None:
             active = await self.store.active_lines(MAX_ACTIVE_LINES)
         pending = Counter(line.sku for line in active)

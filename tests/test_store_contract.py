@@ -247,6 +247,32 @@ async def test_take_in_records_orders_whose_keys_do_not_open(
         await sqlite_store.claim_for_delivery(line.id, NOW)
 
 
+async def test_demand_is_summed_per_sku_and_minute(store: Store) -> None:
+    """The forecast reads demand summed per SKU and minute (at the orders' mean time), not
+    order by order; parked orders are not demand, orders before `since` are not read."""
+    start = 1_700_000_040.0  # a minute's start
+    await store.ingest("main", [order("OLD", quantity=9)], start - 600)
+    await store.ingest("main", [order("A", quantity=2)], start + 10)
+    await store.ingest("main", [order("B", quantity=3)], start + 30)
+    await store.ingest("main", [order("V", sku="VIP-30D")], start + 20)
+    await store.ingest("main", [order("C")], start + 70)
+    await store.ingest("main", [RejectedOrder("X", "unknown SKU", sku="GAME-100")], start + 5)
+    demand = sorted(await store.demand_since(start))
+    assert demand == [
+        ("GAME-100", start + 20, 5),  # A and B: one minute, at their mean time
+        ("GAME-100", start + 70, 1),
+        ("VIP-30D", start + 20, 1),
+    ]
+
+
+async def test_free_counts(store: Store) -> None:
+    await stock(store, "GAME-100", 3)
+    await stock(store, "VIP-30D", 1)
+    (line_id,) = await store.ingest("main", [order("A", quantity=2)], NOW)
+    await store.allocate(line_id, NOW)
+    assert await store.free_counts() == {"GAME-100": 1, "VIP-30D": 1}
+
+
 async def test_card_item_repr_hides_secret() -> None:
     item = CardItem(code="C", secret="very-secret")
     assert "very-secret" not in repr(item)

@@ -160,7 +160,12 @@ class Store(Protocol):
 
     # --- forecast, alerts, outbox ----------------------------------------------------------
     async def demand_since(self, since: float) -> list[tuple[str, float, int]]:
-        """(sku, seen_at, quantity) of real demand since a time, for the sales rate."""
+        """(sku, time, quantity) of real demand since a time, for the sales rate: summed per
+        SKU and DEMAND_BUCKET_SECONDS, at the mean time of the orders summed."""
+        ...
+
+    async def free_counts(self) -> dict[str, int]:
+        """Free keys per SKU, counted from the free keys' index, not the whole key table."""
         ...
 
     async def active_lines(self, limit: int) -> list[OrderLine]: ...

@@ -85,6 +85,15 @@ class PostgresStore(PgAlertsLedger):
 
         return await self._tx(run)
 
+    async def free_counts(self) -> dict[str, int]:
+        async def run(conn: Conn) -> dict[str, int]:
+            rows = await conn.fetch(
+                "SELECT sku, COUNT(*) FROM card_keys WHERE state = 'free' GROUP BY sku"
+            )
+            return {r[0]: r[1] for r in rows}
+
+        return await self._tx(run)
+
     async def bound_items(self, line_id: int) -> tuple[CardItem, ...]:
         async def run(conn: Conn) -> tuple[CardItem, ...]:
             rows = await conn.fetch(

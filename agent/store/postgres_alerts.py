@@ -18,7 +18,13 @@ from agent.domain import (
 )
 from agent.store.postgres_base import Conn
 from agent.store.postgres_purchases import PgPurchasesLedger
-from agent.store.rows import LINE_COLUMNS, OPEN_ALERT_COLUMNS, line_from_row, plan_alerts
+from agent.store.rows import (
+    DEMAND_BUCKET_SECONDS,
+    LINE_COLUMNS,
+    OPEN_ALERT_COLUMNS,
+    line_from_row,
+    plan_alerts,
+)
 
 ACTIVE = "('new', 'backordered', 'purchasing', 'allocated', 'delivering')"
 
@@ -27,8 +33,9 @@ class PgAlertsLedger(PgPurchasesLedger):
     async def demand_since(self, since: float) -> list[tuple[str, float, int]]:
         async def run(conn: Conn) -> list[tuple[str, float, int]]:
             rows = await conn.fetch(
-                "SELECT sku, seen_at, quantity FROM orders WHERE seen_at >= $1"
-                " AND state NOT IN ('needs_attention', 'cancelled')",
+                f"SELECT sku, AVG(seen_at), SUM(quantity) FROM orders WHERE seen_at >= $1"
+                f" AND state NOT IN ('needs_attention', 'cancelled')"
+                f" GROUP BY sku, floor(seen_at / {DEMAND_BUCKET_SECONDS})",
                 since,
             )
             return [(r[0], r[1], r[2]) for r in rows]

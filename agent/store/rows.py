@@ -18,6 +18,10 @@ from agent.domain import (
 )
 
 IMPORT_BATCH = 20_000
+# Demand is read summed per SKU and per this many seconds (at the sales' mean time): the
+# forecast reads a few hundred rows, not every recent order, and its sales rate (half-life
+# an hour by default) barely notices the difference.
+DEMAND_BUCKET_SECONDS = 60
 LINE_COLUMNS = (
     "id, platform, order_id, line, sku, quantity, state, reason, attempts, next_attempt_at,"
     " ambiguous, delivery_key, seen_at, delivered_at, buyer_contact, paid_at"

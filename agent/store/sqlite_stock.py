@@ -134,6 +134,15 @@ class StockLedger(SQLiteBase):
 
         return await self._tx(run)
 
+    async def free_counts(self) -> dict[str, int]:
+        def run(conn: sqlite3.Connection) -> dict[str, int]:
+            rows = conn.execute(
+                "SELECT sku, COUNT(*) FROM card_keys WHERE state = 'free' GROUP BY sku"
+            ).fetchall()
+            return {r[0]: r[1] for r in rows}
+
+        return await self._tx(run)
+
     async def bound_items(self, line_id: int) -> tuple[CardItem, ...]:
         def run(conn: sqlite3.Connection) -> tuple[CardItem, ...]:
             rows = conn.execute(
