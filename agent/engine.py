@@ -150,6 +150,7 @@ class Engine:
         self._workers: list[asyncio.Task[None]] = []
         self._followers: dict[str, asyncio.Task[None]] = {}
         self._long_polled: set[str] = set()  # platforms whose long poll is running
+        self._took_in_at: dict[str, float] = {}  # platform -> when a poll last found orders
         # platform -> (monotonic time of its long poll's last answer, the wait it asks for)
         self._long_poll_answered: dict[str, tuple[float, float]] = {}
         self._busy = 0
@@ -254,8 +255,10 @@ class Engine:
                 break
             if not page.has_more:
                 break
-        if taken and follow:
-            self._follow_up(platform_name)
+        if taken:
+            self._took_in_at[platform_name] = time.monotonic()
+            if follow:
+                self._follow_up(platform_name)
         return taken
 
     async def scheduled_poll(self, platform_name: str) -> int:
@@ -285,7 +288,12 @@ class Engine:
             try:
                 while True:
                     await asyncio.sleep(busy)
-                    if not await self.poll(platform_name, follow=False):
+                    if await self.poll(platform_name, follow=False):
+                        continue
+                    # Found none: quiet, unless another poll (the scheduled one) took the
+                    # orders in just before this one. Stopping then would leave a steady
+                    # stream to pile up until the next scheduled poll.
+                    if time.monotonic() - self._took_in_at.get(platform_name, -math.inf) > busy:
                         return
             except Exception:
                 log.exception("follow_up_poll_failed", platform=platform_name)

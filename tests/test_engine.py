@@ -13,11 +13,12 @@ import pytest
 
 from agent import runtime
 from agent.domain import DeliveryIntent, LineState, OrderLine, PlatformOrder, RejectedOrder
-from agent.engine import CLAIM_CHUNK, screen_order
+from agent.engine import CLAIM_CHUNK, Engine, screen_order
+from agent.platforms.http import HttpPlatform
 from agent.sandbox.platform import SandboxPlatform
 from agent.signed_http import DEFAULT_CONNECTIONS
 from agent.store.base import Store, StoreError
-from tests.conftest import make_config, stock
+from tests.conftest import make_config, platform_settings, stock
 from tests.helpers import (
     assert_platform_invariants,
     delivered_all,
@@ -402,6 +403,31 @@ async def test_poll_job_rests_while_the_long_poll_answers(
         second = sandbox.add_order("GAME-100")
         await wait_for(delivered_all(sandbox, [second]), "delivery via polling")
     assert_platform_invariants(sandbox)
+
+
+async def test_busy_polling_goes_on_when_the_scheduled_poll_took_the_orders(
+    tmp_path: Path, sandbox: SandboxPlatform, store: Store
+) -> None:
+    """The scheduled poll takes in the orders just before a busy poll would have: the busy
+    poll finds none, yet the stream goes on, so busy polling must too (it stopped, and a
+    steady stream piled up until the next scheduled poll)."""
+    await stock(store, "GAME-100", 10)
+    config = make_config(tmp_path, sandbox.base_url, busy_poll_interval=0.5, poll_interval=60)
+    platform = HttpPlatform(platform_settings(sandbox.base_url), sandbox.secret)
+    engine = Engine(config.agent, config.skus, store, {"main": platform})
+    engine.start_workers()
+    try:
+        sandbox.add_order("GAME-100")
+        assert await engine.poll("main") == 1  # found orders: busy polls follow, 0.5 s apart
+        await asyncio.sleep(0.1)
+        sandbox.add_order("GAME-100")
+        assert await engine.poll("main") == 1  # the scheduled poll, just before the busy one
+        await asyncio.sleep(0.6)  # the busy poll has found none meanwhile
+        later = sandbox.add_order("GAME-100")
+        await wait_for(delivered_all(sandbox, [later]), "the next busy poll takes it in")
+    finally:
+        await engine.stop_workers(1.0)
+        await platform.close()
 
 
 async def test_busy_polling_follows_a_stream_then_goes_quiet(
