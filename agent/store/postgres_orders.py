@@ -9,7 +9,6 @@ from collections.abc import Collection, Sequence
 from dataclasses import replace
 
 from agent.domain import (
-    CardItem,
     DeliveryIntent,
     LineState,
     OrderEvent,
@@ -23,11 +22,15 @@ from agent.store.base import StoreError
 from agent.store.postgres_base import Conn, PostgresBase
 from agent.store.rows import (
     LINE_COLUMNS,
+    FreeKeys,
     allocated_detail,
     changed_order_reason,
+    claimed_at_intake,
+    intake_delivery_key,
     line_from_row,
     new_line,
     retry_target,
+    take_keys,
 )
 
 # A line another agent holds a live lease on is left alone.
@@ -329,10 +332,11 @@ class PgOrdersLedger(PostgresBase):
             taken: list[DeliveryIntent | OrderLine] = []
             for line_id, order in ready:
                 intent = None if claimed is None else claimed.get(line_id)
-                line = new_line(line_id, platform, order, now)
                 if intent is not None:
                     taken.append(intent)
-                elif claimed is not None and order.sku in local_skus:
+                    continue
+                line = new_line(line_id, platform, order, now)
+                if claimed is not None and order.sku in local_skus:
                     # Too few keys for it: the general path backorders it.
                     taken.append(await self._claim(conn, line, now))
                 else:
@@ -358,7 +362,7 @@ class PgOrdersLedger(PostgresBase):
         wanted = Counter[str]()
         for _, order in local:
             wanted[order.sku] += order.quantity
-        free: dict[str, deque[tuple[int, bytes, CardItem]]] = {}
+        free: FreeKeys = {}
         for sku, count in wanted.items():
             rows = await conn.fetch(
                 "SELECT id, secret_hash, key_id, sealed FROM card_keys"
@@ -375,20 +379,14 @@ class PgOrdersLedger(PostgresBase):
         binds: list[tuple[int, int, int]] = []  # key id, line id, slot
         events: list[tuple[int, str, str]] = []
         for line_id, order in local:
-            keys = free.get(order.sku)
-            if keys is None or len(keys) < order.quantity:
+            keys = take_keys(free, order.sku, order.quantity)
+            if keys is None:
                 continue
-            taken = [keys.popleft() for _ in range(order.quantity)]
-            key = delivery_idempotency_key(platform, order.order_id, 0, 0)
-            binds += [(k[0], line_id, slot) for slot, k in enumerate(taken)]
-            events.append((line_id, "allocated", allocated_detail((k[0], k[1]) for k in taken)))
+            key = intake_delivery_key(platform, order)
+            binds += [(k[0], line_id, slot) for slot, k in enumerate(keys)]
+            events.append((line_id, "allocated", allocated_detail((k[0], k[1]) for k in keys)))
             events.append((line_id, "delivery_intent", f"attempt 1 key {key} by {self.instance}"))
-            claimed[line_id] = DeliveryIntent(
-                new_line(line_id, platform, order, now, key),
-                key,
-                tuple(k[2] for k in taken),
-                tuple(k[0] for k in taken),
-            )
+            claimed[line_id] = claimed_at_intake(line_id, platform, order, now, keys, key)
         if not claimed:
             return claimed
         bound = await conn.execute(

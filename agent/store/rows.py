@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections import deque
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from importlib import resources
@@ -10,11 +11,14 @@ from typing import Any
 from agent.domain import (
     AlertCondition,
     AlertMessage,
+    CardItem,
+    DeliveryIntent,
     LineState,
     OrderLine,
     PlatformOrder,
     Purchase,
     PurchaseState,
+    delivery_idempotency_key,
 )
 
 IMPORT_BATCH = 20_000
@@ -72,6 +76,41 @@ def new_line(
         delivered_at=None,
         buyer_contact=order.buyer_contact,
         paid_at=order.paid_at,
+    )
+
+
+# Free keys of each SKU for intake to claim: (key id, secret hash, the key), in id order.
+FreeKeys = dict[str, deque[tuple[int, bytes, CardItem]]]
+
+
+def take_keys(free: FreeKeys, sku: str, quantity: int) -> list[tuple[int, bytes, CardItem]] | None:
+    """`quantity` keys off the SKU's free keys, or None (and none taken) if too few."""
+    keys = free.get(sku)
+    if keys is None or len(keys) < quantity:
+        return None
+    return [keys.popleft() for _ in range(quantity)]
+
+
+def intake_delivery_key(platform: str, order: PlatformOrder) -> str:
+    """The idempotency key of a new line's first delivery (line 0, generation 0)."""
+    return delivery_idempotency_key(platform, order.order_id, 0, 0)
+
+
+def claimed_at_intake(
+    line_id: int,
+    platform: str,
+    order: PlatformOrder,
+    now: float,
+    keys: Sequence[tuple[int, bytes, CardItem]],
+    key: str,
+) -> DeliveryIntent:
+    """The delivery intent of a new line claimed as intake inserts it (attempt 1), with the
+    keys `take_keys` gave it and its idempotency key (`intake_delivery_key`)."""
+    return DeliveryIntent(
+        new_line(line_id, platform, order, now, key),
+        key,
+        tuple(k[2] for k in keys),
+        tuple(k[0] for k in keys),
     )
 
 

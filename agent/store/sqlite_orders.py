@@ -10,7 +10,6 @@ from dataclasses import replace
 from typing import Any
 
 from agent.domain import (
-    CardItem,
     DeliveryIntent,
     LineState,
     OrderEvent,
@@ -23,29 +22,21 @@ from agent.keybox import StoreKeyError
 from agent.store.base import StoreError
 from agent.store.rows import (
     LINE_COLUMNS,
+    FreeKeys,
     allocated_detail,
     changed_order_reason,
+    claimed_at_intake,
+    intake_delivery_key,
     line_from_row,
     new_line,
     retry_target,
+    take_keys,
 )
 from agent.store.sqlite_base import SQLiteBase
 
 # A new line as intake writes it: (line id, its delivery intent if it was claimed as it was
 # inserted, the order it came from).
 _Inserted = tuple[int, DeliveryIntent | None, PlatformOrder]
-# Free keys of one SKU for intake to claim: (key id, secret hash, the key) in id order.
-_FreeKeys = dict[str, deque[tuple[int, bytes, CardItem]]]
-
-
-def _take_keys(
-    free: _FreeKeys, sku: str, quantity: int
-) -> list[tuple[int, bytes, CardItem]] | None:
-    """`quantity` keys off the SKU's free keys, or None (and none taken) if too few."""
-    keys = free.get(sku)
-    if keys is None or len(keys) < quantity:
-        return None
-    return [keys.popleft() for _ in range(quantity)]
 
 
 class OrdersLedger(SQLiteBase):
@@ -146,8 +137,8 @@ class OrdersLedger(SQLiteBase):
                 known[order.order_id] = (line_id, order.sku, order.quantity, "needs_attention")
                 events.append((line_id, now, "rejected", order.reason))
                 continue
-            keys = _take_keys(free, order.sku, order.quantity) if free else None
-            key = None if keys is None else delivery_idempotency_key(platform, order.order_id, 0, 0)
+            keys = take_keys(free, order.sku, order.quantity) if free else None
+            key = None if keys is None else intake_delivery_key(platform, order)
             state = LineState.NEW if keys is None else LineState.DELIVERING
             cur = conn.execute(
                 "INSERT INTO orders (platform, order_id, line, sku, quantity, state, paid_at,"
@@ -176,11 +167,10 @@ class OrdersLedger(SQLiteBase):
             if keys is None or key is None:
                 ready.append((line_id, None, order))
                 continue
+            intent = claimed_at_intake(line_id, platform, order, now, keys, key)
             binds += [(line_id, slot, now, k[0]) for slot, k in enumerate(keys)]
             events.append((line_id, now, "allocated", allocated_detail((k[0], k[1]) for k in keys)))
             events.append((line_id, now, "delivery_intent", f"attempt 1 key {key}"))
-            line = new_line(line_id, platform, order, now, key)
-            intent = DeliveryIntent(line, key, tuple(k[2] for k in keys), tuple(k[0] for k in keys))
             ready.append((line_id, intent, order))
         conn.executemany(
             "UPDATE card_keys SET state = 'bound', order_line_id = ?, slot = ?, bound_at = ?"
@@ -198,7 +188,7 @@ class OrdersLedger(SQLiteBase):
         orders: Sequence[PlatformOrder | RejectedOrder],
         known: dict[str, tuple[Any, ...]],
         local_skus: Collection[str],
-    ) -> _FreeKeys | None:
+    ) -> FreeKeys | None:
         """Enough free keys, opened, for the orders of `local_skus` about to be inserted.
         None if one does not open (a damaged ledger): the lines are then inserted `new`, and
         the worker that takes each one up reports the broken key."""
@@ -210,7 +200,7 @@ class OrdersLedger(SQLiteBase):
                 and order.order_id not in known
             ):
                 wanted[order.sku] += order.quantity
-        free: _FreeKeys = {}
+        free: FreeKeys = {}
         try:
             for sku, count in wanted.items():
                 rows = conn.execute(
