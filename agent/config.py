@@ -84,6 +84,8 @@ class PlatformSettings:
     page_size: int = 100
     # Use the platform's long-poll endpoint (GET /api/v1/orders/wait) when it offers one.
     long_poll: bool = False
+    # What only this kind has (its module's parse_options; see agent.platforms.KINDS).
+    options: object | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -198,8 +200,9 @@ class Config:
         return names
 
 
-class _Section:
-    """Reads one TOML table, remembering which keys were used to reject typos."""
+class Section:
+    """Reads one TOML table, remembering which keys were used to reject typos. Adapters read
+    their own keys through it (see agent.platforms.KINDS)."""
 
     def __init__(self, source: Path, where: str, data: Any) -> None:
         self.source = source
@@ -300,10 +303,10 @@ def load_config(path: Path | str) -> Config:
 
 
 def parse_config(data: dict[str, Any], source: Path) -> Config:
-    top = _Section(source, "", data)
-    agent = _parse_agent(_Section(source, "agent", top.table("agent")))
-    store = _parse_store(_Section(source, "store", top.table("store")), source)
-    log_section = _Section(source, "log", top.table("log"))
+    top = Section(source, "", data)
+    agent = _parse_agent(Section(source, "agent", top.table("agent")))
+    store = _parse_store(Section(source, "store", top.table("store")), source)
+    log_section = Section(source, "log", top.table("log"))
     level = log_section.string("level", "info").lower()
     if level not in LOG_LEVELS:
         raise log_section.error("level", f"must be one of {', '.join(LOG_LEVELS)}, got {level!r}")
@@ -313,21 +316,21 @@ def parse_config(data: dict[str, Any], source: Path) -> Config:
     if not platforms_table:
         raise top.error("platforms", "at least one [platforms.<name>] table is required")
     platforms = tuple(
-        _parse_platform(name, _Section(source, f"platforms.{name}", value), top)
+        _parse_platform(name, Section(source, f"platforms.{name}", value), top)
         for name, value in platforms_table.items()
     )
     suppliers = tuple(
-        _parse_supplier(name, _Section(source, f"suppliers.{name}", value), top)
+        _parse_supplier(name, Section(source, f"suppliers.{name}", value), top)
         for name, value in top.table("suppliers").items()
     )
     supplier_names = {s.name for s in suppliers}
     skus = {
-        sku: _parse_sku(sku, _Section(source, f"skus.{sku}", value), top, supplier_names)
+        sku: _parse_sku(sku, Section(source, f"skus.{sku}", value), top, supplier_names)
         for sku, value in top.table("skus").items()
     }
-    alerts = _parse_alerts(_Section(source, "alerts", top.table("alerts")))
+    alerts = _parse_alerts(Section(source, "alerts", top.table("alerts")))
     notify = tuple(
-        _parse_notify(name, _Section(source, f"notify.{name}", value), top)
+        _parse_notify(name, Section(source, f"notify.{name}", value), top)
         for name, value in top.table("notify").items()
     )
     top.reject_unknown()
@@ -344,7 +347,7 @@ def parse_config(data: dict[str, Any], source: Path) -> Config:
     )
 
 
-def _parse_agent(s: _Section) -> AgentSettings:
+def _parse_agent(s: Section) -> AgentSettings:
     settings = AgentSettings(
         poll_interval=s.number("poll_interval", 2.0, minimum=0.05, maximum=3600),
         busy_poll_interval=s.number("busy_poll_interval", 0.25, minimum=0.0, maximum=3600),
@@ -364,7 +367,7 @@ def _parse_agent(s: _Section) -> AgentSettings:
     return settings
 
 
-def _parse_store(s: _Section, source: Path) -> StoreSettings:
+def _parse_store(s: Section, source: Path) -> StoreSettings:
     key_secret = s.string("key", "store.key")
     raw_path = s.optional_string("path")
     url = s.optional_string("url")
@@ -383,7 +386,7 @@ def _parse_store(s: _Section, source: Path) -> StoreSettings:
     return StoreSettings(path=path, key_secret=key_secret)
 
 
-def _parse_postgres(s: _Section, url: str, key_secret: str) -> StoreSettings:
+def _parse_postgres(s: Section, url: str, key_secret: str) -> StoreSettings:
     parsed = urlparse(url)
     if parsed.scheme not in ("postgresql", "postgres") or not parsed.hostname:
         raise s.error("url", f"must be a postgresql://user@host:port/database URL, got {url!r}")
@@ -404,10 +407,7 @@ def _parse_postgres(s: _Section, url: str, key_secret: str) -> StoreSettings:
     )
 
 
-PLATFORM_KINDS = ("http",)
-
-
-def _endpoint(s: _Section, what: str, kinds: tuple[str, ...]) -> dict[str, Any]:
+def _endpoint(s: Section, what: str, kinds: tuple[str, ...]) -> dict[str, Any]:
     """What platforms and suppliers share: protocol kind, where, and how to sign."""
     kind = s.string("kind", kinds[0])
     if kind not in kinds:
@@ -421,20 +421,24 @@ def _endpoint(s: _Section, what: str, kinds: tuple[str, ...]) -> dict[str, Any]:
     }
 
 
-def _parse_platform(name: str, s: _Section, top: _Section) -> PlatformSettings:
+def _parse_platform(name: str, s: Section, top: Section) -> PlatformSettings:
     if not _NAME_RE.match(name):
         raise top.error(f"platforms.{name}", "name must be letters, digits, '.', '_' or '-'")
+    from agent.platforms import KINDS, kind_module  # adapters import this module
+
+    endpoint = _endpoint(s, "platform", tuple(KINDS))
     settings = PlatformSettings(
         name=name,
-        **_endpoint(s, "platform", PLATFORM_KINDS),
+        **endpoint,
         page_size=s.integer("page_size", 100, minimum=1, maximum=1000),
         long_poll=s.boolean("long_poll", False),
+        options=kind_module(endpoint["kind"]).parse_options(s),
     )
     s.reject_unknown()
     return settings
 
 
-def _parse_sku(sku: str, s: _Section, top: _Section, suppliers: set[str]) -> SkuSettings:
+def _parse_sku(sku: str, s: Section, top: Section, suppliers: set[str]) -> SkuSettings:
     if not sku.strip() or len(sku) > 128:
         raise top.error(f"skus.{sku}", "SKU must be 1 to 128 characters")
     sources = s._get("sources")
@@ -472,7 +476,7 @@ def _parse_sku(sku: str, s: _Section, top: _Section, suppliers: set[str]) -> Sku
     return settings
 
 
-def _decimal(s: _Section, key: str) -> Decimal | None:
+def _decimal(s: Section, key: str) -> Decimal | None:
     raw = s._get(key)
     if raw is None:
         return None
@@ -485,7 +489,7 @@ def _decimal(s: _Section, key: str) -> Decimal | None:
     return value
 
 
-def _parse_alerts(s: _Section) -> AlertSettings:
+def _parse_alerts(s: Section) -> AlertSettings:
     settings = AlertSettings(
         forecast_interval=s.number("forecast_interval", 60.0, minimum=0.05, maximum=86400),
         half_life=s.number("half_life", 3600.0, minimum=1, maximum=30 * 86400),
@@ -498,7 +502,7 @@ def _parse_alerts(s: _Section) -> AlertSettings:
     return settings
 
 
-def _parse_notify(name: str, s: _Section, top: _Section) -> NotifySettings:
+def _parse_notify(name: str, s: Section, top: Section) -> NotifySettings:
     if not _NAME_RE.match(name):
         raise top.error(f"notify.{name}", "name must be letters, digits, '.', '_' or '-'")
     kind = s.string("kind", required=True)
@@ -536,7 +540,7 @@ def _parse_notify(name: str, s: _Section, top: _Section) -> NotifySettings:
 SUPPLIER_KINDS = ("http", "fulu")
 
 
-def _parse_supplier(name: str, s: _Section, top: _Section) -> SupplierSettings:
+def _parse_supplier(name: str, s: Section, top: Section) -> SupplierSettings:
     if not _NAME_RE.match(name) or name == LOCAL_SOURCE:
         raise top.error(
             f"suppliers.{name}", "name must be letters, digits, '.', '_' or '-' and not 'local'"

@@ -35,8 +35,7 @@ from agent.config import (
 from agent.domain import AlertMessage, CardItem, LineState
 from agent.keybox import new_master_key, parse_master_key
 from agent.notify.console import ConsoleNotifier
-from agent.platforms.http import HttpPlatform
-from agent.runtime import platform_connections, run_engine
+from agent.runtime import build_platform, platform_connections, run_engine
 from agent.sandbox.platform import Faults, SandboxPlatform
 from agent.sandbox.supplier import SandboxSupplier, SupplierFaults
 from agent.stats import percentile
@@ -231,7 +230,9 @@ async def run_demo(
         f"  supplier upstream at {supplier_url} sells {BOUGHT_SKU} when local stock is out",
         file=out,
     )
-    platform = HttpPlatform(config.platforms[0], sandbox.secret, platform_connections(config.agent))
+    platform = build_platform(
+        config.platforms[0], sandbox.secret, platform_connections(config.agent)
+    )
     supplier = HttpSupplier(config.suppliers[0], upstream.secret)
     console = DemoConsole(out, demo.started)
     stop = asyncio.Event()

@@ -23,8 +23,8 @@ from agent.keybox import parse_master_key
 from agent.logs import get_logger
 from agent.notify.base import Notifier
 from agent.notify.factory import build_notifier
+from agent.platforms import kind_module
 from agent.platforms.base import Platform
-from agent.platforms.http import HttpPlatform
 from agent.scheduler import Job, JobFunc, build_scheduler
 from agent.secrets import resolve_secret
 from agent.service import notify, watchdog_interval
@@ -81,7 +81,7 @@ def build_platform(
     secret: str | None = None,
     max_connections: int = DEFAULT_CONNECTIONS,
 ) -> Platform:
-    return HttpPlatform(
+    return kind_module(settings.kind).build(
         settings,
         secret if secret is not None else resolve_secret(settings.secret_name),
         max_connections,

@@ -43,8 +43,7 @@ from agent.config import (
 )
 from agent.domain import CardItem
 from agent.keybox import new_master_key, parse_master_key
-from agent.platforms.http import HttpPlatform
-from agent.runtime import platform_connections, run_engine, tune_gc
+from agent.runtime import build_platform, platform_connections, run_engine, tune_gc
 from agent.signed_http import SignedClient
 from agent.signing import auth_headers
 from agent.stats import percentile
@@ -243,7 +242,7 @@ async def run(
             for i in range(rounds * orders + steady_count)
         )
         await store.import_keys(SKU, keys, "bench", time.time())
-        platform = HttpPlatform(config.platforms[0], secret, platform_connections(config.agent))
+        platform = build_platform(config.platforms[0], secret, platform_connections(config.agent))
         stop = asyncio.Event()
         tune_gc()  # as run_daemon does at start
         cpu0, wall0 = cpu_seconds(), time.perf_counter()

@@ -6,7 +6,7 @@ from collections.abc import Sequence
 
 from tenacity import AsyncRetrying, retry_if_exception, stop_after_attempt, wait_exponential
 
-from agent.config import PlatformSettings
+from agent.config import PlatformSettings, Section
 from agent.domain import (
     Ambiguous,
     AuthFailed,
@@ -141,3 +141,13 @@ class HttpPlatform:
 
     async def close(self) -> None:
         await self._client.close()
+
+
+def parse_options(section: Section) -> None:
+    """The http kind has no keys beyond those every platform shares."""
+    return None
+
+
+def build(settings: PlatformSettings, secret: str, max_connections: int) -> HttpPlatform:
+    """An adapter for the platform-http v1 protocol."""
+    return HttpPlatform(settings, secret, max_connections)
