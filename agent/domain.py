@@ -76,6 +76,15 @@ class DeliveryConflict(Permanent):
     """The platform already holds a different delivery for this order."""
 
 
+class OrderClosed(Permanent):
+    """The platform closed the order (cancelled or refunded) before our delivery landed: the
+    line is closed with that state, not parked as a conflict."""
+
+    def __init__(self, message: str, status: str) -> None:
+        super().__init__(message)
+        self.status = status  # "cancelled" or "refunded"
+
+
 class BadResponse(Transient):
     """The other side answered with something we cannot parse (malformed or oversized)."""
 

@@ -29,6 +29,7 @@ from agent.domain import (
     DeliveryConflict,
     DeliveryIntent,
     LineState,
+    OrderClosed,
     OrderLine,
     OrderPage,
     Permanent,
@@ -607,6 +608,9 @@ class Engine:
         except DeliveryConflict as exc:
             await self._park(line, str(exc))
             return None
+        except OrderClosed as exc:
+            await self._close(line, exc.status, str(exc))
+            return None
         except Permanent as exc:
             await self._park(line, str(exc))
             return None
@@ -661,9 +665,7 @@ class Engine:
                 await self._park(line, "platform shows a delivery with other keys")
             return False
         if remote.status in ("refunded", "cancelled"):
-            state = LineState(remote.status)
-            await self.store.close_line(line.id, state, f"platform reports {remote.status}", now)
-            log.warning("order_closed_by_platform", order_id=line.order_id, status=remote.status)
+            await self._close(line, remote.status, f"platform reports {remote.status}")
             return False
         if remote.status != "paid":
             await self._park(line, f"platform reports unexpected status {remote.status[:40]!r}")
@@ -686,6 +688,12 @@ class Engine:
             ambiguous=ambiguous,
             delay_s=round(delay, 2),
         )
+
+    async def _close(self, line: OrderLine, status: str, reason: str) -> None:
+        """The platform closed the order (cancelled or refunded): so do we; its keys stay
+        bound to the line, as for every line that may have reached the buyer."""
+        await self.store.close_line(line.id, LineState(status), reason, self.clock())
+        log.warning("order_closed_by_platform", order_id=line.order_id, status=status)
 
     async def _park(self, line: OrderLine, reason: str) -> None:
         await self.store.park(line.id, reason, self.clock())

@@ -460,3 +460,19 @@ async def test_busy_polling_follows_a_stream_then_goes_quiet(
         await asyncio.sleep(0.5)
         assert sandbox.orders[late].delivery is None  # waits for the hourly poll
     assert_platform_invariants(sandbox)
+
+
+async def test_order_cancelled_before_delivery_is_closed_not_parked(
+    tmp_path: Path, sandbox: SandboxPlatform, store: Store
+) -> None:
+    """platform-http v1: a delivery to an order no longer paid answers 409 order_cancelled
+    (or order_refunded). The line is closed as the platform says, not parked as a conflict
+    that raises a needs-attention alert."""
+    waiting = sandbox.add_order("GAME-100")  # no stock yet: backordered
+    async with running_agent(make_config(tmp_path, sandbox.base_url), store, sandbox):
+        await wait_for(line_state_is(store, waiting, LineState.BACKORDERED), "backordered")
+        sandbox.set_status(waiting, "cancelled")  # the buyer cancels while it waits
+        await stock(store, "GAME-100", 1)  # stock arrives: the sweep tries to deliver
+        await wait_for(line_state_is(store, waiting, LineState.CANCELLED), "closed as cancelled")
+    assert sandbox.orders[waiting].delivery is None
+    assert (await store.count_by_state()).get(LineState.NEEDS_ATTENTION, 0) == 0

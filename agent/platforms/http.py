@@ -13,6 +13,7 @@ from agent.domain import (
     BadResponse,
     CardItem,
     DeliveryConflict,
+    OrderClosed,
     OrderPage,
     RemoteDelivery,
     Transient,
@@ -41,6 +42,17 @@ def _read_retrying() -> AsyncRetrying:
         wait=wait_exponential(multiplier=0.2, max=2),
         reraise=True,
     )
+
+
+def _error_code(resp: HttpResponse) -> str | None:
+    """The protocol's `error.code`, or None when the body carries none."""
+    try:
+        body = resp.json()
+    except BadResponse:
+        return None
+    error = body.get("error") if isinstance(body, dict) else None
+    code = error.get("code") if isinstance(error, dict) else None
+    return code if isinstance(code, str) else None
 
 
 class HttpPlatform:
@@ -106,6 +118,10 @@ class HttpPlatform:
             headers={"Idempotency-Key": idempotency_key},
         )
         if resp.status == 409:
+            code = _error_code(resp)
+            if code in ("order_cancelled", "order_refunded"):
+                status = code.removeprefix("order_")
+                raise OrderClosed(f"platform: order {status} before delivery", status)
             raise DeliveryConflict(f"order already delivered with other items: {resp.error_text()}")
         raise_for_status(resp, "platform", unknown_outcome=True)
         try:

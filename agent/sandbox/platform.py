@@ -217,6 +217,9 @@ class SandboxPlatform(SignedSandbox):
                 },
                 status=409,
             )
+        if order.status in ("cancelled", "refunded"):
+            # platform-http v1: a delivery to an order no longer paid is 409 with the reason
+            return self.error(409, f"order_{order.status}", f"order is {order.status}")
         if order.status != "paid":
             return self.error(422, "not_payable", f"order is {order.status}")
         if len(items) != order.data.get("quantity"):
