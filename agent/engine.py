@@ -244,10 +244,19 @@ class Engine:
         platform = self.platforms[platform_name]
         cursor = None if from_start else await self.store.get_cursor(platform_name)
         taken = 0
+        # A full re-list also checks that the platform took our deliveries (see below).
+        listed_at = self.clock()
+        listed_paid: list[str] | None = [] if from_start else None
         for _ in range(MAX_PAGES_PER_POLL):
             page = await self._fetch(platform_name, platform.list_paid(cursor))
             if page is None:
                 return taken
+            if listed_paid is not None:
+                listed_paid.extend(
+                    o.order_id
+                    for o in page.orders
+                    if isinstance(o, PlatformOrder) and o.status == "paid"
+                )
             taken += await self._take_page(platform_name, page)
             if page.next_cursor and page.next_cursor != cursor:
                 cursor = page.next_cursor
@@ -260,7 +269,34 @@ class Engine:
             self._took_in_at[platform_name] = time.monotonic()
             if follow:
                 self._follow_up(platform_name)
+        if listed_paid:
+            await self._check_still_paid(platform_name, platform, listed_paid, listed_at)
         return taken
+
+    async def _check_still_paid(
+        self, platform_name: str, platform: Platform, order_ids: list[str], listed_at: float
+    ) -> None:
+        """An order the platform still lists as paid after our ledger recorded it delivered
+        did not get our delivery, whatever answer we had (a call that went elsewhere, a
+        platform that lost it): the buyer has no keys. Confirmed with the order itself (a
+        listing can lag), then parked for the merchant with the reason, which raises the
+        needs-attention alert; its keys stay bound to it for a resend."""
+        for line in await self.store.delivered_lines_of(platform_name, order_ids):
+            if line.delivered_at is None or line.delivered_at >= listed_at:
+                continue  # delivered while the listing was being read: not yet visible
+            try:
+                remote = await platform.get_order(line.order_id)
+            except AgentError as exc:
+                log.warning("still_paid_check_failed", order_id=line.order_id, error=str(exc))
+                continue
+            if remote.status != "paid":
+                continue
+            reason = (
+                "the platform still lists this order as paid after our ledger recorded it"
+                " delivered: the buyer may not have the keys; check the order on the platform,"
+                " then `kami-agent orders retry` it"
+            )
+            await self._park(line, reason)
 
     async def scheduled_poll(self, platform_name: str) -> int:
         """The poll job. Skipped while the platform's long poll keeps answering: both read

@@ -476,3 +476,24 @@ async def test_order_cancelled_before_delivery_is_closed_not_parked(
         await wait_for(line_state_is(store, waiting, LineState.CANCELLED), "closed as cancelled")
     assert sandbox.orders[waiting].delivery is None
     assert (await store.count_by_state()).get(LineState.NEEDS_ATTENTION, 0) == 0
+
+
+async def test_order_still_paid_after_we_delivered_it_is_flagged(
+    tmp_path: Path, sandbox: SandboxPlatform, store: Store
+) -> None:
+    """A delivery that never reached the platform (answered by someone else, lost by the
+    platform) leaves the order paid there while the ledger says delivered: the full re-list
+    notices, confirms with the order itself, and parks the line for the merchant."""
+    await stock(store, "GAME-100", 3)
+    lost, kept = sandbox.add_order("GAME-100"), sandbox.add_order("GAME-100")
+    config = make_config(tmp_path, sandbox.base_url, reconcile_interval=1)
+    async with running_agent(config, store, sandbox):
+        await wait_for(delivered_all(sandbox, [lost, kept]), "deliveries")
+        await wait_for(line_state_is(store, lost, LineState.DELIVERED), "recorded")
+        # the platform loses the delivery: the buyer never sees the keys
+        sandbox.orders[lost].delivery = None
+        sandbox.set_status(lost, "paid")
+        await wait_for(line_state_is(store, lost, LineState.NEEDS_ATTENTION), "flagged")
+    (line,) = await store.find_lines(lost)
+    assert line.reason is not None and "still lists this order as paid" in line.reason
+    assert (await store.find_lines(kept))[0].state == LineState.DELIVERED

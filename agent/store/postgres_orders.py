@@ -621,6 +621,18 @@ class PgOrdersLedger(PostgresBase):
 
         return await self._tx(run)
 
+    async def delivered_lines_of(self, platform: str, order_ids: Sequence[str]) -> list[OrderLine]:
+        async def run(conn: Conn) -> list[OrderLine]:
+            rows = await conn.fetch(
+                f"SELECT {LINE_COLUMNS} FROM orders WHERE platform = $1 AND state = 'delivered'"
+                " AND order_id = ANY($2::text[])",
+                platform,
+                list(order_ids),
+            )
+            return [line_from_row(r) for r in rows]
+
+        return await self._tx(run)
+
     async def list_lines(self, state: LineState | None, limit: int) -> list[OrderLine]:
         async def run(conn: Conn) -> list[OrderLine]:
             rows = await conn.fetch(

@@ -549,6 +549,21 @@ class OrdersLedger(SQLiteBase):
 
         return await self._tx(run)
 
+    async def delivered_lines_of(self, platform: str, order_ids: Sequence[str]) -> list[OrderLine]:
+        def run(conn: sqlite3.Connection) -> list[OrderLine]:
+            found: list[OrderLine] = []
+            for start in range(0, len(order_ids), 500):  # SQLite caps bound parameters
+                chunk = order_ids[start : start + 500]
+                rows = conn.execute(
+                    f"SELECT {LINE_COLUMNS} FROM orders WHERE platform = ? AND state = 'delivered'"
+                    f" AND order_id IN ({','.join('?' * len(chunk))})",
+                    (platform, *chunk),
+                ).fetchall()
+                found.extend(line_from_row(r) for r in rows)
+            return found
+
+        return await self._tx(run)
+
     async def list_lines(self, state: LineState | None, limit: int) -> list[OrderLine]:
         def run(conn: sqlite3.Connection) -> list[OrderLine]:
             if state is None:
