@@ -38,6 +38,12 @@ from agent.suppliers.http import HttpSupplier
 
 log = get_logger("kami.runtime")
 DRAIN_GRACE_SECONDS = 20.0
+# The exit code after SIGHUP (EX_TEMPFAIL: "try again"): the daemon drained like on SIGTERM
+# and wants to be started again. SIGHUP is not a reload: reading a changed config into a
+# running engine (platforms, workers, ledger, secrets) would be a second start-up path, and
+# a half-applied config is worse than a restart, which costs a drain and a few seconds and
+# which the ledger makes safe. Outside systemd this is also what a closed terminal asks for.
+EXIT_RESTART = 75
 LONG_POLL_SECONDS = 25.0
 
 
@@ -223,12 +229,22 @@ async def _run_daemon(config: Config) -> int:
     loop = asyncio.get_running_loop()
     for signum in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(signum, stop.set)
+    hung_up = asyncio.Event()
+
+    def hang_up() -> None:
+        # Without a handler SIGHUP ends the process on the spot, mid-delivery; systemd takes
+        # that for a clean stop and (Restart=on-failure) left the service down.
+        log.warning("hangup", action="draining, then exiting for a restart", code=EXIT_RESTART)
+        hung_up.set()
+        stop.set()
+
+    loop.add_signal_handler(signal.SIGHUP, hang_up)
     store = open_store(config.store)
     platforms = build_platforms(config)
     suppliers = build_suppliers(config)
     notifiers = {n.name: build_notifier(n) for n in config.notify}
     await store.open()
-    started = time.time()
+    started = time.monotonic()
     try:
         engine = await run_engine(config, store, platforms, stop, suppliers, notifiers)
     finally:
@@ -239,5 +255,7 @@ async def _run_daemon(config: Config) -> int:
         for notifier in notifiers.values():
             await notifier.close()
         await store.close()
-    log.info("stopped", uptime_s=round(time.time() - started, 1), **engine.snapshot())
-    return 0
+    code = EXIT_RESTART if hung_up.is_set() else 0
+    uptime = round(time.monotonic() - started, 1)
+    log.info("stopped", uptime_s=uptime, exit_code=code, **engine.snapshot())
+    return code
