@@ -14,9 +14,11 @@ from typing import Any
 from urllib.parse import quote, urlencode
 
 import aiohttp
+from aiohttp import hdrs
 from yarl import URL
 
 from agent.domain import Ambiguous, AuthFailed, BadResponse, Permanent, Transient
+from agent.redact import register, safe_url
 from agent.signing import auth_headers
 
 MAX_BODY_BYTES = 4 * 1024 * 1024
@@ -61,26 +63,50 @@ def parse_retry_after(value: str | None) -> float | None:
     return max(0.0, min(seconds, 3600.0))
 
 
-async def _read_capped(resp: aiohttp.ClientResponse) -> bytes:
-    """The body, refusing to buffer more than MAX_BODY_BYTES of a hostile or broken peer."""
+async def read_capped(resp: aiohttp.ClientResponse, limit: int = MAX_BODY_BYTES) -> bytes:
+    """The body, refusing to buffer more than `limit` bytes of a hostile or broken peer."""
     length = resp.content_length
     if length is not None:
-        if length > MAX_BODY_BYTES:
-            raise _too_big()
+        if length > limit:
+            raise _too_big(limit)
         return await resp.read()  # the peer said how much; aiohttp reads no more than that
     chunks: list[bytes] = []
     size = 0
     async for chunk in resp.content.iter_chunked(64 * 1024):
         size += len(chunk)
-        if size > MAX_BODY_BYTES:
-            raise _too_big()
+        if size > limit:
+            raise _too_big(limit)
         chunks.append(chunk)
     return b"".join(chunks)
 
 
-def _too_big() -> BadResponse:
-    # Built only when needed: every response of a flash sale passes through _read_capped.
-    return BadResponse(f"response body larger than {MAX_BODY_BYTES} bytes")
+def _too_big(limit: int) -> BadResponse:
+    # Built only when needed: every response of a flash sale passes through read_capped.
+    return BadResponse(f"response body larger than {limit} bytes")
+
+
+# The earlier private name, still imported by adapters written against it.
+_read_capped = read_capped
+
+
+class Redirected(Permanent):
+    """The other side answered with a redirect. No client of ours follows one: it would carry
+    the credentials, the signature and the body (card keys) to wherever it points."""
+
+
+def redirect_refusal(resp: aiohttp.ClientResponse, who: str) -> str:
+    """What a 3xx answer is reported as: where it pointed, secrets masked."""
+    location = resp.headers.get(hdrs.LOCATION)
+    if location:
+        try:
+            target = safe_url(resp.url.join(URL(location)))
+        except ValueError:
+            target = "(an unparseable location)"
+    else:
+        target = "(no Location header)"
+    return (
+        f"{who} answered HTTP {resp.status}, a redirect to {target}; redirects are never followed"
+    )
 
 
 DEFAULT_CONNECTIONS = 64
@@ -99,6 +125,7 @@ class SignedClient:
         self._base_text = str(self._base).rstrip("/")
         self._api_key = api_key
         self._secret = secret
+        register(secret)  # never sent, but an error text must not show it either
         self._timeout = aiohttp.ClientTimeout(total=timeout)
         self._max_connections = max_connections
         self._session: aiohttp.ClientSession | None = None
@@ -129,7 +156,8 @@ class SignedClient:
         headers: Mapping[str, str] | None = None,
         read_timeout: float | None = None,
     ) -> HttpResponse:
-        """Raises Transient when the request surely did not reach the server, else Ambiguous."""
+        """Raises Transient when the request surely did not reach the server, else Ambiguous;
+        Redirected (Permanent) for a 3xx answer, which is never followed."""
         url = self.url_for(path, params)
         body = b"" if payload is None else _ENCODER.encode(payload).encode()
         signed = auth_headers(
@@ -146,9 +174,16 @@ class SignedClient:
             if read_timeout:
                 extra["timeout"] = aiohttp.ClientTimeout(total=read_timeout)
             async with session.request(
-                method, url, data=body or None, headers=all_headers, **extra
+                method,
+                url,
+                data=body or None,
+                headers=all_headers,
+                allow_redirects=False,
+                **extra,
             ) as resp:
-                data = await _read_capped(resp)
+                if 300 <= resp.status < 400:
+                    raise Redirected(redirect_refusal(resp, f"{self._base.host} ({method} {path})"))
+                data = await read_capped(resp)
                 return HttpResponse(
                     resp.status, data, parse_retry_after(resp.headers.get("Retry-After"))
                 )

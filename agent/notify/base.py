@@ -8,6 +8,8 @@ from typing import Any, Protocol
 import aiohttp
 
 from agent.domain import AlertMessage, Permanent, Transient
+from agent.redact import safe_url, scrub
+from agent.signed_http import read_capped, redirect_refusal
 
 
 class Notifier(Protocol):
@@ -20,6 +22,10 @@ class Notifier(Protocol):
     async def close(self) -> None: ...
 
 
+# A robot's answer is a few hundred bytes; anything near this is not a robot answering.
+MAX_REPLY_BYTES = 64 * 1024
+
+
 async def post_json(
     session: aiohttp.ClientSession,
     url: str,
@@ -27,26 +33,40 @@ async def post_json(
     headers: dict[str, str] | None = None,
     body: bytes | None = None,
 ) -> Any:
-    """POSTs JSON (or exactly `body`) and maps failures to Transient/Permanent."""
+    """POSTs JSON (or exactly `body`) and maps failures to Transient/Permanent.
+
+    Never follows a redirect (it would carry the message and its signature elsewhere). Error
+    texts end up in logs and in the ledger's outbox, so they show the URL through `safe_url`
+    and the other side's words through `scrub`: robots keep their tokens in the URL.
+    """
     if body is None:
         body = json.dumps(payload, ensure_ascii=False).encode()
+    where = safe_url(url)
     try:
         async with session.post(
-            url, data=body, headers={"Content-Type": "application/json", **(headers or {})}
+            url,
+            data=body,
+            headers={"Content-Type": "application/json", **(headers or {})},
+            allow_redirects=False,
         ) as resp:
-            text = await resp.text()
+            if 300 <= resp.status < 400:
+                raise Permanent(redirect_refusal(resp, where))
+            text = (await read_capped(resp, MAX_REPLY_BYTES)).decode("utf-8", "replace")
             if resp.status >= 500 or resp.status == 429:
-                raise Transient(f"HTTP {resp.status}")
+                raise Transient(f"{where} answered HTTP {resp.status}")
             if resp.status >= 400:
-                raise Permanent(f"HTTP {resp.status}: {text[:200]}")
+                raise Permanent(f"{where} answered HTTP {resp.status}: {scrub(text)[:200]}")
             try:
                 return json.loads(text) if text else None
             except ValueError:
                 return None
     except aiohttp.ClientError as exc:
-        raise Transient(f"cannot reach {url.split('?')[0]}: {type(exc).__name__}") from None
+        raise Transient(f"cannot reach {where}: {type(exc).__name__}") from None
     except TimeoutError:
-        raise Transient(f"timeout posting to {url.split('?')[0]}") from None
+        raise Transient(f"timeout posting to {where}") from None
+    except (ValueError, OSError) as exc:
+        # E.g. a URL the HTTP stack cannot use; its text would carry the URL.
+        raise Permanent(f"cannot post to {where}: {type(exc).__name__}") from None
 
 
 class HttpNotifier:

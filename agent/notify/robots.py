@@ -15,6 +15,7 @@ from urllib.parse import quote_plus
 
 from agent.domain import AlertMessage, Permanent
 from agent.notify.base import HttpNotifier, post_json
+from agent.redact import register, scrub
 
 
 def dingtalk_sign(secret: str, timestamp_ms: str) -> str:
@@ -33,12 +34,15 @@ def _check(ok: bool, channel: str, reply: Any) -> None:
     if not ok:
         # A robot that answers 200 with an error code is misconfigured (bad token, keyword,
         # signature): retrying the same request will not help.
-        raise Permanent(f"{channel} refused the message: {str(reply)[:200]}")
+        raise Permanent(f"{channel} refused the message: {scrub(str(reply))[:200]}")
 
 
 class TelegramNotifier(HttpNotifier):
-    def __init__(self, name: str, token: str, chat_id: str, api_base: str) -> None:
-        super().__init__(name)
+    def __init__(
+        self, name: str, token: str, chat_id: str, api_base: str, timeout: float = 10.0
+    ) -> None:
+        super().__init__(name, timeout)
+        register(token)  # it sits in the URL path, which error texts show
         self._url = f"{api_base.rstrip('/')}/bot{token}/sendMessage"
         self.chat_id = chat_id
 
@@ -50,8 +54,9 @@ class TelegramNotifier(HttpNotifier):
 
 
 class DingTalkNotifier(HttpNotifier):
-    def __init__(self, name: str, url: str, sign_secret: str | None) -> None:
-        super().__init__(name)
+    def __init__(self, name: str, url: str, sign_secret: str | None, timeout: float = 10.0) -> None:
+        super().__init__(name, timeout)
+        register(url, sign_secret)
         self.url = url
         self.sign_secret = sign_secret
 
@@ -66,8 +71,9 @@ class DingTalkNotifier(HttpNotifier):
 
 
 class WeComNotifier(HttpNotifier):
-    def __init__(self, name: str, url: str) -> None:
-        super().__init__(name)
+    def __init__(self, name: str, url: str, timeout: float = 10.0) -> None:
+        super().__init__(name, timeout)
+        register(url)
         self.url = url
 
     async def send(self, message: AlertMessage) -> None:
@@ -77,8 +83,9 @@ class WeComNotifier(HttpNotifier):
 
 
 class FeishuNotifier(HttpNotifier):
-    def __init__(self, name: str, url: str, sign_secret: str | None) -> None:
-        super().__init__(name)
+    def __init__(self, name: str, url: str, sign_secret: str | None, timeout: float = 10.0) -> None:
+        super().__init__(name, timeout)
+        register(url, sign_secret)
         self.url = url
         self.sign_secret = sign_secret
 

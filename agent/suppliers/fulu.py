@@ -33,7 +33,7 @@ from cryptography.hazmat.primitives.ciphers import Cipher, algorithms, modes
 
 from agent.config import SupplierSettings
 from agent.domain import Ambiguous, BadResponse, CardItem, Permanent, PurchaseResult, Transient
-from agent.signed_http import SignedClient
+from agent.signed_http import Redirected, SignedClient
 from agent.suppliers.base import Balance
 
 CHINA = timezone(timedelta(hours=8))
@@ -179,7 +179,9 @@ class FuluSupplier:
                 # Already placed under this reference: find out how it went.
                 raise Ambiguous(str(exc)) from None
             raise Permanent(str(exc)) from None
-        except (BadResponse, Transient) as exc:
+        except (BadResponse, Transient, Redirected) as exc:
+            # A redirect is never followed; like an unreadable answer it is settled by asking
+            # about the customer_order_no, never by ordering under a new one.
             raise Ambiguous(f"fulu card order: {exc}") from None
         result = self._result(info, merchant_ref)
         # card.add never carries the cards; a success here still needs info.get for them.

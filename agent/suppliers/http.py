@@ -12,7 +12,7 @@ from agent.domain import (
     PurchaseResult,
 )
 from agent.platforms.parsing import ParseError, parse_items
-from agent.signed_http import SignedClient, quote_segment, raise_for_status
+from agent.signed_http import Redirected, SignedClient, quote_segment, raise_for_status
 from agent.suppliers.base import Balance
 
 PURCHASE_STATUSES = ("completed", "processing", "failed")
@@ -55,7 +55,13 @@ class HttpSupplier:
         payload: dict[str, Any] = {"merchant_ref": merchant_ref, "sku": sku, "quantity": quantity}
         if max_price is not None:
             payload["max_price"] = str(max_price)
-        resp = await self._client.request("POST", "/api/v1/purchases", payload=payload)
+        try:
+            resp = await self._client.request("POST", "/api/v1/purchases", payload=payload)
+        except Redirected as exc:
+            # Not followed, so surely nothing was bought through it; but a refusal would let
+            # the need be bought again under a new reference. Asking about this reference
+            # first costs one query and can never buy twice.
+            raise Ambiguous(f"purchase: {exc}") from None
         raise_for_status(resp, "supplier", unknown_outcome=True)
         try:
             return parse_purchase(resp.json())
