@@ -27,7 +27,7 @@ from agent.platforms import kind_module
 from agent.platforms.base import Platform
 from agent.scheduler import Job, JobFunc, build_scheduler
 from agent.secrets import resolve_secret
-from agent.service import notify, watchdog_interval
+from agent.service import keep_watchdog, notify, watchdog_interval
 from agent.signed_http import DEFAULT_CONNECTIONS
 from agent.store.base import Store
 from agent.store.sqlite import SQLiteStore
@@ -169,23 +169,24 @@ async def run_engine(
         Job("forecast", only_one_agent(store, "forecast", watch), alerts.forecast_interval),
         Job("outbox", only_one_agent(store, "outbox", drainer.drain), alerts.outbox_interval),
     ]
+    scheduler = build_scheduler(engine, config.agent, jobs)
+    scheduler.start()
+    background: list[asyncio.Task[None]] = []
     interval = watchdog_interval()
     if interval is not None:
         seen = {"handled": -1}
 
-        async def ping() -> None:
+        async def progressing() -> bool:
             # Only while work progresses: the ledger must answer, and with lines waiting the
             # workers must have finished some since the last ping. A wedged engine or store
             # misses the watchdog and systemd restarts us (the ledger makes that safe).
             await store.count_by_state()
             handled = engine.stats.handled
-            if engine.backlog == 0 or handled != seen["handled"]:
-                notify("WATCHDOG=1")
+            alive = engine.backlog == 0 or handled != seen["handled"]
             seen["handled"] = handled
+            return alive
 
-        jobs.append(Job("watchdog", ping, interval))
-    scheduler = build_scheduler(engine, config.agent, jobs)
-    scheduler.start()
+        background.append(asyncio.create_task(keep_watchdog(interval, progressing)))
     long_polls = [
         asyncio.create_task(engine.long_poll(p.name, LONG_POLL_SECONDS), name=f"long-poll:{p.name}")
         for p in config.platforms
@@ -202,16 +203,16 @@ async def run_engine(
                 f"needs attention {s['parked']}"
             )
 
-    status_task = asyncio.create_task(report_status())
+    background.append(asyncio.create_task(report_status()))
     try:
         await stop.wait()
     finally:
         notify("STOPPING=1\nSTATUS=draining")
         log.info("stopping", backlog=engine.backlog)
-        status_task.cancel()
-        for task in long_polls:
+        for task in [*background, *long_polls]:
             task.cancel()
-        scheduler.shutdown(wait=False)
+        await asyncio.gather(*background, return_exceptions=True)
+        await scheduler.stop()
         await engine.stop_workers(DRAIN_GRACE_SECONDS)
     return engine
 

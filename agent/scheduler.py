@@ -1,51 +1,20 @@
-"""APScheduler wiring: one poll job per platform account, reconcile, sweep, watchdog."""
+"""The daemon's periodic jobs: one poll per platform account, reconcile, balances, sweep.
+
+They run on the monotonic clock (agent/periodic.py says why not on APScheduler)."""
 
 from __future__ import annotations
 
-import asyncio
-import logging
-from collections.abc import Awaitable, Callable, Sequence
-from dataclasses import dataclass
-from datetime import UTC, datetime
-
-from apscheduler.schedulers.asyncio import AsyncIOScheduler
+from collections.abc import Sequence
 
 from agent.config import AgentSettings
 from agent.engine import Engine
-from agent.logs import get_logger
+from agent.periodic import Job, JobFunc, Periodic
 
-JobFunc = Callable[[], Awaitable[object]]
-log = get_logger("kami.scheduler")
-
-
-def guarded(name: str, func: JobFunc) -> Callable[[], Awaitable[None]]:
-    """Job errors go to our JSON log; a job cancelled by shutdown is not an error."""
-
-    async def job() -> None:
-        try:
-            await func()
-        except asyncio.CancelledError:
-            return
-        except Exception:
-            log.exception("job_failed", job=name)
-
-    return job
+__all__ = ["Job", "JobFunc", "build_scheduler"]
 
 
-@dataclass(frozen=True, slots=True)
-class Job:
-    name: str
-    func: JobFunc
-    every: float  # seconds
-    at_start: bool = False  # also run right away
-
-
-def build_scheduler(
-    engine: Engine, settings: AgentSettings, extra: Sequence[Job] = ()
-) -> AsyncIOScheduler:
-    """Every periodic job: coalesced, one instance at a time, errors to our log."""
-    # "max instances reached" is expected when a poll outlasts its interval; not news.
-    logging.getLogger("apscheduler").setLevel(logging.ERROR)
+def build_scheduler(engine: Engine, settings: AgentSettings, extra: Sequence[Job] = ()) -> Periodic:
+    """Every periodic job of the engine, and `extra`; start() starts them."""
 
     def poll_job(name: str) -> JobFunc:
         async def poll() -> int:
@@ -63,19 +32,4 @@ def build_scheduler(
         jobs.append(Job("balances", engine.poll_balances, settings.balance_interval, True))
     jobs.append(Job("sweep", engine.sweep, settings.sweep_interval))
     jobs.extend(extra)
-
-    scheduler = AsyncIOScheduler(timezone=UTC)
-    now = datetime.now(UTC)
-    for job in jobs:
-        start = {"next_run_time": now} if job.at_start else {}
-        scheduler.add_job(
-            guarded(job.name, job.func),
-            "interval",
-            seconds=job.every,
-            id=job.name,
-            coalesce=True,
-            max_instances=1,
-            misfire_grace_time=None,
-            **start,
-        )
-    return scheduler
+    return Periodic(jobs)

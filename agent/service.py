@@ -2,8 +2,14 @@
 
 from __future__ import annotations
 
+import asyncio
 import os
 import socket
+from collections.abc import Awaitable, Callable
+
+from agent.logs import get_logger
+
+log = get_logger("kami.service")
 
 
 def notify(message: str) -> bool:
@@ -32,3 +38,19 @@ def watchdog_interval() -> float | None:
         return int(usec) / 2_000_000
     except ValueError:
         return None
+
+
+async def keep_watchdog(interval: float, progressing: Callable[[], Awaitable[bool]]) -> None:
+    """Pings the systemd watchdog every `interval` seconds while `progressing()` says the
+    daemon gets work done; runs until cancelled. A task of its own, timed by the monotonic
+    clock: as a scheduler job it shared the scheduler's fate, and a step of the wall clock
+    stalled it until systemd killed a daemon that was working fine."""
+    while True:
+        await asyncio.sleep(interval)
+        try:
+            alive = await progressing()
+        except Exception as exc:  # e.g. the ledger does not answer: no ping, systemd acts
+            log.warning("watchdog_check_failed", error=str(exc), kind=type(exc).__name__)
+            continue
+        if alive:
+            notify("WATCHDOG=1")

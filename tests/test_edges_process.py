@@ -3,13 +3,20 @@
 from __future__ import annotations
 
 import asyncio
+import glob
+import os
 import signal
+import socket
+import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
+
+import pytest
 
 from agent.runtime import EXIT_RESTART
 from agent.sandbox.platform import SandboxPlatform
-from tests.daemon import import_stock, start_daemon
+from tests.daemon import agent_env, import_stock, start_daemon
 from tests.helpers import SAFETY_TIMEOUT, assert_platform_invariants
 
 SECRET = "edges-process-platform-secret"
@@ -52,8 +59,9 @@ async def started_sandbox() -> SandboxPlatform:
     return sandbox
 
 
-async def wait_until(condition: object, what: str, proc: asyncio.subprocess.Process) -> None:
-    assert callable(condition)
+async def wait_until(
+    condition: Callable[[], bool], what: str, proc: asyncio.subprocess.Process
+) -> None:
     deadline = time.monotonic() + SAFETY_TIMEOUT
     while not condition():
         assert proc.returncode is None, f"the daemon died while waiting for {what}"
@@ -124,3 +132,83 @@ def test_unit_restarts_after_any_exit_and_bounds_memory_and_crash_loops() -> Non
     assert "-HUP" in service["ExecReload"][0]
     # The start limit lives in [Unit]; in [Service] systemd ignores it.
     assert unit["Unit"]["StartLimitIntervalSec"] and int(unit["Unit"]["StartLimitBurst"][0]) > 0
+
+
+def libfaketime() -> str:
+    """libfaketime (Debian: apt-get install faketime; .ci/run installs it)."""
+    found = sorted(glob.glob("/usr/lib/*/faketime/libfaketimeMT.so.1"))
+    if not found:
+        pytest.skip("libfaketime is not installed (apt-get install faketime)")
+    return found[0]
+
+
+def step_wall_clock(control: Path, offset: str) -> None:
+    """libfaketime reads the offset from this file at every clock read (FAKETIME_NO_CACHE):
+    the daemon's wall clock steps at once; its monotonic clock is left alone."""
+    partial = control.with_suffix(".new")
+    partial.write_text(offset + "\n", encoding="utf-8")
+    os.replace(partial, control)  # never a half-written file
+
+
+async def test_wall_clock_steps_do_not_stall_polling_or_the_watchdog(tmp_path: Path) -> None:
+    sandbox = await started_sandbox()
+    config = write_config(tmp_path, sandbox.base_url)
+    control = tmp_path / "faketime.offset"
+    step_wall_clock(control, "+0")
+    notify_socket = tmp_path / "notify.sock"
+    listener = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+    listener.bind(str(notify_socket))
+    listener.setblocking(False)
+    pings = 0
+
+    async def receive() -> None:
+        nonlocal pings
+        loop = asyncio.get_running_loop()
+        while True:
+            pings += (await loop.sock_recv(listener, 4096)).decode().count("WATCHDOG=1")
+
+    env = agent_env(config, SECRETS) | {
+        "LD_PRELOAD": libfaketime(),
+        "FAKETIME_TIMESTAMP_FILE": str(control),
+        "FAKETIME_NO_CACHE": "1",
+        "FAKETIME_DONT_FAKE_MONOTONIC": "1",
+        "NOTIFY_SOCKET": str(notify_socket),
+        "WATCHDOG_USEC": "400000",  # a ping every 0.2 s
+    }
+    receiver = asyncio.create_task(receive())
+    log = tmp_path / "daemon.log"
+    try:
+        await import_stock(config, SECRETS, tmp_path, "GAME-100", ["C-1", "C-2", "C-3"])
+        with log.open("ab") as sink:
+            proc = await asyncio.create_subprocess_exec(
+                sys.executable, "-m", "agent", "run", env=env, stdout=sink, stderr=sink
+            )
+        try:
+            await wait_until(lambda: sandbox.polls >= 3 and pings >= 3, "polls and pings", proc)
+            # Back 200 s (NTP fixing a fast clock), then forward 400 s: both within the
+            # platform's 300 s signature window, so only our own timing is under test.
+            for offset in ("-200", "+200"):
+                step_wall_clock(control, offset)
+                polls_before, pings_before = sandbox.polls, pings
+
+                def kept_on(polls: int = polls_before, seen: int = pings_before) -> bool:
+                    return sandbox.polls >= polls + 5 and pings >= seen + 5
+
+                await wait_until(kept_on, f"polls and pings after a step to {offset} s", proc)
+                order = sandbox.add_order("GAME-100")
+
+                def delivered(order: str = order) -> bool:
+                    return sandbox.orders[order].delivery is not None
+
+                await wait_until(delivered, f"a delivery after a step to {offset} s", proc)
+            proc.send_signal(signal.SIGTERM)
+            assert await asyncio.wait_for(proc.wait(), SAFETY_TIMEOUT) == 0
+        finally:
+            if proc.returncode is None:
+                proc.kill()
+                await proc.wait()
+    finally:
+        receiver.cancel()
+        listener.close()
+        await sandbox.stop()
+    assert_platform_invariants(sandbox)
