@@ -1,4 +1,4 @@
-"""Command line: run, demo, check, stock, orders, secrets."""
+"""Command line: init, run, demo, check, stock, orders, secrets."""
 
 from __future__ import annotations
 
@@ -16,7 +16,7 @@ from pathlib import Path
 from agent import logs
 from agent.config import Config, ConfigError, load_config
 from agent.domain import AgentError, KeyState, LineState, OrderLine
-from agent.keybox import new_master_key, parse_master_key
+from agent.keybox import StoreKeyError, new_master_key, parse_master_key
 from agent.secrets import (
     delete_secret,
     env_var_for,
@@ -25,7 +25,7 @@ from agent.secrets import (
     store_secret,
 )
 from agent.stockfile import StockFileReader
-from agent.store.base import Store, StoreError
+from agent.store.base import LedgerError, Store, StoreError
 from agent.suppliers.base import Balance
 
 DEFAULT_CONFIG_PATHS = (Path("config.toml"), Path("/etc/kami-agent/config.toml"))
@@ -76,6 +76,35 @@ def cmd_run(args: argparse.Namespace) -> int:
     return asyncio.run(run_daemon(config))
 
 
+def cmd_init(args: argparse.Namespace) -> int:
+    """Creates the ledger (once): its schema, its data keys and its id, recorded beside it.
+    --adopt records again the identity file of an existing ledger whose file was lost."""
+    from agent.runtime import open_store
+    from agent.store.identity import Opening, identity_path
+
+    config = _load(args)
+    opening = Opening.RECORD_IDENTITY if args.adopt else Opening.CREATE
+
+    async def create() -> str | None:
+        store = open_store(config.store, opening=opening)
+        await store.open()
+        try:
+            return getattr(store, "ledger_id", None)
+        finally:
+            await store.close()
+
+    ledger_id = asyncio.run(create())
+    where = str(config.store.path) if config.store.path is not None else "in PostgreSQL"
+    beside = (
+        f"; identity recorded in {identity_path(config.store.path)}"
+        if config.store.path is not None
+        else " (kept in the database)"
+    )
+    done = "checked" if args.adopt else "created"
+    print(f"ledger {where}: {done}, id {ledger_id}{beside}")
+    return 0
+
+
 def cmd_demo(args: argparse.Namespace) -> int:
     from agent.demo import DemoPlan, run_demo
 
@@ -119,7 +148,11 @@ def cmd_check(args: argparse.Namespace) -> int:
         return problems
 
     if lookup_secret(config.store.key_secret):
-        failures += asyncio.run(_with_store(config, probe))
+        try:
+            failures += asyncio.run(_with_store(config, probe))
+        except (LedgerError, StoreKeyError) as exc:
+            print(f"store {config.store.describe()}: FAILED: {exc}")
+            failures += 1
     else:
         print(
             f"store {config.store.describe()}: not checked"
@@ -225,6 +258,16 @@ def cmd_stock_import(args: argparse.Namespace) -> int:
             f"{args.sku}: added {report.added}, duplicates {report.duplicates}, "
             f"rejected {reader.rejected} ({elapsed:.1f} s)"
         )
+        if report.already_bound:
+            print(
+                f"  refused {report.already_bound} key(s) this ledger already bound to orders"
+                " (delivered before): a key is never sold twice"
+            )
+        if report.other_sku:
+            print(
+                f"  refused {report.other_sku} key(s) this ledger holds under another SKU"
+                " (a key belongs to one SKU)"
+            )
         for sample in reader.samples:
             print(f"  rejected {sample}")
         return 0
@@ -442,6 +485,13 @@ def build_parser() -> argparse.ArgumentParser:
     )
     sub = parser.add_subparsers(dest="command", required=True)
 
+    init = sub.add_parser("init", help="create the ledger (once, after `keys init`)")
+    init.add_argument(
+        "--adopt",
+        action="store_true",
+        help="record again the lost identity file of this shop's existing ledger",
+    )
+    init.set_defaults(func=cmd_init)
     sub.add_parser("run", help="run the daemon in the foreground").set_defaults(func=cmd_run)
     demo = sub.add_parser("demo", help="run against the embedded sandbox platform")
     demo.add_argument("--orders", type=int, default=150, help="orders in the steady stream")

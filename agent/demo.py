@@ -39,6 +39,7 @@ from agent.runtime import build_platform, platform_connections, run_engine
 from agent.sandbox.platform import Faults, SandboxPlatform
 from agent.sandbox.supplier import SandboxSupplier, SupplierFaults
 from agent.stats import percentile
+from agent.store.identity import Opening
 from agent.store.sqlite import SQLiteStore
 from agent.suppliers.http import HttpSupplier
 
@@ -220,7 +221,10 @@ async def run_demo(
     )
     supplier_url = await upstream.start()
     config = demo_config(workdir, base_url, supplier_url)
-    store = SQLiteStore(workdir / "kami.db", parse_master_key(new_master_key()))
+    # Made the one way a ledger is made: as `kami-agent init` makes it.
+    store = SQLiteStore(
+        workdir / "kami.db", parse_master_key(new_master_key()), opening=Opening.CREATE
+    )
     await store.open()
     print(f"kami-agent demo — sandbox platform at {base_url}, ledger {config.store.path}", file=out)
     for sku, count in {**BURST_SKUS, LOW_SKU: LOW_STOCK}.items():

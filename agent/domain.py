@@ -223,6 +223,10 @@ class Purchase:
 class ImportReport:
     added: int = 0
     duplicates: int = 0
+    # Refused, not duplicates: keys this ledger already bound to an order (delivered), and
+    # keys it holds under another SKU (a key is unique across SKUs).
+    already_bound: int = 0
+    other_sku: int = 0
     rejected: int = 0
     rejected_samples: list[str] = field(default_factory=list)
 

@@ -5,6 +5,11 @@ the ledger's `data_keys` table. Each card key row is sealed with one data key an
 id, so `kami-agent keys rotate` can move rows to a fresh data key batch by batch. Duplicate
 detection uses a keyed hash (HMAC-SHA256 with a separate wrapped hash key), so the ledger
 holds nothing that can be matched against a guessed key without the master key.
+
+A sealed card key is bound to its row: the associated data is the SKU and the key's keyed
+hash, which its row stores and which is unique per key. A sealed value copied into another
+row (of any SKU) fails to open there, so it is reported, never delivered in that row's name.
+Ledgers sealed before this bound the SKU only; they are re-sealed once when opened.
 """
 
 from __future__ import annotations
@@ -19,6 +24,7 @@ from cryptography.exceptions import InvalidTag
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
 from agent.domain import AgentError, CardItem
+from agent.store.base import StoreError
 
 NONCE_BYTES = 12
 KEY_BYTES = 32
@@ -27,6 +33,12 @@ _SEP = "\x1f"
 
 class StoreKeyError(AgentError):
     """The master key is missing, malformed, or does not open this ledger."""
+
+
+class SealedKeyError(StoreKeyError, StoreError):
+    """One card key does not open in its row: altered, or its sealed value moved there from
+    another row. A StoreError too: the engine parks the line it belongs to with the reason,
+    where it would park any line the ledger refuses to deliver."""
 
 
 def parse_master_key(value: str) -> bytes:
@@ -76,24 +88,41 @@ class KeyBox:
         return key_id in self._ciphers
 
     def seal(self, sku: str, item: CardItem, key_id: int | None = None) -> tuple[int, bytes]:
-        """(key id, nonce + ciphertext); the SKU is bound in as associated data."""
+        """(key id, nonce + ciphertext); the SKU and the key's keyed hash (its row's
+        secret_hash) are bound in as associated data."""
+        return self._seal(self._row_ad(sku, self.digest(item)), item, key_id)
+
+    def _seal(self, ad: bytes, item: CardItem, key_id: int | None) -> tuple[int, bytes]:
         key_id = self.current if key_id is None else key_id
         nonce = os.urandom(NONCE_BYTES)
         plain = f"{item.code}{_SEP}{item.secret}".encode()
-        return key_id, nonce + self._ciphers[key_id].encrypt(nonce, plain, sku.encode())
+        return key_id, nonce + self._ciphers[key_id].encrypt(nonce, plain, ad)
 
-    def open(self, sku: str, key_id: int, sealed: bytes) -> CardItem:
+    def open(self, sku: str, key_id: int, sealed: bytes, secret_hash: bytes) -> CardItem:
+        """The card key sealed in a row of this SKU whose keyed hash is `secret_hash`."""
+        return self._open(self._row_ad(sku, bytes(secret_hash)), key_id, sealed)
+
+    def open_sku_bound(self, sku: str, key_id: int, sealed: bytes) -> CardItem:
+        """A card key sealed before rows were bound in (the SKU only): for re-sealing."""
+        return self._open(sku.encode(), key_id, sealed)
+
+    def _open(self, ad: bytes, key_id: int, sealed: bytes) -> CardItem:
         cipher = self._ciphers.get(key_id)
         if cipher is None:
             raise StoreKeyError(f"data key {key_id} is not available to open a card key")
         try:
-            plain = cipher.decrypt(sealed[:NONCE_BYTES], sealed[NONCE_BYTES:], sku.encode())
+            plain = cipher.decrypt(sealed[:NONCE_BYTES], sealed[NONCE_BYTES:], ad)
         except InvalidTag:
-            raise StoreKeyError(
-                "a card key failed its integrity check (tampered ledger?)"
+            raise SealedKeyError(
+                "a card key failed its integrity check (its sealed value was altered, or moved"
+                " there from another row): not delivered"
             ) from None
         code, _, secret = plain.decode().partition(_SEP)
         return CardItem(code=code, secret=secret)
+
+    @staticmethod
+    def _row_ad(sku: str, secret_hash: bytes) -> bytes:
+        return sku.encode() + _SEP.encode() + secret_hash
 
     def digest(self, item: CardItem) -> bytes:
         """Keyed identity for duplicate detection and log fingerprints."""

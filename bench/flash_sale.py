@@ -48,6 +48,7 @@ from agent.signed_http import SignedClient
 from agent.signing import auth_headers
 from agent.stats import percentile
 from agent.store.base import Store
+from agent.store.identity import Opening
 from agent.store.sqlite import SQLiteStore
 from bench.sandbox_process import start_platform_process
 
@@ -173,7 +174,7 @@ def bench_store(sqlite_path: Path, store_url: str | None) -> Store:
     (it must be one for the bench alone: the bench fills it with keys and orders)."""
     master = parse_master_key(new_master_key())
     if store_url is None:
-        return SQLiteStore(sqlite_path, master)
+        return SQLiteStore(sqlite_path, master, opening=Opening.CREATE)
     from agent.store.postgres import PostgresStore
 
     return PostgresStore(store_url, master, instance="bench")

@@ -25,6 +25,7 @@ from agent.keybox import parse_master_key
 from agent.platforms.http import HttpPlatform
 from agent.sandbox.platform import SandboxPlatform
 from agent.store.base import Store
+from agent.store.identity import Opening
 from agent.store.sqlite import SQLiteStore
 from tests.pg_server import REQUIRE_ENV, PgServer
 from tests.pg_server import start as start_pg_server
@@ -102,12 +103,13 @@ def pg_url(pg_server: PgServer) -> Iterator[str]:
 
 
 def open_test_store(backend: str, tmp_path: Path, url: str | None = None, **pg: Any) -> Store:
+    """A new ledger, made (on its first open) the way `kami-agent init` makes one."""
     if backend == "sqlite":
-        return SQLiteStore(tmp_path / "kami.db", master_key_for_tests())
+        return SQLiteStore(tmp_path / "kami.db", master_key_for_tests(), opening=Opening.CREATE)
     from agent.store.postgres import PostgresStore
 
     assert url is not None
-    return PostgresStore(url, master_key_for_tests(), **pg)
+    return PostgresStore(url, master_key_for_tests(), opening=Opening.CREATE, **pg)
 
 
 @pytest.fixture(params=["sqlite", "postgres"])
@@ -122,7 +124,7 @@ async def store(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIterator
 
 @pytest.fixture
 async def sqlite_store(tmp_path: Path) -> AsyncIterator[SQLiteStore]:
-    s = SQLiteStore(tmp_path / "kami.db", master_key_for_tests())
+    s = SQLiteStore(tmp_path / "kami.db", master_key_for_tests(), opening=Opening.CREATE)
     await s.open()
     yield s
     await s.close()

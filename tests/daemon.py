@@ -27,6 +27,30 @@ def agent_env(
     return env
 
 
+# Configs whose ledger `ensure_ledger` has made (or found) in this test session.
+_INITIALISED: set[Path] = set()
+
+
+async def ensure_ledger(config: Path, secrets: Mapping[str, str]) -> None:
+    """Makes the config's ledger the way a merchant does, with `kami-agent init`, once per
+    config: nothing else creates a ledger. A ledger already made (agents sharing a
+    PostgreSQL ledger each have a config) is left as it is."""
+    if config in _INITIALISED:
+        return
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable,
+        "-m",
+        "agent",
+        "init",
+        env=agent_env(config, secrets),
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.STDOUT,
+    )
+    out, _ = await proc.communicate()
+    assert proc.returncode == 0 or b"already" in out, out.decode()
+    _INITIALISED.add(config)
+
+
 async def run_cli(config: Path, secrets: Mapping[str, str], *args: str) -> str:
     proc = await asyncio.create_subprocess_exec(
         sys.executable,
@@ -43,8 +67,16 @@ async def run_cli(config: Path, secrets: Mapping[str, str], *args: str) -> str:
 
 
 async def start_daemon(
-    config: Path, secrets: Mapping[str, str], log: Path, crash_at: str | None = None
+    config: Path,
+    secrets: Mapping[str, str],
+    log: Path,
+    crash_at: str | None = None,
+    *,
+    init: bool = True,
 ) -> asyncio.subprocess.Process:
+    """The daemon, on the config's ledger (made first with `init`, unless init=False)."""
+    if init:
+        await ensure_ledger(config, secrets)
     with log.open("ab") as sink:
         return await asyncio.create_subprocess_exec(
             sys.executable,
@@ -72,6 +104,7 @@ async def import_stock(
     config: Path, secrets: Mapping[str, str], folder: Path, sku: str, values: list[str]
 ) -> set[str]:
     """Writes the keys to a stock file and imports it with the real CLI; returns the keys."""
+    await ensure_ledger(config, secrets)
     stock_file = folder / f"{sku}.txt"
     stock_file.write_text("\n".join(values) + "\n", encoding="utf-8")
     out = await run_cli(config, secrets, "stock", "import", sku, str(stock_file))

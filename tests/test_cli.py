@@ -34,6 +34,8 @@ max_quantity = 5
 """,
         encoding="utf-8",
     )
+    made = cli(path, "init")  # the ledger, made the one way a ledger is made
+    assert made.returncode == 0, made.stderr
     return path
 
 

@@ -27,6 +27,7 @@ from agent.stockfile import MAX_FIELD_LENGTH, StockFileReader
 from agent.store.sqlite import SQLiteStore
 from agent.suppliers.http import parse_purchase
 from tests.conftest import make_config, master_key_for_tests
+from agent.store.identity import Opening
 
 json_scalars = st.none() | st.booleans() | st.integers() | st.floats(allow_nan=False) | st.text()
 json_values = st.recursive(
@@ -155,7 +156,9 @@ def test_hostile_orders_are_parked_or_taken_never_lost(raw_orders: list[dict[str
 
     async def run() -> None:
         with tempfile.TemporaryDirectory() as folder:
-            store = SQLiteStore(Path(folder) / "kami.db", master_key_for_tests())
+            store = SQLiteStore(
+                Path(folder) / "kami.db", master_key_for_tests(), opening=Opening.CREATE
+            )
             await store.open()
             try:
                 config = make_config(Path(folder), "http://127.0.0.1:9")

@@ -11,6 +11,7 @@ import pytest
 from agent.domain import LineState, RejectedOrder
 from agent.sandbox.platform import SandboxPlatform
 from agent.store.base import Store, StoreError
+from agent.store.identity import Opening
 from agent.store.migrate import migrate_sqlite_to_postgres
 from agent.store.postgres import PostgresStore
 from agent.store.sqlite import SQLiteStore
@@ -41,7 +42,7 @@ async def test_migrate_store_moves_a_running_shop(
     # A shop on SQLite: 40 orders delivered, 20 more waiting for stock, a parked one.
     config = make_config(tmp_path, sandbox.base_url)
     db = tmp_path / "kami.db"
-    sqlite_store = SQLiteStore(db, master_key_for_tests())
+    sqlite_store = SQLiteStore(db, master_key_for_tests(), opening=Opening.CREATE)
     await sqlite_store.open()
     await stock(sqlite_store, "GAME-100", 40)
     await stock(sqlite_store, "VIP-30D", 5)

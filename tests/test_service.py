@@ -39,6 +39,10 @@ secret = "platform.main.secret"
         "KAMI_SECRET_PLATFORM_MAIN_SECRET": sandbox.secret,
         STORE_KEY_ENV: TEST_STORE_KEY,
     }
+    init = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "agent", "--config", str(config), "init", env=env
+    )
+    assert await init.wait() == 0
     proc = await asyncio.create_subprocess_exec(
         sys.executable,
         "-m",

@@ -19,6 +19,7 @@ from agent.domain import (
 )
 from agent.keybox import StoreKeyError
 from agent.store.base import Store, StoreError
+from agent.store.identity import Opening
 from agent.store.sqlite import SQLiteStore, migrations
 from tests.conftest import keys, master_key_for_tests, stock
 from tests.helpers import ledger_bytes
@@ -42,8 +43,8 @@ async def test_ledger_file_is_private_and_migrated(
 
 
 async def test_reopen_does_not_migrate_twice(tmp_path: Path) -> None:
-    for _ in range(2):
-        s = SQLiteStore(tmp_path / "kami.db", master_key_for_tests())
+    for opening in (Opening.CREATE, Opening.OPEN):
+        s = SQLiteStore(tmp_path / "kami.db", master_key_for_tests(), opening=opening)
         await s.open()
         await s.close()
     with sqlite3.connect(tmp_path / "kami.db") as conn:
@@ -158,7 +159,8 @@ async def test_import_dedupes_and_counts(store: Store) -> None:
     again = await store.import_keys("GAME-100", keys("GAME-100", 10), "test", NOW)
     assert (again.added, again.duplicates) == (0, 10)
     other = await store.import_keys("VIP-30D", keys("GAME-100", 10), "test", NOW)
-    assert other.added == 10  # uniqueness is per SKU
+    # A key is unique across SKUs (DESIGN, invariant 1): under two it would be sold twice.
+    assert (other.added, other.duplicates, other.other_sku) == (0, 0, 10)
 
 
 async def test_void_only_touches_free_keys_and_needs_reason(store: Store) -> None:
@@ -243,8 +245,13 @@ async def test_take_in_records_orders_whose_keys_do_not_open(
     await sqlite_store.open()
     (line,) = await sqlite_store.take_in("main", [order("A")], NOW, {"GAME-100"})
     assert isinstance(line, OrderLine) and line.state == LineState.NEW
-    with pytest.raises(StoreKeyError, match="integrity"):
-        await sqlite_store.claim_for_delivery(line.id, NOW)
+    # The claim binds the keys and stops short of a delivery (so the broken key goes to no
+    # other line); delivering it is refused with a StoreError, on which the worker parks it.
+    claimed = await sqlite_store.claim_for_delivery(line.id, NOW)
+    assert isinstance(claimed, OrderLine) and claimed.state == LineState.ALLOCATED
+    with pytest.raises(StoreKeyError, match="integrity") as refused:
+        await sqlite_store.begin_delivery(line.id, NOW)
+    assert isinstance(refused.value, StoreError)
 
 
 async def test_demand_is_summed_per_sku_and_minute(store: Store) -> None:

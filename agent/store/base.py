@@ -11,6 +11,7 @@ from contextlib import AbstractAsyncContextManager
 from typing import Protocol
 
 from agent.domain import (
+    AgentError,
     AlertCondition,
     AlertMessage,
     CardItem,
@@ -31,14 +32,27 @@ from agent.domain import (
 ProgressCallback = Callable[[int], None]
 
 
-class StoreError(Exception):
+class StoreError(AgentError):
     """The store refused an operation (unknown line, wrong state); phrased for the merchant."""
+
+
+class LedgerError(AgentError):
+    """The ledger cannot be used at all: missing, empty, replaced, foreign, damaged,
+    unreadable or not writable. Driver errors (sqlite3, OSError, asyncpg) are mapped to it
+    at the store boundary, phrased for the merchant, so a command ends in one clear line.
+    Not a StoreError: the engine parks a line on a StoreError, and a ledger it cannot
+    reach is no reason to park anything."""
 
 
 class Store(Protocol):
     async def open(self) -> None: ...
 
     async def close(self) -> None: ...
+
+    def ledger_lost(self) -> str | None:
+        """Why the ledger opened is no longer the one at its address (its file deleted or
+        replaced while we run), or None. Cheap (a stat): the daemon asks every few seconds."""
+        ...
 
     # --- intake ---------------------------------------------------------------------
     async def ingest(

@@ -23,8 +23,19 @@ from agent.store.postgres_base import Conn, migrate_schema, safe_url
 from agent.store.sqlite import SQLiteStore
 from agent.store.sqlite_base import exclusive_ledger
 
-# Parents before children, so every foreign key finds its row.
-TABLES = ("data_keys", "orders", "card_keys", "events", "cursors", "purchases", "alerts", "outbox")
+# Parents before children, so every foreign key finds its row. ledger_meta carries the
+# ledger's id: the PostgreSQL ledger goes on as the same ledger.
+TABLES = (
+    "ledger_meta",
+    "data_keys",
+    "orders",
+    "card_keys",
+    "events",
+    "cursors",
+    "purchases",
+    "alerts",
+    "outbox",
+)
 BATCH = 20_000
 # What proves a card key arrived intact and in the same hands.
 KEY_FINGERPRINT_COLUMNS = "id, sku, key_id, sealed, secret_hash, state, order_line_id, slot"

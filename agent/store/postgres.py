@@ -12,6 +12,7 @@ from collections.abc import Iterable
 
 from agent.domain import CardItem, ImportReport, KeyState, StockCount
 from agent.store.base import ProgressCallback, StoreError
+from agent.store.imports import Sorted, sort_known
 from agent.store.postgres_alerts import PgAlertsLedger
 from agent.store.postgres_base import Conn
 from agent.store.rows import IMPORT_BATCH
@@ -29,13 +30,22 @@ class PostgresStore(PgAlertsLedger):
     ) -> ImportReport:
         # Batches of their own transactions keep the agents' writes flowing during a big
         # import; an interrupted import is simply run again (duplicates are skipped).
-        added = seen = 0
+        report = ImportReport()
+        seen = 0
         iterator = iter(items)
         while batch := list(itertools.islice(iterator, IMPORT_BATCH)):
 
-            async def insert(conn: Conn, batch: list[CardItem] = batch) -> int:
+            async def insert(conn: Conn, batch: list[CardItem] = batch) -> Sorted:
                 rows = await self._key_rows(conn, sku, batch, source, now)
-                columns = list(zip(*rows, strict=True))
+                known = await conn.fetch(
+                    "SELECT secret_hash, sku, state FROM card_keys"
+                    " WHERE secret_hash = ANY($1::bytea[]) ORDER BY state = 'bound'",
+                    [r[3] for r in rows],
+                )  # bound rows last: they win
+                sorted_rows = sort_known(sku, rows, {bytes(r[0]): (r[1], r[2]) for r in known})
+                if not sorted_rows.fresh:
+                    return sorted_rows
+                columns = list(zip(*sorted_rows.fresh, strict=True))
                 inserted = await conn.fetchval(
                     "WITH added AS (INSERT INTO card_keys (sku, key_id, sealed, secret_hash,"
                     " state, source, added_at) SELECT *, 'free', $5, $6 FROM unnest($1::text[],"
@@ -49,13 +59,14 @@ class PostgresStore(PgAlertsLedger):
                     source,
                     now,
                 )
-                return int(inserted)
+                sorted_rows.added = int(inserted)
+                return sorted_rows
 
-            added += await self._tx(insert)
+            report = (await self._tx(insert)).add_to(report)
             seen += len(batch)
             if progress is not None:
                 progress(seen)
-        return ImportReport(added=added, duplicates=seen - added)
+        return report
 
     async def void_free_keys(self, sku: str, count: int | None, reason: str, now: float) -> int:
         if not reason.strip():
@@ -97,7 +108,8 @@ class PostgresStore(PgAlertsLedger):
     async def bound_items(self, line_id: int) -> tuple[CardItem, ...]:
         async def run(conn: Conn) -> tuple[CardItem, ...]:
             rows = await conn.fetch(
-                "SELECT sku, key_id, sealed FROM card_keys WHERE order_line_id = $1 ORDER BY slot",
+                "SELECT sku, key_id, sealed, secret_hash FROM card_keys WHERE order_line_id = $1"
+                " ORDER BY slot",
                 line_id,
             )
             return tuple(await self._open_rows(conn, rows))
@@ -109,7 +121,8 @@ class PostgresStore(PgAlertsLedger):
 
         async def run(conn: Conn) -> list[CardItem]:
             rows = await conn.fetch(
-                "SELECT sku, key_id, sealed FROM card_keys WHERE sku = $1 AND state = $2"
+                "SELECT sku, key_id, sealed, secret_hash FROM card_keys WHERE sku = $1"
+                " AND state = $2"
                 " ORDER BY id",
                 sku,
                 state.value,
@@ -138,7 +151,8 @@ class PostgresStore(PgAlertsLedger):
 
         async def move(conn: Conn) -> int:
             rows = await conn.fetch(
-                "SELECT id, sku, key_id, sealed FROM card_keys WHERE key_id != $1 LIMIT $2"
+                "SELECT id, sku, key_id, sealed, secret_hash FROM card_keys WHERE key_id != $1"
+                " LIMIT $2"
                 " FOR UPDATE",
                 new_id,
                 batch,

@@ -23,7 +23,9 @@ import asyncpg
 from agent.domain import CardItem, OrderLine
 from agent.keybox import KEY_BYTES, KeyBox, unwrap, wrap
 from agent.logs import get_logger
-from agent.store.base import StoreError
+from agent.store import identity
+from agent.store.base import LedgerError, StoreError
+from agent.store.identity import Opening
 from agent.store.rows import LINE_COLUMNS, line_from_row, migrations
 
 T = TypeVar("T")
@@ -36,6 +38,7 @@ DEFAULT_LEASE_SECONDS = 60.0
 RETRYABLE = ("40001", "40P01")
 MAX_TX_ATTEMPTS = 8
 MIGRATION_LOCK = 0x6B616D69  # "kami": one agent migrates, the others wait for it
+RESEAL_BATCH = 5_000
 
 
 def default_instance() -> str:
@@ -59,8 +62,15 @@ class PostgresBase:
         lease_seconds: float = DEFAULT_LEASE_SECONDS,
         pool_size: int = 10,
         password: str | None = None,
+        opening: Opening = Opening.OPEN,
     ) -> None:
+        """`opening`: CREATE (`kami-agent init`) makes the schema and the ledger id and is
+        refused where a ledger is; OPEN also brings the schema up to date and gives a
+        ledger made before ids existed its id. No identity file for PostgreSQL (see
+        agent/store/identity.py): the id lives in the database."""
         self.url = url
+        self._opening = opening
+        self.ledger_id: str | None = None
         self._password = password
         self.instance = instance or default_instance()
         self.lease_seconds = lease_seconds
@@ -83,9 +93,77 @@ class PostgresBase:
             raise StoreError(
                 f"cannot connect to PostgreSQL at {safe_url(self.url)}: {exc}"
             ) from exc
-        async with self._pool.acquire() as conn:
-            await self._migrate(conn)
-        self._keybox = await self._tx(self._load_keys)
+        try:
+            async with self._pool.acquire() as conn:
+                if self._opening is Opening.CREATE:
+                    await self._refuse_existing(conn)
+                await self._migrate(conn)
+            self._keybox = await self._tx(self._load_keys)
+            self.ledger_id = await self._tx(self._ledger_id)
+            await self._reseal_sku_bound()
+        except BaseException:
+            await self.close()
+            raise
+        self._opening = Opening.OPEN
+
+    async def _refuse_existing(self, conn: Conn) -> None:
+        tables = await conn.fetchval(
+            "SELECT COUNT(*) FROM information_schema.tables WHERE table_schema = current_schema()"
+        )
+        if tables:
+            raise LedgerError(
+                f"the database {safe_url(self.url)} already holds tables: `kami-agent init`"
+                " makes a new ledger only in an empty database; nothing changed"
+            )
+
+    async def _ledger_id(self, conn: Conn) -> str:
+        """The ledger's id; given here on `init`, or to a ledger made before ids existed."""
+        await conn.execute(f"LOCK TABLE {identity.META_TABLE} IN EXCLUSIVE MODE")
+        stored = await conn.fetchval(
+            f"SELECT value FROM {identity.META_TABLE} WHERE key = 'ledger_id'"
+        )
+        if stored is not None:
+            return str(stored)
+        ledger_id = identity.new_ledger_id()
+        await conn.execute(
+            f"INSERT INTO {identity.META_TABLE} (key, value) VALUES ('ledger_id', $1)", ledger_id
+        )
+        if self._opening is not Opening.CREATE:
+            log.warning("ledger_adopted", ledger=safe_url(self.url), ledger_id=ledger_id)
+        return ledger_id
+
+    async def _reseal_sku_bound(self) -> None:
+        """Re-seals rows sealed before rows were bound in (migration 0004), batch by batch;
+        agents opening together share the work (SKIP LOCKED)."""
+
+        async def batch(conn: Conn) -> int:
+            rows = await conn.fetch(
+                "SELECT id, sku, key_id, sealed FROM card_keys WHERE sku_bound_seal IS NOT NULL"
+                " ORDER BY id LIMIT $1 FOR UPDATE SKIP LOCKED",
+                RESEAL_BATCH,
+            )
+            if rows and not all(self.keybox.knows(r[2]) for r in rows):
+                self._keybox = await self._load_keys(conn)
+            for row_id, sku, key_id, sealed in rows:
+                item = self.keybox.open_sku_bound(sku, key_id, sealed)
+                _, resealed = self.keybox.seal(sku, item, key_id)
+                await conn.execute(
+                    "UPDATE card_keys SET sealed = $1, sku_bound_seal = NULL WHERE id = $2",
+                    resealed,
+                    row_id,
+                )
+            return len(rows)
+
+        resealed = 0
+        while count := await self._tx(batch):
+            resealed += count
+        if resealed:
+            log.info("card_keys_resealed", rows=resealed, bound="sku and row")
+
+    def ledger_lost(self) -> str | None:
+        """None: a database does not vanish from under an open connection unnoticed (a
+        dropped database ends the connections, and every call fails)."""
+        return None
 
     async def close(self) -> None:
         if self._pool is not None:
@@ -107,7 +185,13 @@ class PostgresBase:
                     return await fn(conn, *args)
             except asyncpg.PostgresError as exc:
                 if getattr(exc, "sqlstate", None) not in RETRYABLE or attempt == MAX_TX_ATTEMPTS:
-                    raise
+                    if isinstance(
+                        exc, asyncpg.IntegrityConstraintViolationError | asyncpg.RaiseError
+                    ):
+                        raise  # a constraint of the ledger said no: the caller's business
+                    raise LedgerError(
+                        f"the PostgreSQL ledger {safe_url(self.url)} failed: {exc}"
+                    ) from exc
                 log.info("store_tx_retry", sqlstate=exc.sqlstate, attempt=attempt)
                 await asyncio.sleep(random.uniform(0.0, 0.02 * attempt))
         raise AssertionError("unreachable")
@@ -190,10 +274,10 @@ class PostgresBase:
         return rows
 
     async def _open_rows(self, conn: Conn, rows: Sequence[Any]) -> list[CardItem]:
-        """(sku, key_id, sealed) rows -> card keys."""
+        """(sku, key_id, sealed, secret_hash) rows -> card keys."""
         if not all(self.keybox.knows(r[1]) for r in rows):
             self._keybox = await self._load_keys(conn)
-        return [self.keybox.open(r[0], r[1], r[2]) for r in rows]
+        return [self.keybox.open(r[0], r[1], r[2], r[3]) for r in rows]
 
     # --- rows shared by the ledger modules ----------------------------------------------------
     async def _lock_line(self, conn: Conn, line_id: int, now: float) -> OrderLine:

@@ -17,7 +17,7 @@ from agent.domain import (
     RejectedOrder,
     delivery_idempotency_key,
 )
-from agent.keybox import StoreKeyError
+from agent.keybox import SealedKeyError, StoreKeyError
 from agent.store.base import StoreError
 from agent.store.postgres_base import Conn, PostgresBase
 from agent.store.rows import (
@@ -313,7 +313,12 @@ class PgOrdersLedger(PostgresBase):
         line = await self._allocate(conn, line, now)
         if line.state != LineState.ALLOCATED:
             return line
-        return await self._begin_delivery(conn, line, now)
+        try:
+            return await self._begin_delivery(conn, line, now)
+        except SealedKeyError:
+            # Left allocated, its keys bound (so no other line takes the bad one): the
+            # worker that takes it up parks it with the reason (begin_delivery refuses).
+            return line
 
     async def take_in(
         self,
@@ -371,7 +376,7 @@ class PgOrdersLedger(PostgresBase):
                 count,
             )
             try:
-                items = await self._open_rows(conn, [(sku, r[2], r[3]) for r in rows])
+                items = await self._open_rows(conn, [(sku, r[2], r[3], r[1]) for r in rows])
             except StoreKeyError:
                 return None
             free[sku] = deque((r[0], r[1], item) for r, item in zip(rows, items, strict=True))
@@ -421,13 +426,16 @@ class PgOrdersLedger(PostgresBase):
         if line.state not in (LineState.ALLOCATED, LineState.DELIVERING):
             raise StoreError(f"order line {line.id} is {line.state}, not ready to deliver")
         keys = await conn.fetch(
-            "SELECT id, sku, key_id, sealed FROM card_keys WHERE order_line_id = $1 ORDER BY slot",
+            "SELECT id, sku, key_id, sealed, secret_hash FROM card_keys WHERE order_line_id = $1"
+            " ORDER BY slot",
             line.id,
         )
         if len(keys) != line.quantity:
             raise StoreError(
                 f"order line {line.id} holds {len(keys)} keys for quantity {line.quantity}"
             )
+        # Opened before any write: a key that does not open refuses the delivery.
+        items = tuple(await self._open_rows(conn, [k[1:] for k in keys]))
         generation = await conn.fetchval(
             "SELECT delivery_generation FROM orders WHERE id = $1", line.id
         )
@@ -446,7 +454,7 @@ class PgOrdersLedger(PostgresBase):
                 line, state=LineState.DELIVERING, delivery_key=key, attempts=line.attempts + 1
             ),
             idempotency_key=key,
-            items=tuple(await self._open_rows(conn, [k[1:] for k in keys])),
+            items=items,
             key_ids=tuple(k[0] for k in keys),
         )
 

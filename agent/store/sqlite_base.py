@@ -1,5 +1,11 @@
 """SQLite ledger plumbing: the connection and its worker thread, group commit, migrations,
-the keys that seal card keys, and the row helpers the other ledger modules share."""
+the keys that seal card keys, the ledger's identity checks, and the row helpers the other
+ledger modules share.
+
+Only `kami-agent init` (Opening.CREATE) makes a ledger file; every other open refuses a
+missing, empty, foreign or replaced ledger (agent/store/identity.py), and driver errors end
+as a LedgerError that names the ledger and what is wrong with it.
+"""
 
 from __future__ import annotations
 
@@ -16,20 +22,33 @@ from typing import Any, TypeVar
 
 from agent.domain import CardItem, OrderLine
 from agent.keybox import KEY_BYTES, KeyBox, unwrap, wrap
-from agent.store.base import StoreError
+from agent.logs import get_logger
+from agent.store import identity
+from agent.store.base import LedgerError, StoreError
+from agent.store.identity import Opening
 from agent.store.rows import LINE_COLUMNS, line_from_row, migrations
 
 T = TypeVar("T")
 # A queued store call: the function, its arguments, and the future its caller awaits.
 _Op = tuple[Callable[..., Any], tuple[Any, ...], "asyncio.Future[Any]"]
+log = get_logger("kami.store.sqlite")
+RESEAL_BATCH = 10_000
 
 
 @contextmanager
 def exclusive_ledger(path: Path) -> Iterator[None]:
     """Held by the daemon for as long as it runs on a SQLite ledger: a second daemon on the
-    same file, or migrate-store while one runs, is refused instead of racing it."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd = os.open(f"{path}.lock", os.O_CREAT | os.O_RDWR, 0o600)
+    same file, or migrate-store while one runs, is refused instead of racing it. A path
+    that holds no ledger is refused before a lock file is made beside it."""
+    identity.check_ledger_file(path)
+    try:
+        fd = os.open(f"{path}.lock", os.O_CREAT | os.O_RDWR, 0o600)
+    except OSError as exc:
+        raise LedgerError(
+            f"cannot create the lock file {path}.lock beside the ledger"
+            f" ({identity.os_error_text(f'{path}.lock', exc).split(': ', 1)[1]}): the"
+            " ledger's directory must be writable by the agent"
+        ) from None
     try:
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
@@ -46,9 +65,22 @@ def exclusive_ledger(path: Path) -> Iterator[None]:
 class SQLiteBase:
     """Plumbing: the worker thread, group commit, migrations, the sealing keys."""
 
-    def __init__(self, path: Path | str, master_key: bytes) -> None:
+    def __init__(
+        self,
+        path: Path | str,
+        master_key: bytes,
+        *,
+        opening: Opening = Opening.OPEN,
+        quick_check: bool = False,
+    ) -> None:
+        """`opening`: CREATE makes a new ledger (refused where one is), and is spent by the
+        first open; `quick_check`: run SQLite's quick_check at open (the daemon does)."""
         self.path = Path(path)
         self._master_key = master_key
+        self._opening = opening
+        self._quick_check = quick_check
+        self.ledger_id: str | None = None
+        self._file: os.stat_result | None = None  # the ledger file opened, to see it replaced
         self._keybox: KeyBox | None = None
         self._executor = self._new_executor()
         self._conn: sqlite3.Connection | None = None
@@ -66,7 +98,12 @@ class SQLiteBase:
         """Runs fn on the ledger thread, never while a group-commit batch holds the connection."""
         loop = asyncio.get_running_loop()
         async with self._conn_lock:
-            return await loop.run_in_executor(self._executor, fn, *args)
+            try:
+                return await loop.run_in_executor(self._executor, fn, *args)
+            except sqlite3.IntegrityError:
+                raise
+            except sqlite3.Error as exc:
+                raise LedgerError(identity.sqlite_error_text(self.path, exc)) from exc
 
     async def _tx(self, fn: Callable[..., T], *args: Any) -> T:
         """Runs fn(conn, *args) atomically and durably, sharing the commit with other calls.
@@ -83,7 +120,12 @@ class SQLiteBase:
         if not self._flushing:
             self._flushing = True
             self._flusher = loop.create_task(self._flush())
-        return await future  # type: ignore[no-any-return]
+        try:
+            return await future  # type: ignore[no-any-return]
+        except sqlite3.IntegrityError:
+            raise  # a constraint of the ledger said no: the caller's business
+        except sqlite3.Error as exc:
+            raise LedgerError(identity.sqlite_error_text(self.path, exc)) from exc
 
     async def _flush(self) -> None:
         """One batch at a time. BEGIN IMMEDIATE (which may wait for another process's write
@@ -156,14 +198,52 @@ class SQLiteBase:
         if self._executor._shutdown:  # reopened after close()
             self._executor = self._new_executor()
         await self._call(self._open)
+        self._opening = Opening.OPEN  # a created ledger is an existing one from now on
 
     def _open(self) -> None:
+        creating = self._opening is Opening.CREATE
+        made = False
+        try:
+            try:
+                if creating:
+                    made = self._create_file()
+                else:
+                    identity.check_ledger_file(self.path)
+                self._connect(creating)
+            except OSError as exc:
+                raise LedgerError(identity.os_error_text(self.path, exc)) from exc
+            except sqlite3.Error as exc:
+                raise LedgerError(identity.sqlite_error_text(self.path, exc)) from exc
+        except BaseException:
+            self._disconnect()
+            if made:  # a half-made ledger (ours alone) must not block the next `init`
+                for suffix in ("", "-wal", "-shm"):
+                    Path(f"{self.path}{suffix}").unlink(missing_ok=True)
+            raise
+
+    def _create_file(self) -> bool:
+        where = identity.identity_path(self.path)
+        if self.path.exists() or where.exists():
+            found = self.path if self.path.exists() else where
+            raise LedgerError(
+                f"{found} already exists: `kami-agent init` makes a new ledger only where"
+                " there is none; nothing changed"
+            )
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        if not self.path.exists():
-            # Card keys are money: the ledger is readable by its owner only.
-            fd = os.open(self.path, os.O_CREAT | os.O_WRONLY, 0o600)
-            os.close(fd)
+        # Card keys are money: the ledger is readable by its owner only.
+        os.close(os.open(self.path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o600))
+        return True
+
+    def _connect(self, creating: bool) -> None:
+        before = os.stat(self.path)
         conn = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False)
+        self._conn = conn
+        # The file SQLite opened: the daemon compares it with the path while it runs.
+        self._file = os.stat(self.path)
+        if (before.st_dev, before.st_ino) != (self._file.st_dev, self._file.st_ino):
+            raise LedgerError(f"the ledger {self.path} was replaced while being opened")
+        if not creating:
+            self._refuse_foreign(conn)
         conn.execute("PRAGMA journal_mode=WAL")
         conn.execute("PRAGMA synchronous=FULL")
         conn.execute("PRAGMA foreign_keys=ON")
@@ -172,9 +252,110 @@ class SQLiteBase:
         # touches would otherwise go to a temporary file: a write per page in a flash sale.
         # They are only needed until COMMIT (crash safety is the WAL's job).
         conn.execute("PRAGMA temp_store=MEMORY")
-        self._conn = conn
+        if self._quick_check:
+            self._check_pages(conn)
+        adopt = False
+        if not creating:
+            adopt = identity.compare(self.path, self._stored_id(conn), self._recorded_id())
         self._migrate(conn)
         self._keybox = self._in_tx(self._load_keys)
+        if creating or adopt:
+            self.ledger_id = self._in_tx(self._give_id)
+            identity.write_identity(self.path, self.ledger_id)
+            if adopt:
+                log.warning("ledger_adopted", ledger=str(self.path), ledger_id=self.ledger_id)
+        else:
+            self.ledger_id = self._stored_id(conn)
+        self._reseal_sku_bound(conn)
+
+    def _recorded_id(self) -> str | None:
+        recorded = identity.read_identity(self.path)
+        if recorded is None and self._opening is Opening.RECORD_IDENTITY:
+            # `init --adopt`: the operator vouches for this ledger; record its id again.
+            stored = self._stored_id(self._require())
+            if stored is None:  # a ledger made before ids: adopted the usual way
+                return None
+            identity.write_identity(self.path, stored)
+            log.warning("ledger_identity_recorded", ledger=str(self.path), ledger_id=stored)
+            return stored
+        return recorded
+
+    def _refuse_foreign(self, conn: sqlite3.Connection) -> None:
+        tables = {r[0] for r in conn.execute("SELECT name FROM sqlite_master WHERE type='table'")}
+        if "schema_version" not in tables:
+            what = "an empty SQLite database" if not tables else "an SQLite database"
+            raise LedgerError(
+                f"{self.path} is {what}, not a kami-agent ledger: restore the ledger from"
+                " backup, or correct [store] path"
+            )
+
+    def _check_pages(self, conn: sqlite3.Connection) -> None:
+        """SQLite's quick_check: every page and b-tree sound (not the index contents, which
+        `kami-agent check` verifies with the full integrity_check)."""
+        problems = [r[0] for r in conn.execute("PRAGMA quick_check(3)")]
+        if problems != ["ok"]:
+            raise LedgerError(
+                f"the ledger {self.path} is damaged (quick_check: {problems[0]}): restore it"
+                " from backup"
+            )
+
+    @staticmethod
+    def _stored_id(conn: sqlite3.Connection) -> str | None:
+        try:
+            row = conn.execute(
+                f"SELECT value FROM {identity.META_TABLE} WHERE key = 'ledger_id'"
+            ).fetchone()
+        except sqlite3.OperationalError:  # no such table: a ledger made before ids existed
+            return None
+        return None if row is None else str(row[0])
+
+    @staticmethod
+    def _give_id(conn: sqlite3.Connection) -> str:
+        ledger_id = identity.new_ledger_id()
+        conn.execute(
+            f"INSERT INTO {identity.META_TABLE} (key, value) VALUES ('ledger_id', ?)",
+            (ledger_id,),
+        )
+        return ledger_id
+
+    def _reseal_sku_bound(self, conn: sqlite3.Connection) -> None:
+        """Re-seals rows sealed before rows were bound in (migration 0006), batch by batch:
+        an interrupted run goes on at the next open."""
+
+        def batch(conn: sqlite3.Connection) -> int:
+            rows = conn.execute(
+                "SELECT id, sku, key_id, sealed FROM card_keys WHERE sku_bound_seal IS NOT NULL"
+                " ORDER BY id LIMIT ?",
+                (RESEAL_BATCH,),
+            ).fetchall()
+            for row_id, sku, key_id, sealed in rows:
+                item = self.keybox.open_sku_bound(sku, key_id, sealed)
+                conn.execute(
+                    "UPDATE card_keys SET key_id = ?, sealed = ?, sku_bound_seal = NULL"
+                    " WHERE id = ?",
+                    (*self.keybox.seal(sku, item, key_id), row_id),
+                )
+            return len(rows)
+
+        resealed = 0
+        while count := self._in_tx(batch):
+            resealed += count
+        if resealed:
+            log.info("card_keys_resealed", rows=resealed, bound="sku and row")
+
+    def ledger_lost(self) -> str | None:
+        """Why the file at our path is not the ledger we opened any more, or None."""
+        if self._file is None:
+            return None
+        try:
+            now = os.stat(self.path)
+        except FileNotFoundError:
+            return f"the ledger file {self.path} was deleted while the agent ran"
+        except OSError as exc:
+            return identity.os_error_text(self.path, exc)
+        if (now.st_dev, now.st_ino) != (self._file.st_dev, self._file.st_ino):
+            return f"the ledger file {self.path} was replaced by another file while the agent ran"
+        return None
 
     def _migrate(self, conn: sqlite3.Connection) -> None:
         conn.execute("CREATE TABLE IF NOT EXISTS schema_version (version INTEGER NOT NULL)")
@@ -233,8 +414,8 @@ class SQLiteBase:
         return (sku, key_id, sealed, self.keybox.digest(item), source, now)
 
     def _open_rows(self, rows: Sequence[tuple[Any, ...]]) -> list[CardItem]:
-        """(sku, key_id, sealed) rows -> card keys."""
-        return [self.keybox.open(r[0], r[1], r[2]) for r in rows]
+        """(sku, key_id, sealed, secret_hash) rows -> card keys."""
+        return [self.keybox.open(r[0], r[1], r[2], r[3]) for r in rows]
 
     async def close(self) -> None:
         if self._flusher is not None:
@@ -245,8 +426,13 @@ class SQLiteBase:
 
     def _close(self) -> None:
         assert self._conn is not None
-        self._conn.close()
-        self._conn = None
+        self._disconnect()
+
+    def _disconnect(self) -> None:
+        if self._conn is not None:
+            self._conn.close()
+            self._conn = None
+        self._file = None
 
     @staticmethod
     def _event(conn: sqlite3.Connection, line_id: int, kind: str, detail: str, now: float) -> None:

@@ -18,7 +18,7 @@ from agent.domain import (
     RejectedOrder,
     delivery_idempotency_key,
 )
-from agent.keybox import StoreKeyError
+from agent.keybox import SealedKeyError, StoreKeyError
 from agent.store.base import StoreError
 from agent.store.rows import (
     LINE_COLUMNS,
@@ -208,7 +208,9 @@ class OrdersLedger(SQLiteBase):
                     " WHERE sku = ? AND state = 'free' ORDER BY id LIMIT ?",
                     (sku, count),
                 ).fetchall()
-                free[sku] = deque((r[0], r[1], self.keybox.open(sku, r[2], r[3])) for r in rows)
+                free[sku] = deque(
+                    (r[0], r[1], self.keybox.open(sku, r[2], r[3], r[1])) for r in rows
+                )
         except StoreKeyError:
             return None
         return free
@@ -364,7 +366,12 @@ class OrdersLedger(SQLiteBase):
         line = self._allocate(conn, line_id, now)
         if line.state != LineState.ALLOCATED:
             return line
-        return self._begin_delivery(conn, line_id, now)
+        try:
+            return self._begin_delivery(conn, line_id, now)
+        except SealedKeyError:
+            # Left allocated, its keys bound (so no other line takes the bad one): the
+            # worker that takes it up parks it with the reason (begin_delivery refuses).
+            return line
 
     async def begin_delivery(self, line_id: int, now: float) -> DeliveryIntent:
         return await self._tx(self._begin_delivery, line_id, now)
@@ -374,13 +381,15 @@ class OrdersLedger(SQLiteBase):
         if line.state not in (LineState.ALLOCATED, LineState.DELIVERING):
             raise StoreError(f"order line {line_id} is {line.state}, not ready to deliver")
         keys = conn.execute(
-            "SELECT id, sku, key_id, sealed FROM card_keys WHERE order_line_id = ? ORDER BY slot",
+            "SELECT id, sku, key_id, sealed, secret_hash FROM card_keys WHERE order_line_id = ?"
+            " ORDER BY slot",
             (line_id,),
         ).fetchall()
         if len(keys) != line.quantity:
             raise StoreError(
                 f"order line {line_id} holds {len(keys)} keys for quantity {line.quantity}"
             )
+        items = tuple(self._open_rows([k[1:] for k in keys]))  # before any write: may refuse
         generation = conn.execute(
             "SELECT delivery_generation FROM orders WHERE id = ?", (line_id,)
         ).fetchone()[0]
@@ -396,7 +405,7 @@ class OrdersLedger(SQLiteBase):
                 line, state=LineState.DELIVERING, delivery_key=key, attempts=line.attempts + 1
             ),
             idempotency_key=key,
-            items=tuple(self._open_rows([k[1:] for k in keys])),
+            items=items,
             key_ids=tuple(k[0] for k in keys),
         )
 

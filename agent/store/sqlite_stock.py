@@ -14,6 +14,7 @@ from agent.domain import (
     StockCount,
 )
 from agent.store.base import ProgressCallback, StoreError
+from agent.store.imports import Sorted, sort_known
 from agent.store.rows import IMPORT_BATCH
 from agent.store.sqlite_base import SQLiteBase
 
@@ -32,11 +33,12 @@ class StockLedger(SQLiteBase):
 
         def move(conn: sqlite3.Connection) -> int:
             rows = conn.execute(
-                "SELECT id, sku, key_id, sealed FROM card_keys WHERE key_id != ? LIMIT ?",
+                "SELECT id, sku, key_id, sealed, secret_hash FROM card_keys WHERE key_id != ?"
+                " LIMIT ?",
                 (new_id, batch),
             ).fetchall()
-            for row_id, sku, key_id, sealed in rows:
-                item = self.keybox.open(sku, key_id, sealed)
+            for row_id, sku, key_id, sealed, secret_hash in rows:
+                item = self.keybox.open(sku, key_id, sealed, secret_hash)
                 conn.execute(
                     "UPDATE card_keys SET key_id = ?, sealed = ? WHERE id = ?",
                     (*self.keybox.seal(sku, item, new_id), row_id),
@@ -62,7 +64,8 @@ class StockLedger(SQLiteBase):
 
         def run(conn: sqlite3.Connection) -> list[CardItem]:
             rows = conn.execute(
-                "SELECT sku, key_id, sealed FROM card_keys WHERE sku = ? AND state = ? ORDER BY id",
+                "SELECT sku, key_id, sealed, secret_hash FROM card_keys WHERE sku = ?"
+                " AND state = ? ORDER BY id",
                 (sku, state.value),
             ).fetchall()
             return self._open_rows(rows)
@@ -89,25 +92,29 @@ class StockLedger(SQLiteBase):
     ) -> ImportReport:
         # Batches of their own transactions keep the daemon's writes flowing during a big
         # import; an interrupted import is simply run again (duplicates are skipped).
-        added = seen = 0
+        report = ImportReport()
+        seen = 0
         iterator = iter(items)
         while batch := list(itertools.islice(iterator, IMPORT_BATCH)):
             rows = [self._key_row(sku, item, source, now) for item in batch]
 
-            def insert(conn: sqlite3.Connection, rows: list[tuple[Any, ...]] = rows) -> int:
+            def insert(conn: sqlite3.Connection, rows: list[tuple[Any, ...]] = rows) -> Sorted:
+                sorted_rows = sort_known(sku, rows, known_keys(conn, [r[3] for r in rows]))
                 before = conn.total_changes
                 conn.executemany(
                     "INSERT OR IGNORE INTO card_keys (sku, key_id, sealed, secret_hash, state,"
                     " source, added_at) VALUES (?, ?, ?, ?, 'free', ?, ?)",
-                    rows,
+                    sorted_rows.fresh,
                 )
-                return conn.total_changes - before
+                sorted_rows.added = conn.total_changes - before
+                return sorted_rows
 
-            added += self._in_tx(insert)
+            done = self._in_tx(insert)
+            report = done.add_to(report)
             seen += len(batch)
             if progress is not None:
                 progress(seen)
-        return ImportReport(added=added, duplicates=seen - added)
+        return report
 
     async def void_free_keys(self, sku: str, count: int | None, reason: str, now: float) -> int:
         if not reason.strip():
@@ -146,9 +153,25 @@ class StockLedger(SQLiteBase):
     async def bound_items(self, line_id: int) -> tuple[CardItem, ...]:
         def run(conn: sqlite3.Connection) -> tuple[CardItem, ...]:
             rows = conn.execute(
-                "SELECT sku, key_id, sealed FROM card_keys WHERE order_line_id = ? ORDER BY slot",
+                "SELECT sku, key_id, sealed, secret_hash FROM card_keys WHERE order_line_id = ?"
+                " ORDER BY slot",
                 (line_id,),
             ).fetchall()
             return tuple(self._open_rows(rows))
 
         return await self._tx(run)
+
+
+def known_keys(conn: sqlite3.Connection, hashes: list[bytes]) -> dict[bytes, tuple[str, str]]:
+    """secret hash -> (sku, state) of the keys among `hashes` the ledger holds, any SKU."""
+    known: dict[bytes, tuple[str, str]] = {}
+    for start in range(0, len(hashes), 5_000):
+        chunk = hashes[start : start + 5_000]
+        for secret_hash, key_sku, state in conn.execute(
+            "SELECT secret_hash, sku, state FROM card_keys WHERE secret_hash IN"
+            f" ({','.join('?' * len(chunk))})",
+            chunk,
+        ):
+            if known.get(bytes(secret_hash), ("", ""))[1] != "bound":
+                known[bytes(secret_hash)] = (key_sku, state)
+    return known

@@ -1,0 +1,59 @@
+"""The daemon's watch on its ledger: a ledger file deleted or replaced while the agent runs.
+
+SQLite keeps writing to a deleted file as if nothing happened (the open descriptor keeps
+it alive), and after a file is swapped in its place the agent still writes to the old one.
+Every few seconds the store compares the file it opened with the one at its path; once they
+differ the daemon stops taking orders, lets the workers finish the lines in hand (their keys
+are bound in the ledger it holds open), and exits non-zero, so systemd starts it again and
+the start-up checks refuse the missing or foreign ledger with one clear line. The alert goes
+straight to the channels: the outbox lives in the ledger that is gone.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Callable, Iterable
+
+from agent.domain import AgentError, AlertMessage
+from agent.logs import get_logger
+from agent.notify.base import Notifier
+from agent.store.base import Store
+
+log = get_logger("kami.ledger_watch")
+LEDGER_WATCH_SECONDS = 2.0
+ALERT_TIMEOUT_SECONDS = 10.0
+# The exit code after the ledger went away (EX_SOFTWARE would say "bug"; 1 says "failed").
+EXIT_LEDGER_LOST = 1
+
+
+async def watch_ledger(
+    store: Store, on_lost: Callable[[str], None], interval: float = LEDGER_WATCH_SECONDS
+) -> None:
+    """Calls on_lost(reason) once the store's ledger is not the one at its path any more.
+    asyncio.sleep runs on the loop's monotonic clock: a wall-clock step changes nothing."""
+    while True:
+        await asyncio.sleep(interval)
+        reason = store.ledger_lost()
+        if reason is not None:
+            log.error("ledger_lost", reason=reason, action="stopped taking orders, exiting")
+            on_lost(reason)
+            return
+
+
+async def alert_ledger_lost(notifiers: Iterable[Notifier], reason: str, now: float) -> None:
+    """Tells every channel, best effort: each gets one try, bounded in time."""
+    message = AlertMessage(
+        key="ledger_lost",
+        kind="ledger_lost",
+        event="opened",
+        severity="critical",
+        summary=f"{reason}: the agent stopped taking orders and exited; restore the ledger"
+        " (it will not start on a missing or replaced ledger)",
+        at=now,
+    )
+    for notifier in notifiers:
+        try:
+            async with asyncio.timeout(ALERT_TIMEOUT_SECONDS):
+                await notifier.send(message)
+        except (AgentError, TimeoutError) as exc:
+            log.warning("ledger_lost_alert_failed", channel=notifier.name, error=str(exc))
