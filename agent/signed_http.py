@@ -17,6 +17,7 @@ import aiohttp
 from aiohttp import hdrs
 from yarl import URL
 
+from agent import safejson
 from agent.domain import Ambiguous, AuthFailed, BadResponse, Permanent, Transient
 from agent.redact import register, safe_url
 from agent.signing import auth_headers
@@ -33,10 +34,12 @@ class HttpResponse:
     retry_after: float | None
 
     def json(self) -> Any:
+        """The body's JSON value, read by the bounded decoder (agent/safejson.py): a huge
+        number or a bomb of nesting in one field is that field's problem, not a traceback."""
         try:
-            return json.loads(self.body)
-        except (ValueError, UnicodeDecodeError):
-            raise BadResponse(f"malformed JSON in HTTP {self.status} response") from None
+            return safejson.loads(self.body)
+        except safejson.JsonError as exc:
+            raise BadResponse(f"malformed JSON in HTTP {self.status} response: {exc}") from None
 
     def error_text(self) -> str:
         """`code: message` from the protocol's error envelope, shortened, for reasons and logs."""

@@ -28,6 +28,15 @@ from agent.signed_http import (
 )
 
 
+def read_order_page(resp: HttpResponse, what: str) -> OrderPage:
+    """The page of orders in a listing's body. BadResponse (naming `what`) when the page as a
+    whole cannot be read; a single bad order in it is the page's to reject, not a failure."""
+    try:
+        return parse_order_page(resp.json())
+    except ParseError as exc:
+        raise BadResponse(f"{what}: {exc}") from None
+
+
 # In-call retries only (seconds); anything longer is scheduled in the order row.
 def _worth_retrying_now(exc: BaseException) -> bool:
     # A GET has no side effect, so an ambiguous read is just a failed read. Bad credentials
@@ -79,10 +88,7 @@ class HttpPlatform:
         if cursor:
             params["cursor"] = cursor
         resp = await self._read("/api/v1/orders", params)
-        try:
-            return parse_order_page(resp.json())
-        except ParseError as exc:
-            raise BadResponse(f"order list: {exc}") from None
+        return read_order_page(resp, "order list")
 
     async def wait_for_orders(self, cursor: str | None, wait_seconds: float) -> OrderPage:
         params: dict[str, str | int] = {"timeout": int(wait_seconds), "limit": self._page_size}
@@ -92,10 +98,7 @@ class HttpPlatform:
             "GET", "/api/v1/orders/wait", params=params, read_timeout=wait_seconds + 10
         )
         raise_for_status(resp, "platform", unknown_outcome=False)
-        try:
-            return parse_order_page(resp.json())
-        except ParseError as exc:
-            raise BadResponse(f"order wait: {exc}") from None
+        return read_order_page(resp, "order wait")
 
     async def get_order(self, order_id: str) -> RemoteDelivery:
         resp = await self._read(f"/api/v1/orders/{quote_segment(order_id)}")

@@ -17,6 +17,14 @@ class ParseError(ValueError):
 
 
 def _short(value: Any, limit: int = 60) -> str:
+    """A value as a reason shows it: escaped (repr), cut short. An array or object by its
+    size alone: walking a hostile one again (repr) could be as costly as reading it."""
+    if isinstance(value, list):
+        return f"<array of {len(value)} items>"
+    if isinstance(value, dict):
+        return f"<object of {len(value)} members>"
+    if isinstance(value, str):
+        value = value[:limit]
     text = repr(value)
     return text if len(text) <= limit else text[: limit - 3] + "..."
 
@@ -47,7 +55,7 @@ def parse_order(raw: Any) -> PlatformOrder | RejectedOrder | None:
     if quantity < 1:
         return RejectedOrder(order_id, f"quantity must be at least 1, got {quantity}", sku=sku_text)
     if quantity > ABSURD_QUANTITY:
-        return RejectedOrder(order_id, f"absurd quantity {quantity}", sku=sku_text)
+        return RejectedOrder(order_id, f"absurd quantity {_short(quantity)}", sku=sku_text)
     status = raw.get("status")
     if not isinstance(status, str):
         return RejectedOrder(order_id, f"invalid status {_short(status)}", sku=sku_text)

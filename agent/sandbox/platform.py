@@ -46,6 +46,7 @@ class SandboxOrder:
     delivery: dict[str, Any] | None = None
     delivered_at: float | None = None
     notices: list[str] = field(default_factory=list)
+    raw_json: str | None = None  # listed verbatim instead of `data` (see add_raw_json_order)
 
     @property
     def status(self) -> str:
@@ -98,6 +99,12 @@ class SandboxPlatform(SignedSandbox):
         self._arrivals.set()  # wake long polls
         self._arrivals = asyncio.Event()
 
+    def add_raw_json_order(self, order_id: str, text: str) -> None:
+        """Lists `text` verbatim as one entry of the order list: hostile JSON that json.dumps
+        cannot write (a 5,000-digit number, nesting 100,000 deep)."""
+        self.add_raw_order(order_id, {"id": order_id, "status": "paid"})
+        self.orders[order_id].raw_json = text
+
     def set_status(self, order_id: str, status: str) -> None:
         self.orders[order_id].data["status"] = status
 
@@ -138,20 +145,21 @@ class SandboxPlatform(SignedSandbox):
         if self.random.random() < self.faults.malformed_rate:
             return web.Response(text='{"orders": [{"id": "trunc', content_type="application/json")
         page: list[Any] = []
+        raw = False
         while position < len(self._sequence) and len(page) < limit:
             order = self.orders[self._sequence[position]]
             position += 1
             if order.status == "paid":
-                page.append(order.data.get("raw", order.data))
+                raw = raw or order.raw_json is not None
+                page.append(order.raw_json or order.data.get("raw", order.data))
         if page and self.random.random() < self.faults.duplicate_rate:
             page.append(self.random.choice(page))
-        return web.json_response(
-            {
-                "orders": page,
-                "next_cursor": str(position),
-                "has_more": position < len(self._sequence),
-            }
-        )
+        body = {"next_cursor": str(position), "has_more": position < len(self._sequence)}
+        if raw:  # spliced in as text: json.dumps cannot write what a hostile platform sends
+            entries = ",".join(e if isinstance(e, str) else json.dumps(e) for e in page)
+            text = json.dumps(body)[:-1] + f', "orders": [{entries}]}}'
+            return web.Response(text=text, content_type="application/json")
+        return web.json_response({"orders": page, **body})
 
     async def _poll(self, request: web.Request) -> web.Response:
         self.polls += 1

@@ -31,6 +31,7 @@ from typing import Any
 from cryptography.hazmat.primitives import padding
 from cryptography.hazmat.primitives.ciphers import Cipher, algorithms, modes
 
+from agent import safejson
 from agent.config import SupplierSettings
 from agent.domain import Ambiguous, BadResponse, CardItem, Permanent, PurchaseResult, Transient
 from agent.signed_http import Redirected, SignedClient
@@ -123,9 +124,11 @@ class FuluSupplier:
             raise BadResponse("fulu answer lacks a numeric code")
         if body["code"] != 0:
             raise FuluError(body["code"], str(body.get("message", ""))[:200])
+        result = body.get("result") or "null"
         try:
-            return json.loads(body.get("result") or "null")
-        except ValueError:
+            # The result is JSON inside a JSON string: read as boundedly as the body itself.
+            return safejson.loads(result if isinstance(result, str) else "not JSON")
+        except safejson.JsonError:
             raise BadResponse("fulu result is not JSON") from None
 
     def _result(self, info: Any, merchant_ref: str) -> PurchaseResult:
