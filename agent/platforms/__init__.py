@@ -22,6 +22,8 @@ if TYPE_CHECKING:
 
 KINDS: dict[str, str] = {
     "http": "agent.platforms.http",
+    "woocommerce": "agent.platforms.woocommerce",
+    "kinguin": "agent.platforms.kinguin",
 }
 
 

@@ -81,6 +81,7 @@ class KinguinFaults:
     cancel_on_upload_rate: float = 0.0  # the buyer's order is cancelled just before our upload
     latency: float = 0.0  # up to this many seconds added to every request
     ignore_filters: bool = False  # a server that ignores the filter parameters
+    fail_uploads: int = 0  # the next uploads to a reservation answer 503, nothing stored
 
 
 @dataclass
@@ -121,7 +122,8 @@ class UploadCall:
     reservation_id: str | None
     body: str
     request_id: str | None
-    outcome: str  # delivered | dropped | stocked | conflict | invalid | busy | rejected
+    # delivered | dropped | stocked | conflict | invalid | busy | failed | rejected
+    outcome: str
 
 
 @dataclass
@@ -494,6 +496,10 @@ class FakeKinguin:
             self._add_stock(entry)
             call.outcome = "stocked"
             return web.json_response(self._stock_json(entry))
+        if self.faults.fail_uploads > 0:
+            self.faults.fail_uploads -= 1
+            call.outcome = "failed"
+            return self.error(503, "Service Unavailable", request.path)
         if self.random.random() < self.faults.busy_rate:
             call.outcome = "busy"
             return self.error(409, BUSY, request.path)

@@ -1,0 +1,477 @@
+"""The Kinguin adapter against the doc-built fake (tests/fakes/kinguin.py) on loopback: tokens,
+paging, every way an upload can end, rate limits, declared stock; then the real engine
+in-process with faults, and the real daemon killed three times."""
+
+from __future__ import annotations
+
+import io
+import json
+from collections.abc import AsyncIterator, Iterator
+from pathlib import Path
+from typing import Any, TextIO
+
+import pytest
+from aiohttp import web
+
+from agent import logs
+from agent.config import ConfigError, PlatformSettings, parse_config
+from agent.domain import (
+    Ambiguous,
+    AuthFailed,
+    CardItem,
+    DeliveryConflict,
+    OrderClosed,
+    Permanent,
+    PlatformOrder,
+    RejectedOrder,
+    Transient,
+)
+from agent.platforms import KINDS, kind_module
+from agent.platforms.kinguin import (
+    MAX_WRITES,
+    KinguinOptions,
+    KinguinPlatform,
+)
+from agent.platforms.ratelimit import BURST_SHARE, TokenBucket
+from tests.fakes.kinguin import FakeKinguin, ShiftedClock
+
+CLIENT_ID = "kami-test-client"
+CLIENT_SECRET = "kinguin-client-secret-for-tests"
+OFFER_GAME = "5f7efd272f3a650001f42722"
+OFFER_GAME_2 = "5f7efd272f3a650001f42723"  # a second offer of the same SKU
+OFFER_VIP = "660691850f65d000010da229"
+OFFER_UNMAPPED = "660691850f65d000010dffff"
+OFFERS = {OFFER_GAME: "GAME-100", OFFER_GAME_2: "GAME-100", OFFER_VIP: "VIP-30D"}
+
+
+def key(n: int, sku: str = "GAME-100") -> CardItem:
+    return CardItem(code="", secret=f"{sku}-KEY-{n:05d}-XYZ")
+
+
+@pytest.fixture
+async def fake() -> AsyncIterator[FakeKinguin]:
+    server = FakeKinguin(CLIENT_ID, CLIENT_SECRET, seed=7, clock=ShiftedClock())
+    for offer in (OFFER_GAME, OFFER_GAME_2, OFFER_VIP, OFFER_UNMAPPED):
+        server.add_offer(offer)
+    await server.start()
+    yield server
+    await server.stop()
+
+
+def kinguin_settings(fake: FakeKinguin, **overrides: Any) -> PlatformSettings:
+    values: dict[str, Any] = {
+        "name": "kg",
+        "kind": "kinguin",
+        "base_url": fake.base_url,
+        "api_key": CLIENT_ID,
+        "secret_name": "platform.kg.secret",
+        "timeout": 2.0,
+        "page_size": 50,
+        "options": KinguinOptions(offers=OFFERS, token_url=f"{fake.base_url}/auth/token"),
+    }
+    values.update(overrides)
+    return PlatformSettings(**values)
+
+
+@pytest.fixture
+async def adapter(fake: FakeKinguin) -> AsyncIterator[KinguinPlatform]:
+    platform = KinguinPlatform(kinguin_settings(fake), CLIENT_SECRET, 8)
+    yield platform
+    await platform.close()
+
+
+def clock_of(fake: FakeKinguin) -> ShiftedClock:
+    assert isinstance(fake.clock, ShiftedClock)
+    return fake.clock
+
+
+async def all_pages(adapter: KinguinPlatform) -> list[PlatformOrder | RejectedOrder]:
+    cursor, found = None, []
+    for _ in range(100):
+        page = await adapter.list_paid(cursor)
+        found += page.orders
+        cursor = page.next_cursor
+        if not page.has_more:
+            assert cursor == "page:0"  # the next listing starts over
+            return found
+    raise AssertionError("listing never ended")
+
+
+# --- configuration ---------------------------------------------------------------------------
+def kinguin_toml(**extra: Any) -> dict[str, Any]:
+    section: dict[str, Any] = {
+        "kind": "kinguin",
+        "base_url": "https://gateway.kinguin.net/sales-manager-api",
+        "api_key": CLIENT_ID,
+        "secret": "platform.kinguin.secret",
+        "offers": dict(OFFERS),
+    }
+    section.update(extra)
+    return {"store": {"path": "kami.db"}, "platforms": {"kinguin": section}}
+
+
+def test_config_reads_kinguin_options(tmp_path: Path) -> None:
+    assert "kinguin" in KINDS and kind_module("kinguin").parse_options is not None
+    config = parse_config(kinguin_toml(writes_per_minute=1000), tmp_path / "c.toml")
+    options = config.platforms[0].options
+    assert isinstance(options, KinguinOptions)
+    assert options.token_url == "https://id.kinguin.net/auth/token"
+    assert options.offers == OFFERS and options.writes_per_minute == 1000
+    assert options.skus["GAME-100"] == (OFFER_GAME, OFFER_GAME_2)
+
+
+@pytest.mark.parametrize(
+    ("extra", "complaint"),
+    [
+        ({"offers": {}}, "offers: is required"),
+        ({"writes_per_minute": MAX_WRITES + 1}, "writes_per_minute: must be between"),
+        ({"offers": {"a/b": "GAME-100"}}, "not a Kinguin offer id"),
+        ({"offers": {OFFER_GAME: ""}}, "must name a SKU"),
+        ({"token_url": "ftp://id.kinguin.net"}, "token_url: must be an http(s) URL"),
+        ({"reservation_status": "BOUGHT"}, "reservation_status: is not a known setting"),
+    ],
+)
+def test_config_rejects_bad_kinguin_options(
+    tmp_path: Path, extra: dict[str, Any], complaint: str
+) -> None:
+    with pytest.raises(ConfigError, match=complaint.replace("(", r"\(").replace(")", r"\)")):
+        parse_config(kinguin_toml(**extra), tmp_path / "c.toml")
+
+
+# --- the token --------------------------------------------------------------------------------
+async def test_token_is_cached_and_renewed_before_it_expires(fake: FakeKinguin) -> None:
+    now = [1000.0]
+    platform = KinguinPlatform(kinguin_settings(fake), CLIENT_SECRET, 4, monotonic=lambda: now[0])
+    try:
+        await platform.list_paid(None)
+        await platform.list_paid(None)
+        assert fake.token_requests == 1  # cached
+        now[0] += 3600 - 300  # 5 minutes before expires_in=3600 runs out (renewal at 6 min)
+        clock_of(fake).advance(3600 - 300)
+        await platform.list_paid(None)
+        assert fake.token_requests == 2
+        assert fake.rejected_tokens == 0  # renewed before Kinguin would refuse it
+    finally:
+        await platform.close()
+
+
+async def test_a_token_refused_with_401_is_renewed_once(
+    fake: FakeKinguin, adapter: KinguinPlatform
+) -> None:
+    await adapter.list_paid(None)
+    clock_of(fake).advance(3601)  # Kinguin's clock says expired; ours does not know yet
+    rid = fake.add_reservation(OFFER_GAME)
+    page = await adapter.list_paid(None)
+    assert [o.order_id for o in page.orders] == [f"{OFFER_GAME}/{rid}"]
+    assert fake.rejected_tokens == 1 and fake.token_requests == 2
+
+
+async def test_wrong_client_secret_is_auth_failed_without_the_secret(fake: FakeKinguin) -> None:
+    platform = KinguinPlatform(kinguin_settings(fake), "not-the-secret-xyz", 4)
+    try:
+        with pytest.raises(AuthFailed) as caught:
+            await platform.ping()
+    finally:
+        await platform.close()
+    assert "not-the-secret-xyz" not in str(caught.value)
+
+
+# --- intake -----------------------------------------------------------------------------------
+async def test_listing_walks_the_pages_and_maps_offers_to_skus(
+    fake: FakeKinguin, adapter: KinguinPlatform
+) -> None:
+    wanted = {}
+    for i in range(120):
+        offer = OFFER_VIP if i % 3 == 0 else OFFER_GAME
+        wanted[f"{offer}/{fake.add_reservation(offer)}"] = OFFERS[offer]
+    fake.add_reservation(OFFER_GAME, status="DELIVERED")
+    fake.add_reservation(OFFER_GAME, status="BUYING")  # not paid yet: not ours
+    unmapped = fake.add_reservation(OFFER_UNMAPPED)
+    found = await all_pages(adapter)
+    orders = [o for o in found if isinstance(o, PlatformOrder)]
+    assert {o.order_id: o.sku for o in orders} == wanted
+    assert {(o.status, o.quantity, o.currency) for o in orders} == {("paid", 1, "EUR")}
+    assert orders[0].amount == "19.90"
+    res = fake.reservations[orders[0].order_id.split("/")[1]]
+    assert orders[0].deliver_by is not None and orders[0].deliver_by.endswith("Z")
+    from datetime import datetime
+
+    due = datetime.fromisoformat(orders[0].deliver_by.replace("Z", "+00:00")).timestamp()
+    assert abs(due - (res.updated + 900)) < 1.0  # 15 minutes after it needed stock
+    [rejected] = [o for o in found if isinstance(o, RejectedOrder)]
+    assert rejected.order_id == f"{OFFER_UNMAPPED}/{unmapped}"
+    assert "unknown SKU" in rejected.reason and OFFER_UNMAPPED in rejected.reason
+
+
+async def test_a_server_ignoring_filters_cannot_mislead_the_adapter(
+    fake: FakeKinguin, adapter: KinguinPlatform
+) -> None:
+    fake.faults.ignore_filters = True
+    done = fake.add_reservation(OFFER_GAME)
+    await adapter.deliver(f"{OFFER_GAME}/{done}", "kami-x-1", [key(1)], "")
+    waiting = fake.add_reservation(OFFER_GAME)
+    fake.add_reservation(OFFER_GAME, status="CANCELED")
+    found = await all_pages(adapter)
+    assert [o.order_id for o in found] == [f"{OFFER_GAME}/{waiting}"]
+    # the stock read answers with every key of the offer: only this reservation's counts
+    remote = await adapter.get_order(f"{OFFER_GAME}/{waiting}")
+    assert remote.status == "paid" and remote.items == ()
+
+
+async def test_no_long_poll(adapter: KinguinPlatform) -> None:
+    with pytest.raises(Permanent, match="no long poll"):
+        await adapter.wait_for_orders(None, 1.0)
+
+
+# --- delivery ---------------------------------------------------------------------------------
+async def test_delivery_uploads_one_key_to_its_reservation(
+    fake: FakeKinguin, adapter: KinguinPlatform
+) -> None:
+    rid = fake.add_reservation(OFFER_GAME)
+    order_id = f"{OFFER_GAME}/{rid}"
+    assert (await adapter.get_order(order_id)).status == "paid"
+    item = CardItem(code="CARD-7", secret="SECRET-7")
+    await adapter.deliver(order_id, "kami-abc-1", [item], "thanks")
+    assert fake.keys_by_reservation() == {rid: ["CARD-7\nSECRET-7"]}
+    assert fake.uploads[0].request_id == "kami-abc-1"
+    remote = await adapter.get_order(order_id)
+    assert remote.status == "delivered" and remote.items == (item,)
+
+
+async def test_delivering_again_confirms_the_same_key_without_a_second_one(
+    fake: FakeKinguin, adapter: KinguinPlatform
+) -> None:
+    rid = fake.add_reservation(OFFER_GAME)
+    await adapter.deliver(f"{OFFER_GAME}/{rid}", "kami-a-1", [key(1)], "")
+    await adapter.deliver(f"{OFFER_GAME}/{rid}", "kami-a-2", [key(1)], "")  # 409, then ours
+    assert [u.outcome for u in fake.uploads] == ["delivered", "conflict"]
+    assert fake.keys_by_reservation() == {rid: [key(1).secret]}
+
+
+async def test_another_key_on_the_reservation_is_a_conflict(
+    fake: FakeKinguin, adapter: KinguinPlatform
+) -> None:
+    rid = fake.add_reservation(OFFER_GAME)
+    await adapter.deliver(f"{OFFER_GAME}/{rid}", "kami-a-1", [key(1)], "")
+    with pytest.raises(DeliveryConflict, match="another key"):
+        await adapter.deliver(f"{OFFER_GAME}/{rid}", "kami-b-1", [key(2)], "")
+    assert fake.keys_by_reservation() == {rid: [key(1).secret]}
+
+
+async def test_a_response_lost_after_commit_is_confirmed_by_reading(
+    fake: FakeKinguin, adapter: KinguinPlatform
+) -> None:
+    fake.faults.drop_after_commit_rate = 1.0
+    rid = fake.add_reservation(OFFER_GAME)
+    await adapter.deliver(f"{OFFER_GAME}/{rid}", "kami-a-1", [key(1)], "")
+    assert [u.outcome for u in fake.uploads] == ["dropped"]  # read, not uploaded again
+    assert fake.keys_by_reservation() == {rid: [key(1).secret]}
+
+
+async def test_a_5xx_with_nothing_stored_uploads_once_more(
+    fake: FakeKinguin, adapter: KinguinPlatform
+) -> None:
+    fake.faults.fail_uploads = 1
+    rid = fake.add_reservation(OFFER_GAME)
+    await adapter.deliver(f"{OFFER_GAME}/{rid}", "kami-a-1", [key(1)], "")
+    assert [u.outcome for u in fake.uploads] == ["failed", "delivered"]
+    fake.faults.fail_uploads = 2
+    rid = fake.add_reservation(OFFER_GAME)
+    with pytest.raises(Ambiguous, match="did not land"):  # never a third upload in one call
+        await adapter.deliver(f"{OFFER_GAME}/{rid}", "kami-b-1", [key(2)], "")
+    assert [u.outcome for u in fake.uploads][2:] == ["failed", "failed"]
+
+
+async def test_a_reservation_cancelled_first_closes_the_order(
+    fake: FakeKinguin, adapter: KinguinPlatform
+) -> None:
+    rid = fake.add_reservation(OFFER_GAME)
+    fake.cancel(rid)
+    with pytest.raises(OrderClosed) as caught:
+        await adapter.deliver(f"{OFFER_GAME}/{rid}", "kami-a-1", [key(1)], "")
+    assert caught.value.status == "cancelled"
+    assert fake.keys_by_reservation() == {}
+    assert (await adapter.get_order(f"{OFFER_GAME}/{rid}")).status == "cancelled"
+
+
+async def test_a_reservation_cancelled_mid_delivery_closes_the_order(
+    fake: FakeKinguin, adapter: KinguinPlatform
+) -> None:
+    fake.faults.cancel_on_upload_rate = 1.0
+    rid = fake.add_reservation(OFFER_GAME)
+    with pytest.raises(OrderClosed):
+        await adapter.deliver(f"{OFFER_GAME}/{rid}", "kami-a-1", [key(1)], "")
+    assert [u.outcome for u in fake.uploads] == ["invalid"]  # the 400, then only reads
+
+
+async def test_kinguin_cancels_after_fifteen_minutes(
+    fake: FakeKinguin, adapter: KinguinPlatform
+) -> None:
+    late = fake.add_reservation(OFFER_GAME)
+    clock_of(fake).advance(14 * 60)
+    in_time = fake.add_reservation(OFFER_GAME)
+    clock_of(fake).advance(61)
+    with pytest.raises(OrderClosed):
+        await adapter.deliver(f"{OFFER_GAME}/{late}", "kami-a-1", [key(1)], "")
+    await adapter.deliver(f"{OFFER_GAME}/{in_time}", "kami-b-1", [key(2)], "")
+    assert fake.keys_by_reservation() == {in_time: [key(2).secret]}
+
+
+async def test_busy_reservation_is_ambiguous(fake: FakeKinguin, adapter: KinguinPlatform) -> None:
+    fake.faults.busy_rate = 1.0
+    rid = fake.add_reservation(OFFER_GAME)
+    with pytest.raises(Ambiguous, match="busy"):
+        await adapter.deliver(f"{OFFER_GAME}/{rid}", "kami-a-1", [key(1)], "")
+    assert fake.keys_by_reservation() == {}
+
+
+async def test_429_is_transient_with_retry_after(
+    fake: FakeKinguin, adapter: KinguinPlatform
+) -> None:
+    rid = fake.add_reservation(OFFER_GAME)
+    fake.faults.rate_limit_rate = 1.0
+    with pytest.raises(Transient) as caught:
+        await adapter.deliver(f"{OFFER_GAME}/{rid}", "kami-a-1", [key(1)], "")
+    assert caught.value.retry_after == 1.0
+    with pytest.raises(Transient, match="rate limit"):
+        await adapter.list_paid(None)
+    fake.faults.rate_limit_rate = 0.0
+    await adapter.deliver(f"{OFFER_GAME}/{rid}", "kami-a-1", [key(1)], "")
+    assert fake.keys_by_reservation() == {rid: [key(1).secret]}
+
+
+async def test_get_order_finds_archived_reservations(
+    fake: FakeKinguin, adapter: KinguinPlatform
+) -> None:
+    fake.archive_after = 60.0
+    rid = fake.add_reservation(OFFER_GAME)
+    await adapter.deliver(f"{OFFER_GAME}/{rid}", "kami-a-1", [key(1)], "")
+    gone = fake.add_reservation(OFFER_GAME)
+    fake.cancel(gone)
+    clock_of(fake).advance(61)
+    assert (await adapter.get_order(f"{OFFER_GAME}/{rid}")).items == (key(1),)
+    assert (await adapter.get_order(f"{OFFER_GAME}/{gone}")).status == "cancelled"
+    assert fake.reservations[gone].archived
+
+
+async def test_more_than_one_key_for_a_reservation_is_refused(adapter: KinguinPlatform) -> None:
+    with pytest.raises(Permanent, match="exactly one key"):
+        await adapter.deliver(f"{OFFER_GAME}/r1", "kami-a-1", [key(1), key(2)], "")
+    with pytest.raises(Permanent, match="not a Kinguin order id"):
+        await adapter.get_order("no-slash")
+
+
+async def test_a_redirect_is_refused_and_not_followed(fake: FakeKinguin) -> None:
+    heard: list[str] = []
+
+    async def elsewhere(request: web.Request) -> web.Response:
+        heard.append(request.path)
+        return web.json_response({"content": []})
+
+    async def redirect(request: web.Request) -> web.Response:
+        raise web.HTTPTemporaryRedirect(f"{other_url}/api/v1/reservations")
+
+    other, proxy = web.Application(), web.Application()
+    other.router.add_route("*", "/{tail:.*}", elsewhere)
+    proxy.router.add_route("*", "/{tail:.*}", redirect)
+    runners = [web.AppRunner(app) for app in (other, proxy)]
+    urls = []
+    for runner in runners:
+        await runner.setup()
+        site = web.TCPSite(runner, "127.0.0.1", 0)
+        await site.start()
+        urls.append(f"http://127.0.0.1:{site._server.sockets[0].getsockname()[1]}")  # type: ignore[union-attr]
+    other_url, proxy_url = urls
+    platform = KinguinPlatform(kinguin_settings(fake, base_url=proxy_url), CLIENT_SECRET, 4)
+    try:
+        with pytest.raises(Permanent, match=r"redirects to http://127\.0\.0\.1"):
+            await platform.list_paid(None)
+    finally:
+        await platform.close()
+        for runner in runners:
+            await runner.cleanup()
+    assert heard == []
+
+
+# --- rate limits ------------------------------------------------------------------------------
+async def test_token_bucket_keeps_every_minute_under_the_limit() -> None:
+    now = [0.0]
+
+    async def sleep(seconds: float) -> None:
+        now[0] += seconds  # simulated time: the test never waits
+
+    bucket = TokenBucket(MAX_WRITES, clock=lambda: now[0], sleep=sleep)
+    sent = []
+    for _ in range(3 * MAX_WRITES):
+        await bucket.acquire()
+        sent.append(now[0])
+    # every 60-second window, wherever it starts, holds fewer than Kinguin's 2,000 writes
+    start = 0
+    for end, at in enumerate(sent):
+        while sent[start] <= at - 60.0:
+            start += 1
+        assert end - start + 1 <= MAX_WRITES * (1 + BURST_SHARE) < 2000
+    assert now[0] > 60.0  # it did have to wait
+
+
+async def test_reads_and_writes_each_wait_for_their_own_bucket(fake: FakeKinguin) -> None:
+    options = KinguinOptions(
+        offers=OFFERS, token_url=f"{fake.base_url}/auth/token", reads_per_minute=60
+    )
+    frozen = 500.0  # the bucket never refills: its 3-request burst, then a wait each
+    platform = KinguinPlatform(
+        kinguin_settings(fake, options=options), CLIENT_SECRET, 4, monotonic=lambda: frozen
+    )
+    try:
+        for _ in range(4):
+            await platform.list_paid(None)
+        rid = fake.add_reservation(OFFER_GAME)
+        await platform.deliver(f"{OFFER_GAME}/{rid}", "kami-a-1", [key(1)], "")
+    finally:
+        await platform.close()
+    assert platform._reads.waited == pytest.approx(1.0)  # one second at 60 a minute
+    assert platform._writes.waited == 0.0  # the upload drew on the write bucket
+
+
+# --- declared stock ---------------------------------------------------------------------------
+async def test_publish_stock_declares_the_count_across_the_skus_offers(
+    fake: FakeKinguin, adapter: KinguinPlatform
+) -> None:
+    await adapter.publish_stock("GAME-100", 5)
+    declared = {o: fake.offers[o].declared_stock for o in (OFFER_GAME, OFFER_GAME_2)}
+    assert declared == {OFFER_GAME: 3, OFFER_GAME_2: 2}  # never more than 5 in all
+    assert fake.offers[OFFER_GAME].declared_text_stock == 3
+    await adapter.publish_stock("GAME-100", 1)
+    # the offer being lowered most is written first: the sum never exceeds the old one
+    assert [p[0] for p in fake.patches[-2:]] == [OFFER_GAME, OFFER_GAME_2]
+    assert fake.offers[OFFER_GAME].declared_stock + fake.offers[OFFER_GAME_2].declared_stock == 1
+    await adapter.publish_stock("NOT-MAPPED", 9)  # nothing to publish
+    fake.offers[OFFER_VIP].max_declared_stock = 3
+    with pytest.raises(Permanent, match="Max declared stock has been exceeded"):
+        await adapter.publish_stock("VIP-30D", 4)
+
+
+# --- logs -------------------------------------------------------------------------------------
+@pytest.fixture
+def captured(quiet_logs: TextIO) -> Iterator[io.StringIO]:
+    sink = io.StringIO()
+    logs.configure("debug", sink)
+    yield sink
+    logs.configure("debug", quiet_logs)
+
+
+async def test_no_token_secret_or_key_in_the_logs(
+    fake: FakeKinguin, adapter: KinguinPlatform, captured: io.StringIO
+) -> None:
+    fake.faults.drop_after_commit_rate = 1.0
+    rid = fake.add_reservation(OFFER_GAME)
+    await adapter.deliver(f"{OFFER_GAME}/{rid}", "kami-a-1", [key(1)], "")
+    clock_of(fake).advance(3601)
+    await adapter.list_paid(None)  # a refused token and a new one
+    text = captured.getvalue()
+    assert "oauth_access_renewed" in text and "kinguin_token_refused" in text
+    lines = [json.loads(line) for line in text.splitlines()]
+    assert lines
+    assert CLIENT_SECRET not in text and key(1).secret not in text
+    tokens = {t for t in fake._tokens}  # every token the fake ever issued
+    assert len(tokens) == 2 and not any(t in text for t in tokens)
