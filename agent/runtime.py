@@ -20,6 +20,7 @@ from agent.config import (
 )
 from agent.engine import Engine
 from agent.keybox import parse_master_key
+from agent.ledger_watch import EXIT_LEDGER_LOST, alert_ledger_lost, watch_ledger
 from agent.logs import get_logger
 from agent.notify.base import Notifier
 from agent.notify.factory import build_notifier
@@ -30,6 +31,7 @@ from agent.secrets import resolve_secret
 from agent.service import keep_watchdog, notify, watchdog_interval
 from agent.signed_http import DEFAULT_CONNECTIONS
 from agent.store.base import Store
+from agent.store.identity import Opening
 from agent.store.sqlite import SQLiteStore
 from agent.store.sqlite_base import exclusive_ledger
 from agent.suppliers.base import Supplier
@@ -47,12 +49,16 @@ EXIT_RESTART = 75
 LONG_POLL_SECONDS = 25.0
 
 
-def open_store(settings: StoreSettings) -> Store:
-    """The configured ledger (not yet opened): SQLite by path, or PostgreSQL by URL."""
+def open_store(
+    settings: StoreSettings, *, opening: Opening = Opening.OPEN, startup_checks: bool = False
+) -> Store:
+    """The configured ledger (not yet opened): SQLite by path, or PostgreSQL by URL.
+    `opening`: CREATE for `kami-agent init` only; `startup_checks`: the daemon's (SQLite:
+    quick_check and a write)."""
     master = parse_master_key(resolve_secret(settings.key_secret))
     if settings.url is None:
         assert settings.path is not None
-        return SQLiteStore(settings.path, master)
+        return SQLiteStore(settings.path, master, opening=opening, startup_checks=startup_checks)
     try:
         from agent.store.postgres import PostgresStore
     except ImportError as exc:
@@ -67,6 +73,7 @@ def open_store(settings: StoreSettings) -> Store:
         lease_seconds=settings.lease_seconds,
         pool_size=settings.pool_size,
         password=password,
+        opening=opening,
     )
 
 
@@ -240,15 +247,25 @@ async def _run_daemon(config: Config) -> int:
         stop.set()
 
     loop.add_signal_handler(signal.SIGHUP, hang_up)
-    store = open_store(config.store)
+    store = open_store(config.store, startup_checks=True)
     platforms = build_platforms(config)
     suppliers = build_suppliers(config)
     notifiers = {n.name: build_notifier(n) for n in config.notify}
     await store.open()
     started = time.monotonic()
+    lost: list[str] = []
+
+    def ledger_gone(reason: str) -> None:
+        lost.append(reason)
+        stop.set()
+
+    watch = asyncio.create_task(watch_ledger(store, ledger_gone))
     try:
         engine = await run_engine(config, store, platforms, stop, suppliers, notifiers)
     finally:
+        watch.cancel()
+        if lost:
+            await alert_ledger_lost(notifiers.values(), lost[0], time.time())
         for platform in platforms.values():
             await platform.close()
         for supplier in suppliers.values():
@@ -257,6 +274,7 @@ async def _run_daemon(config: Config) -> int:
             await notifier.close()
         await store.close()
     code = EXIT_RESTART if hung_up.is_set() else 0
+    code = EXIT_LEDGER_LOST if lost else code
     uptime = round(time.monotonic() - started, 1)
     log.info("stopped", uptime_s=uptime, exit_code=code, **engine.snapshot())
     return code

@@ -71,14 +71,16 @@ class SQLiteBase:
         master_key: bytes,
         *,
         opening: Opening = Opening.OPEN,
-        quick_check: bool = False,
+        startup_checks: bool = False,
     ) -> None:
         """`opening`: CREATE makes a new ledger (refused where one is), and is spent by the
-        first open; `quick_check`: run SQLite's quick_check at open (the daemon does)."""
+        first open; `startup_checks`: the daemon's, at open: SQLite's quick_check, and a
+        write (a command that only reads may read a read-only ledger; the daemon must not
+        start on one and fail at its first order)."""
         self.path = Path(path)
         self._master_key = master_key
         self._opening = opening
-        self._quick_check = quick_check
+        self._startup_checks = startup_checks
         self.ledger_id: str | None = None
         self._file: os.stat_result | None = None  # the ledger file opened, to see it replaced
         self._keybox: KeyBox | None = None
@@ -252,7 +254,7 @@ class SQLiteBase:
         # touches would otherwise go to a temporary file: a write per page in a flash sale.
         # They are only needed until COMMIT (crash safety is the WAL's job).
         conn.execute("PRAGMA temp_store=MEMORY")
-        if self._quick_check:
+        if self._startup_checks:
             self._check_pages(conn)
         adopt = False
         if not creating:
@@ -266,6 +268,8 @@ class SQLiteBase:
                 log.warning("ledger_adopted", ledger=str(self.path), ledger_id=self.ledger_id)
         else:
             self.ledger_id = self._stored_id(conn)
+        if self._startup_checks:
+            self._in_tx(self._note_start)
         self._reseal_sku_bound(conn)
 
     def _recorded_id(self) -> str | None:
@@ -308,6 +312,14 @@ class SQLiteBase:
         except sqlite3.OperationalError:  # no such table: a ledger made before ids existed
             return None
         return None if row is None else str(row[0])
+
+    @staticmethod
+    def _note_start(conn: sqlite3.Connection) -> None:
+        conn.execute(
+            f"INSERT OR REPLACE INTO {identity.META_TABLE} (key, value)"
+            " VALUES ('daemon_started_at', ?)",
+            (repr(time.time()),),
+        )
 
     @staticmethod
     def _give_id(conn: sqlite3.Connection) -> str:
