@@ -27,6 +27,7 @@ from agent.secrets import (
 from agent.stockfile import StockFileReader
 from agent.store.base import LedgerError, Store, StoreError
 from agent.suppliers.base import Balance
+from agent.textsafe import printable
 
 DEFAULT_CONFIG_PATHS = (Path("config.toml"), Path("/etc/kami-agent/config.toml"))
 
@@ -197,7 +198,8 @@ async def _supplier_balances(config: Config) -> dict[str, Balance]:
         finally:
             await supplier.close()
         balances[settings.name] = balance
-        print(f"supplier {settings.name}: balance {balance.amount} {balance.currency}")
+        shown = printable(f"{balance.amount} {balance.currency}")  # the supplier's text
+        print(f"supplier {settings.name}: balance {shown}")
     return balances
 
 
@@ -213,15 +215,16 @@ def cmd_status(args: argparse.Namespace) -> int:
         alerts = await store.open_alerts()
         print(f"{'SKU':<20} {'stock':>8} {'rate/h':>8} {'empty in':>10} {'pending':>8}  alerts")
         for f in forecasts:
-            mine = [a.kind for a in alerts if a.key.endswith(f":{f.sku}")]
+            mine = printable(", ".join(a.kind for a in alerts if a.key.endswith(f":{f.sku}")))
             print(
-                f"{f.sku[:20]:<20} {f.free:>8} {f.rate_per_hour:>8.1f} "
-                f"{format_duration(f.time_to_empty):>10} {f.pending:>8}  {', '.join(mine)}"
+                f"{printable(f.sku)[:20]:<20} {f.free:>8} {f.rate_per_hour:>8.1f} "
+                f"{format_duration(f.time_to_empty):>10} {f.pending:>8}  {mine}"
             )
         if alerts:
             print("\nopen alerts:")
             for alert in alerts:
-                print(f"  {_when(alert.opened_at)}  {alert.severity:<8} {alert.summary}")
+                severity, summary = printable(alert.severity), printable(alert.summary)
+                print(f"  {_when(alert.opened_at)}  {severity:<8} {summary}")
         else:
             print("\nno open alerts")
         return 0
@@ -269,7 +272,7 @@ def cmd_stock_import(args: argparse.Namespace) -> int:
                 " (a key belongs to one SKU)"
             )
         for sample in reader.samples:
-            print(f"  rejected {sample}")
+            print(f"  rejected {printable(sample)}")
         return 0
 
     return asyncio.run(_with_store(config, action))
@@ -282,9 +285,9 @@ def cmd_stock_list(args: argparse.Namespace) -> int:
         counts = await store.stock_counts()
         print(f"{'SKU':<24} {'free':>9} {'bound':>9} {'void':>7}")
         for c in counts:
-            print(f"{c.sku:<24} {c.free:>9} {c.bound:>9} {c.void:>7}")
+            print(f"{printable(c.sku):<24} {c.free:>9} {c.bound:>9} {c.void:>7}")
         for sku in sorted(set(config.skus) - {c.sku for c in counts}):
-            print(f"{sku:<24} {0:>9} {0:>9} {0:>7}")
+            print(f"{printable(sku):<24} {0:>9} {0:>9} {0:>7}")
         return 0
 
     return asyncio.run(_with_store(config, action))
@@ -307,10 +310,11 @@ def _print_lines(lines: Sequence[OrderLine]) -> None:
     print(
         f"{'order':<20} {'sku':<14} {'qty':>3} {'state':<16} {'tries':>5} {'seen (UTC)':<19} reason"
     )
-    for ln in lines:
+    for ln in lines:  # ids, SKUs and reasons come from platforms: escaped (agent/textsafe.py)
         print(
-            f"{ln.order_id:<20} {ln.sku[:14]:<14} {ln.quantity:>3} {ln.state:<16} "
-            f"{ln.attempts:>5} {_when(ln.seen_at):<19} {ln.reason or ''}"
+            f"{printable(ln.order_id):<20} {printable(ln.sku)[:14]:<14} {ln.quantity:>3} "
+            f"{ln.state:<16} {ln.attempts:>5} {_when(ln.seen_at):<19} "
+            f"{printable(ln.reason or '')}"
         )
 
 
@@ -341,12 +345,14 @@ def cmd_orders_show(args: argparse.Namespace) -> int:
         line = await _one_line(store, args.id)
         _print_lines([line])
         print(
-            f"\nplatform {line.platform}, row {line.id}, buyer {line.buyer_contact or '-'}, "
-            f"paid {line.paid_at or '-'}, delivered {_when(line.delivered_at)}"
+            f"\nplatform {printable(line.platform)}, row {line.id}, "
+            f"buyer {printable(line.buyer_contact or '-')}, "
+            f"paid {printable(line.paid_at or '-')}, delivered {_when(line.delivered_at)}"
         )
         print("audit trail:")
         for event in await store.events(line.id):
-            print(f"  {_when(event.at)}  {event.kind:<18} {event.detail}")
+            kind, detail = printable(event.kind), printable(event.detail)
+            print(f"  {_when(event.at)}  {kind:<18} {detail}")
         return 0
 
     return asyncio.run(_with_store(config, action))
@@ -361,8 +367,8 @@ def _operator_action(name: str) -> Callable[[argparse.Namespace], int]:
             method = store.retry_line if name == "retry" else store.resend_line
             updated = await method(line.id, time.time())
             print(
-                f"order {updated.order_id}: now {updated.state}; the running agent picks it "
-                "up on its next sweep"
+                f"order {printable(updated.order_id)}: now {updated.state}; the running agent"
+                " picks it up on its next sweep"
             )
             return 0
 
@@ -585,7 +591,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"kami-agent: config error: {exc}", file=sys.stderr)
         return 2
     except (AgentError, StoreError) as exc:
-        print(f"kami-agent: error: {exc}", file=sys.stderr)
+        print(f"kami-agent: error: {printable(str(exc))}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
         return 130
