@@ -17,7 +17,6 @@ import aiohttp
 from aiohttp import hdrs
 from yarl import URL
 
-from agent import safejson
 from agent.domain import Ambiguous, AuthFailed, BadResponse, Permanent, Transient
 from agent.redact import register, safe_url
 from agent.signing import auth_headers
@@ -34,12 +33,10 @@ class HttpResponse:
     retry_after: float | None
 
     def json(self) -> Any:
-        """The body's JSON value, read by the bounded decoder (agent/safejson.py): a huge
-        number or a bomb of nesting in one field is that field's problem, not a traceback."""
         try:
-            return safejson.loads(self.body)
-        except safejson.JsonError as exc:
-            raise BadResponse(f"malformed JSON in HTTP {self.status} response: {exc}") from None
+            return json.loads(self.body)
+        except (ValueError, UnicodeDecodeError):
+            raise BadResponse(f"malformed JSON in HTTP {self.status} response") from None
 
     def error_text(self) -> str:
         """`code: message` from the protocol's error envelope, shortened, for reasons and logs."""
@@ -67,12 +64,23 @@ def parse_retry_after(value: str | None) -> float | None:
 
 
 async def read_capped(resp: aiohttp.ClientResponse, limit: int = MAX_BODY_BYTES) -> bytes:
-    """The body, refusing to buffer more than `limit` bytes of a hostile or broken peer."""
+    """The body, refusing to buffer more than `limit` bytes of a hostile or broken peer.
+
+    The limit is on the bytes as decoded: aiohttp inflates a gzip (deflate, br) body as it
+    streams, so 1 MB on the wire with an honest Content-Length can still be a gigabyte, and
+    the decoded bytes are counted as they come. Only a body nobody decodes (a Content-Length,
+    no Content-Encoding, not chunked) is read whole: nearly every answer, read the cheapest way.
+    """
     length = resp.content_length
-    if length is not None:
-        if length > limit:
-            raise _too_big(limit)
-        return await resp.read()  # the peer said how much; aiohttp reads no more than that
+    if length is not None and length > limit:
+        raise _too_big(limit)
+    headers = resp.headers
+    if (
+        length is not None
+        and headers.get(hdrs.CONTENT_ENCODING, "identity").lower() == "identity"
+        and hdrs.TRANSFER_ENCODING not in headers
+    ):
+        return await resp.read()  # nothing decoded: aiohttp reads exactly Content-Length bytes
     chunks: list[bytes] = []
     size = 0
     async for chunk in resp.content.iter_chunked(64 * 1024):
