@@ -4,9 +4,17 @@ in-process with faults, and the real daemon killed three times."""
 
 from __future__ import annotations
 
+import asyncio
+import dataclasses
 import io
 import json
+import random
+import signal
+import sqlite3
+import time
+from collections import Counter
 from collections.abc import AsyncIterator, Iterator
+from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Any, TextIO
 
@@ -14,12 +22,14 @@ import pytest
 from aiohttp import web
 
 from agent import logs
-from agent.config import ConfigError, PlatformSettings, parse_config
+from agent.config import Config, ConfigError, PlatformSettings, parse_config
 from agent.domain import (
+    ACTIVE_STATES,
     Ambiguous,
     AuthFailed,
     CardItem,
     DeliveryConflict,
+    LineState,
     OrderClosed,
     Permanent,
     PlatformOrder,
@@ -33,7 +43,13 @@ from agent.platforms.kinguin import (
     KinguinPlatform,
 )
 from agent.platforms.ratelimit import BURST_SHARE, TokenBucket
+from agent.runtime import run_engine
+from agent.store.base import Store
+from agent.store.sqlite import SQLiteStore
+from tests.conftest import make_config, master_key_for_tests
+from tests.daemon import import_stock, kill_after, start_daemon
 from tests.fakes.kinguin import FakeKinguin, ShiftedClock
+from tests.helpers import wait_for
 
 CLIENT_ID = "kami-test-client"
 CLIENT_SECRET = "kinguin-client-secret-for-tests"
@@ -475,3 +491,213 @@ async def test_no_token_secret_or_key_in_the_logs(
     assert CLIENT_SECRET not in text and key(1).secret not in text
     tokens = {t for t in fake._tokens}  # every token the fake ever issued
     assert len(tokens) == 2 and not any(t in text for t in tokens)
+
+
+# --- the real engine, in-process ---------------------------------------------------------------
+@asynccontextmanager
+async def running_kinguin_agent(
+    config: Config, store: Store, platform: KinguinPlatform
+) -> AsyncIterator[None]:
+    """tests.helpers.running_agent, with the Kinguin adapter as platform "main"."""
+    stop = asyncio.Event()
+    task = asyncio.create_task(run_engine(config, store, {"main": platform}, stop))
+    try:
+        yield
+    finally:
+        stop.set()
+        await task
+        await platform.close()
+
+
+def faulty(fake: FakeKinguin) -> None:
+    """Everything the fake can do wrong, at once."""
+    fake.faults.error_rate = 0.05
+    fake.faults.drop_after_commit_rate = 0.1
+    fake.faults.duplicate_rate = 0.2
+    fake.faults.busy_rate = 0.03
+    fake.faults.cancel_on_upload_rate = 0.03
+    fake.faults.rate_limit_rate = 0.02
+
+
+def assert_kinguin_invariants(fake: FakeKinguin, stock: dict[str, set[str]]) -> dict[str, int]:
+    """What the buyers see: every reservation delivered holds exactly one key, of its SKU,
+    no key went to two reservations, no reservation was ever sent a second, different key,
+    and every reservation ended delivered or cancelled. Returns the outcome counts."""
+    held = fake.keys_by_reservation()
+    for rid, keys in held.items():
+        res = fake.reservations[rid]
+        assert len(keys) == 1, rid
+        assert keys[0] in stock[OFFERS[res.offer_id]], rid
+        assert res.status == "DELIVERED", rid
+    usage = Counter(k for keys in held.values() for k in keys)
+    assert max(usage.values()) == 1, "a key went to two reservations"
+    sent: dict[str, set[str]] = {}
+    for call in fake.uploads:
+        if call.reservation_id is not None:
+            sent.setdefault(call.reservation_id, set()).add(call.body)
+    assert all(len(bodies) == 1 for bodies in sent.values()), "a second key was uploaded"
+    statuses = Counter(r.status for r in fake.reservations.values())
+    assert set(statuses) <= {"DELIVERED", "CANCELED"}, statuses
+    return {"delivered": len(held), "cancelled": statuses["CANCELED"]}
+
+
+async def test_engine_delivers_every_reservation_once_under_faults(
+    tmp_path: Path, fake: FakeKinguin, sqlite_store: Store
+) -> None:
+    faulty(fake)
+    store = sqlite_store
+    stock = {}
+    for sku in ("GAME-100", "VIP-30D"):
+        items = [CardItem(code="", secret=f"{sku}-E2E-{i:05d}") for i in range(320)]
+        await store.import_keys(sku, items, "test", time.time())
+        stock[sku] = {i.secret for i in items}
+    offers = (OFFER_GAME, OFFER_GAME_2, OFFER_VIP)
+    reservations = [fake.add_reservation(offers[i % 3]) for i in range(300)]
+    unmapped = [fake.add_reservation(OFFER_UNMAPPED) for _ in range(3)]
+    config = make_config(tmp_path, fake.base_url, reconcile_interval=1.0)
+    config = dataclasses.replace(config, platforms=(kinguin_settings(fake, name="main"),))
+    platform = KinguinPlatform(config.platforms[0], CLIENT_SECRET, 16)
+
+    async def settled() -> bool:
+        if any(fake.reservations[r].status in ("OUT_OF_STOCK",) for r in reservations):
+            return False
+        counts = await store.count_by_state()
+        return not any(state in ACTIVE_STATES for state in counts)
+
+    async with running_kinguin_agent(config, store, platform):
+        await asyncio.sleep(0.2)
+        for rid in reservations[-40::4]:  # buyers cancelling while the agent works
+            if fake.reservations[rid].status == "OUT_OF_STOCK":
+                fake.cancel(rid)
+        await wait_for(settled, "every reservation delivered or cancelled")
+    for rid in unmapped:  # the merchant's other offers: parked, never touched
+        assert fake.reservations[rid].status == "OUT_OF_STOCK"
+        fake.cancel(rid)  # as Kinguin will after 15 minutes
+        [line] = await store.find_lines(f"{OFFER_UNMAPPED}/{rid}")
+        assert line.state == LineState.NEEDS_ATTENTION and "unknown SKU" in (line.reason or "")
+    figures = assert_kinguin_invariants(fake, stock)
+    # the ledger agrees with what the buyers hold
+    held = fake.keys_by_reservation()
+    for rid in reservations:
+        offer = fake.reservations[rid].offer_id
+        lines = await store.find_lines(f"{offer}/{rid}")
+        if rid in held:
+            assert [line.state for line in lines] == [LineState.DELIVERED]
+            assert [i.secret for i in await store.bound_items(lines[0].id)] == held[rid]
+        else:  # cancelled: before intake (no line) or before our key landed (closed)
+            assert [line.state for line in lines] in ([], [LineState.CANCELLED])
+    outcomes = Counter(u.outcome for u in fake.uploads)
+    assert outcomes["dropped"] > 0 and fake.errors_injected > 0  # the faults did happen
+    assert figures["delivered"] + figures["cancelled"] == 303
+    print(f"kinguin e2e: {figures}, uploads {dict(outcomes)}, 5xx {fake.errors_injected}")
+
+
+# --- the real daemon, killed ------------------------------------------------------------------
+DAEMON_RESERVATIONS = 1000
+DAEMON_SECRETS = {"KAMI_SECRET_PLATFORM_KINGUIN_SECRET": CLIENT_SECRET}
+
+
+def write_daemon_config(tmp_path: Path, fake: FakeKinguin) -> Path:
+    path = tmp_path / "config.toml"
+    offers = "\n".join(f'"{offer}" = "{sku}"' for offer, sku in OFFERS.items())
+    path.write_text(
+        f"""
+[agent]
+poll_interval = 0.1
+sweep_interval = 0.1
+reconcile_interval = 2.0
+concurrency = 8
+retry_base = 0.05
+retry_cap = 0.5
+
+[store]
+path = "kami.db"
+
+[platforms.kinguin]
+kind = "kinguin"
+base_url = "{fake.base_url}"
+token_url = "{fake.base_url}/auth/token"
+api_key = "{CLIENT_ID}"
+secret = "platform.kinguin.secret"
+timeout = 2.0
+
+[platforms.kinguin.offers]
+{offers}
+
+[skus."GAME-100"]
+[skus."VIP-30D"]
+""",
+        encoding="utf-8",
+    )
+    return path
+
+
+def ledger_states(db: Path) -> dict[str, int]:
+    with sqlite3.connect(f"file:{db}?mode=ro", uri=True) as conn:
+        return dict(conn.execute("SELECT state, COUNT(*) FROM orders GROUP BY state"))
+
+
+@pytest.mark.slow
+async def test_daemon_killed_three_times_delivers_each_reservation_once(
+    tmp_path: Path, fake: FakeKinguin
+) -> None:
+    rng = random.Random(15)
+    faulty(fake)
+    config = write_daemon_config(tmp_path, fake)
+    log = tmp_path / "daemon.log"
+    db = tmp_path / "kami.db"
+    stock = {}
+    for sku in ("GAME-100", "VIP-30D"):
+        values = [f"{sku}-D-{i:05d}-{rng.getrandbits(40):010x}" for i in range(800)]
+        stock[sku] = await import_stock(config, DAEMON_SECRETS, tmp_path, sku, values)
+    offers = (OFFER_GAME, OFFER_GAME_2, OFFER_VIP)
+    reservations: list[str] = []
+    kills = Counter[str]()
+    # two kills at named crash points (a key uploaded, not yet recorded; an intent committed,
+    # not yet sent), one at a random moment
+    for crash_at, count in (("after_deliver_call:60", 334), ("after_intent:30", 333), (None, 333)):
+        reservations += [fake.add_reservation(rng.choice(offers)) for _ in range(count)]
+        for rid in rng.sample(reservations, 5):  # buyers cancelling as they go
+            if fake.reservations[rid].status == "OUT_OF_STOCK":
+                fake.cancel(rid)
+        proc = await start_daemon(config, DAEMON_SECRETS, log, crash_at)
+        code, by_itself = await kill_after(proc, 6.0 if crash_at else rng.uniform(1.5, 3.0))
+        assert code == -signal.SIGKILL, f"daemon exited with {code}, see {log}"
+        kills[crash_at.split(":")[0] if crash_at and by_itself else "random"] += 1
+    proc = await start_daemon(config, DAEMON_SECRETS, log)
+    deadline = time.monotonic() + 180  # a hang guard only
+    while True:
+        open_left = [r for r in reservations if fake.reservations[r].status == "OUT_OF_STOCK"]
+        states = ledger_states(db) if db.exists() else {}
+        if not open_left and not set(states) & {s.value for s in ACTIVE_STATES}:
+            break
+        assert proc.returncode is None, f"daemon died, see {log}"
+        assert time.monotonic() < deadline, f"not settled: {len(open_left)} open, {states}"
+        await asyncio.sleep(0.2)
+    proc.send_signal(signal.SIGTERM)
+    assert await asyncio.wait_for(proc.wait(), 30) == 0, "graceful stop failed"
+
+    figures = assert_kinguin_invariants(fake, stock)
+    held = fake.keys_by_reservation()
+    store = SQLiteStore(db, master_key_for_tests())
+    await store.open()
+    try:
+        for rid in reservations:
+            lines = await store.find_lines(f"{fake.reservations[rid].offer_id}/{rid}")
+            if rid in held:
+                assert [line.state for line in lines] == [LineState.DELIVERED], rid
+                assert [i.secret for i in await store.bound_items(lines[0].id)] == held[rid]
+            else:
+                assert [line.state for line in lines] in ([], [LineState.CANCELLED]), rid
+    finally:
+        await store.close()
+    text = log.read_text(encoding="utf-8", errors="replace")
+    assert CLIENT_SECRET not in text and not [t for t in fake._tokens if t in text]
+    assert not [k for keys in held.values() for k in keys if k in text]
+    outcomes = Counter(u.outcome for u in fake.uploads)
+    assert sum(kills.values()) == 3 and outcomes["dropped"] > 0
+    assert figures["delivered"] + figures["cancelled"] == DAEMON_RESERVATIONS
+    print(
+        f"kinguin daemon: {figures}, kills {dict(kills)}, uploads {dict(outcomes)}, "
+        f"5xx {fake.errors_injected}, duplicates as the buyer sees them 0"
+    )
