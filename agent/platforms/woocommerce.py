@@ -25,6 +25,7 @@ from aiohttp import hdrs
 from tenacity import AsyncRetrying, retry_if_exception, stop_after_attempt, wait_exponential
 from yarl import URL
 
+from agent import safejson
 from agent.config import PlatformSettings, Section
 from agent.domain import (
     AgentError,
@@ -131,10 +132,11 @@ class WooResponse:
     date: str | None  # the shop's clock (Date header)
 
     def json(self) -> Any:
+        """The body's JSON value, read by the bounded decoder (agent/safejson.py)."""
         try:
-            return json.loads(self.body)
-        except (ValueError, UnicodeDecodeError):
-            raise BadResponse(f"malformed JSON in HTTP {self.status} response") from None
+            return safejson.loads(self.body)
+        except safejson.JsonError as exc:
+            raise BadResponse(f"malformed JSON in HTTP {self.status} response: {exc}") from None
 
     def error_text(self) -> str:
         """`code: message` of WordPress's error body, shortened, for reasons and logs."""

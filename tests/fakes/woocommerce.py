@@ -25,8 +25,8 @@ a new e-mail to the buyer. The fake counts them (`customer_notes`, `notes_naming
 can assert what the buyer saw. Faults: 503s, host 429s, responses lost after the change was
 made, orders listed twice, and the shop closing orders on its own (`shop_set_status`,
 `schedule_refund`). The clock is injectable; dates are written in the site's time zone
-(UTC+8 here) and in GMT, as WooCommerce does, so a client that forgets `dates_are_gmt` is off by
-eight hours.
+(UTC-5 unless told otherwise) and in GMT, as WooCommerce does, so a client that forgets
+`dates_are_gmt` asks for orders modified five hours later than it means, and misses them.
 """
 
 from __future__ import annotations
@@ -46,7 +46,6 @@ from typing import Any
 from aiohttp import web
 
 API = "/wp-json/wc/v3"
-SITE_ZONE = timezone(timedelta(hours=8))
 STATUSES = ("pending", "processing", "on-hold", "completed", "cancelled", "refunded", "failed")
 ORDERBY = ("date", "id", "include", "title", "slug")
 MAX_PER_PAGE = 100
@@ -98,10 +97,10 @@ class FakeOrder:
     touches: int = 0  # requests about this order (read, note, update)
 
 
-def _local(ts: float | None) -> str | None:
+def _local(ts: float | None, zone: timezone) -> str | None:
     if ts is None:
         return None
-    return datetime.fromtimestamp(int(ts), SITE_ZONE).strftime("%Y-%m-%dT%H:%M:%S")
+    return datetime.fromtimestamp(int(ts), zone).strftime("%Y-%m-%dT%H:%M:%S")
 
 
 def _gmt(ts: float | None) -> str | None:
@@ -110,12 +109,12 @@ def _gmt(ts: float | None) -> str | None:
     return datetime.fromtimestamp(int(ts), UTC).strftime("%Y-%m-%dT%H:%M:%S")
 
 
-def _parse_date(value: str, gmt: bool) -> float:
+def _parse_date(value: str, gmt: bool, zone: timezone) -> float:
     """An ISO 8601 date-time as WordPress reads a date_query bound: with its own offset if it
     has one, else in GMT (dates_are_gmt) or in the site's time zone."""
     parsed = datetime.fromisoformat(value.replace("Z", "+00:00").replace(" ", "T"))
     if parsed.tzinfo is None:
-        parsed = parsed.replace(tzinfo=UTC if gmt else SITE_ZONE)
+        parsed = parsed.replace(tzinfo=UTC if gmt else zone)
     return parsed.timestamp()
 
 
@@ -139,10 +138,12 @@ class FakeWooCommerce:
         *,
         seed: int = 0,
         clock: Callable[[], float] = time.time,
+        site_offset_hours: int = -5,
     ) -> None:
         self.consumer_key = consumer_key
         self.consumer_secret = consumer_secret
         self.clock = clock
+        self.site_zone = timezone(timedelta(hours=site_offset_hours))
         self.random = random.Random(seed)
         self.faults = WooFaults()
         self.read_only = False  # a key created with Read access only
@@ -345,18 +346,18 @@ class FakeWooCommerce:
             "version": "8.9.0",
             "status": order.status,
             "currency": "CNY",
-            "date_created": _local(order.created),
+            "date_created": _local(order.created, self.site_zone),
             "date_created_gmt": _gmt(order.created),
-            "date_modified": _local(order.modified),
+            "date_modified": _local(order.modified, self.site_zone),
             "date_modified_gmt": _gmt(order.modified),
             "total": f"{sum(float(i.price) * i.quantity for i in order.lines):.2f}",
             "customer_id": 0,
             "customer_note": "",
             "billing": {"first_name": "Buyer", "last_name": str(order.id), "email": order.email},
             "payment_method": "alipay",
-            "date_paid": _local(order.paid),
+            "date_paid": _local(order.paid, self.site_zone),
             "date_paid_gmt": _gmt(order.paid),
-            "date_completed": _local(order.completed),
+            "date_completed": _local(order.completed, self.site_zone),
             "date_completed_gmt": _gmt(order.completed),
             "meta_data": order.meta_data,
             "line_items": [
@@ -382,12 +383,11 @@ class FakeWooCommerce:
             "refunds": [],
         }
 
-    @staticmethod
-    def note_json(order: FakeOrder, note: FakeNote) -> dict[str, Any]:
+    def note_json(self, order: FakeOrder, note: FakeNote) -> dict[str, Any]:
         return {
             "id": note.id,
             "author": note.author,
-            "date_created": _local(note.created),
+            "date_created": _local(note.created, self.site_zone),
             "date_created_gmt": _gmt(note.created),
             "note": note.note,
             "customer_note": note.customer_note,
@@ -416,7 +416,7 @@ class FakeWooCommerce:
         after: float | None = None
         if "modified_after" in query:
             try:
-                after = _parse_date(query["modified_after"], gmt)
+                after = _parse_date(query["modified_after"], gmt, self.site_zone)
             except ValueError:
                 return _error(400, "rest_invalid_param", "Invalid parameter(s): modified_after")
         found = [
