@@ -19,6 +19,10 @@ from agent.domain import AgentError
 
 LOG_LEVELS = ("debug", "info", "warning", "error")
 _NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
+# A secret's NAME: lower-case words joined by dots (platform.main.secret). A token, key or
+# URL pasted in its place does not look like that, and is refused without being echoed.
+_SECRET_NAME_RE = re.compile(r"^[a-z][a-z0-9_-]*(?:\.[a-z0-9_-]+)+$")
+MAX_SECRET_NAME = 64
 MAX_QUANTITY_LIMIT = 1000
 
 
@@ -230,6 +234,33 @@ class Section:
             raise self.error(key, f"must be a non-empty string, got {value!r}")
         return value
 
+    def secret_name(self, key: str, default: str | None = None) -> str:
+        """The name of a secret (required unless `default`); never echoes what it refuses."""
+        value = self._get(key)
+        if value is None:
+            if default is None:
+                raise self.error(key, "is required (the name of a secret)")
+            return default
+        return self.check_secret_name(key, value)
+
+    def optional_secret_name(self, key: str) -> str | None:
+        value = self._get(key)
+        return None if value is None else self.check_secret_name(key, value)
+
+    def check_secret_name(self, key: str, value: Any) -> str:
+        if (
+            isinstance(value, str)
+            and len(value) <= MAX_SECRET_NAME
+            and _SECRET_NAME_RE.match(value)
+        ):
+            return value
+        example = re.sub(r"[^a-z0-9_.-]", "-", f"{self.where}.{key}".lower()).strip(".")
+        raise self.error(
+            key,
+            "must be the NAME of a secret (lower-case words joined by dots, like "
+            f"{example}), not the secret itself; the value was not printed",
+        )
+
     def optional_string(self, key: str) -> str | None:
         value = self._get(key)
         if value is None:
@@ -368,7 +399,7 @@ def _parse_agent(s: Section) -> AgentSettings:
 
 
 def _parse_store(s: Section, source: Path) -> StoreSettings:
-    key_secret = s.string("key", "store.key")
+    key_secret = s.secret_name("key", "store.key")
     raw_path = s.optional_string("path")
     url = s.optional_string("url")
     if (raw_path is None) == (url is None):
@@ -400,7 +431,7 @@ def _parse_postgres(s: Section, url: str, key_secret: str) -> StoreSettings:
     return StoreSettings(
         key_secret=key_secret,
         url=url,
-        password_secret=s.optional_string("password"),
+        password_secret=s.optional_secret_name("password"),
         instance=s.optional_string("instance"),
         lease_seconds=s.number("lease_seconds", 60.0, minimum=2.0, maximum=3600.0),
         pool_size=s.integer("pool_size", 10, minimum=2, maximum=100),
@@ -416,7 +447,7 @@ def _endpoint(s: Section, what: str, kinds: tuple[str, ...]) -> dict[str, Any]:
         "kind": kind,
         "base_url": s.url("base_url"),
         "api_key": s.string("api_key", required=True),
-        "secret_name": s.string("secret", required=True),
+        "secret_name": s.secret_name("secret"),
         "timeout": s.number("timeout", 10.0, minimum=0.1, maximum=300),
     }
 
@@ -517,6 +548,8 @@ def _parse_notify(name: str, s: Section, top: Section) -> NotifySettings:
                 raise s.error(key, f"is required for a {kind} channel")
             options[key] = default
             continue
+        if key in SECRET_OPTIONS:
+            value = s.check_secret_name(key, value)
         if kind_type is list:
             if (
                 not isinstance(value, list)
@@ -531,7 +564,7 @@ def _parse_notify(name: str, s: Section, top: Section) -> NotifySettings:
             raise s.error(key, f"must be a {kind_type.__name__}, got {value!r}")
         options[key] = value
     for key in ("url", "api_base"):
-        if options.get(key):
+        if s.data.get(key) is not None:  # a default (api_base) is not read from the file
             options[key] = s.url(key)
     s.reject_unknown()
     return NotifySettings(name=name, kind=kind, options=options)

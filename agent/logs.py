@@ -1,4 +1,7 @@
-"""structlog JSON logging with a last line of defence against leaking secrets."""
+"""structlog JSON logging with a last line of defence against leaking secrets: a field named
+like a secret never carries its value, and the free-text fields (errors, reasons, tracebacks)
+are scrubbed of every secret the clients registered (agent/redact.py), wherever it sits in
+them, e.g. inside a URL."""
 
 from __future__ import annotations
 
@@ -11,8 +14,23 @@ from typing import Any, TextIO
 
 import structlog
 
+from agent.redact import scrub
+
 # Field names that must never carry their value into a log line.
 _SENSITIVE = ("secret", "password", "token", "card_key", "api_secret", "signature")
+# Field names whose text may come from outside or from an exception, so may quote a URL.
+_FREE_TEXT = (
+    "error",
+    "reason",
+    "failure",
+    "detail",
+    "exception",
+    "message",
+    "summary",
+    "url",
+    "location",
+    "problem",
+)
 
 
 @functools.lru_cache(maxsize=4096)
@@ -23,10 +41,24 @@ def _sensitive(key: str) -> bool:
     return any(marker in lowered for marker in _SENSITIVE)
 
 
+@functools.lru_cache(maxsize=4096)
+def _free_text(key: str) -> bool:
+    """Judged once per name, like `_sensitive`: scrubbing every field of every line would
+    cost a quarter of what a line costs."""
+    lowered = key.lower()
+    return any(marker in lowered for marker in _FREE_TEXT)
+
+
 def _redact(_: Any, __: str, event: MutableMapping[str, Any]) -> MutableMapping[str, Any]:
-    for key in event:
+    # Values replaced, no key added: safe while iterating.
+    for key, value in event.items():
         if _sensitive(key):
-            event[key] = "[redacted]"  # a value replaced, no key added: safe while iterating
+            event[key] = "[redacted]"
+        elif _free_text(key):
+            if isinstance(value, str):
+                event[key] = scrub(value)
+            elif isinstance(value, BaseException):  # its text may quote a URL
+                event[key] = scrub(f"{type(value).__name__}: {value}")
     return event
 
 
@@ -45,8 +77,9 @@ def configure(level: str = "info", stream: TextIO | None = None) -> None:
             structlog.contextvars.merge_contextvars,
             structlog.processors.add_log_level,
             structlog.processors.TimeStamper(fmt="iso", utc=True),
-            _redact,
+            # After format_exc_info: a traceback's text is scrubbed like any error.
             structlog.processors.format_exc_info,
+            _redact,
             structlog.processors.JSONRenderer(serializer=_render),
         ],
         wrapper_class=structlog.make_filtering_bound_logger(

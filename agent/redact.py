@@ -58,17 +58,25 @@ def _url_parts(value: str) -> list[str]:
 
 
 def register(*values: str | None) -> None:
-    """Remembers secrets this process holds, so `scrub` can hide them anywhere."""
+    """Remembers secrets this process holds, so `scrub` can hide them anywhere. A secret that
+    is a URL is hidden whole, and so is each token-like part of it."""
+    _remember([part for value in values if value for part in (value, *_url_parts(value))])
+
+
+def register_url_tokens(url: str) -> None:
+    """For a URL that is config, not a secret, but may carry a token (a webhook address):
+    its query values and long path segments are hidden, the rest stays readable."""
+    _remember(_url_parts(url))
+
+
+def _remember(secrets: list[str]) -> None:
     global _pattern
     added = False
-    for value in values:
-        if not value:
-            continue
-        for secret in (value, *_url_parts(value)):
-            for form in _forms(secret):
-                if len(form) >= MIN_SECRET_LENGTH and form not in _known:
-                    _known[form] = mask(secret)
-                    added = True
+    for secret in secrets:
+        for form in _forms(secret):
+            if len(form) >= MIN_SECRET_LENGTH and form not in _known:
+                _known[form] = mask(secret)
+                added = True
     if added:
         # Longest first: a URL secret is replaced whole rather than around its token.
         forms = sorted(_known, key=len, reverse=True)
@@ -83,9 +91,10 @@ def scrub(text: str) -> str:
 
 
 def safe_url(url: str | URL) -> str:
-    """A URL as errors and logs may show it: scheme, host, port and path, registered secrets
-    masked, no user info, every query value masked (robots keep their tokens there), no
-    fragment; percent-encoded, so a hostile Location header cannot smuggle terminal escapes."""
+    """A URL as errors and logs may show it: scheme, host, port and path with registered
+    secrets masked; no user info; no query value (robots keep their tokens there): a
+    registered one shows its fingerprint, any other is hidden; no fragment. Percent-encoded,
+    so a hostile Location header cannot smuggle terminal escapes."""
     try:
         parsed = url if isinstance(url, URL) else URL(url)
         query = list(parsed.query.items())
@@ -96,7 +105,9 @@ def safe_url(url: str | URL) -> str:
     except (ValueError, TypeError):
         return "(an unparseable URL)"
     if query:
-        text += "?" + "&".join(f"{quote(key, safe='')}={mask(value)}" for key, value in query)
+        text += "?" + "&".join(
+            f"{quote(key, safe='')}={_known.get(value, '[hidden]')}" for key, value in query
+        )
     if len(text) > _MAX_URL_TEXT:
         text = text[:_MAX_URL_TEXT] + "..."
     return text

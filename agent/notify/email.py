@@ -8,6 +8,7 @@ import ssl
 from email.message import EmailMessage
 
 from agent.domain import AlertMessage, Permanent, Transient
+from agent.redact import register
 
 
 class EmailNotifier:
@@ -31,6 +32,7 @@ class EmailNotifier:
         self.starttls = starttls
         self.username = username
         self.password = password
+        register(password)
         self.timeout = timeout
 
     def _compose(self, message: AlertMessage) -> EmailMessage:

@@ -14,9 +14,13 @@ from agent.secrets import resolve_secret
 
 
 def build_notifier(
-    settings: NotifySettings, secret: Callable[[str], str] = resolve_secret
+    settings: NotifySettings,
+    secret: Callable[[str], str] = resolve_secret,
+    timeout: float | None = None,
 ) -> Notifier:
+    """`timeout`: seconds per send, when not the channel's default (10 s, email 15 s)."""
     o = settings.options
+    http: dict[str, float] = {} if timeout is None else {"timeout": timeout}
     name = settings.name
 
     def optional(key: str) -> str | None:
@@ -32,17 +36,18 @@ def build_notifier(
             o["starttls"],
             o.get("username"),
             optional("password"),
+            **http,
         )
     if settings.kind == "webhook":
-        return WebhookNotifier(name, o["url"], secret(o["secret"]))
+        return WebhookNotifier(name, o["url"], secret(o["secret"]), **http)
     if settings.kind == "telegram":
-        return TelegramNotifier(name, secret(o["token"]), o["chat_id"], o["api_base"])
+        return TelegramNotifier(name, secret(o["token"]), o["chat_id"], o["api_base"], **http)
     if settings.kind == "dingtalk":
-        return DingTalkNotifier(name, secret(o["url_secret"]), optional("sign_secret"))
+        return DingTalkNotifier(name, secret(o["url_secret"]), optional("sign_secret"), **http)
     if settings.kind == "wecom":
-        return WeComNotifier(name, secret(o["url_secret"]))
+        return WeComNotifier(name, secret(o["url_secret"]), **http)
     if settings.kind == "feishu":
-        return FeishuNotifier(name, secret(o["url_secret"]), optional("sign_secret"))
+        return FeishuNotifier(name, secret(o["url_secret"]), optional("sign_secret"), **http)
     if settings.kind == "console":
         return ConsoleNotifier(name)
     raise ValueError(f"unknown notifier kind {settings.kind!r}")

@@ -8,7 +8,7 @@ import time
 
 from agent.domain import AlertMessage
 from agent.notify.base import HttpNotifier, post_json
-from agent.redact import register
+from agent.redact import register, register_url_tokens
 
 SIGNATURE_HEADER = "X-Kami-Signature"
 TIMESTAMP_HEADER = "X-Kami-Timestamp"
@@ -22,8 +22,8 @@ def webhook_signature(secret: str, timestamp: str, body: bytes) -> str:
 class WebhookNotifier(HttpNotifier):
     def __init__(self, name: str, url: str, secret: str, timeout: float = 10.0) -> None:
         super().__init__(name, timeout)
-        # The URL is config, not a secret, but some services take a token in it.
-        register(url, secret)
+        register(secret)
+        register_url_tokens(url)  # config, not a secret, but some services take a token in it
         self.url = url
         self.secret = secret
 
