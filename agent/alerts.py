@@ -12,6 +12,7 @@ from __future__ import annotations
 import math
 from collections import Counter
 from collections.abc import Callable, Mapping, Sequence
+from datetime import datetime
 from decimal import Decimal
 
 from agent.config import LOCAL_SOURCE, Config
@@ -38,6 +39,9 @@ CLEAR_HEADROOM = 1.5  # a low-stock alert clears at 1.5x its thresholds
 FORECAST_HORIZON_HALF_LIVES = 8  # older sales weigh < 0.4 %; not worth reading
 MAX_OUTBOX_ATTEMPTS = 50
 MAX_ACTIVE_LINES = 100_000  # undelivered lines read per check; far beyond any real backlog
+# A line whose platform sets a deadline (Kinguin cancels a reservation 15 minutes after it
+# needs stock) alerts this long before it: still time for a human to bring stock.
+DEADLINE_WARNING = 300.0
 
 
 class Forecaster:
@@ -116,6 +120,48 @@ def low_stock_conditions(
     return conditions
 
 
+def deadline_of(line: OrderLine) -> float | None:
+    """The line's platform deadline as POSIX time; None when the platform sets none."""
+    if not line.deliver_by:
+        return None
+    try:
+        moment = datetime.fromisoformat(line.deliver_by.replace("Z", "+00:00"))
+    except ValueError:
+        return None
+    return moment.timestamp() if moment.tzinfo is not None else None
+
+
+def deadlines_near(active: Sequence[OrderLine], now: float) -> list[tuple[float, OrderLine]]:
+    """(seconds left, negative when missed, line) for the active lines within
+    DEADLINE_WARNING of their platform deadline, the most urgent first."""
+    near = []
+    for line in active:
+        due = deadline_of(line)
+        if due is not None and due - now < DEADLINE_WARNING:
+            near.append((due - now, line))
+    near.sort(key=lambda pair: pair[0])
+    return near
+
+
+def deadline_conditions(active: Sequence[OrderLine], now: float) -> list[AlertCondition]:
+    near = deadlines_near(active, now)
+    if not near:
+        return []
+    shown = ", ".join(
+        f"{line.order_id} ({'missed' if left < 0 else 'in ' + format_duration(left)})"
+        for left, line in near[:5]
+    )
+    return [
+        AlertCondition(
+            "deadline_near",
+            "deadline_near",
+            "critical",
+            f"{len(near)} orders about to miss the platform's delivery deadline (the platform "
+            f"cancels them then): {shown}{' …' if len(near) > 5 else ''}",
+        )
+    ]
+
+
 class AlertEvaluator:
     def __init__(
         self,
@@ -179,6 +225,7 @@ class AlertEvaluator:
                     f"{', '.join(stuck[:5])}{' …' if len(stuck) > 5 else ''}",
                 )
             )
+        found += deadline_conditions(active, now)
         attention = (await self.store.count_by_state()).get(LineState.NEEDS_ATTENTION, 0)
         if attention:
             found.append(

@@ -207,7 +207,7 @@ def cmd_status(args: argparse.Namespace) -> int:
     config = _load(args)
 
     async def action(store: Store) -> int:
-        from agent.alerts import Forecaster
+        from agent.alerts import MAX_ACTIVE_LINES, Forecaster, deadlines_near
         from agent.forecast import format_duration
 
         balances = await _supplier_balances(config)
@@ -227,6 +227,13 @@ def cmd_status(args: argparse.Namespace) -> int:
                 print(f"  {_when(alert.opened_at)}  {severity:<8} {summary}")
         else:
             print("\nno open alerts")
+        # Live, not from the last alert check: a platform deadline is minutes away.
+        near = deadlines_near(await store.active_lines(MAX_ACTIVE_LINES), time.time())
+        if near:
+            print(f"\n{len(near)} orders near their platform's delivery deadline:")
+            for left, line in near[:20]:
+                due = "MISSED" if left < 0 else f"due in {format_duration(left)}"
+                print(f"  {printable(line.platform)} {printable(line.order_id)}  {due}")
         return 0
 
     return asyncio.run(_with_store(config, action))

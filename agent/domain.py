@@ -166,6 +166,8 @@ class OrderLine:
     delivered_at: float | None
     buyer_contact: str | None = None
     paid_at: str | None = None
+    # ISO 8601: when the platform wants the key at the latest (Kinguin cancels after that).
+    deliver_by: str | None = None
 
 
 @dataclass(frozen=True, slots=True)

@@ -15,6 +15,7 @@ import time
 from collections import Counter
 from collections.abc import AsyncIterator, Iterator
 from contextlib import asynccontextmanager
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, TextIO
 
@@ -22,7 +23,8 @@ import pytest
 from aiohttp import web
 
 from agent import logs
-from agent.config import Config, ConfigError, PlatformSettings, parse_config
+from agent.alerts import AlertEvaluator
+from agent.config import Config, ConfigError, PlatformSettings, load_config, parse_config
 from agent.domain import (
     ACTIVE_STATES,
     Ambiguous,
@@ -31,6 +33,7 @@ from agent.domain import (
     DeliveryConflict,
     LineState,
     OrderClosed,
+    OrderLine,
     Permanent,
     PlatformOrder,
     RejectedOrder,
@@ -46,8 +49,8 @@ from agent.platforms.ratelimit import BURST_SHARE, TokenBucket
 from agent.runtime import run_engine
 from agent.store.base import Store
 from agent.store.sqlite import SQLiteStore
-from tests.conftest import make_config, master_key_for_tests
-from tests.daemon import import_stock, kill_after, start_daemon
+from tests.conftest import make_config, master_key_for_tests, open_test_store
+from tests.daemon import import_stock, kill_after, run_cli, start_daemon
 from tests.fakes.kinguin import FakeKinguin, ShiftedClock
 from tests.helpers import wait_for
 
@@ -701,3 +704,46 @@ async def test_daemon_killed_three_times_delivers_each_reservation_once(
         f"kinguin daemon: {figures}, kills {dict(kills)}, uploads {dict(outcomes)}, "
         f"5xx {fake.errors_injected}, duplicates as the buyer sees them 0"
     )
+
+
+# --- the 15-minute window: an alert, and `kami-agent status` ------------------------------------
+def due_in(seconds: float) -> str:
+    return datetime.fromtimestamp(time.time() + seconds, UTC).isoformat().replace("+00:00", "Z")
+
+
+async def test_the_ledger_keeps_each_lines_deadline(store: Store) -> None:
+    order = PlatformOrder(f"{OFFER_GAME}/r-1", "paid", "GAME-100", 1, deliver_by=due_in(600))
+    [line] = await store.take_in("kg", [order], time.time(), frozenset())
+    assert isinstance(line, OrderLine) and line.deliver_by == order.deliver_by
+    assert [ln.deliver_by for ln in await store.active_lines(10)] == [order.deliver_by]
+    assert [ln.deliver_by for ln in await store.find_lines(order.order_id)] == [order.deliver_by]
+
+
+async def test_a_line_about_to_miss_its_deadline_alerts_and_shows_in_status(
+    tmp_path: Path, fake: FakeKinguin
+) -> None:
+    config_path = write_daemon_config(tmp_path, fake)
+    config = load_config(config_path)
+    orders = [
+        PlatformOrder(f"{OFFER_GAME}/soon", "paid", "GAME-100", 1, deliver_by=due_in(120)),
+        PlatformOrder(f"{OFFER_GAME}/later", "paid", "GAME-100", 1, deliver_by=due_in(800)),
+        PlatformOrder(f"{OFFER_GAME}/missed", "paid", "GAME-100", 1, deliver_by=due_in(-30)),
+        PlatformOrder(f"{OFFER_GAME}/none", "paid", "GAME-100", 1),
+    ]
+    store = open_test_store("sqlite", tmp_path)  # the ledger `kami-agent init` makes
+    await store.open()
+    try:
+        await store.take_in("kinguin", orders, time.time(), frozenset())
+        evaluator = AlertEvaluator(config, store, time.time, {}, set())
+        [alert] = [m for m in await evaluator.run() if m.kind == "deadline_near"]
+    finally:
+        await store.close()
+    assert alert.event == "opened" and alert.severity == "critical"
+    assert alert.summary.startswith("2 orders about to miss")
+    assert f"{OFFER_GAME}/missed (missed)" in alert.summary and "/soon (in " in alert.summary
+    assert "/later" not in alert.summary
+    out = await run_cli(config_path, DAEMON_SECRETS, "status")
+    assert "2 orders near their platform's delivery deadline" in out
+    assert f"kinguin {OFFER_GAME}/missed  MISSED" in out
+    assert f"kinguin {OFFER_GAME}/soon  due in " in out
+    assert "/later" not in out.split("deadline")[-1]

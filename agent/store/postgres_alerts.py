@@ -21,6 +21,7 @@ from agent.store.postgres_purchases import PgPurchasesLedger
 from agent.store.rows import (
     DEMAND_BUCKET_SECONDS,
     LINE_COLUMNS,
+    LINE_WIDTH,
     OPEN_ALERT_COLUMNS,
     line_from_row,
     plan_alerts,
@@ -190,7 +191,7 @@ class PgAlertsLedger(PgPurchasesLedger):
             )
             if row is None:
                 return None
-            line, existing = line_from_row(row), row[16]
+            line, existing = line_from_row(row), row[LINE_WIDTH]
             if existing:
                 return str(existing)
             busy = await conn.fetchval(
@@ -219,6 +220,6 @@ class PgAlertsLedger(PgPurchasesLedger):
                 f"SELECT {LINE_COLUMNS}, refund_key FROM orders WHERE refund_key IS NOT NULL"
                 f" AND state = 'backordered'"
             )
-            return [(line_from_row(r), r[16]) for r in rows]
+            return [(line_from_row(r), r[LINE_WIDTH]) for r in rows]
 
         return await self._tx(run)

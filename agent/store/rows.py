@@ -28,8 +28,9 @@ IMPORT_BATCH = 20_000
 DEMAND_BUCKET_SECONDS = 60
 LINE_COLUMNS = (
     "id, platform, order_id, line, sku, quantity, state, reason, attempts, next_attempt_at,"
-    " ambiguous, delivery_key, seen_at, delivered_at, buyer_contact, paid_at"
+    " ambiguous, delivery_key, seen_at, delivered_at, buyer_contact, paid_at, deliver_by"
 )
+LINE_WIDTH = 17  # columns in LINE_COLUMNS: a query's own extra columns come after them
 
 
 def line_from_row(row: Any) -> OrderLine:
@@ -50,6 +51,7 @@ def line_from_row(row: Any) -> OrderLine:
         delivered_at=row[13],
         buyer_contact=row[14],
         paid_at=row[15],
+        deliver_by=row[16],
     )
 
 
@@ -76,6 +78,7 @@ def new_line(
         delivered_at=None,
         buyer_contact=order.buyer_contact,
         paid_at=order.paid_at,
+        deliver_by=order.deliver_by,
     )
 
 

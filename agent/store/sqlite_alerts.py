@@ -17,6 +17,7 @@ from agent.domain import (
 from agent.store.rows import (
     DEMAND_BUCKET_SECONDS,
     LINE_COLUMNS,
+    LINE_WIDTH,
     OPEN_ALERT_COLUMNS,
     line_from_row,
     plan_alerts,
@@ -203,6 +204,6 @@ class AlertsLedger(SQLiteBase):
                 f"SELECT {LINE_COLUMNS}, refund_key FROM orders WHERE refund_key IS NOT NULL"
                 " AND state = 'backordered'"
             ).fetchall()
-            return [(line_from_row(r[:16]), r[16]) for r in rows]
+            return [(line_from_row(r), r[LINE_WIDTH]) for r in rows]
 
         return await self._tx(run)
