@@ -147,6 +147,8 @@ def test_config_reads_kinguin_options(tmp_path: Path) -> None:
         ({"offers": {"a/b": "GAME-100"}}, "not a Kinguin offer id"),
         ({"offers": {OFFER_GAME: ""}}, "must name a SKU"),
         ({"token_url": "ftp://id.kinguin.net"}, "token_url: must be an http(s) URL"),
+        ({"token_url": "http://id.kinguin.net/auth/token"}, "token_url: must be an https://"),
+        ({"base_url": "http://gateway.kinguin.net"}, "base_url: must be an https://"),
         ({"reservation_status": "BOUGHT"}, "reservation_status: is not a known setting"),
     ],
 )

@@ -12,9 +12,11 @@ attempt, so even then a reservation can only ever receive that one key from us.
 
 from __future__ import annotations
 
+import ipaddress
 import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
+from urllib.parse import urlparse
 
 from tenacity import AsyncRetrying, retry_if_exception, stop_after_attempt, wait_exponential
 
@@ -96,10 +98,31 @@ class KinguinOptions:
         object.__setattr__(self, "skus", {s: tuple(o) for s, o in by_sku.items()})
 
 
+def _loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+def _require_https(section: Section, key: str, url: str) -> None:
+    """The client secret and the bearer token travel in these requests: https only (plain
+    http to this machine is allowed, for tests and a local TLS-terminating proxy)."""
+    parsed = urlparse(url)
+    if parsed.scheme != "https" and not _loopback(parsed.hostname or ""):
+        raise section.error(key, f"must be an https:// URL (credentials travel in it), got {url!r}")
+
+
 def parse_options(section: Section) -> KinguinOptions:
     """token_url (default Kinguin's), offers = { "<offerId>" = "<SKU>" } (required),
     writes_per_minute / reads_per_minute (client-side limits, under Kinguin's)."""
     token_url = section.url("token_url") if "token_url" in section.data else DEFAULT_TOKEN_URL
+    _require_https(section, "token_url", token_url)
+    base_url = section.data.get("base_url")
+    if isinstance(base_url, str):  # agent.config checks it is a URL at all
+        _require_https(section, "base_url", base_url)
     offers = section.table("offers")
     if not offers:
         raise section.error(
