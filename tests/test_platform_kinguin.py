@@ -749,3 +749,17 @@ async def test_a_line_about_to_miss_its_deadline_alerts_and_shows_in_status(
     assert f"kinguin {OFFER_GAME}/missed  MISSED" in out
     assert f"kinguin {OFFER_GAME}/soon  due in " in out
     assert "/later" not in out.split("deadline")[-1]
+
+
+def test_the_example_configs_kinguin_block_is_valid_once_uncommented(tmp_path: Path) -> None:
+    text = (Path(__file__).parent.parent / "config.example.toml").read_text(encoding="utf-8")
+    lines = text.splitlines()
+    start = lines.index("# [platforms.kinguin]")
+    end = next(i for i in range(start, len(lines)) if not lines[i].startswith("#"))
+    lines[start:end] = [line.removeprefix("# ") for line in lines[start:end]]
+    path = tmp_path / "config.toml"
+    path.write_text("\n".join(lines) + "\n", encoding="utf-8")
+    config = load_config(path)
+    [kinguin] = [p for p in config.platforms if p.kind == "kinguin"]
+    assert isinstance(kinguin.options, KinguinOptions)
+    assert kinguin.options.offers == {"5f7efd272f3a650001f42722": "GAME-100"}
