@@ -151,6 +151,8 @@ NOTIFY_KINDS: dict[str, dict[str, tuple[type, bool, Any]]] = {
         "host": (str, True, None),
         "port": (int, False, 587),
         "starttls": (bool, False, True),
+        # "starttls" | "implicit" (SMTPS) | "none"; when absent, starttls = true/false decides.
+        "tls": (str, False, None),
         "sender": (str, True, None),
         "to": (list, True, None),
         "username": (str, False, None),
@@ -566,8 +568,32 @@ def _parse_notify(name: str, s: Section, top: Section) -> NotifySettings:
     for key in ("url", "api_base"):
         if s.data.get(key) is not None:  # a default (api_base) is not read from the file
             options[key] = s.url(key)
+    if kind == "email":
+        _email_tls(s, options)
     s.reject_unknown()
     return NotifySettings(name=name, kind=kind, options=options)
+
+
+EMAIL_TLS = ("starttls", "implicit", "none")
+
+
+def _email_tls(s: Section, options: dict[str, Any]) -> None:
+    tls = options["tls"]
+    if tls is None:
+        tls = "starttls" if options["starttls"] else "none"
+    elif tls not in EMAIL_TLS:
+        raise s.error("tls", f"must be one of {', '.join(EMAIL_TLS)}, got {tls!r}")
+    elif s.data.get("starttls") is not None and options["starttls"] != (tls == "starttls"):
+        raise s.error("starttls", f'contradicts tls = "{tls}"; set tls alone')
+    options["tls"] = tls
+    if tls == "implicit" and s.data.get("port") is None:
+        options["port"] = 465  # SMTPS
+    if options.get("password") and tls == "none":
+        raise s.error(
+            "password",
+            'is never sent over SMTP without TLS; set tls = "starttls" (usually port 587)'
+            ' or tls = "implicit" (usually port 465)',
+        )
 
 
 SUPPLIER_KINDS = ("http", "fulu")

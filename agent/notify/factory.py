@@ -36,7 +36,8 @@ def build_notifier(
             o["starttls"],
             o.get("username"),
             optional("password"),
-            **http,
+            15.0 if timeout is None else timeout,
+            tls=o.get("tls"),
         )
     if settings.kind == "webhook":
         return WebhookNotifier(name, o["url"], secret(o["secret"]), **http)
