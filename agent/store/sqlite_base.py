@@ -438,6 +438,14 @@ class SQLiteBase:
 
     def _close(self) -> None:
         assert self._conn is not None
+        if self.ledger_lost() is not None:
+            # SQLite finds the -wal and -shm files by the ledger's path, which now names
+            # another file (or none): left behind, our log of transactions would be read as
+            # that file's own at its next open. Checkpoint it into the file we hold open.
+            try:
+                self._conn.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+            except sqlite3.Error as exc:
+                log.error("ledger_checkpoint_failed", ledger=str(self.path), error=str(exc))
         self._disconnect()
 
     def _disconnect(self) -> None:
