@@ -5,6 +5,7 @@ from __future__ import annotations
 import enum
 import hashlib
 import json
+from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field
 
 
@@ -87,6 +88,15 @@ class OrderClosed(Permanent):
 
 class BadResponse(Transient):
     """The other side answered with something we cannot parse (malformed or oversized)."""
+
+
+class StockNotOffered(Permanent):
+    """The platform takes no published stock: at all (`sku` None, e.g. platform-http v1
+    answering 404 to the stock endpoint), or not for this SKU (it sells no such offer)."""
+
+    def __init__(self, message: str, sku: str | None = None) -> None:
+        super().__init__(message)
+        self.sku = sku
 
 
 # --- wire-level values --------------------------------------------------------------------
@@ -231,6 +241,16 @@ class ImportReport:
     other_sku: int = 0
     rejected: int = 0
     rejected_samples: list[str] = field(default_factory=list)
+
+
+@dataclass(frozen=True, slots=True)
+class StockPosition:
+    """What the ledger holds against the stock published to the platforms (stock sync)."""
+
+    free: Mapping[str, int]  # free keys per SKU
+    waiting: Mapping[str, int]  # units of lines taken in without their keys yet, per SKU
+    # Units bought (purchases not failed, changed since the time asked), per (supplier, SKU).
+    bought: Mapping[tuple[str, str], int]
 
 
 @dataclass(frozen=True, slots=True)

@@ -30,6 +30,7 @@ from agent.scheduler import Job, JobFunc, build_scheduler
 from agent.secrets import resolve_secret
 from agent.service import keep_watchdog, notify, watchdog_interval
 from agent.signed_http import DEFAULT_CONNECTIONS
+from agent.stocksync import StockSync
 from agent.store.base import Store
 from agent.store.identity import Opening
 from agent.store.sqlite import SQLiteStore
@@ -211,6 +212,9 @@ async def run_engine(
             )
 
     background.append(asyncio.create_task(report_status()))
+    # Keeps the stock shown on the platforms that take it true (oversell 0).
+    stock_sync = StockSync(config.skus, store, platforms, suppliers or {}, engine.clock)
+    background.append(asyncio.create_task(stock_sync.run(), name="stock-sync"))
     try:
         await stop.wait()
     finally:

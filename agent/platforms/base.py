@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import Protocol
+from typing import Protocol, runtime_checkable
 
 from agent.domain import CardItem, OrderPage, RemoteDelivery
 
@@ -43,3 +43,32 @@ class Platform(Protocol):
         ...
 
     async def close(self) -> None: ...
+
+
+@runtime_checkable
+class StockPublisher(Protocol):
+    """Optional port of a platform that sells only the stock we declare (Kinguin's declared
+    stock, platform-http v1.1's stock endpoint). The stock sync publishes to every platform
+    adapter that has it (agent/stocksync.py) and skips the others."""
+
+    name: str
+
+    async def publish_stock(self, sku: str, available: int) -> None:
+        """The platform may sell `available` more keys of `sku` from now on (absolute, so a
+        repeat is harmless). Raises StockNotOffered when the platform takes no stock at all or
+        not for this SKU (the sync stops publishing there), else Transient/Ambiguous/Permanent
+        (retried later)."""
+        ...
+
+
+@runtime_checkable
+class WatermarkedStockPublisher(StockPublisher, Protocol):
+    """A StockPublisher whose platform counts sales against a watermark (platform-http v1.1):
+    the count published accounts for every order listed before the cursor `as_of`, and the
+    platform itself subtracts the sales after it. Without a watermark, an absolute count
+    races with the sales the agent has not listed yet (docs/protocol/platform-http.md)."""
+
+    async def publish_stock_as_of(self, sku: str, available: int, as_of: str) -> None:
+        """Like publish_stock, `available` accounting for every paid order the listing
+        returned before cursor `as_of` (a next_cursor this platform gave us)."""
+        ...

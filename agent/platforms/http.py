@@ -16,6 +16,7 @@ from agent.domain import (
     OrderClosed,
     OrderPage,
     RemoteDelivery,
+    StockNotOffered,
     Transient,
 )
 from agent.platforms.parsing import ParseError, parse_order_page, parse_remote_order
@@ -153,6 +154,27 @@ class HttpPlatform:
         body = resp.json()
         if not isinstance(body, dict) or body.get("status") != "refunded":
             raise Ambiguous(f"refund answered {resp.status} without status 'refunded'")
+
+    async def publish_stock(self, sku: str, available: int) -> None:
+        """platform-http v1.1 without a watermark: the platform takes the count as of now."""
+        await self._put_stock(sku, {"available": max(0, available)})
+
+    async def publish_stock_as_of(self, sku: str, available: int, as_of: str) -> None:
+        """platform-http v1.1: PUT /api/v1/skus/{sku}/stock {"available": n, "as_of": cursor};
+        the platform subtracts the sales listed after `as_of` before it sells."""
+        await self._put_stock(sku, {"available": max(0, available), "as_of": as_of})
+
+    async def _put_stock(self, sku: str, payload: dict[str, object]) -> None:
+        resp = await self._client.request(
+            "PUT", f"/api/v1/skus/{quote_segment(sku)}/stock", payload=payload
+        )
+        if resp.status == 404:
+            if _error_code(resp) == "unknown_sku":
+                raise StockNotOffered(f"platform sells no SKU {sku!r}", sku)
+            raise StockNotOffered("platform has no stock endpoint (platform-http v1)")
+        # A PUT of an absolute count: a 5xx after the change leaves it applied or not, and
+        # either is a count we published; the sync only needs to know it is unsure.
+        raise_for_status(resp, "platform", unknown_outcome=True)
 
     async def ping(self) -> None:
         params: dict[str, str | int] = {"status": "paid", "limit": 1}

@@ -8,6 +8,7 @@ distinct keys per order, no key to two orders, re-sends only with the same key).
 from __future__ import annotations
 
 import asyncio
+import bisect
 import contextlib
 import json
 import time
@@ -40,6 +41,15 @@ class DeliveryCall:
 
 
 @dataclass
+class PublishedStock:
+    """A stock count the agent published (platform-http v1.1): it accounts for every order
+    before position `as_of` in the order sequence; the sales from there on are subtracted."""
+
+    available: int
+    as_of: int
+
+
+@dataclass
 class SandboxOrder:
     data: dict[str, Any]
     visible_at: float
@@ -67,6 +77,13 @@ class SandboxPlatform(SignedSandbox):
         self.polls = 0  # plain listings
         self.long_polls = 0
         self.long_poll_offered = True  # the protocol makes the long poll optional
+        self.stock_offered = True  # the stock endpoint is optional too (v1.1)
+        self.stock: dict[str, PublishedStock] = {}
+        self.stock_puts: list[tuple[str, int, str | None]] = []  # (sku, available, as_of)
+        self.refused = 0  # purchases try_buy refused for want of stock
+        self.stock_refused = 0  # stock publications answered 404 (stock_offered off)
+        # Per SKU: positions in the sequence of its orders, and the units sold up to each.
+        self._sales: dict[str, tuple[list[int], list[int]]] = {}
 
     # --- test/demo API ------------------------------------------------------------------------
     def add_order(
@@ -96,6 +113,7 @@ class SandboxPlatform(SignedSandbox):
             data=data if isinstance(data, dict) else {"raw": data}, visible_at=time.time()
         )
         self._sequence.append(order_id)
+        self._count_sale(len(self._sequence) - 1, data)
         self._arrivals.set()  # wake long polls
         self._arrivals = asyncio.Event()
 
@@ -104,6 +122,36 @@ class SandboxPlatform(SignedSandbox):
         cannot write (a 5,000-digit number, nesting 100,000 deep)."""
         self.add_raw_order(order_id, {"id": order_id, "status": "paid"})
         self.orders[order_id].raw_json = text
+
+    def try_buy(self, sku: str, quantity: int = 1, **extra: Any) -> str | None:
+        """A buyer's purchase as the platform allows it: a paid order, or None when the SKU
+        has published stock and fewer than `quantity` keys of it are left to sell."""
+        left = self.shown_stock(sku)
+        if left is not None and quantity > left:
+            self.refused += 1
+            return None
+        return self.add_order(sku, quantity, **extra)
+
+    def shown_stock(self, sku: str) -> int | None:
+        """What the platform still sells of `sku`: the published count less the sales after
+        its watermark; None when the agent never published stock for it (no limit)."""
+        published = self.stock.get(sku)
+        if published is None:
+            return None
+        positions, units = self._sales.get(sku, ([], []))
+        before = bisect.bisect_left(positions, published.as_of)
+        sold_after = (units[-1] if units else 0) - (units[before - 1] if before else 0)
+        return max(0, published.available - sold_after)
+
+    def _count_sale(self, position: int, data: Any) -> None:
+        if not isinstance(data, dict):
+            return
+        sku, quantity = data.get("sku"), data.get("quantity")
+        if not isinstance(sku, str) or not isinstance(quantity, int) or isinstance(quantity, bool):
+            return
+        positions, units = self._sales.setdefault(sku, ([], []))
+        positions.append(position)
+        units.append((units[-1] if units else 0) + max(0, quantity))
 
     def set_status(self, order_id: str, status: str) -> None:
         self.orders[order_id].data["status"] = status
@@ -133,6 +181,7 @@ class SandboxPlatform(SignedSandbox):
         app.router.add_post("/api/v1/orders/{id}/delivery", self._deliver)
         app.router.add_post("/api/v1/orders/{id}/notice", self._notice)
         app.router.add_post("/api/v1/orders/{id}/refund", self._refund)
+        app.router.add_put("/api/v1/skus/{sku}/stock", self._put_stock)
 
     async def _list(self, request: web.Request) -> web.Response:
         if request.query.get("status", "paid") != "paid":
@@ -275,3 +324,30 @@ class SandboxPlatform(SignedSandbox):
         self.refunds.append(order.data["id"])
         self._idempotent[key] = (200, {"status": "refunded"})
         return web.json_response({"status": "refunded"})
+
+    async def _put_stock(self, request: web.Request) -> web.Response:
+        """platform-http v1.1: the stock the platform may sell, as of a listing cursor."""
+        if not self.stock_offered:
+            self.stock_refused += 1
+            return self.error(404, "not_found", "no such route")
+        try:
+            body = json.loads(await request.read())
+            available = body["available"]
+            as_of = body.get("as_of")
+        except (ValueError, KeyError, TypeError, AttributeError):
+            return self.error(400, "bad_body", "body must be {available, as_of?}")
+        if not isinstance(available, int) or isinstance(available, bool) or available < 0:
+            return self.error(422, "bad_available", "available must be an integer >= 0")
+        if as_of is None:
+            position = len(self._sequence)  # v1 clients: the count is as of now
+        else:
+            try:
+                position = int(as_of) if isinstance(as_of, str) else -1
+            except ValueError:
+                position = -1
+            if not 0 <= position <= len(self._sequence):
+                return self.error(422, "bad_as_of", "as_of must be a cursor this platform gave")
+        sku = request.match_info["sku"]
+        self.stock[sku] = PublishedStock(available, position)
+        self.stock_puts.append((sku, available, as_of))
+        return web.Response(status=204)

@@ -27,6 +27,7 @@ from agent.domain import (
     Purchase,
     RejectedOrder,
     StockCount,
+    StockPosition,
 )
 
 ProgressCallback = Callable[[int], None]
@@ -184,6 +185,13 @@ class Store(Protocol):
 
     async def free_counts(self) -> dict[str, int]:
         """Free keys per SKU, counted from the free keys' index, not the whole key table."""
+        ...
+
+    async def stock_position(self, bought_since: float | None) -> StockPosition:
+        """What the stock sync publishes from: free keys and units of lines still waiting for
+        keys (new, backordered, purchasing) per SKU, and (unless `bought_since` is None) units
+        of purchases not failed and updated at or after `bought_since`. Read in this order, so
+        a line that takes keys meanwhile is counted twice, never missed."""
         ...
 
     async def active_lines(self, limit: int) -> list[OrderLine]: ...

@@ -10,7 +10,7 @@ from __future__ import annotations
 import itertools
 from collections.abc import Iterable
 
-from agent.domain import CardItem, ImportReport, KeyState, StockCount
+from agent.domain import CardItem, ImportReport, KeyState, StockCount, StockPosition
 from agent.store.base import ProgressCallback, StoreError
 from agent.store.imports import Sorted, sort_known
 from agent.store.postgres_alerts import PgAlertsLedger
@@ -102,6 +102,32 @@ class PostgresStore(PgAlertsLedger):
                 "SELECT sku, COUNT(*) FROM card_keys WHERE state = 'free' GROUP BY sku"
             )
             return {r[0]: r[1] for r in rows}
+
+        return await self._tx(run)
+
+    async def stock_position(self, bought_since: float | None) -> StockPosition:
+        async def run(conn: Conn) -> StockPosition:
+            # Read committed: each statement sees its own moment, so the order matters (see
+            # the port): a line binding keys in between is counted twice, never missed.
+            waiting = await conn.fetch(
+                "SELECT sku, SUM(quantity) FROM orders"
+                " WHERE state IN ('new', 'backordered', 'purchasing') GROUP BY sku"
+            )
+            free = await conn.fetch(
+                "SELECT sku, COUNT(*) FROM card_keys WHERE state = 'free' GROUP BY sku"
+            )
+            bought = []
+            if bought_since is not None:
+                bought = await conn.fetch(
+                    "SELECT supplier, sku, SUM(quantity) FROM purchases"
+                    " WHERE state != 'failed' AND updated_at >= $1 GROUP BY supplier, sku",
+                    bought_since,
+                )
+            return StockPosition(
+                free={r[0]: r[1] for r in free},
+                waiting={r[0]: int(r[1]) for r in waiting},
+                bought={(r[0], r[1]): int(r[2]) for r in bought},
+            )
 
         return await self._tx(run)
 

@@ -12,6 +12,7 @@ from agent.domain import (
     ImportReport,
     KeyState,
     StockCount,
+    StockPosition,
 )
 from agent.store.base import ProgressCallback, StoreError
 from agent.store.imports import Sorted, sort_known
@@ -147,6 +148,31 @@ class StockLedger(SQLiteBase):
                 "SELECT sku, COUNT(*) FROM card_keys WHERE state = 'free' GROUP BY sku"
             ).fetchall()
             return {r[0]: r[1] for r in rows}
+
+        return await self._tx(run)
+
+    async def stock_position(self, bought_since: float | None) -> StockPosition:
+        def run(conn: sqlite3.Connection) -> StockPosition:
+            # One transaction: the three counts are of the same moment.
+            waiting = conn.execute(
+                "SELECT sku, SUM(quantity) FROM orders"
+                " WHERE state IN ('new', 'backordered', 'purchasing') GROUP BY sku"
+            ).fetchall()
+            free = conn.execute(
+                "SELECT sku, COUNT(*) FROM card_keys WHERE state = 'free' GROUP BY sku"
+            ).fetchall()
+            bought = []
+            if bought_since is not None:
+                bought = conn.execute(
+                    "SELECT supplier, sku, SUM(quantity) FROM purchases"
+                    " WHERE state != 'failed' AND updated_at >= ? GROUP BY supplier, sku",
+                    (bought_since,),
+                ).fetchall()
+            return StockPosition(
+                free={r[0]: r[1] for r in free},
+                waiting={r[0]: r[1] for r in waiting},
+                bought={(r[0], r[1]): r[2] for r in bought},
+            )
 
         return await self._tx(run)
 

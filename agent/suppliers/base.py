@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from decimal import Decimal
-from typing import Protocol
+from typing import Protocol, runtime_checkable
 
 from agent.domain import PurchaseResult
 
@@ -35,3 +35,23 @@ class Supplier(Protocol):
     async def balance(self) -> Balance: ...
 
     async def close(self) -> None: ...
+
+
+@dataclass(frozen=True, slots=True)
+class SupplierProduct:
+    """What a supplier says it sells of one product right now."""
+
+    price: Decimal
+    currency: str
+    available: int | None  # None: the supplier does not say
+
+
+@runtime_checkable
+class ProductCatalog(Protocol):
+    """Optional port of a supplier that can say what it still sells (stock sync). A supplier
+    without it counts for nothing in the stock published to the platforms."""
+
+    async def product(self, sku: str) -> SupplierProduct:
+        """Price and availability of the supplier's product `sku` (its own id). Raises
+        Transient/Permanent when it cannot say (unknown product, outage)."""
+        ...

@@ -13,7 +13,7 @@ from agent.domain import (
 )
 from agent.platforms.parsing import ParseError, parse_items
 from agent.signed_http import Redirected, SignedClient, quote_segment, raise_for_status
-from agent.suppliers.base import Balance
+from agent.suppliers.base import Balance, SupplierProduct
 
 PURCHASE_STATUSES = ("completed", "processing", "failed")
 
@@ -42,6 +42,24 @@ def parse_purchase(body: Any) -> PurchaseResult:
         failure_code=str(failure.get("code"))[:60] if failure.get("code") else None,
         failure_message=str(failure.get("message"))[:200] if failure.get("message") else None,
     )
+
+
+def parse_product(body: Any) -> SupplierProduct:
+    """A product answer; `available` must be a count >= 0 or null (the supplier does not say)."""
+    if not isinstance(body, dict):
+        raise BadResponse("product response is not an object")
+    available = body.get("available")
+    if available is not None and (
+        not isinstance(available, int) or isinstance(available, bool) or available < 0
+    ):
+        raise BadResponse("product 'available' is not a count or null")
+    try:
+        price = Decimal(str(body["price"]))
+    except (KeyError, InvalidOperation):
+        raise BadResponse("product response lacks a decimal 'price'") from None
+    if not price.is_finite() or price < 0:
+        raise BadResponse("product 'price' is not a price")
+    return SupplierProduct(price, str(body.get("currency", ""))[:10], available)
 
 
 class HttpSupplier:
@@ -82,6 +100,12 @@ class HttpSupplier:
         resp = await self._client.request("GET", f"/api/v1/purchases/{quote_segment(purchase_id)}")
         raise_for_status(resp, "supplier", unknown_outcome=False)
         return parse_purchase(resp.json())
+
+    async def product(self, sku: str) -> SupplierProduct:
+        """GET /api/v1/products/{sku}: price and availability (stock sync)."""
+        resp = await self._client.request("GET", f"/api/v1/products/{quote_segment(sku)}")
+        raise_for_status(resp, "supplier", unknown_outcome=False)
+        return parse_product(resp.json())
 
     async def balance(self) -> Balance:
         resp = await self._client.request("GET", "/api/v1/balance")
