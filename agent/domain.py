@@ -145,6 +145,8 @@ class OrderPage:
     has_more: bool
     # Entries so broken they do not even carry an order id; logged, cannot be parked.
     unidentifiable: int = 0
+    # Why each of them was ignored (the bad value escaped), for that log line.
+    ignored: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True, slots=True)

@@ -39,6 +39,7 @@ from agent.domain import (
     retry_delay,
 )
 from agent.logs import get_logger
+from agent.once import FirstSeen
 from agent.platforms.base import Platform
 from agent.sourcing import Sourcing
 from agent.store.base import Store, StoreError
@@ -158,6 +159,7 @@ class Engine:
         self._taking_in: list[float] = []  # the `now` of each take-in under way
         self._intake_ahead = max(CLAIM_CHUNK, INTAKE_AHEAD_PER_WORKER * settings.concurrency)
         self._room = asyncio.Event()  # set when the queue falls under _intake_ahead
+        self._reported = FirstSeen()  # orders rejected or ignored at intake, logged once each
 
     # --- lifecycle ----------------------------------------------------------------------------
     def start_workers(self) -> None:
@@ -411,12 +413,20 @@ class Engine:
     async def _take_page(self, platform_name: str, page: OrderPage) -> int:
         """Takes one page in (see _take_in), then advances the stored cursor."""
         if page.unidentifiable:
-            log.warning("orders_without_id", platform=platform_name, count=page.unidentifiable)
+            # Each reason once: the same entry is listed again at every re-list.
+            fresh = [r for r in page.ignored if self._reported.first((platform_name, r))]
+            if fresh or not page.ignored:
+                count = len(fresh) if page.ignored else page.unidentifiable
+                log.warning(
+                    "orders_without_id", platform=platform_name, count=count, reasons=fresh[:5]
+                )
         screened = [s for o in page.orders if (s := screen_order(o, self.skus)) is not None]
         taken = await self._take_in(platform_name, screened)
         self.stats.polled_orders += len(page.orders)
         for order in screened:
-            if isinstance(order, RejectedOrder):
+            if isinstance(order, RejectedOrder) and self._reported.first(
+                (platform_name, order.order_id)
+            ):
                 log.warning(
                     "order_rejected",
                     platform=platform_name,

@@ -5,6 +5,7 @@ from __future__ import annotations
 from typing import Any
 
 from agent.domain import CardItem, OrderPage, PlatformOrder, RejectedOrder, RemoteDelivery
+from agent.storable import identifier, storable
 
 MAX_ID_LENGTH = 128
 MAX_TEXT_LENGTH = 512
@@ -36,41 +37,74 @@ def _optional_text(raw: dict[str, Any], key: str) -> str | None:
     return None
 
 
+# Where the optional texts of an order sit: (field as a reason names it, key, inside "buyer").
+_TEXTS = (
+    ("paid_at", "paid_at", False),
+    ("amount", "amount", False),
+    ("currency", "currency", False),
+    ("buyer contact", "contact", True),
+    ("deliver_by", "deliver_by", False),
+)
+
+
 def parse_order(raw: Any) -> PlatformOrder | RejectedOrder | None:
     """None when the entry has no usable id at all (it cannot even be parked)."""
+    parsed = _parse_order(raw)
+    return None if isinstance(parsed, str) else parsed
+
+
+def _parse_order(raw: Any) -> PlatformOrder | RejectedOrder | str:
+    """The order, its rejection, or (a str) why the entry cannot even be parked: it has no
+    order id a ledger could store."""
     if not isinstance(raw, dict):
-        return None
+        return f"an entry that is not an object: {_short(raw)}"
     order_id = raw.get("id")
     if isinstance(order_id, int) and not isinstance(order_id, bool):
         order_id = str(order_id)
     if not isinstance(order_id, str) or not order_id or len(order_id) > MAX_ID_LENGTH:
-        return None
+        return f"no usable order id: {_short(order_id)}"
+    if not storable(order_id):
+        return f"order id {_short(order_id)} holds characters no ledger can store"
+    if not identifier(order_id):
+        return RejectedOrder(order_id, f"order id {_short(order_id)} holds control characters")
     sku = raw.get("sku")
-    sku_text = sku[:MAX_ID_LENGTH] if isinstance(sku, str) else ""
-    quantity = raw.get("quantity")
     if not isinstance(sku, str) or not sku or len(sku) > MAX_ID_LENGTH:
-        return RejectedOrder(order_id, f"invalid sku {_short(sku)}")
+        clipped = sku[:MAX_ID_LENGTH] if isinstance(sku, str) else ""
+        return RejectedOrder(
+            order_id, f"invalid sku {_short(sku)}", sku=clipped if identifier(clipped) else ""
+        )
+    if not identifier(sku):
+        reason = f"sku {_short(sku)} holds control characters or characters no ledger can store"
+        return RejectedOrder(order_id, reason)
+    quantity = raw.get("quantity")
     if isinstance(quantity, bool) or not isinstance(quantity, int):
-        return RejectedOrder(order_id, f"invalid quantity {_short(quantity)}", sku=sku_text)
+        return RejectedOrder(order_id, f"invalid quantity {_short(quantity)}", sku=sku)
     if quantity < 1:
-        return RejectedOrder(order_id, f"quantity must be at least 1, got {quantity}", sku=sku_text)
+        return RejectedOrder(order_id, f"quantity must be at least 1, got {quantity}", sku=sku)
     if quantity > ABSURD_QUANTITY:
-        return RejectedOrder(order_id, f"absurd quantity {_short(quantity)}", sku=sku_text)
+        return RejectedOrder(order_id, f"absurd quantity {_short(quantity)}", sku=sku)
     status = raw.get("status")
     if not isinstance(status, str):
-        return RejectedOrder(order_id, f"invalid status {_short(status)}", sku=sku_text)
+        return RejectedOrder(order_id, f"invalid status {_short(status)}", sku=sku)
     buyer = raw.get("buyer")
-    contact = _optional_text(buyer, "contact") if isinstance(buyer, dict) else None
+    texts: dict[str, str | None] = {}
+    for name, key, in_buyer in _TEXTS:
+        holder = buyer if in_buyer else raw
+        text = _optional_text(holder, key) if isinstance(holder, dict) else None
+        if text is not None and not storable(text):
+            reason = f"{name} {_short(text)} holds characters no ledger can store"
+            return RejectedOrder(order_id, reason, sku=sku, quantity=quantity)
+        texts[key] = text
     return PlatformOrder(
         order_id=order_id,
         status=status,
         sku=sku,
         quantity=quantity,
-        paid_at=_optional_text(raw, "paid_at"),
-        amount=_optional_text(raw, "amount"),
-        currency=_optional_text(raw, "currency"),
-        buyer_contact=contact,
-        deliver_by=_optional_text(raw, "deliver_by"),
+        paid_at=texts["paid_at"],
+        amount=texts["amount"],
+        currency=texts["currency"],
+        buyer_contact=texts["contact"],
+        deliver_by=texts["deliver_by"],
     )
 
 
@@ -78,20 +112,20 @@ def parse_order_page(body: Any) -> OrderPage:
     if not isinstance(body, dict) or not isinstance(body.get("orders"), list):
         raise ParseError("order list response has no 'orders' array")
     next_cursor = body.get("next_cursor")
-    if next_cursor is not None and not isinstance(next_cursor, str):
+    if next_cursor is not None and not (isinstance(next_cursor, str) and storable(next_cursor)):
         raise ParseError(f"next_cursor must be a string, got {_short(next_cursor)}")
     has_more = body.get("has_more", False)
     if not isinstance(has_more, bool):
         raise ParseError(f"has_more must be a boolean, got {_short(has_more)}")
     orders: list[PlatformOrder | RejectedOrder] = []
-    unidentifiable = 0
+    ignored: list[str] = []
     for raw in body["orders"]:
-        parsed = parse_order(raw)
-        if parsed is None:
-            unidentifiable += 1
+        parsed = _parse_order(raw)
+        if isinstance(parsed, str):
+            ignored.append(parsed)
         else:
             orders.append(parsed)
-    return OrderPage(orders, next_cursor or None, has_more, unidentifiable)
+    return OrderPage(orders, next_cursor or None, has_more, len(ignored), tuple(ignored))
 
 
 def parse_items(raw: Any) -> tuple[CardItem, ...]:

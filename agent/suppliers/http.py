@@ -13,6 +13,7 @@ from agent.domain import (
 )
 from agent.platforms.parsing import ParseError, parse_items
 from agent.signed_http import Redirected, SignedClient, quote_segment, raise_for_status
+from agent.storable import escaped, storable
 from agent.suppliers.base import Balance, SupplierProduct
 
 PURCHASE_STATUSES = ("completed", "processing", "failed")
@@ -28,19 +29,26 @@ def parse_purchase(body: Any) -> PurchaseResult:
         raise BadResponse(f"purchase status {str(status)[:40]!r} is not one of {PURCHASE_STATUSES}")
     if not isinstance(purchase_id, str) or not isinstance(merchant_ref, str):
         raise BadResponse("purchase response lacks purchase_id or merchant_ref")
+    if not storable(purchase_id):
+        raise BadResponse("purchase_id holds characters no ledger can store")
     try:
         items = parse_items(body.get("items") or [])
     except ParseError as exc:
         raise BadResponse(f"purchase items: {exc}") from None
+    if not all(storable(item.code) and storable(item.secret) for item in items):
+        # Keys are stored (sealed) as they come: one we cannot store is no key to deliver.
+        raise BadResponse("purchase items hold characters no ledger can store")
     failure = body.get("failure") if isinstance(body.get("failure"), dict) else {}
     assert isinstance(failure, dict)
+    code, message = failure.get("code"), failure.get("message")
     return PurchaseResult(
         purchase_id=purchase_id,
         merchant_ref=merchant_ref,
         status=status,
         items=items,
-        failure_code=str(failure.get("code"))[:60] if failure.get("code") else None,
-        failure_message=str(failure.get("message"))[:200] if failure.get("message") else None,
+        # Free text, kept as a reason: what no ledger stores is written escaped.
+        failure_code=escaped(str(code)[:60]) if code else None,
+        failure_message=escaped(str(message)[:200]) if message else None,
     )
 
 
