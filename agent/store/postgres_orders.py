@@ -8,6 +8,8 @@ from collections import Counter, deque
 from collections.abc import Collection, Sequence
 from dataclasses import replace
 
+import asyncpg
+
 from agent.domain import (
     DeliveryIntent,
     LineState,
@@ -32,7 +34,11 @@ from agent.store.rows import (
     retry_target,
     take_keys,
 )
+from agent.store.set_aside import data_error, take_in_one_by_one
 
+# What asyncpg raises for a value the database cannot take: text with no UTF-8 (a lone
+# surrogate, refused by the driver), NUL (refused by the server), a number out of range.
+DATA_ERRORS = (asyncpg.DataError, UnicodeError, OverflowError)
 # A line another agent holds a live lease on is left alone.
 _LEASE_FREE = "(lease_until IS NULL OR lease_until <= $1 OR claimed_by = $2)"
 
@@ -330,25 +336,42 @@ class PgOrdersLedger(PostgresBase):
         if not orders:
             return []
         ordered = sorted(orders, key=lambda o: o.order_id)  # see ingest
+        try:
+            return await self._tx(self._take_in, platform, ordered, now, local_skus)
+        except Exception as exc:
+            if data_error(exc, DATA_ERRORS) is None:
+                raise
+        # A value of one order the ledger cannot take (agent/store/set_aside.py).
+        return await take_in_one_by_one(
+            platform,
+            ordered,
+            lambda one: self._tx(self._take_in, platform, one, now, local_skus),
+            DATA_ERRORS,
+        )
 
-        async def run(conn: Conn) -> list[DeliveryIntent | OrderLine]:
-            ready = await self._ingest(conn, platform, ordered, now)
-            claimed = await self._claim_new(conn, platform, ready, now, local_skus)
-            taken: list[DeliveryIntent | OrderLine] = []
-            for line_id, order in ready:
-                intent = None if claimed is None else claimed.get(line_id)
-                if intent is not None:
-                    taken.append(intent)
-                    continue
-                line = new_line(line_id, platform, order, now)
-                if claimed is not None and order.sku in local_skus:
-                    # Too few keys for it: the general path backorders it.
-                    taken.append(await self._claim(conn, line, now))
-                else:
-                    taken.append(line)
-            return taken
-
-        return await self._tx(run)
+    async def _take_in(
+        self,
+        conn: Conn,
+        platform: str,
+        ordered: Sequence[PlatformOrder | RejectedOrder],
+        now: float,
+        local_skus: Collection[str],
+    ) -> list[DeliveryIntent | OrderLine]:
+        ready = await self._ingest(conn, platform, ordered, now)
+        claimed = await self._claim_new(conn, platform, ready, now, local_skus)
+        taken: list[DeliveryIntent | OrderLine] = []
+        for line_id, order in ready:
+            intent = None if claimed is None else claimed.get(line_id)
+            if intent is not None:
+                taken.append(intent)
+                continue
+            line = new_line(line_id, platform, order, now)
+            if claimed is not None and order.sku in local_skus:
+                # Too few keys for it: the general path backorders it.
+                taken.append(await self._claim(conn, line, now))
+            else:
+                taken.append(line)
+        return taken
 
     async def _claim_new(
         self,

@@ -32,8 +32,12 @@ from agent.store.rows import (
     retry_target,
     take_keys,
 )
+from agent.store.set_aside import data_error, take_in_one_by_one
 from agent.store.sqlite_base import SQLiteBase
 
+# What sqlite3 raises for a value it cannot take: text with no UTF-8 (a lone surrogate), an
+# integer past 64 bits.
+DATA_ERRORS = (UnicodeError, OverflowError, sqlite3.DataError)
 # A new line as intake writes it: (line id, its delivery intent if it was claimed as it was
 # inserted, the order it came from).
 _Inserted = tuple[int, DeliveryIntent | None, PlatformOrder]
@@ -66,7 +70,18 @@ class OrdersLedger(SQLiteBase):
     ) -> list[DeliveryIntent | OrderLine]:
         if not orders:
             return []
-        return await self._tx(self._take_in, platform, orders, now, local_skus)
+        try:
+            return await self._tx(self._take_in, platform, orders, now, local_skus)
+        except Exception as exc:
+            if data_error(exc, DATA_ERRORS) is None:
+                raise
+        # A value of one order the ledger cannot take (agent/store/set_aside.py).
+        return await take_in_one_by_one(
+            platform,
+            orders,
+            lambda one: self._tx(self._take_in, platform, one, now, local_skus),
+            DATA_ERRORS,
+        )
 
     def _take_in(
         self,
