@@ -1,4 +1,4 @@
-"""Adapter for the platform HTTP protocol (shared/protocol/platform-http.md)."""
+"""Adapter for the platform HTTP protocol (docs/protocol/platform-http.md)."""
 
 from __future__ import annotations
 

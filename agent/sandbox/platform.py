@@ -1,4 +1,4 @@
-"""An embedded selling platform implementing shared/protocol/platform-http.md.
+"""An embedded selling platform implementing docs/protocol/platform-http.md.
 
 Runs on loopback inside the demo and the tests. It keeps a full log of delivery calls so the
 tests can check the invariants from the platform's side (exactly the ordered quantity of

@@ -1,4 +1,4 @@
-"""An embedded upstream supplier implementing shared/protocol/supplier-http.md, with faults.
+"""An embedded upstream supplier implementing docs/protocol/supplier-http.md, with faults.
 
 It counts every purchase it *creates* (and charges), so tests can prove that the agent never
 bought twice for one need, whatever happened to the responses.

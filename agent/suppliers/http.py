@@ -1,4 +1,4 @@
-"""Adapter for the supplier HTTP protocol (shared/protocol/supplier-http.md)."""
+"""Adapter for the supplier HTTP protocol (docs/protocol/supplier-http.md)."""
 
 from __future__ import annotations
 
