@@ -105,6 +105,7 @@ class SupplierWatch:
         self.suppliers = suppliers
         self.clock = clock
         self.view = SupplierView(read_at=clock())
+        self._silent: set[tuple[str, str | None]] = set()  # failing, already logged
         self.wanted = {
             (source, name)
             for name, sku in skus.items()
@@ -137,23 +138,45 @@ class SupplierWatch:
 
     async def _balance(self, name: str) -> Decimal | None:
         try:
-            return (await self.suppliers[name].balance()).amount
+            amount = (await self.suppliers[name].balance()).amount
         except AgentError as exc:
-            log.warning("stock_supplier_unknown", supplier=name, what="balance", error=str(exc))
+            self._unknown((name, None), str(exc))
             return None
+        self._known((name, None))
+        return amount
 
     async def _product(self, name: str, sku: str) -> SupplierProduct | None:
         supplier = self.suppliers[name]
         if not isinstance(supplier, ProductCatalog):
+            self._unknown((name, sku), "this kind of supplier cannot say what it sells")
             return None
         product = self.skus[sku].supplier_sku(name)
         try:
-            return await supplier.product(product)
+            offer = await supplier.product(product)
         except AgentError as exc:
-            log.warning(
-                "stock_supplier_unknown", supplier=name, sku=sku, what="product", error=str(exc)
-            )
+            self._unknown((name, sku), str(exc))
             return None
+        self._known((name, sku))
+        return offer
+
+    def _unknown(self, what: tuple[str, str | None], error: str) -> None:
+        """Logged once until the supplier answers again: it is read every few seconds."""
+        if what not in self._silent:
+            self._silent.add(what)
+            supplier, sku = what
+            log.warning(
+                "stock_supplier_unknown",
+                supplier=supplier,
+                sku=sku,
+                what="product" if sku else "balance",
+                error=error,
+                counted=0,
+            )
+
+    def _known(self, what: tuple[str, str | None]) -> None:
+        if what in self._silent:
+            self._silent.discard(what)
+            log.info("stock_supplier_known", supplier=what[0], sku=what[1])
 
 
 class StockSync:
@@ -192,13 +215,20 @@ class StockSync:
 
     async def _lead(self) -> None:
         watch = asyncio.create_task(self.watch.run(), name="stock-sync-suppliers")
+        failing = False
         try:
             while True:
                 started = time.monotonic()
                 try:
                     await self.step()
                 except Exception as exc:  # e.g. the ledger does not answer: try again
-                    log.warning("stock_sync_failed", error=str(exc), kind=type(exc).__name__)
+                    if not failing:  # once per outage, not twice a second
+                        log.warning("stock_sync_failed", error=str(exc), kind=type(exc).__name__)
+                    failing = True
+                else:
+                    if failing:
+                        log.info("stock_sync_recovered")
+                    failing = False
                 await asyncio.sleep(max(0.0, TICK - (time.monotonic() - started)))
         finally:
             watch.cancel()

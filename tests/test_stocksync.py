@@ -216,3 +216,28 @@ async def test_a_platform_without_the_stock_endpoint_is_left_alone(
         await sync.step()
     assert sandbox.stock_refused == refused  # no more tries
     assert sync.publishers == {} and sandbox.stock == {}
+
+
+async def test_a_supplier_balance_change_reaches_the_platform(
+    tmp_path: Path, sandbox: SandboxPlatform, store: Store, quick_suppliers: None
+) -> None:
+    upstream = SandboxSupplier(name="up", seed=5, secret="up-secret", balance="120.00")
+    upstream.add_product(SKU, price="5.00", available=1000)
+    await upstream.start()
+    try:
+        base = make_config(tmp_path, sandbox.base_url)
+        bought = SkuSettings(sku=SKU, max_quantity=10, sources=("up",), max_price=Decimal("6.00"))
+        settings = supplier_settings("up", upstream.base_url)
+        config = dataclasses.replace(base, skus={SKU: bought}, suppliers=(settings,))
+
+        def shows(count: int) -> Callable[[], bool]:
+            return lambda: sandbox.shown_stock(SKU) == count
+
+        async with running_agent(config, store, sandbox, {"up": adapter(upstream)}):
+            await wait_for(shows(20), "what the balance pays at max_price")  # 120 / 6
+            upstream.balance = Decimal("30.00")
+            await wait_for(shows(5), "the lower balance published")
+            upstream.balance = Decimal("600.00")
+            await wait_for(shows(100), "the top-up published")
+    finally:
+        await upstream.stop()
