@@ -56,6 +56,7 @@ class Outlet:
     """One SKU on one platform, as far as this agent knows."""
 
     value: int | None = None  # the count the platform surely holds from us; None: unsure
+    as_of: str | None = None  # the watermark it holds with `value`
     # The most the platform may still sell on our counts (a count we sent, or might have:
     # it only falls as the platform sells); None: unknown (a count from before our start).
     exposure: int | None = None
@@ -64,14 +65,16 @@ class Outlet:
     failures: int = 0
     off: bool = False  # the platform sells no such SKU
 
-    def due(self, count: int, now: float) -> bool:
-        """Whether `count` should go out now (coalescing; the latest count wins)."""
+    def due(self, count: int, now: float, as_of: str | None = None) -> bool:
+        """Whether `count` as of cursor `as_of` should go out now (coalescing; the latest count
+        wins). The same count as of a later cursor is a rise: the platform holds it less the
+        sales since the earlier one."""
         if self.off or now < self.retry_at:
             return False
         since = now - self.sent_at
         if self.value is None or count < self.value:
             return since >= DECREASE_SPACING
-        if count > self.value:
+        if count > self.value or as_of != self.as_of:
             return since >= INCREASE_SPACING
         return since >= REPUBLISH_EVERY
 
@@ -261,14 +264,14 @@ class StockSync:
             for sku in self.skus
             for name, count in self._counts(sku, fillable[sku], cursors).items()
             if self._lowers(self.outlets[name, sku], count)
-            and self.outlets[name, sku].due(count, now)
+            and self.outlets[name, sku].due(count, now, cursors[name])
         ]
         await self._publish_all(lower, cursors)
         higher: list[tuple[str, str, int]] = []
         for sku in self.skus:
             for name, count in self._counts(sku, fillable[sku], cursors).items():
                 outlet = self.outlets[name, sku]
-                if self._lowers(outlet, count) or not outlet.due(count, now):
+                if self._lowers(outlet, count) or not outlet.due(count, now, cursors[name]):
                     continue
                 # Reserved before it is sent, so the next platform's room already excludes it.
                 outlet.exposure = max(outlet.exposure or 0, count)
@@ -331,6 +334,7 @@ class StockSync:
                 self._failed(name, sku, outlet, count, exc)
                 return
         outlet.value = outlet.exposure = count
+        outlet.as_of = as_of
         outlet.failures = 0
         self.published += 1
         log.info("stock_published", platform=name, sku=sku, available=count, as_of=as_of)

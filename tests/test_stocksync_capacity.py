@@ -114,12 +114,14 @@ def test_a_balance_is_shared_out_between_the_skus_bought_with_it() -> None:
 
 
 def test_lower_counts_go_out_sooner_than_higher_ones() -> None:
-    outlet = Outlet(value=10, exposure=10, sent_at=100.0)
+    outlet = Outlet(value=10, as_of="7", exposure=10, sent_at=100.0)
     soon = 100.0 + DECREASE_SPACING
-    assert outlet.due(9, soon) and not outlet.due(11, soon)
-    assert outlet.due(11, 100.0 + INCREASE_SPACING)
-    assert not outlet.due(10, 100.0 + INCREASE_SPACING)
-    assert outlet.due(10, 100.0 + REPUBLISH_EVERY)
+    assert outlet.due(9, soon, "7") and not outlet.due(11, soon, "7")
+    assert outlet.due(11, 100.0 + INCREASE_SPACING, "7")
+    assert not outlet.due(10, 100.0 + INCREASE_SPACING, "7")
+    assert outlet.due(10, 100.0 + REPUBLISH_EVERY, "7")
+    # The same count as of a later cursor: the platform shows it less the sales since "7".
+    assert not outlet.due(10, soon, "9") and outlet.due(10, 100.0 + INCREASE_SPACING, "9")
     assert Outlet().due(5, 0.0)  # never published: at once
     assert not Outlet(retry_at=5.0).due(5, 1.0)
     assert not Outlet(off=True).due(5, 1e9)
