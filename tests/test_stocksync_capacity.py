@@ -169,3 +169,26 @@ async def test_a_sku_on_two_platforms_is_shared_never_sold_twice(
     finally:
         await one.close()
         await two.close()
+
+
+async def test_a_failed_publication_is_tried_again_later(
+    tmp_path: Path, sandbox: SandboxPlatform, store: Store, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(stocksync, "RETRY_BASE", 0.0)
+    monkeypatch.setattr(stocksync, "DECREASE_SPACING", 0.0)
+    config = make_config(tmp_path, sandbox.base_url)
+    platform = HttpPlatform(platform_settings(sandbox.base_url), sandbox.secret)
+    sync = StockSync({"GAME-100": config.skus["GAME-100"]}, store, {"main": platform}, {})
+    await store.set_cursor("main", "0", 0.0)
+    await stock(store, "GAME-100", 4)
+    try:
+        sandbox.faults.error_rate = 1.0  # 503: the PUT may or may not have been applied
+        await sync.step()
+        assert sandbox.stock == {}
+        outlet = sync.outlets["main", "GAME-100"]
+        assert outlet.value is None and outlet.failures == 1
+        sandbox.faults.error_rate = 0.0
+        await sync.step()
+        assert sandbox.shown_stock("GAME-100") == 4 and outlet.value == 4
+    finally:
+        await platform.close()
