@@ -17,9 +17,11 @@ import aiohttp
 from aiohttp import hdrs
 from yarl import URL
 
+from agent import safejson
 from agent.domain import Ambiguous, AuthFailed, BadResponse, Permanent, Transient
 from agent.redact import register, safe_url
 from agent.signing import auth_headers
+from agent.storable import escaped
 
 MAX_BODY_BYTES = 4 * 1024 * 1024
 # One encoder for every request body: json.dumps with options builds a new one per call.
@@ -33,19 +35,22 @@ class HttpResponse:
     retry_after: float | None
 
     def json(self) -> Any:
+        """The body's JSON value, read by the bounded decoder (agent/safejson.py): a huge
+        number or a bomb of nesting in one field is that field's problem, not a traceback."""
         try:
-            return json.loads(self.body)
-        except (ValueError, UnicodeDecodeError):
-            raise BadResponse(f"malformed JSON in HTTP {self.status} response") from None
+            return safejson.loads(self.body)
+        except safejson.JsonError as exc:
+            raise BadResponse(f"malformed JSON in HTTP {self.status} response: {exc}") from None
 
     def error_text(self) -> str:
         """`code: message` from the protocol's error envelope, shortened, for reasons and logs."""
         try:
-            error = json.loads(self.body).get("error", {})
+            error = safejson.loads(self.body).get("error", {})
             text = f"{error.get('code', '?')}: {error.get('message', '')}"
         except (ValueError, UnicodeDecodeError, AttributeError):
             text = "unparseable error body"
-        return f"HTTP {self.status} {text[:200]}"
+        # It becomes a line's reason in the ledger: what no ledger stores is written escaped.
+        return f"HTTP {self.status} {escaped(text[:200])}"
 
 
 def quote_segment(value: str) -> str:

@@ -49,9 +49,9 @@ def _order(order_id: str, sku: str = "GAME-100", **extra: object) -> Callable[..
 POISON: dict[str, tuple[Callable[[SandboxPlatform], None], str | None, str]] = {
     "surrogate in id": (_order("P-\ud800"), None, ""),
     "NUL in id": (_order("P-\x00"), None, ""),
-    "surrogate in sku": (_order("P-1", sku="GAME-100\udfff"), "P-1", "sku"),
-    "NUL in sku": (_order("P-1", sku="GAME\x00100"), "P-1", "sku"),
-    "escape in sku": (_order("P-1", sku="GAME\x1b[2J"), "P-1", "sku"),
+    "surrogate in sku": (_order("P-1", sku="GAME-100\udfff"), "P-1", "store"),
+    "NUL in sku": (_order("P-1", sku="GAME\x00100"), "P-1", "store"),
+    "escape in sku": (_order("P-1", sku="GAME\x1b[2J"), "P-1", "control"),
     "surrogate in contact": (
         _order("P-1", buyer={"contact": "x\ud83d@example.test"}),
         "P-1",
@@ -59,8 +59,8 @@ POISON: dict[str, tuple[Callable[[SandboxPlatform], None], str | None, str]] = {
     ),
     "NUL in contact": (_order("P-1", buyer={"contact": "x\x00@example.test"}), "P-1", "contact"),
     "surrogate in paid_at": (_order("P-1", paid_at="2024\udc00"), "P-1", "paid_at"),
-    "5000-digit quantity": (_raw("P-1", "quantity", "9" * 5000), "P-1", "quantity"),
-    "deep nesting in sku": (_raw("P-1", "sku", "[" * DEEP + "]" * DEEP), "P-1", "sku"),
+    "5000-digit quantity": (_raw("P-1", "quantity", "9" * 5000), "P-1", "5000 digits"),
+    "deep nesting in sku": (_raw("P-1", "sku", "[" * DEEP + "]" * DEEP), "P-1", "nested"),
 }
 
 

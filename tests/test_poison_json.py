@@ -13,9 +13,9 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from agent import safejson
-from agent.domain import BadResponse
+from agent.domain import BadResponse, Transient
 from agent.platforms.http import read_order_page
-from agent.signed_http import HttpResponse
+from agent.signed_http import HttpResponse, raise_for_status
 
 DEEP = 100_000
 
@@ -74,3 +74,15 @@ def test_the_bounded_reading_agrees_with_json_loads(value: Any, indent: int | No
     text = json.dumps(value, indent=indent)
     forced = safejson.loads("[" + text + ", " + "[" * 2000 + "]" * 2000 + "]")
     assert forced[0] == json.loads(text) == safejson.loads(text)
+
+
+def test_an_error_body_is_read_as_boundedly_and_shown_storable() -> None:
+    """A 5xx whose body is a bomb is still the error its status says (not RecursionError), and
+    an error message becomes a line's reason: nothing in it a ledger cannot store."""
+    bomb = HttpResponse(503, b'{"error": ' + b"[" * DEEP + b"]" * DEEP + b"}", None)
+    with pytest.raises(Transient):
+        raise_for_status(bomb, "platform", unknown_outcome=False)
+    body = json.dumps({"error": {"code": "bad\ud800", "message": "a\x00b"}}).encode()
+    text = HttpResponse(422, body, None).error_text()
+    assert "\ud800" not in text and "\x00" not in text
+    assert "bad\\ud800" in text and "a\\x00b" in text
