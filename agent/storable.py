@@ -23,12 +23,13 @@ _NOT_IN_IDENTIFIER = re.compile(
 
 def storable(text: str) -> bool:
     """True when both ledgers can store `text` (and a log line can carry it)."""
-    return _UNSTORABLE.search(text) is None
+    # ASCII first: nearly every value is, and two C-level scans beat a regex search.
+    return (text.isascii() and "\x00" not in text) or _UNSTORABLE.search(text) is None
 
 
 def identifier(text: str) -> bool:
     """True when `text` is fit to be an order id or SKU: storable, no control characters."""
-    return _NOT_IN_IDENTIFIER.search(text) is None
+    return (text.isascii() and text.isprintable()) or _NOT_IN_IDENTIFIER.search(text) is None
 
 
 def escaped(text: str) -> str:

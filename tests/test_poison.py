@@ -60,7 +60,7 @@ POISON: dict[str, tuple[Callable[[SandboxPlatform], None], str | None, str]] = {
     "NUL in contact": (_order("P-1", buyer={"contact": "x\x00@example.test"}), "P-1", "contact"),
     "surrogate in paid_at": (_order("P-1", paid_at="2024\udc00"), "P-1", "paid_at"),
     "5000-digit quantity": (_raw("P-1", "quantity", "9" * 5000), "P-1", "5000 digits"),
-    "deep nesting in sku": (_raw("P-1", "sku", "[" * DEEP + "]" * DEEP), "P-1", "nested"),
+    "deep nesting in sku": (_raw("P-1", "sku", "[" * DEEP + "]" * DEEP), "P-1", "invalid sku"),
 }
 
 

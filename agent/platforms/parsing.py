@@ -37,16 +37,6 @@ def _optional_text(raw: dict[str, Any], key: str) -> str | None:
     return None
 
 
-# Where the optional texts of an order sit: (field as a reason names it, key, inside "buyer").
-_TEXTS = (
-    ("paid_at", "paid_at", False),
-    ("amount", "amount", False),
-    ("currency", "currency", False),
-    ("buyer contact", "contact", True),
-    ("deliver_by", "deliver_by", False),
-)
-
-
 def parse_order(raw: Any) -> PlatformOrder | RejectedOrder | None:
     """None when the entry has no usable id at all (it cannot even be parked)."""
     parsed = _parse_order(raw)
@@ -87,24 +77,31 @@ def _parse_order(raw: Any) -> PlatformOrder | RejectedOrder | str:
     if not isinstance(status, str):
         return RejectedOrder(order_id, f"invalid status {_short(status)}", sku=sku)
     buyer = raw.get("buyer")
-    texts: dict[str, str | None] = {}
-    for name, key, in_buyer in _TEXTS:
-        holder = buyer if in_buyer else raw
-        text = _optional_text(holder, key) if isinstance(holder, dict) else None
-        if text is not None and not storable(text):
-            reason = f"{name} {_short(text)} holds characters no ledger can store"
-            return RejectedOrder(order_id, reason, sku=sku, quantity=quantity)
-        texts[key] = text
+    contact = _optional_text(buyer, "contact") if isinstance(buyer, dict) else None
+    paid_at, amount = _optional_text(raw, "paid_at"), _optional_text(raw, "amount")
+    currency, deliver_by = _optional_text(raw, "currency"), _optional_text(raw, "deliver_by")
+    # One check for all (None reads as "None"); which one failed is looked for only then.
+    if not storable(f"{contact}{paid_at}{amount}{currency}{deliver_by}"):
+        texts = {
+            "buyer contact": contact,
+            "paid_at": paid_at,
+            "amount": amount,
+            "currency": currency,
+            "deliver_by": deliver_by,
+        }
+        name, text = next((n, t) for n, t in texts.items() if t is not None and not storable(t))
+        reason = f"{name} {_short(text)} holds characters no ledger can store"
+        return RejectedOrder(order_id, reason, sku=sku, quantity=quantity)
     return PlatformOrder(
         order_id=order_id,
         status=status,
         sku=sku,
         quantity=quantity,
-        paid_at=texts["paid_at"],
-        amount=texts["amount"],
-        currency=texts["currency"],
-        buyer_contact=texts["contact"],
-        deliver_by=texts["deliver_by"],
+        paid_at=paid_at,
+        amount=amount,
+        currency=currency,
+        buyer_contact=contact,
+        deliver_by=deliver_by,
     )
 
 
