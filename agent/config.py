@@ -19,9 +19,11 @@ from agent.domain import AgentError
 
 LOG_LEVELS = ("debug", "info", "warning", "error")
 _NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
-# A secret's NAME: lower-case words joined by dots (platform.main.secret). A token, key or
-# URL pasted in its place does not look like that, and is refused without being echoed.
-_SECRET_NAME_RE = re.compile(r"^[a-z][a-z0-9_-]*(?:\.[a-z0-9_-]+)+$")
+# A secret's NAME: words joined by dots (platform.main.secret; a single word like `mytoken`
+# too). A token, key or URL pasted in its place does not look like that (other characters,
+# or a long run of letters mixed with digits), and is refused without being echoed.
+_SECRET_NAME_RE = re.compile(r"^[A-Za-z][A-Za-z0-9_-]*(?:\.[A-Za-z0-9_-]+)*$")
+_RANDOM_LOOKING_RUN = re.compile(r"(?=[A-Za-z0-9]*[0-9])(?=[A-Za-z0-9]*[A-Za-z])[A-Za-z0-9]{16,}")
 MAX_SECRET_NAME = 64
 MAX_QUANTITY_LIMIT = 1000
 
@@ -254,12 +256,13 @@ class Section:
             isinstance(value, str)
             and len(value) <= MAX_SECRET_NAME
             and _SECRET_NAME_RE.match(value)
+            and not _RANDOM_LOOKING_RUN.search(value)
         ):
             return value
         example = re.sub(r"[^a-z0-9_.-]", "-", f"{self.where}.{key}".lower()).strip(".")
         raise self.error(
             key,
-            "must be the NAME of a secret (lower-case words joined by dots, like "
+            "must be the NAME of a secret (words joined by dots, like "
             f"{example}), not the secret itself; the value was not printed",
         )
 

@@ -102,3 +102,24 @@ def test_postgres_store_settings(tmp_path: Path) -> None:
     wrong_scheme = MINIMAL.replace('path = "kami.db"', 'url = "mysql://kami@db/shop"')
     with pytest.raises(ConfigError, match=r"store\.url: must be a postgresql://"):
         load_config(write(tmp_path, wrong_scheme))
+
+
+@pytest.mark.parametrize("name", ["mytoken", "Main_Secret", "tg.bot-token", "store.key"])
+def test_plain_secret_names_are_accepted(tmp_path: Path, name: str) -> None:
+    config = load_config(write(tmp_path, MINIMAL.replace("platform.main.secret", name)))
+    assert config.platforms[0].secret_name == name
+
+
+@pytest.mark.parametrize(
+    "pasted",
+    [
+        "cs_8f9a7e6d5c4b3a2f1e0d9c8b7a6f5e4d3c2b1a0f",  # a WooCommerce consumer secret
+        "123456789:AAHdqTcvCH1vGWJxfSeofSAs0K5PALDsaw",  # a Telegram bot token
+        "c2VjcmV0LXZhbHVlLXBhc3RlZA==",  # base64
+    ],
+)
+def test_a_pasted_secret_is_refused_without_echo(tmp_path: Path, pasted: str) -> None:
+    with pytest.raises(ConfigError) as refused:
+        load_config(write(tmp_path, MINIMAL.replace("platform.main.secret", pasted)))
+    assert "NAME of a secret" in str(refused.value)
+    assert pasted not in str(refused.value)
