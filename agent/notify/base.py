@@ -7,6 +7,7 @@ from typing import Any, Protocol
 
 import aiohttp
 
+from agent import safejson
 from agent.domain import AlertMessage, Permanent, Transient
 from agent.redact import safe_url, scrub
 from agent.signed_http import read_capped, redirect_refusal
@@ -57,8 +58,8 @@ async def post_json(
             if resp.status >= 400:
                 raise Permanent(f"{where} answered HTTP {resp.status}: {scrub(text)[:200]}")
             try:
-                return json.loads(text) if text else None
-            except ValueError:
+                return safejson.loads(text) if text else None
+            except safejson.JsonError:
                 return None
     except aiohttp.ClientError as exc:
         raise Transient(f"cannot reach {where}: {type(exc).__name__}") from None

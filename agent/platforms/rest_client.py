@@ -18,8 +18,9 @@ from urllib.parse import urlencode
 import aiohttp
 from yarl import URL
 
+from agent import safejson
 from agent.domain import Ambiguous, BadResponse, Transient
-from agent.signed_http import _read_capped, parse_retry_after
+from agent.signed_http import parse_retry_after, read_capped
 
 _ENCODER = json.JSONEncoder(ensure_ascii=False)
 MAX_MESSAGE = 200
@@ -34,9 +35,8 @@ class Reply:
 
     def json(self) -> Any:
         try:
-            return json.loads(self.body)
-        except (ValueError, UnicodeDecodeError, RecursionError):
-            # RecursionError: a hostile body of deeply nested arrays, within the size cap.
+            return safejson.loads(self.body)  # bounded: no RecursionError, no digit limit
+        except safejson.JsonError:
             raise BadResponse(f"malformed JSON in HTTP {self.status} response") from None
 
     def message(self) -> str:
@@ -103,7 +103,7 @@ class RestClient:
             async with session.request(
                 method, target, data=data, headers=all_headers, allow_redirects=False
             ) as resp:
-                body = await _read_capped(resp)
+                body = await read_capped(resp)
                 return Reply(
                     resp.status,
                     body,

@@ -141,9 +141,9 @@ class WooResponse:
     def error_text(self) -> str:
         """`code: message` of WordPress's error body, shortened, for reasons and logs."""
         try:
-            body = json.loads(self.body)
+            body = safejson.loads(self.body)
             text = f"{body.get('code', '?')}: {body.get('message', '')}"
-        except (ValueError, UnicodeDecodeError, AttributeError):
+        except (safejson.JsonError, AttributeError):
             text = "unparseable error body"
         return f"HTTP {self.status} {text[:200]}"
 
