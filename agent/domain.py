@@ -5,7 +5,7 @@ from __future__ import annotations
 import enum
 import hashlib
 import json
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from dataclasses import asdict, dataclass, field
 
 
@@ -278,9 +278,21 @@ def _line_digest(platform: str, order_id: str, line: int, length: int) -> str:
     return hashlib.sha256(f"{platform}\x1f{order_id}\x1f{line}".encode()).hexdigest()[:length]
 
 
-def delivery_idempotency_key(platform: str, order_id: str, line: int, generation: int) -> str:
-    """Deterministic, so a restart after a crash re-sends with the very same key."""
-    return f"kami-{_line_digest(platform, order_id, line, 24)}-{generation}"
+def delivery_idempotency_key(
+    platform: str, order_id: str, line: int, generation: int, content: Iterable[bytes] = ()
+) -> str:
+    """Deterministic, so a restart after a crash re-sends with the very same key.
+
+    `content`: the keyed hashes of the card keys the delivery carries. The key names what is
+    sent, not only where: a platform that already holds a delivery under this order answers
+    another set of keys with a conflict, never with a replay of its first answer (two agents
+    on separate ledgers, a ledger restored from an old backup). The hashes are keyed per
+    ledger, so nothing about a card key can be learnt from the idempotency key."""
+    digest = hashlib.sha256()
+    digest.update(_line_digest(platform, order_id, line, 64).encode())
+    for item in sorted(content):
+        digest.update(b"\x1f" + item)
+    return f"kami-{digest.hexdigest()[:24]}-{generation}"
 
 
 def refund_idempotency_key(platform: str, order_id: str, line: int) -> str:

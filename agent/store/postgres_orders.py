@@ -410,7 +410,7 @@ class PgOrdersLedger(PostgresBase):
             keys = take_keys(free, order.sku, order.quantity)
             if keys is None:
                 continue
-            key = intake_delivery_key(platform, order)
+            key = intake_delivery_key(platform, order, keys)
             binds += [(k[0], line_id, slot) for slot, k in enumerate(keys)]
             events.append((line_id, "allocated", allocated_detail((k[0], k[1]) for k in keys)))
             events.append((line_id, "delivery_intent", f"attempt 1 key {key} by {self.instance}"))
@@ -462,7 +462,9 @@ class PgOrdersLedger(PostgresBase):
         generation = await conn.fetchval(
             "SELECT delivery_generation FROM orders WHERE id = $1", line.id
         )
-        key = delivery_idempotency_key(line.platform, line.order_id, line.line, generation)
+        key = delivery_idempotency_key(
+            line.platform, line.order_id, line.line, generation, (k[4] for k in keys)
+        )
         await conn.execute(
             "UPDATE orders SET state = 'delivering', delivery_key = $1, attempts = attempts + 1,"
             " updated_at = $2 WHERE id = $3",

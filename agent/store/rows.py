@@ -94,9 +94,12 @@ def take_keys(free: FreeKeys, sku: str, quantity: int) -> list[tuple[int, bytes,
     return [keys.popleft() for _ in range(quantity)]
 
 
-def intake_delivery_key(platform: str, order: PlatformOrder) -> str:
-    """The idempotency key of a new line's first delivery (line 0, generation 0)."""
-    return delivery_idempotency_key(platform, order.order_id, 0, 0)
+def intake_delivery_key(
+    platform: str, order: PlatformOrder, keys: Sequence[tuple[int, bytes, CardItem]]
+) -> str:
+    """The idempotency key of a new line's first delivery (line 0, generation 0) of the keys
+    `take_keys` gave it."""
+    return delivery_idempotency_key(platform, order.order_id, 0, 0, (k[1] for k in keys))
 
 
 def claimed_at_intake(

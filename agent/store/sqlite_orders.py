@@ -153,7 +153,7 @@ class OrdersLedger(SQLiteBase):
                 events.append((line_id, now, "rejected", order.reason))
                 continue
             keys = take_keys(free, order.sku, order.quantity) if free else None
-            key = None if keys is None else intake_delivery_key(platform, order)
+            key = None if keys is None else intake_delivery_key(platform, order, keys)
             state = LineState.NEW if keys is None else LineState.DELIVERING
             cur = conn.execute(
                 "INSERT INTO orders (platform, order_id, line, sku, quantity, state, paid_at,"
@@ -408,7 +408,9 @@ class OrdersLedger(SQLiteBase):
         generation = conn.execute(
             "SELECT delivery_generation FROM orders WHERE id = ?", (line_id,)
         ).fetchone()[0]
-        key = delivery_idempotency_key(line.platform, line.order_id, line.line, generation)
+        key = delivery_idempotency_key(
+            line.platform, line.order_id, line.line, generation, (k[4] for k in keys)
+        )
         conn.execute(
             "UPDATE orders SET state = 'delivering', delivery_key = ?, attempts = attempts + 1,"
             " updated_at = ? WHERE id = ?",
