@@ -3,16 +3,25 @@
 Uses KAMI_TEST_POSTGRES_URL when it is set; otherwise finds the server binaries (Debian puts
 them in /usr/lib/postgresql/<version>/bin), makes a cluster in a temp dir and starts it on a
 free 127.0.0.1 port. As root it runs them as the `postgres` user: initdb refuses root.
+
+A server of ours never outlives the test run, however the run ends: a guard process (this
+file run as a script) holds one end of a pipe whose other end only the test process holds,
+and when that end closes (a normal exit, SIGTERM, SIGINT, even SIGKILL) it stops the server
+and removes its files. pg_ctl puts the server in a session of its own, so nothing else
+would stop it.
 """
 
 from __future__ import annotations
 
+import contextlib
 import glob
 import os
 import pwd
 import shutil
+import signal
 import socket
 import subprocess
+import sys
 import tempfile
 import time
 from dataclasses import dataclass
@@ -29,11 +38,14 @@ class PgServer:
     bin_dir: Path | None = None
     user: str | None = None
     options: str = ""
+    guard: Guard | None = None
 
     def stop(self) -> None:
         self.halt()
         if self.data_dir is not None:
             shutil.rmtree(self.data_dir.parent, ignore_errors=True)
+        if self.guard is not None:
+            self.guard.release()
 
     def halt(self) -> None:
         """Stops the server abruptly (an outage); start_again() brings it back."""
@@ -49,6 +61,47 @@ class PgServer:
         started = _pg_ctl_start(self.bin_dir, self.data_dir, self.options, self.user)
         if started.returncode != 0:
             raise RuntimeError(f"PostgreSQL did not start again: {started.stderr.strip()}")
+
+
+class Guard:
+    """The guard process of one server (see the module docstring)."""
+
+    def __init__(self, root: Path, bin_dir: Path, user: str | None) -> None:
+        read_end, self._write_end = os.pipe()  # not inherited by anything we start later
+        try:
+            self.process = subprocess.Popen(
+                [sys.executable, __file__, "guard", str(root), str(bin_dir), user or ""],
+                stdin=read_end,
+                stdout=subprocess.DEVNULL,
+                stderr=subprocess.DEVNULL,
+                start_new_session=True,  # a Ctrl-C to the test run's process group spares it
+            )
+        finally:
+            os.close(read_end)
+
+    def release(self) -> None:
+        """The server is already stopped and removed: let the guard end."""
+        if self._write_end >= 0:
+            os.close(self._write_end)
+            self._write_end = -1
+        self.process.wait(timeout=60)
+
+
+def _guard(root: Path, bin_dir: Path, user: str | None) -> None:
+    """The guard's body: waits for end of file on stdin, then stops and removes the server."""
+
+    def interrupted(signum: int, frame: object) -> None:
+        raise InterruptedError  # SIGTERM: stop waiting, clean up, then end
+
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGHUP, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, interrupted)
+    with contextlib.suppress(InterruptedError):
+        sys.stdin.buffer.read()
+    data = root / "data"
+    if (data / "postmaster.pid").exists():
+        _run([str(bin_dir / "pg_ctl"), "-D", str(data), "-m", "immediate", "stop"], user)
+    shutil.rmtree(root, ignore_errors=True)
 
 
 def _bin_dir() -> Path | None:
@@ -101,6 +154,15 @@ def start(*, own: bool = False) -> PgServer:
         user = "postgres"
     root = Path(tempfile.mkdtemp(prefix="kami-pg-"))
     data = root / "data"
+    guard = Guard(root, bin_dir, user)  # from here on, however the run ends
+    try:
+        return _start_in(root, data, bin_dir, user, guard)
+    except BaseException:
+        PgServer("", data, bin_dir, user, guard=guard).stop()
+        raise
+
+
+def _start_in(root: Path, data: Path, bin_dir: Path, user: str | None, guard: Guard) -> PgServer:
     if user is not None:
         entry = pwd.getpwnam(user)
         os.chown(root, entry.pw_uid, entry.pw_gid)
@@ -119,12 +181,16 @@ def start(*, own: bool = False) -> PgServer:
     if started.returncode != 0:
         log = (root / "server.log").read_text(errors="replace")[-600:]
         raise RuntimeError(f"PostgreSQL did not start: {started.stderr.strip()} {log}")
-    server = PgServer(f"postgresql://kami@127.0.0.1:{port}/postgres", data, bin_dir, user, options)
+    url = f"postgresql://kami@127.0.0.1:{port}/postgres"
+    server = PgServer(url, data, bin_dir, user, options, guard)
     deadline = time.monotonic() + 30
     while time.monotonic() < deadline:
         with socket.socket() as sock:
             if sock.connect_ex(("127.0.0.1", port)) == 0:
                 return server
         time.sleep(0.1)
-    server.stop()
     raise RuntimeError(f"PostgreSQL started but does not answer on 127.0.0.1:{port}")
+
+
+if __name__ == "__main__" and sys.argv[1:2] == ["guard"]:
+    _guard(Path(sys.argv[2]), Path(sys.argv[3]), sys.argv[4] or None)
