@@ -16,15 +16,9 @@ __all__ = ["Job", "JobFunc", "build_scheduler"]
 def build_scheduler(engine: Engine, settings: AgentSettings, extra: Sequence[Job] = ()) -> Periodic:
     """Every periodic job of the engine, and `extra`; start() starts them."""
 
-    def poll_job(name: str) -> JobFunc:
-        async def poll() -> int:
-            return await engine.scheduled_poll(name)
-
-        return poll
-
     jobs = [
-        Job(f"poll:{name}", poll_job(name), settings.poll_interval, at_start=True)
-        for name in engine.platforms
+        Job(f"poll:{name}", intake.scheduled_poll, settings.poll_interval, at_start=True)
+        for name, intake in engine.intakes.items()
     ]
     # at start: catch up on orders paid while we were down
     jobs.append(Job("reconcile", engine.reconcile_all, settings.reconcile_interval, True))

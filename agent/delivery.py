@@ -1,0 +1,268 @@
+"""Delivery of one order line: claim its keys, send them, reconcile, retry, park, close.
+
+Every external call is bracketed by ledger transactions: the intent (with a deterministic
+idempotency key) is committed before the call, the result after it. A line found in
+`delivering` with an attempt already made is reconciled with the platform before anything
+is sent again.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections import Counter
+from collections.abc import Callable, Mapping, Sequence
+
+from agent.coalesce import Coalescer
+from agent.config import AgentSettings, SkuSettings
+from agent.crashpoints import crash_point
+from agent.domain import (
+    ACTIVE_STATES,
+    Ambiguous,
+    CardItem,
+    DeliveryConflict,
+    DeliveryIntent,
+    LineState,
+    OrderClosed,
+    OrderLine,
+    Permanent,
+    Transient,
+    retry_delay,
+)
+from agent.engine_stats import EngineStats
+from agent.logs import get_logger
+from agent.platforms.base import Platform
+from agent.sourcing import Sourcing
+from agent.store.base import Store, StoreError
+
+log = get_logger("kami.engine")
+
+
+def log_backordered(line: OrderLine) -> None:
+    log.info("backordered", order_id=line.order_id, sku=line.sku, quantity=line.quantity)
+
+
+def _same_items(a: Sequence[CardItem], b: Sequence[CardItem]) -> bool:
+    return Counter((i.code, i.secret) for i in a) == Counter((i.code, i.secret) for i in b)
+
+
+class Delivery:
+    """Takes one line at a time through its states, up to delivered, closed or parked."""
+
+    def __init__(
+        self,
+        settings: AgentSettings,
+        skus: Mapping[str, SkuSettings],
+        store: Store,
+        platforms: Mapping[str, Platform],
+        sourcing: Sourcing,
+        stats: EngineStats,
+        clock: Callable[[], float],
+    ) -> None:
+        self.settings = settings
+        self.skus = skus
+        self.store = store
+        self.platforms = platforms
+        self.sourcing = sourcing
+        self.stats = stats
+        self.clock = clock
+        # Deliveries finishing together are recorded in one ledger call (a flash sale).
+        self._delivered: Coalescer[tuple[int, str]] = Coalescer(
+            lambda batch: self.store.mark_many_delivered(batch, self.clock())
+        )
+
+    async def process(self, line_id: int) -> None:
+        """Takes the line as far as it goes now: bought, claimed, delivered; or left for
+        later (a retry due, a backorder) with the reason in the ledger."""
+        # None when another agent sharing the store is working on the line right now.
+        line = await self.store.take_line(line_id, self.clock())
+        while line is not None and line.state in ACTIVE_STATES:
+            waiting = line.next_attempt_at > self.clock()
+            if line.state == LineState.BACKORDERED:
+                # Stock may have arrived before the next supplier round is due.
+                line = await self.sourcing.fill(line, suppliers=not waiting)
+            elif waiting:
+                return
+            elif line.state == LineState.NEW and self.sourcing.local_only(line.sku):
+                await self._claim_and_deliver(line)
+                return
+            elif line.state == LineState.NEW:
+                line = await self.sourcing.fill(line)
+            elif line.state == LineState.PURCHASING:
+                line = await self.sourcing.resume(line)
+            else:
+                await self._deliver(line)
+                return
+            crash_point("after_allocate")
+            if line.state != LineState.ALLOCATED:
+                if line.state == LineState.BACKORDERED:
+                    log_backordered(line)
+                return
+
+    async def _platform_for(self, line: OrderLine) -> Platform | None:
+        """The line's platform, or None after parking a line whose platform left the config."""
+        platform = self.platforms.get(line.platform)
+        if platform is None:
+            await self.park(line, f"platform {line.platform!r} is not configured")
+        return platform
+
+    async def _claim_and_deliver(self, line: OrderLine) -> None:
+        """The common case in one ledger call: bind the keys and commit the delivery intent
+        together (a flash sale is mostly this), then deliver."""
+        platform = await self._platform_for(line)
+        if platform is None:
+            return
+        claimed = await self.store.claim_for_delivery(line.id, self.clock())
+        crash_point("after_allocate")
+        if isinstance(claimed, DeliveryIntent):
+            crash_point("after_intent")
+            await self._send_recorded(platform, claimed.line, claimed)
+        elif claimed.state == LineState.BACKORDERED:
+            log_backordered(line)
+
+    async def _deliver(self, line: OrderLine) -> None:
+        platform = await self._platform_for(line)
+        if platform is None:
+            return
+        needs_reconcile = line.state == LineState.DELIVERING and (
+            line.attempts > 0 or line.ambiguous
+        )
+        if needs_reconcile and not await self._reconcile(line, platform):
+            return
+        if line.attempts >= self.settings.max_delivery_attempts:
+            await self.park(
+                line,
+                f"still undelivered after {line.attempts} attempts: "
+                f"{line.reason or 'no reason recorded'}",
+            )
+            return
+        try:
+            intent = await self.store.begin_delivery(line.id, self.clock())
+        except StoreError as exc:
+            current = await self.store.get_line(line.id)
+            if current is not None and current.state not in ACTIVE_STATES:
+                # Settled meanwhile (on a shared ledger, by another agent that took the line
+                # up when our lease ran out): nothing left to do, and nothing to park.
+                log.info("line_settled_meanwhile", order_id=line.order_id, state=current.state)
+                return
+            await self.park(line, str(exc))
+            return
+        crash_point("after_intent")
+        await self._send_recorded(platform, line, intent)
+
+    async def _send_recorded(
+        self, platform: Platform, line: OrderLine, intent: DeliveryIntent
+    ) -> None:
+        recording = await self.send(platform, line, intent)
+        if recording is not None:
+            await recording
+
+    async def send(
+        self, platform: Platform, line: OrderLine, intent: DeliveryIntent
+    ) -> asyncio.Future[None] | None:
+        """The delivery call, its intent already committed; then its outcome committed. A
+        failure is committed before returning (None); a delivery is returned as its
+        recording in the ledger, under way, for the caller to wait for or hand off."""
+        message = self._message_for(line.sku)
+        try:
+            await platform.deliver(line.order_id, intent.idempotency_key, intent.items, message)
+        except DeliveryConflict as exc:
+            await self.park(line, str(exc))
+            return None
+        except OrderClosed as exc:
+            await self._close(line, exc.status, str(exc))
+            return None
+        except Permanent as exc:
+            await self.park(line, str(exc))
+            return None
+        except Ambiguous as exc:
+            await self._retry_later(intent.line, str(exc), ambiguous=True)
+            return None
+        except Transient as exc:
+            await self._retry_later(
+                intent.line, str(exc), ambiguous=False, retry_after=exc.retry_after
+            )
+            return None
+        crash_point("after_deliver_call")
+        recording = self._delivered.enqueue((line.id, f"key {intent.idempotency_key}"))
+        self.stats.delivered += 1
+        self.stats.last_progress = self.clock()
+        log.info(
+            "delivered",
+            order_id=line.order_id,
+            sku=line.sku,
+            quantity=line.quantity,
+            attempt=intent.line.attempts,
+            latency_ms=round((self.clock() - line.seen_at) * 1000, 1),
+        )
+        return recording
+
+    async def _reconcile(self, line: OrderLine, platform: Platform) -> bool:
+        """Ask the platform what became of an earlier attempt; True = safe to send (again)."""
+        try:
+            remote = await platform.get_order(line.order_id)
+        except Permanent as exc:
+            await self.park(line, f"platform cannot show the order: {exc}")
+            return False
+        except (Transient, Ambiguous) as exc:
+            await self._retry_later(line, f"reconcile failed: {exc}", ambiguous=True)
+            return False
+        now = self.clock()
+        if remote.status == "delivered":
+            ours = await self.store.bound_items(line.id)
+            if _same_items(ours, remote.items):
+                await self.store.mark_delivered(line.id, now, "confirmed by platform")
+                self.stats.delivered += 1
+                self.stats.last_progress = now
+                log.info(
+                    "delivered",
+                    order_id=line.order_id,
+                    sku=line.sku,
+                    quantity=line.quantity,
+                    confirmed=True,
+                )
+            else:
+                await self.park(line, "platform shows a delivery with other keys")
+            return False
+        if remote.status in ("refunded", "cancelled"):
+            await self._close(line, remote.status, f"platform reports {remote.status}")
+            return False
+        if remote.status != "paid":
+            await self.park(line, f"platform reports unexpected status {remote.status[:40]!r}")
+            return False
+        await self.store.add_event(line.id, "reconciled", "platform: still paid, re-sending", now)
+        return True
+
+    async def _retry_later(
+        self, line: OrderLine, reason: str, *, ambiguous: bool, retry_after: float | None = None
+    ) -> None:
+        now = self.clock()
+        backoff = retry_delay(line.attempts, self.settings.retry_base, self.settings.retry_cap)
+        delay = max(backoff, retry_after or 0.0)
+        await self.store.defer(line.id, now + delay, reason, ambiguous=ambiguous, now=now)
+        self.stats.retries += 1
+        log.warning(
+            "delivery_retry_scheduled",
+            order_id=line.order_id,
+            reason=reason,
+            ambiguous=ambiguous,
+            delay_s=round(delay, 2),
+        )
+
+    async def _close(self, line: OrderLine, status: str, reason: str) -> None:
+        """The platform closed the order (cancelled or refunded): so do we; its keys stay
+        bound to the line, as for every line that may have reached the buyer."""
+        await self.store.close_line(line.id, LineState(status), reason, self.clock())
+        log.warning("order_closed_by_platform", order_id=line.order_id, status=status)
+
+    async def park(self, line: OrderLine, reason: str) -> None:
+        """Sets the line aside for the merchant with the reason (the needs-attention alert
+        follows from the ledger)."""
+        await self.store.park(line.id, reason, self.clock())
+        self.stats.parked += 1
+        log.error("needs_attention", order_id=line.order_id, sku=line.sku, reason=reason)
+
+    def _message_for(self, sku: str) -> str:
+        settings = self.skus.get(sku)
+        if settings is not None and settings.message:
+            return settings.message
+        return self.settings.delivery_message
