@@ -24,6 +24,7 @@ KINDS: dict[str, str] = {
     "http": "agent.platforms.http",
     "woocommerce": "agent.platforms.woocommerce",
     "kinguin": "agent.platforms.kinguin",
+    "agiso": "agent.platforms.agiso",
 }
 
 

@@ -1,0 +1,392 @@
+"""Adapter for shops on 淘宝/天猫, 闲鱼, 拼多多 and 京东 through the Agiso (阿奇索) open platform
+(`kind = "agiso"`, docs/platforms/agiso.md; the set-up in Chinese is there too).
+
+One `[platforms.<name>]` table is one shop on one channel: `api_key` is the AppId, `secret`
+names the secret holding the AppSecret (shared by the AppId's shops), `access_token` names the
+secret holding the shop's AccessToken. Intake: paid orders come by Agiso push (the inbound
+listener calls `accept_push`) and, for 淘宝, by polling /Trade/TradesBuyerPay as a backstop;
+the other channels have no list call, so their only intake is the push. Delivery per channel:
+agent/platforms/agiso_channels.py.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import itertools
+import secrets
+import time
+from collections import OrderedDict
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from datetime import UTC, datetime, timedelta
+from urllib.parse import urlparse
+
+from agent.config import DEFAULT_DELIVERY_MESSAGE, PlatformSettings, Section
+from agent.domain import (
+    BadResponse,
+    CardItem,
+    OrderPage,
+    Permanent,
+    PlatformOrder,
+    RejectedOrder,
+    RemoteDelivery,
+)
+from agent.logs import get_logger
+from agent.platforms.agiso_channels import (
+    CHANNEL_TYPES,
+    MESSAGE_LIMITS,
+    Channel,
+    Delivery,
+    Progress,
+    TaobaoChannel,
+)
+from agent.platforms.agiso_client import (
+    DEFAULT_PROBE_INTERVAL,
+    MAX_CALLS_PER_SECOND,
+    AgisoClient,
+    AgisoRefused,
+)
+from agent.platforms.agiso_messages import (
+    DEFAULT_TEMPLATE,
+    Limits,
+    TemplateError,
+    TooLong,
+    check_template,
+    render,
+    split,
+)
+from agent.platforms.agiso_push import PushDedupe, PushEvent, read_push, verify_push
+from agent.platforms.agiso_wire import (
+    CHANNEL_NAMES,
+    CHANNELS,
+    PAID,
+    WireError,
+    orders_of,
+    our_lines,
+    taobao_trade,
+    text_id,
+)
+from agent.secrets import resolve_secret
+from agent.signed_http import DEFAULT_CONNECTIONS
+
+log = get_logger("kami.agiso")
+
+MAX_PAGE_SIZE = 100  # /Trade/TradesBuyerPay: "每页条数 ... 最大值:100"
+DEFAULT_LOOKBACK_HOURS = 72
+BEIJING = timedelta(hours=8)  # Agiso's times are China Standard Time
+MAX_PROGRESS = 10_000  # orders whose delivery this process remembers
+MAX_INBOX = 100_000
+
+
+@dataclass(frozen=True, slots=True)
+class AgisoOptions:
+    """`[platforms.<name>]` keys only Agiso has."""
+
+    channel: str
+    access_token_secret: str
+    products: Mapping[str, str]  # the marketplace's item / SKU / outer id -> our SKU
+    templates: Mapping[str, str] = field(default_factory=dict)  # our SKU -> message template
+    names: Mapping[str, str] = field(default_factory=dict)  # our SKU -> {商品} in messages
+    message_cap: int = 0  # messages an order may receive from us (0: the channel's cap)
+    calls_per_second: int = MAX_CALLS_PER_SECOND
+    probe_interval: float = DEFAULT_PROBE_INTERVAL
+    lookback_hours: int = DEFAULT_LOOKBACK_HOURS
+
+    def limits(self) -> Limits | None:
+        limits = MESSAGE_LIMITS.get(self.channel)
+        if limits is None:
+            return None
+        return Limits(limits.chars, self.message_cap or limits.count)
+
+
+def _loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+def parse_options(section: Section) -> AgisoOptions:
+    """channel ("taobao" | "xianyu" | "pdd" | "jd"), access_token (a secret's name), products
+    (required), templates and names (per SKU), message_cap, calls_per_second, probe_interval,
+    lookback_hours."""
+    base_url = section.data.get("base_url")
+    if isinstance(base_url, str):
+        parsed = urlparse(base_url)
+        if parsed.scheme != "https" and not _loopback(parsed.hostname or ""):
+            raise section.error(
+                "base_url", f"must be https:// (the AccessToken travels in it), got {base_url!r}"
+            )
+    channel = section.string("channel", required=True)
+    if channel not in CHANNELS:
+        raise section.error("channel", f"must be one of {', '.join(CHANNELS)}, got {channel!r}")
+    products = section.table("products")
+    if not products:
+        raise section.error(
+            "products",
+            'is required: map the marketplace\'s item or SKU ids to SKUs, products = { "<id>" ='
+            ' "<SKU>" }',
+        )
+    for key, sku in products.items():
+        if text_id(key) != key:
+            raise section.error(f"products.{key}", "is not an item, SKU or outer id")
+        if not isinstance(sku, str) or not sku.strip() or len(sku) > 128:
+            raise section.error(f"products.{key}", f"must name a SKU, got {sku!r}")
+    templates = section.table("templates")
+    for sku, text in templates.items():
+        if not isinstance(text, str) or not text.strip():
+            raise section.error(f"templates.{sku}", "must be a non-empty string")
+        try:
+            check_template(text)
+        except TemplateError as exc:
+            raise section.error(f"templates.{sku}", str(exc)) from None
+    names = section.table("names")
+    for sku, text in names.items():
+        if not isinstance(text, str) or not text.strip():
+            raise section.error(f"names.{sku}", "must be a non-empty string")
+    limits = MESSAGE_LIMITS.get(channel)
+    cap = section.integer("message_cap", 0, minimum=0, maximum=limits.count if limits else 0)
+    return AgisoOptions(
+        channel=channel,
+        access_token_secret=section.secret_name("access_token"),
+        products=dict(products),
+        templates=dict(templates),
+        names=dict(names),
+        message_cap=cap,
+        calls_per_second=section.integer(
+            "calls_per_second", MAX_CALLS_PER_SECOND, minimum=1, maximum=MAX_CALLS_PER_SECOND
+        ),
+        probe_interval=section.number(
+            "probe_interval", DEFAULT_PROBE_INTERVAL, minimum=1, maximum=3600
+        ),
+        lookback_hours=section.integer(
+            "lookback_hours", DEFAULT_LOOKBACK_HOURS, minimum=1, maximum=24 * 30
+        ),
+    )
+
+
+def build(settings: PlatformSettings, secret: str, max_connections: int) -> AgisoPlatform:
+    """An adapter for one Agiso shop; `secret` is the AppSecret, the AccessToken is read from
+    the secret the options name."""
+    options = settings.options
+    if not isinstance(options, AgisoOptions):
+        raise TypeError("an agiso platform needs AgisoOptions (agent.config reads them)")
+    token = resolve_secret(options.access_token_secret)
+    return AgisoPlatform(settings, secret, token, max_connections)
+
+
+def _cursor(cursor: str | None, epoch: str) -> tuple[int, int]:
+    """(page of the 淘宝 listing, last push entry listed) from "page:N;push:EPOCH:SEQ"; a push
+    position of another process counts from 0 (its inbox died with it)."""
+    page, seq = 0, 0
+    for part in (cursor or "").split(";"):
+        kind, _, value = part.partition(":")
+        if kind == "page" and value.isdigit() and len(value) < 7:
+            page = int(value)
+        elif kind == "push":
+            owner, _, number = value.partition(":")
+            if owner == epoch and number.isdigit() and len(number) < 12:
+                seq = int(number)
+    return page, seq
+
+
+class AgisoPlatform:
+    def __init__(
+        self,
+        settings: PlatformSettings,
+        app_secret: str,
+        access_token: str,
+        max_connections: int = DEFAULT_CONNECTIONS,
+        *,
+        clock: Callable[[], float] = time.time,
+    ) -> None:
+        """`clock`: wall time for request timestamps, holds and pushes (tests move it)."""
+        options = settings.options
+        if not isinstance(options, AgisoOptions):
+            raise TypeError("an agiso platform needs AgisoOptions (agent.config reads them)")
+        self.name = settings.name
+        self.options = options
+        self._secret = app_secret
+        self._clock = clock
+        self.client = AgisoClient(
+            settings.base_url,
+            settings.api_key,
+            app_secret,
+            access_token,
+            timeout=settings.timeout,
+            max_connections=max_connections,
+            calls_per_second=options.calls_per_second,
+            probe_interval=options.probe_interval,
+            shop=settings.name,
+            clock=clock,
+        )
+        self.channel: Channel = CHANNEL_TYPES[options.channel](self.client)
+        self._page_size = min(settings.page_size, MAX_PAGE_SIZE)
+        self._progress: OrderedDict[str, Progress] = OrderedDict()
+        # Orders pushed, waiting to be listed: (sequence number, order), oldest first.
+        self._inbox: list[tuple[int, PlatformOrder | RejectedOrder]] = []
+        self._seq = itertools.count(1)
+        self._epoch = secrets.token_hex(4)
+        self._dedupe = PushDedupe()
+
+    def __repr__(self) -> str:
+        return f"AgisoPlatform({self.name}, {self.options.channel})"
+
+    # --- intake ------------------------------------------------------------------------------
+    async def list_paid(self, cursor: str | None) -> OrderPage:
+        """Orders pushed since `cursor` and, on 淘宝, one page of the paid unshipped trades
+        (/Trade/TradesBuyerPay, modified in the last `lookback_hours`); every listing walks the
+        pages from the first (the set is small: each trade leaves it once shipped) and the
+        engine drops what it already has. On a held shop this raises the refusal (the engine
+        alerts) and makes at most one probing call."""
+        page, seq = _cursor(cursor, self._epoch)
+        self._inbox = [(n, order) for n, order in self._inbox if n > seq]
+        orders: list[PlatformOrder | RejectedOrder] = [order for _, order in self._inbox]
+        last = self._inbox[-1][0] if self._inbox else seq
+        more = False
+        if isinstance(self.channel, TaobaoChannel):
+            listed, more = await self._list_taobao(page)
+            orders += listed
+            page = page + 1 if more else 0
+        else:
+            await self._probe_if_held()
+        return OrderPage(orders, f"page:{page};push:{self._epoch}:{last}", more)
+
+    async def _list_taobao(self, page: int) -> tuple[list[PlatformOrder | RejectedOrder], bool]:
+        since = datetime.fromtimestamp(self._clock(), UTC) + BEIJING
+        since -= timedelta(hours=self.options.lookback_hours)
+        params: dict[str, str | int] = {
+            "modifyTimeStart": since.strftime("%Y-%m-%d %H:%M:%S"),
+            "pageNo": page + 1,
+            "pageSize": self._page_size,
+        }
+        envelope = await self.client.read("alds", "/Trade/TradesBuyerPay", params)
+        data = envelope.data
+        if data is None:
+            data = []
+        if not isinstance(data, list):
+            raise BadResponse("淘宝 /Trade/TradesBuyerPay answered no list of trades")
+        orders: list[PlatformOrder | RejectedOrder] = []
+        for entry in data:
+            try:
+                trade = taobao_trade(entry)
+            except WireError:
+                continue
+            if trade.status == PAID:
+                orders += orders_of(trade, self.options.products)
+        return orders, len(data) >= self._page_size
+
+    async def _probe_if_held(self) -> None:
+        """Channels without a list call still make the engine see a refusal (and alert), and
+        probe it now and then: the deposit for a deposit that ran out, else the shop's token
+        with a read of an order that does not exist."""
+        if self.client.app_held():
+            await self.client.deposit()
+        if self.client.holds.shop is not None:
+            await self.channel.remote("0", None)
+
+    async def wait_for_orders(self, cursor: str | None, wait_seconds: float) -> OrderPage:
+        """Agiso pushes instead: no long poll."""
+        raise Permanent("Agiso offers no long poll (orders come by push); set long_poll = false")
+
+    async def accept_push(self, query: Mapping[str, str], form: Mapping[str, str]) -> PushEvent:
+        """For the inbound listener: checks the push's signature before reading it, drops a
+        repeat (same order and status), and queues a paid order for the next listing, reading
+        the order first when the push does not say what was bought. Raises PushRejected."""
+        push = verify_push(
+            self._secret, query, form, now=self._clock(), channel=self.options.channel
+        )
+        event = read_push(push)
+        if not event.paid or not self._dedupe.first(event):
+            return event
+        trade = event.trade or await self.channel.trade(event.tid)
+        one_each = self.channel.one_card_each
+        for order in orders_of(trade, self.options.products, one_card_each=one_each):
+            self._inbox.append((next(self._seq), order))
+        del self._inbox[:-MAX_INBOX]
+        log.info("agiso_push_taken", platform=self.name, tid=event.tid)
+        return event
+
+    # --- reconcile ---------------------------------------------------------------------------
+    async def get_order(self, order_id: str) -> RemoteDelivery:
+        """ "paid" while the order waits; "delivered" with the keys when this process saw its
+        delivery through, or when a sent log shows cards (the engine compares them with its
+        own); "cancelled"/"refunded" once closed. A shipped order whose keys cannot be read
+        back raises Permanent with the reason (parked for a human)."""
+        return await self.channel.remote(order_id, self._progress.get(order_id))
+
+    # --- delivery ----------------------------------------------------------------------------
+    def _template(self, sku: str, message: str) -> str:
+        template = self.options.templates.get(sku)
+        if template is not None:
+            return template
+        if message and message != DEFAULT_DELIVERY_MESSAGE:
+            # The SKU's own message from [skus]: plain text (any braces are literal).
+            return message.replace("{", "{{").replace("}", "}}")
+        return DEFAULT_TEMPLATE
+
+    def _progress_of(self, order_id: str, items: Sequence[CardItem]) -> Progress:
+        progress = self._progress.get(order_id)
+        if progress is None or sorted(map(repr, progress.items)) != sorted(map(repr, items)):
+            progress = Progress(tuple(items))
+            self._progress[order_id] = progress
+        self._progress.move_to_end(order_id)
+        while len(self._progress) > MAX_PROGRESS:
+            self._progress.popitem(last=False)
+        return progress
+
+    async def deliver(
+        self, order_id: str, idempotency_key: str, items: Sequence[CardItem], message: str
+    ) -> None:
+        """Reads the order, renders the SKU's message (Chinese by default) within the channel's
+        limits (Permanent, before anything is sent, when it cannot fit), then delivers on the
+        channel (agent/platforms/agiso_channels.py)."""
+        trade = await self.channel.trade(order_id)
+        ours = our_lines(trade, self.options.products)
+        if len(ours) != 1:
+            raise Permanent(f"order {order_id} holds {len(ours)} items of ours, expected one")
+        sku, line = ours[0]
+        progress = self._progress_of(order_id, items)
+        title = self.options.names.get(sku) or line.title or sku
+        parts: tuple[str, ...] = ()
+        limits = self.options.limits()
+        if limits is not None:
+            text = render(self._template(sku, message), order_id, title, len(items), items)
+            try:
+                parts = tuple(split(text, limits, CHANNEL_NAMES[self.options.channel]))
+            except TooLong as exc:
+                raise Permanent(str(exc)) from None
+        progress.parts = len(parts)
+        try:
+            await self.channel.deliver(trade, line, Delivery(tuple(items), title, parts, progress))
+        except AgisoRefused as exc:
+            log.error("agiso_delivery_waits", platform=self.name, order_id=order_id, error=str(exc))
+            raise
+        log.info(
+            "agiso_delivered",
+            platform=self.name,
+            channel=self.options.channel,
+            order_id=order_id,
+            messages=progress.sent,
+            message_unconfirmed=progress.unknown is not None,
+        )
+
+    async def notice(self, order_id: str, message: str) -> None:
+        """Not sent: every message counts against the order's cap (淘宝 3, 闲鱼 5), which the
+        keys need; 拼多多 and 京东 have no message call here."""
+        log.info("agiso_notice_not_sent", platform=self.name, order_id=order_id)
+
+    async def refund(self, order_id: str, idempotency_key: str, reason: str) -> None:
+        """Refunds are the merchant's, in the marketplace's own back office."""
+        raise Permanent("refunds through Agiso are not automated; refund in the shop's back office")
+
+    async def ping(self) -> None:
+        """The deposit (AppId and AppSecret) and, on 淘宝, one page of paid orders (the token)."""
+        await self.client.deposit()
+        if isinstance(self.channel, TaobaoChannel):
+            await self._list_taobao(0)
+
+    async def close(self) -> None:
+        await self.client.close()
