@@ -12,10 +12,13 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from decimal import Decimal, InvalidOperation
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 from urllib.parse import urlparse
 
 from agent.domain import AgentError
+
+if TYPE_CHECKING:
+    from agent.console.settings import InterfaceSettings
 
 LOG_LEVELS = ("debug", "info", "warning", "error")
 _NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
@@ -196,10 +199,13 @@ class Config:
     suppliers: tuple[SupplierSettings, ...] = ()
     alerts: AlertSettings = field(default_factory=AlertSettings)
     notify: tuple[NotifySettings, ...] = ()
+    # [console], [metrics], [telegram_bot] (agent.console.settings); None: all off.
+    interfaces: InterfaceSettings | None = None
 
     def secret_names(self) -> list[str]:
         """Every secret the config refers to, by name."""
         names = [self.store.key_secret]
+        names += self.interfaces.secret_names() if self.interfaces else []
         if self.store.password_secret:
             names.append(self.store.password_secret)
         names += [p.secret_name for p in self.platforms] + [s.secret_name for s in self.suppliers]
@@ -369,8 +375,12 @@ def parse_config(data: dict[str, Any], source: Path) -> Config:
         _parse_notify(name, Section(source, f"notify.{name}", value), top)
         for name, value in top.table("notify").items()
     )
+    from agent.console.settings import parse_interfaces  # it reads tables through Section
+
+    interfaces = parse_interfaces(top)
     top.reject_unknown()
     return Config(
+        interfaces=interfaces,
         source=source,
         agent=agent,
         store=store,

@@ -10,6 +10,7 @@ from collections.abc import Mapping
 
 from agent.alerts import AlertEvaluator, OutboxDrainer
 from agent.buyer import BuyerCare
+from agent.console.launch import MerchantInterfaces
 from agent.config import (
     AgentSettings,
     Config,
@@ -215,9 +216,12 @@ async def run_engine(
     # Keeps the stock shown on the platforms that take it true (oversell 0).
     stock_sync = StockSync(config.skus, store, platforms, suppliers or {}, engine.clock)
     background.append(asyncio.create_task(stock_sync.run(), name="stock-sync"))
+    interfaces = MerchantInterfaces(config, store, engine)  # console, metrics, bot: if configured
     try:
+        await interfaces.start()
         await stop.wait()
     finally:
+        await interfaces.stop()
         notify("STOPPING=1\nSTATUS=draining")
         log.info("stopping", backlog=engine.backlog)
         for task in [*background, *long_polls]:

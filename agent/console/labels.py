@@ -1,0 +1,72 @@
+"""Names shown to the merchant for the ledger's codes (states, alert kinds, severities), marked
+for translation here and translated where they are shown."""
+
+from __future__ import annotations
+
+from agent.domain import LineState
+from agent.i18n import N_, Translator
+
+STATE_LABELS = {
+    LineState.NEW: N_("new"),
+    LineState.BACKORDERED: N_("waiting for stock"),
+    LineState.PURCHASING: N_("buying from supplier"),
+    LineState.ALLOCATED: N_("keys reserved"),
+    LineState.DELIVERING: N_("delivering"),
+    LineState.DELIVERED: N_("delivered"),
+    LineState.NEEDS_ATTENTION: N_("needs attention"),
+    LineState.REFUNDED: N_("refunded"),
+    LineState.CANCELLED: N_("cancelled"),
+}
+
+ALERT_KINDS = {
+    "low_stock": N_("low stock"),
+    "supplier_balance": N_("supplier balance low"),
+    "platform_auth": N_("platform refuses our credentials"),
+    "stuck_orders": N_("orders stuck"),
+    "deadline_near": N_("delivery deadline near"),
+    "needs_attention": N_("orders need attention"),
+    "ledger_lost": N_("ledger lost"),
+}
+
+SEVERITIES = {"critical": N_("critical"), "warning": N_("warning"), "info": N_("info")}
+
+# Audit trail entries the merchant sees most; others are shown by their code.
+EVENT_KINDS = {
+    "keys_revealed": N_("keys shown in the console"),
+    "operator_retry": N_("retried by the merchant"),
+    "operator_resend": N_("resent by the merchant"),
+}
+
+
+def state_label(_: Translator, state: str) -> str:
+    try:
+        return _(STATE_LABELS[LineState(state)])
+    except ValueError:
+        return state
+
+
+def alert_kind_label(_: Translator, kind: str) -> str:
+    return _(ALERT_KINDS[kind]) if kind in ALERT_KINDS else kind
+
+
+def severity_label(_: Translator, severity: str) -> str:
+    return _(SEVERITIES[severity]) if severity in SEVERITIES else severity
+
+
+def event_label(_: Translator, kind: str) -> str:
+    return _(EVENT_KINDS[kind]) if kind in EVENT_KINDS else kind
+
+
+def duration(_: Translator, seconds: float | None) -> str:
+    """A duration in the merchant's language ("–" for none: nothing sold, never empties)."""
+    if seconds is None:
+        return "–"
+    if seconds < 1:
+        return _("%(n)d ms") % {"n": round(seconds * 1000)}
+    if seconds < 120:
+        return _("%(n).1f s") % {"n": seconds}
+    if seconds < 7200:
+        return _("%(n)d min") % {"n": round(seconds / 60)}
+    if seconds < 172800:
+        return _("%(n).1f h") % {"n": seconds / 3600}
+    return _("%(n).1f d") % {"n": seconds / 86400}
