@@ -41,6 +41,7 @@ from agent.platforms.agiso_channels import (
     TaobaoChannel,
 )
 from agent.platforms.agiso_client import (
+    DEFAULT_CALLS_PER_SECOND,
     DEFAULT_PROBE_INTERVAL,
     MAX_CALLS_PER_SECOND,
     AgisoClient,
@@ -88,7 +89,7 @@ class AgisoOptions:
     templates: Mapping[str, str] = field(default_factory=dict)  # our SKU -> message template
     names: Mapping[str, str] = field(default_factory=dict)  # our SKU -> {商品} in messages
     message_cap: int = 0  # messages an order may receive from us (0: the channel's cap)
-    calls_per_second: int = MAX_CALLS_PER_SECOND
+    calls_per_second: int = DEFAULT_CALLS_PER_SECOND
     probe_interval: float = DEFAULT_PROBE_INTERVAL
     lookback_hours: int = DEFAULT_LOOKBACK_HOURS
 
@@ -156,7 +157,7 @@ def parse_options(section: Section) -> AgisoOptions:
         names=dict(names),
         message_cap=cap,
         calls_per_second=section.integer(
-            "calls_per_second", MAX_CALLS_PER_SECOND, minimum=1, maximum=MAX_CALLS_PER_SECOND
+            "calls_per_second", DEFAULT_CALLS_PER_SECOND, minimum=1, maximum=MAX_CALLS_PER_SECOND
         ),
         probe_interval=section.number(
             "probe_interval", DEFAULT_PROBE_INTERVAL, minimum=1, maximum=3600
@@ -248,7 +249,8 @@ class AgisoPlatform:
         more = False
         if isinstance(self.channel, TaobaoChannel):
             listed, more = await self._list_taobao(page)
-            orders += listed
+            pushed = {order.order_id for order in orders}
+            orders += [order for order in listed if order.order_id not in pushed]
             page = page + 1 if more else 0
         else:
             await self._probe_if_held()
