@@ -1,4 +1,6 @@
-"""Secrets are named in config and resolved at start: systemd credentials, environment, keyring.
+"""Secrets are named in config and resolved at start: systemd credentials, environment, the
+credential store (agent/credstore.py: sealed files, for servers without a desktop keyring),
+then the keyring.
 
 The value never goes into config files, logs or error messages — only its name does.
 """
@@ -13,6 +15,7 @@ import keyring.errors
 from jaraco.classes import properties
 from keyring.backend import KeyringBackend
 
+from agent.credstore import CredStore, CredStoreError
 from agent.domain import AgentError
 
 KEYRING_SERVICE = "kami-agent"
@@ -58,25 +61,74 @@ class SystemdCredentialsKeyring(KeyringBackend):
         raise keyring.errors.PasswordDeleteError("systemd credentials are read-only")
 
 
+class CredStoreKeyring(KeyringBackend):
+    """The credential store as a keyring backend (PYTHON_KEYRING_BACKEND=
+    agent.secrets.CredStoreKeyring): never chosen on its own; `secrets set` and `keys init`
+    fall back to it where no desktop keyring works."""
+
+    @properties.classproperty
+    def priority(cls) -> float:
+        return -1.0
+
+    def get_password(self, service: str, username: str) -> str | None:
+        if service != KEYRING_SERVICE:
+            return None
+        return CredStore().get(username)
+
+    def set_password(self, service: str, username: str, password: str) -> None:
+        if service != KEYRING_SERVICE:
+            raise keyring.errors.PasswordSetError("only kami-agent secrets live here")
+        CredStore().set(username, password)
+
+    def delete_password(self, service: str, username: str) -> None:
+        if service != KEYRING_SERVICE or not CredStore().delete(username):
+            raise keyring.errors.PasswordDeleteError("no such secret")
+
+
 _CREDENTIALS: KeyringBackend = SystemdCredentialsKeyring()  # type: ignore[no-untyped-call]
 
 
+def _from_credstore(name: str) -> str | None:
+    try:
+        return CredStore().get(name)
+    except CredStoreError:
+        return None  # resolve_secret says why
+
+
 def lookup_secret(name: str) -> str | None:
-    """systemd credentials, then the environment (containers, CI), then the keyring."""
+    """systemd credentials, then the environment (containers, CI), then the credential store,
+    then the keyring."""
     value = _CREDENTIALS.get_password(KEYRING_SERVICE, name)
-    value = value or os.environ.get(env_var_for(name))
+    value = value or os.environ.get(env_var_for(name)) or _from_credstore(name)
     if value:
         return value
     try:
         return keyring.get_password(KEYRING_SERVICE, name)
-    except keyring.errors.KeyringError:
+    except Exception:  # a keyring backend may fail any way (D-Bus, no session)
         # No usable keyring backend on this box: same as "not stored there".
         return None
+
+
+def where_stored(name: str) -> str | None:
+    """Where lookup_secret finds `name` (never its value), or None."""
+    if _CREDENTIALS.get_password(KEYRING_SERVICE, name):
+        return "systemd credential ($CREDENTIALS_DIRECTORY)"
+    if os.environ.get(env_var_for(name)):
+        return f"environment ({env_var_for(name)})"
+    if _from_credstore(name):
+        return CredStore().describe(name)
+    try:
+        if keyring.get_password(KEYRING_SERVICE, name):
+            return f"keyring ({type(keyring.get_keyring()).__name__})"
+    except Exception:  # see lookup_secret
+        return None
+    return None
 
 
 def resolve_secret(name: str) -> str:
     value = lookup_secret(name)
     if not value:
+        CredStore().get(name)  # a sealed file that does not open: raises with the reason
         raise SecretMissing(
             f"secret {name!r} is not set: store it with `kami-agent secrets set {name}` "
             f"or provide environment variable {env_var_for(name)}"
@@ -84,20 +136,48 @@ def resolve_secret(name: str) -> str:
     return value
 
 
-def store_secret(name: str, value: str) -> None:
+def _keyring_works() -> bool:
+    """A keyring that can store: not the fail backend, not a read-only one."""
+    try:
+        backend = keyring.get_keyring()
+    except Exception:  # see lookup_secret
+        return False
+    name = type(backend).__module__ + "." + type(backend).__name__
+    if "fail" in name or isinstance(backend, SystemdCredentialsKeyring | CredStoreKeyring):
+        return False
+    backends = getattr(backend, "backends", None)
+    return backends is None or bool(backends)
+
+
+def store_secret(name: str, value: str, backend: str | None = None) -> str:
+    """Stores the secret; returns where, in words. `backend`: "keyring", "credstore", or None
+    (the keyring when one works, else the credential store)."""
+    if backend == "credstore" or (backend is None and not _keyring_works()):
+        return CredStore().set(name, value)
     try:
         keyring.set_password(KEYRING_SERVICE, name, value)
-    except keyring.errors.KeyringError as exc:
-        raise SecretMissing(
-            f"cannot store secret {name!r}: no writable keyring ({type(exc).__name__}); "
-            f"use environment variable {env_var_for(name)} instead"
-        ) from None
+    except Exception as exc:  # see lookup_secret
+        if backend == "keyring":
+            raise SecretMissing(
+                f"cannot store secret {name!r}: no writable keyring ({type(exc).__name__}); "
+                "store it with --store credstore, or use environment variable "
+                f"{env_var_for(name)}"
+            ) from None
+        # A desktop keyring that is installed but has no session (a server): the store.
+        return CredStore().set(name, value)
+    return f"in the keyring ({type(keyring.get_keyring()).__name__})"
 
 
-def delete_secret(name: str) -> None:
+def delete_secret(name: str) -> str:
+    """Deletes the secret wherever it is stored (credential store and keyring); returns where."""
+    places = []
+    if CredStore().delete(name):
+        places.append("the credential store")
     try:
         keyring.delete_password(KEYRING_SERVICE, name)
-    except keyring.errors.PasswordDeleteError:
-        raise SecretMissing(f"secret {name!r} is not in the keyring") from None
-    except keyring.errors.KeyringError as exc:
-        raise SecretMissing(f"cannot delete secret {name!r}: {type(exc).__name__}") from None
+        places.append("the keyring")
+    except Exception:  # not there, or no keyring at all
+        pass
+    if not places:
+        raise SecretMissing(f"secret {name!r} is neither in the credential store nor the keyring")
+    return " and ".join(places)

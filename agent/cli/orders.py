@@ -1,0 +1,252 @@
+"""`kami-agent orders`: list, show, retry, resend — each line addressed without ambiguity.
+
+A bare reference is a platform order id, never a ledger row: with numeric order ids, "123"
+used to find order 123 or, when none, row 123, and acted on the wrong order. A ledger row is
+named `--line N` (or `#N`, quoted in a shell), an order on one platform `--platform P ID` or
+`P:ID`. A reference matching several lines is refused with the candidates listed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from agent.cli.common import (
+    MAX_LIMIT,
+    CommandError,
+    add_json_flag,
+    bounded_int,
+    iso,
+    load,
+    print_json,
+    when,
+)
+from agent.cli.common import with_store as run_with_store
+from agent.domain import LineState, OrderLine
+from agent.store.base import Store
+from agent.textsafe import printable
+
+MAX_ROW_ID = 2**63 - 1
+
+
+def _quantity(line: OrderLine) -> str:
+    # 0 is no quantity a line can have: a parked order whose quantity was never taken in
+    return str(line.quantity) if line.quantity > 0 else "?"
+
+
+def print_lines(lines: Sequence[OrderLine]) -> None:
+    print(
+        f"{'line':>6} {'platform':<10} {'order':<20} {'sku':<14} {'qty':>3} {'state':<16} "
+        f"{'tries':>5} {'seen (UTC)':<19} reason"
+    )
+    for ln in lines:  # ids, SKUs and reasons come from platforms: escaped (agent/textsafe.py)
+        print(
+            f"{'#' + str(ln.id):>6} {printable(ln.platform)[:10]:<10} "
+            f"{printable(ln.order_id):<20} {printable(ln.sku)[:14]:<14} {_quantity(ln):>3} "
+            f"{ln.state:<16} {ln.attempts:>5} {when(ln.seen_at):<19} "
+            f"{printable(ln.reason or '')}"
+        )
+
+
+def line_json(ln: OrderLine) -> dict[str, Any]:
+    return {
+        "line": ln.id,
+        "platform": ln.platform,
+        "order_id": ln.order_id,
+        "order_line": ln.line,
+        "sku": ln.sku,
+        "quantity": ln.quantity if ln.quantity > 0 else None,
+        "state": str(ln.state),
+        "reason": ln.reason,
+        "attempts": ln.attempts,
+        "seen_at": iso(ln.seen_at),
+        "delivered_at": iso(ln.delivered_at),
+        "paid_at": ln.paid_at,
+        "deliver_by": ln.deliver_by,
+        "buyer_contact": ln.buyer_contact,
+    }
+
+
+def _describe(ln: OrderLine) -> str:
+    return (
+        f"--line {ln.id} ({printable(ln.platform)}:{printable(ln.order_id)} line {ln.line},"
+        f" {printable(ln.sku)}, {ln.state})"
+    )
+
+
+@dataclass(frozen=True)
+class Ref:
+    """What the merchant named: a ledger row, or an order id (on one platform or any)."""
+
+    row: int | None = None
+    order_id: str | None = None
+    platform: str | None = None
+    text: str = ""
+
+
+def parse_ref(ref: str | None, line: int | None, platform: str | None) -> Ref:
+    if line is not None:
+        if ref is not None:
+            raise CommandError("name the order line either with --line N or with an id, not both")
+        return Ref(row=line, text=f"--line {line}")
+    if ref is None:
+        raise CommandError("name the order: ID, PLATFORM:ID, --platform P ID or --line N")
+    if ref.startswith("#") and platform is None:
+        digits = ref[1:]
+        if not digits.isdigit() or int(digits) > MAX_ROW_ID:
+            raise CommandError(f"{printable(ref)!r}: a ledger line is # and a number, like #12")
+        return Ref(row=int(digits), text=ref)
+    return Ref(order_id=ref, platform=platform, text=ref)
+
+
+async def resolve(store: Store, ref: Ref, platforms: Sequence[str]) -> list[OrderLine]:
+    """Every line the reference names (at least one), else CommandError."""
+    if ref.row is not None:
+        line = await store.get_line(ref.row)
+        if line is None:
+            raise CommandError(f"no ledger line {ref.row}")
+        return [line]
+    assert ref.order_id is not None
+    candidates: list[OrderLine] = []
+    if ref.platform is not None:
+        found = await store.find_lines(ref.order_id)
+        candidates = [c for c in found if c.order_id == ref.order_id]
+        candidates = [c for c in candidates if c.platform == ref.platform]
+    else:
+        # find_lines falls back to a row id when no order matches: only real order ids count
+        found = await store.find_lines(ref.order_id)
+        candidates = [c for c in found if c.order_id == ref.order_id]
+        prefix, sep, rest = ref.order_id.partition(":")
+        if sep and rest and prefix in platforms:
+            scoped = await store.find_lines(rest)
+            candidates += [c for c in scoped if c.order_id == rest and c.platform == prefix]
+    if candidates:
+        return candidates
+    hint = ""
+    if ref.platform is None and ref.order_id.isdigit() and int(ref.order_id) <= MAX_ROW_ID:
+        row = await store.get_line(int(ref.order_id))
+        if row is not None:
+            hint = f"; ledger line {row.id} is another thing: to mean it, write {_describe(row)}"
+    where = f" on platform {printable(ref.platform)}" if ref.platform else ""
+    raise CommandError(f"no order {printable(ref.order_id)!r}{where} in the ledger{hint}")
+
+
+def _one(candidates: Sequence[OrderLine], ref: Ref) -> OrderLine:
+    if len(candidates) == 1:
+        return candidates[0]
+    listed = "; ".join(_describe(c) for c in candidates[:10])
+    more = f"; and {len(candidates) - 10} more" if len(candidates) > 10 else ""
+    raise CommandError(
+        f"{printable(ref.text)!r} names {len(candidates)} order lines: {listed}{more}."
+        " Name one with --line N"
+    )
+
+
+def _one_order(candidates: Sequence[OrderLine], ref: Ref) -> Sequence[OrderLine]:
+    """The lines of one platform order (show may show them all), else refused."""
+    if len({(c.platform, c.order_id) for c in candidates}) == 1:
+        return candidates
+    return [_one(candidates, ref)]
+
+
+def cmd_list(args: argparse.Namespace) -> int:
+    config = load(args)
+    state = LineState(args.state) if args.state else None
+
+    async def action(store: Store) -> int:
+        lines = await store.list_lines(state, args.limit)
+        if args.json:
+            print_json([line_json(ln) for ln in lines])
+        else:
+            print_lines(lines)
+        return 0
+
+    return run_with_store(config, action)
+
+
+def cmd_show(args: argparse.Namespace) -> int:
+    config = load(args)
+    ref = parse_ref(args.id, args.line, args.platform)
+    names = [p.name for p in config.platforms]
+
+    async def action(store: Store) -> int:
+        lines = _one_order(await resolve(store, ref, names), ref)
+        if args.json:
+            shown = []
+            for ln in lines:
+                events = [
+                    {"at": iso(e.at), "kind": e.kind, "detail": e.detail}
+                    for e in await store.events(ln.id)
+                ]
+                shown.append({**line_json(ln), "events": events})
+            print_json(shown)
+            return 0
+        print_lines(lines)
+        for line in lines:
+            print(
+                f"\nline #{line.id}: platform {printable(line.platform)}, order line {line.line},"
+                f" buyer {printable(line.buyer_contact or '-')}, "
+                f"paid {printable(line.paid_at or '-')}, delivered {when(line.delivered_at)}"
+            )
+            print("audit trail:")
+            for event in await store.events(line.id):
+                kind, detail = printable(event.kind), printable(event.detail)
+                print(f"  {when(event.at)}  {kind:<18} {detail}")
+        return 0
+
+    return run_with_store(config, action)
+
+
+def _operator_action(name: str) -> Callable[[argparse.Namespace], int]:
+    def command(args: argparse.Namespace) -> int:
+        config = load(args)
+        ref = parse_ref(args.id, args.line, args.platform)
+        names = [p.name for p in config.platforms]
+
+        async def action(store: Store) -> int:
+            line = _one(await resolve(store, ref, names), ref)
+            method = store.retry_line if name == "retry" else store.resend_line
+            updated = await method(line.id, time.time())
+            print(
+                f"order {printable(updated.platform)}:{printable(updated.order_id)} (line"
+                f" #{updated.id}): now {updated.state}; the running agent picks it up on its"
+                " next sweep"
+            )
+            return 0
+
+        return run_with_store(config, action)
+
+    return command
+
+
+def add_parsers(sub: Any) -> None:
+    orders = sub.add_parser("orders", help="orders in the ledger").add_subparsers(
+        dest="orders_cmd", required=True
+    )
+    lst = orders.add_parser("list", help="recent order lines")
+    lst.add_argument("--state", choices=[s.value for s in LineState])
+    lst.add_argument("--limit", type=bounded_int(1, MAX_LIMIT, "lines"), default=50)
+    add_json_flag(lst)
+    lst.set_defaults(func=cmd_list)
+    for name, func, text in (
+        ("show", cmd_show, "an order and its audit trail"),
+        ("retry", _operator_action("retry"), "send a needs_attention order back to work"),
+        ("resend", _operator_action("resend"), "deliver the same keys again"),
+    ):
+        p = orders.add_parser(
+            name,
+            help=text,
+            description=f"{text[0].upper()}{text[1:]}. Name it by platform order id (ID or"
+            " PLATFORM:ID or --platform P ID) or by ledger line (--line N, or '#N').",
+        )
+        p.add_argument("id", nargs="?", help="platform order id, PLATFORM:ID, or '#N'")
+        p.add_argument("--platform", help="the platform the order id belongs to")
+        p.add_argument(
+            "--line", type=bounded_int(1, MAX_ROW_ID), help="the ledger line (the # column)"
+        )
+        if name == "show":
+            add_json_flag(p)
+        p.set_defaults(func=func)

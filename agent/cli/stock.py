@@ -1,0 +1,321 @@
+"""`kami-agent stock`: import, list, export, void and unvoid card keys."""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import os
+import signal
+import sys
+import time
+from dataclasses import replace
+from pathlib import Path
+from types import FrameType
+from typing import Any
+
+from agent.cli.common import (
+    CommandError,
+    add_json_flag,
+    bounded_int,
+    confirm,
+    load,
+    print_json,
+    with_store,
+)
+from agent.domain import ImportReport, KeyState
+from agent.progress import Progress
+from agent.stockfile import StockFileReader
+from agent.store.base import Store
+from agent.textsafe import printable
+
+# Keys handed to the ledger per call, each call one transaction: small enough that a daemon
+# running beside the import waits a few hundredths of a second for the ledger at worst
+# (measured in README), large enough that the commits' fsyncs cost little.
+IMPORT_CHUNK = 5_000
+# Voiding more keys than this asks first: `--count -1` once voided a whole SKU's stock.
+CONFIRM_ABOVE = 10
+MAX_KEYS = 100_000_000
+
+
+class _StopOnSignal:
+    """SIGINT/SIGTERM during an import: stop after the chunk being written (it commits, the
+    rest of the file is left); a second Ctrl-C stops at once."""
+
+    def __init__(self, reader: StockFileReader) -> None:
+        self.reader = reader
+        self.previous: dict[int, Any] = {}
+
+    def __enter__(self) -> _StopOnSignal:
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            self.previous[sig] = signal.signal(sig, self._handle)
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        for sig, handler in self.previous.items():
+            signal.signal(sig, handler)
+
+    def _handle(self, signum: int, frame: FrameType | None) -> None:
+        if self.reader.stop_requested:
+            raise KeyboardInterrupt
+        self.reader.stop_requested = True
+        sys.stderr.write("\nstopping after the keys being written (Ctrl-C again to stop at once)\n")
+        sys.stderr.flush()
+
+
+def _merge(total: ImportReport, part: ImportReport) -> ImportReport:
+    return replace(
+        total,
+        added=total.added + part.added,
+        duplicates=total.duplicates + part.duplicates,
+        already_bound=total.already_bound + part.already_bound,
+        other_sku=total.other_sku + part.other_sku,
+    )
+
+
+def _open_rejects(path: str | None) -> Any:
+    if path is None:
+        return None
+    try:
+        # line numbers and reasons only, but private all the same
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    except FileExistsError:
+        raise CommandError(f"{path} exists; refusing to overwrite it") from None
+    except OSError as exc:
+        raise CommandError(f"cannot create {path}: {(exc.strerror or '').lower()}") from None
+    handle = os.fdopen(fd, "w", encoding="utf-8")
+    handle.write("line,reason\n")
+    return handle
+
+
+def cmd_import(args: argparse.Namespace) -> int:
+    config = load(args)
+    path = Path(args.file)
+    reader = StockFileReader(path, encoding=args.encoding, header=args.header, sheet=args.sheet)
+    reader.prepare()
+    if args.sku not in config.skus:
+        print(
+            f"warning: SKU {printable(args.sku)!r} is not in [skus] of {config.source}; "
+            "orders for it are parked until it is added",
+            file=sys.stderr,
+        )
+    rejects = _open_rejects(args.rejects)
+    reader.rejections.sink = rejects
+    total = reader.count_lines()
+    progress = Progress(total, "lines")
+    started = time.monotonic()
+    source = f"import:{path.name}"
+
+    async def action(store: Store) -> int:
+        report = ImportReport()
+        for chunk in reader.chunks(IMPORT_CHUNK):
+            part = await store.import_keys(args.sku, chunk, source, time.time())
+            report = _merge(report, part)
+            progress.update(reader.lines_read)
+        progress.finish(reader.lines_read)
+        _print_import(args.sku, reader, report, time.monotonic() - started, total)
+        return 130 if reader.stop_requested else 0
+
+    try:
+        with _StopOnSignal(reader):
+            return with_store(config, action)
+    finally:
+        if rejects is not None:
+            rejects.close()
+
+
+def _print_import(
+    sku: str, reader: StockFileReader, report: ImportReport, elapsed: float, total: int
+) -> None:
+    print(
+        f"{printable(sku)}: added {report.added}, duplicates {report.duplicates}, "
+        f"rejected {reader.rejected} ({elapsed:.1f} s)"
+    )
+    print(f"  read {reader.lines_read:,} line(s) as {reader.described}")
+    if report.already_bound:
+        print(
+            f"  refused {report.already_bound} key(s) this ledger already bound to orders"
+            " (delivered before): a key is never sold twice"
+        )
+    if report.other_sku:
+        print(
+            f"  refused {report.other_sku} key(s) this ledger holds under another SKU"
+            " (a key belongs to one SKU)"
+        )
+    for skipped in reader.skipped:
+        print(f"  skipped {printable(skipped)}")
+    for line in reader.rejections.report():
+        print(f"  rejected {printable(line)}")
+    if reader.expiring:
+        # The ledger has no expiry column yet: say so rather than pretend.
+        print(
+            f"  {reader.expiring} key(s) carry an expiry date: expired ones were rejected, but"
+            " the dates are not stored (this ledger has no expiry field), so check them again"
+            " before they run out"
+        )
+    if reader.stop_requested:
+        print(
+            f"  interrupted at line {reader.lines_read:,} of {total:,}: the keys added above are"
+            " in stock; run the same import again to add the rest (keys already in stock count"
+            " as duplicates)"
+        )
+
+
+def cmd_list(args: argparse.Namespace) -> int:
+    config = load(args)
+
+    async def action(store: Store) -> int:
+        counts = {c.sku: (c.free, c.bound, c.void) for c in await store.stock_counts()}
+        for sku in config.skus:
+            counts.setdefault(sku, (0, 0, 0))
+        ordered = sorted(counts.items())
+        if args.json:
+            print_json([{"sku": s, "free": f, "bound": b, "void": v} for s, (f, b, v) in ordered])
+            return 0
+        print(f"{'SKU':<24} {'free':>9} {'bound':>9} {'void':>7}")
+        for sku, (free, bound, void) in ordered:
+            print(f"{printable(sku):<24} {free:>9} {bound:>9} {void:>7}")
+        return 0
+
+    return with_store(config, action)
+
+
+def cmd_export(args: argparse.Namespace) -> int:
+    config = load(args)
+    target = Path(args.file)
+    if target.exists():
+        raise CommandError(f"{target} exists; refusing to overwrite a file with card keys")
+    folder = target.parent if str(target.parent) else Path(".")
+    if not folder.is_dir():
+        raise CommandError(f"folder {folder} does not exist: create it first")
+
+    async def action(store: Store) -> int:
+        items = await store.export_keys(args.sku, KeyState(args.state))
+        try:
+            # Created private before a single key is written.
+            fd = os.open(target, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        except OSError as exc:
+            raise CommandError(
+                f"cannot create {target}: {(exc.strerror or type(exc).__name__).lower()}"
+            ) from None
+        with os.fdopen(fd, "w", encoding="utf-8", newline="") as handle:
+            writer = csv.writer(handle)
+            writer.writerow(["code", "secret"])
+            writer.writerows([item.code, item.secret] for item in items)
+        print(
+            f"{printable(args.sku)}: exported {len(items)} {args.state} key(s) in clear to "
+            f"{target} (mode 0600) — delete it when done"
+        )
+        return 0
+
+    return with_store(config, action)
+
+
+def cmd_void(args: argparse.Namespace) -> int:
+    config = load(args)
+    if args.count is None and not args.all:
+        raise CommandError("say how many free keys to void: --count N or --all")
+    if args.count is not None and args.all:
+        raise CommandError("--count and --all exclude each other")
+    if not args.reason.strip():
+        raise CommandError("--reason must say why (it stays with the keys)")
+
+    async def action(store: Store) -> int:
+        free = {c.sku: c.free for c in await store.stock_counts()}.get(args.sku, 0)
+        if free == 0:
+            raise CommandError(f"{printable(args.sku)} has no free keys to void")
+        count = free if args.all else min(args.count, free)
+        if count > CONFIRM_ABOVE:
+            confirm(
+                f"void {count} of the {free} free keys of {printable(args.sku)}"
+                f" ({printable(args.reason)})?",
+                str(count),
+                assume_yes=args.yes,
+                refusal=f"not voiding {count} keys",
+            )
+        # The count confirmed, also for --all: keys imported meanwhile stay free.
+        voided = await store.void_free_keys(args.sku, count, args.reason, time.time())
+        print(f"{printable(args.sku)}: voided {voided} free key(s) ({printable(args.reason)})")
+        return 0
+
+    return with_store(config, action)
+
+
+def cmd_unvoid(args: argparse.Namespace) -> int:
+    config = load(args)
+
+    async def action(store: Store) -> int:
+        # Needs Store.unvoid_keys(sku, reason, count, now) -> int: void -> free for keys voided
+        # with that reason and never bound (a key once bound never returns to free).
+        unvoid = getattr(store, "unvoid_keys", None)
+        if unvoid is None:
+            raise CommandError(
+                "this version's ledger cannot return voided keys to stock yet; the keys are"
+                " kept (void, with their reason): `stock export SKU FILE --state void` and"
+                " import that file under the SKU once unvoid is available"
+            )
+        count: int = await unvoid(args.sku, args.reason, args.count, time.time())
+        print(f"{printable(args.sku)}: {count} key(s) voided as {args.reason!r} are free again")
+        return 0
+
+    return with_store(config, action)
+
+
+def add_parsers(sub: Any) -> None:
+    stock = sub.add_parser("stock", help="card key stock").add_subparsers(
+        dest="stock_cmd", required=True
+    )
+    imp = stock.add_parser(
+        "import",
+        help="import keys: one per line, CSV code,secret[,expiry], or .xlsx",
+        description="Reads UTF-8, UTF-16/32 with BOM, GBK/GB18030 (detected) and .xlsx;"
+        " skips header rows; reports every rejected line by number (never its content).",
+    )
+    imp.add_argument("sku")
+    imp.add_argument("file")
+    imp.add_argument("--encoding", help="the file's encoding when detection cannot tell")
+    head = imp.add_mutually_exclusive_group()
+    head.add_argument(
+        "--header", dest="header", action="store_const", const=True, help="skip the first row"
+    )
+    head.add_argument(
+        "--no-header",
+        dest="header",
+        action="store_const",
+        const=False,
+        help="the first row is a key too",
+    )
+    imp.add_argument("--sheet", help=".xlsx: the sheet to read (default: the first)")
+    imp.add_argument(
+        "--rejects", metavar="FILE", help="write every rejected line number and why to FILE"
+    )
+    imp.set_defaults(func=cmd_import, header=None)
+
+    lst = stock.add_parser("list", help="key counts per SKU")
+    add_json_flag(lst)
+    lst.set_defaults(func=cmd_list)
+
+    export = stock.add_parser("export", help="write keys IN CLEAR to a new CSV file (0600)")
+    export.add_argument("sku")
+    export.add_argument("file")
+    export.add_argument("--state", choices=[s.value for s in KeyState], default="free")
+    export.set_defaults(func=cmd_export)
+
+    void = stock.add_parser("void", help="take free keys out of stock, with a reason")
+    void.add_argument("sku")
+    void.add_argument(
+        "--count", type=bounded_int(1, MAX_KEYS, "keys"), help="how many free keys (oldest first)"
+    )
+    void.add_argument("--all", action="store_true", help="every free key of the SKU")
+    void.add_argument("--reason", required=True)
+    void.add_argument(
+        "--yes", action="store_true", help=f"confirm voiding more than {CONFIRM_ABOVE} keys"
+    )
+    void.set_defaults(func=cmd_void)
+
+    unvoid = stock.add_parser(
+        "unvoid", help="return keys voided by mistake to stock (never keys that were bound)"
+    )
+    unvoid.add_argument("sku")
+    unvoid.add_argument("--reason", required=True, help="the reason they were voided with")
+    unvoid.add_argument("--count", type=bounded_int(1, MAX_KEYS, "keys"))
+    unvoid.set_defaults(func=cmd_unvoid)

@@ -1,0 +1,257 @@
+"""`kami-agent install-service`: from `pip install` to a running, hardened systemd service.
+
+What it does, as root (`--dry-run` prints the same plan and changes nothing):
+1. checks the config (its ledger in the unit's state directory, nothing under /home, /root or
+   /tmp, which the unit hides from the service);
+2. seals every secret the config names into the credential store with systemd-creds
+   (agent/credstore.py): one already stored elsewhere (keyring, environment, an encrypted file)
+   is copied in; the store key is generated when there is no ledger yet; any other missing one
+   stops it with the command that stores it;
+3. writes the unit from systemd/kami-agent.service — its hardening as it is, ExecStart naming
+   this installation and the config, one LoadCredentialEncrypted= line per secret;
+4. `systemctl daemon-reload`, creates the ledger once (`kami-agent init` as the service's
+   dynamic user, in its state directory, with its credentials), `systemctl enable --now`.
+The unit's DynamicUser= makes the user and StateDirectory= the state directory (0700).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import shlex
+import shutil
+import subprocess
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from agent.cli.common import CommandError, config_path
+from agent.config import Config, load_config
+from agent.credstore import SYSTEMD_CREDS, CredStore, CredStoreError
+from agent.keybox import new_master_key
+from agent.secrets import lookup_secret
+
+UNIT_NAME = "kami-agent.service"
+STATE_DIRECTORY = Path("/var/lib/kami-agent")
+DEFAULT_CONFIG = Path("/etc/kami-agent/config.toml")
+DEFAULT_CREDSTORE = Path("/etc/kami-agent/credstore")
+# What the unit's sandbox hides from the service (ProtectHome=, PrivateTmp=).
+_HIDDEN = (Path("/home"), Path("/root"), Path("/run/user"), Path("/tmp"), Path("/var/tmp"))
+
+
+def unit_template() -> str:
+    here = Path(__file__).resolve().parent
+    for candidate in (here / "systemd" / UNIT_NAME, here.parent / "systemd" / UNIT_NAME):
+        if candidate.is_file():
+            return candidate.read_text(encoding="utf-8")
+    raise CommandError(f"the unit template {UNIT_NAME} is missing from this installation")
+
+
+def render_unit(
+    template: str, executable: str, config: Path, secrets: list[tuple[str, Path]]
+) -> str:
+    """The template with ExecStart and the credentials for this installation; every other
+    line (the hardening) exactly as shipped."""
+    out: list[str] = []
+    placed = False
+    for line in template.splitlines():
+        if line.startswith("ExecStart="):
+            out.append(f"ExecStart={_quote(executable)} --config {_quote(str(config))} run")
+        elif line.startswith("LoadCredentialEncrypted="):
+            if not placed:
+                out += [f"LoadCredentialEncrypted={name}:{path}" for name, path in secrets]
+                placed = True
+        else:
+            out.append(line)
+    if not placed:
+        raise CommandError("the unit template has no LoadCredentialEncrypted= line to replace")
+    return "\n".join(out) + "\n"
+
+
+def _quote(text: str) -> str:
+    return text if all(c.isalnum() or c in "/._-+:=" for c in text) else shlex.quote(text)
+
+
+def _hidden(path: Path) -> bool:
+    resolved = path.resolve()
+    return any(resolved == h or h in resolved.parents for h in _HIDDEN)
+
+
+@dataclass
+class Plan:
+    """Everything install-service does, in order, so a dry run can print it."""
+
+    seal: list[tuple[str, str]] = field(default_factory=list)  # (name, where the value is)
+    unit_path: Path = Path()
+    unit: str = ""
+    commands: list[list[str]] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)
+
+
+def make_plan(args: argparse.Namespace, config: Config, config_file: Path) -> Plan:
+    executable = args.bin or shutil.which("kami-agent") or sys.argv[0]
+    for what, path in (
+        ("the kami-agent program", Path(executable)),
+        ("its Python", Path(sys.prefix)),
+        ("the config", config_file),
+    ):
+        if _hidden(path):
+            raise CommandError(
+                f"{what} is in {path}, which the service cannot see (ProtectHome=, PrivateTmp=):"
+                " install it under /opt or /usr/local (e.g. python3 -m venv /opt/kami-agent &&"
+                " /opt/kami-agent/bin/pip install kami-agent) and keep the config in"
+                " /etc/kami-agent"
+            )
+    if config.store.path is not None and config.store.path.parent != STATE_DIRECTORY:
+        raise CommandError(
+            f"store.path is {config.store.path}: the service keeps its ledger in its state"
+            f' directory; set [store] path = "{STATE_DIRECTORY}/kami.db" in {config_file}'
+        )
+    credstore = CredStore(Path(args.credstore), seal="systemd-creds")
+    plan = Plan()
+    ledger_exists = config.store.path is not None and config.store.path.exists()
+    secrets: list[tuple[str, Path]] = []
+    missing: list[str] = []
+    for name in dict.fromkeys(config.secret_names()):
+        path = credstore.path(name)
+        secrets.append((name, path))
+        if path.exists():
+            continue
+        if lookup_secret(name):
+            plan.seal.append((name, "copied from where it is stored now"))
+        elif name == config.store.key_secret and not ledger_exists:
+            plan.seal.append((name, "a new random store key"))
+        else:
+            missing.append(name)
+    if missing:
+        raise CommandError(
+            "secret(s) missing: "
+            + ", ".join(missing)
+            + "; store each with `kami-agent secrets set NAME` (as root), then run install-service"
+            " again"
+        )
+    plan.unit_path = Path(args.unit_dir) / UNIT_NAME
+    plan.unit = render_unit(unit_template(), executable, config_file, secrets)
+    plan.commands.append(["systemctl", "daemon-reload"])
+    if config.store.path is not None and not ledger_exists:
+        plan.commands.append(_init_command(executable, config_file, secrets))
+    elif config.store.path is None:
+        plan.notes.append(
+            "PostgreSQL ledger: create it once with `kami-agent init` if the database is new"
+        )
+    plan.commands.append(["systemctl", "enable", "--now" if args.start else "", "kami-agent"])
+    plan.commands[-1] = [c for c in plan.commands[-1] if c]
+    return plan
+
+
+def _init_command(executable: str, config_file: Path, secrets: list[tuple[str, Path]]) -> list[str]:
+    """`kami-agent init` as the service's own dynamic user, in its state directory, with its
+    credentials: the ledger is the service's from the start."""
+    command = [
+        "systemd-run",
+        "--unit=kami-agent-init",
+        "--wait",
+        "--pipe",
+        "--collect",
+        "-p",
+        "DynamicUser=yes",
+        "-p",
+        "User=kami-agent",
+        "-p",
+        "StateDirectory=kami-agent",
+        "-p",
+        "StateDirectoryMode=0700",
+        "-p",
+        "UMask=0077",
+    ]
+    for name, path in secrets:
+        command += ["-p", f"LoadCredentialEncrypted={name}:{path}"]
+    command += [
+        "-E",
+        "PYTHON_KEYRING_BACKEND=agent.secrets.SystemdCredentialsKeyring",
+        executable,
+        "--config",
+        str(config_file),
+        "init",
+    ]
+    return command
+
+
+def print_plan(plan: Plan, credstore: Path) -> None:
+    print("install-service plan (dry run: nothing changed)")
+    print(f"- credential store {credstore} (directory 0700, files 0600, sealed with systemd-creds)")
+    for name, source in plan.seal:
+        print(f"  seal {name}: {source}")
+        print(f"    {SYSTEMD_CREDS} encrypt --name={name} - {credstore / name}")
+    print(f"- write {plan.unit_path} (0644):")
+    for line in plan.unit.splitlines():
+        print(f"    {line}")
+    for command in plan.commands:
+        print(f"- run: {shlex.join(command)}")
+    for note in plan.notes:
+        print(f"- note: {note}")
+
+
+def cmd_install_service(args: argparse.Namespace) -> int:
+    config_file = config_path(args.config) if args.config else DEFAULT_CONFIG
+    if not config_file.is_file():
+        raise CommandError(
+            f"no config at {config_file}: install it first (install -Dm644 config.example.toml"
+            f" {config_file}) and edit it"
+        )
+    config_file = config_file.resolve()
+    config = load_config(config_file)
+    plan = make_plan(args, config, config_file)
+    credstore = Path(args.credstore)
+    if args.dry_run:
+        print_plan(plan, credstore)
+        return 0
+    if os.geteuid() != 0:
+        raise CommandError("install-service must run as root (or try --dry-run)")
+    if shutil.which(SYSTEMD_CREDS) is None or shutil.which("systemctl") is None:
+        raise CommandError(
+            "install-service needs systemd 250 or later (systemctl and systemd-creds)"
+        )
+    store = CredStore(credstore, seal="systemd-creds")
+    for name, _ in plan.seal:
+        value = lookup_secret(name) or new_master_key()
+        try:
+            where = store.set(name, value)
+        except CredStoreError as exc:
+            raise CommandError(f"sealing {name}: {exc}") from None
+        print(f"secret {name}: {where}")
+    plan.unit_path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = plan.unit_path.with_name(f".{UNIT_NAME}.tmp")
+    tmp.write_text(plan.unit, encoding="utf-8")
+    tmp.chmod(0o644)
+    os.replace(tmp, plan.unit_path)
+    print(f"unit {plan.unit_path}: written")
+    for command in plan.commands:
+        print(f"running: {shlex.join(command)}")
+        result = subprocess.run(command, check=False)
+        if result.returncode != 0:
+            raise CommandError(f"{command[0]} failed (exit {result.returncode}); see above")
+    for note in plan.notes:
+        print(f"note: {note}")
+    print("kami-agent is running: `systemctl status kami-agent`, `journalctl -u kami-agent -f`")
+    return 0
+
+
+def add_parser(sub: Any) -> None:
+    parser = sub.add_parser(
+        "install-service",
+        help="install and start the hardened systemd service (root)",
+        description=__doc__.split("\n\n")[1] if __doc__ else None,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument("--dry-run", action="store_true", help="print the plan, change nothing")
+    parser.add_argument(
+        "--credstore", default=str(DEFAULT_CREDSTORE), help="where the sealed secrets go"
+    )
+    parser.add_argument("--unit-dir", default="/etc/systemd/system", help=argparse.SUPPRESS)
+    parser.add_argument("--bin", help="the kami-agent program the unit runs (default: this one)")
+    parser.add_argument(
+        "--no-start", dest="start", action="store_false", help="enable, do not start now"
+    )
+    parser.set_defaults(func=cmd_install_service)
