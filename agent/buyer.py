@@ -4,6 +4,7 @@ delivery: the refund key is committed first, so a crash re-sends the same refund
 
 from __future__ import annotations
 
+import hashlib
 import math
 from collections.abc import Callable, Mapping
 
@@ -15,6 +16,16 @@ from agent.platforms.base import Platform
 from agent.store.base import Store
 
 log = get_logger("kami.buyer")
+
+ETA_NOTICE = "eta"
+
+
+def notice_idempotency_key(line: OrderLine, kind: str) -> str:
+    """Deterministic per line and kind of notice, so the same notice sent again after a lost
+    answer (or by another agent sharing the ledger) carries the same key and the platform
+    sends the buyer one message (platform-http v1.1)."""
+    name = f"{line.platform}\x1f{line.order_id}\x1f{line.line}\x1f{kind}"
+    return f"kami-notice-{hashlib.sha256(name.encode()).hexdigest()[:24]}"
 
 
 class BuyerCare:
@@ -55,12 +66,14 @@ class BuyerCare:
             if platform is None:
                 continue
             message = self.eta_message(line)
+            key = notice_idempotency_key(line, ETA_NOTICE)
             try:
-                await platform.notice(line.order_id, message)
+                await platform.notice(line.order_id, message, key)
             except AgentError as exc:
                 log.warning("buyer_notice_failed", order_id=line.order_id, error=str(exc))
                 continue
-            # A crash right here sends the notice once more on restart: a message, not money.
+            # A crash or a lost answer right here sends the notice again with the same key: a
+            # platform that honours it (v1.1) does not message the buyer twice.
             await self.store.mark_notice_sent(line.id, message, self.clock())
             sent += 1
         return sent

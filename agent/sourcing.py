@@ -14,6 +14,7 @@ from collections.abc import Callable, Mapping
 from agent.config import LOCAL_SOURCE, AgentSettings, SkuSettings, SupplierSettings
 from agent.crashpoints import crash_point
 from agent.domain import (
+    ACTIVE_STATES,
     AgentError,
     Ambiguous,
     LineState,
@@ -26,7 +27,7 @@ from agent.domain import (
     retry_delay,
 )
 from agent.logs import get_logger
-from agent.store.base import Store
+from agent.store.base import Store, StoreError
 from agent.suppliers.base import Supplier
 
 log = get_logger("kami.sourcing")
@@ -78,6 +79,9 @@ class Sourcing:
             if source == LOCAL_SOURCE:
                 # With suppliers behind it, a short stock is not yet a backorder.
                 line = await self.store.allocate(line.id, self.clock(), backorder=not buys)
+                if line.state not in ACTIVE_STATES:
+                    _log_settled(line)
+                    return line
                 if line.state == LineState.ALLOCATED or not buys:
                     return line
                 failures.append("local stock short")
@@ -135,7 +139,16 @@ class Sourcing:
 
     # --- one purchase ------------------------------------------------------------------------
     async def _buy(self, line: OrderLine, supplier_name: str) -> tuple[Outcome, str]:
-        purchase = await self.store.begin_purchase(line.id, supplier_name, self.clock())
+        try:
+            purchase = await self.store.begin_purchase(line.id, supplier_name, self.clock())
+        except StoreError:
+            current = await self.store.get_line(line.id)
+            if current is None or current.state in ACTIVE_STATES:
+                raise
+            # Settled meanwhile (on a shared ledger, by another agent that took the line up
+            # when our lease ran out during a freeze): nothing to buy, and nothing to park.
+            _log_settled(current)
+            return Outcome.WAITING, "settled meanwhile"
         crash_point("after_purchase_intent")
         return await self._send(line, purchase)
 
@@ -260,3 +273,7 @@ class Sourcing:
         fresh = await self.store.get_line(line.id)
         assert fresh is not None
         return fresh
+
+
+def _log_settled(line: OrderLine) -> None:
+    log.info("line_settled_meanwhile", order_id=line.order_id, state=str(line.state))

@@ -30,8 +30,10 @@ class Platform(Protocol):
         """Raises Transient, Ambiguous, Permanent or DeliveryConflict; returns when delivered."""
         ...
 
-    async def notice(self, order_id: str, message: str) -> None:
-        """A message to the buyer (e.g. waiting for stock, with an ETA)."""
+    async def notice(self, order_id: str, message: str, idempotency_key: str | None = None) -> None:
+        """A message to the buyer (e.g. waiting for stock, with an ETA). `idempotency_key`,
+        deterministic per line and kind of notice: a platform that honours it sends the
+        buyer one message however often the call is repeated after a lost answer."""
         ...
 
     async def refund(self, order_id: str, idempotency_key: str, reason: str) -> None:

@@ -135,11 +135,15 @@ class HttpPlatform:
         if not isinstance(body, dict) or body.get("status") != "delivered":
             raise Ambiguous(f"delivery answered {resp.status} without status 'delivered'")
 
-    async def notice(self, order_id: str, message: str) -> None:
+    async def notice(self, order_id: str, message: str, idempotency_key: str | None = None) -> None:
+        """platform-http v1.1: the same Idempotency-Key again -> 204 and no second message
+        (a v1 platform ignores the header)."""
+        headers = {"Idempotency-Key": idempotency_key} if idempotency_key else None
         resp = await self._client.request(
             "POST",
             f"/api/v1/orders/{quote_segment(order_id)}/notice",
             payload={"message": message},
+            headers=headers,
         )
         raise_for_status(resp, "platform", unknown_outcome=True)
 

@@ -486,7 +486,7 @@ class KinguinPlatform:
             refusal = again
         raise AssertionError("unreachable: the second round returns or raises")
 
-    async def notice(self, order_id: str, message: str) -> None:
+    async def notice(self, order_id: str, message: str, idempotency_key: str | None = None) -> None:
         """Kinguin's API has no message to the buyer of a key: nothing is sent. (Kinguin
         cancels an undelivered reservation after 15 minutes anyway.)"""
         log.info("kinguin_notice_not_supported", platform=self.name, order_id=order_id)

@@ -515,8 +515,9 @@ class WooCommercePlatform:
                 error=str(exc),
             )
 
-    async def notice(self, order_id: str, message: str) -> None:
-        """A customer note (an e-mail to the buyer) without keys and without a marker."""
+    async def notice(self, order_id: str, message: str, idempotency_key: str | None = None) -> None:
+        """A customer note (an e-mail to the buyer) without keys and without a marker (the
+        idempotency key is not used: WooCommerce has nothing to carry it)."""
         shop_order, _ = _line_id(order_id)
         resp = await self._client.request(
             "POST", f"/orders/{shop_order}/notes", payload={"note": message, "customer_note": True}

@@ -305,7 +305,15 @@ class SandboxPlatform(SignedSandbox):
             message = json.loads(await request.read())["message"]
         except (ValueError, KeyError, TypeError):
             return self.error(400, "bad_body", "body must be {message}")
+        # v1.1: the same Idempotency-Key again -> 204 and no second message
+        key = request.headers.get("Idempotency-Key")
+        if key and f"notice:{key}" in self._idempotent:
+            return web.Response(status=204)
         order.notices.append(str(message))
+        if key:
+            self._idempotent[f"notice:{key}"] = (204, {})
+        if self.random.random() < self.faults.drop_after_commit_rate:
+            return self.lose_response(request)
         return web.Response(status=204)
 
     async def _refund(self, request: web.Request) -> web.Response:
