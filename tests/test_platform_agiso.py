@@ -28,6 +28,7 @@ from agent.config import (
     ConfigError,
     PlatformSettings,
     SkuSettings,
+    load_config,
     parse_config,
 )
 from agent.domain import (
@@ -859,3 +860,16 @@ async def test_deposit_running_out_alerts_stops_calls_and_loses_no_order(
 
 async def alert_cleared(store: Store) -> bool:
     return not any(a.key.startswith("auth:") for a in await store.open_alerts())
+
+
+def test_the_chinese_setup_example_is_a_valid_config(tmp_path: Path) -> None:
+    text = (Path(__file__).parent.parent / "docs/platforms/agiso.md").read_text(encoding="utf-8")
+    block = text.split("```toml\n", 1)[1].split("```", 1)[0]
+    lines = [line.removeprefix("   ") for line in block.splitlines()]  # the list's indent
+    path = tmp_path / "config.toml"
+    path.write_text('[store]\npath = "kami.db"\n\n' + "\n".join(lines), encoding="utf-8")
+    config = load_config(path)
+    options = config.platforms[0].options
+    assert isinstance(options, AgisoOptions) and options.channel == "taobao"
+    rendered = render(options.templates["GAME-100"], "T1", "点卡", 1, [key(1)])
+    assert "卡号：CARD000001  卡密：PWD-000001-XyZ" in rendered
