@@ -208,10 +208,11 @@ async def login_required(request: web.Request, handler: Handler) -> web.StreamRe
 
 
 def _same_origin(request: web.Request) -> bool:
-    """A POST's Origin (sent by every current browser) must be this console; none at all is
-    let through to the CSRF token check (older clients, curl)."""
+    """A POST's Origin, when it names a site, must be this console. None at all (older
+    clients, curl) and "null" (what browsers send under Referrer-Policy: no-referrer) are left
+    to the CSRF token and the SameSite=Strict cookie."""
     origin = request.headers.get("Origin")
-    if origin is None:
+    if origin is None or origin == "null":
         return True
     return urlsplit(origin).netloc == request.host
 

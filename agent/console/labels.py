@@ -32,6 +32,18 @@ SEVERITIES = {"critical": N_("critical"), "warning": N_("warning"), "info": N_("
 
 # Audit trail entries the merchant sees most; others are shown by their code.
 EVENT_KINDS = {
+    "intake": N_("order taken in"),
+    "allocated": N_("keys reserved"),
+    "backordered": N_("waiting for stock"),
+    "purchase_intent": N_("buying from supplier"),
+    "delivery_intent": N_("delivery started"),
+    "delivered": N_("delivered"),
+    "retry_scheduled": N_("will try again"),
+    "reconciled": N_("checked with the platform"),
+    "parked": N_("parked for the merchant"),
+    "rejected": N_("refused at intake"),
+    "buyer_notice": N_("buyer notified"),
+    "refund_intent": N_("refund started"),
     "keys_revealed": N_("keys shown in the console"),
     "operator_retry": N_("retried by the merchant"),
     "operator_resend": N_("resent by the merchant"),
