@@ -10,6 +10,7 @@ that checks the invariants from the platform's side.
 from __future__ import annotations
 
 import asyncio
+import os
 import secrets
 import sys
 import tempfile
@@ -204,7 +205,10 @@ async def run_demo(
     """Runs the demo; `witness` (tests) receives the sandbox platform to inspect afterwards."""
     workdir = Path(tempfile.mkdtemp(prefix="kami-demo-"))
     log_path = workdir / "kami-agent.log"
-    log_file = log_path.open("w", encoding="utf-8")
+    # Private from the start (the umask would make it world-readable): order ids, fingerprints.
+    log_file = os.fdopen(
+        os.open(log_path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600), "w", encoding="utf-8"
+    )
     logs.configure("info", log_file)
     demo = Demo(plan, out)
     sandbox = SandboxPlatform(api_key="demo", seed=7)
