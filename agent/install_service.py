@@ -28,7 +28,7 @@ from typing import Any
 
 from agent.cli.common import CommandError, config_path
 from agent.config import Config, load_config
-from agent.credstore import SYSTEMD_CREDS, CredStore, CredStoreError
+from agent.credstore import MAGIC, SYSTEMD_CREDS, CredStore, CredStoreError
 from agent.keybox import new_master_key
 from agent.secrets import lookup_secret
 
@@ -73,6 +73,16 @@ def _quote(text: str) -> str:
     return text if all(c.isalnum() or c in "/._-+:=" for c in text) else shlex.quote(text)
 
 
+def _sealed_as_file(path: Path) -> bool:
+    """Sealed the file way (no systemd-creds then): LoadCredentialEncrypted= cannot load it,
+    so it is sealed again with systemd-creds."""
+    try:
+        with path.open("rb") as handle:
+            return handle.read(len(MAGIC)) == MAGIC
+    except OSError:
+        return False
+
+
 def _hidden(path: Path) -> bool:
     resolved = path.resolve()
     return any(resolved == h or h in resolved.parents for h in _HIDDEN)
@@ -87,17 +97,19 @@ class Plan:
     unit: str = ""
     commands: list[list[str]] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)
+    # What stops a real install (a dry run shows them and goes on).
+    blockers: list[str] = field(default_factory=list)
 
 
 def make_plan(args: argparse.Namespace, config: Config, config_file: Path) -> Plan:
+    plan = Plan()
     executable = args.bin or shutil.which("kami-agent") or sys.argv[0]
-    for what, path in (
-        ("the kami-agent program", Path(executable)),
-        ("its Python", Path(sys.prefix)),
-        ("the config", config_file),
-    ):
+    places = [("the kami-agent program", Path(executable)), ("the config", config_file)]
+    if not args.bin:
+        places.append(("its Python", Path(sys.prefix)))
+    for what, path in places:
         if _hidden(path):
-            raise CommandError(
+            plan.blockers.append(
                 f"{what} is in {path}, which the service cannot see (ProtectHome=, PrivateTmp=):"
                 " install it under /opt or /usr/local (e.g. python3 -m venv /opt/kami-agent &&"
                 " /opt/kami-agent/bin/pip install kami-agent) and keep the config in"
@@ -109,14 +121,13 @@ def make_plan(args: argparse.Namespace, config: Config, config_file: Path) -> Pl
             f' directory; set [store] path = "{STATE_DIRECTORY}/kami.db" in {config_file}'
         )
     credstore = CredStore(Path(args.credstore), seal="systemd-creds")
-    plan = Plan()
     ledger_exists = config.store.path is not None and config.store.path.exists()
     secrets: list[tuple[str, Path]] = []
     missing: list[str] = []
     for name in dict.fromkeys(config.secret_names()):
         path = credstore.path(name)
         secrets.append((name, path))
-        if path.exists():
+        if path.exists() and not _sealed_as_file(path):
             continue
         if lookup_secret(name):
             plan.seal.append((name, "copied from where it is stored now"))
@@ -191,6 +202,8 @@ def print_plan(plan: Plan, credstore: Path) -> None:
         print(f"- run: {shlex.join(command)}")
     for note in plan.notes:
         print(f"- note: {note}")
+    for blocker in plan.blockers:
+        print(f"- would refuse: {blocker}")
 
 
 def cmd_install_service(args: argparse.Namespace) -> int:
@@ -206,7 +219,9 @@ def cmd_install_service(args: argparse.Namespace) -> int:
     credstore = Path(args.credstore)
     if args.dry_run:
         print_plan(plan, credstore)
-        return 0
+        return 1 if plan.blockers else 0
+    if plan.blockers:
+        raise CommandError(plan.blockers[0])
     if os.geteuid() != 0:
         raise CommandError("install-service must run as root (or try --dry-run)")
     if shutil.which(SYSTEMD_CREDS) is None or shutil.which("systemctl") is None:
