@@ -1,0 +1,331 @@
+"""Telegram bot control against a fake Telegram Bot API served on 127.0.0.1 (getUpdates long
+poll, sendMessage, getFile and the file download, answerCallbackQuery), over a real ledger."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import dataclasses
+import time
+from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import pytest
+from aiohttp import web
+
+from agent.config import SkuSettings
+from agent.console.settings import TelegramBotSettings
+from agent.domain import AlertCondition, LineState
+from agent.i18n import display_width
+from agent.store.sqlite import SQLiteStore
+from agent.telegram_bot import TelegramBot
+from tests.conftest import stock
+from tests.console_helpers import FakeEngine, add_orders, console_config
+from tests.helpers import wait_for
+
+BOT_TOKEN = "123456:fake-bot-token-for-tests-AbCdEf"
+MERCHANT = 4242
+STRANGER = 666
+
+
+@dataclass
+class FakeTelegram:
+    """Just enough of the Bot API, recording what the bot sends."""
+
+    token: str
+    updates: list[dict[str, Any]] = field(default_factory=list)
+    sent: list[dict[str, Any]] = field(default_factory=list)
+    answered: list[dict[str, Any]] = field(default_factory=list)
+    files: dict[str, tuple[str, bytes]] = field(default_factory=dict)
+    refused_tokens: int = 0
+    next_id: int = 1
+    arrived: asyncio.Event = field(default_factory=asyncio.Event)
+    base_url: str = ""
+    _runner: web.AppRunner | None = None
+
+    async def start(self) -> None:
+        app = web.Application()
+        app.router.add_post("/bot{token}/{method}", self._method)
+        app.router.add_get("/file/bot{token}/{path:.+}", self._file)
+        self._runner = web.AppRunner(app)
+        await self._runner.setup()
+        site = web.TCPSite(self._runner, "127.0.0.1", 0)
+        await site.start()
+        port = site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
+        self.base_url = f"http://127.0.0.1:{port}"
+
+    async def stop(self) -> None:
+        assert self._runner is not None
+        await self._runner.cleanup()
+
+    def _update(self, **content: Any) -> None:
+        self.updates.append({"update_id": self.next_id, **content})
+        self.next_id += 1
+        self.arrived.set()
+
+    def message(self, chat_id: int, text: str = "", **extra: Any) -> None:
+        body = {"message_id": self.next_id, "chat": {"id": chat_id, "type": "private"}}
+        if text:
+            body["caption" if "document" in extra else "text"] = text
+        self._update(message={**body, **extra})
+
+    def press(self, chat_id: int, data: str) -> str:
+        query_id = f"cb-{self.next_id}"
+        self._update(
+            callback_query={
+                "id": query_id,
+                "data": data,
+                "message": {"message_id": 1, "chat": {"id": chat_id, "type": "private"}},
+            }
+        )
+        return query_id
+
+    def document(self, chat_id: int, caption: str, name: str, content: bytes) -> None:
+        file_id = f"file-{self.next_id}"
+        self.files[file_id] = (f"documents/{name}", content)
+        self.message(chat_id, caption, document={"file_id": file_id, "file_name": name})
+
+    async def _method(self, request: web.Request) -> web.Response:
+        if request.match_info["token"] != self.token:
+            self.refused_tokens += 1
+            return web.json_response({"ok": False, "description": "Unauthorized"}, status=401)
+        method = request.match_info["method"]
+        payload = await request.json()
+        if method == "getUpdates":
+            deadline = time.monotonic() + float(payload.get("timeout", 0))
+            while True:
+                pending = [u for u in self.updates if u["update_id"] >= payload.get("offset", 0)]
+                if pending or time.monotonic() >= deadline:
+                    return web.json_response({"ok": True, "result": pending})
+                self.arrived.clear()
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(self.arrived.wait(), deadline - time.monotonic())
+        if method == "sendMessage":
+            self.sent.append(payload)
+            return web.json_response({"ok": True, "result": {"message_id": len(self.sent)}})
+        if method == "answerCallbackQuery":
+            self.answered.append(payload)
+            return web.json_response({"ok": True, "result": True})
+        if method == "getFile":
+            path, content = self.files[payload["file_id"]]
+            return web.json_response(
+                {
+                    "ok": True,
+                    "result": {
+                        "file_id": payload["file_id"],
+                        "file_path": path,
+                        "file_size": len(content),
+                    },
+                }
+            )
+        return web.json_response({"ok": False, "description": "no such method"}, status=404)
+
+    async def _file(self, request: web.Request) -> web.Response:
+        if request.match_info["token"] != self.token:
+            raise web.HTTPUnauthorized()
+        for path, content in self.files.values():
+            if path == request.match_info["path"]:
+                return web.Response(body=content)
+        raise web.HTTPNotFound()
+
+    def replies_to(self, chat_id: int) -> list[str]:
+        return [m["text"] for m in self.sent if m["chat_id"] == chat_id]
+
+
+@pytest.fixture
+async def telegram() -> AsyncIterator[FakeTelegram]:
+    fake = FakeTelegram(BOT_TOKEN)
+    await fake.start()
+    yield fake
+    await fake.stop()
+
+
+@pytest.fixture
+async def bot(
+    tmp_path: Path, telegram: FakeTelegram, sqlite_store: SQLiteStore
+) -> AsyncIterator[tuple[TelegramBot, FakeEngine]]:
+    config = console_config(tmp_path)
+    skus = dict(config.skus)
+    skus["王者荣耀点券"] = SkuSettings(sku="王者荣耀点券")
+    config = dataclasses.replace(config, skus=skus)
+    settings = TelegramBotSettings(
+        token_secret="bot.token",
+        allowed_chats=(MERCHANT,),
+        api_base=telegram.base_url,
+        language="en",
+        poll_seconds=1,
+        alert_interval=0.05,
+    )
+    engine = FakeEngine()
+    running = TelegramBot(settings, BOT_TOKEN, config, sqlite_store, engine)
+    await running.start()
+    yield running, engine
+    await running.stop()
+
+
+def sent_matching(
+    telegram: FakeTelegram, chat: int, check: Callable[[str], bool]
+) -> Callable[[], bool]:
+    return lambda: any(check(text) for text in telegram.replies_to(chat))
+
+
+async def test_status_answers_the_merchant_only(
+    telegram: FakeTelegram, bot: tuple[TelegramBot, FakeEngine], sqlite_store: SQLiteStore
+):
+    await add_orders(sqlite_store, ("S-1", "GAME-100", 1))
+    telegram.message(STRANGER, "/status")
+    telegram.message(MERCHANT, "/status")
+    await wait_for(sent_matching(telegram, MERCHANT, lambda t: "Delivered today" in t), "status")
+    (text,) = telegram.replies_to(MERCHANT)
+    assert "Waiting to be delivered: 1" in text
+    telegram.message(MERCHANT, "/help")
+    await wait_for(sent_matching(telegram, MERCHANT, lambda t: "/import SKU" in t), "help")
+    assert telegram.replies_to(STRANGER) == []  # never answered, whatever it sends
+    telegram.press(STRANGER, "stock")
+    telegram.message(MERCHANT, "/help")
+    await wait_for(lambda: len(telegram.replies_to(MERCHANT)) == 3, "the second help")
+    assert telegram.replies_to(STRANGER) == []
+
+
+async def test_stock_table_lines_up_with_chinese_skus(
+    telegram: FakeTelegram, bot: tuple[TelegramBot, FakeEngine], sqlite_store: SQLiteStore
+):
+    await stock(sqlite_store, "王者荣耀点券", 7)
+    await stock(sqlite_store, "GAME-100", 12)
+    telegram.message(MERCHANT, "/stock")
+    await wait_for(sent_matching(telegram, MERCHANT, lambda t: "<pre>" in t), "stock")
+    (text,) = telegram.replies_to(MERCHANT)
+    table = text.split("<pre>", 1)[1].split("</pre>", 1)[0].splitlines()
+    rows = {line.split()[0]: line for line in table[1:]}
+    assert set(rows) >= {"GAME-100", "王者荣耀点券"}
+    # The right-aligned "free keys" column ends in the same cell on every row.
+    ends = {
+        display_width(line[: line.index(count) + len(count)])
+        for line, count in ((rows["GAME-100"], " 12"), (rows["王者荣耀点券"], " 7"))
+    }
+    assert len(ends) == 1
+
+
+async def test_retry_by_command_and_by_button(
+    telegram: FakeTelegram, bot: tuple[TelegramBot, FakeEngine], sqlite_store: SQLiteStore
+):
+    first, second = await add_orders(sqlite_store, ("P-1", "GAME-100", 1), ("P-2", "GAME-100", 1))
+    now = time.time()
+    await sqlite_store.park(first, "refused", now)
+    await sqlite_store.park(second, "refused", now)
+    _, engine = bot
+    telegram.message(MERCHANT, "/retry P-1")
+    await wait_for(sent_matching(telegram, MERCHANT, lambda t: "is now: new" in t), "retry")
+    assert (await sqlite_store.get_line(first)).state == LineState.NEW  # type: ignore[union-attr]
+    assert engine.dispatched == [first]
+    # /orders needs_attention lists P-2 with its button; pressing it retries.
+    telegram.message(MERCHANT, "/orders needs_attention")
+    await wait_for(lambda: any("reply_markup" in m for m in telegram.sent), "the orders list")
+    listing = next(m for m in telegram.sent if "reply_markup" in m)
+    [[button]] = listing["reply_markup"]["inline_keyboard"]
+    assert button["callback_data"] == f"retry:{second}" and "P-2" in button["text"]
+    query_id = telegram.press(MERCHANT, button["callback_data"])
+    await wait_for(
+        lambda: any(a["callback_query_id"] == query_id for a in telegram.answered), "answer"
+    )
+    assert (await sqlite_store.get_line(second)).state == LineState.NEW  # type: ignore[union-attr]
+    telegram.message(MERCHANT, "/retry P-2")  # no longer parked: the ledger says why
+    await wait_for(
+        sent_matching(telegram, MERCHANT, lambda t: "only needs_attention can be retried" in t),
+        "the refusal",
+    )
+
+
+async def test_import_a_file_sent_to_the_bot(
+    telegram: FakeTelegram, bot: tuple[TelegramBot, FakeEngine], sqlite_store: SQLiteStore
+):
+    content = b"".join(b"TG-KEY-%04d\n" % i for i in range(40))
+    telegram.document(MERCHANT, "/import VIP-30D", "keys.txt", content)
+    await wait_for(sent_matching(telegram, MERCHANT, lambda t: "Added 40" in t), "import")
+    assert await sqlite_store.free_counts() == {"VIP-30D": 40}
+    telegram.document(MERCHANT, "/import NO-SUCH-SKU", "keys.txt", content)
+    await wait_for(sent_matching(telegram, MERCHANT, lambda t: "Say a SKU" in t), "refusal")
+    telegram.document(STRANGER, "/import VIP-30D", "more.txt", b"STRANGER-KEY\n")
+    telegram.message(MERCHANT, "/help")
+    await wait_for(sent_matching(telegram, MERCHANT, lambda t: "/import SKU" in t), "help")
+    assert await sqlite_store.free_counts() == {"VIP-30D": 40}
+
+
+async def test_new_alerts_are_pushed_once_with_buttons(
+    telegram: FakeTelegram, bot: tuple[TelegramBot, FakeEngine], sqlite_store: SQLiteStore
+):
+    [line] = await add_orders(sqlite_store, ("A-1", "GAME-100", 1))
+    await sqlite_store.park(line, "refused", time.time())
+    await sqlite_store.apply_alerts(
+        [
+            AlertCondition(
+                "needs_attention", "needs_attention", "warning", "1 orders need attention"
+            )
+        ],
+        [],
+        time.time(),
+        3600,
+        3,
+    )
+    await wait_for(lambda: any("reply_markup" in m for m in telegram.sent), "the alert")
+    await asyncio.sleep(0.3)  # several more looks at the alerts
+    pushed = [m for m in telegram.sent if "reply_markup" in m]
+    assert len(pushed) == 1 and "orders need attention" in pushed[0]["text"]
+    [[button]] = pushed[0]["reply_markup"]["inline_keyboard"]
+    telegram.press(MERCHANT, button["callback_data"])
+    await wait_for(
+        lambda: any(
+            b["callback_data"] == f"retry:{line}"
+            for m in telegram.sent
+            for row in m.get("reply_markup", {}).get("inline_keyboard", [])
+            for b in row
+        ),
+        "the parked order with its retry button",
+    )
+
+
+async def test_errors_never_show_the_token_or_the_url(tmp_path: Path, sqlite_store: SQLiteStore):
+    from agent.telegram_bot import BotApiError
+
+    fake = FakeTelegram("another-token")
+    await fake.start()
+    settings = TelegramBotSettings(
+        token_secret="bot.token", allowed_chats=(MERCHANT,), api_base=fake.base_url
+    )
+    bot = TelegramBot(settings, BOT_TOKEN, console_config(tmp_path), sqlite_store, None)
+    await bot.start()
+    try:
+        with pytest.raises(BotApiError) as caught:
+            await bot.call("getMe")
+        assert "Unauthorized" in str(caught.value) and BOT_TOKEN not in str(caught.value)
+    finally:
+        await fake.stop()
+    try:
+        with pytest.raises(BotApiError) as caught:  # nobody listening any more
+            await bot.call("getMe")
+        assert BOT_TOKEN not in str(caught.value) and fake.base_url not in str(caught.value)
+    finally:
+        await bot.stop()
+
+
+async def test_the_bot_speaks_chinese(
+    tmp_path: Path, telegram: FakeTelegram, sqlite_store: SQLiteStore
+):
+    settings = TelegramBotSettings(
+        token_secret="bot.token",
+        allowed_chats=(MERCHANT,),
+        api_base=telegram.base_url,
+        language="zh-CN",
+        poll_seconds=1,
+    )
+    bot = TelegramBot(settings, BOT_TOKEN, console_config(tmp_path), sqlite_store, None)
+    await bot.start()
+    try:
+        telegram.message(MERCHANT, "/status")
+        await wait_for(sent_matching(telegram, MERCHANT, lambda t: "今日已发货" in t), "status")
+        telegram.message(MERCHANT, "/help")
+        await wait_for(sent_matching(telegram, MERCHANT, lambda t: "命令" in t), "help")
+    finally:
+        await bot.stop()
