@@ -5,9 +5,9 @@ platform in its own process (as bench/flash_sale.py). First a burst fills the le
 delivered orders (so the overview reads a full sample); then steady streams of --rate orders/s
 alternate between the console left alone and the console polled every second by a logged-in
 merchant (overview, stock and orders pages each second, as fast as they answer), --rounds
-times each. Reported: deliveries' latency p50/p99 (order visible on the platform -> delivery
-acknowledged) per phase, and the console pages served. Figures also go to
-bench/results/console_load.json.
+times each, in A B B A order. Reported: deliveries' latency p50/p99 (order visible on the
+platform -> delivery acknowledged) per phase, and the console pages served. Figures also go
+to bench/results/console_load.json.
 """
 
 from __future__ import annotations
@@ -115,7 +115,9 @@ async def run(rate: float, seconds: float, rounds: int, preload: int) -> dict[st
         )
         await wait_delivered(client, "PRELOAD-", preload, 600)
         for index in range(rounds):
-            for name in phases:
+            # A B B A ...: a drift of the machine's load over the run weighs on both alike.
+            order = list(phases) if index % 2 == 0 else list(reversed(phases))
+            for name in order:
                 polling = name != "console idle"
                 halt = asyncio.Event()
                 poller = (

@@ -344,3 +344,13 @@ async def test_logout_ends_the_session(tmp_path: Path, sqlite_store: SQLiteStore
         jar.update_cookies({"kami_console": old})  # even the old cookie no longer works
         assert (await client.get("/", allow_redirects=False)).status == 303
         await asyncio.sleep(0)
+
+
+def test_the_screenshots_the_docs_link_to_exist():
+    root = Path(__file__).resolve().parent.parent
+    linked = []
+    for doc, base in ((root / "README.md", root), (root / "docs" / "console.md", root / "docs")):
+        for target in re.findall(r"\]\(((?:docs/)?screenshots/[^)]+\.png)\)", doc.read_text()):
+            linked.append(target)
+            assert (base / target).is_file(), f"{doc.name} links to missing {target}"
+    assert len(linked) >= 10

@@ -103,9 +103,9 @@ async def orders(request: web.Request) -> web.StreamResponse:
     sku = request.query.get("sku", "").strip()
     platform = request.query.get("platform", "").strip()
     try:
-        limit = max(1, min(MAX_ORDERS_SHOWN, int(request.query.get("limit", "100"))))
+        limit = max(1, min(MAX_ORDERS_SHOWN, int(request.query.get("limit", "50"))))
     except ValueError:
-        limit = 100
+        limit = 50
     lines = await search_lines(console.store, query, state, sku, platform, limit)
     return console.render(
         request,
