@@ -1,26 +1,70 @@
-"""TOML configuration into frozen dataclasses.
+"""TOML configuration into the settings types (agent/settings.py).
 
 Every bad value raises one ConfigError naming the file and the key, so `kami-agent check`
-and `kami-agent run` can print a single clear line instead of a traceback.
+and `kami-agent run` can print a single clear line instead of a traceback. Defaults, ranges
+and units are read from the settings' field metadata, never written here; what only one
+platform kind, supplier kind or alert channel has is parsed by its module, found through its
+package's KINDS registry.
 """
 
 from __future__ import annotations
 
+import dataclasses
+import difflib
 import re
 import tomllib
-from collections.abc import Mapping
-from dataclasses import dataclass, field
+from collections.abc import Callable
 from decimal import Decimal, InvalidOperation
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any, TypeVar
 from urllib.parse import urlparse
 
 from agent.domain import AgentError
+from agent.secrets import env_var_for
+from agent.settings import (
+    DEFAULT_DELIVERY_MESSAGE,
+    DEFAULT_KIND,
+    LOCAL_SOURCE,
+    LOG_LEVELS,
+    MAX_QUANTITY_LIMIT,
+    AgentSettings,
+    AlertSettings,
+    Config,
+    LogSettings,
+    NotifySettings,
+    PlatformSettings,
+    SkuSettings,
+    Spec,
+    StoreSettings,
+    SupplierSettings,
+    kinds,
+    number_text,
+    range_text,
+    spec_of,
+    toml_key,
+)
 
-if TYPE_CHECKING:
-    from agent.console.settings import InterfaceSettings
+__all__ = [
+    "DEFAULT_DELIVERY_MESSAGE",
+    "LOCAL_SOURCE",
+    "LOG_LEVELS",
+    "MAX_QUANTITY_LIMIT",
+    "AgentSettings",
+    "AlertSettings",
+    "Config",
+    "ConfigError",
+    "LogSettings",
+    "NotifySettings",
+    "PlatformSettings",
+    "Section",
+    "SkuSettings",
+    "StoreSettings",
+    "SupplierSettings",
+    "load_config",
+    "parse_config",
+    "read_settings",
+]
 
-LOG_LEVELS = ("debug", "info", "warning", "error")
 _NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
 # A secret's NAME: words joined by dots (platform.main.secret; a single word like `mytoken`
 # too). A token, key or URL pasted in its place does not look like that (other characters,
@@ -28,190 +72,13 @@ _NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
 _SECRET_NAME_RE = re.compile(r"^[A-Za-z][A-Za-z0-9_-]*(?:\.[A-Za-z0-9_-]+)*$")
 _RANDOM_LOOKING_RUN = re.compile(r"(?=[A-Za-z0-9]*[0-9])(?=[A-Za-z0-9]*[A-Za-z])[A-Za-z0-9]{16,}")
 MAX_SECRET_NAME = 64
-MAX_QUANTITY_LIMIT = 1000
+UTF8_BOM = b"\xef\xbb\xbf"
+
+T = TypeVar("T")
 
 
 class ConfigError(AgentError):
     """A configuration problem, already phrased for the merchant."""
-
-
-DEFAULT_DELIVERY_MESSAGE = "Thank you for your order."
-
-
-@dataclass(frozen=True, slots=True)
-class AgentSettings:
-    poll_interval: float = 2.0
-    # After a poll that found new orders, poll again this soon, until one finds none (0: only
-    # every poll_interval), so a stream of orders does not wait for the next scheduled poll.
-    busy_poll_interval: float = 0.25
-    sweep_interval: float = 5.0
-    reconcile_interval: float = 300.0
-    concurrency: int = 16
-    delivery_message: str = DEFAULT_DELIVERY_MESSAGE
-    # How long a delivery may stay ambiguous before we park it for a human.
-    max_delivery_attempts: int = 50
-    # Backoff between delivery attempts kept in the order row: base * 2^n, capped.
-    retry_base: float = 1.0
-    retry_cap: float = 300.0
-    # A backordered line that can be bought is offered to the suppliers again this often.
-    supplier_retry_interval: float = 30.0
-    balance_interval: float = 300.0
-
-
-@dataclass(frozen=True, slots=True)
-class StoreSettings:
-    """Either `path` (the embedded SQLite ledger) or `url` (PostgreSQL shared by agents)."""
-
-    path: Path | None = None
-    # Name of the secret holding the master key that seals card keys at rest.
-    key_secret: str = "store.key"
-    url: str | None = None
-    password_secret: str | None = None  # secret holding the PostgreSQL password, if any
-    instance: str | None = None  # this agent's name among those sharing the database
-    lease_seconds: float = 60.0
-    pool_size: int = 10
-
-    def describe(self) -> str:
-        if self.url is not None:
-            return self.url
-        return str(self.path)
-
-
-@dataclass(frozen=True, slots=True)
-class LogSettings:
-    level: str = "info"
-
-
-@dataclass(frozen=True, slots=True)
-class PlatformSettings:
-    name: str
-    kind: str
-    base_url: str
-    api_key: str
-    secret_name: str
-    timeout: float = 10.0
-    page_size: int = 100
-    # Use the platform's long-poll endpoint (GET /api/v1/orders/wait) when it offers one.
-    long_poll: bool = False
-    # What only this kind has (its module's parse_options; see agent.platforms.KINDS).
-    options: object | None = None
-
-
-@dataclass(frozen=True, slots=True)
-class SupplierSettings:
-    name: str
-    kind: str
-    base_url: str
-    api_key: str
-    secret_name: str
-    timeout: float = 10.0
-    # How long a purchase may stay of unknown outcome before a human must look at it.
-    unknown_window: float = 600.0
-    # Wait after a lost response before re-asking a supplier that has not seen the reference.
-    query_grace: float = 10.0
-    processing_poll: float = 2.0
-    balance_low: Decimal | None = None
-
-
-LOCAL_SOURCE = "local"
-
-
-@dataclass(frozen=True, slots=True)
-class SkuSettings:
-    sku: str
-    max_quantity: int = 50
-    message: str | None = None
-    # Where keys come from, in order: "local" stock and/or supplier names.
-    sources: tuple[str, ...] = (LOCAL_SOURCE,)
-    max_price: Decimal | None = None
-    # The supplier's own product id per supplier, when it differs from our SKU.
-    supplier_skus: Mapping[str, str] = field(default_factory=dict)
-    # Alert when the forecast says stock lasts less than this (seconds) or falls below min_stock.
-    lead_time: float = 3600.0
-    min_stock: int = 0
-    # An order not delivered within this (seconds) is "stuck" and alerts.
-    promise: float = 600.0
-    # Refund an order still waiting for stock after this long (seconds); None = never.
-    refund_after: float | None = None
-
-    def supplier_sku(self, supplier: str) -> str:
-        return self.supplier_skus.get(supplier, self.sku)
-
-
-@dataclass(frozen=True, slots=True)
-class AlertSettings:
-    forecast_interval: float = 60.0
-    # EWMA half-life of the sales rate: how fast the forecast forgets old sales.
-    half_life: float = 3600.0
-    escalate_after: float = 3600.0
-    max_escalations: int = 3
-    outbox_interval: float = 5.0
-    # A buyer whose order waits for stock this long gets a notice with an ETA.
-    buyer_notice_after: float = 600.0
-
-
-# Per channel kind: option -> (type, required, default). Secret-valued options name a secret.
-NOTIFY_KINDS: dict[str, dict[str, tuple[type, bool, Any]]] = {
-    "email": {
-        "host": (str, True, None),
-        "port": (int, False, 587),
-        "starttls": (bool, False, True),
-        # "starttls" | "implicit" (SMTPS) | "none"; when absent, starttls = true/false decides.
-        "tls": (str, False, None),
-        "sender": (str, True, None),
-        "to": (list, True, None),
-        "username": (str, False, None),
-        "password": (str, False, None),
-    },
-    "webhook": {"url": (str, True, None), "secret": (str, True, None)},
-    "telegram": {
-        "token": (str, True, None),
-        "chat_id": (str, True, None),
-        "api_base": (str, False, "https://api.telegram.org"),
-    },
-    "dingtalk": {"url_secret": (str, True, None), "sign_secret": (str, False, None)},
-    "wecom": {"url_secret": (str, True, None)},
-    "feishu": {"url_secret": (str, True, None), "sign_secret": (str, False, None)},
-    # Prints alerts to the daemon's own output (the demo uses it; handy for a first setup).
-    "console": {},
-}
-SECRET_OPTIONS = ("password", "secret", "token", "url_secret", "sign_secret")
-
-
-@dataclass(frozen=True, slots=True)
-class NotifySettings:
-    name: str
-    kind: str
-    options: Mapping[str, Any]
-
-    def secret_names(self) -> list[str]:
-        return [self.options[k] for k in SECRET_OPTIONS if self.options.get(k)]
-
-
-@dataclass(frozen=True, slots=True)
-class Config:
-    source: Path
-    agent: AgentSettings
-    store: StoreSettings
-    log: LogSettings
-    platforms: tuple[PlatformSettings, ...]
-    skus: Mapping[str, SkuSettings] = field(default_factory=dict)
-    suppliers: tuple[SupplierSettings, ...] = ()
-    alerts: AlertSettings = field(default_factory=AlertSettings)
-    notify: tuple[NotifySettings, ...] = ()
-    # [console], [metrics], [telegram_bot] (agent.console.settings); None: all off.
-    interfaces: InterfaceSettings | None = None
-
-    def secret_names(self) -> list[str]:
-        """Every secret the config refers to, by name."""
-        names = [self.store.key_secret]
-        names += self.interfaces.secret_names() if self.interfaces else []
-        if self.store.password_secret:
-            names.append(self.store.password_secret)
-        names += [p.secret_name for p in self.platforms] + [s.secret_name for s in self.suppliers]
-        for channel in self.notify:
-            names.extend(channel.secret_names())
-        return names
 
 
 class Section:
@@ -230,6 +97,13 @@ class Section:
         name = f"{self.where}.{key}" if key and self.where else (key or self.where or "(top)")
         return ConfigError(f"{self.source}: {name}: {message}")
 
+    def missing(self, key: str, what: str = "is required") -> ConfigError:
+        """`key` is absent; a key set in its place that looks like a typo of it is named."""
+        unknown = [k for k in self.data if k not in self.used and k != key]
+        close = difflib.get_close_matches(key, unknown, n=1, cutoff=0.6)
+        hint = f" ({close[0]} is set: a typo?)" if close else ""
+        return self.error(key, f"{what}{hint}")
+
     def _get(self, key: str) -> Any:
         self.used.add(key)
         return self.data.get(key)
@@ -238,7 +112,7 @@ class Section:
         value = self._get(key)
         if value is None:
             if required or default is None:
-                raise self.error(key, "is required")
+                raise self.missing(key)
             return default
         if not isinstance(value, str) or not value.strip():
             raise self.error(key, f"must be a non-empty string, got {value!r}")
@@ -249,7 +123,7 @@ class Section:
         value = self._get(key)
         if value is None:
             if default is None:
-                raise self.error(key, "is required (the name of a secret)")
+                raise self.missing(key, "is required (the name of a secret)")
             return default
         return self.check_secret_name(key, value)
 
@@ -280,25 +154,41 @@ class Section:
             raise self.error(key, f"must be a string, got {value!r}")
         return value
 
-    def number(self, key: str, default: float, *, minimum: float, maximum: float) -> float:
+    def number(
+        self,
+        key: str,
+        default: float,
+        *,
+        minimum: float,
+        maximum: float,
+        unit: str | None = None,
+    ) -> float:
         value = self._get(key)
         if value is None:
             return default
         if isinstance(value, bool) or not isinstance(value, int | float):
             raise self.error(key, f"must be a number, got {value!r}")
         if not minimum <= value <= maximum:
-            raise self.error(key, f"must be between {minimum} and {maximum}, got {value}")
+            raise self._out_of_range(key, value, minimum, maximum, unit)
         return float(value)
 
-    def integer(self, key: str, default: int, *, minimum: int, maximum: int) -> int:
+    def integer(
+        self, key: str, default: int, *, minimum: int, maximum: int, unit: str | None = None
+    ) -> int:
         value = self._get(key)
         if value is None:
             return default
         if isinstance(value, bool) or not isinstance(value, int):
             raise self.error(key, f"must be a whole number, got {value!r}")
         if not minimum <= value <= maximum:
-            raise self.error(key, f"must be between {minimum} and {maximum}, got {value}")
+            raise self._out_of_range(key, value, minimum, maximum, unit)
         return value
+
+    def _out_of_range(
+        self, key: str, value: float, minimum: float, maximum: float, unit: str | None
+    ) -> ConfigError:
+        bounds = range_text(Spec("", unit, minimum, maximum), "and")
+        return self.error(key, f"must be between {bounds}, got {number_text(value)}")
 
     def boolean(self, key: str, default: bool) -> bool:
         value = self._get(key)
@@ -308,12 +198,45 @@ class Section:
             raise self.error(key, f"must be true or false, got {value!r}")
         return value
 
-    def url(self, key: str) -> str:
+    def url(self, key: str, default: str | None = None) -> str:
+        """An http(s) URL without its trailing slash (required unless `default`)."""
+        if default is not None and self.data.get(key) is None:
+            self.used.add(key)
+            return default
         value = self.string(key, required=True)
         parsed = urlparse(value)
         if parsed.scheme not in ("http", "https") or not parsed.hostname:
             raise self.error(key, f"must be an http(s) URL, got {value!r}")
         return value.rstrip("/")
+
+    def choice(self, key: str, default: str, choices: tuple[str, ...]) -> str:
+        """One of `choices`, in any case."""
+        value = self.string(key, default).lower()
+        if value not in choices:
+            raise self.error(key, f"must be one of {', '.join(choices)}, got {value!r}")
+        return value
+
+    def strings(self, key: str) -> tuple[str, ...]:
+        """A required, non-empty list of strings."""
+        value = self._get(key)
+        if value is None:
+            raise self.missing(key)
+        if not isinstance(value, list) or not value or not all(isinstance(v, str) for v in value):
+            raise self.error(key, f"must be a non-empty list of strings, got {value!r}")
+        return tuple(value)
+
+    def decimal(self, key: str) -> Decimal | None:
+        """A positive amount, or None when absent."""
+        raw = self._get(key)
+        if raw is None:
+            return None
+        try:
+            value = Decimal(str(raw))
+        except InvalidOperation:
+            raise self.error(key, f"must be a decimal amount, got {raw!r}") from None
+        if not value.is_finite() or value <= 0:
+            raise self.error(key, f"must be a positive amount, got {raw!r}")
+        return value
 
     def table(self, key: str) -> dict[str, Any]:
         value = self._get(key)
@@ -325,8 +248,130 @@ class Section:
 
     def reject_unknown(self) -> None:
         unknown = sorted(set(self.data) - self.used)
-        if unknown:
-            raise self.error(unknown[0], "is not a known setting (typo?)")
+        if not unknown:
+            return
+        key = unknown[0]
+        close = difflib.get_close_matches(key, sorted(self.used), n=1, cutoff=0.6)
+        hint = (
+            f"did you mean {close[0]}?" if close else f"known here: {', '.join(sorted(self.used))}"
+        )
+        raise self.error(key, f"is not a known setting ({hint})")
+
+
+# --- reading a settings type through its field metadata -------------------------------------
+Reader = Callable[[Section, str, Any, Spec], Any]
+
+
+def _required(default: Any) -> bool:
+    return default is dataclasses.MISSING
+
+
+READERS: dict[str, Reader] = {
+    "number": lambda s, k, d, spec: s.number(
+        k, d, minimum=_bound(spec.minimum), maximum=_bound(spec.maximum), unit=spec.unit
+    ),
+    "integer": lambda s, k, d, spec: s.integer(
+        k, d, minimum=int(_bound(spec.minimum)), maximum=int(_bound(spec.maximum)), unit=spec.unit
+    ),
+    "boolean": lambda s, k, d, spec: s.boolean(k, d),
+    "string": lambda s, k, d, spec: s.string(k, None if _required(d) else d, required=_required(d)),
+    "optional string": lambda s, k, d, spec: s.optional_string(k),
+    "secret": lambda s, k, d, spec: s.secret_name(k, None if _required(d) else d),
+    "optional secret": lambda s, k, d, spec: s.optional_secret_name(k),
+    "url": lambda s, k, d, spec: s.url(k, None if _required(d) else d),
+    "choice": lambda s, k, d, spec: s.choice(k, d, spec.choices),
+    "strings": lambda s, k, d, spec: s.strings(k),
+    "decimal": lambda s, k, d, spec: s.decimal(k),
+    "optional number": lambda s, k, d, spec: (
+        None if s._get(k) is None else READERS["number"](s, k, 0.0, spec)
+    ),
+}
+
+
+def _bound(value: float | None) -> float:
+    assert value is not None, "a number setting needs its minimum and maximum"
+    return value
+
+
+def _reader_name(spec: Spec, default: Any) -> str:
+    if spec.reader is not None:
+        return spec.reader
+    if isinstance(default, bool):
+        return "boolean"
+    if isinstance(default, int):
+        return "integer"
+    if isinstance(default, float):
+        return "number"
+    return "string"
+
+
+def read_values(s: Section, cls: type, **given: Any) -> dict[str, Any]:
+    """The fields of the settings dataclass `cls` that have metadata, read from `s` in their
+    order, each by its reader, default and range; `given` are the fields read by hand."""
+    values = dict(given)
+    for f in dataclasses.fields(cls):
+        spec = spec_of(f)
+        if f.name in given or spec is None or spec.reader == "by hand":
+            continue
+        default = f.default
+        values[f.name] = READERS[_reader_name(spec, default)](s, toml_key(f), default, spec)
+    return values
+
+
+def read_settings(s: Section, cls: type[T], **given: Any) -> T:
+    """An instance of the settings dataclass `cls` (see read_values)."""
+    return cls(**read_values(s, cls, **given))
+
+
+def field_spec(cls: type, name: str) -> Spec:
+    """The metadata of field `name` of `cls`."""
+    return _field(cls, name)[1]
+
+
+def field_default(cls: type, name: str) -> Any:
+    """The default of field `name` of `cls` (its factory's value when it has one)."""
+    f = _field(cls, name)[0]
+    return f.default_factory() if f.default_factory is not dataclasses.MISSING else f.default
+
+
+def _field(cls: type, name: str) -> tuple[dataclasses.Field[Any], Spec]:
+    for f in dataclasses.fields(cls):
+        if f.name == name and (spec := spec_of(f)) is not None:
+            return f, spec
+    raise KeyError(name)
+
+
+def _kind(s: Section, cls: type, what: str, default: str | None) -> str:
+    known = kinds(field_spec(cls, "kind"))
+    kind = s.string("kind", default, required=default is None)
+    if kind not in known:
+        close = difflib.get_close_matches(kind, known, n=1)
+        hint = f"did you mean {close[0]!r}? " if close else ""
+        raise s.error("kind", f"unknown {what} kind {kind!r} ({hint}known: {', '.join(known)})")
+    return kind
+
+
+# --- the file ---------------------------------------------------------------------------------
+def decode_config(source: Path, raw: bytes) -> str:
+    """The file's text: UTF-8, with or without the BOM Windows editors write."""
+    if raw.startswith(UTF8_BOM):
+        raw = raw[len(UTF8_BOM) :]
+    try:
+        return raw.decode("utf-8")
+    except UnicodeDecodeError:
+        pass
+    if raw.startswith((b"\xff\xfe", b"\xfe\xff")):
+        cause = 'was saved as UTF-16 (Windows Notepad\'s "Unicode")'
+    else:
+        try:
+            raw.decode("gb18030")
+            cause = "was saved in a Chinese encoding (GBK/GB18030, ANSI on Chinese Windows)"
+        except UnicodeDecodeError:
+            cause = "is not UTF-8 text"
+    raise ConfigError(
+        f"{source}: the config file {cause}; save it again as UTF-8 (in Notepad: Save as, "
+        f"Encoding: UTF-8), or convert it: iconv -f GBK -t UTF-8 {source.name} > config.utf8"
+    )
 
 
 def load_config(path: Path | str) -> Config:
@@ -336,9 +381,7 @@ def load_config(path: Path | str) -> Config:
     except OSError as exc:
         raise ConfigError(f"{source}: cannot read config file: {exc.strerror or exc}") from None
     try:
-        data = tomllib.loads(raw.decode("utf-8"))
-    except UnicodeDecodeError:
-        raise ConfigError(f"{source}: config file is not valid UTF-8") from None
+        data = tomllib.loads(decode_config(source, raw))
     except tomllib.TOMLDecodeError as exc:
         raise ConfigError(f"{source}: invalid TOML: {exc}") from None
     return parse_config(data, source)
@@ -349,9 +392,7 @@ def parse_config(data: dict[str, Any], source: Path) -> Config:
     agent = _parse_agent(Section(source, "agent", top.table("agent")))
     store = _parse_store(Section(source, "store", top.table("store")), source)
     log_section = Section(source, "log", top.table("log"))
-    level = log_section.string("level", "info").lower()
-    if level not in LOG_LEVELS:
-        raise log_section.error("level", f"must be one of {', '.join(LOG_LEVELS)}, got {level!r}")
+    log = read_settings(log_section, LogSettings)
     log_section.reject_unknown()
 
     platforms_table = top.table("platforms")
@@ -379,42 +420,45 @@ def parse_config(data: dict[str, Any], source: Path) -> Config:
 
     interfaces = parse_interfaces(top)
     top.reject_unknown()
-    return Config(
+    config = Config(
         interfaces=interfaces,
         source=source,
         agent=agent,
         store=store,
-        log=LogSettings(level=level),
+        log=log,
         platforms=platforms,
         skus=skus,
         suppliers=suppliers,
         alerts=alerts,
         notify=notify,
     )
+    _refuse_shared_env_vars(top, config)
+    return config
+
+
+def _refuse_shared_env_vars(top: Section, config: Config) -> None:
+    """Two secret names the environment would give one variable (store.key and store-key
+    both read KAMI_SECRET_STORE_KEY): whichever is set there would serve both."""
+    seen: dict[str, str] = {}
+    for name in config.secret_names():
+        var = env_var_for(name)
+        other = seen.setdefault(var, name)
+        if other != name:
+            raise ConfigError(
+                f"{top.source}: secret names {other!r} and {name!r} both map to the environment"
+                f" variable {var}: one value would serve both; rename one of them (letters,"
+                " digits and one kind of separator)"
+            )
 
 
 def _parse_agent(s: Section) -> AgentSettings:
-    settings = AgentSettings(
-        poll_interval=s.number("poll_interval", 2.0, minimum=0.05, maximum=3600),
-        busy_poll_interval=s.number("busy_poll_interval", 0.25, minimum=0.0, maximum=3600),
-        sweep_interval=s.number("sweep_interval", 5.0, minimum=0.05, maximum=3600),
-        reconcile_interval=s.number("reconcile_interval", 300.0, minimum=1, maximum=86400),
-        concurrency=s.integer("concurrency", 16, minimum=1, maximum=512),
-        delivery_message=s.string("delivery_message", DEFAULT_DELIVERY_MESSAGE),
-        max_delivery_attempts=s.integer("max_delivery_attempts", 50, minimum=1, maximum=10_000),
-        retry_base=s.number("retry_base", 1.0, minimum=0.01, maximum=3600),
-        retry_cap=s.number("retry_cap", 300.0, minimum=0.01, maximum=86400),
-        supplier_retry_interval=s.number(
-            "supplier_retry_interval", 30.0, minimum=0.01, maximum=86400
-        ),
-        balance_interval=s.number("balance_interval", 300.0, minimum=1, maximum=86400),
-    )
+    settings = read_settings(s, AgentSettings)
     s.reject_unknown()
     return settings
 
 
 def _parse_store(s: Section, source: Path) -> StoreSettings:
-    key_secret = s.secret_name("key", "store.key")
+    key_secret = s.secret_name("key", field_default(StoreSettings, "key_secret"))
     raw_path = s.optional_string("path")
     url = s.optional_string("url")
     if (raw_path is None) == (url is None):
@@ -443,43 +487,37 @@ def _parse_postgres(s: Section, url: str, key_secret: str) -> StoreSettings:
             "must not contain a password; name a secret in store.password instead"
             " (kami-agent secrets set <name>)",
         )
-    return StoreSettings(
-        key_secret=key_secret,
-        url=url,
-        password_secret=s.optional_secret_name("password"),
-        instance=s.optional_string("instance"),
-        lease_seconds=s.number("lease_seconds", 60.0, minimum=2.0, maximum=3600.0),
-        pool_size=s.integer("pool_size", 10, minimum=2, maximum=100),
-    )
+    return read_settings(s, StoreSettings, key_secret=key_secret, url=url, path=None)
 
 
-def _endpoint(s: Section, what: str, kinds: tuple[str, ...]) -> dict[str, Any]:
-    """What platforms and suppliers share: protocol kind, where, and how to sign."""
-    kind = s.string("kind", kinds[0])
-    if kind not in kinds:
-        raise s.error("kind", f"unknown {what} kind {kind!r} (known: {', '.join(kinds)})")
-    return {
-        "kind": kind,
-        "base_url": s.url("base_url"),
-        "api_key": s.string("api_key", required=True),
-        "secret_name": s.secret_name("secret"),
-        "timeout": s.number("timeout", 10.0, minimum=0.1, maximum=300),
-    }
+def _check_name(top: Section, table: str, name: str) -> None:
+    if not _NAME_RE.match(name):
+        raise top.error(f"{table}.{name}", "name must be letters, digits, '.', '_' or '-'")
 
 
 def _parse_platform(name: str, s: Section, top: Section) -> PlatformSettings:
-    if not _NAME_RE.match(name):
-        raise top.error(f"platforms.{name}", "name must be letters, digits, '.', '_' or '-'")
-    from agent.platforms import KINDS, kind_module  # adapters import this module
+    _check_name(top, "platforms", name)
+    from agent.platforms import kind_module  # adapters import this module
 
-    endpoint = _endpoint(s, "platform", tuple(KINDS))
-    settings = PlatformSettings(
-        name=name,
-        **endpoint,
-        page_size=s.integer("page_size", 100, minimum=1, maximum=1000),
-        long_poll=s.boolean("long_poll", False),
-        options=kind_module(endpoint["kind"]).parse_options(s),
-    )
+    kind = _kind(s, PlatformSettings, "platform", DEFAULT_KIND)
+    shared = read_values(s, PlatformSettings, name=name, kind=kind, options=None)
+    shared["options"] = kind_module(kind).parse_options(s)
+    settings = PlatformSettings(**shared)
+    s.reject_unknown()
+    return settings
+
+
+def _parse_supplier(name: str, s: Section, top: Section) -> SupplierSettings:
+    if not _NAME_RE.match(name) or name == LOCAL_SOURCE:  # `local`: local stock in sources
+        raise top.error(
+            f"suppliers.{name}", "name must be letters, digits, '.', '_' or '-' and not 'local'"
+        )
+    from agent.suppliers import kind_module  # adapters import this module
+
+    kind = _kind(s, SupplierSettings, "supplier", DEFAULT_KIND)
+    shared = read_values(s, SupplierSettings, name=name, kind=kind, options=None)
+    shared["options"] = kind_module(kind).parse_options(s)
+    settings = SupplierSettings(**shared)
     s.reject_unknown()
     return settings
 
@@ -489,7 +527,7 @@ def _parse_sku(sku: str, s: Section, top: Section, suppliers: set[str]) -> SkuSe
         raise top.error(f"skus.{sku}", "SKU must be 1 to 128 characters")
     sources = s._get("sources")
     if sources is None:
-        sources = [LOCAL_SOURCE]
+        sources = list(field_default(SkuSettings, "sources"))
     if not isinstance(sources, list) or not sources or not all(isinstance(x, str) for x in sources):
         raise s.error("sources", f"must be a non-empty list of names, got {sources!r}")
     for name in sources:
@@ -497,133 +535,28 @@ def _parse_sku(sku: str, s: Section, top: Section, suppliers: set[str]) -> SkuSe
             raise s.error("sources", f"{name!r} is neither 'local' nor a [suppliers.*] name")
     if len(set(sources)) != len(sources):
         raise s.error("sources", "lists a source twice")
-    max_price = _decimal(s, "max_price")
     supplier_skus = s.table("supplier_sku")
     for name, value in supplier_skus.items():
         if name not in suppliers or not isinstance(value, str) or not value:
             raise s.error(f"supplier_sku.{name}", "must map a configured supplier to a product id")
-    settings = SkuSettings(
-        sku=sku,
-        max_quantity=s.integer("max_quantity", 50, minimum=1, maximum=MAX_QUANTITY_LIMIT),
-        message=s.optional_string("message"),
-        sources=tuple(sources),
-        max_price=max_price,
-        supplier_skus=dict(supplier_skus),
-        lead_time=s.number("lead_time", 3600.0, minimum=0, maximum=30 * 86400),
-        min_stock=s.integer("min_stock", 0, minimum=0, maximum=10_000_000),
-        promise=s.number("promise", 600.0, minimum=1, maximum=30 * 86400),
-        refund_after=(
-            s.number("refund_after", 0.0, minimum=60, maximum=90 * 86400)
-            if s.data.get("refund_after") is not None
-            else None
-        ),
+    settings = read_settings(
+        s, SkuSettings, sku=sku, sources=tuple(sources), supplier_skus=dict(supplier_skus)
     )
     s.reject_unknown()
     return settings
 
 
-def _decimal(s: Section, key: str) -> Decimal | None:
-    raw = s._get(key)
-    if raw is None:
-        return None
-    try:
-        value = Decimal(str(raw))
-    except InvalidOperation:
-        raise s.error(key, f"must be a decimal amount, got {raw!r}") from None
-    if not value.is_finite() or value <= 0:
-        raise s.error(key, f"must be a positive amount, got {raw!r}")
-    return value
-
-
 def _parse_alerts(s: Section) -> AlertSettings:
-    settings = AlertSettings(
-        forecast_interval=s.number("forecast_interval", 60.0, minimum=0.05, maximum=86400),
-        half_life=s.number("half_life", 3600.0, minimum=1, maximum=30 * 86400),
-        escalate_after=s.number("escalate_after", 3600.0, minimum=1, maximum=30 * 86400),
-        max_escalations=s.integer("max_escalations", 3, minimum=0, maximum=100),
-        outbox_interval=s.number("outbox_interval", 5.0, minimum=0.05, maximum=3600),
-        buyer_notice_after=s.number("buyer_notice_after", 600.0, minimum=1, maximum=30 * 86400),
-    )
+    settings = read_settings(s, AlertSettings)
     s.reject_unknown()
     return settings
 
 
 def _parse_notify(name: str, s: Section, top: Section) -> NotifySettings:
-    if not _NAME_RE.match(name):
-        raise top.error(f"notify.{name}", "name must be letters, digits, '.', '_' or '-'")
-    kind = s.string("kind", required=True)
-    spec = NOTIFY_KINDS.get(kind)
-    if spec is None:
-        raise s.error("kind", f"unknown channel kind {kind!r} (known: {', '.join(NOTIFY_KINDS)})")
-    options: dict[str, Any] = {}
-    for key, (kind_type, required, default) in spec.items():
-        value = s._get(key)
-        if value is None:
-            if required:
-                raise s.error(key, f"is required for a {kind} channel")
-            options[key] = default
-            continue
-        if key in SECRET_OPTIONS:
-            value = s.check_secret_name(key, value)
-        if kind_type is list:
-            if (
-                not isinstance(value, list)
-                or not value
-                or not all(isinstance(v, str) for v in value)
-            ):
-                raise s.error(key, f"must be a non-empty list of strings, got {value!r}")
-            value = tuple(value)
-        elif kind_type is int and (isinstance(value, bool) or not isinstance(value, int)):
-            raise s.error(key, f"must be a whole number, got {value!r}")
-        elif kind_type is not int and not isinstance(value, kind_type):
-            raise s.error(key, f"must be a {kind_type.__name__}, got {value!r}")
-        options[key] = value
-    for key in ("url", "api_base"):
-        if s.data.get(key) is not None:  # a default (api_base) is not read from the file
-            options[key] = s.url(key)
-    if kind == "email":
-        _email_tls(s, options)
+    _check_name(top, "notify", name)
+    from agent.notify import kind_module  # channel modules import this one
+
+    kind = _kind(s, NotifySettings, "channel", None)
+    options = kind_module(kind).parse_options(s)
     s.reject_unknown()
     return NotifySettings(name=name, kind=kind, options=options)
-
-
-EMAIL_TLS = ("starttls", "implicit", "none")
-
-
-def _email_tls(s: Section, options: dict[str, Any]) -> None:
-    tls = options["tls"]
-    if tls is None:
-        tls = "starttls" if options["starttls"] else "none"
-    elif tls not in EMAIL_TLS:
-        raise s.error("tls", f"must be one of {', '.join(EMAIL_TLS)}, got {tls!r}")
-    elif s.data.get("starttls") is not None and options["starttls"] != (tls == "starttls"):
-        raise s.error("starttls", f'contradicts tls = "{tls}"; set tls alone')
-    options["tls"] = tls
-    if tls == "implicit" and s.data.get("port") is None:
-        options["port"] = 465  # SMTPS
-    if options.get("password") and tls == "none":
-        raise s.error(
-            "password",
-            'is never sent over SMTP without TLS; set tls = "starttls" (usually port 587)'
-            ' or tls = "implicit" (usually port 465)',
-        )
-
-
-SUPPLIER_KINDS = ("http", "fulu")
-
-
-def _parse_supplier(name: str, s: Section, top: Section) -> SupplierSettings:
-    if not _NAME_RE.match(name) or name == LOCAL_SOURCE:
-        raise top.error(
-            f"suppliers.{name}", "name must be letters, digits, '.', '_' or '-' and not 'local'"
-        )
-    settings = SupplierSettings(
-        name=name,
-        **_endpoint(s, "supplier", SUPPLIER_KINDS),
-        unknown_window=s.number("unknown_window", 600.0, minimum=1, maximum=7 * 86400),
-        query_grace=s.number("query_grace", 10.0, minimum=0, maximum=3600),
-        processing_poll=s.number("processing_poll", 2.0, minimum=0.05, maximum=3600),
-        balance_low=_decimal(s, "balance_low"),
-    )
-    s.reject_unknown()
-    return settings

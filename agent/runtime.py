@@ -10,7 +10,6 @@ from collections.abc import Mapping
 
 from agent.alerts import AlertEvaluator, OutboxDrainer
 from agent.buyer import BuyerCare
-from agent.console.launch import MerchantInterfaces
 from agent.config import (
     AgentSettings,
     Config,
@@ -19,6 +18,7 @@ from agent.config import (
     StoreSettings,
     SupplierSettings,
 )
+from agent.console.launch import MerchantInterfaces
 from agent.engine import Engine
 from agent.keybox import parse_master_key
 from agent.ledger_watch import EXIT_LEDGER_LOST, alert_ledger_lost, watch_ledger
@@ -36,9 +36,8 @@ from agent.store.base import Store
 from agent.store.identity import Opening
 from agent.store.sqlite import SQLiteStore
 from agent.store.sqlite_base import exclusive_ledger
+from agent.suppliers import kind_module as supplier_module
 from agent.suppliers.base import Supplier
-from agent.suppliers.fulu import FuluSupplier
-from agent.suppliers.http import HttpSupplier
 
 log = get_logger("kami.runtime")
 DRAIN_GRACE_SECONDS = 20.0
@@ -109,10 +108,7 @@ def build_platforms(config: Config) -> dict[str, Platform]:
 
 
 def build_supplier(settings: SupplierSettings) -> Supplier:
-    secret = resolve_secret(settings.secret_name)
-    if settings.kind == "fulu":
-        return FuluSupplier(settings, secret)
-    return HttpSupplier(settings, secret)
+    return supplier_module(settings.kind).build(settings, resolve_secret(settings.secret_name))
 
 
 def build_suppliers(config: Config) -> dict[str, Supplier]:

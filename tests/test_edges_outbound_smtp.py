@@ -241,7 +241,7 @@ def test_config_refuses_a_password_without_tls(tmp_path: Path, mail: str) -> Non
 )
 def test_config_tls_modes(tmp_path: Path, mail: str, tls: str, port: int) -> None:
     [channel] = load_config(write_config(tmp_path, mail)).notify
-    assert (channel.options["tls"], channel.options["port"]) == (tls, port)
+    assert (channel.options.tls, channel.options.port) == (tls, port)
 
 
 @pytest.mark.parametrize(

@@ -70,6 +70,11 @@ async def post_json(
         raise Permanent(f"cannot post to {where}: {type(exc).__name__}") from None
 
 
+def timeout_kwargs(timeout: float | None) -> dict[str, float]:
+    """An HttpNotifier's `timeout` keyword when one is given (else its own default)."""
+    return {} if timeout is None else {"timeout": timeout}
+
+
 class HttpNotifier:
     """Base for channels that POST JSON: one pooled session, closed with the notifier."""
 

@@ -4,9 +4,14 @@ from __future__ import annotations
 
 import sys
 import time
-from typing import TextIO
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, TextIO
 
 from agent.domain import AlertMessage
+
+if TYPE_CHECKING:
+    from agent.config import Section
 
 
 class ConsoleNotifier:
@@ -20,3 +25,21 @@ class ConsoleNotifier:
 
     async def close(self) -> None:
         return None
+
+
+# --- the channel's settings (agent.notify.KINDS) ----------------------------------------------
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Options:
+    """The console channel has no keys of its own."""
+
+
+def parse_options(section: Section) -> Options:
+    """Nothing to read."""
+    return Options()
+
+
+def build(
+    name: str, options: Options, secret: Callable[[str], str], timeout: float | None
+) -> ConsoleNotifier:
+    """Alerts on the daemon's standard error."""
+    return ConsoleNotifier(name)

@@ -4,12 +4,20 @@ port 465) or, without a password only, plain SMTP."""
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import smtplib
 import ssl
+from collections.abc import Callable
+from dataclasses import dataclass
 from email.message import EmailMessage
+from typing import TYPE_CHECKING
 
 from agent.domain import AlertMessage, Permanent, Transient
 from agent.redact import register
+from agent.settings import setting
+
+if TYPE_CHECKING:
+    from agent.config import Section
 
 TLS_MODES = ("starttls", "implicit", "none")
 
@@ -98,3 +106,76 @@ class EmailNotifier:
 
     async def close(self) -> None:
         return None
+
+
+# --- the channel's settings (agent.notify.KINDS) ----------------------------------------------
+SMTP_PORT = 587
+SMTPS_PORT = 465
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Options:
+    host: str = setting(reader="string", help="SMTP server")
+    port: int = setting(
+        SMTP_PORT,
+        minimum=1,
+        maximum=65535,
+        shown=f'{SMTP_PORT} ({SMTPS_PORT} with tls = "implicit")',
+        help="SMTP port",
+    )
+    starttls: bool = setting(True, help='false: plain SMTP (as tls = "none")')
+    tls: str | None = setting(
+        None,
+        reader="optional string",
+        choices=TLS_MODES,
+        shown="starttls",
+        help="`implicit`: SMTPS (QQ, 163 mail); `none` only without a password",
+    )
+    sender: str = setting(reader="string", help="From address")
+    to: tuple[str, ...] = setting(reader="strings", help='recipients, `["a@x", "b@y"]`')
+    username: str | None = setting(None, reader="optional string", help="SMTP login")
+    password: str | None = setting(
+        None, reader="optional secret", secret=True, help="name of the secret holding it"
+    )
+
+
+def parse_options(section: Section) -> Options:
+    """The email keys; `tls` settled from `starttls` when absent."""
+    from agent.config import read_settings
+
+    options = read_settings(section, Options)
+    tls = options.tls
+    if tls is None:
+        tls = "starttls" if options.starttls else "none"
+    elif tls not in TLS_MODES:
+        raise section.error("tls", f"must be one of {', '.join(TLS_MODES)}, got {tls!r}")
+    elif section.data.get("starttls") is not None and options.starttls != (tls == "starttls"):
+        raise section.error("starttls", f'contradicts tls = "{tls}"; set tls alone')
+    port = options.port
+    if tls == "implicit" and section.data.get("port") is None:
+        port = SMTPS_PORT
+    if options.password and tls == "none":
+        raise section.error(
+            "password",
+            'is never sent over SMTP without TLS; set tls = "starttls" (usually port 587)'
+            ' or tls = "implicit" (usually port 465)',
+        )
+    return dataclasses.replace(options, tls=tls, port=port)
+
+
+def build(
+    name: str, options: Options, secret: Callable[[str], str], timeout: float | None
+) -> EmailNotifier:
+    """An SMTP channel; 15 s per send unless `timeout`."""
+    return EmailNotifier(
+        name,
+        options.host,
+        options.port,
+        options.sender,
+        tuple(options.to),
+        options.starttls,
+        options.username,
+        secret(options.password) if options.password else None,
+        15.0 if timeout is None else timeout,
+        tls=options.tls,
+    )

@@ -2,14 +2,11 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 
 from agent.config import NotifySettings
+from agent.notify import kind_module
 from agent.notify.base import Notifier
-from agent.notify.console import ConsoleNotifier
-from agent.notify.email import EmailNotifier
-from agent.notify.robots import DingTalkNotifier, FeishuNotifier, TelegramNotifier, WeComNotifier
-from agent.notify.webhook import WebhookNotifier
 from agent.secrets import resolve_secret
 
 
@@ -19,36 +16,8 @@ def build_notifier(
     timeout: float | None = None,
 ) -> Notifier:
     """`timeout`: seconds per send, when not the channel's default (10 s, email 15 s)."""
-    o = settings.options
-    http: dict[str, float] = {} if timeout is None else {"timeout": timeout}
-    name = settings.name
-
-    def optional(key: str) -> str | None:
-        return secret(o[key]) if o.get(key) else None
-
-    if settings.kind == "email":
-        return EmailNotifier(
-            name,
-            o["host"],
-            o["port"],
-            o["sender"],
-            tuple(o["to"]),
-            o["starttls"],
-            o.get("username"),
-            optional("password"),
-            15.0 if timeout is None else timeout,
-            tls=o.get("tls"),
-        )
-    if settings.kind == "webhook":
-        return WebhookNotifier(name, o["url"], secret(o["secret"]), **http)
-    if settings.kind == "telegram":
-        return TelegramNotifier(name, secret(o["token"]), o["chat_id"], o["api_base"], **http)
-    if settings.kind == "dingtalk":
-        return DingTalkNotifier(name, secret(o["url_secret"]), optional("sign_secret"), **http)
-    if settings.kind == "wecom":
-        return WeComNotifier(name, secret(o["url_secret"]), **http)
-    if settings.kind == "feishu":
-        return FeishuNotifier(name, secret(o["url_secret"]), optional("sign_secret"), **http)
-    if settings.kind == "console":
-        return ConsoleNotifier(name)
-    raise ValueError(f"unknown notifier kind {settings.kind!r}")
+    channel = kind_module(settings.kind)
+    options = settings.options
+    if isinstance(options, Mapping):  # given in code (tests, the demo), not read from a file
+        options = channel.Options(**options)
+    return channel.build(settings.name, options, secret, timeout)

@@ -5,10 +5,17 @@ from __future__ import annotations
 import hashlib
 import hmac
 import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 from agent.domain import AlertMessage
-from agent.notify.base import HttpNotifier, post_json
+from agent.notify.base import HttpNotifier, post_json, timeout_kwargs
 from agent.redact import register, register_url_tokens
+from agent.settings import setting
+
+if TYPE_CHECKING:
+    from agent.config import Section
 
 SIGNATURE_HEADER = "X-Kami-Signature"
 TIMESTAMP_HEADER = "X-Kami-Timestamp"
@@ -35,3 +42,29 @@ class WebhookNotifier(HttpNotifier):
             SIGNATURE_HEADER: webhook_signature(self.secret, timestamp, body),
         }
         await post_json(self.session(), self.url, headers=headers, body=body)
+
+
+# --- the channel's settings (agent.notify.KINDS) ----------------------------------------------
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Options:
+    url: str = setting(reader="url", help="where the alert is POSTed as JSON")
+    secret: str = setting(
+        reader="secret",
+        secret=True,
+        help="name of the secret signing it: `X-Kami-Signature: sha256=hex(HMAC-SHA256(secret,"
+        ' timestamp + "." + body))`, timestamp in `X-Kami-Timestamp`',
+    )
+
+
+def parse_options(section: Section) -> Options:
+    """The webhook keys."""
+    from agent.config import read_settings
+
+    return read_settings(section, Options)
+
+
+def build(
+    name: str, options: Options, secret: Callable[[str], str], timeout: float | None
+) -> WebhookNotifier:
+    """A signed JSON webhook."""
+    return WebhookNotifier(name, options.url, secret(options.secret), **timeout_kwargs(timeout))

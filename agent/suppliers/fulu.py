@@ -32,7 +32,7 @@ from cryptography.hazmat.primitives import padding
 from cryptography.hazmat.primitives.ciphers import Cipher, algorithms, modes
 
 from agent import safejson
-from agent.config import SupplierSettings
+from agent.config import Section, SupplierSettings
 from agent.domain import Ambiguous, BadResponse, CardItem, Permanent, PurchaseResult, Transient
 from agent.signed_http import Redirected, SignedClient
 from agent.suppliers.base import Balance
@@ -219,3 +219,14 @@ class FuluSupplier:
 
     async def close(self) -> None:
         await self._client.close()
+
+
+# --- registration (agent.suppliers.KINDS) -------------------------------------------------------
+def parse_options(section: Section) -> None:
+    """This kind has no keys beyond those every supplier shares."""
+    return None
+
+
+def build(settings: SupplierSettings, secret: str) -> FuluSupplier:
+    """An adapter for the 福禄 open platform."""
+    return FuluSupplier(settings, secret)

@@ -5,7 +5,7 @@ from __future__ import annotations
 from decimal import Decimal, InvalidOperation
 from typing import Any
 
-from agent.config import SupplierSettings
+from agent.config import Section, SupplierSettings
 from agent.domain import (
     Ambiguous,
     BadResponse,
@@ -126,3 +126,14 @@ class HttpSupplier:
 
     async def close(self) -> None:
         await self._client.close()
+
+
+# --- registration (agent.suppliers.KINDS) -------------------------------------------------------
+def parse_options(section: Section) -> None:
+    """This kind has no keys beyond those every supplier shares."""
+    return None
+
+
+def build(settings: SupplierSettings, secret: str) -> HttpSupplier:
+    """An adapter for the supplier-http v1 protocol."""
+    return HttpSupplier(settings, secret)
