@@ -873,3 +873,36 @@ def test_the_chinese_setup_example_is_a_valid_config(tmp_path: Path) -> None:
     assert isinstance(options, AgisoOptions) and options.channel == "taobao"
     rendered = render(options.templates["GAME-100"], "T1", "点卡", 1, [key(1)])
     assert "卡号：CARD000001  卡密：PWD-000001-XyZ" in rendered
+
+
+async def test_messages_the_cap_cannot_hold_are_parked_with_the_reason(
+    tmp_path: Path, fake: FakeAgiso, sqlite_store: Store
+) -> None:
+    store = sqlite_store
+    await stock(store, 50)
+    config = engine_config(tmp_path, fake, ["xianyu"])
+    long_line = {
+        "GAME-100": "{卡} " + "请在游戏内兑换，兑换后概不退换。" * 12
+    }  # ~230 characters a key
+    config = dataclasses.replace(
+        config,
+        platforms=(settings(fake, "xianyu", templates=long_line),),
+        skus={"GAME-100": SkuSettings(sku="GAME-100", max_quantity=50)},
+    )
+    platform = AgisoPlatform(config.platforms[0], APP_SECRET, TOKENS["xianyu"], 8, clock=fake.clock)
+    used_up = fake.add_order("xianyu", ITEMS["xianyu"])
+    fake.orders[used_up].im += ["商家聊天"] * 5  # the merchant used the order's 5 messages
+    too_many = fake.add_order("xianyu", ITEMS["xianyu"], quantity=40)  # 40 lines: 10 messages
+
+    async def parked() -> bool:
+        return (await store.count_by_state()).get(LineState.NEEDS_ATTENTION, 0) == 2
+
+    async with running(config, store, {"xianyu": platform}):
+        for tid in (used_up, too_many):
+            await pushed(platform, fake, tid)
+        await settle(parked, "both orders parked")
+    [line] = await store.find_lines(used_up)
+    assert line.reason and "消息条数已达上限" in line.reason
+    [line] = await store.find_lines(too_many)
+    assert line.reason and "超过每单 5 条的上限" in line.reason
+    assert fake.orders[too_many].status == "2" and fake.orders[too_many].im == []  # nothing sent

@@ -64,6 +64,7 @@ from agent.platforms.agiso_wire import (
     WireError,
     orders_of,
     our_lines,
+    same_cards,
     taobao_trade,
     text_id,
 )
@@ -331,7 +332,7 @@ class AgisoPlatform:
 
     def _progress_of(self, order_id: str, items: Sequence[CardItem]) -> Progress:
         progress = self._progress.get(order_id)
-        if progress is None or sorted(map(repr, progress.items)) != sorted(map(repr, items)):
+        if progress is None or not same_cards(progress.items, items):
             progress = Progress(tuple(items))
             self._progress[order_id] = progress
         self._progress.move_to_end(order_id)
