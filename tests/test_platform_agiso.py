@@ -906,3 +906,18 @@ async def test_messages_the_cap_cannot_hold_are_parked_with_the_reason(
     [line] = await store.find_lines(too_many)
     assert line.reason and "超过每单 5 条的上限" in line.reason
     assert fake.orders[too_many].status == "2" and fake.orders[too_many].im == []  # nothing sent
+
+
+async def test_other_keys_for_an_order_shipped_half_way_are_refused_not_sent(
+    fake: FakeAgiso, adapters: dict[str, AgisoPlatform]
+) -> None:
+    tid = fake.add_order("xianyu", ITEMS["xianyu"])
+    platform = adapters["xianyu"]
+    fake.deposit = fake.price * 2.5  # the read and the dummy send, then the deposit is out
+    with pytest.raises(BalanceExhausted):
+        await platform.deliver(tid, "k", [key(1)], "")
+    fake.deposit = 100.0
+    clock_of(fake).offset += 61
+    with pytest.raises(Permanent, match="已经发货"):  # never a second set of keys
+        await platform.deliver(tid, "k", [key(2)], "")
+    assert sightings(fake, tid, key(2)) == 0 and fake.orders[tid].im == []
