@@ -20,7 +20,10 @@ async def test_the_demo_log_and_ledger_are_private(quiet_logs: TextIO) -> None:
         logs.configure("debug", quiet_logs)  # the demo closed its own log file
     found = re.search(r"logs\s+(\S+)", out.getvalue())
     assert found is not None, out.getvalue()
-    log_path = Path(found.group(1))
+    assert_private(Path(found.group(1)))
+
+
+def assert_private(log_path: Path) -> None:
     assert log_path.stat().st_size > 0
     for path in [log_path.parent, *log_path.parent.iterdir()]:
         mode = stat.S_IMODE(path.stat().st_mode)
