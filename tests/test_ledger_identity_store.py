@@ -36,13 +36,13 @@ MOVE_SEALED = (
 async def raw_sql(store: Store, sql: str) -> None:
     """One statement on the store's own connection, as someone with the file would run it."""
     if isinstance(store, SQLiteStore):
-        await store._tx(lambda conn: conn.execute(sql))
+        await store._write(lambda conn: conn.execute(sql))
         return
 
     async def run(conn: Any) -> None:
         await conn.execute(sql)
 
-    await store._tx(run)  # type: ignore[attr-defined]
+    await store._write(run)  # type: ignore[attr-defined]
 
 
 async def test_a_sealed_key_moved_to_another_row_is_parked_not_delivered(

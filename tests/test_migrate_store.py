@@ -14,8 +14,7 @@ from agent.store.base import Store, StoreError
 from agent.store.identity import Opening
 from agent.store.migrate import migrate_sqlite_to_postgres
 from agent.store.postgres import PostgresStore
-from agent.store.sqlite import SQLiteStore
-from agent.store.sqlite_base import exclusive_ledger
+from agent.store.sqlite import SQLiteStore, exclusive_ledger
 from tests.conftest import make_config, master_key_for_tests, stock
 from tests.daemon import run_cli
 from tests.helpers import assert_platform_invariants, delivered_all, running_agent, wait_for

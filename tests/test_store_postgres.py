@@ -9,8 +9,7 @@ from pathlib import Path
 import pytest
 
 from agent.domain import DeliveryIntent, KeyState, LineState, PlatformOrder
-from agent.store.postgres import PostgresStore
-from agent.store.postgres_base import lock_id
+from agent.store.postgres import PostgresStore, lock_id
 from agent.store.rows import migrations
 from tests.conftest import keys, master_key_for_tests, stock
 

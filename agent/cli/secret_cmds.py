@@ -98,7 +98,7 @@ def cmd_migrate_store(args: argparse.Namespace) -> int:
         migrate_sqlite_to_postgres,
         parse_sqlite_source,
     )
-    from agent.store.postgres_base import safe_url
+    from agent.store.postgres import safe_url
 
     source = parse_sqlite_source(args.source)
     target = check_postgres_target(args.target)

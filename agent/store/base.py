@@ -28,11 +28,14 @@ from agent.domain import (
     RejectedOrder,
     StockCount,
     StockPosition,
+    Transient,
 )
 
 ProgressCallback = Callable[[int], None]
 
 
+# The store's errors, inside the AgentError tree. Each engine maps its driver's errors to
+# these at the transaction boundary (agent/store/sqlite.py, postgres.py): nothing raw escapes.
 class StoreError(AgentError):
     """The store refused an operation (unknown line, wrong state); phrased for the merchant."""
 
@@ -43,6 +46,29 @@ class LedgerError(AgentError):
     at the store boundary, phrased for the merchant, so a command ends in one clear line.
     Not a StoreError: the engine parks a line on a StoreError, and a ledger it cannot
     reach is no reason to park anything."""
+
+
+class LedgerBusy(LedgerError, Transient):
+    """The ledger's write lock (or a row lock) was not had in time: try again later."""
+
+
+class LedgerContention(LedgerBusy):
+    """Two agents' transactions deadlocked or could not be serialized: the PostgreSQL engine
+    runs the transaction again from the start, a few times, before giving this up."""
+
+
+class LedgerUnavailable(LedgerError, Transient):
+    """The connection to the ledger was lost, or its server is shutting down or starting."""
+
+
+class LedgerRefused(StoreError):
+    """A constraint or a guard of the ledger refused a write (a key bound twice, a second
+    open purchase, a transition not in agent/lifecycle.py): the write, not the ledger, is
+    wrong, and nothing of the transaction happened."""
+
+
+class LedgerDataError(LedgerRefused):
+    """A value the ledger cannot store (text with no UTF-8, a NUL, a number out of range)."""
 
 
 class Store(Protocol):

@@ -18,10 +18,10 @@ from typing import Any
 import asyncpg
 
 from agent.store.base import StoreError
-from agent.store.postgres import PostgresStore
-from agent.store.postgres_base import Conn, migrate_schema, safe_url
-from agent.store.sqlite import SQLiteStore
-from agent.store.sqlite_base import exclusive_ledger
+from agent.store.postgres import PostgresStore, migrate_schema, safe_url
+from agent.store.sqlite import SQLiteStore, exclusive_ledger
+
+Conn = Any  # asyncpg ships no type information
 
 # Parents before children, so every foreign key finds its row. ledger_meta carries the
 # ledger's id: the PostgreSQL ledger goes on as the same ledger.
@@ -99,10 +99,13 @@ async def migrate_sqlite_to_postgres(
     # Verify through the store itself: the keys unwrap, and the rows are the same rows.
     target = PostgresStore(target_url, master_key, instance="migrate-store", password=password)
     await target.open()
+    await target.close()
+    conn = await asyncpg.connect(target_url, password=password)
     try:
-        digest = await target._tx(_postgres_digest)
+        async with conn.transaction(readonly=True):
+            digest = await _postgres_digest(conn)
     finally:
-        await target.close()
+        await conn.close()
     if digest != expected:
         raise StoreError("verification failed: the card keys in PostgreSQL differ from SQLite")
     say(f"verified: card keys identical on both sides (digest {digest[:16]})")

@@ -1,0 +1,1 @@
+"""The ledger bodies, written once over the transaction contract (agent/store/tx.py)."""

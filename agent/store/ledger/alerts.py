@@ -1,0 +1,213 @@
+"""The ledger's forecast inputs, alerts with their outbox, and the buyer side. Written once.
+
+On a shared ledger the jobs calling these run on one agent at a time (singleton()); the
+alert rows are still locked while they change, so a second caller would queue, not repeat."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+from agent.domain import (
+    AlertCondition,
+    AlertMessage,
+    LineState,
+    OpenAlert,
+    OrderLine,
+    OutboxItem,
+    refund_idempotency_key,
+)
+from agent.store.ledger.core import read, write
+from agent.store.ledger.purchases import PurchasesLedger
+from agent.store.rows import (
+    LINE_COLUMNS,
+    LINE_WIDTH,
+    OPEN_ALERT_COLUMNS,
+    line_from_row,
+    plan_alerts,
+)
+from agent.store.tx import Bulk, Tx
+
+OUTBOX = Bulk(
+    "INSERT INTO outbox (channel, alert_key, payload, created_at) VALUES ($1, $2, $3, $4)",
+    ("text", "text", "text", "float8"),
+)
+
+
+class AlertsLedger(PurchasesLedger):
+    @read
+    async def demand_since(self, tx: Tx, since: float) -> list[tuple[str, float, int]]:
+        """(sku, time, quantity) of real demand since a time, for the sales rate: summed per
+        SKU and DEMAND_BUCKET_SECONDS, at the mean time of the orders summed."""
+        rows = await tx.fetch(
+            "SELECT sku, AVG(seen_at), SUM(quantity) FROM {orders_by_seen} WHERE seen_at >= $1"
+            " AND state NOT IN {line_class:not_demand} GROUP BY sku, {bucket}",
+            since,
+        )
+        return [(r[0], r[1], int(r[2])) for r in rows]
+
+    @read
+    async def active_lines(self, tx: Tx, limit: int) -> list[OrderLine]:
+        """Lines the engine still drives, oldest first."""
+        rows = await tx.fetch(
+            f"SELECT {LINE_COLUMNS} FROM orders WHERE state IN {{line_class:active}}"
+            " ORDER BY id LIMIT $1",
+            limit,
+        )
+        return [line_from_row(r) for r in rows]
+
+    @write
+    async def apply_alerts(
+        self,
+        tx: Tx,
+        active: Sequence[AlertCondition],
+        channels: Sequence[str],
+        now: float,
+        escalate_after: float,
+        max_escalations: int,
+    ) -> list[AlertMessage]:
+        """Opens/escalates/resolves alerts and queues one outbox row per channel, atomically."""
+        rows = await tx.fetch(
+            f"SELECT {OPEN_ALERT_COLUMNS} FROM alerts WHERE state = 'open'{{for_update}}"
+        )
+        plan = plan_alerts(rows, active, now, escalate_after, max_escalations)
+        for cond in plan.opened:
+            await tx.execute(
+                "INSERT INTO alerts (key, kind, state, severity, summary, opened_at,"
+                " last_sent_at, escalations) VALUES ($1, $2, 'open', $3, $4, $5, $5, 0)"
+                " ON CONFLICT (key) DO UPDATE SET state = 'open', severity ="
+                " excluded.severity, summary = excluded.summary, opened_at = excluded"
+                ".opened_at, last_sent_at = excluded.last_sent_at, escalations = 0,"
+                " resolved_at = NULL",
+                cond.key,
+                cond.kind,
+                cond.severity,
+                cond.summary,
+                now,
+            )
+        for cond in plan.escalated:
+            await tx.execute(
+                "UPDATE alerts SET last_sent_at = $1, escalations = escalations + 1,"
+                " summary = $2 WHERE key = $3",
+                now,
+                cond.summary,
+                cond.key,
+            )
+        for cond in plan.unchanged:
+            await tx.execute(
+                "UPDATE alerts SET summary = $1 WHERE key = $2", cond.summary, cond.key
+            )
+        for key in plan.resolved:
+            await tx.execute(
+                "UPDATE alerts SET state = 'resolved', resolved_at = $1 WHERE key = $2", now, key
+            )
+        outbox = [(c, m.key, m.to_json(), now) for m in plan.messages for c in channels]
+        if outbox:
+            await tx.executemany(OUTBOX, outbox)
+        return plan.messages
+
+    @read
+    async def open_alerts(self, tx: Tx) -> list[OpenAlert]:
+        """The alerts open now, oldest first."""
+        rows = await tx.fetch(
+            "SELECT key, kind, severity, summary, opened_at, escalations FROM alerts"
+            " WHERE state = 'open' ORDER BY opened_at"
+        )
+        return [OpenAlert(*r) for r in rows]
+
+    @read
+    async def due_outbox(self, tx: Tx, now: float, limit: int) -> list[OutboxItem]:
+        """Messages to send now, oldest first."""
+        rows = await tx.fetch(
+            "SELECT id, channel, payload, attempts FROM outbox WHERE sent_at IS NULL"
+            " AND dead_at IS NULL AND next_attempt_at <= $1 ORDER BY id LIMIT $2",
+            now,
+            limit,
+        )
+        return [OutboxItem(*r) for r in rows]
+
+    @write
+    async def outbox_done(
+        self,
+        tx: Tx,
+        item_id: int,
+        now: float,
+        *,
+        error: str | None = None,
+        retry_at: float | None = None,
+    ) -> None:
+        """Sent (no error), to retry at `retry_at`, or dead (error and no retry)."""
+        if error is None:
+            await tx.execute(
+                "UPDATE outbox SET sent_at = $1, attempts = attempts + 1 WHERE id = $2",
+                now,
+                item_id,
+            )
+        elif retry_at is not None:
+            await tx.execute(
+                "UPDATE outbox SET attempts = attempts + 1, next_attempt_at = $1,"
+                " last_error = $2 WHERE id = $3",
+                retry_at,
+                error,
+                item_id,
+            )
+        else:
+            await tx.execute(
+                "UPDATE outbox SET attempts = attempts + 1, dead_at = $1, last_error = $2"
+                " WHERE id = $3",
+                now,
+                error,
+                item_id,
+            )
+
+    # --- buyer side -------------------------------------------------------------------------
+    @read
+    async def lines_needing_notice(self, tx: Tx, seen_before: float, limit: int) -> list[OrderLine]:
+        """Lines the buyer waits for, seen before a time, not told of the wait yet."""
+        rows = await tx.fetch(
+            f"SELECT {LINE_COLUMNS} FROM orders WHERE state IN {{line_class:noticed}}"
+            " AND notice_sent_at IS NULL AND seen_at <= $1 ORDER BY id LIMIT $2",
+            seen_before,
+            limit,
+        )
+        return [line_from_row(r) for r in rows]
+
+    @write
+    async def mark_notice_sent(self, tx: Tx, line_id: int, message: str, now: float) -> None:
+        """Records that the buyer was told of the wait."""
+        await tx.execute("UPDATE orders SET notice_sent_at = $1 WHERE id = $2", now, line_id)
+        await self._event(tx, line_id, "buyer_notice", message[:200], now)
+
+    @write
+    async def begin_refund(self, tx: Tx, line_id: int, now: float) -> str | None:
+        """Commits the refund key if the line is backordered with no keys and no purchase."""
+        row = await tx.fetchrow(
+            f"SELECT {LINE_COLUMNS}, refund_key FROM orders WHERE id = $1{{for_update}}", line_id
+        )
+        if row is None:
+            return None
+        line, existing = line_from_row(row), row[LINE_WIDTH]
+        if existing:
+            return str(existing)
+        busy = await tx.fetchval(
+            "SELECT (SELECT COUNT(*) FROM card_keys WHERE order_line_id = $1) +"
+            " (SELECT COUNT(*) FROM purchases WHERE order_line_id = $1"
+            "  AND state IN {open_purchase})",
+            line_id,
+        )
+        if line.state != LineState.BACKORDERED or busy:
+            return None
+        key = refund_idempotency_key(line.platform, line.order_id, line.line)
+        await tx.execute(
+            "UPDATE orders SET refund_key = $1, updated_at = $2 WHERE id = $3", key, now, line_id
+        )
+        await self._event(tx, line_id, "refund_intent", f"key {key}", now)
+        return key
+
+    @read
+    async def refunds_in_flight(self, tx: Tx) -> list[tuple[OrderLine, str]]:
+        """Backordered lines whose refund key is committed: (line, refund key)."""
+        rows = await tx.fetch(
+            f"SELECT {LINE_COLUMNS}, refund_key FROM orders WHERE refund_key IS NOT NULL"
+            " AND state = 'backordered'"
+        )
+        return [(line_from_row(r), r[LINE_WIDTH]) for r in rows]

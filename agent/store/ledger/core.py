@@ -1,0 +1,189 @@
+"""What every ledger body stands on: the engine's hooks, the decorators that run a body in a
+write or a read transaction, the sealing keys, and the rows the ledger modules share.
+
+An engine (agent/store/sqlite.py, postgres.py) implements the hooks; the bodies in this
+package are written once over `Tx` (agent/store/tx.py) and never name a database.
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+import time
+from collections.abc import Awaitable, Callable, Coroutine, Sequence
+from typing import Any, Concatenate, ParamSpec, TypeVar
+
+from agent.domain import CardItem, OrderLine, PlatformOrder, RejectedOrder
+from agent.keybox import KEY_BYTES, KeyBox, unwrap, wrap
+from agent.store.base import StoreError
+from agent.store.rows import LINE_COLUMNS, line_from_row
+from agent.store.tx import Bulk, Row, Tx
+
+T = TypeVar("T")
+P = ParamSpec("P")
+C = TypeVar("C", bound="LedgerCore")
+Body = Callable[[Tx], Awaitable[T]]
+
+EVENT = Bulk(
+    "INSERT INTO events (order_line_id, at, kind, detail) VALUES ($1, $2, $3, $4)",
+    ("bigint", "float8", "text", "text"),
+)
+FETCH_LINE = f"SELECT {LINE_COLUMNS} FROM orders WHERE id = $1"
+KEYS = "SELECT id, purpose, wrapped, retired_at FROM data_keys ORDER BY id"
+
+
+def write(
+    body: Callable[Concatenate[C, Tx, P], Awaitable[T]],
+) -> Callable[Concatenate[C, P], Coroutine[Any, Any, T]]:
+    """The method runs its body in one write transaction: durable when it returns, nothing
+    of it when it raises."""
+
+    @functools.wraps(body)
+    async def call(self: C, /, *args: P.args, **kwargs: P.kwargs) -> T:
+        return await self._write(lambda tx: body(self, tx, *args, **kwargs))
+
+    return call
+
+
+def read(
+    body: Callable[Concatenate[C, Tx, P], Awaitable[T]],
+) -> Callable[Concatenate[C, P], Coroutine[Any, Any, T]]:
+    """The method runs its body in one read transaction, which never takes the write lock:
+    one moment's view of the ledger, while writers go on."""
+
+    @functools.wraps(body)
+    async def call(self: C, /, *args: P.args, **kwargs: P.kwargs) -> T:
+        return await self._read(lambda tx: body(self, tx, *args, **kwargs))
+
+    return call
+
+
+class LedgerCore:
+    """The engine's hooks (each engine implements them) and what the bodies share."""
+
+    _keybox: KeyBox | None
+    _master_key: bytes
+    # Appended to the details of intake and delivery events: which agent did it.
+    _by: str = ""
+    # What the driver raises for a value it cannot store (agent/store/set_aside.py).
+    _data_errors: tuple[type[BaseException], ...] = ()
+
+    # --- the engine's hooks ------------------------------------------------------------------
+    async def _write(self, body: Body[T]) -> T:
+        """Runs body(tx) in a write transaction."""
+        raise NotImplementedError
+
+    async def _read(self, body: Body[T]) -> T:
+        """Runs body(tx) in a read transaction (no write lock)."""
+        raise NotImplementedError
+
+    async def _write_alone(self, body: Body[T]) -> T:
+        """A long write (an import batch): in a transaction of its own, off the event loop
+        where the engine runs statements on it."""
+        return await self._write(body)
+
+    async def _lock_line(self, tx: Tx, line_id: int, now: float) -> OrderLine:
+        """The line, locked for this transaction (and leased to this agent, if shared)."""
+        return await self._fetch_line(tx, line_id)
+
+    async def _lease(self, tx: Tx, line_ids: Sequence[int], now: float) -> None:
+        """Leases lines this transaction locked to this agent (a shared ledger's hook)."""
+
+    async def _lock_table(self, tx: Tx, table: str) -> None:
+        """Locks a table against other agents' writes for this transaction."""
+
+    def _intake_order(
+        self, orders: Sequence[PlatformOrder | RejectedOrder]
+    ) -> Sequence[PlatformOrder | RejectedOrder]:
+        """The order a page's orders are taken in (a shared ledger: one for every agent)."""
+        return orders
+
+    # --- rows shared by the ledger modules ------------------------------------------------
+    @staticmethod
+    async def _fetch_line(tx: Tx, line_id: int) -> OrderLine:
+        row = await tx.fetchrow(FETCH_LINE, line_id)
+        if row is None:
+            raise StoreError(f"no order line with id {line_id}")
+        return line_from_row(row)
+
+    @staticmethod
+    async def _event(tx: Tx, line_id: int, kind: str, detail: str, now: float) -> None:
+        await tx.execute(EVENT.sql, line_id, now, kind, detail)
+
+    @staticmethod
+    async def _events(tx: Tx, events: Sequence[tuple[int, str, str]], now: float) -> None:
+        """(line id, kind, detail) events, in order."""
+        if events:
+            await tx.executemany(EVENT, [(e[0], now, e[1], e[2]) for e in events])
+
+    @staticmethod
+    async def _refunding(tx: Tx, line_id: int) -> bool:
+        key = await tx.fetchval("SELECT refund_key FROM orders WHERE id = $1", line_id)
+        return key is not None
+
+    # --- the keys that seal card keys -----------------------------------------------------
+    @property
+    def keybox(self) -> KeyBox:
+        if self._keybox is None:
+            raise StoreError("store is not open")
+        return self._keybox
+
+    async def _load_keys(self, tx: Tx) -> KeyBox:
+        # Retired data keys are loaded too: another agent (or an interrupted rotation) may
+        # have sealed with one just before a rotation retired it.
+        rows = await tx.fetch(KEYS)
+        if not rows:  # a new ledger: one hash key for its lifetime, a first data key
+            await self._lock_table(tx, "data_keys")
+            rows = await tx.fetch(KEYS)
+            if not rows:
+                for purpose in ("hash", "data"):
+                    await self._new_key(tx, purpose, time.time())
+                rows = await tx.fetch(KEYS)
+        keys = {r[0]: unwrap(self._master_key, r[2], f"{r[1]}:{r[0]}".encode()) for r in rows}
+        data = [r[0] for r in rows if r[1] == "data"]
+        current = [r[0] for r in rows if r[1] == "data" and r[3] is None]
+        hash_id = next(r[0] for r in rows if r[1] == "hash")
+        return KeyBox({k: keys[k] for k in data}, max(current or data), keys[hash_id])
+
+    async def _new_key(self, tx: Tx, purpose: str, now: float) -> tuple[int, bytes]:
+        key = os.urandom(KEY_BYTES)
+        key_id = await tx.insert(
+            "INSERT INTO data_keys (purpose, wrapped, created_at) VALUES ($1, $2, $3)",
+            purpose,
+            b"",
+            now,
+        )
+        assert key_id is not None
+        await tx.execute(
+            "UPDATE data_keys SET wrapped = $1 WHERE id = $2",
+            wrap(self._master_key, key, f"{purpose}:{key_id}".encode()),
+            key_id,
+        )
+        return key_id, key
+
+    async def _fresh_keybox(self, tx: Tx) -> KeyBox:
+        """The keybox, reloaded if another agent rotated the data key since we loaded it."""
+        newest = await tx.fetchval(
+            "SELECT MAX(id) FROM data_keys WHERE purpose = 'data' AND retired_at IS NULL"
+        )
+        if newest is not None and newest != self.keybox.current:
+            self._keybox = await self._load_keys(tx)
+        return self.keybox
+
+    async def _key_rows(
+        self, tx: Tx, sku: str, items: Sequence[CardItem], source: str, now: float
+    ) -> list[tuple[Any, ...]]:
+        """(sku, key_id, sealed, secret_hash, source, added_at) rows of new card keys."""
+        box = await self._fresh_keybox(tx)
+        rows = []
+        for item in items:
+            key_id, sealed = box.seal(sku, item)
+            rows.append((sku, key_id, sealed, box.digest(item), source, now))
+        return rows
+
+    async def _open_rows(self, tx: Tx, rows: Sequence[Row]) -> list[CardItem]:
+        """(sku, key_id, sealed, secret_hash) rows -> card keys."""
+        box = self.keybox
+        if not all(box.knows(r[1]) for r in rows):
+            self._keybox = box = await self._load_keys(tx)
+        return [box.open(r[0], r[1], r[2], r[3]) for r in rows]

@@ -1,0 +1,624 @@
+"""The ledger of order lines: intake, the line's state machine, operator actions, and the
+reads the commands and the engine make of it. Written once for both databases."""
+
+from __future__ import annotations
+
+from collections import Counter, deque
+from collections.abc import Collection, Sequence
+from dataclasses import replace
+from typing import Any
+
+from agent import lifecycle
+from agent.domain import (
+    CardItem,
+    DeliveryIntent,
+    LineState,
+    OrderEvent,
+    OrderLine,
+    PlatformOrder,
+    RejectedOrder,
+    delivery_idempotency_key,
+)
+from agent.keybox import SealedKeyError, StoreKeyError
+from agent.store.base import StoreError
+from agent.store.ledger.core import FETCH_LINE, LedgerCore, read, write
+from agent.store.rows import (
+    LINE_COLUMNS,
+    FreeKeys,
+    allocated_detail,
+    changed_order_reason,
+    claimed_at_intake,
+    intake_delivery_key,
+    line_from_row,
+    new_line,
+    retry_target,
+    take_keys,
+)
+from agent.store.set_aside import data_error, take_in_one_by_one
+from agent.store.tx import Bulk, Tx
+
+WAITING = lifecycle.states_in("waiting")
+KNOWN = (
+    "SELECT order_id, id, sku, quantity, state FROM orders WHERE platform = $1 AND line = 0"
+    " AND order_id = ANY($2::text[])"
+)
+FREE_KEYS = (
+    "SELECT id, secret_hash, key_id, sealed FROM card_keys WHERE sku = $1 AND state = 'free'"
+    " ORDER BY id LIMIT $2{skip_locked}"
+)
+INSERT_LINE = Bulk(
+    "INSERT INTO orders (platform, order_id, line, sku, quantity, state, reason, paid_at,"
+    " amount, currency, buyer_contact, deliver_by, seen_at, updated_at, delivery_key,"
+    " attempts{lease_columns}) VALUES ($1, $2, 0, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12,"
+    " $12, $13, $14{lease_values:12}) ON CONFLICT (platform, order_id, line) DO NOTHING",
+    ("text",) * 3 + ("int",) + ("text",) * 7 + ("float8", "text", "int"),
+)
+BIND = Bulk(
+    "UPDATE card_keys SET state = 'bound', order_line_id = $1, slot = $2, bound_at = $3"
+    " WHERE id = $4 AND state = 'free'",
+    ("bigint", "int", "float8", "bigint"),
+)
+CLAIM = Bulk(
+    "UPDATE orders SET state = 'delivering', delivery_key = $1, attempts = 1,"
+    " next_attempt_at = 0, updated_at = $2 WHERE id = $3",
+    ("text", "float8", "bigint"),
+)
+PARK = (
+    "UPDATE orders SET state = 'needs_attention', reason = $1, updated_at = $2{release}"
+    " WHERE id = $3"
+)
+DELIVERED = (
+    "UPDATE orders SET state = 'delivered', delivered_at = $1, ambiguous = 0, reason = NULL,"
+    " updated_at = $1"
+)
+COUNT_BOUND = "SELECT COUNT(*) FROM card_keys WHERE order_line_id = $1"
+# The keys taken for a new line at intake, and the idempotency key of their delivery.
+_Keys = tuple[list[tuple[int, bytes, CardItem]], str]
+
+
+def _claim_keys(free: FreeKeys | None, platform: str, order: PlatformOrder) -> _Keys | None:
+    keys = take_keys(free, order.sku, order.quantity) if free else None
+    return None if keys is None else (keys, intake_delivery_key(platform, order, keys))
+
+
+class OrdersLedger(LedgerCore):
+    # One writer takes keys for new lines before inserting them (see _take_in).
+    _keys_before_insert = True
+
+    # --- intake ---------------------------------------------------------------------------
+    async def ingest(
+        self, platform: str, orders: Sequence[PlatformOrder | RejectedOrder], now: float
+    ) -> list[int]:
+        """Inserts order lines idempotently; the ids of the lines new and ready."""
+        if not orders:
+            return []
+        ordered = self._intake_order(orders)
+        taken = await self._write(lambda tx: self._take_in(tx, platform, ordered, now, ()))
+        return [t.id for t in taken if isinstance(t, OrderLine)]
+
+    async def take_in(
+        self,
+        platform: str,
+        orders: Sequence[PlatformOrder | RejectedOrder],
+        now: float,
+        local_skus: Collection[str],
+    ) -> list[DeliveryIntent | OrderLine]:
+        """ingest, and claim_for_delivery of each new local-stock line, in one transaction."""
+        if not orders:
+            return []
+        ordered = self._intake_order(orders)
+
+        async def take(one: Sequence[PlatformOrder | RejectedOrder]) -> list[Any]:
+            return await self._write(lambda tx: self._take_in(tx, platform, one, now, local_skus))
+
+        try:
+            return await take(ordered)
+        except Exception as exc:
+            if data_error(exc, self._data_errors) is None:
+                raise
+        # A value of one order the ledger cannot take (agent/store/set_aside.py).
+        return await take_in_one_by_one(platform, ordered, take, self._data_errors)
+
+    async def _take_in(
+        self,
+        tx: Tx,
+        platform: str,
+        orders: Sequence[PlatformOrder | RejectedOrder],
+        now: float,
+        local_skus: Collection[str],
+    ) -> list[DeliveryIntent | OrderLine]:
+        """Inserts the orders not in the ledger yet in one statement (one per row where a
+        database runs it so) and claims the new local-stock lines set-wise (a flash sale is
+        mostly this); parks changed duplicates; claims the local lines short of keys the
+        general way (they end backordered). Returns each new line that is ready, claimed or
+        not. One writer (SQLite) takes the keys first and inserts such a line claimed
+        already; agents sharing a ledger insert first and take keys only for the lines they
+        inserted (another agent may be inserting some of the same orders)."""
+        rows = await tx.fetch(KNOWN, platform, [o.order_id for o in orders])
+        known: dict[str, tuple[Any, ...]] = {r[0]: tuple(r[1:]) for r in rows}
+        fresh = [o for o in orders if isinstance(o, PlatformOrder) and o.order_id not in known]
+        early = self._keys_before_insert
+        free = await self._free_keys_for(tx, fresh, local_skus) if early else {}
+        planned: list[tuple[PlatformOrder | RejectedOrder, _Keys | None]] = []
+        inserts: list[tuple[Any, ...]] = []
+        duplicates: list[PlatformOrder | RejectedOrder] = []
+        for order in orders:
+            if order.order_id in known:
+                duplicates.append(order)
+                continue
+            known[order.order_id] = (None, order.sku, order.quantity, LineState.NEW.value)
+            head = (platform, order.order_id, order.sku, order.quantity)
+            if isinstance(order, RejectedOrder):
+                planned.append((order, None))
+                inserts.append((*head, "needs_attention", order.reason, *(None,) * 5, now, None, 0))
+                continue
+            keys = _claim_keys(free, platform, order)
+            planned.append((order, keys))
+            state = LineState.NEW if keys is None else LineState.DELIVERING
+            paid = (order.paid_at, order.amount, order.currency, order.buyer_contact)
+            rest = (order.deliver_by, now, None if keys is None else keys[1], int(keys is not None))
+            inserts.append((*head, state.value, None, *paid, *rest))
+        ids = await tx.insert_many(INSERT_LINE, inserts, key=1)
+        ready: list[tuple[int, PlatformOrder, _Keys | None]] = []
+        events: list[tuple[int, str, str]] = []
+        for (order, keys), line_id, row in zip(planned, ids, inserts, strict=True):
+            if line_id is None:  # another agent took it in meanwhile (a shared ledger)
+                known.pop(order.order_id)  # its row is read, locked, by _check_duplicate
+                duplicates.append(order)
+                continue
+            known[order.order_id] = (line_id, order.sku, order.quantity, row[4])
+            if isinstance(order, RejectedOrder):
+                events.append((line_id, "rejected", order.reason))
+                continue
+            detail = f"sku={order.sku} quantity={order.quantity}{self._by}"
+            events.append((line_id, "intake", detail))
+            ready.append((line_id, order, keys))
+        if not early:
+            free = await self._free_keys_for(tx, [r[1] for r in ready], local_skus)
+            claims = []
+            for n, (line_id, order, _) in enumerate(ready):
+                if (keys := _claim_keys(free, platform, order)) is not None:
+                    ready[n] = (line_id, order, keys)
+                    claims.append((keys[1], now, line_id))
+            if claims:
+                await tx.executemany(CLAIM, claims)
+        binds: list[tuple[int, int, float, int]] = []
+        taken: list[DeliveryIntent | OrderLine] = []
+        for line_id, _, keys in ready:
+            if keys is None:
+                continue
+            binds += [(line_id, slot, now, k[0]) for slot, k in enumerate(keys[0])]
+            events.append((line_id, "allocated", allocated_detail(k[:2] for k in keys[0])))
+            events.append((line_id, "delivery_intent", f"attempt 1 key {keys[1]}{self._by}"))
+        if binds and (bound := await tx.executemany(BIND, binds)) != len(binds):
+            raise StoreError(f"intake: a key was taken while binding ({bound} of {len(binds)})")
+        await self._events(tx, events, now)
+        for order in duplicates:
+            await self._check_duplicate(tx, platform, order, known.get(order.order_id), now)
+        for line_id, order, keys in ready:
+            if keys is not None:
+                taken.append(claimed_at_intake(line_id, platform, order, now, *keys))
+            elif free is not None and order.sku in local_skus:
+                # Too few keys for it: the general path backorders it.
+                taken.append(await self._claim(tx, await self._fetch_line(tx, line_id), now))
+            else:
+                taken.append(new_line(line_id, platform, order, now))
+        return taken
+
+    async def _free_keys_for(
+        self, tx: Tx, orders: Sequence[PlatformOrder], local_skus: Collection[str]
+    ) -> FreeKeys | None:
+        """Enough free keys, opened, for `orders` of `local_skus` (locked, skipping keys
+        another agent is binding). None if one does not open (a damaged ledger): the lines
+        are then left `new`, and the worker that takes each up reports it."""
+        wanted = Counter[str]()
+        for order in orders:
+            if order.sku in local_skus:
+                wanted[order.sku] += order.quantity
+        free: FreeKeys = {}
+        for sku, count in wanted.items():
+            rows = await tx.fetch(FREE_KEYS, sku, count)
+            try:
+                items = await self._open_rows(tx, [(sku, r[2], r[3], r[1]) for r in rows])
+            except StoreKeyError:
+                return None
+            free[sku] = deque((r[0], r[1], item) for r, item in zip(rows, items, strict=True))
+        return free
+
+    async def _check_duplicate(
+        self,
+        tx: Tx,
+        platform: str,
+        order: PlatformOrder | RejectedOrder,
+        seen: tuple[Any, ...] | None,
+        now: float,
+    ) -> None:
+        """The same order id seen again: harmless if identical, parked if it changed. What
+        looks changed is read again, locked, before the line is parked."""
+        if isinstance(order, RejectedOrder):
+            return
+        if seen is not None:
+            _, sku, quantity, state = seen
+            if changed_order_reason(sku, quantity, LineState(state), order) is None:
+                return
+        row = await tx.fetchrow(
+            "SELECT id, sku, quantity, state FROM orders"
+            " WHERE platform = $1 AND order_id = $2 AND line = 0{for_update}",
+            platform,
+            order.order_id,
+        )
+        assert row is not None  # a duplicate's row: it is in the ledger
+        reason = changed_order_reason(row[1], row[2], LineState(row[3]), order)
+        if reason is not None:
+            await self._park(tx, row[0], reason, now)
+
+    @read
+    async def get_cursor(self, tx: Tx, platform: str) -> str | None:
+        """The platform's listing cursor, or None before its first listing."""
+        value = await tx.fetchval("SELECT cursor FROM cursors WHERE platform = $1", platform)
+        return None if value is None else str(value)
+
+    @write
+    async def set_cursor(self, tx: Tx, platform: str, cursor: str | None, now: float) -> None:
+        """Stores the platform's listing cursor."""
+        await tx.execute(
+            "INSERT INTO cursors (platform, cursor, updated_at) VALUES ($1, $2, $3)"
+            " ON CONFLICT (platform) DO UPDATE SET cursor = excluded.cursor,"
+            " updated_at = excluded.updated_at",
+            platform,
+            cursor,
+            now,
+        )
+
+    # --- claiming work ----------------------------------------------------------------------
+    @write
+    async def due_lines(self, tx: Tx, now: float, limit: int) -> list[OrderLine]:
+        """Lines due for work that no other agent holds, each now leased to this agent: due
+        by their time, and backordered lines the free stock can now fill whole, oldest
+        first (so a sweep does not churn on lines that would just be backordered again)."""
+        rows = await tx.fetch(
+            f"SELECT {LINE_COLUMNS} FROM orders WHERE (state IN {{line_class:due}}"
+            "  OR (state IN {line_class:scheduled} AND next_attempt_at > 0))"
+            " AND next_attempt_at <= $1 AND refund_key IS NULL{lease_free:1}"
+            " ORDER BY id LIMIT $2{skip_locked}",
+            now,
+            limit,
+        )
+        due = [line_from_row(r) for r in rows]
+        taken = {line.id for line in due}
+        waiting = await tx.fetch(
+            f"SELECT {LINE_COLUMNS} FROM orders WHERE state IN {{line_class:scheduled}}"
+            " AND refund_key IS NULL{lease_free:1} ORDER BY id LIMIT $2{skip_locked}",
+            now,
+            limit,
+        )
+        if waiting:
+            counts = await tx.fetch(
+                "SELECT sku, COUNT(*) FROM card_keys WHERE state = 'free' GROUP BY sku"
+            )
+            free = {r[0]: r[1] for r in counts}
+            for line in map(line_from_row, waiting):
+                if line.id not in taken and free.get(line.sku, 0) >= line.quantity:
+                    free[line.sku] -= line.quantity
+                    due.append(line)
+        await self._lease(tx, [line.id for line in due], now)
+        return due
+
+    @read
+    async def get_line(self, tx: Tx, line_id: int) -> OrderLine | None:
+        """The line, or None if there is no such line."""
+        row = await tx.fetchrow(FETCH_LINE, line_id)
+        return None if row is None else line_from_row(row)
+
+    # --- the state machine ----------------------------------------------------------------
+    @write
+    async def allocate(
+        self, tx: Tx, line_id: int, now: float, *, backorder: bool = True
+    ) -> OrderLine:
+        """new/backordered/purchasing -> allocated (binding `quantity` distinct free keys);
+        when stock is short: -> backordered, or unchanged with backorder=False."""
+        return await self._allocate(tx, await self._lock_line(tx, line_id, now), now, backorder)
+
+    async def _allocate(
+        self, tx: Tx, line: OrderLine, now: float, backorder: bool = True
+    ) -> OrderLine:
+        if line.state not in WAITING or await self._refunding(tx, line.id):
+            return line
+        needed = line.quantity - await tx.fetchval(COUNT_BOUND, line.id)
+        keys = await tx.fetch(
+            "SELECT id, secret_hash FROM card_keys WHERE sku = $1 AND state = 'free'"
+            " ORDER BY id LIMIT $2{skip_locked}",
+            line.sku,
+            needed,
+        )
+        if len(keys) < needed:
+            # All or nothing: a half-filled line would hold keys another buyer could use now.
+            if backorder and line.state != LineState.BACKORDERED:
+                await tx.execute(
+                    "UPDATE orders SET state = 'backordered', updated_at = $1{release}"
+                    " WHERE id = $2",
+                    now,
+                    line.id,
+                )
+                detail = f"need {needed}, free {len(keys)}"
+                await self._event(tx, line.id, "backordered", detail, now)
+            return await self._fetch_line(tx, line.id)
+        await self._bind(tx, line.id, [k[0] for k in keys], line.quantity - needed, now)
+        await self._event(tx, line.id, "allocated", allocated_detail(keys), now)
+        # What the statements wrote, without reading the row back (hot path).
+        return replace(line, state=LineState.ALLOCATED, next_attempt_at=0.0)
+
+    async def _bind(
+        self, tx: Tx, line_id: int, key_ids: list[int], first_slot: int, now: float
+    ) -> None:
+        """Binds free keys (locked by this transaction) to the line's slots from
+        `first_slot` on, and marks the line allocated."""
+        binds = [(line_id, first_slot + n, now, key_id) for n, key_id in enumerate(key_ids)]
+        if (bound := await tx.executemany(BIND, binds)) != len(binds):
+            raise StoreError(f"order line {line_id}: a key was taken while binding ({bound})")
+        await tx.execute(
+            "UPDATE orders SET state = 'allocated', next_attempt_at = 0, updated_at = $1"
+            " WHERE id = $2",
+            now,
+            line_id,
+        )
+
+    @write
+    async def claim_for_delivery(
+        self, tx: Tx, line_id: int, now: float
+    ) -> DeliveryIntent | OrderLine:
+        """allocate + begin_delivery in one transaction: the intent if the keys were bound,
+        else the line (backordered, or in whatever state it already was)."""
+        return await self._claim(tx, await self._lock_line(tx, line_id, now), now)
+
+    async def _claim(self, tx: Tx, line: OrderLine, now: float) -> DeliveryIntent | OrderLine:
+        line = await self._allocate(tx, line, now)
+        if line.state != LineState.ALLOCATED:
+            return line
+        try:
+            return await self._begin_delivery(tx, line, now)
+        except SealedKeyError:
+            # Left allocated, its keys bound (so no other line takes the bad one): the
+            # worker that takes it up parks it with the reason (begin_delivery refuses).
+            return line
+
+    @write
+    async def begin_delivery(self, tx: Tx, line_id: int, now: float) -> DeliveryIntent:
+        """allocated/delivering -> delivering: commits the idempotency key before the call."""
+        return await self._begin_delivery(tx, await self._lock_line(tx, line_id, now), now)
+
+    async def _begin_delivery(self, tx: Tx, line: OrderLine, now: float) -> DeliveryIntent:
+        if line.state not in (LineState.ALLOCATED, LineState.DELIVERING):
+            raise StoreError(f"order line {line.id} is {line.state}, not ready to deliver")
+        keys = await tx.fetch(
+            "SELECT id, sku, key_id, sealed, secret_hash FROM card_keys"
+            " WHERE order_line_id = $1 ORDER BY slot",
+            line.id,
+        )
+        if len(keys) != line.quantity:
+            raise StoreError(
+                f"order line {line.id} holds {len(keys)} keys for quantity {line.quantity}"
+            )
+        # Opened before any write: a key that does not open refuses the delivery.
+        items = tuple(await self._open_rows(tx, [k[1:] for k in keys]))
+        generation = await tx.fetchval(
+            "SELECT delivery_generation FROM orders WHERE id = $1", line.id
+        )
+        key = delivery_idempotency_key(
+            line.platform, line.order_id, line.line, generation, (k[4] for k in keys)
+        )
+        await tx.execute(
+            "UPDATE orders SET state = 'delivering', delivery_key = $1, attempts = attempts + 1,"
+            " updated_at = $2 WHERE id = $3",
+            key,
+            now,
+            line.id,
+        )
+        detail = f"attempt {line.attempts + 1} key {key}{self._by}"
+        await self._event(tx, line.id, "delivery_intent", detail, now)
+        return DeliveryIntent(
+            line=replace(
+                line, state=LineState.DELIVERING, delivery_key=key, attempts=line.attempts + 1
+            ),
+            idempotency_key=key,
+            items=items,
+            key_ids=tuple(k[0] for k in keys),
+        )
+
+    @write
+    async def mark_delivered(self, tx: Tx, line_id: int, now: float, detail: str) -> OrderLine:
+        """-> delivered (a line delivered already is left as it is)."""
+        line = await self._lock_line(tx, line_id, now)
+        if line.state == LineState.DELIVERED:
+            return line
+        await tx.execute(DELIVERED + "{release} WHERE id = $2", now, line_id)
+        await self._event(tx, line_id, "delivered", detail, now)
+        return replace(
+            line, state=LineState.DELIVERED, delivered_at=now, ambiguous=False, reason=None
+        )
+
+    @write
+    async def mark_many_delivered(
+        self, tx: Tx, deliveries: Sequence[tuple[int, str]], now: float
+    ) -> None:
+        """mark_delivered for each (line id, detail), in one transaction."""
+        if not deliveries:
+            return
+        details = dict(deliveries)
+        changed = await tx.fetch(
+            DELIVERED + "{release_ours} WHERE id = ANY($2::bigint[]) AND {line_to:delivered}"
+            " RETURNING id",
+            now,
+            list(details),
+        )
+        await self._events(tx, [(r[0], "delivered", details[r[0]]) for r in changed], now)
+
+    @write
+    async def defer(
+        self,
+        tx: Tx,
+        line_id: int,
+        next_attempt_at: float,
+        reason: str,
+        *,
+        ambiguous: bool,
+        now: float,
+    ) -> None:
+        """Keep the state, try again at next_attempt_at (long waits live in the row); on a
+        shared ledger the lease goes, and whichever agent sweeps then takes the line."""
+        await tx.execute(
+            "UPDATE orders SET next_attempt_at = $1, reason = $2, ambiguous = $3,"
+            " updated_at = $4{release} WHERE id = $5",
+            next_attempt_at,
+            reason,
+            int(ambiguous),
+            now,
+            line_id,
+        )
+        await self._event(tx, line_id, "retry_scheduled", reason, now)
+
+    @write
+    async def add_event(self, tx: Tx, line_id: int, kind: str, detail: str, now: float) -> None:
+        """Records an event on the line (the audit trail), changing nothing else."""
+        await self._event(tx, line_id, kind, detail, now)
+
+    @write
+    async def park(self, tx: Tx, line_id: int, reason: str, now: float) -> None:
+        """-> needs_attention with the reason; keys stay bound."""
+        await self._park(tx, line_id, reason, now)
+
+    async def _park(self, tx: Tx, line_id: int, reason: str, now: float) -> None:
+        await tx.execute(PARK, reason, now, line_id)
+        await self._event(tx, line_id, "parked", reason, now)
+
+    async def close_line(self, line_id: int, state: LineState, reason: str, now: float) -> None:
+        """-> cancelled/refunded because the platform says so."""
+        if state not in (LineState.CANCELLED, LineState.REFUNDED):
+            raise StoreError(f"close_line takes cancelled or refunded, not {state}")
+        await self._close_line(line_id, state, reason, now)
+
+    @write
+    async def _close_line(
+        self, tx: Tx, line_id: int, state: LineState, reason: str, now: float
+    ) -> None:
+        await tx.execute(
+            "UPDATE orders SET state = $1, reason = $2, updated_at = $3{release} WHERE id = $4",
+            state.value,
+            reason,
+            now,
+            line_id,
+        )
+        await self._event(tx, line_id, str(state), reason, now)
+
+    @write
+    async def backorder(
+        self, tx: Tx, line_id: int, next_attempt_at: float, reason: str, now: float
+    ) -> None:
+        """-> backordered; next_attempt_at > 0 offers it to the suppliers again then."""
+        await tx.execute(
+            "UPDATE orders SET state = 'backordered', next_attempt_at = $1, reason = $2,"
+            " updated_at = $3{release} WHERE id = $4 AND {line_to:backordered}",
+            next_attempt_at,
+            reason,
+            now,
+            line_id,
+        )
+        await self._event(tx, line_id, "backordered", reason, now)
+
+    # --- operator actions -------------------------------------------------------------------
+    @write
+    async def retry_line(self, tx: Tx, line_id: int, now: float) -> OrderLine:
+        """needs_attention -> the state it can go on from (see rows.retry_target)."""
+        line = await self._lock_line(tx, line_id, now)
+        if line.state != LineState.NEEDS_ATTENTION:
+            raise StoreError(
+                f"order {line.order_id} is {line.state}; only needs_attention can be retried"
+            )
+        open_purchases = await tx.fetchval(
+            "SELECT COUNT(*) FROM purchases WHERE order_line_id = $1 AND state IN {open_purchase}",
+            line_id,
+        )
+        bound = await tx.fetchval(COUNT_BOUND, line_id)
+        state, ambiguous = retry_target(line, bound, open_purchases > 0)
+        await tx.execute(
+            "UPDATE orders SET state = $1, reason = NULL, attempts = 0, next_attempt_at = 0,"
+            " ambiguous = $2, updated_at = $3{release} WHERE id = $4",
+            state.value,
+            int(ambiguous),
+            now,
+            line_id,
+        )
+        await self._event(tx, line_id, "operator_retry", f"back to {state}", now)
+        return await self._fetch_line(tx, line_id)
+
+    @write
+    async def resend_line(self, tx: Tx, line_id: int, now: float) -> OrderLine:
+        """delivered -> delivering with a new delivery generation, so a new idempotency key
+        and the platform sends it again (same keys: resend never hands out a second set)."""
+        line = await self._lock_line(tx, line_id, now)
+        if line.state != LineState.DELIVERED:
+            raise StoreError(
+                f"order {line.order_id} is {line.state}; only delivered orders can be resent"
+            )
+        await tx.execute(
+            "UPDATE orders SET state = 'delivering', delivery_generation ="
+            " delivery_generation + 1, attempts = 0, next_attempt_at = 0, ambiguous = 0,"
+            " updated_at = $1{release} WHERE id = $2",
+            now,
+            line_id,
+        )
+        await self._event(tx, line_id, "operator_resend", "same keys, new delivery", now)
+        return await self._fetch_line(tx, line_id)
+
+    # --- reads ----------------------------------------------------------------------------
+    @read
+    async def find_lines(self, tx: Tx, order_ref: str) -> list[OrderLine]:
+        """The lines of a platform order id, else the line with that row id."""
+        rows = await tx.fetch(
+            f"SELECT {LINE_COLUMNS} FROM orders WHERE order_id = $1 ORDER BY id", order_ref
+        )
+        if not rows and order_ref.isdigit():
+            rows = await tx.fetch(FETCH_LINE, int(order_ref))
+        return [line_from_row(r) for r in rows]
+
+    @read
+    async def delivered_lines_of(
+        self, tx: Tx, platform: str, order_ids: Sequence[str]
+    ) -> list[OrderLine]:
+        """The lines of these platform orders that the ledger records as delivered."""
+        rows = await tx.fetch(
+            f"SELECT {LINE_COLUMNS} FROM orders WHERE platform = $1 AND state = 'delivered'"
+            " AND order_id = ANY($2::text[])",
+            platform,
+            list(order_ids),
+        )
+        return [line_from_row(r) for r in rows]
+
+    @read
+    async def list_lines(self, tx: Tx, state: LineState | None, limit: int) -> list[OrderLine]:
+        """The newest lines (in one state, if given), newest first."""
+        if state is None:
+            rows = await tx.fetch(
+                f"SELECT {LINE_COLUMNS} FROM orders ORDER BY id DESC LIMIT $1", limit
+            )
+        else:
+            rows = await tx.fetch(
+                f"SELECT {LINE_COLUMNS} FROM orders WHERE state = $1 ORDER BY id DESC LIMIT $2",
+                state.value,
+                limit,
+            )
+        return [line_from_row(r) for r in rows]
+
+    @read
+    async def events(self, tx: Tx, line_id: int) -> list[OrderEvent]:
+        """The line's audit trail, oldest first."""
+        rows = await tx.fetch(
+            "SELECT at, kind, detail FROM events WHERE order_line_id = $1 ORDER BY id", line_id
+        )
+        return [OrderEvent(at=r[0], kind=r[1], detail=r[2]) for r in rows]
+
+    @read
+    async def count_by_state(self, tx: Tx) -> dict[LineState, int]:
+        """How many lines are in each state."""
+        rows = await tx.fetch("SELECT state, COUNT(*) FROM orders GROUP BY state")
+        return {LineState(r[0]): r[1] for r in rows}

@@ -1,0 +1,196 @@
+"""The ledger of purchases from suppliers, and binding what they sell. Written once."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+from agent.domain import (
+    CardItem,
+    OrderLine,
+    Purchase,
+    PurchaseState,
+    purchase_merchant_ref,
+)
+from agent.store.base import LedgerRefused, StoreError
+from agent.store.ledger.core import read, write
+from agent.store.ledger.orders import WAITING, OrdersLedger
+from agent.store.rows import PURCHASE_COLUMNS, purchase_from_row
+from agent.store.tx import Bulk, Tx
+
+INSERT_KEY = Bulk(
+    "INSERT INTO card_keys (sku, key_id, sealed, secret_hash, state, source, added_at)"
+    " VALUES ($1, $2, $3, $4, 'free', $5, $6) ON CONFLICT (sku, secret_hash) DO NOTHING",
+    ("text", "bigint", "bytea", "bytea", "text", "float8"),
+)
+FETCH_PURCHASE = f"SELECT {PURCHASE_COLUMNS} FROM purchases WHERE id = $1"
+
+
+class PurchasesLedger(OrdersLedger):
+    @read
+    async def open_purchase(self, tx: Tx, line_id: int) -> Purchase | None:
+        """The line's purchase in flight (intent, unknown or processing), if any."""
+        row = await tx.fetchrow(
+            f"SELECT {PURCHASE_COLUMNS} FROM purchases WHERE order_line_id = $1"
+            " AND state IN {open_purchase}",
+            line_id,
+        )
+        return None if row is None else purchase_from_row(row)
+
+    @read
+    async def purchases_for(self, tx: Tx, line_id: int) -> list[Purchase]:
+        """Every purchase made for the line, oldest first."""
+        rows = await tx.fetch(
+            f"SELECT {PURCHASE_COLUMNS} FROM purchases WHERE order_line_id = $1 ORDER BY id",
+            line_id,
+        )
+        return [purchase_from_row(r) for r in rows]
+
+    @write
+    async def begin_purchase(self, tx: Tx, line_id: int, supplier: str, now: float) -> Purchase:
+        """Commits the intent (deterministic merchant_ref) before the request; -> purchasing."""
+        line = await self._lock_line(tx, line_id, now)
+        if line.state not in WAITING:
+            raise StoreError(f"order line {line_id} is {line.state}, not buying")
+        if await self._refunding(tx, line_id):
+            raise StoreError(f"order line {line_id} is being refunded, not buying")
+        attempt = await tx.fetchval(
+            "SELECT COUNT(*) FROM purchases WHERE order_line_id = $1 AND supplier = $2",
+            line_id,
+            supplier,
+        )
+        ref = purchase_merchant_ref(line.platform, line.order_id, line.line, supplier, attempt + 1)
+        try:
+            # The partial unique index refuses a second open purchase for the line.
+            purchase_id = await tx.insert(
+                "INSERT INTO purchases (order_line_id, supplier, sku, quantity, merchant_ref,"
+                " state, created_at, updated_at) VALUES ($1, $2, $3, $4, $5, 'intent', $6, $6)",
+                line_id,
+                supplier,
+                line.sku,
+                line.quantity,
+                ref,
+                now,
+            )
+        except LedgerRefused as exc:
+            raise StoreError(f"order line {line_id} already has a purchase open") from exc
+        await tx.execute(
+            "UPDATE orders SET state = 'purchasing', updated_at = $1 WHERE id = $2", now, line_id
+        )
+        await self._event(tx, line_id, "purchase_intent", f"{supplier} ref {ref}", now)
+        return await self._fetch_purchase(tx, purchase_id or 0)
+
+    @write
+    async def purchase_unknown(
+        self, tx: Tx, purchase: Purchase, reason: str, now: float
+    ) -> Purchase:
+        """-> unknown: sent, its outcome not known; asked about again later."""
+        await self._lock_line(tx, purchase.order_line_id, now)
+        await tx.execute(
+            "UPDATE purchases SET state = 'unknown', unknown_since = COALESCE(unknown_since,"
+            " $1), failure = $2, updated_at = $1 WHERE id = $3 AND {purchase_to:unknown}",
+            now,
+            reason,
+            purchase.id,
+        )
+        detail = f"{purchase.merchant_ref}: {reason}"
+        await self._event(tx, purchase.order_line_id, "purchase_unknown", detail, now)
+        return await self._fetch_purchase(tx, purchase.id)
+
+    @write
+    async def purchase_processing(
+        self, tx: Tx, purchase: Purchase, purchase_id: str, now: float
+    ) -> None:
+        """-> processing: the supplier took it, its keys come later."""
+        await self._lock_line(tx, purchase.order_line_id, now)
+        await tx.execute(
+            "UPDATE purchases SET state = 'processing', purchase_id = $1, updated_at = $2"
+            " WHERE id = $3 AND {purchase_to:processing}",
+            purchase_id,
+            now,
+            purchase.id,
+        )
+        detail = f"{purchase.supplier} purchase {purchase_id}"
+        await self._event(tx, purchase.order_line_id, "purchase_processing", detail, now)
+
+    @write
+    async def purchase_failed(self, tx: Tx, purchase: Purchase, failure: str, now: float) -> None:
+        """-> failed: a definite failure, after which a new purchase may be made."""
+        await self._lock_line(tx, purchase.order_line_id, now)
+        await tx.execute(
+            "UPDATE purchases SET state = 'failed', failure = $1, updated_at = $2"
+            " WHERE id = $3 AND {purchase_to:failed}",
+            failure,
+            now,
+            purchase.id,
+        )
+        detail = f"{purchase.supplier} {purchase.merchant_ref}: {failure}"
+        await self._event(tx, purchase.order_line_id, "purchase_failed", detail, now)
+
+    @write
+    async def complete_purchase(
+        self, tx: Tx, purchase: Purchase, purchase_id: str, items: Sequence[CardItem], now: float
+    ) -> OrderLine:
+        """Stores the bought keys and binds them to the line in the same transaction."""
+        line = await self._lock_line(tx, purchase.order_line_id, now)
+        if (await self._fetch_purchase(tx, purchase.id)).state == PurchaseState.COMPLETED:
+            return line
+        source = f"purchase:{purchase.supplier}:{purchase.merchant_ref}"
+        new_ids = []
+        for row in await self._key_rows(tx, line.sku, items, source, now):
+            if (key_id := await tx.insert(INSERT_KEY.sql, *row)) is not None:
+                new_ids.append(key_id)
+        await tx.execute(
+            "UPDATE purchases SET state = 'completed', purchase_id = $1, failure = NULL,"
+            " updated_at = $2 WHERE id = $3",
+            purchase_id,
+            now,
+            purchase.id,
+        )
+        detail = f"{purchase.supplier} {purchase.merchant_ref}: {len(new_ids)} new keys"
+        await self._event(tx, line.id, "purchase_completed", detail, now)
+        return await self._bind_first(tx, line, new_ids, now)
+
+    async def _bind_first(
+        self, tx: Tx, line: OrderLine, preferred: list[int], now: float
+    ) -> OrderLine:
+        """Binds the just-bought keys to the line (extras stay free), else the oldest free."""
+        if line.state not in WAITING:
+            return line
+        needed = line.quantity
+        rows = await tx.fetch(
+            "SELECT id FROM card_keys WHERE state = 'free' AND id = ANY($1::bigint[])"
+            " ORDER BY id LIMIT $2{for_update}",
+            preferred,
+            needed,
+        )
+        chosen = [r[0] for r in rows]
+        if len(chosen) < needed:
+            rows = await tx.fetch(
+                "SELECT id FROM card_keys WHERE sku = $1 AND state = 'free'"
+                " AND id != ALL($2::bigint[]) ORDER BY id LIMIT $3{skip_locked}",
+                line.sku,
+                chosen,
+                needed - len(chosen),
+            )
+            chosen += [r[0] for r in rows]
+        if len(chosen) < needed:
+            await tx.execute(
+                "UPDATE orders SET state = 'backordered', next_attempt_at = 0, updated_at = $1"
+                "{release} WHERE id = $2",
+                now,
+                line.id,
+            )
+            detail = f"bought too few keys; need {needed}"
+            await self._event(tx, line.id, "backordered", detail, now)
+            return await self._fetch_line(tx, line.id)
+        await self._bind(tx, line.id, chosen, 0, now)
+        detail = f"keys {','.join(f'#{k}' for k in chosen)}"
+        await self._event(tx, line.id, "allocated", detail, now)
+        return await self._fetch_line(tx, line.id)
+
+    @staticmethod
+    async def _fetch_purchase(tx: Tx, row_id: int) -> Purchase:
+        row = await tx.fetchrow(FETCH_PURCHASE, row_id)
+        if row is None:
+            raise StoreError(f"no purchase with id {row_id}")
+        return purchase_from_row(row)

@@ -1,0 +1,225 @@
+"""The ledger of card key stock: import, void, counts, export, key rotation and re-sealing,
+and the ledger's id. Written once; `Ledger` puts every ledger module together."""
+
+from __future__ import annotations
+
+import itertools
+from collections.abc import Iterable, Sequence
+from typing import Any
+
+from agent.domain import CardItem, ImportReport, KeyState, StockCount, StockPosition
+from agent.logs import get_logger
+from agent.store import identity
+from agent.store.base import ProgressCallback, StoreError
+from agent.store.imports import Sorted, sort_known
+from agent.store.ledger.alerts import AlertsLedger
+from agent.store.ledger.core import read, write
+from agent.store.ledger.purchases import INSERT_KEY
+from agent.store.rows import IMPORT_BATCH
+from agent.store.tx import Bulk, Tx
+
+log = get_logger("kami.store")
+RESEAL = Bulk(
+    "UPDATE card_keys SET key_id = $1, sealed = $2, sku_bound_seal = NULL WHERE id = $3",
+    ("bigint", "bytea", "bigint"),
+)
+RESEAL_BATCH = 5_000
+NO_LIMIT = 2**62
+
+
+class Ledger(AlertsLedger):
+    async def import_keys(
+        self,
+        sku: str,
+        items: Iterable[CardItem],
+        source: str,
+        now: float,
+        progress: ProgressCallback | None = None,
+    ) -> ImportReport:
+        """Stores card keys as free stock, each batch in a transaction of its own (the
+        agents' writes flow between batches; an interrupted import is simply run again:
+        keys already held are counted, not stored twice)."""
+        report = ImportReport()
+        seen = 0
+        iterator = iter(items)
+        while batch := list(itertools.islice(iterator, IMPORT_BATCH)):
+
+            async def insert(tx: Tx, batch: list[CardItem] = batch) -> Sorted:
+                rows = await self._key_rows(tx, sku, batch, source, now)
+                hashes = [r[3] for r in rows]
+                known: dict[bytes, tuple[str, str]] = {}
+                for row in await tx.fetch(
+                    "SELECT secret_hash, sku, state FROM card_keys"
+                    " WHERE secret_hash = ANY($1::bytea[])",
+                    hashes,
+                ):
+                    if known.get(bytes(row[0]), ("", ""))[1] != "bound":  # bound wins
+                        known[bytes(row[0])] = (row[1], row[2])
+                found = sort_known(sku, rows, known)
+                if found.fresh:
+                    found.added = await tx.executemany(INSERT_KEY, found.fresh)
+                return found
+
+            report = (await self._write_alone(insert)).add_to(report)
+            seen += len(batch)
+            if progress is not None:
+                progress(seen)
+        return report
+
+    async def void_free_keys(self, sku: str, count: int | None, reason: str, now: float) -> int:
+        """Voids free keys of the SKU (all, or `count`), with a reason; how many."""
+        if not reason.strip():
+            raise StoreError("a reason is required to void keys")
+        return await self._void(sku, NO_LIMIT if count is None else count, reason)
+
+    @write
+    async def _void(self, tx: Tx, sku: str, count: int, reason: str) -> int:
+        return await tx.execute(
+            "UPDATE card_keys SET state = 'void', void_reason = $1 WHERE id IN"
+            " (SELECT id FROM card_keys WHERE sku = $2 AND state = 'free' ORDER BY id"
+            "  LIMIT $3{skip_locked})",
+            reason,
+            sku,
+            count,
+        )
+
+    @read
+    async def stock_counts(self, tx: Tx) -> list[StockCount]:
+        """Free, bound and void keys per SKU."""
+        rows = await tx.fetch(
+            "SELECT sku, COUNT(*) FILTER (WHERE state = 'free'), COUNT(*) FILTER"
+            " (WHERE state = 'bound'), COUNT(*) FILTER (WHERE state = 'void')"
+            " FROM card_keys GROUP BY sku ORDER BY sku"
+        )
+        return [StockCount(sku=r[0], free=r[1], bound=r[2], void=r[3]) for r in rows]
+
+    @read
+    async def free_counts(self, tx: Tx) -> dict[str, int]:
+        """Free keys per SKU, counted from the free keys' index, not the whole key table."""
+        rows = await tx.fetch(
+            "SELECT sku, COUNT(*) FROM card_keys WHERE state = 'free' GROUP BY sku"
+        )
+        return {r[0]: r[1] for r in rows}
+
+    @read
+    async def stock_position(self, tx: Tx, bought_since: float | None) -> StockPosition:
+        """Free keys, units of lines waiting for keys, units bought (see the port): read in
+        this order, so a line taking keys meanwhile is counted twice, never missed."""
+        waiting = await tx.fetch(
+            "SELECT sku, SUM(quantity) FROM orders WHERE state IN {line_class:waiting} GROUP BY sku"
+        )
+        free = await tx.fetch(
+            "SELECT sku, COUNT(*) FROM card_keys WHERE state = 'free' GROUP BY sku"
+        )
+        bought: list[Any] = []
+        if bought_since is not None:
+            bought = await tx.fetch(
+                "SELECT supplier, sku, SUM(quantity) FROM purchases"
+                " WHERE state != 'failed' AND updated_at >= $1 GROUP BY supplier, sku",
+                bought_since,
+            )
+        return StockPosition(
+            free={r[0]: r[1] for r in free},
+            waiting={r[0]: int(r[1]) for r in waiting},
+            bought={(r[0], r[1]): int(r[2]) for r in bought},
+        )
+
+    @read
+    async def bound_items(self, tx: Tx, line_id: int) -> tuple[CardItem, ...]:
+        """The keys bound to the line, opened, in slot order."""
+        rows = await tx.fetch(
+            "SELECT sku, key_id, sealed, secret_hash FROM card_keys WHERE order_line_id = $1"
+            " ORDER BY slot",
+            line_id,
+        )
+        return tuple(await self._open_rows(tx, rows))
+
+    @read
+    async def export_keys(self, tx: Tx, sku: str, state: KeyState) -> list[CardItem]:
+        """Decrypted keys, for `kami-agent stock export` only."""
+        rows = await tx.fetch(
+            "SELECT sku, key_id, sealed, secret_hash FROM card_keys WHERE sku = $1"
+            " AND state = $2 ORDER BY id",
+            sku,
+            state.value,
+        )
+        return await self._open_rows(tx, rows)
+
+    async def rotate_data_key(self, now: float, batch: int = 10_000) -> tuple[int, int]:
+        """Seals every card key with a fresh data key; returns (new key id, rows moved)."""
+        new_id = await self._start_rotation(now)
+        moved = 0
+        while count := await self._reseal(new_id, batch):
+            moved += count
+        return new_id, moved
+
+    @write
+    async def _start_rotation(self, tx: Tx, now: float) -> int:
+        key_id, key = await self._new_key(tx, "data", now)
+        # Retired now: agents seal with the newest unretired key from here on (retired
+        # keys stay loaded to open what is not resealed yet).
+        await tx.execute(
+            "UPDATE data_keys SET retired_at = $1 WHERE purpose = 'data' AND id != $2"
+            " AND retired_at IS NULL",
+            now,
+            key_id,
+        )
+        self.keybox.add_data_key(key_id, key)
+        self.keybox.current = key_id
+        return key_id
+
+    @write
+    async def _reseal(self, tx: Tx, new_id: int, batch: int) -> int:
+        rows = await tx.fetch(
+            "SELECT id, sku, key_id, sealed, secret_hash FROM card_keys WHERE key_id != $1"
+            " LIMIT $2{for_update}",
+            new_id,
+            batch,
+        )
+        items = await self._open_rows(tx, [r[1:] for r in rows])
+        sealed = [
+            self.keybox.seal(r[1], item, new_id)[1] for r, item in zip(rows, items, strict=True)
+        ]
+        await tx.executemany(RESEAL, [(new_id, s, r[0]) for r, s in zip(rows, sealed, strict=True)])
+        return len(rows)
+
+    async def _reseal_sku_bound(self) -> None:
+        """Re-seals rows sealed before rows were bound in (migration 0004/0006), batch by
+        batch: an interrupted run goes on at the next open; agents opening together share
+        the work (rows another is resealing are skipped)."""
+        resealed = 0
+        while count := await self._reseal_sku_bound_batch():
+            resealed += count
+        if resealed:
+            log.info("card_keys_resealed", rows=resealed, bound="sku and row")
+
+    @write
+    async def _reseal_sku_bound_batch(self, tx: Tx) -> int:
+        rows = await tx.fetch(
+            "SELECT id, sku, key_id, sealed FROM card_keys WHERE sku_bound_seal IS NOT NULL"
+            " ORDER BY id LIMIT $1{skip_locked}",
+            RESEAL_BATCH,
+        )
+        if rows and not all(self.keybox.knows(r[2]) for r in rows):
+            self._keybox = await self._load_keys(tx)
+        resealed: list[Sequence[Any]] = []
+        for row_id, sku, key_id, sealed in rows:
+            item = self.keybox.open_sku_bound(sku, key_id, sealed)
+            resealed.append((key_id, self.keybox.seal(sku, item, key_id)[1], row_id))
+        await tx.executemany(RESEAL, resealed)
+        return len(rows)
+
+    async def _ledger_id(self, tx: Tx, give: bool) -> tuple[str | None, bool]:
+        """The id stored in the ledger, given first (`give`) if it has none; and whether it
+        was given now."""
+        await self._lock_table(tx, identity.META_TABLE)
+        stored = await tx.fetchval(
+            f"SELECT value FROM {identity.META_TABLE} WHERE key = 'ledger_id'"
+        )
+        if stored is not None or not give:
+            return (None if stored is None else str(stored)), False
+        ledger_id = identity.new_ledger_id()
+        await tx.execute(
+            f"INSERT INTO {identity.META_TABLE} (key, value) VALUES ('ledger_id', $1)", ledger_id
+        )
+        return ledger_id, True
