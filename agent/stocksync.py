@@ -136,7 +136,9 @@ class SupplierWatch:
             try:
                 await self.refresh()
             except Exception:
+                _stop_if_cancelled()
                 log.exception("supplier_watch_failed")
+            _stop_if_cancelled()
             await asyncio.sleep(SUPPLIER_REFRESH)
 
     async def _balance(self, name: str) -> Decimal | None:
@@ -182,6 +184,14 @@ class SupplierWatch:
             log.info("stock_supplier_known", supplier=what[0], sku=what[1])
 
 
+def _stop_if_cancelled() -> None:
+    """A cancel that reached a ledger call mid-query can come out as the driver's error (a
+    PostgreSQL connection broken off): the task is still being cancelled, so stop."""
+    task = asyncio.current_task()
+    if task is not None and task.cancelling():
+        raise asyncio.CancelledError
+
+
 class StockSync:
     def __init__(
         self,
@@ -213,6 +223,7 @@ class StockSync:
                     if ours:
                         await self._lead()
             except Exception as exc:
+                _stop_if_cancelled()
                 log.warning("stock_sync_failed", error=str(exc), kind=type(exc).__name__)
             await asyncio.sleep(LEADER_RETRY)
 
@@ -225,6 +236,7 @@ class StockSync:
                 try:
                     await self.step()
                 except Exception as exc:  # e.g. the ledger does not answer: try again
+                    _stop_if_cancelled()
                     if not failing:  # once per outage, not twice a second
                         log.warning("stock_sync_failed", error=str(exc), kind=type(exc).__name__)
                     failing = True
@@ -232,6 +244,7 @@ class StockSync:
                     if failing:
                         log.info("stock_sync_recovered")
                     failing = False
+                _stop_if_cancelled()  # also when a publication swallowed it
                 await asyncio.sleep(max(0.0, TICK - (time.monotonic() - started)))
         finally:
             watch.cancel()
