@@ -19,13 +19,15 @@ from __future__ import annotations
 
 import asyncio
 import math
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Awaitable, Callable, Collection, Sequence
 from dataclasses import dataclass
 
 from agent.logs import get_logger
 
 JobFunc = Callable[[], Awaitable[object]]
 log = get_logger("kami.periodic")
+# How long a stop waits for cancelled tasks to end: they normally end at once.
+STOP_GRACE_SECONDS = 5.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -74,10 +76,27 @@ class Periodic:
     def start(self) -> None:
         self._tasks = [asyncio.create_task(run_job(j), name=f"job:{j.name}") for j in self.jobs]
 
-    async def stop(self) -> None:
+    async def stop(self, grace: float = STOP_GRACE_SECONDS) -> None:
         """Cancels every job, a run under way included (each is safe to interrupt: the
-        ledger commits before anything moves on), and waits until they have ended."""
-        for task in self._tasks:
-            task.cancel()
-        await asyncio.gather(*self._tasks, return_exceptions=True)
+        ledger commits before anything moves on), and waits until they have ended (see
+        cancel_all)."""
+        await cancel_all(self._tasks, grace)
         self._tasks.clear()
+
+
+async def cancel_all(
+    tasks: Collection[asyncio.Task[None]], grace: float = STOP_GRACE_SECONDS
+) -> None:
+    """Cancels the tasks and waits until they have ended, `grace` seconds at most: a task
+    that holds on to its cancellation (a driver waiting on a dead connection) is named in
+    the log and left behind, it must not keep the daemon from draining and exiting."""
+    for task in tasks:
+        task.cancel()
+    if not tasks:
+        return
+    done, pending = await asyncio.wait(tasks, timeout=grace)
+    for task in done:
+        if not task.cancelled():
+            task.exception()  # retrieved: asyncio would report it at exit otherwise
+    if pending:
+        log.warning("tasks_did_not_stop", tasks=sorted(t.get_name() for t in pending))

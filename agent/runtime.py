@@ -25,6 +25,7 @@ from agent.ledger_watch import EXIT_LEDGER_LOST, alert_ledger_lost, watch_ledger
 from agent.logs import get_logger
 from agent.notify.base import Notifier
 from agent.notify.factory import build_notifier
+from agent.periodic import cancel_all
 from agent.platforms import kind_module
 from agent.platforms.base import Platform
 from agent.scheduler import Job, JobFunc, build_scheduler
@@ -220,9 +221,9 @@ async def run_engine(
         await interfaces.stop()
         notify("STOPPING=1\nSTATUS=draining")
         log.info("stopping", backlog=engine.backlog)
-        for task in [*background, *long_polls]:
+        for task in long_polls:
             task.cancel()
-        await asyncio.gather(*background, return_exceptions=True)
+        await cancel_all(background)
         await scheduler.stop()
         await engine.stop_workers(DRAIN_GRACE_SECONDS)
     return engine
