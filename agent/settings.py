@@ -486,6 +486,9 @@ class Config:
         if self.store.password_secret:
             names.append(self.store.password_secret)
         names += [p.secret_name for p in self.platforms] + [s.secret_name for s in self.suppliers]
+        for platform in self.platforms:  # a kind's own secrets (Agiso's access token)
+            more = getattr(platform.options, "secret_names", None)
+            names += more() if callable(more) else []
         for channel in self.notify:
             names.extend(channel.secret_names())
         return names

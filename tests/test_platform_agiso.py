@@ -319,6 +319,8 @@ def test_config_reads_agiso_options(tmp_path: Path) -> None:
     assert options.message_cap == 2 and options.calls_per_second == 18
     limits = options.limits()
     assert limits is not None and (limits.chars, limits.count) == (5000, 2)
+    # `kami-agent check` and `secrets list-missing` ask for the shop's token too
+    assert "agiso.taobao.token" in config.secret_names()
 
 
 @pytest.mark.parametrize(

@@ -94,6 +94,10 @@ class AgisoOptions:
     probe_interval: float = DEFAULT_PROBE_INTERVAL
     lookback_hours: int = DEFAULT_LOOKBACK_HOURS
 
+    def secret_names(self) -> list[str]:
+        """Secrets named besides the platform's `secret` (`kami-agent check` asks for them)."""
+        return [self.access_token_secret]
+
     def limits(self) -> Limits | None:
         limits = MESSAGE_LIMITS.get(self.channel)
         if limits is None:
