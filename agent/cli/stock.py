@@ -251,17 +251,18 @@ def cmd_unvoid(args: argparse.Namespace) -> int:
     config = load(args)
 
     async def action(store: Store) -> int:
-        # Needs Store.unvoid_keys(sku, reason, count, now) -> int: void -> free for keys voided
-        # with that reason and never bound (a key once bound never returns to free).
-        unvoid = getattr(store, "unvoid_keys", None)
-        if unvoid is None:
+        # Only keys voided while free: a key once bound to an order never returns to stock.
+        count = await store.unvoid_keys(args.sku, args.reason, args.count, time.time())
+        if count == 0:
             raise CommandError(
-                "this version's ledger cannot return voided keys to stock yet; the keys are"
-                " kept (void, with their reason): `stock export SKU FILE --state void` and"
-                " import that file under the SKU once unvoid is available"
+                f"{printable(args.sku)} has no keys voided as {printable(args.reason)!r} that"
+                " can return to stock (the reason must match exactly; keys once bound to an"
+                " order stay void)"
             )
-        count: int = await unvoid(args.sku, args.reason, args.count, time.time())
-        print(f"{printable(args.sku)}: {count} key(s) voided as {args.reason!r} are free again")
+        print(
+            f"{printable(args.sku)}: {count} key(s) voided as {printable(args.reason)!r}"
+            " are free again"
+        )
         return 0
 
     return with_store(config, action)

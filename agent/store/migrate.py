@@ -35,6 +35,7 @@ TABLES = (
     "purchases",
     "alerts",
     "outbox",
+    "alert_history",
 )
 BATCH = 20_000
 # What proves a card key arrived intact and in the same hands.

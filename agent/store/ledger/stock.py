@@ -83,6 +83,27 @@ class Ledger(AlertsLedger):
             count,
         )
 
+    async def unvoid_keys(self, sku: str, reason: str, count: int | None, now: float) -> int:
+        """Returns keys voided by mistake to stock: void keys of the SKU voided with exactly
+        `reason` (all, or the `count` oldest), never a key that was ever bound to an order (a
+        key replaced on a delivered order stays void; the database refuses it too)."""
+        if not reason.strip():
+            raise StoreError("name the reason the keys were voided with")
+        if count is not None and count < 1:
+            raise StoreError(f"a count of keys to return must be at least 1, got {count}")
+        return await self._unvoid(sku, reason, NO_LIMIT if count is None else count)
+
+    @write
+    async def _unvoid(self, tx: Tx, sku: str, reason: str, count: int) -> int:
+        return await tx.execute(
+            "UPDATE card_keys SET state = 'free', void_reason = NULL WHERE id IN"
+            " (SELECT id FROM card_keys WHERE sku = $1 AND state = 'void' AND void_reason = $2"
+            "  AND bound_at IS NULL AND was_bound_to IS NULL ORDER BY id LIMIT $3{skip_locked})",
+            sku,
+            reason,
+            count,
+        )
+
     @read
     async def stock_counts(self, tx: Tx) -> list[StockCount]:
         """Free, bound and void keys per SKU."""
