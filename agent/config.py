@@ -20,6 +20,7 @@ from typing import Any, TypeVar
 from urllib.parse import urlparse
 
 from agent.domain import AgentError
+from agent.i18n import LANGUAGES, language_from_environment, normalise_language
 from agent.secrets import env_var_for
 from agent.settings import (
     DEFAULT_DELIVERY_MESSAGE,
@@ -216,6 +217,17 @@ class Section:
             raise self.error(key, f"must be one of {', '.join(choices)}, got {value!r}")
         return value
 
+    def language(self, key: str, default: str | None) -> str | None:
+        """zh-CN or en (a locale name such as zh_CN.UTF-8 or en_US too); `default` when
+        absent."""
+        raw = self.optional_string(key)
+        if raw is None:
+            return default
+        found = normalise_language(raw)
+        if found is None:
+            raise self.error(key, f"must be one of {', '.join(LANGUAGES)}, got {raw!r}")
+        return found
+
     def strings(self, key: str) -> tuple[str, ...]:
         """A required, non-empty list of strings."""
         value = self._get(key)
@@ -281,6 +293,9 @@ READERS: dict[str, Reader] = {
     "url": lambda s, k, d, spec: s.url(k, None if _required(d) else d),
     "choice": lambda s, k, d, spec: s.choice(k, d, spec.choices),
     "strings": lambda s, k, d, spec: s.strings(k),
+    # Absent: the locale's (LC_ALL, LANG...), read when the config is.
+    "language": lambda s, k, d, spec: s.language(k, language_from_environment()),
+    "optional language": lambda s, k, d, spec: s.language(k, None),
     "decimal": lambda s, k, d, spec: s.decimal(k),
     "optional number": lambda s, k, d, spec: (
         None if s._get(k) is None else READERS["number"](s, k, 0.0, spec)
@@ -418,7 +433,7 @@ def parse_config(data: dict[str, Any], source: Path) -> Config:
     )
     from agent.console.settings import parse_interfaces  # it reads tables through Section
 
-    interfaces = parse_interfaces(top)
+    interfaces = parse_interfaces(top, agent.language)
     top.reject_unknown()
     config = Config(
         interfaces=interfaces,

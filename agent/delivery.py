@@ -265,4 +265,4 @@ class Delivery:
         settings = self.skus.get(sku)
         if settings is not None and settings.message:
             return settings.message
-        return self.settings.delivery_message
+        return self.settings.message_with_keys()

@@ -71,6 +71,11 @@ class Translator:
     """gettext bound to one language; `_` in the modules that speak to merchants."""
 
     def __init__(self, language: str) -> None:
+        self.switch(language)
+
+    def switch(self, language: str) -> None:
+        """Speaks `language` from now on (the CLI's translator: the locale's until the config
+        is read)."""
         self.language = language if language in LANGUAGES else ENGLISH
         self._catalog = translations(self.language)
 
@@ -86,6 +91,21 @@ class Translator:
 def N_(message: str) -> str:
     """Marks a message for extraction where it is defined; translated where it is shown."""
     return message
+
+
+def duration(_: Translator, seconds: float | None) -> str:
+    """A duration in the merchant's language ("–" for none: nothing sold, never empties)."""
+    if seconds is None:
+        return "–"
+    if seconds < 1:
+        return _("%(n)d ms") % {"n": round(seconds * 1000)}
+    if seconds < 120:
+        return _("%(n).1f s") % {"n": seconds}
+    if seconds < 7200:
+        return _("%(n)d min") % {"n": round(seconds / 60)}
+    if seconds < 172800:
+        return _("%(n).1f h") % {"n": seconds / 3600}
+    return _("%(n).1f d") % {"n": seconds / 86400}
 
 
 # --- display width --------------------------------------------------------------------------

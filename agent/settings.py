@@ -18,13 +18,16 @@ from decimal import Decimal
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from agent.i18n import LANGUAGES, N_, Translator
+
 if TYPE_CHECKING:
     from agent.console.settings import InterfaceSettings
 
 SPEC = "kami.setting"
 DAY = 86400.0
 MAX_QUANTITY_LIMIT = 1000
-DEFAULT_DELIVERY_MESSAGE = "Thank you for your order."
+# Sent with the keys when neither [agent] nor the SKU has a message: in the buyers' language.
+DEFAULT_DELIVERY_MESSAGE = N_("Thank you for your order.")
 LOCAL_SOURCE = "local"
 LOG_LEVELS = ("debug", "info", "warning", "error")
 
@@ -151,8 +154,28 @@ class AgentSettings:
         help="order lines handled at once, and as many platform connections (plus 4 for"
         " intake); raise it for a distant platform or a flash sale",
     )
-    delivery_message: str = setting(
-        DEFAULT_DELIVERY_MESSAGE, help="message sent with the keys (a SKU may have its own)"
+    language: str = setting(
+        "en",
+        reader="language",
+        choices=LANGUAGES,
+        shown="from `LC_ALL` / `LANG`",
+        help="the merchant's language: the CLI, alerts, the console and the Telegram bot (a"
+        " Chinese locale such as `zh_CN.UTF-8` means zh-CN, any other en)",
+    )
+    buyer_language: str | None = setting(
+        None,
+        reader="optional language",
+        choices=LANGUAGES,
+        shown="`agent.language`",
+        help="the buyers' language, when they read another than the merchant: notices to"
+        " buyers and the default delivery message",
+    )
+    delivery_message: str | None = setting(
+        None,
+        reader="optional string",
+        shown=f'"{DEFAULT_DELIVERY_MESSAGE}"',
+        help="message sent with the keys (a SKU may have its own); the default one is sent in"
+        " `buyer_language`, one written here as it is",
     )
     max_delivery_attempts: int = setting(
         50,
@@ -185,6 +208,23 @@ class AgentSettings:
         unit="seconds",
         help="between reads of the suppliers' balances",
     )
+
+    @property
+    def buyers_language(self) -> str:
+        return self.buyer_language or self.language
+
+    def message_with_keys(self) -> str:
+        """The delivery message when the SKU has none: the merchant's, else ours in the
+        buyers' language."""
+        if self.delivery_message:
+            return self.delivery_message
+        return Translator(self.buyers_language)(DEFAULT_DELIVERY_MESSAGE)
+
+
+def default_delivery_messages() -> frozenset[str]:
+    """Our default delivery message in every language (an adapter with a default of its own,
+    like Agiso's template, uses it in place of ours)."""
+    return frozenset(Translator(language)(DEFAULT_DELIVERY_MESSAGE) for language in LANGUAGES)
 
 
 @dataclass(frozen=True, slots=True)

@@ -430,12 +430,14 @@ async def test_taobao_listing_maps_items_to_skus_and_skips_other_items(
     assert not page.has_more and page.next_cursor is not None
 
 
+# Our default delivery message in either language (agent.buyer_language) is Agiso's template.
+@pytest.mark.parametrize("default_message", ["Thank you for your order.", "感谢您的购买。"])
 async def test_taobao_delivery_is_a_result_a_shipped_order_and_one_message(
-    fake: FakeAgiso, adapters: dict[str, AgisoPlatform]
+    fake: FakeAgiso, adapters: dict[str, AgisoPlatform], default_message: str
 ) -> None:
     tid = fake.add_order("taobao", ITEMS["taobao"], quantity=2, title="游戏点卡100元")
     items = [key(1), key(2)]
-    await adapters["taobao"].deliver(tid, "kami-x-1", items, "Thank you for your order.")
+    await adapters["taobao"].deliver(tid, "kami-x-1", items, default_message)
     order = fake.orders[tid]
     assert [[c["c"] for c in r] for r in order.results] == [["CARD000001", "CARD000002"]]
     assert order.status == "WAIT_BUYER_CONFIRM_GOODS" and len(order.ww) == 1

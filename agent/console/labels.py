@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from agent.domain import LineState
 from agent.i18n import N_, Translator
+from agent.i18n import duration as i18n_duration
 
 STATE_LABELS = {
     LineState.NEW: N_("new"),
@@ -71,14 +72,4 @@ def event_label(_: Translator, kind: str) -> str:
 
 def duration(_: Translator, seconds: float | None) -> str:
     """A duration in the merchant's language ("–" for none: nothing sold, never empties)."""
-    if seconds is None:
-        return "–"
-    if seconds < 1:
-        return _("%(n)d ms") % {"n": round(seconds * 1000)}
-    if seconds < 120:
-        return _("%(n).1f s") % {"n": seconds}
-    if seconds < 7200:
-        return _("%(n)d min") % {"n": round(seconds / 60)}
-    if seconds < 172800:
-        return _("%(n).1f h") % {"n": seconds / 3600}
-    return _("%(n).1f d") % {"n": seconds / 86400}
+    return i18n_duration(_, seconds)

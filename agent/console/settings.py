@@ -13,7 +13,7 @@ from urllib.parse import urlparse
 
 from agent.config import Section
 from agent.console.passwords import PasswordHashError, check_hash_format
-from agent.i18n import LANGUAGES, language_from_environment, normalise_language
+from agent.i18n import language_from_environment
 
 DEFAULT_CONSOLE_PORT = 8790
 DEFAULT_METRICS_PORT = 9464
@@ -67,14 +67,10 @@ class InterfaceSettings:
         return names
 
 
-def _language(s: Section) -> str:
-    raw = s.optional_string("language")
-    if raw is None:
-        return language_from_environment()
-    found = normalise_language(raw)
-    if found is None:
-        raise s.error("language", f"must be one of {', '.join(LANGUAGES)}, got {raw!r}")
-    return found
+def _language(s: Section, default: str) -> str:
+    """The daemon's language (agent.language); this table's `language` only to have this
+    interface speak another."""
+    return s.language("language", default) or default
 
 
 def _host(s: Section) -> str:
@@ -97,7 +93,7 @@ def _needs(s: Section, module: str, extra: str) -> None:
         raise s.error(None, f"needs the {module} package: pip install 'kami-agent[{extra}]'")
 
 
-def parse_console(s: Section) -> ConsoleSettings | None:
+def parse_console(s: Section, language: str) -> ConsoleSettings | None:
     enabled = _enabled(s)
     if enabled:
         _needs(s, "jinja2", "console")
@@ -112,7 +108,7 @@ def parse_console(s: Section) -> ConsoleSettings | None:
         port=s.integer("port", DEFAULT_CONSOLE_PORT, minimum=1, maximum=65535),
         token_secret=s.optional_secret_name("token"),
         password_hash=password_hash,
-        language=_language(s),
+        language=_language(s, language),
         secure_cookie=s.boolean("secure_cookie", False),
         session_hours=s.number("session_hours", 12.0, minimum=0.05, maximum=24 * 30),
     )
@@ -156,7 +152,7 @@ def _api_base(s: Section) -> str:
     return url
 
 
-def parse_telegram_bot(s: Section) -> TelegramBotSettings | None:
+def parse_telegram_bot(s: Section, language: str) -> TelegramBotSettings | None:
     enabled = _enabled(s)
     chats = s.data.get("allowed_chats")
     s.used.add("allowed_chats")
@@ -173,7 +169,7 @@ def parse_telegram_bot(s: Section) -> TelegramBotSettings | None:
         token_secret=s.secret_name("token"),
         allowed_chats=tuple(chats),
         api_base=_api_base(s),
-        language=_language(s),
+        language=_language(s, language),
         poll_seconds=s.integer("poll_seconds", 25, minimum=0, maximum=50),
         alert_interval=s.number("alert_interval", 30.0, minimum=0.05, maximum=3600),
     )
@@ -182,8 +178,10 @@ def parse_telegram_bot(s: Section) -> TelegramBotSettings | None:
     return settings if enabled else None
 
 
-def parse_interfaces(top: Section) -> InterfaceSettings:
-    """The three optional tables of the top-level config section."""
+def parse_interfaces(top: Section, language: str | None = None) -> InterfaceSettings:
+    """The three optional tables of the top-level config section; `language`: the daemon's
+    (agent.language; the locale's when not given)."""
+    language = language or language_from_environment()
 
     def table(key: str) -> Section | None:
         data = top.table(key)
@@ -193,7 +191,7 @@ def parse_interfaces(top: Section) -> InterfaceSettings:
     metrics = table("metrics")
     bot = table("telegram_bot")
     return InterfaceSettings(
-        console=parse_console(console) if console is not None else None,
+        console=parse_console(console, language) if console is not None else None,
         metrics=parse_metrics(metrics) if metrics is not None else None,
-        telegram_bot=parse_telegram_bot(bot) if bot is not None else None,
+        telegram_bot=parse_telegram_bot(bot, language) if bot is not None else None,
     )

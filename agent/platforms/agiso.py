@@ -21,7 +21,7 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from urllib.parse import urlparse
 
-from agent.config import DEFAULT_DELIVERY_MESSAGE, PlatformSettings, Section
+from agent.config import PlatformSettings, Section
 from agent.domain import (
     BadResponse,
     CardItem,
@@ -69,6 +69,7 @@ from agent.platforms.agiso_wire import (
     text_id,
 )
 from agent.secrets import resolve_secret
+from agent.settings import default_delivery_messages
 from agent.signed_http import DEFAULT_CONNECTIONS
 
 log = get_logger("kami.agiso")
@@ -78,6 +79,8 @@ DEFAULT_LOOKBACK_HOURS = 72
 BEIJING = timedelta(hours=8)  # Agiso's times are China Standard Time
 MAX_PROGRESS = 10_000  # orders whose delivery this process remembers
 MAX_INBOX = 100_000
+# Our default delivery message, in any language: Agiso's own template is used in its place.
+DEFAULT_MESSAGES = default_delivery_messages()
 
 
 @dataclass(frozen=True, slots=True)
@@ -329,7 +332,7 @@ class AgisoPlatform:
         template = self.options.templates.get(sku)
         if template is not None:
             return template
-        if message and message != DEFAULT_DELIVERY_MESSAGE:
+        if message and message not in DEFAULT_MESSAGES:
             # The SKU's own message from [skus]: plain text (any braces are literal).
             return message.replace("{", "{{").replace("}", "}}")
         return DEFAULT_TEMPLATE
