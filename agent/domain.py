@@ -19,6 +19,10 @@ class LineState(enum.StrEnum):
     NEEDS_ATTENTION = "needs_attention"
     REFUNDED = "refunded"
     CANCELLED = "cancelled"
+    # Responder platforms (the listener): keys held for an order the platform may still cancel
+    # (Eneba's RESERVE), and keys handed over in a reply the platform has not confirmed yet.
+    RESERVED = "reserved"
+    PROVIDED = "provided"
 
     @property
     def terminal(self) -> bool:

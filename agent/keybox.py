@@ -29,6 +29,8 @@ from agent.store.base import StoreError
 NONCE_BYTES = 12
 KEY_BYTES = 32
 _SEP = "\x1f"
+# Associated data of sealed bytes starts with this, so no card key's (an SKU) can match it.
+_BYTES_AD = b"\x1ebytes\x1f"
 
 
 class StoreKeyError(AgentError):
@@ -119,6 +121,29 @@ class KeyBox:
             ) from None
         code, _, secret = plain.decode().partition(_SEP)
         return CardItem(code=code, secret=secret)
+
+    def seal_bytes(self, label: str, data: bytes) -> tuple[int, bytes]:
+        """(key id, nonce + ciphertext) of bytes that carry card keys but are not one (a
+        responder's stored reply): `label` (its row's identity) is bound in, so the value
+        opens in that row only."""
+        nonce = os.urandom(NONCE_BYTES)
+        ad = _BYTES_AD + label.encode()
+        return self.current, nonce + self._ciphers[self.current].encrypt(nonce, data, ad)
+
+    def open_bytes(self, label: str, key_id: int, sealed: bytes) -> bytes:
+        """What `seal_bytes` sealed under `label`."""
+        cipher = self._ciphers.get(key_id)
+        if cipher is None:
+            raise StoreKeyError(f"data key {key_id} is not available to open a stored reply")
+        try:
+            return cipher.decrypt(
+                sealed[:NONCE_BYTES], sealed[NONCE_BYTES:], _BYTES_AD + label.encode()
+            )
+        except InvalidTag:
+            raise SealedKeyError(
+                "a stored reply failed its integrity check (altered, or moved from another"
+                " row): not sent"
+            ) from None
 
     @staticmethod
     def _row_ad(sku: str, secret_hash: bytes) -> bytes:

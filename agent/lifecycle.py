@@ -60,6 +60,16 @@ LINE_EDGES: tuple[Edge[L], ...] = (
     *edges(ANY_LINE, L.NEEDS_ATTENTION, "parked"),
     *edges(ANY_LINE, L.REFUNDED, "refunded"),
     *edges(ANY_LINE, L.CANCELLED, "cancelled"),
+    # Responder platforms (agent/listener.py): the platform calls us and the reply carries
+    # the keys. Eneba: RESERVE binds keys (`reserved`), PROVIDE answers with them
+    # (`provided`), its reconciliation confirms (`delivered`); a CANCEL before PROVIDE, or
+    # a reservation never paid, releases the keys to stock; a CANCEL after PROVIDE voids
+    # them. dujiao-next: an order binds its keys and is handed to the shop at once.
+    *edges([None], L.RESERVED, "reserved"),
+    *edges([None], L.PROVIDED, "provided"),
+    *edges([L.RESERVED], L.PROVIDED, "provided"),
+    *edges([L.RESERVED], L.CANCELLED, "released"),
+    *edges([L.PROVIDED], L.CANCELLED, "keys_voided"),
 )
 
 OPEN_PURCHASE = (P.INTENT, P.UNKNOWN, P.PROCESSING)
@@ -76,7 +86,14 @@ PURCHASE_EDGES: tuple[Edge[P], ...] = (
 # Event kinds recorded on a line that change no state (the last two by the engine and the
 # console through add_event).
 NOTE_EVENTS = frozenset(
-    {"retry_scheduled", "buyer_notice", "refund_intent", "reconciled", "keys_revealed"}
+    {
+        "retry_scheduled",
+        "buyer_notice",
+        "refund_intent",
+        "reconciled",
+        "keys_revealed",
+        "callback_sent",  # a responder's callback reached the platform (agent/listener.py)
+    }
 )
 
 # The classes of line states the ledger's queries select by: state -> its classes.
@@ -95,6 +112,9 @@ LINE_CLASSES: dict[L, frozenset[str]] = {
     L.NEEDS_ATTENTION: frozenset({"not_demand"}),
     L.REFUNDED: frozenset(),
     L.CANCELLED: frozenset({"not_demand"}),
+    # Driven by the platform's calls, not by the engine's workers.
+    L.RESERVED: frozenset({"holds_keys"}),
+    L.PROVIDED: frozenset({"holds_keys"}),
 }
 
 

@@ -36,6 +36,8 @@ TABLES = (
     "alerts",
     "outbox",
     "alert_history",
+    "replies",  # a responder platform's stored replies (agent/listener.py)
+    "callbacks",
 )
 BATCH = 20_000
 # What proves a card key arrived intact and in the same hands.

@@ -36,6 +36,7 @@ from agent.store.base import (
 )
 from agent.store.identity import Opening
 from agent.store.ledger.core import Body, read
+from agent.store.ledger.responder import ResponderLedger
 from agent.store.ledger.stock import Ledger
 from agent.store.rows import DEMAND_BUCKET_SECONDS, LINE_COLUMNS, line_from_row, migrations
 from agent.store.tx import Bulk, Row, _Slot, fill, render_bulk_postgres, rows_changed
@@ -138,7 +139,7 @@ class PgTx:
         return [ids.get(row[key]) for row in rows]
 
 
-class PostgresStore(Ledger):
+class PostgresStore(Ledger, ResponderLedger):
     """The Store port on one PostgreSQL database shared by agents (see the module docstring)."""
 
     _data_errors = DATA_ERRORS

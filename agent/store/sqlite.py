@@ -41,6 +41,7 @@ from agent.store.base import (
 )
 from agent.store.identity import Opening
 from agent.store.ledger.core import Body, read
+from agent.store.ledger.responder import ResponderLedger
 from agent.store.ledger.stock import Ledger
 from agent.store.rows import DEMAND_BUCKET_SECONDS, migrations
 from agent.store.tx import Bulk, Expanding, Row, _Slot, render_sqlite
@@ -193,7 +194,7 @@ def exclusive_ledger(path: Path) -> Iterator[None]:
         os.close(fd)  # closing the descriptor lets go of the lock
 
 
-class SQLiteStore(Ledger):
+class SQLiteStore(Ledger, ResponderLedger):
     """The Store port on one SQLite file (see the module docstring)."""
 
     _data_errors = DATA_ERRORS

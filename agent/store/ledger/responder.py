@@ -1,0 +1,486 @@
+"""The ledger of responder platforms: the platform calls the agent's listener and the reply
+carries the keys (agent/listener.py; Eneba's declared stock, a dujiao-next shop buying from
+us). Written once for both databases.
+
+Every call that changes the ledger stores its reply, sealed, in the same transaction
+(`replies`, keyed by platform, order id and action): committed before the reply is sent, and
+a call repeated for the same order and action gets those very bytes again, never a reply
+computed anew, so never other keys. The adapters render replies (the wire format is
+theirs); these bodies decide what happened and keep it.
+
+Reservations hold keys bound to a line `reserved`; only such a line's keys may go back to
+stock (migration 0010's trigger). Keys handed out are voided, naming their line, when the
+platform cancels afterwards.
+"""
+
+from __future__ import annotations
+
+import enum
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+from agent.domain import CardItem, LineState, OrderLine
+from agent.store.base import StoreError
+from agent.store.ledger.core import LedgerCore, read, write
+from agent.store.rows import LINE_COLUMNS, line_from_row
+from agent.store.tx import Bulk, Tx
+
+RESERVED_FREE_KEYS = (
+    "SELECT id, secret_hash FROM card_keys WHERE sku = $1 AND state = 'free'"
+    " AND (expires_at IS NULL OR expires_at > $3) ORDER BY id LIMIT $2{skip_locked}"
+)
+INSERT_RESPONDER_LINE = (
+    "INSERT INTO orders (platform, order_id, line, sku, quantity, state, amount, currency,"
+    " seen_at, updated_at, attempts) VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $9, 0)"
+    " ON CONFLICT (platform, order_id, line) DO NOTHING"
+)
+BIND_RESERVED = Bulk(
+    "UPDATE card_keys SET state = 'bound', order_line_id = $1, slot = $2, bound_at = $3"
+    " WHERE id = $4 AND state = 'free'",
+    ("bigint", "int", "float8", "bigint"),
+)
+ORDER_LINES = (
+    f"SELECT {LINE_COLUMNS} FROM orders WHERE platform = $1 AND order_id = $2"
+    " ORDER BY line{for_update}"
+)
+STORED = (
+    "SELECT status, key_id, sealed FROM replies WHERE platform = $1 AND order_id = $2"
+    " AND action = $3"
+)
+STORE_REPLY = (
+    "INSERT INTO replies (platform, order_id, action, status, key_id, sealed, created_at)"
+    " VALUES ($1, $2, $3, $4, $5, $6, $7) ON CONFLICT (platform, order_id, action) DO NOTHING"
+)
+LINE_KEYS = (
+    "SELECT id, sku, key_id, sealed, secret_hash FROM card_keys WHERE order_line_id = $1"
+    " ORDER BY slot"
+)
+
+
+@dataclass(frozen=True, slots=True)
+class Reply:
+    """What a platform call is answered with; `replayed`: it was stored by an earlier call."""
+
+    status: int
+    body: bytes
+    replayed: bool = False
+
+
+@dataclass(frozen=True, slots=True)
+class Want:
+    """One line a reservation asks for: `quantity` keys of `sku`."""
+
+    sku: str
+    quantity: int
+    amount: str | None = None
+    currency: str | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class Handed:
+    """A line and the keys bound to it, opened, in slot order."""
+
+    line: OrderLine
+    items: tuple[CardItem, ...]
+
+
+class Cancelled(enum.StrEnum):
+    RELEASED = "released"  # reserved: its keys went back to stock
+    VOIDED = "voided"  # handed out: its keys are void, naming the line
+    ALREADY = "already"  # cancelled before
+    UNKNOWN = "unknown"  # no such order
+
+
+@dataclass(frozen=True, slots=True)
+class CallbackItem:
+    id: int
+    platform: str
+    line_id: int
+    url: str
+    body: bytes
+    attempts: int
+
+
+# A renderer gets what happened and returns the reply (status, body).
+Rendered = tuple[int, bytes]
+
+
+def _label(platform: str, order_id: str, action: str) -> str:
+    return f"reply\x1f{platform}\x1f{order_id}\x1f{action}"
+
+
+def _callback_label(platform: str, line_id: int) -> str:
+    return f"callback\x1f{platform}\x1f{line_id}"
+
+
+class ResponderLedger(LedgerCore):
+    # --- stored replies -----------------------------------------------------------------
+    @read
+    async def stored_reply(self, tx: Tx, platform: str, order_id: str, action: str) -> Reply | None:
+        """The reply stored for this call, if one was (read only: a repeated call is answered
+        without the write lock)."""
+        return await self._stored(tx, platform, order_id, action)
+
+    async def _stored(self, tx: Tx, platform: str, order_id: str, action: str) -> Reply | None:
+        row = await tx.fetchrow(STORED, platform, order_id, action)
+        if row is None:
+            return None
+        box = self.keybox
+        if not box.knows(row[1]):
+            self._keybox = box = await self._load_keys(tx)
+        body = box.open_bytes(_label(platform, order_id, action), row[1], bytes(row[2]))
+        return Reply(row[0], body, replayed=True)
+
+    async def _keep(
+        self, tx: Tx, platform: str, order_id: str, action: str, reply: Rendered, now: float
+    ) -> Reply:
+        """Stores the reply with the transaction; the one stored first if another call of
+        the same order and action got in before (a shared ledger)."""
+        box = await self._fresh_keybox(tx)
+        key_id, sealed = box.seal_bytes(_label(platform, order_id, action), reply[1])
+        stored = await tx.execute(
+            STORE_REPLY, platform, order_id, action, reply[0], key_id, sealed, now
+        )
+        if not stored:
+            earlier = await self._stored(tx, platform, order_id, action)
+            assert earlier is not None
+            return earlier
+        return Reply(reply[0], reply[1])
+
+    # --- reservations (Eneba's RESERVE, PROVIDE, CANCEL) ------------------------------------
+    @write
+    async def reserve(
+        self,
+        tx: Tx,
+        platform: str,
+        order_id: str,
+        wants: Sequence[Want],
+        now: float,
+        render: Callable[[bool], Rendered],
+    ) -> Reply:
+        """Binds every line's keys in this one transaction, as lines `reserved`
+        (render(True)); or binds nothing at all when any line cannot be filled
+        (render(False)). Either reply is stored: the platform was told, so it stays told."""
+        if (stored := await self._stored(tx, platform, order_id, "RESERVE")) is not None:
+            return stored
+        taken: list[list[int]] = []
+        for want in wants:
+            rows = await tx.fetch(RESERVED_FREE_KEYS, want.sku, want.quantity, now)
+            if len(rows) < want.quantity or want.quantity < 1:
+                return await self._keep(tx, platform, order_id, "RESERVE", render(False), now)
+            taken.append([r[0] for r in rows])
+        binds: list[tuple[int, int, float, int]] = []
+        events: list[tuple[int, str, str]] = []
+        for number, (want, key_ids) in enumerate(zip(wants, taken, strict=True)):
+            line_id = await tx.insert(
+                INSERT_RESPONDER_LINE,
+                platform,
+                order_id,
+                number,
+                want.sku,
+                want.quantity,
+                LineState.RESERVED.value,
+                want.amount,
+                want.currency,
+                now,
+            )
+            if line_id is None:  # another agent took this order in meanwhile
+                stored = await self._stored(tx, platform, order_id, "RESERVE")
+                if stored is None:
+                    raise StoreError(f"{platform} order {order_id}: reserved without a reply")
+                return stored
+            binds += [(line_id, slot, now, key) for slot, key in enumerate(key_ids)]
+            events.append((line_id, "reserved", f"sku={want.sku} keys={want.quantity}{self._by}"))
+        if (bound := await tx.executemany(BIND_RESERVED, binds)) != len(binds):
+            raise StoreError(
+                f"{platform} order {order_id}: a key was taken while binding ({bound})"
+            )
+        await self._events(tx, events, now)
+        return await self._keep(tx, platform, order_id, "RESERVE", render(True), now)
+
+    @write
+    async def provide(
+        self,
+        tx: Tx,
+        platform: str,
+        order_id: str,
+        now: float,
+        render: Callable[[Sequence[Handed]], Rendered],
+    ) -> Reply:
+        """The order's lines `reserved` -> `provided`, their keys opened for the reply
+        (render(lines)); render([]) when the order holds no keys to hand out (unknown,
+        cancelled, released). The reply is stored: every retry gets exactly these keys."""
+        lines = [line_from_row(r) for r in await tx.fetch(ORDER_LINES, platform, order_id)]
+        # Locked first: a PROVIDE running beside this one waits here, then finds the reply.
+        if (stored := await self._stored(tx, platform, order_id, "PROVIDE")) is not None:
+            return stored
+        holding = (LineState.RESERVED, LineState.PROVIDED, LineState.DELIVERED)
+        if not lines or any(line.state not in holding for line in lines):
+            return await self._keep(tx, platform, order_id, "PROVIDE", render([]), now)
+        handed = [Handed(line, await self._line_items(tx, line)) for line in lines]
+        reserved = [line.id for line in lines if line.state == LineState.RESERVED]
+        if reserved:
+            await tx.execute(
+                "UPDATE orders SET state = 'provided', updated_at = $1"
+                " WHERE id = ANY($2::bigint[])",
+                now,
+                reserved,
+            )
+            await self._events(
+                tx, [(i, "provided", f"keys handed over{self._by}") for i in reserved], now
+            )
+        return await self._keep(tx, platform, order_id, "PROVIDE", render(handed), now)
+
+    async def _line_items(self, tx: Tx, line: OrderLine) -> tuple[CardItem, ...]:
+        rows = await tx.fetch(LINE_KEYS, line.id)
+        if len(rows) != line.quantity:
+            raise StoreError(f"order line {line.id} holds {len(rows)} keys for {line.quantity}")
+        return tuple(await self._open_rows(tx, [r[1:] for r in rows]))
+
+    @write
+    async def cancel_order(
+        self,
+        tx: Tx,
+        platform: str,
+        order_id: str,
+        reason: str,
+        now: float,
+        render: Callable[[Cancelled], Rendered],
+    ) -> Reply:
+        """The platform cancels the order: keys of lines still `reserved` go back to stock;
+        keys handed out (`provided`, `delivered`) are voided with the reason, naming their
+        line. The reply is stored."""
+        lines = [line_from_row(r) for r in await tx.fetch(ORDER_LINES, platform, order_id)]
+        if (stored := await self._stored(tx, platform, order_id, "CANCEL")) is not None:
+            return stored
+        outcome = Cancelled.UNKNOWN if not lines else Cancelled.ALREADY
+        for line in lines:
+            if line.state == LineState.RESERVED:
+                await self._release(tx, line, reason, now)
+                outcome = Cancelled.RELEASED
+            elif line.state in (LineState.PROVIDED, LineState.DELIVERED):
+                await self._void_handed(tx, line, reason, now)
+                outcome = Cancelled.VOIDED
+        return await self._keep(tx, platform, order_id, "CANCEL", render(outcome), now)
+
+    async def _release(self, tx: Tx, line: OrderLine, reason: str, now: float) -> None:
+        """A reserved line's keys back to stock (while the line is still `reserved`: the
+        trigger lets only those go), then the line cancelled."""
+        count = await tx.execute(
+            "UPDATE card_keys SET state = 'free', order_line_id = NULL, slot = NULL,"
+            " bound_at = NULL WHERE order_line_id = $1",
+            line.id,
+        )
+        await tx.execute(
+            "UPDATE orders SET state = 'cancelled', reason = $1, updated_at = $2 WHERE id = $3",
+            reason,
+            now,
+            line.id,
+        )
+        await self._event(tx, line.id, "released", f"{count} keys back to stock: {reason}", now)
+
+    async def _void_handed(self, tx: Tx, line: OrderLine, reason: str, now: float) -> None:
+        why = (
+            f"{line.platform} order {line.order_id} cancelled after its keys were handed out:"
+            f" {reason}"
+        )
+        count = await tx.execute(
+            "UPDATE card_keys SET state = 'void', void_reason = $1, was_bound_to = order_line_id,"
+            " order_line_id = NULL, slot = NULL WHERE order_line_id = $2",
+            why,
+            line.id,
+        )
+        await tx.execute(
+            "UPDATE orders SET state = 'cancelled', reason = $1, updated_at = $2 WHERE id = $3",
+            reason,
+            now,
+            line.id,
+        )
+        await self._event(tx, line.id, "keys_voided", f"{count} keys voided: {reason}", now)
+
+    @write
+    async def release_expired(
+        self, tx: Tx, platform: str, reserved_before: float, now: float, limit: int = 500
+    ) -> int:
+        """Releases reservations taken before `reserved_before` and never asked for (the
+        buyer never paid): their keys back to stock. How many lines."""
+        rows = await tx.fetch(
+            f"SELECT {LINE_COLUMNS} FROM orders WHERE state = 'reserved' AND platform = $1"
+            " AND seen_at < $2 ORDER BY id LIMIT $3{skip_locked}",
+            platform,
+            reserved_before,
+            limit,
+        )
+        for line in map(line_from_row, rows):
+            await self._release(tx, line, "reservation not paid in time", now)
+        return len(rows)
+
+    @read
+    async def lines_in(
+        self, tx: Tx, platform: str, state: LineState, seen_before: float, limit: int
+    ) -> list[OrderLine]:
+        """The platform's lines in `state` taken in before `seen_before`, oldest first."""
+        rows = await tx.fetch(
+            f"SELECT {LINE_COLUMNS} FROM orders WHERE state = $1 AND platform = $2"
+            " AND seen_at < $3 ORDER BY id LIMIT $4",
+            state.value,
+            platform,
+            seen_before,
+            limit,
+        )
+        return [line_from_row(r) for r in rows]
+
+    # --- orders placed with us (a dujiao-next shop) ---------------------------------------
+    @write
+    async def place_order(
+        self,
+        tx: Tx,
+        platform: str,
+        order_id: str,
+        want: Want,
+        now: float,
+        render: Callable[[Handed | None], Rendered],
+        callback: tuple[str, Callable[[Handed], bytes]] | None = None,
+    ) -> Reply:
+        """An order paid with us: one line bound to its keys and handed over at once
+        (`provided`), the reply (render(handed)) and the callback owed (its URL and body)
+        stored in the same transaction. Too few keys: render(None), nothing stored (nothing
+        changed, and a later try may find stock)."""
+        if (stored := await self._stored(tx, platform, order_id, "ORDER")) is not None:
+            return stored
+        rows = await tx.fetch(RESERVED_FREE_KEYS, want.sku, want.quantity, now)
+        if len(rows) < want.quantity:
+            rendered = render(None)
+            return Reply(rendered[0], rendered[1])
+        line_id = await tx.insert(
+            INSERT_RESPONDER_LINE,
+            platform,
+            order_id,
+            0,
+            want.sku,
+            want.quantity,
+            LineState.PROVIDED.value,
+            want.amount,
+            want.currency,
+            now,
+        )
+        if line_id is None:  # another agent placed it meanwhile
+            stored = await self._stored(tx, platform, order_id, "ORDER")
+            if stored is None:
+                raise StoreError(f"{platform} order {order_id}: placed without a reply")
+            return stored
+        binds = [(line_id, slot, now, r[0]) for slot, r in enumerate(rows)]
+        if (bound := await tx.executemany(BIND_RESERVED, binds)) != len(binds):
+            raise StoreError(
+                f"{platform} order {order_id}: a key was taken while binding ({bound})"
+            )
+        detail = f"sku={want.sku} keys={want.quantity}{self._by}"
+        await self._event(tx, line_id, "provided", detail, now)
+        line = await self._fetch_line(tx, line_id)
+        handed = Handed(line, await self._line_items(tx, line))
+        if callback is not None:
+            url, body = callback
+            box = await self._fresh_keybox(tx)
+            key_id, sealed = box.seal_bytes(_callback_label(platform, line_id), body(handed))
+            await tx.execute(
+                "INSERT INTO callbacks (platform, order_line_id, url, key_id, sealed, created_at)"
+                " VALUES ($1, $2, $3, $4, $5, $6)",
+                platform,
+                line_id,
+                url,
+                key_id,
+                sealed,
+                now,
+            )
+        return await self._keep(tx, platform, order_id, "ORDER", render(handed), now)
+
+    @read
+    async def handed_line(self, tx: Tx, platform: str, line_id: int) -> Handed | None:
+        """The platform's line and its keys (none when it holds none now)."""
+        row = await tx.fetchrow(
+            f"SELECT {LINE_COLUMNS} FROM orders WHERE id = $1 AND platform = $2",
+            line_id,
+            platform,
+        )
+        if row is None:
+            return None
+        line = line_from_row(row)
+        rows = await tx.fetch(LINE_KEYS, line.id)
+        return Handed(line, tuple(await self._open_rows(tx, [r[1:] for r in rows])))
+
+    # --- the callback outbox ------------------------------------------------------------
+    @read
+    async def due_callbacks(
+        self, tx: Tx, platform: str, now: float, limit: int
+    ) -> list[CallbackItem]:
+        rows = await tx.fetch(
+            "SELECT id, order_line_id, url, key_id, sealed, attempts FROM callbacks"
+            " WHERE platform = $1 AND sent_at IS NULL AND dead_at IS NULL"
+            " AND next_attempt_at <= $2 ORDER BY id LIMIT $3",
+            platform,
+            now,
+            limit,
+        )
+        box = self.keybox
+        if not all(box.knows(r[3]) for r in rows):
+            self._keybox = box = await self._load_keys(tx)
+        return [
+            CallbackItem(
+                r[0],
+                platform,
+                r[1],
+                r[2],
+                box.open_bytes(_callback_label(platform, r[1]), r[3], bytes(r[4])),
+                r[5],
+            )
+            for r in rows
+        ]
+
+    @write
+    async def callback_done(
+        self,
+        tx: Tx,
+        item: CallbackItem,
+        now: float,
+        *,
+        error: str | None = None,
+        retry_at: float | None = None,
+    ) -> None:
+        """Sent (no error): the line is delivered. Failed: tried again at `retry_at`, or
+        given up (dead) without one."""
+        if error is None:
+            await tx.execute(
+                "UPDATE callbacks SET sent_at = $1, attempts = attempts + 1, last_error = NULL"
+                " WHERE id = $2",
+                now,
+                item.id,
+            )
+            await self._event(
+                tx, item.line_id, "callback_sent", f"attempt {item.attempts + 1}", now
+            )
+            await self._handed_over(tx, item.line_id, "the platform acknowledged the callback", now)
+            return
+        await tx.execute(
+            "UPDATE callbacks SET attempts = attempts + 1, last_error = $1,"
+            " next_attempt_at = COALESCE($2, next_attempt_at), dead_at = $3 WHERE id = $4",
+            error[:500],
+            retry_at,
+            now if retry_at is None else None,
+            item.id,
+        )
+
+    @write
+    async def handed_over(self, tx: Tx, line_id: int, detail: str, now: float) -> bool:
+        """A `provided` line is `delivered` (the platform has its keys); whether it moved."""
+        return await self._handed_over(tx, line_id, detail, now)
+
+    async def _handed_over(self, tx: Tx, line_id: int, detail: str, now: float) -> bool:
+        moved = await tx.execute(
+            "UPDATE orders SET state = 'delivered', delivered_at = $1, updated_at = $1"
+            " WHERE id = $2 AND state = 'provided'",
+            now,
+            line_id,
+        )
+        if moved:
+            await self._event(tx, line_id, "delivered", detail, now)
+        return bool(moved)

@@ -1,0 +1,166 @@
+"""The responder ledger (agent/store/ledger/responder.py) on both databases: reservations bind
+all or nothing, a stored reply is replayed byte for byte, a cancel releases or voids, unpaid
+reservations run out, an order placed with us is idempotent and owes its callback."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from collections.abc import Sequence
+from typing import Any
+
+import pytest
+
+from agent.domain import LineState
+from agent.store.base import LedgerRefused, Store
+from agent.store.ledger.responder import Cancelled, Handed, Want
+from tests.conftest import stock
+
+NOW = 1_700_000_000.0
+P = "eneba"
+
+
+def ok(success: bool) -> tuple[int, bytes]:
+    return 200, json.dumps({"success": success}).encode()
+
+
+def keys_of(lines: Sequence[Handed]) -> tuple[int, bytes]:
+    body = {"keys": [[i.secret for i in h.items] for h in lines], "success": bool(lines)}
+    return 200, json.dumps(body).encode()
+
+
+def said(outcome: Cancelled) -> tuple[int, bytes]:
+    return 200, outcome.value.encode()
+
+
+def r(store: Store) -> Any:  # the responder methods are not on the Store port
+    return store
+
+
+async def counts(store: Store, sku: str) -> tuple[int, int, int]:
+    found = {c.sku: c for c in await store.stock_counts()}
+    c = found[sku]
+    return c.free, c.bound, c.void
+
+
+async def test_reserve_binds_every_line_or_nothing(store: Store) -> None:
+    await stock(store, "GAME-100", 3)
+    await stock(store, "VIP-30D", 1)
+    refused = await r(store).reserve(P, "o-1", [Want("GAME-100", 2), Want("VIP-30D", 2)], NOW, ok)
+    assert json.loads(refused.body) == {"success": False}
+    assert await counts(store, "GAME-100") == (3, 0, 0)
+    assert await store.find_lines("o-1") == []
+    # The refusal is kept: the platform was told, it stays told.
+    again = await r(store).reserve(P, "o-1", [Want("GAME-100", 1)], NOW, ok)
+    assert again.replayed and again.body == refused.body
+    reply = await r(store).reserve(P, "o-2", [Want("GAME-100", 2), Want("VIP-30D", 1)], NOW, ok)
+    assert json.loads(reply.body) == {"success": True} and not reply.replayed
+    lines = await store.find_lines("o-2")
+    assert [line.state for line in lines] == [LineState.RESERVED] * 2
+    assert await counts(store, "GAME-100") == (1, 2, 0)
+
+
+async def test_provide_answers_the_bound_keys_and_every_retry_gets_the_same_bytes(
+    store: Store,
+) -> None:
+    await stock(store, "GAME-100", 4)
+    await r(store).reserve(P, "o-1", [Want("GAME-100", 2)], NOW, ok)
+    first = await r(store).provide(P, "o-1", NOW + 1, keys_of)
+    bound = {
+        i.secret for line in await store.find_lines("o-1") for i in await store.bound_items(line.id)
+    }
+    assert set(json.loads(first.body)["keys"][0]) == bound and len(bound) == 2
+    retries = await asyncio.gather(
+        *(r(store).provide(P, "o-1", NOW + 2, keys_of) for _ in range(5))
+    )
+    assert all(x.body == first.body and x.replayed for x in retries)
+    stored = await r(store).stored_reply(P, "o-1", "PROVIDE")
+    assert stored.body == first.body
+    [line] = await store.find_lines("o-1")
+    assert line.state == LineState.PROVIDED
+    unknown = await r(store).provide(P, "nope", NOW, keys_of)
+    assert json.loads(unknown.body) == {"keys": [], "success": False}
+
+
+async def test_cancel_before_provide_releases_and_after_provide_voids(store: Store) -> None:
+    await stock(store, "GAME-100", 4)
+    await r(store).reserve(P, "early", [Want("GAME-100", 2)], NOW, ok)
+    await r(store).reserve(P, "late", [Want("GAME-100", 2)], NOW, ok)
+    assert await counts(store, "GAME-100") == (0, 4, 0)
+    released = await r(store).cancel_order(P, "early", "buyer did not pay", NOW, said)
+    assert released.body == b"released"
+    assert await counts(store, "GAME-100") == (2, 2, 0)
+    # A PROVIDE after the cancel hands out nothing.
+    assert json.loads((await r(store).provide(P, "early", NOW, keys_of)).body)["success"] is False
+    await r(store).provide(P, "late", NOW, keys_of)
+    voided = await r(store).cancel_order(P, "late", "order failed", NOW, said)
+    assert voided.body == b"voided"
+    assert await counts(store, "GAME-100") == (2, 0, 2)
+    [line] = await store.find_lines("late")
+    assert line.state == LineState.CANCELLED
+    assert (await r(store).cancel_order(P, "late", "again", NOW, said)).body == b"voided"
+    assert (await r(store).cancel_order(P, "never", "x", NOW, said)).body == b"unknown"
+
+
+async def test_unpaid_reservations_run_out_and_their_keys_return(store: Store) -> None:
+    await stock(store, "GAME-100", 3)
+    await r(store).reserve(P, "old", [Want("GAME-100", 2)], NOW, ok)
+    await r(store).reserve(P, "new", [Want("GAME-100", 1)], NOW + 100, ok)
+    assert await r(store).release_expired(P, NOW + 50, NOW + 200) == 1
+    assert await counts(store, "GAME-100") == (2, 1, 0)
+    [line] = await store.find_lines("old")
+    assert line.state == LineState.CANCELLED
+
+
+async def test_a_provided_key_never_goes_back_to_stock(store: Store) -> None:
+    await stock(store, "GAME-100", 1)
+    await r(store).reserve(P, "o", [Want("GAME-100", 1)], NOW, ok)
+    await r(store).provide(P, "o", NOW, keys_of)
+    [line] = await store.find_lines("o")
+
+    async def unbind(tx: Any) -> None:
+        await tx.execute(
+            "UPDATE card_keys SET state = 'free', order_line_id = NULL, slot = NULL"
+            " WHERE order_line_id = $1",
+            line.id,
+        )
+
+    with pytest.raises(LedgerRefused):
+        await r(store)._write(unbind)
+
+
+async def test_an_order_placed_with_us_is_idempotent_and_owes_its_callback(store: Store) -> None:
+    await stock(store, "GAME-100", 3)
+
+    def render(handed: Handed | None) -> tuple[int, bytes]:
+        if handed is None:
+            return 409, b"short"
+        return 200, json.dumps({"order_id": handed.line.id}).encode()
+
+    def callback(handed: Handed) -> bytes:
+        return json.dumps([i.secret for i in handed.items]).encode()
+
+    place = r(store).place_order
+    first = await place(P, "A-1", Want("GAME-100", 2), NOW, render, ("http://x/cb", callback))
+    same = await asyncio.gather(
+        *(
+            place(P, "A-1", Want("GAME-100", 2), NOW, render, ("http://x/cb", callback))
+            for _ in range(4)
+        )
+    )
+    assert all(s.body == first.body for s in same)
+    assert (await place(P, "A-2", Want("GAME-100", 2), NOW, render, None)).status == 409
+    assert await store.find_lines("A-2") == []
+    [line] = await store.find_lines("A-1")
+    assert line.state == LineState.PROVIDED
+    [item] = await r(store).due_callbacks(P, NOW, 10)
+    handed = await r(store).handed_line(P, line.id)
+    assert json.loads(item.body) == [i.secret for i in handed.items]
+    await r(store).callback_done(item, NOW, error="HTTP 500", retry_at=NOW + 5)
+    assert await r(store).due_callbacks(P, NOW + 1, 10) == []
+    [item] = await r(store).due_callbacks(P, NOW + 5, 10)
+    await r(store).callback_done(item, NOW + 5)
+    assert await r(store).due_callbacks(P, NOW + 99, 10) == []
+    [line] = await store.find_lines("A-1")
+    assert line.state == LineState.DELIVERED
+    assert await r(store).handed_line("other", line.id) is None
