@@ -30,6 +30,12 @@ from agent.store.sqlite import SQLiteStore
 from tests.pg_server import REQUIRE_ENV, PgServer
 from tests.pg_server import start as start_pg_server
 
+# The tests read English (the msgids), whatever the developer's locale: the daemon's and the
+# CLI's language default from it. A test that wants Chinese says so (config or environment).
+for _variable in ("LANGUAGE", "LC_ALL", "LC_MESSAGES"):
+    os.environ.pop(_variable, None)
+os.environ["LANG"] = "C.UTF-8"
+
 SKUS = ("GAME-100", "VIP-30D")
 # The master key tests seal card keys with (base64 of 32 bytes), and its secret's env var.
 TEST_STORE_KEY = "a2FtaS1hZ2VudCB0ZXN0IHN0b3JlIGtleSAzMiBieXQ="

@@ -212,7 +212,7 @@ def test_status_shows_stock_rate_and_alerts(tmp_path: Path) -> None:
     assert result.returncode == 0, result.stderr
     row = next(line for line in result.stdout.splitlines() if line.startswith("GAME-100"))
     fields = row.split()
-    assert fields[1] == "7" and float(fields[2]) > 0 and "low_stock" in row
+    assert fields[1] == "7" and float(fields[2]) > 0 and "low stock" in row
     assert "GAME-100 low" in result.stdout
 
 

@@ -15,7 +15,7 @@ import sys
 from collections.abc import Callable, Sequence
 
 from agent.cli import ops, orders, secret_cmds, stock
-from agent.cli.common import CommandError
+from agent.cli.common import CommandError, _
 from agent.config import ConfigError
 from agent.credstore import CredStoreError
 from agent.domain import AgentError
@@ -68,7 +68,7 @@ def _quiet_broken_pipe() -> int:
 
 def _error(text: str) -> None:
     with contextlib.suppress(BrokenPipeError):
-        print(f"kami-agent: error: {printable(text)}", file=sys.stderr)
+        print(_("kami-agent: error: %(what)s") % {"what": printable(text)}, file=sys.stderr)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -82,7 +82,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         return _quiet_broken_pipe()
     except ConfigError as exc:
         with contextlib.suppress(BrokenPipeError):
-            print(f"kami-agent: config error: {exc}", file=sys.stderr)
+            print(_("kami-agent: config error: %(what)s") % {"what": exc}, file=sys.stderr)
         return 2
     except (AgentError, StoreError, CommandError, CredStoreError) as exc:
         _error(str(exc))

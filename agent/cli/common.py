@@ -1,4 +1,5 @@
-"""What every command shares: the config, the ledger, bounded numbers, tables and JSON."""
+"""What every command shares: the config, the ledger, bounded numbers, tables and JSON, and
+the merchant's language (`_`: the locale's until the config is read, then agent.language)."""
 
 from __future__ import annotations
 
@@ -14,7 +15,12 @@ from typing import Any
 
 from agent.config import Config, ConfigError, load_config
 from agent.domain import AgentError
+from agent.i18n import Translator, format_table, language_from_environment
 from agent.store.base import Store
+from agent.textsafe import printable
+
+# The CLI's words. Commands import this one object; load() switches it to the config's language.
+_ = Translator(language_from_environment())
 
 DEFAULT_CONFIG_PATHS = (Path("config.toml"), Path("/etc/kami-agent/config.toml"))
 # The most rows any listing shows at once: more is a database dump, not a listing.
@@ -31,13 +37,17 @@ def config_path(arg: str | None) -> Path:
         if candidate.exists():
             return candidate
     raise ConfigError(
-        "no config file: pass --config, set KAMI_AGENT_CONFIG, or create ./config.toml "
-        "(see config.example.toml)"
+        _(
+            "no config file: pass --config, set KAMI_AGENT_CONFIG, or create ./config.toml"
+            " (see config.example.toml)"
+        )
     )
 
 
 def load(args: argparse.Namespace) -> Config:
-    return load_config(config_path(args.config))
+    config = load_config(config_path(args.config))
+    _.switch(config.agent.language)
+    return config
 
 
 def with_store(config: Config, action: Callable[[Store], Awaitable[int]]) -> int:
@@ -68,16 +78,19 @@ def iso(ts: float | None) -> str | None:
 
 def bounded_int(low: int, high: int, unit: str = "") -> Callable[[str], int]:
     """An argparse type: an integer within [low, high], else one line saying so."""
-    suffix = f" {unit}" if unit else ""
 
     def parse(text: str) -> int:
+        suffix = f" {_(unit)}" if unit else ""  # a unit marked with N_ where it is named
         try:
             value = int(text)
         except ValueError:
-            raise argparse.ArgumentTypeError(f"not a whole number: {text[:40]!r}") from None
+            raise argparse.ArgumentTypeError(
+                _("not a whole number: %(text)r") % {"text": text[:40]}
+            ) from None
         if not low <= value <= high:
             raise argparse.ArgumentTypeError(
-                f"must be between {low:,} and {high:,}{suffix}, got {text[:40]}"
+                _("must be between %(low)s and %(high)s%(unit)s, got %(text)s")
+                % {"low": f"{low:,}", "high": f"{high:,}", "unit": suffix, "text": text[:40]}
             )
         return value
 
@@ -89,8 +102,22 @@ def add_json_flag(parser: argparse.ArgumentParser) -> None:
 
 
 def print_json(data: Any) -> None:
+    """Machine output: keys and values as the ledger has them, in no language."""
     json.dump(data, sys.stdout, ensure_ascii=False, indent=2)
     sys.stdout.write("\n")
+
+
+def print_table(
+    headers: list[str],
+    rows: list[list[str]],
+    aligns: str | None = None,
+    max_widths: list[int | None] | None = None,
+) -> None:
+    """A table whose columns line up on a terminal with Chinese text in it (widths by display
+    cells); every cell made safe to print (textsafe.printable) before it is measured."""
+    safe = [[printable(str(cell)) for cell in row] for row in rows]
+    for line in format_table(headers, safe, aligns, max_widths):
+        print(line)
 
 
 def confirm(question: str, expected: str, *, assume_yes: bool, refusal: str) -> None:
@@ -99,15 +126,20 @@ def confirm(question: str, expected: str, *, assume_yes: bool, refusal: str) -> 
     if assume_yes:
         return
     if not (sys.stdin.isatty() and sys.stderr.isatty()):
-        raise CommandError(f"{refusal}: pass --yes to confirm without a terminal")
-    sys.stderr.write(f"{question} [type {expected} to confirm] ")
+        raise CommandError(
+            _("%(refusal)s: pass --yes to confirm without a terminal") % {"refusal": refusal}
+        )
+    sys.stderr.write(
+        _("%(question)s [type %(expected)s to confirm] ")
+        % {"question": question, "expected": expected}
+    )
     sys.stderr.flush()
     try:
         answer = sys.stdin.readline().strip()
     except KeyboardInterrupt:
         answer = ""
     if answer != expected:
-        raise CommandError(f"{refusal}: not confirmed")
+        raise CommandError(_("%(refusal)s: not confirmed") % {"refusal": refusal})
 
 
 class CommandError(AgentError):

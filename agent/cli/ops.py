@@ -12,21 +12,26 @@ from typing import Any
 from agent import logs
 from agent.cli.common import (
     CommandError,
+    _,
     add_json_flag,
     bounded_int,
     iso,
     load,
     print_json,
+    print_table,
     when,
     with_store,
 )
 from agent.config import Config
 from agent.domain import AgentError, AlertMessage
+from agent.i18n import N_, duration
 from agent.keybox import StoreKeyError
 from agent.secrets import env_var_for, lookup_secret
 from agent.store.base import LedgerError, Store
 from agent.suppliers.base import Balance
 from agent.textsafe import printable
+
+STATUS_SKU_WIDTH = 32  # display cells; a longer SKU is cut with …
 
 
 def cmd_run(args: argparse.Namespace) -> int:
@@ -55,14 +60,21 @@ def cmd_init(args: argparse.Namespace) -> int:
             await store.close()
 
     ledger_id = asyncio.run(create())
-    where = str(config.store.path) if config.store.path is not None else "in PostgreSQL"
-    beside = (
-        f"; identity recorded in {identity_path(config.store.path)}"
-        if config.store.path is not None
-        else " (kept in the database)"
-    )
-    done = "checked" if args.adopt else "created"
-    print(f"ledger {where}: {done}, id {ledger_id}{beside}")
+    values = {"id": ledger_id}
+    if config.store.path is None:
+        text = (
+            _("ledger in PostgreSQL: checked, id %(id)s (kept in the database)")
+            if args.adopt
+            else _("ledger in PostgreSQL: created, id %(id)s (kept in the database)")
+        )
+    else:
+        values |= {"where": str(config.store.path), "file": str(identity_path(config.store.path))}
+        text = (
+            _("ledger %(where)s: checked, id %(id)s; identity recorded in %(file)s")
+            if args.adopt
+            else _("ledger %(where)s: created, id %(id)s; identity recorded in %(file)s")
+        )
+    print(text % values)
     return 0
 
 
@@ -82,15 +94,19 @@ async def _check_suppliers(config: Config) -> int:
         if not lookup_secret(settings.secret_name):
             continue  # reported with the secrets
         supplier = build_supplier(settings)
+        where = {"name": settings.name, "url": settings.base_url}
         try:
             balance = await supplier.balance()
             shown = printable(f"{balance.amount} {balance.currency}")
             print(
-                f"supplier {settings.name} ({settings.base_url}): reachable, auth ok"
-                f" (balance {shown})"
+                _("supplier %(name)s (%(url)s): reachable, auth ok (balance %(balance)s)")
+                % (where | {"balance": shown})
             )
         except AgentError as exc:
-            print(f"supplier {settings.name} ({settings.base_url}): FAILED: {printable(str(exc))}")
+            print(
+                _("supplier %(name)s (%(url)s): FAILED: %(why)s")
+                % (where | {"why": printable(str(exc))})
+            )
             problems += 1
         finally:
             await supplier.close()
@@ -100,21 +116,34 @@ async def _check_suppliers(config: Config) -> int:
 def cmd_check(args: argparse.Namespace) -> int:
     config = load(args)
     print(
-        f"config {config.source}: ok ({len(config.platforms)} platform(s), "
-        f"{len(config.suppliers)} supplier(s), {len(config.skus)} SKU(s))"
+        _(
+            "config %(file)s: ok (%(platforms)d platform(s), %(suppliers)d supplier(s),"
+            " %(skus)d SKU(s))"
+        )
+        % {
+            "file": config.source,
+            "platforms": len(config.platforms),
+            "suppliers": len(config.suppliers),
+            "skus": len(config.skus),
+        }
     )
     failures = 0
     for name in config.secret_names():
         if lookup_secret(name):
-            print(f"secret {name}: present")
+            print(_("secret %(name)s: present") % {"name": name})
         else:
-            print(f"secret {name}: MISSING (kami-agent secrets set {name}, or {env_var_for(name)})")
+            print(
+                _("secret %(name)s: MISSING (kami-agent secrets set %(name)s, or %(variable)s)")
+                % {"name": name, "variable": env_var_for(name)}
+            )
             failures += 1
+    ledger = config.store.describe()
 
     async def probe(store: Store) -> int:
         problems = 0
         result = await store.integrity_check()
-        print(f"store {config.store.describe()}: {result}")
+        shown = _("ok") if result == "ok" else printable(result)
+        print(_("store %(ledger)s: %(result)s") % {"ledger": ledger, "result": shown})
         problems += result != "ok"
         from agent.runtime import build_platform
 
@@ -122,12 +151,15 @@ def cmd_check(args: argparse.Namespace) -> int:
             if not lookup_secret(settings.secret_name):
                 continue
             platform = build_platform(settings)
+            where = {"name": settings.name, "url": settings.base_url}
             try:
                 await platform.ping()
-                print(f"platform {settings.name} ({settings.base_url}): reachable, auth ok")
+                print(_("platform %(name)s (%(url)s): reachable, auth ok") % where)
             except AgentError as exc:
-                text = printable(str(exc))
-                print(f"platform {settings.name} ({settings.base_url}): FAILED: {text}")
+                print(
+                    _("platform %(name)s (%(url)s): FAILED: %(why)s")
+                    % (where | {"why": printable(str(exc))})
+                )
                 problems += 1
             finally:
                 await platform.close()
@@ -137,18 +169,24 @@ def cmd_check(args: argparse.Namespace) -> int:
         try:
             failures += with_store(config, probe)
         except (LedgerError, StoreKeyError) as exc:
-            print(f"store {config.store.describe()}: FAILED: {printable(str(exc))}")
+            print(
+                _("store %(ledger)s: FAILED: %(why)s")
+                % {"ledger": ledger, "why": printable(str(exc))}
+            )
             failures += 1
             failures += asyncio.run(_check_suppliers(config))
     else:
         print(
-            f"store {config.store.describe()}: not checked"
-            f" (its key {config.store.key_secret} is missing)"
+            _("store %(ledger)s: not checked (its key %(name)s is missing)")
+            % {"ledger": ledger, "name": config.store.key_secret}
         )
         failures += asyncio.run(_check_suppliers(config))
     if config.notify:
-        print("alert channels: not sent to (`kami-agent notify test` sends a test message)")
-    print("check: ok" if not failures else f"check: {failures} problem(s)")
+        print(_("alert channels: not sent to (`kami-agent notify test` sends a test message)"))
+    if failures:
+        print(_("check: %(n)d problem(s)") % {"n": failures})
+    else:
+        print(_("check: ok"))
     return 0 if not failures else 1
 
 
@@ -162,9 +200,10 @@ async def _supplier_balances(config: Config, *, as_json: bool) -> dict[str, Bala
     balances: dict[str, Balance] = {}
     for settings in config.suppliers:
         if not lookup_secret(settings.secret_name):
-            missing = settings.secret_name
             print(
-                f"supplier {settings.name}: balance unknown (secret {missing} missing)", file=notes
+                _("supplier %(name)s: balance unknown (secret %(secret)s missing)")
+                % {"name": settings.name, "secret": settings.secret_name},
+                file=notes,
             )
             continue
         supplier = build_supplier(settings)
@@ -172,7 +211,8 @@ async def _supplier_balances(config: Config, *, as_json: bool) -> dict[str, Bala
             balance = await supplier.balance()
         except AgentError as exc:
             print(
-                f"supplier {settings.name}: balance unknown ({printable(str(exc))})",
+                _("supplier %(name)s: balance unknown (%(why)s)")
+                % {"name": settings.name, "why": printable(str(exc))},
                 file=notes,
             )
             continue
@@ -181,7 +221,10 @@ async def _supplier_balances(config: Config, *, as_json: bool) -> dict[str, Bala
         balances[settings.name] = balance
         if not as_json:
             shown = printable(f"{balance.amount} {balance.currency}")  # the supplier's text
-            print(f"supplier {settings.name}: balance {shown}")
+            print(
+                _("supplier %(name)s: balance %(balance)s")
+                % {"name": settings.name, "balance": shown}
+            )
     return balances
 
 
@@ -190,7 +233,7 @@ def cmd_status(args: argparse.Namespace) -> int:
 
     async def action(store: Store) -> int:
         from agent.alerts import MAX_ACTIVE_LINES, Forecaster, deadlines_near
-        from agent.forecast import format_duration
+        from agent.console.labels import alert_kind_label, severity_label
 
         balances = await _supplier_balances(config, as_json=args.json)
         forecasts = await Forecaster(config, store, time.time).forecast(balances)
@@ -235,26 +278,47 @@ def cmd_status(args: argparse.Namespace) -> int:
                 }
             )
             return 0
-        print(f"{'SKU':<20} {'stock':>8} {'rate/h':>8} {'empty in':>10} {'pending':>8}  alerts")
-        for f in forecasts:
-            mine = printable(", ".join(a.kind for a in alerts if a.key.endswith(f":{f.sku}")))
-            print(
-                f"{printable(f.sku)[:20]:<20} {f.free:>8} {f.rate_per_hour:>8.1f} "
-                f"{format_duration(f.time_to_empty):>10} {f.pending:>8}  {mine}"
-            )
+        rows = [
+            [
+                f.sku,
+                str(f.free),
+                f"{f.rate_per_hour:.1f}",
+                duration(_, f.time_to_empty),
+                str(f.pending),
+                ", ".join(
+                    alert_kind_label(_, a.kind) for a in alerts if a.key.endswith(f":{f.sku}")
+                ),
+            ]
+            for f in forecasts
+        ]
+        headers = [_("SKU"), _("stock"), _("rate/h"), _("empty in"), _("pending"), _("alerts")]
+        print_table(headers, rows, "<>>>><", [STATUS_SKU_WIDTH, None, None, None, None, None])
         if alerts:
-            print("\nopen alerts:")
-            for alert in alerts:
-                severity, summary = printable(alert.severity), printable(alert.summary)
-                print(f"  {when(alert.opened_at)}  {severity:<8} {summary}")
+            print("\n" + _("open alerts:"))
+            print_table(
+                [_("opened"), _("severity"), _("summary")],
+                [[when(a.opened_at), severity_label(_, a.severity), a.summary] for a in alerts],
+            )
         else:
-            print("\nno open alerts")
+            print("\n" + _("no open alerts"))
         # Live, not from the last alert check: a platform deadline is minutes away.
         if near:
-            print(f"\n{len(near)} orders near their platform's delivery deadline:")
-            for left, line in near[:20]:
-                due = "MISSED" if left < 0 else f"due in {format_duration(left)}"
-                print(f"  {printable(line.platform)} {printable(line.order_id)}  {due}")
+            print(
+                "\n" + _("%(n)d orders near their platform's delivery deadline:") % {"n": len(near)}
+            )
+            print_table(
+                [_("platform"), _("order"), _("deadline")],
+                [
+                    [
+                        line.platform,
+                        line.order_id,
+                        _("MISSED")
+                        if left < 0
+                        else _("due in %(time)s") % {"time": duration(_, left)},
+                    ]
+                    for left, line in near[:20]
+                ],
+            )
         return 0
 
     return with_store(config, action)
@@ -270,40 +334,55 @@ def cmd_notify_test(args: argparse.Namespace) -> int:
     channels = [c for c in config.notify if args.channel in (None, c.name)]
     if not channels:
         if args.channel:
-            raise CommandError(f"no alert channel [notify.{args.channel}] in {config.source}")
-        raise CommandError(f"no alert channels in {config.source} (add a [notify.<name>] table)")
+            raise CommandError(
+                _("no alert channel [notify.%(name)s] in %(file)s")
+                % {"name": args.channel, "file": config.source}
+            )
+        raise CommandError(
+            _("no alert channels in %(file)s (add a [notify.<name>] table)")
+            % {"file": config.source}
+        )
     message = AlertMessage(
         key="notify_test",
         kind="notify_test",
         event="opened",
         severity="info",
-        summary=f"test message from kami-agent on {socket.gethostname()}: alerts reach this"
-        " channel",
+        summary=_("test message from kami-agent on %(host)s: alerts reach this channel")
+        % {"host": socket.gethostname()},
         at=time.time(),
     )
 
     async def send_all() -> int:
         failed = 0
         for settings in channels:
-            label = f"notify {settings.name} ({settings.kind})"
+            where = {"name": settings.name, "kind": settings.kind}
             try:
                 notifier = build_notifier(settings, resolve_secret, timeout=args.timeout)
             except AgentError as exc:
-                print(f"{label}: FAILED: {printable(str(exc))}")
+                print(
+                    _("notify %(name)s (%(kind)s): FAILED: %(why)s")
+                    % (where | {"why": printable(str(exc))})
+                )
                 failed += 1
                 continue
             try:
                 await notifier.send(message)
-                print(f"{label}: sent")
+                print(_("notify %(name)s (%(kind)s): sent") % where)
             except AgentError as exc:
-                print(f"{label}: FAILED: {printable(str(exc))}")
+                print(
+                    _("notify %(name)s (%(kind)s): FAILED: %(why)s")
+                    % (where | {"why": printable(str(exc))})
+                )
                 failed += 1
             finally:
                 await notifier.close()
         return failed
 
     failed = asyncio.run(send_all())
-    print("notify test: ok" if not failed else f"notify test: {failed} channel(s) failed")
+    if failed:
+        print(_("notify test: %(n)d channel(s) failed") % {"n": failed})
+    else:
+        print(_("notify test: ok"))
     return 0 if not failed else 1
 
 
@@ -312,7 +391,7 @@ def cmd_completion(args: argparse.Namespace) -> int:
         import shtab
     except ImportError:
         raise CommandError(
-            "shell completion needs shtab: pip install 'kami-agent[completion]'"
+            _("shell completion needs shtab: pip install 'kami-agent[completion]'")
         ) from None
     from agent.cli import build_parser
 
@@ -352,7 +431,10 @@ def add_parsers(sub: Any) -> None:
     test = notify.add_parser("test", help="send a test message on every alert channel")
     test.add_argument("--channel", help="only this [notify.<name>] channel")
     test.add_argument(
-        "--timeout", type=bounded_int(1, 120, "seconds"), default=15, help="seconds per channel"
+        "--timeout",
+        type=bounded_int(1, 120, N_("seconds")),
+        default=15,
+        help="seconds per channel",
     )
     test.set_defaults(func=cmd_notify_test)
 

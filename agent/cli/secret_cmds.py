@@ -9,7 +9,7 @@ import sys
 import time
 from typing import Any
 
-from agent.cli.common import CommandError, config_path, load, with_store
+from agent.cli.common import CommandError, _, config_path, load, with_store
 from agent.config import ConfigError, load_config
 from agent.keybox import new_master_key, parse_master_key
 from agent.secrets import (
@@ -27,7 +27,10 @@ def cmd_keys_rotate(args: argparse.Namespace) -> int:
 
     async def action(store: Store) -> int:
         key_id, moved = await store.rotate_data_key(time.time())
-        print(f"card keys re-sealed with data key {key_id}: {moved} row(s); old data keys retired")
+        print(
+            _("card keys re-sealed with data key %(key)s: %(n)d row(s); old data keys retired")
+            % {"key": key_id, "n": moved}
+        )
         return 0
 
     return with_store(config, action)
@@ -38,18 +41,23 @@ def cmd_keys_init(args: argparse.Namespace) -> int:
     on a server without one): nothing to paste, nothing left in a shell history."""
     name = _key_secret_name(args)
     if lookup_secret(name):
-        raise CommandError(f"secret {name} already exists; a new one would lock the ledger")
+        raise CommandError(
+            _("secret %(name)s already exists; a new one would lock the ledger") % {"name": name}
+        )
     where = store_secret(name, new_master_key(), backend=args.store)
     print(
-        f"secret {name}: a new random store key is stored {where} — back it up: without it "
-        "the card keys in the ledger cannot be read"
+        _(
+            "secret %(name)s: a new random store key is stored %(where)s — back it up: without"
+            " it the card keys in the ledger cannot be read"
+        )
+        % {"name": name, "where": where}
     )
     return 0
 
 
 def cmd_secrets_delete(args: argparse.Namespace) -> int:
     where = delete_secret(args.name)
-    print(f"secret {args.name}: deleted from {where}")
+    print(_("secret %(name)s: deleted from %(where)s") % {"name": args.name, "where": where})
     return 0
 
 
@@ -58,12 +66,12 @@ def cmd_secrets_set(args: argparse.Namespace) -> int:
         value = sys.stdin.readline().rstrip("\r\n")
     else:
         if not sys.stdin.isatty():
-            raise CommandError("no terminal to ask on: pipe the value in with --stdin")
+            raise CommandError(_("no terminal to ask on: pipe the value in with --stdin"))
         value = getpass.getpass(f"{args.name}: ")
     if not value:
-        raise CommandError("empty secret, nothing stored")
+        raise CommandError(_("empty secret, nothing stored"))
     where = store_secret(args.name, value, backend=args.store)
-    print(f"secret {args.name}: stored {where}")
+    print(_("secret %(name)s: stored %(where)s") % {"name": args.name, "where": where})
     return 0
 
 
@@ -78,7 +86,7 @@ def cmd_secrets_list_missing(args: argparse.Namespace) -> int:
 def cmd_secrets_where(args: argparse.Namespace) -> int:
     config = load(args)
     for name in config.secret_names():
-        print(f"{name}: {where_stored(name) or 'MISSING'}")
+        print(f"{name}: {where_stored(name) or _('MISSING')}")
     return 0
 
 
@@ -107,10 +115,18 @@ def cmd_migrate_store(args: argparse.Namespace) -> int:
     password = resolve_secret(args.password) if args.password else None
     report = asyncio.run(migrate_sqlite_to_postgres(source, target, master, password=password))
     print(
-        f"migrate-store: done — {report.rows['orders']} order lines, {report.rows['card_keys']}"
-        f" card keys, {report.rows['events']} events copied. {source} is untouched (keep it as"
-        f' a backup). Now set [store] url = "{safe_url(target)}" in the config of every agent and'
-        " start them."
+        _(
+            "migrate-store: done — %(orders)d order lines, %(keys)d card keys, %(events)d events"
+            " copied. %(source)s is untouched (keep it as a backup). Now set [store] url ="
+            ' "%(url)s" in the config of every agent and start them.'
+        )
+        % {
+            "orders": report.rows["orders"],
+            "keys": report.rows["card_keys"],
+            "events": report.rows["events"],
+            "source": source,
+            "url": safe_url(target),
+        }
     )
     return 0
 
