@@ -12,6 +12,7 @@ from __future__ import annotations
 import math
 from collections import Counter
 from collections.abc import Callable, Mapping, Sequence
+from dataclasses import replace
 from datetime import datetime
 from decimal import Decimal
 
@@ -19,13 +20,16 @@ from agent.config import LOCAL_SOURCE, Config
 from agent.domain import (
     AlertCondition,
     AlertMessage,
+    AuthFailed,
+    CallsUnpaid,
     LineState,
     OrderLine,
     Permanent,
     Transient,
     retry_delay,
 )
-from agent.forecast import SkuForecast, ewma_rate, format_duration, time_to_empty
+from agent.forecast import SkuForecast, ewma_rate, time_to_empty
+from agent.i18n import ENGLISH, Translator, duration
 from agent.logs import get_logger
 from agent.notify.base import Notifier
 from agent.store.base import Store
@@ -42,6 +46,11 @@ MAX_ACTIVE_LINES = 100_000  # undelivered lines read per check; far beyond any r
 # A line whose platform sets a deadline (Kinguin cancels a reservation 15 minutes after it
 # needs stock) alerts this long before it: still time for a human to bring stock.
 DEADLINE_WARNING = 300.0
+ORDERS_NAMED = 5  # order ids an alert about many orders names; the rest is "…"
+
+
+def _some(ids: Sequence[str]) -> str:
+    return ", ".join(ids[:ORDERS_NAMED]) + (" …" if len(ids) > ORDERS_NAMED else "")
 
 
 class Forecaster:
@@ -97,6 +106,7 @@ class Forecaster:
 def low_stock_conditions(
     config: Config, forecasts: Sequence[SkuForecast], open_keys: set[str]
 ) -> list[AlertCondition]:
+    _ = Translator(config.agent.language)
     conditions = []
     for f in forecasts:
         sku = config.skus.get(f.sku)
@@ -109,12 +119,18 @@ def low_stock_conditions(
         short_count = LOCAL_SOURCE in sku.sources and f.free < math.ceil(sku.min_stock * headroom)
         if not (short_time or short_count):
             continue
-        summary = (
-            f"{f.sku} stock runs out in {format_duration(f.time_to_empty)} at "
-            f"{f.rate_per_hour:.1f}/h (lead time {format_duration(sku.lead_time)}): "
-            f"{f.free} local keys, {f.supplier_keys} affordable upstream, "
-            f"{f.pending} orders waiting"
-        )
+        summary = _(
+            "%(sku)s stock runs out in %(time)s at %(rate).1f/h (lead time %(lead)s):"
+            " %(free)d local keys, %(upstream)d affordable upstream, %(waiting)d orders waiting"
+        ) % {
+            "sku": f.sku,
+            "time": duration(_, f.time_to_empty),
+            "rate": f.rate_per_hour,
+            "lead": duration(_, sku.lead_time),
+            "free": f.free,
+            "upstream": f.supplier_keys,
+            "waiting": f.pending,
+        }
         severity = "critical" if f.free == 0 and f.supplier_keys == 0 else "warning"
         conditions.append(AlertCondition(key, "low_stock", severity, summary))
     return conditions
@@ -143,21 +159,29 @@ def deadlines_near(active: Sequence[OrderLine], now: float) -> list[tuple[float,
     return near
 
 
-def deadline_conditions(active: Sequence[OrderLine], now: float) -> list[AlertCondition]:
+def deadline_conditions(
+    active: Sequence[OrderLine], now: float, language: str = ENGLISH
+) -> list[AlertCondition]:
+    _ = Translator(language)
     near = deadlines_near(active, now)
     if not near:
         return []
-    shown = ", ".join(
-        f"{line.order_id} ({'missed' if left < 0 else 'in ' + format_duration(left)})"
-        for left, line in near[:5]
-    )
+    shown = [
+        _("%(order)s (missed)") % {"order": line.order_id}
+        if left < 0
+        else _("%(order)s (in %(time)s)") % {"order": line.order_id, "time": duration(_, left)}
+        for left, line in near
+    ]
     return [
         AlertCondition(
             "deadline_near",
             "deadline_near",
             "critical",
-            f"{len(near)} orders about to miss the platform's delivery deadline (the platform "
-            f"cancels them then): {shown}{' …' if len(near) > 5 else ''}",
+            _(
+                "%(n)d orders about to miss the platform's delivery deadline (the platform"
+                " cancels them then): %(orders)s"
+            )
+            % {"n": len(near), "orders": _some(shown)},
         )
     ]
 
@@ -169,7 +193,7 @@ class AlertEvaluator:
         store: Store,
         clock: Callable[[], float],
         balances: Mapping[str, Balance],
-        auth_failures: set[str],
+        auth_failures: Mapping[str, AuthFailed],
     ) -> None:
         self.config = config
         self.store = store
@@ -177,8 +201,10 @@ class AlertEvaluator:
         self.forecaster = Forecaster(config, store, clock)
         self.balances = balances
         self.auth_failures = auth_failures
+        self._ = Translator(config.agent.language)
 
     async def conditions(self) -> list[AlertCondition]:
+        _ = self._
         now = self.clock()
         open_keys = {a.key for a in await self.store.open_alerts()}
         active = await self.store.active_lines(MAX_ACTIVE_LINES)
@@ -196,19 +222,17 @@ class AlertEvaluator:
                             f"balance:{supplier.name}",
                             "supplier_balance",
                             "warning",
-                            f"supplier {supplier.name} balance {balance.amount} {balance.currency} "
-                            f"is below {supplier.balance_low}",
+                            _("supplier %(name)s balance %(amount)s %(currency)s is below %(low)s")
+                            % {
+                                "name": supplier.name,
+                                "amount": balance.amount,
+                                "currency": balance.currency,
+                                "low": supplier.balance_low,
+                            },
                         )
                     )
-        for platform in sorted(self.auth_failures):
-            found.append(
-                AlertCondition(
-                    f"auth:{platform}",
-                    "platform_auth",
-                    "critical",
-                    f"platform {platform} refuses our credentials: orders are not being taken in",
-                )
-            )
+        for platform, refusal in sorted(self.auth_failures.items()):
+            found.append(self._refusal(platform, refusal))
         stuck = []
         for line in active:
             sku = self.config.skus.get(line.sku)
@@ -221,11 +245,11 @@ class AlertEvaluator:
                     "stuck_orders",
                     "stuck_orders",
                     "critical",
-                    f"{len(stuck)} orders undelivered past their promised time: "
-                    f"{', '.join(stuck[:5])}{' …' if len(stuck) > 5 else ''}",
+                    _("%(n)d orders undelivered past their promised time: %(orders)s")
+                    % {"n": len(stuck), "orders": _some(stuck)},
                 )
             )
-        found += deadline_conditions(active, now)
+        found += deadline_conditions(active, now, self.config.agent.language)
         attention = (await self.store.count_by_state()).get(LineState.NEEDS_ATTENTION, 0)
         if attention:
             found.append(
@@ -233,11 +257,37 @@ class AlertEvaluator:
                     "needs_attention",
                     "needs_attention",
                     "warning",
-                    f"{attention} orders need attention (kami-agent orders list --state "
-                    "needs_attention)",
+                    _(
+                        "%(n)d orders need attention (kami-agent orders list --state"
+                        " needs_attention)"
+                    )
+                    % {"n": attention},
                 )
             )
         return found
+
+    def _refusal(self, platform: str, refusal: AuthFailed) -> AlertCondition:
+        """A platform that stopped our calls: for want of payment (a prepaid balance for API
+        calls ran out: top it up) or because it refuses our credentials (renew them)."""
+        _ = self._
+        if isinstance(refusal, CallsUnpaid):
+            return AlertCondition(
+                f"auth:{platform}",
+                "platform_unpaid",
+                "critical",
+                _(
+                    "platform %(name)s stopped our calls: the prepaid balance for them ran out"
+                    " (%(said)s). Top it up; orders are not being taken in until then, none is lost"
+                )
+                % {"name": platform, "said": str(refusal)},
+            )
+        return AlertCondition(
+            f"auth:{platform}",
+            "platform_auth",
+            "critical",
+            _("platform %(name)s refuses our credentials: orders are not being taken in")
+            % {"name": platform},
+        )
 
     async def run(self) -> list[AlertMessage]:
         conditions = await self.conditions()
@@ -261,11 +311,16 @@ class AlertEvaluator:
 
 class OutboxDrainer:
     def __init__(
-        self, store: Store, notifiers: Mapping[str, Notifier], clock: Callable[[], float]
+        self,
+        store: Store,
+        notifiers: Mapping[str, Notifier],
+        clock: Callable[[], float],
+        language: str = ENGLISH,
     ) -> None:
         self.store = store
         self.notifiers = notifiers
         self.clock = clock
+        self.language = language  # the merchant's: the words around each alert's summary
 
     async def drain(self) -> int:
         sent = 0
@@ -276,7 +331,8 @@ class OutboxDrainer:
                 await self.store.outbox_done(item.id, now, error="channel no longer configured")
                 continue
             try:
-                await notifier.send(AlertMessage.from_json(item.payload))
+                message = AlertMessage.from_json(item.payload)
+                await notifier.send(replace(message, language=self.language))
             except Transient as exc:
                 if item.attempts + 1 >= MAX_OUTBOX_ATTEMPTS:
                     await self.store.outbox_done(item.id, now, error=str(exc))

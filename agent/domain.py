@@ -8,6 +8,8 @@ import json
 from collections.abc import Iterable, Mapping
 from dataclasses import asdict, dataclass, field
 
+from agent.i18n import ENGLISH, N_, Translator
+
 
 class LineState(enum.StrEnum):
     NEW = "new"
@@ -67,6 +69,11 @@ class Transient(AgentError):
 
 class AuthFailed(Transient):
     """The platform refused our credentials; nothing took effect."""
+
+
+class CallsUnpaid(AuthFailed):
+    """The platform stops our calls until a prepaid balance for them is topped up (Agiso's
+    deposit ran out): our credentials are fine, the merchant must pay; orders wait."""
 
 
 class Ambiguous(AgentError):
@@ -333,13 +340,20 @@ class AlertMessage:
     severity: str
     summary: str
     at: float
+    # The merchant's language, for the words around the summary (the summary is written in
+    # it already); the outbox drainer sets it.
+    language: str = ENGLISH
 
     @property
     def text(self) -> str:
-        prefix = {"opened": "ALERT", "escalated": "STILL UNRESOLVED", "resolved": "RESOLVED"}
-        return (
-            f"[kami-agent] {prefix.get(self.event, self.event)} ({self.severity}): {self.summary}"
-        )
+        _ = Translator(self.language)
+        event = ALERT_EVENTS.get(self.event)
+        severity = ALERT_SEVERITIES.get(self.severity)
+        return _("[kami-agent] %(event)s (%(severity)s): %(summary)s") % {
+            "event": _(event) if event else self.event,
+            "severity": _(severity) if severity else self.severity,
+            "summary": self.summary,
+        }
 
     def to_json(self) -> str:
         return json.dumps(asdict(self), ensure_ascii=False, sort_keys=True)
@@ -347,6 +361,14 @@ class AlertMessage:
     @classmethod
     def from_json(cls, raw: str) -> AlertMessage:
         return cls(**json.loads(raw))
+
+
+ALERT_EVENTS = {
+    "opened": N_("ALERT"),
+    "escalated": N_("STILL UNRESOLVED"),
+    "resolved": N_("RESOLVED"),
+}
+ALERT_SEVERITIES = {"critical": N_("critical"), "warning": N_("warning"), "info": N_("info")}
 
 
 @dataclass(frozen=True, slots=True)

@@ -20,7 +20,7 @@ from typing import Any
 from agent.config import AgentSettings, SkuSettings, SupplierSettings
 from agent.crashpoints import crash_point
 from agent.delivery import Delivery, log_backordered
-from agent.domain import AgentError, DeliveryIntent, LineState, OrderLine
+from agent.domain import AgentError, AuthFailed, DeliveryIntent, LineState, OrderLine
 from agent.engine_stats import EngineStats
 from agent.intake import CLAIM_CHUNK, Intake, screen_order
 from agent.logs import get_logger
@@ -72,7 +72,8 @@ class Engine:
         self.clock = clock
         self.suppliers = dict(suppliers or {})
         self.balances: dict[str, Balance] = {}
-        self.auth_failures: set[str] = set()  # platform accounts refusing our credentials
+        # Platform accounts refusing our calls, with the refusal (credentials, or unpaid calls).
+        self.auth_failures: dict[str, AuthFailed] = {}
         self.stats = EngineStats()
         sourcing = Sourcing(settings, skus, store, self.suppliers, supplier_settings or {}, clock)
         self.delivery = Delivery(settings, skus, store, platforms, sourcing, self.stats, clock)

@@ -119,7 +119,7 @@ class Intake:
         local_skus: frozenset[str],
         park: Callable[[OrderLine, str], Awaitable[None]],
         stats: EngineStats,
-        auth_failures: set[str],
+        auth_failures: dict[str, AuthFailed],
         clock: Callable[[], float],
     ) -> None:
         self.name = name
@@ -283,13 +283,13 @@ class Intake:
         try:
             page = await call
         except AuthFailed as exc:
-            self._auth_failures.add(self.name)
+            self._auth_failures[self.name] = exc  # the alert says which refusal it is
             log.error("platform_auth_failed", platform=self.name, error=str(exc))
             return None
         except AgentError as exc:
             log.warning("poll_failed", platform=self.name, error=str(exc), kind=type(exc).__name__)
             return None
-        self._auth_failures.discard(self.name)
+        self._auth_failures.pop(self.name, None)
         return page
 
     async def _check_still_paid(self, order_ids: list[str], listed_at: float) -> None:

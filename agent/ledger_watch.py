@@ -15,6 +15,7 @@ import asyncio
 from collections.abc import Callable, Iterable
 
 from agent.domain import AgentError, AlertMessage
+from agent.i18n import ENGLISH, Translator
 from agent.logs import get_logger
 from agent.notify.base import Notifier
 from agent.store.base import Store
@@ -40,16 +41,23 @@ async def watch_ledger(
             return
 
 
-async def alert_ledger_lost(notifiers: Iterable[Notifier], reason: str, now: float) -> None:
+async def alert_ledger_lost(
+    notifiers: Iterable[Notifier], reason: str, now: float, language: str = ENGLISH
+) -> None:
     """Tells every channel, best effort: each gets one try, bounded in time."""
+    _ = Translator(language)
     message = AlertMessage(
         key="ledger_lost",
         kind="ledger_lost",
         event="opened",
         severity="critical",
-        summary=f"{reason}: the agent stopped taking orders and exited; restore the ledger"
-        " (it will not start on a missing or replaced ledger)",
+        summary=_(
+            "%(reason)s: the agent stopped taking orders and exited; restore the ledger (it"
+            " will not start on a missing or replaced ledger)"
+        )
+        % {"reason": reason},
         at=now,
+        language=language,
     )
     for notifier in notifiers:
         try:

@@ -163,7 +163,7 @@ async def run_engine(
     log.info("started", platforms=list(platforms), resumed_lines=resumed)
 
     evaluator = AlertEvaluator(config, store, engine.clock, engine.balances, engine.auth_failures)
-    drainer = OutboxDrainer(store, notifiers or {}, engine.clock)
+    drainer = OutboxDrainer(store, notifiers or {}, engine.clock, config.agent.language)
     buyers = BuyerCare(config, store, platforms, engine.clock)
 
     async def watch() -> None:
@@ -270,7 +270,7 @@ async def _run_daemon(config: Config) -> int:
     finally:
         watch.cancel()
         if lost:
-            await alert_ledger_lost(notifiers.values(), lost[0], time.time())
+            await alert_ledger_lost(notifiers.values(), lost[0], time.time(), config.agent.language)
         for platform in platforms.values():
             await platform.close()
         for supplier in suppliers.values():

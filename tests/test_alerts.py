@@ -20,7 +20,7 @@ from aiosmtpd.controller import Controller
 
 from agent.alerts import AlertEvaluator, OutboxDrainer
 from agent.config import Config, NotifySettings, SkuSettings
-from agent.domain import AlertMessage, PlatformOrder
+from agent.domain import AlertMessage, AuthFailed, PlatformOrder
 from agent.notify.base import Notifier
 from agent.notify.email import EmailNotifier
 from agent.notify.factory import build_notifier
@@ -80,7 +80,7 @@ def low_stock_config(tmp_path: Path, **sku: Any) -> Config:
 
 
 async def evaluate(config: Config, store: Store, clock: Clock) -> list[AlertMessage]:
-    return await AlertEvaluator(config, store, clock, {}, set()).run()
+    return await AlertEvaluator(config, store, clock, {}, {}).run()
 
 
 async def test_one_email_per_crossing_then_recovery(
@@ -303,7 +303,7 @@ async def test_auth_balance_stuck_and_attention_alerts(tmp_path: Path, store: St
         clock.now,
     )
     balances = {"up": Balance(Decimal("42.00"), "CNY")}
-    auth_failures = {"main"}
+    auth_failures: dict[str, AuthFailed] = {"main": AuthFailed("401 invalid token")}
     clock.now += 120  # OLD is now past its 60 s promise
     evaluator = AlertEvaluator(config, store, clock, balances, auth_failures)
     opened = {m.key: m for m in await evaluator.run()}

@@ -350,6 +350,7 @@ def cmd_notify_test(args: argparse.Namespace) -> int:
         summary=_("test message from kami-agent on %(host)s: alerts reach this channel")
         % {"host": socket.gethostname()},
         at=time.time(),
+        language=config.agent.language,
     )
 
     async def send_all() -> int:

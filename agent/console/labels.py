@@ -23,6 +23,7 @@ ALERT_KINDS = {
     "low_stock": N_("low stock"),
     "supplier_balance": N_("supplier balance low"),
     "platform_auth": N_("platform refuses our credentials"),
+    "platform_unpaid": N_("platform's prepaid calls ran out"),
     "stuck_orders": N_("orders stuck"),
     "deadline_near": N_("delivery deadline near"),
     "needs_attention": N_("orders need attention"),

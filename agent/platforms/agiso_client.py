@@ -26,7 +26,15 @@ from typing import Any
 
 from tenacity import AsyncRetrying, retry_if_exception, stop_after_attempt, wait_exponential
 
-from agent.domain import AgentError, Ambiguous, AuthFailed, BadResponse, Permanent, Transient
+from agent.domain import (
+    AgentError,
+    Ambiguous,
+    AuthFailed,
+    BadResponse,
+    CallsUnpaid,
+    Permanent,
+    Transient,
+)
 from agent.logs import get_logger
 from agent.platforms.rest_client import Reply, RestClient
 from agent.redact import fingerprint, register, safe_url
@@ -60,9 +68,10 @@ class AgisoRefused(AuthFailed):
         self.scope = scope  # "shop" (this AccessToken) or "app" (every shop of the AppId)
 
 
-class BalanceExhausted(AgisoRefused):
+class BalanceExhausted(AgisoRefused, CallsUnpaid):
     """Code 16, 预存款余额不足了，限制接口调用: the developer's prepaid deposit at Agiso ran out.
-    Every shop of the AppId stops until it is topped up; orders wait, none is lost."""
+    Every shop of the AppId stops until it is topped up; orders wait, none is lost. A
+    CallsUnpaid: the alert asks for a top-up, not for new credentials."""
 
 
 class AgisoError(Permanent):

@@ -224,9 +224,8 @@ def plan_alerts(
     for key, row in open_now.items():
         if key not in current:
             plan.resolved.append(key)
-            plan.messages.append(
-                AlertMessage(key, row[1], "resolved", row[2], f"resolved: {row[3]}", now)
-            )
+            # "RESOLVED" is said around the summary, in the merchant's language.
+            plan.messages.append(AlertMessage(key, row[1], "resolved", row[2], row[3], now))
     return plan
 
 
