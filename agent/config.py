@@ -434,9 +434,13 @@ def parse_config(data: dict[str, Any], source: Path) -> Config:
     from agent.console.settings import parse_interfaces  # it reads tables through Section
 
     interfaces = parse_interfaces(top, agent.language)
+    from agent.listener_settings import parse_listener  # it reads [listener] through Section
+
+    listener = parse_listener(top)
     top.reject_unknown()
     config = Config(
         interfaces=interfaces,
+        listener=listener,
         source=source,
         agent=agent,
         store=store,

@@ -22,6 +22,7 @@ from agent.console.launch import MerchantInterfaces
 from agent.engine import Engine
 from agent.keybox import parse_master_key
 from agent.ledger_watch import EXIT_LEDGER_LOST, alert_ledger_lost, watch_ledger
+from agent.listener import build_listener
 from agent.logs import get_logger
 from agent.notify.base import Notifier
 from agent.notify.factory import build_notifier
@@ -214,10 +215,15 @@ async def run_engine(
     stock_sync = StockSync(config.skus, store, platforms, suppliers or {}, engine.clock)
     background.append(asyncio.create_task(stock_sync.run(), name="stock-sync"))
     interfaces = MerchantInterfaces(config, store, engine)  # console, metrics, bot: if configured
+    listener = build_listener(config, store, platforms, engine.clock)  # inbound: if configured
     try:
         await interfaces.start()
+        if listener is not None:
+            await listener.start()
         await stop.wait()
     finally:
+        if listener is not None:
+            await listener.stop()  # no more calls answered once the engine drains
         await interfaces.stop()
         notify("STOPPING=1\nSTATUS=draining")
         log.info("stopping", backlog=engine.backlog)

@@ -22,6 +22,7 @@ from agent.i18n import LANGUAGES, N_, Translator
 
 if TYPE_CHECKING:
     from agent.console.settings import InterfaceSettings
+    from agent.listener_settings import ListenerSettings
 
 SPEC = "kami.setting"
 DAY = 86400.0
@@ -518,6 +519,8 @@ class Config:
     notify: tuple[NotifySettings, ...] = ()
     # [console], [metrics], [telegram_bot] (agent.console.settings); None: all off.
     interfaces: InterfaceSettings | None = None
+    # [listener] (agent.listener_settings): the inbound listener for responder platforms.
+    listener: ListenerSettings | None = None
 
     def secret_names(self) -> list[str]:
         """Every secret the config refers to, by name."""
