@@ -11,6 +11,7 @@ from collections.abc import Callable, Mapping
 from agent.alerts import MAX_ACTIVE_LINES
 from agent.config import Config
 from agent.domain import AgentError, LineState, OrderLine
+from agent.i18n import Translator
 from agent.logs import get_logger
 from agent.platforms.base import Platform
 from agent.store.base import Store
@@ -40,6 +41,8 @@ class BuyerCare:
         self.store = store
         self.platforms = platforms
         self.clock = clock
+        # What buyers read (agent.buyer_language, else the merchant's language).
+        self._ = Translator(config.agent.buyers_language)
 
     def eta_message(self, line: OrderLine) -> str:
         sku = self.config.skus.get(line.sku)
@@ -47,10 +50,18 @@ class BuyerCare:
         if sku and any(s != "local" for s in sku.sources):
             wait = max(wait, self.config.agent.supplier_retry_interval)
         minutes = max(1, math.ceil(wait / 60))
-        return (
-            f"Your order {line.order_id} is waiting for new stock. We expect to deliver it "
-            f"within about {minutes} minutes and will send it automatically."
-        )
+        return self._.ngettext(
+            "Your order %(order)s is waiting for new stock. We expect to deliver it within"
+            " about %(n)d minute and will send it automatically.",
+            "Your order %(order)s is waiting for new stock. We expect to deliver it within"
+            " about %(n)d minutes and will send it automatically.",
+            minutes,
+        ) % {"order": line.order_id, "n": minutes}
+
+    def refund_reason(self, line: OrderLine) -> str:
+        """Sent with the refund (the platform may show it to the buyer) and kept in the
+        ledger as the line's reason."""
+        return self._("%(sku)s out of stock past the delivery deadline") % {"sku": line.sku}
 
     async def run(self) -> None:
         await self.send_notices()
@@ -98,7 +109,7 @@ class BuyerCare:
             platform = self.platforms.get(line.platform)
             if platform is None:
                 continue
-            reason = f"{line.sku} out of stock past the delivery deadline"
+            reason = self.refund_reason(line)
             try:
                 await platform.refund(line.order_id, key, reason)
             except AgentError as exc:
