@@ -70,22 +70,25 @@ class Forecaster:
         for sku, at, quantity in demand:
             sales.setdefault(sku, []).append((at, quantity))
         free = await self.store.free_counts()
+        consigned = await self.store.consigned_counts()
         if active is None:
             active = await self.store.active_lines(MAX_ACTIVE_LINES)
         pending = Counter(line.sku for line in active)
         result = []
-        for sku in sorted(set(self.config.skus) | set(free)):
+        for sku in sorted(set(self.config.skus) | set(free) | set(consigned)):
             rate = ewma_rate(sales.get(sku, []), now, half_life)
             bought = self._supplier_keys(sku, balances)
             local = free.get(sku, 0)
+            pooled = consigned.get(sku, 0)  # sold by the platforms' pools meanwhile
             result.append(
                 SkuForecast(
                     sku=sku,
                     free=local,
                     supplier_keys=bought,
                     rate_per_hour=rate * 3600,
-                    time_to_empty=time_to_empty(local + bought, rate),
+                    time_to_empty=time_to_empty(local + pooled + bought, rate),
                     pending=pending.get(sku, 0),
+                    consigned=pooled,
                 )
             )
         return result
@@ -116,7 +119,8 @@ def low_stock_conditions(
         headroom = CLEAR_HEADROOM if key in open_keys else 1.0
         horizon = sku.lead_time * ALERT_MARGIN * headroom
         short_time = f.time_to_empty is not None and f.time_to_empty < horizon
-        short_count = LOCAL_SOURCE in sku.sources and f.free < math.ceil(sku.min_stock * headroom)
+        stocked = f.free + f.consigned  # keys in platform pools are stock still selling
+        short_count = LOCAL_SOURCE in sku.sources and stocked < math.ceil(sku.min_stock * headroom)
         if not (short_time or short_count):
             continue
         summary = _(
@@ -131,7 +135,7 @@ def low_stock_conditions(
             "upstream": f.supplier_keys,
             "waiting": f.pending,
         }
-        severity = "critical" if f.free == 0 and f.supplier_keys == 0 else "warning"
+        severity = "critical" if stocked == 0 and f.supplier_keys == 0 else "warning"
         conditions.append(AlertCondition(key, "low_stock", severity, summary))
     return conditions
 

@@ -14,6 +14,7 @@ from collections.abc import Callable, Mapping, Sequence
 
 from agent.coalesce import Coalescer
 from agent.config import AgentSettings, SkuSettings
+from agent.consignment import ConsignedSales
 from agent.crashpoints import crash_point
 from agent.domain import (
     ACTIVE_STATES,
@@ -57,7 +58,9 @@ class Delivery:
         sourcing: Sourcing,
         stats: EngineStats,
         clock: Callable[[], float],
+        consigned: ConsignedSales | None = None,
     ) -> None:
+        """`consigned`: the lines a platform's own pool delivers (agent/consignment.py)."""
         self.settings = settings
         self.skus = skus
         self.store = store
@@ -65,6 +68,7 @@ class Delivery:
         self.sourcing = sourcing
         self.stats = stats
         self.clock = clock
+        self.consigned = consigned
         # Deliveries finishing together are recorded in one ledger call (a flash sale).
         self._delivered: Coalescer[tuple[int, str]] = Coalescer(
             lambda batch: self.store.mark_many_delivered(batch, self.clock())
@@ -75,6 +79,11 @@ class Delivery:
         later (a retry due, a backorder) with the reason in the ledger."""
         # None when another agent sharing the store is working on the line right now.
         line = await self.store.take_line(line_id, self.clock())
+        if line is not None and self.consigned is not None and self.consigned.covers(line):
+            # The platform's pool delivers it: never a key of ours, only its record.
+            if line.state in ACTIVE_STATES and line.next_attempt_at <= self.clock():
+                await self.consigned.settle(line)
+            return
         while line is not None and line.state in ACTIVE_STATES:
             waiting = line.next_attempt_at > self.clock()
             if line.state == LineState.BACKORDERED:

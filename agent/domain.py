@@ -50,6 +50,7 @@ class KeyState(enum.StrEnum):
     FREE = "free"
     BOUND = "bound"
     VOID = "void"
+    CONSIGNED = "consigned"  # handed to a platform's own pool, the platform's to sell
 
 
 # --- errors decided at the adapter edge; the engine acts on the class -------------------

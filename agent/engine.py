@@ -18,6 +18,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from agent.config import AgentSettings, SkuSettings, SupplierSettings
+from agent.consignment import ConsignedSales, consigned_skus
 from agent.crashpoints import crash_point
 from agent.delivery import Delivery, log_backordered
 from agent.domain import AgentError, AuthFailed, DeliveryIntent, LineState, OrderLine
@@ -76,7 +77,11 @@ class Engine:
         self.auth_failures: dict[str, AuthFailed] = {}
         self.stats = EngineStats()
         sourcing = Sourcing(settings, skus, store, self.suppliers, supplier_settings or {}, clock)
-        self.delivery = Delivery(settings, skus, store, platforms, sourcing, self.stats, clock)
+        # Lines of a SKU a platform sells from its own pool are that pool's to deliver.
+        self.consigned = ConsignedSales(store, platforms, clock)
+        self.delivery = Delivery(
+            settings, skus, store, platforms, sourcing, self.stats, clock, self.consigned
+        )
         local_skus = frozenset(s for s in skus if sourcing.local_only(s))
         self.intakes = {
             name: Intake(
@@ -86,7 +91,7 @@ class Engine:
                 skus,
                 store,
                 self,
-                local_skus=local_skus,
+                local_skus=local_skus - consigned_skus(platform),
                 park=self.delivery.park,
                 stats=self.stats,
                 auth_failures=self.auth_failures,

@@ -21,6 +21,9 @@ class SkuForecast:
     rate_per_hour: float  # keys per hour, exponentially weighted
     time_to_empty: float | None  # seconds until local + supplier capacity is gone; None = no sales
     pending: int  # order lines not yet delivered
+    # Keys handed to platform pools (consignment), still sold there: stock, though not the
+    # agent's to deliver.
+    consigned: int = 0
 
 
 def tau_for(half_life: float) -> float:

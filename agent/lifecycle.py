@@ -1,4 +1,5 @@
-"""THE transition table: every allowed `from -> to` edge of an order line and of a purchase.
+"""THE transition table: every allowed `from -> to` edge of an order line, a purchase, a card
+key and a pool add.
 
 Each edge names the event kind(s) the ledger records with it. Nothing else in the code says
 which state may follow which: the ledger's `WHERE state IN (...)` guards are rendered from
@@ -17,10 +18,12 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any, Generic, TypeVar
 
+from agent.domain import KeyState as K
 from agent.domain import LineState as L
 from agent.domain import PurchaseState as P
+from agent.pool_domain import PoolAddState as A
 
-S = TypeVar("S", L, P)
+S = TypeVar("S", L, P, K, A)
 
 
 @dataclass(frozen=True, slots=True)
@@ -32,7 +35,7 @@ class Edge(Generic[S]):
 
 def edges(sources: Iterable[S | None], targets: S | Iterable[S], *events: str) -> list[Edge[S]]:
     """Every source -> target pair, recorded by `events`."""
-    many = [targets] if isinstance(targets, L | P) else list(targets)
+    many = [targets] if isinstance(targets, L | P | K | A) else list(targets)
     return [Edge(source, target, events) for source in sources for target in many]
 
 
@@ -83,6 +86,36 @@ PURCHASE_EDGES: tuple[Edge[P], ...] = (
     *edges([*OPEN_PURCHASE, P.FAILED], P.COMPLETED, "purchase_completed"),
 )
 
+# A card key. Keys are inserted free (imported, or bought: bound in the same transaction).
+# The kinds name the step; keys have no event rows (a line's events name its keys). The
+# stricter rules on bound keys (never unbound, never rebound) are card_keys_stay_bound's.
+KEY_EDGES: tuple[Edge[K], ...] = (
+    *edges([None], K.FREE, "imported"),
+    *edges([K.FREE], K.BOUND, "allocated", "sold_from_pool"),
+    *edges([K.FREE], K.VOID, "voided"),
+    *edges([K.VOID], K.FREE, "unvoided"),
+    # After-sales and responders: a bad key replaced on its line goes void naming the line;
+    # a reservation cancelled before its keys were handed over gives them back.
+    *edges([K.BOUND], K.VOID, "replaced", "keys_voided"),
+    *edges([K.BOUND], K.FREE, "released"),
+    # Consignment: handed to a platform's pool in the same transaction as the add intent;
+    # bound to the line the platform sold it on; back to free when the pool definitely did
+    # not take it, or gave it back (StockBack).
+    *edges([K.FREE], K.CONSIGNED, "pool_add_intent"),
+    *edges([K.CONSIGNED], K.BOUND, "sold_from_pool"),
+    *edges([K.CONSIGNED], K.FREE, "pool_add_failed", "stock_back"),
+)
+
+# An add of keys to a platform pool (agent/consignment.py): the intent is committed with its
+# keys consigned; an unclear outcome is settled by adding the same keys again.
+POOL_ADD_EDGES: tuple[Edge[A], ...] = (
+    *edges([None], A.INTENT, "pool_add_intent"),
+    *edges([A.INTENT, A.UNKNOWN], A.UNKNOWN, "pool_add_unknown"),
+    *edges([A.INTENT, A.UNKNOWN], A.ADDED, "pool_added"),
+    *edges([A.INTENT, A.UNKNOWN], A.PARTIAL, "pool_add_partial"),
+    *edges([A.INTENT], A.FAILED, "pool_add_failed"),  # never after an unclear outcome
+)
+
 # Event kinds recorded on a line that change no state (the last two by the engine and the
 # console through add_event).
 NOTE_EVENTS = frozenset(
@@ -123,8 +156,16 @@ def states_in(name: str) -> tuple[L, ...]:
     return tuple(s for s in L if name in LINE_CLASSES[s])
 
 
+TABLES: dict[type[Any], tuple[Edge[Any], ...]] = {
+    L: LINE_EDGES,
+    P: PURCHASE_EDGES,
+    K: KEY_EDGES,
+    A: POOL_ADD_EDGES,
+}
+
+
 def table(kind: type[S]) -> tuple[Edge[S], ...]:
-    return LINE_EDGES if kind is L else PURCHASE_EDGES  # type: ignore[return-value]
+    return TABLES[kind]
 
 
 def sources(kind: type[S], target: S, event: str | None = None) -> tuple[S, ...]:
@@ -146,11 +187,11 @@ def event_kinds(kind: type[S]) -> frozenset[str]:
     return frozenset(event for e in table(kind) for event in e.events)
 
 
-def mermaid(kind: type[L] | type[P]) -> str:
-    """One table as a mermaid state diagram (docs/design.md shows both). An event moving
+def mermaid(kind: type[L] | type[P] | type[K] | type[A]) -> str:
+    """One table as a mermaid state diagram (docs/design.md shows them). An event moving
     rows from every state (every other state) to one is drawn from `any`."""
     members: list[Any] = list(kind)
-    rows: Sequence[Edge[Any]] = LINE_EDGES if kind is L else PURCHASE_EDGES
+    rows: Sequence[Edge[Any]] = TABLES[kind]
     out = ["stateDiagram-v2", '    state "any (other) state" as any']
     groups: dict[tuple[str, str], set[Any]] = {}
     for e in rows:

@@ -18,6 +18,7 @@ from agent.config import (
     StoreSettings,
     SupplierSettings,
 )
+from agent.consignment import keepers as pool_keepers
 from agent.console.launch import MerchantInterfaces
 from agent.engine import Engine
 from agent.keybox import parse_master_key
@@ -214,6 +215,9 @@ async def run_engine(
     # Keeps the stock shown on the platforms that take it true (oversell 0).
     stock_sync = StockSync(config.skus, store, platforms, suppliers or {}, engine.clock)
     background.append(asyncio.create_task(stock_sync.run(), name="stock-sync"))
+    # Keeps the platforms' own card pools topped up from the ledger (consignment).
+    for keeper in pool_keepers(store, platforms):
+        background.append(asyncio.create_task(keeper.run(), name=f"pools:{keeper.platform.name}"))
     interfaces = MerchantInterfaces(config, store, engine)  # console, metrics, bot: if configured
     listener = build_listener(config, store, platforms, engine.clock)  # inbound: if configured
     try:

@@ -6,7 +6,9 @@ names the secret holding the AppSecret (shared by the AppId's shops), `access_to
 secret holding the shop's AccessToken. Intake: paid orders come by Agiso push (the inbound
 listener calls `accept_push`) and, for 淘宝, by polling /Trade/TradesBuyerPay as a backstop;
 the other channels have no list call, so their only intake is the push. Delivery per channel:
-agent/platforms/agiso_channels.py.
+agent/platforms/agiso_channels.py. Consignment (`[platforms.<name>.pools]`): a SKU sold from an
+Agiso card pool the agent keeps topped up (agent/consignment.py); its orders are Agiso's to
+deliver, the agent only records which keys the pool sent.
 """
 
 from __future__ import annotations
@@ -19,6 +21,7 @@ from collections import OrderedDict
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
+from typing import Any
 from urllib.parse import urlparse
 
 from agent.config import PlatformSettings, Section
@@ -32,6 +35,13 @@ from agent.domain import (
     RemoteDelivery,
 )
 from agent.logs import get_logger
+from agent.platforms.agiso_cardpwd import (
+    MAX_LINES,
+    add_to_pool,
+    pool_levels,
+    pool_sent_cards,
+    take_back,
+)
 from agent.platforms.agiso_channels import (
     CHANNEL_TYPES,
     MESSAGE_LIMITS,
@@ -56,18 +66,29 @@ from agent.platforms.agiso_messages import (
     render,
     split,
 )
-from agent.platforms.agiso_push import PushDedupe, PushEvent, read_push, verify_push
+from agent.platforms.agiso_push import (
+    Push,
+    PushDedupe,
+    PushEvent,
+    PushRejected,
+    read_push,
+    verify_push,
+)
 from agent.platforms.agiso_wire import (
+    CANCELLED,
     CHANNEL_NAMES,
     CHANNELS,
     PAID,
+    REFUNDED,
     WireError,
+    last_sent_cards,
     orders_of,
     our_lines,
     same_cards,
     taobao_trade,
     text_id,
 )
+from agent.pool_domain import PoolAddAnswer, PoolBounds, pool_card_number
 from agent.secrets import resolve_secret
 from agent.settings import default_delivery_messages
 from agent.signed_http import DEFAULT_CONNECTIONS
@@ -79,6 +100,16 @@ DEFAULT_LOOKBACK_HOURS = 72
 BEIJING = timedelta(hours=8)  # Agiso's times are China Standard Time
 MAX_PROGRESS = 10_000  # orders whose delivery this process remembers
 MAX_INBOX = 100_000
+# Consignment: seconds between the pool keeper's rounds, and how long an order of a consigned
+# SKU may wait for Agiso's pool to send its keys before it is parked for a human.
+DEFAULT_POOL_INTERVAL = 30.0
+DEFAULT_POOL_SALE_WAIT = 3600.0
+MAX_POOL_KEYS = 100_000
+# alds/push.md "自动发货成功推送（含出库卡券信息）": Agiso sent an order from its pools.
+AUTOSEND_SUCCESS = 2048
+# Channels whose pool sends can be read back per order: 淘宝 /Trade/QueryTradeCPSendLog,
+# 闲鱼 and 拼多多 /Cpd/GetLastSentResult. 京东 documents none.
+POOL_CHANNELS = ("taobao", "xianyu", "pdd")
 # Our default delivery message, in any language: Agiso's own template is used in its place.
 DEFAULT_MESSAGES = default_delivery_messages()
 
@@ -96,6 +127,10 @@ class AgisoOptions:
     calls_per_second: int = DEFAULT_CALLS_PER_SECOND
     probe_interval: float = DEFAULT_PROBE_INTERVAL
     lookback_hours: int = DEFAULT_LOOKBACK_HOURS
+    # Consignment: our SKU -> the Agiso pool it is sold from, and the level kept there.
+    pools: Mapping[str, PoolBounds] = field(default_factory=dict)
+    pool_interval: float = DEFAULT_POOL_INTERVAL
+    pool_sale_wait: float = DEFAULT_POOL_SALE_WAIT
 
     def secret_names(self) -> list[str]:
         """Secrets named besides the platform's `secret` (`kami-agent check` asks for them)."""
@@ -117,10 +152,56 @@ def _loopback(host: str) -> bool:
         return False
 
 
+def _pool_bounds(section: Section, where: str, entry: Any) -> PoolBounds:
+    if not isinstance(entry, dict):
+        raise section.error(where, 'must be a table: { cpc_id = "<卡种ID>", low = 20, high = 100 }')
+    unknown = sorted(set(entry) - {"cpc_id", "low", "high"})
+    if unknown:
+        raise section.error(f"{where}.{unknown[0]}", "is not a pool setting (cpc_id, low, high)")
+    cpc = entry.get("cpc_id")
+    cpc_id = text_id(cpc) if isinstance(cpc, str | int) and not isinstance(cpc, bool) else None
+    if cpc_id is None or not cpc_id.isdigit():
+        raise section.error(f"{where}.cpc_id", f"must be the pool's 卡种ID (digits), got {cpc!r}")
+    bounds = []
+    for name in ("low", "high"):
+        value = entry.get(name)
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise section.error(f"{where}.{name}", f"must be a whole number, got {value!r}")
+        if not 0 <= value <= MAX_POOL_KEYS:
+            raise section.error(
+                f"{where}.{name}", f"must be between 0 and {MAX_POOL_KEYS}, got {value}"
+            )
+        bounds.append(value)
+    low, high = bounds
+    if low > high:
+        raise section.error(where, f"low ({low}) must not be above high ({high})")
+    return PoolBounds(cpc_id, low, high)
+
+
+def _parse_pools(section: Section, channel: str, skus: set[str]) -> dict[str, PoolBounds]:
+    """[platforms.<name>.pools]: "<SKU>" = { cpc_id = "<卡种ID>", low = N, high = M }."""
+    pools: dict[str, PoolBounds] = {}
+    for sku, entry in section.table("pools").items():
+        where = f"pools.{sku}"
+        if channel not in POOL_CHANNELS:
+            raise section.error(
+                where,
+                f"{CHANNEL_NAMES[channel]}: Agiso offers no way to read back what a pool sent"
+                " per order there, so its pools cannot be kept from the ledger",
+            )
+        if sku not in skus:
+            raise section.error(where, f"{sku!r} is not a SKU of this shop's products")
+        bounds = _pool_bounds(section, where, entry)
+        if any(p.cpc_id == bounds.cpc_id for p in pools.values()):
+            raise section.error(f"{where}.cpc_id", f"pool {bounds.cpc_id} is named for another SKU")
+        pools[sku] = bounds
+    return pools
+
+
 def parse_options(section: Section) -> AgisoOptions:
     """channel ("taobao" | "xianyu" | "pdd" | "jd"), access_token (a secret's name), products
     (required), templates and names (per SKU), message_cap, calls_per_second, probe_interval,
-    lookback_hours."""
+    lookback_hours; pools (per SKU: cpc_id, low, high), pool_interval, pool_sale_wait."""
     base_url = section.data.get("base_url")
     if isinstance(base_url, str):
         parsed = urlparse(base_url)
@@ -157,6 +238,7 @@ def parse_options(section: Section) -> AgisoOptions:
             raise section.error(f"names.{sku}", "must be a non-empty string")
     limits = MESSAGE_LIMITS.get(channel)
     cap = section.integer("message_cap", 0, minimum=0, maximum=limits.count if limits else 0)
+    pools = _parse_pools(section, channel, set(products.values()))
     return AgisoOptions(
         channel=channel,
         access_token_secret=section.secret_name("access_token"),
@@ -172,6 +254,13 @@ def parse_options(section: Section) -> AgisoOptions:
         ),
         lookback_hours=section.integer(
             "lookback_hours", DEFAULT_LOOKBACK_HOURS, minimum=1, maximum=24 * 30
+        ),
+        pools=pools,
+        pool_interval=section.number(
+            "pool_interval", DEFAULT_POOL_INTERVAL, minimum=1, maximum=3600, unit="s"
+        ),
+        pool_sale_wait=section.number(
+            "pool_sale_wait", DEFAULT_POOL_SALE_WAIT, minimum=60, maximum=7 * 86400, unit="s"
         ),
     )
 
@@ -309,6 +398,8 @@ class AgisoPlatform:
             self._secret, query, form, now=self._clock(), channel=self.options.channel
         )
         event = read_push(push)
+        if self._sold_from_pool(push, event):
+            return event
         if not event.paid or not self._dedupe.first(event):
             return event
         trade = event.trade or await self.channel.trade(event.tid)
@@ -318,6 +409,86 @@ class AgisoPlatform:
         del self._inbox[:-MAX_INBOX]
         log.info("agiso_push_taken", platform=self.name, tid=event.tid)
         return event
+
+    def _sold_from_pool(self, push: Push, event: PushEvent) -> bool:
+        """淘宝's "自动发货成功" push (aopic 2048, with the cards sent): Agiso delivered the order
+        from its pools, perhaps before any listing saw it paid. An order of a consigned SKU is
+        queued for the engine, which records which keys the pool sent (the push only tells
+        it to look: the send log is read). True when the push was of that kind."""
+        if push.aopic != AUTOSEND_SUCCESS or self.options.channel != "taobao":
+            return False
+        if not self.options.pools or not self._dedupe.first(event):
+            return True
+        try:
+            trade = taobao_trade({**push.body, "Status": "WAIT_SELLER_SEND_GOODS"})
+        except WireError as exc:
+            raise PushRejected(str(exc)) from None
+        for order in orders_of(trade, self.options.products):
+            if order.sku in self.options.pools:
+                self._inbox.append((next(self._seq), order))
+        del self._inbox[:-MAX_INBOX]
+        log.info("agiso_pool_sale_pushed", platform=self.name, tid=event.tid)
+        return True
+
+    # --- consignment (agent/consignment.py) ---------------------------------------------------
+    def pool_bounds(self) -> Mapping[str, PoolBounds]:
+        """Our SKU -> the Agiso pool (卡种) it is sold from, with the level kept there."""
+        return self.options.pools
+
+    @property
+    def pool_interval(self) -> float:
+        """Seconds between the pool keeper's rounds."""
+        return self.options.pool_interval
+
+    @property
+    def pool_sale_wait(self) -> float:
+        """How long an order may wait for the pool to send its keys before it is parked."""
+        return self.options.pool_sale_wait
+
+    @property
+    def pool_batch(self) -> int:
+        """Keys one add carries at most ("最多1000行卡券")."""
+        return MAX_LINES
+
+    async def pool_levels(self, cpc_ids: Sequence[str]) -> dict[str, int]:
+        """The keys left in each pool, by Agiso (/CardPwdCategory/GetStorage: "库存量大概值",
+        an approximate count)."""
+        return await pool_levels(self.client, cpc_ids)
+
+    async def add_to_pool(
+        self, cpc_id: str, items: Sequence[CardItem], reference: str
+    ) -> PoolAddAnswer:
+        """/CardPwd/Add without replacing (allowReplace 0), the add's reference as its
+        summary. Ambiguous when the answer is lost; Permanent when refused for good."""
+        result = await add_to_pool(self.client, cpc_id, items, summary=reference)
+        return PoolAddAnswer(result.added, result.failed)
+
+    async def take_back(self, cpc_id: str, item: CardItem) -> int:
+        """/CardPwd/StockBack of one key, by its card number; 1 when the pool gave it back,
+        0 when it does not hold it unsold (sold, or never added)."""
+        return await take_back(self.client, cpc_id, pool_card_number(item))
+
+    async def pool_sale(self, order_id: str, sku: str) -> RemoteDelivery:
+        """What Agiso's pool sent for an order of consigned `sku`: "delivered" with the keys
+        of its send log; "paid" while none shows yet (Agiso may still be sending: "等待5分钟
+        后再尝试"); "cancelled"/"refunded" once closed."""
+        bounds = self.options.pools.get(sku)
+        if bounds is None:
+            raise Permanent(f"{sku} is not consigned to a pool on {self.name}")
+        trade = await self.channel.trade(order_id)
+        if trade.status in (REFUNDED, CANCELLED):
+            return RemoteDelivery(trade.status)
+        cards: Sequence[CardItem]
+        if isinstance(self.channel, TaobaoChannel):
+            cards = await pool_sent_cards(self.client, order_id, [bounds.cpc_id])
+        else:
+            envelope = await self.client.read(
+                self.channel.service, "/Cpd/GetLastSentResult", {"tid": order_id, "aldsType": 1}
+            )
+            cards = last_sent_cards(envelope.data)
+        if cards:
+            return RemoteDelivery("delivered", tuple(cards))
+        return RemoteDelivery("paid")
 
     # --- reconcile ---------------------------------------------------------------------------
     async def get_order(self, order_id: str) -> RemoteDelivery:

@@ -1,14 +1,18 @@
-"""Agiso's card pools (卡券/卡种, consignment): the calls issue 17 item 3 will use to keep a
-pool topped up from the ledger. Not wired into the engine yet (the ledger must first bind keys
-to a pool in the same transaction as the intent); written and tested against the fake now.
+"""Agiso's card pools (卡券/卡种, consignment): the calls agent/consignment.py keeps a pool topped
+up from the ledger with (through AgisoPlatform), and the send log that says which keys a pool
+sold to which order.
 
 Documented in knowledge-base/docs/alds/api.md: /CardPwd/Add {cpcId, data: one "card,pwd" per
 line, at most 1000 lines, isUseFirst, allowReplace, summary, price} -> AddSuccessCount,
 AddFailCount, Replace*Count; /CardPwdCategory/GetStorage {idNos: "1,2"} -> [{IdNo, Qty}]
 ("库存量大概值": an approximate count); /CardPwd/StockBack {cpcId, cardNo} ->
-StockBackSuccCount. None of them is idempotent by a key of ours: a lost /CardPwd/Add answer is
-reconciled by reading the storage and adding the same lines again with allowReplace off
-(a repeated card number is refused, never added twice: the pool kinds 禁止重复卡号).
+StockBackSuccCount; /Trade/QueryTradeCPSendLog {tid} -> Orders[].SendCards[{CpcId,
+Cards: [{Card, Pwd}]}] ("仅支持查询淘宝本地仓出库的订单 ... 如果接口没返回卡券，可能是还在
+出库中，等待5分钟后再尝试"). None of them is idempotent by a key of ours: a lost
+/CardPwd/Add answer is reconciled by reading the storage and adding the same lines again
+with allowReplace off (0: "不覆盖"), so a card number already in the pool is refused, never
+added twice (the pool kind 禁止重复卡号; whether a card already SOLD from the pool is refused
+too is not documented: assumed, see docs/platforms/agiso.md).
 """
 
 from __future__ import annotations
@@ -19,6 +23,7 @@ from typing import Any
 
 from agent.domain import BadResponse, CardItem, Permanent
 from agent.platforms.agiso_client import AgisoClient
+from agent.platforms.agiso_wire import text_id
 
 MAX_LINES = 1000  # "最多1000行卡券"
 POOL_SERVICE = "alds"
@@ -55,15 +60,24 @@ def _count(data: Any, name: str) -> int:
 
 
 async def add_to_pool(
-    client: AgisoClient, cpc_id: str, items: Sequence[CardItem], *, use_first: bool = False
+    client: AgisoClient,
+    cpc_id: str,
+    items: Sequence[CardItem],
+    *,
+    use_first: bool = False,
+    summary: str | None = None,
 ) -> AddResult:
-    """Adds the keys to pool (卡种) `cpc_id`, never replacing a card already there."""
+    """Adds the keys to pool (卡种) `cpc_id`, never replacing a card already there
+    (allowReplace 0). `summary` (描述) is shown with the batch in Agiso's back office: the
+    ledger's reference of the add, so a merchant can find it."""
     params: dict[str, str | int] = {
         "cpcId": cpc_id,
         "data": pool_lines(items),
         "isUseFirst": int(use_first),
         "allowReplace": 0,
     }
+    if summary:
+        params["summary"] = summary
     envelope = await client.write(POOL_SERVICE, "/CardPwd/Add", params)
     data = envelope.data
     replaced = 0
@@ -97,3 +111,37 @@ async def take_back(client: AgisoClient, cpc_id: str, card_no: str) -> int:
         POOL_SERVICE, "/CardPwd/StockBack", {"cpcId": cpc_id, "cardNo": card_no}
     )
     return _count(envelope.data, "StockBackSuccCount")
+
+
+async def pool_sent_cards(client: AgisoClient, tid: str, cpc_ids: Sequence[str]) -> list[CardItem]:
+    """The cards Agiso's pools `cpc_ids` sent for 淘宝 order `tid` (/Trade/QueryTradeCPSendLog;
+    empty while the order is still going out: "等待5分钟后再尝试"). Cards of other pools (the
+    merchant's other business on the same trade) are left out."""
+    envelope = await client.read(POOL_SERVICE, "/Trade/QueryTradeCPSendLog", {"tid": tid})
+    wanted = set(cpc_ids)
+    data = envelope.data
+    cards: list[CardItem] = []
+    orders = data.get("Orders") if isinstance(data, dict) else None
+    for order in orders if isinstance(orders, list) else ():
+        groups = order.get("SendCards") if isinstance(order, dict) else None
+        for group in groups if isinstance(groups, list) else ():
+            if not isinstance(group, dict) or text_id(group.get("CpcId")) not in wanted:
+                continue
+            for entry in group.get("Cards") or ():
+                card = _sent_card(entry)
+                if card is not None:
+                    cards.append(card)
+    return cards
+
+
+def _sent_card(entry: Any) -> CardItem | None:
+    """{Card, Pwd} as our key: a card with a number only is a key whose secret is that number
+    (pool_lines wrote it without a comma)."""
+    if not isinstance(entry, dict):
+        return None
+    card, pwd = entry.get("Card"), entry.get("Pwd")
+    card = card if isinstance(card, str) else ""
+    pwd = pwd if isinstance(pwd, str) else ""
+    if not card and not pwd:
+        return None
+    return CardItem(card, pwd) if pwd else CardItem("", card)

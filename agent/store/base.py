@@ -30,6 +30,15 @@ from agent.domain import (
     StockPosition,
     Transient,
 )
+from agent.pool_domain import (
+    ConsignedKey,
+    Pool,
+    PoolAdd,
+    PoolAddIntent,
+    PoolAddState,
+    PoolLevel,
+    PoolSaleRecord,
+)
 
 ProgressCallback = Callable[[int], None]
 
@@ -282,3 +291,75 @@ class Store(Protocol):
         ...
 
     async def integrity_check(self) -> str: ...
+
+    # --- consignment: platform pools (agent/consignment.py) -----------------------------------
+    async def ensure_pool(self, platform: str, cpc_id: str, sku: str, now: float) -> Pool:
+        """The pool, recorded the first time it is named; StoreError for a pool recorded
+        for another SKU."""
+        ...
+
+    async def begin_pool_add(self, pool: Pool, count: int, now: float) -> PoolAddIntent | None:
+        """Commits an add intent (deterministic reference) with up to `count` free keys of
+        the pool's SKU consigned to it, before the call; None when there is no free key."""
+        ...
+
+    async def open_pool_adds(self, platform: str) -> list[PoolAddIntent]:
+        """The platform's adds not settled yet, each with the keys it still holds consigned."""
+        ...
+
+    async def pool_add_deferred(
+        self, add_id: int, reason: str, *, unclear: bool, now: float
+    ) -> None:
+        """The call did not settle the add; `unclear`: it may have taken effect (-> unknown)."""
+        ...
+
+    async def finish_pool_add(
+        self, add_id: int, sent: int, added: int, refused: int, first: bool, now: float
+    ) -> PoolAddState:
+        """The platform's answer to an add of `sent` keys (`first`: the intent's first call,
+        where a refusal is a key the pool did not take): -> added or partial."""
+        ...
+
+    async def fail_pool_add(self, add_id: int, reason: str, now: float) -> bool:
+        """Definitely nothing added: -> failed, the keys free again (an intent only)."""
+        ...
+
+    async def park_pool_add(self, add_id: int, reason: str, now: float) -> None:
+        """An add that cannot be settled: -> partial, its keys kept consigned."""
+        ...
+
+    async def pool_levels(self, platform: str) -> list[PoolLevel]:
+        """Each pool of the platform with the keys the ledger holds consigned to it."""
+        ...
+
+    async def consigned_counts(self) -> dict[str, int]:
+        """Keys consigned to platform pools, per SKU."""
+        ...
+
+    async def pool_adds(self, platform: str) -> list[PoolAdd]:
+        """Every add to the platform's pools, oldest first."""
+        ...
+
+    async def record_pool_sale(
+        self, line_id: int, items: Sequence[CardItem], now: float
+    ) -> PoolSaleRecord:
+        """Binds the keys the platform's pool sent for the line; delivered when they are
+        exactly its keys, else parked with the reason (the keys bound all the same)."""
+        ...
+
+    async def begin_stock_back(self, pool: Pool, count: int, now: float) -> list[ConsignedKey]:
+        """Marks up to `count` consigned keys of the pool as being given back, before the
+        calls."""
+        ...
+
+    async def returning_keys(self, platform: str) -> list[ConsignedKey]:
+        """Keys whose StockBack began and was not settled."""
+        ...
+
+    async def stock_back_done(self, key_ids: Sequence[int], now: float) -> int:
+        """The pool gave these keys back: free again."""
+        ...
+
+    async def keep_consigned(self, key_ids: Sequence[int], now: float) -> int:
+        """A StockBack settled the other way: the keys stay consigned."""
+        ...

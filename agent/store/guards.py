@@ -10,22 +10,29 @@ The allowed pairs are one string searched once per row (`instr`): a list of pair
 from __future__ import annotations
 
 import hashlib
+from typing import Any
 
 from agent import lifecycle
-from agent.domain import LineState, PurchaseState
+from agent.domain import KeyState, LineState, PurchaseState
+from agent.pool_domain import PoolAddState
 
-TABLES = (("orders", LineState), ("purchases", PurchaseState))
+TABLES: tuple[tuple[str, type[Any]], ...] = (
+    ("orders", LineState),
+    ("purchases", PurchaseState),
+    ("card_keys", KeyState),
+    ("pool_adds", PoolAddState),
+)
 MESSAGE = "not an allowed transition (agent/lifecycle.py)"
 
 
-def _pairs(kind: type[LineState] | type[PurchaseState]) -> str:
+def _pairs(kind: type[Any]) -> str:
     """',a>b,c>d,': every allowed from>to pair, to find ',old>new,' in."""
-    edges = lifecycle.table(kind)  # type: ignore[type-var]
+    edges = lifecycle.table(kind)
     return "," + ",".join(f"{e.source.value}>{e.target.value}" for e in edges if e.source) + ","
 
 
-def _inserted(kind: type[LineState] | type[PurchaseState]) -> str:
-    edges = lifecycle.table(kind)  # type: ignore[type-var]
+def _inserted(kind: type[Any]) -> str:
+    edges = lifecycle.table(kind)
     return "," + ",".join(sorted({e.target.value for e in edges if e.source is None})) + ","
 
 

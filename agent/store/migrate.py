@@ -29,6 +29,8 @@ TABLES = (
     "ledger_meta",
     "data_keys",
     "orders",
+    "pools",  # consignment: platform pools, and the adds that consigned keys to them
+    "pool_adds",
     "card_keys",
     "events",
     "cursors",

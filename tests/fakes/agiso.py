@@ -27,6 +27,14 @@ charged; every accepted call costs `price` from the AppId's deposit, and with to
 the call is refused with 16; 拼多多's sent log shows the card of /DummySend/CardPwdSend; a
 second card send, a second dummy send, a card send to a shipped 京东 order are refused
 (AllowRetry false); the faults below are injected before or after the change as named.
+
+Card pools (卡种): a pool keeps its cards sold as well as unsold, and refuses a card number it
+has ever held when allowReplace is off (the kind 禁止重复卡号; whether Agiso refuses a card
+already SOLD is not documented: modelled so, and named in docs/platforms/agiso.md). An item
+linked to a pool (`link_pool`) is Agiso's own auto-delivery: `sell_from_pools` sends each paid
+order of it its cards from the pool (oldest first), marks it shipped, and records the cards
+for /Trade/QueryTradeCPSendLog (with the pool's CpcId), /Cpd/GetLastSentResult and the
+"自动发货成功" push (aopic 2048); an order the pool cannot fill waits.
 """
 
 from __future__ import annotations
@@ -118,6 +126,7 @@ class FakeOrder:
     cards: list[tuple[str, str]] = field(default_factory=list)  # 拼多多 / 京东 cards sent
     card_sends: int = 0
     pool_cards: list[tuple[str, str]] = field(default_factory=list)  # Agiso's own sends
+    pool_id: str = ""  # the pool they came from
 
 
 @dataclass
@@ -146,7 +155,11 @@ class FakeAgiso:
         self.faults = AgisoFaults()
         self.shops: dict[str, Shop] = {}
         self.orders: dict[str, FakeOrder] = {}
-        self.pools: dict[str, list[tuple[str, str]]] = {}
+        self.pools: dict[str, list[tuple[str, str]]] = {}  # unsold cards, oldest first
+        self.sold: dict[str, list[tuple[str, str]]] = {}  # cards each pool sent
+        self.linked: dict[str, str] = {}  # item -> the pool Agiso delivers it from
+        self.sold_to: dict[tuple[str, str], str] = {}  # (pool, card) -> the order it went to
+        self.closed_pools: set[str] = set()  # pools deleted in the back office
         self.calls: list[Call] = []
         self._window: deque[float] = deque()
         self.quota_refusals = 0
@@ -179,6 +192,38 @@ class FakeAgiso:
         order.status = {"taobao": "TRADE_CLOSED", "xianyu": "6", "pdd": "cancel", "jd": "C"}[
             order.channel
         ]
+
+    def link_pool(self, item: str, cpc_id: str) -> None:
+        """Agiso's auto-delivery sends orders of `item` from pool `cpc_id`."""
+        self.linked[item] = cpc_id
+        self.pools.setdefault(cpc_id, [])
+
+    def sell_from_pools(self) -> list[str]:
+        """Agiso's auto-delivery: every paid order of a linked item that its pool can fill
+        gets its cards and is marked shipped, oldest first; the orders sent."""
+        sent = []
+        for order in self.orders.values():
+            cpc_id = self.linked.get(order.item)
+            if cpc_id is None or order.pool_cards or order.status != self._paid(order.channel):
+                continue
+            pool = self.pools[cpc_id]
+            if len(pool) < order.quantity:
+                continue
+            cards, pool[:] = pool[: order.quantity], pool[order.quantity :]
+            for card in cards:
+                assert (cpc_id, card[0]) not in self.sold_to, f"{card[0]} sold twice"
+                self.sold_to[cpc_id, card[0]] = order.tid
+            self.sold.setdefault(cpc_id, []).extend(cards)
+            order.pool_cards, order.pool_id = list(cards), cpc_id
+            order.status = {"taobao": "WAIT_BUYER_CONFIRM_GOODS", "xianyu": "3", "pdd": "shipped"}[
+                order.channel
+            ]
+            sent.append(order.tid)
+        return sent
+
+    @staticmethod
+    def _paid(channel: str) -> str:
+        return {"taobao": "WAIT_SELLER_SEND_GOODS", "xianyu": "2", "pdd": "1", "jd": "P"}[channel]
 
     def shipped(self, tid: str) -> bool:
         order = self.orders[tid]
@@ -401,7 +446,7 @@ class FakeAgiso:
         if order is None:
             return self.answer(None, 9, "交易不存在")
         sent = [
-            {"CpcId": 1, "Title": "卡", "Cards": [{"Card": c, "Pwd": p}]}
+            {"CpcId": int(order.pool_id or 1), "Title": "卡", "Cards": [{"Card": c, "Pwd": p}]}
             for c, p in order.pool_cards
         ]
         return self.answer({"Orders": [{"Oid": int(order.oid), "SendCards": sent}]})
@@ -410,8 +455,11 @@ class FakeAgiso:
         lines = [line for line in form.get("data", "").split("\n") if line]
         if not lines or len(lines) > 1000:
             return self.answer(None, 5, "参数错误")
-        pool = self.pools.setdefault(form.get("cpcId", ""), [])
-        known = {c for c, _ in pool}
+        cpc_id = form.get("cpcId", "")
+        if cpc_id in self.closed_pools:
+            return self.answer(None, 5, "参数错误: 卡种不存在", False)
+        pool = self.pools.setdefault(cpc_id, [])
+        known = {c for c, _ in pool} | {c for c, _ in self.sold.get(cpc_id, [])}
         added = failed = 0
         for line in lines:
             card, _, pwd = line.partition(",")
@@ -544,6 +592,19 @@ class FakeAgiso:
         return self.answer(round(self.deposit, 3))
 
     # --- pushes ---------------------------------------------------------------------------------
+    def autosend_push(self, tid: str) -> tuple[dict[str, str], dict[str, str]]:
+        """淘宝's "自动发货成功推送（含出库卡券信息）" (aopic 2048) of an order sent from a pool."""
+        order = self.orders[tid]
+        body = self._taobao_json(order)
+        sent = [{"CpcId": int(order.pool_id or 1), "Title": "卡", "Cards": []}]
+        sent[0]["Cards"] = [{"Card": c, "Pwd": p} for c, p in order.pool_cards]
+        body["Orders"][0]["SendCards"] = sent
+        text = json.dumps(body, ensure_ascii=False)
+        ts = str(int(self.clock()))
+        sign = md5_sign({"json": text, "timestamp": ts}, self.app_secret)
+        query = {"timestamp": ts, "aopic": "2048", "sign": sign, "fromPlatform": "TbAlds"}
+        return query, {"json": text}
+
     def push(
         self, tid: str, *, timestamp: float | None = None
     ) -> tuple[dict[str, str], dict[str, str]]:

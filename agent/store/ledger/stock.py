@@ -14,6 +14,7 @@ from agent.store.base import ProgressCallback, StoreError
 from agent.store.imports import Sorted, sort_known
 from agent.store.ledger.alerts import AlertsLedger
 from agent.store.ledger.core import read, write
+from agent.store.ledger.pools import PoolsLedger
 from agent.store.ledger.purchases import INSERT_KEY
 from agent.store.rows import IMPORT_BATCH
 from agent.store.tx import Bulk, Tx
@@ -27,7 +28,7 @@ RESEAL_BATCH = 5_000
 NO_LIMIT = 2**62
 
 
-class Ledger(AlertsLedger):
+class Ledger(AlertsLedger, PoolsLedger):
     async def import_keys(
         self,
         sku: str,
