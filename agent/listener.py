@@ -239,6 +239,10 @@ class Listener:
             self._server.close()
             await self._server.wait_closed()
         if self._web is not None:
+            # Idle kept-alive connections close now; a request being answered finishes first
+            # (its reply is committed already: it should reach the platform).
+            for connection in list(self._web.connections):
+                connection.close()
             await self._web.shutdown(timeout=5.0)
         self._flush_refusals(force=True)
 

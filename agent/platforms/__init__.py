@@ -25,6 +25,7 @@ KINDS: dict[str, str] = {
     "woocommerce": "agent.platforms.woocommerce",
     "kinguin": "agent.platforms.kinguin",
     "agiso": "agent.platforms.agiso",
+    "eneba": "agent.platforms.eneba",
 }
 
 

@@ -191,6 +191,8 @@ class ResponderLedger(LedgerCore):
                 return stored
             binds += [(line_id, slot, now, key) for slot, key in enumerate(key_ids)]
             events.append((line_id, "reserved", f"sku={want.sku} keys={want.quantity}{self._by}"))
+        if not binds:  # nothing asked for: nothing reserved
+            return await self._keep(tx, platform, order_id, "RESERVE", render(False), now)
         if (bound := await tx.executemany(BIND_RESERVED, binds)) != len(binds):
             raise StoreError(
                 f"{platform} order {order_id}: a key was taken while binding ({bound})"
