@@ -173,3 +173,39 @@ def test_terminal_escapes_in_a_sku_are_shown_not_obeyed(tmp_path: Path) -> None:
     out = cli(config, "status").stdout
     assert "\x1b" not in out and "\u202e" not in out
     assert "点券\\x1b[2J\\u202e" in out
+
+
+def test_import_report_and_refusals_in_chinese(tmp_path: Path) -> None:
+    config = shop(tmp_path, "zh-CN")
+    keys = tmp_path / "keys.csv"
+    keys.write_text("code,secret\nC1,S1\nC2,S2\nC2,S2\nC3,S3\nbad,line,here\n", encoding="utf-8")
+    result = cli(config, "stock", "import", "王者荣耀点券", str(keys))
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.startswith("王者荣耀点券：新增 3，重复 1，拒收 1（")
+    assert "  拒收 " in result.stdout and "S1" not in result.stdout + result.stderr
+    # More than 10 keys to void without a terminal: refused, in Chinese, nothing voided.
+    void = cli(config, "stock", "void", "Steam 钱包 ¥50", "--count", "11", "--reason", "泄露")
+    assert void.returncode == 1
+    assert void.stderr == "kami-agent: 错误：不作废这 11 个卡密：没有终端可询问，请加 --yes 确认\n"
+
+
+def test_orders_list_lines_up_chinese_skus_and_reasons(tmp_path: Path) -> None:
+    config = shop(tmp_path, "zh-CN")
+
+    async def seed() -> None:
+        store = SQLiteStore(tmp_path / "kami.db", master_key_for_tests())
+        await store.open()
+        await store.ingest("main", [PlatformOrder("A-1", "paid", "GAME-100", 2)], time.time())
+        await store.close()
+
+    asyncio.run(seed())
+    result = cli(config, "orders", "list")
+    assert result.returncode == 0, result.stderr
+    head, *rows = result.stdout.splitlines()
+    assert head.split()[:4] == ["行", "平台", "订单", "商品编码"]
+    by_order = {row.split()[2]: row for row in rows}
+    assert set(by_order) == {"O-0", "O-1", "O-2", "A-1"}
+    # The state column starts at the same cell on every row, Chinese SKU or not.
+    starts = {columns(row, [order, row.split()[5]])[1][0] for order, row in by_order.items()}
+    assert len(starts) == 1, result.stdout
+    assert columns(head, ["状态"])[0][0] in starts

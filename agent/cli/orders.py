@@ -17,11 +17,13 @@ from typing import Any
 from agent.cli.common import (
     MAX_LIMIT,
     CommandError,
+    _,
     add_json_flag,
     bounded_int,
     iso,
     load,
     print_json,
+    print_table,
     when,
 )
 from agent.cli.common import with_store as run_with_store
@@ -38,17 +40,25 @@ def _quantity(line: OrderLine) -> str:
 
 
 def print_lines(lines: Sequence[OrderLine]) -> None:
-    print(
-        f"{'line':>6} {'platform':<10} {'order':<20} {'sku':<14} {'qty':>3} {'state':<16} "
-        f"{'tries':>5} {'seen (UTC)':<19} reason"
-    )
-    for ln in lines:  # ids, SKUs and reasons come from platforms: escaped (agent/textsafe.py)
-        print(
-            f"{'#' + str(ln.id):>6} {printable(ln.platform)[:10]:<10} "
-            f"{printable(ln.order_id):<20} {printable(ln.sku)[:14]:<14} {_quantity(ln):>3} "
-            f"{ln.state:<16} {ln.attempts:>5} {when(ln.seen_at):<19} "
-            f"{printable(ln.reason or '')}"
-        )
+    """A table lined up by display width (Chinese SKUs and reasons); the state as the code
+    `--state` takes. Ids, SKUs and reasons come from platforms: print_table escapes them."""
+    headers = [_("line"), _("platform"), _("order"), _("sku"), _("qty"), _("state")]
+    headers += [_("tries"), _("seen (UTC)"), _("reason")]
+    rows = [
+        [
+            f"#{ln.id}",
+            ln.platform,
+            ln.order_id,
+            ln.sku,
+            _quantity(ln),
+            str(ln.state),
+            str(ln.attempts),
+            when(ln.seen_at),
+            ln.reason or "",
+        ]
+        for ln in lines
+    ]
+    print_table(headers, rows, "><<<><><<", [None, 10, None, 24, None, None, None, None, None])
 
 
 def line_json(ln: OrderLine) -> dict[str, Any]:
@@ -90,14 +100,18 @@ class Ref:
 def parse_ref(ref: str | None, line: int | None, platform: str | None) -> Ref:
     if line is not None:
         if ref is not None:
-            raise CommandError("name the order line either with --line N or with an id, not both")
+            raise CommandError(
+                _("name the order line either with --line N or with an id, not both")
+            )
         return Ref(row=line, text=f"--line {line}")
     if ref is None:
-        raise CommandError("name the order: ID, PLATFORM:ID, --platform P ID or --line N")
+        raise CommandError(_("name the order: ID, PLATFORM:ID, --platform P ID or --line N"))
     if ref.startswith("#") and platform is None:
         digits = ref[1:]
         if not digits.isdigit() or int(digits) > MAX_ROW_ID:
-            raise CommandError(f"{printable(ref)!r}: a ledger line is # and a number, like #12")
+            raise CommandError(
+                _("%(ref)r: a ledger line is # and a number, like #12") % {"ref": printable(ref)}
+            )
         return Ref(row=int(digits), text=ref)
     return Ref(order_id=ref, platform=platform, text=ref)
 
@@ -107,7 +121,7 @@ async def resolve(store: Store, ref: Ref, platforms: Sequence[str]) -> list[Orde
     if ref.row is not None:
         line = await store.get_line(ref.row)
         if line is None:
-            raise CommandError(f"no ledger line {ref.row}")
+            raise CommandError(_("no ledger line %(n)d") % {"n": ref.row})
         return [line]
     assert ref.order_id is not None
     candidates: list[OrderLine] = []
@@ -129,19 +143,31 @@ async def resolve(store: Store, ref: Ref, platforms: Sequence[str]) -> list[Orde
     if ref.platform is None and ref.order_id.isdigit() and int(ref.order_id) <= MAX_ROW_ID:
         row = await store.get_line(int(ref.order_id))
         if row is not None:
-            hint = f"; ledger line {row.id} is another thing: to mean it, write {_describe(row)}"
-    where = f" on platform {printable(ref.platform)}" if ref.platform else ""
-    raise CommandError(f"no order {printable(ref.order_id)!r}{where} in the ledger{hint}")
+            hint = _("; ledger line %(n)d is another thing: to mean it, write %(ref)s") % {
+                "n": row.id,
+                "ref": _describe(row),
+            }
+    order = printable(ref.order_id)
+    if ref.platform:
+        text = _("no order %(order)r on platform %(platform)s in the ledger%(hint)s") % {
+            "order": order,
+            "platform": printable(ref.platform),
+            "hint": hint,
+        }
+    else:
+        text = _("no order %(order)r in the ledger%(hint)s") % {"order": order, "hint": hint}
+    raise CommandError(text)
 
 
 def _one(candidates: Sequence[OrderLine], ref: Ref) -> OrderLine:
     if len(candidates) == 1:
         return candidates[0]
     listed = "; ".join(_describe(c) for c in candidates[:10])
-    more = f"; and {len(candidates) - 10} more" if len(candidates) > 10 else ""
+    if len(candidates) > 10:
+        listed += _("; and %(n)d more") % {"n": len(candidates) - 10}
     raise CommandError(
-        f"{printable(ref.text)!r} names {len(candidates)} order lines: {listed}{more}."
-        " Name one with --line N"
+        _("%(ref)r names %(n)d order lines: %(lines)s. Name one with --line N")
+        % {"ref": printable(ref.text), "n": len(candidates), "lines": listed}
     )
 
 
@@ -187,14 +213,25 @@ def cmd_show(args: argparse.Namespace) -> int:
         print_lines(lines)
         for line in lines:
             print(
-                f"\nline #{line.id}: platform {printable(line.platform)}, order line {line.line},"
-                f" buyer {printable(line.buyer_contact or '-')}, "
-                f"paid {printable(line.paid_at or '-')}, delivered {when(line.delivered_at)}"
+                "\n"
+                + _(
+                    "line #%(id)d: platform %(platform)s, order line %(line)d, buyer %(buyer)s,"
+                    " paid %(paid)s, delivered %(delivered)s"
+                )
+                % {
+                    "id": line.id,
+                    "platform": printable(line.platform),
+                    "line": line.line,
+                    "buyer": printable(line.buyer_contact or "-"),
+                    "paid": printable(line.paid_at or "-"),
+                    "delivered": when(line.delivered_at),
+                }
             )
-            print("audit trail:")
-            for event in await store.events(line.id):
-                kind, detail = printable(event.kind), printable(event.detail)
-                print(f"  {when(event.at)}  {kind:<18} {detail}")
+            print(_("audit trail:"))
+            print_table(
+                [_("at (UTC)"), _("event"), _("detail")],
+                [[when(e.at), e.kind, e.detail] for e in await store.events(line.id)],
+            )
         return 0
 
     return run_with_store(config, action)

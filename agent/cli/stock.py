@@ -16,6 +16,7 @@ from typing import Any
 
 from agent.cli.common import (
     CommandError,
+    _,
     add_json_flag,
     bounded_int,
     confirm,
@@ -24,6 +25,7 @@ from agent.cli.common import (
     with_store,
 )
 from agent.domain import ImportReport, KeyState
+from agent.i18n import N_
 from agent.progress import Progress
 from agent.stockfile import StockFileReader
 from agent.store.base import Store
@@ -60,7 +62,8 @@ class _StopOnSignal:
         if self.reader.stop_requested:
             raise KeyboardInterrupt
         self.reader.stop_requested = True
-        sys.stderr.write("\nstopping after the keys being written (Ctrl-C again to stop at once)\n")
+        stopping = _("stopping after the keys being written (Ctrl-C again to stop at once)")
+        sys.stderr.write(f"\n{stopping}\n")
         sys.stderr.flush()
 
 
@@ -81,9 +84,14 @@ def _open_rejects(path: str | None) -> Any:
         # line numbers and reasons only, but private all the same
         fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
     except FileExistsError:
-        raise CommandError(f"{path} exists; refusing to overwrite it") from None
+        raise CommandError(
+            _("%(file)s exists; refusing to overwrite it") % {"file": path}
+        ) from None
     except OSError as exc:
-        raise CommandError(f"cannot create {path}: {(exc.strerror or '').lower()}") from None
+        why = (exc.strerror or "").lower()
+        raise CommandError(
+            _("cannot create %(file)s: %(why)s") % {"file": path, "why": why}
+        ) from None
     handle = os.fdopen(fd, "w", encoding="utf-8")
     handle.write("line,reason\n")
     return handle
@@ -96,14 +104,17 @@ def cmd_import(args: argparse.Namespace) -> int:
     reader.prepare()
     if args.sku not in config.skus:
         print(
-            f"warning: SKU {printable(args.sku)!r} is not in [skus] of {config.source}; "
-            "orders for it are parked until it is added",
+            _(
+                "warning: SKU %(sku)r is not in [skus] of %(file)s; orders for it are parked"
+                " until it is added"
+            )
+            % {"sku": printable(args.sku), "file": config.source},
             file=sys.stderr,
         )
     rejects = _open_rejects(args.rejects)
     reader.rejections.sink = rejects
     total = reader.count_lines()
-    progress = Progress(total, "lines")
+    progress = Progress(total, _("lines"))
     started = time.monotonic()
     source = f"import:{path.name}"
 
@@ -134,24 +145,42 @@ def _print_import(
     sku: str, reader: StockFileReader, report: ImportReport, elapsed: float, total: int
 ) -> None:
     print(
-        f"{printable(sku)}: added {report.added}, duplicates {report.duplicates}, "
-        f"rejected {reader.rejected} ({elapsed:.1f} s)"
+        _("%(sku)s: added %(added)d, duplicates %(duplicates)d, rejected %(rejected)d (%(s).1f s)")
+        % {
+            "sku": printable(sku),
+            "added": report.added,
+            "duplicates": report.duplicates,
+            "rejected": reader.rejected,
+            "s": elapsed,
+        }
     )
-    print(f"  read {reader.lines_read:,} line(s) as {reader.described}")
+    print(
+        "  "
+        + _("read %(n)s line(s) as %(format)s")
+        % {"n": f"{reader.lines_read:,}", "format": reader.described}
+    )
     if report.already_bound:
         print(
-            f"  refused {report.already_bound} key(s) this ledger already bound to orders"
-            " (delivered before): a key is never sold twice"
+            "  "
+            + _(
+                "refused %(n)d key(s) this ledger already bound to orders (delivered before):"
+                " a key is never sold twice"
+            )
+            % {"n": report.already_bound}
         )
     if report.other_sku:
         print(
-            f"  refused {report.other_sku} key(s) this ledger holds under another SKU"
-            " (a key belongs to one SKU)"
+            "  "
+            + _(
+                "refused %(n)d key(s) this ledger holds under another SKU (a key belongs to"
+                " one SKU)"
+            )
+            % {"n": report.other_sku}
         )
     for skipped in reader.skipped:
-        print(f"  skipped {printable(skipped)}")
+        print("  " + _("skipped %(what)s") % {"what": printable(skipped)})
     for line in reader.rejections.report():
-        print(f"  rejected {printable(line)}")
+        print("  " + _("rejected %(what)s") % {"what": printable(line)})
     if reader.expiring:
         # The ledger has no expiry column yet: say so rather than pretend.
         print(
@@ -161,9 +190,13 @@ def _print_import(
         )
     if reader.stop_requested:
         print(
-            f"  interrupted at line {reader.lines_read:,} of {total:,}: the keys added above are"
-            " in stock; run the same import again to add the rest (keys already in stock count"
-            " as duplicates)"
+            "  "
+            + _(
+                "interrupted at line %(n)s of %(total)s: the keys added above are in stock; run"
+                " the same import again to add the rest (keys already in stock count as"
+                " duplicates)"
+            )
+            % {"n": f"{reader.lines_read:,}", "total": f"{total:,}"}
         )
 
 
@@ -190,10 +223,14 @@ def cmd_export(args: argparse.Namespace) -> int:
     config = load(args)
     target = Path(args.file)
     if target.exists():
-        raise CommandError(f"{target} exists; refusing to overwrite a file with card keys")
+        raise CommandError(
+            _("%(file)s exists; refusing to overwrite a file with card keys") % {"file": target}
+        )
     folder = target.parent if str(target.parent) else Path(".")
     if not folder.is_dir():
-        raise CommandError(f"folder {folder} does not exist: create it first")
+        raise CommandError(
+            _("folder %(folder)s does not exist: create it first") % {"folder": folder}
+        )
 
     async def action(store: Store) -> int:
         items = await store.export_keys(args.sku, KeyState(args.state))
@@ -201,16 +238,20 @@ def cmd_export(args: argparse.Namespace) -> int:
             # Created private before a single key is written.
             fd = os.open(target, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
         except OSError as exc:
+            why = (exc.strerror or type(exc).__name__).lower()
             raise CommandError(
-                f"cannot create {target}: {(exc.strerror or type(exc).__name__).lower()}"
+                _("cannot create %(file)s: %(why)s") % {"file": target, "why": why}
             ) from None
         with os.fdopen(fd, "w", encoding="utf-8", newline="") as handle:
             writer = csv.writer(handle)
             writer.writerow(["code", "secret"])
             writer.writerows([item.code, item.secret] for item in items)
         print(
-            f"{printable(args.sku)}: exported {len(items)} {args.state} key(s) in clear to "
-            f"{target} (mode 0600) — delete it when done"
+            _(
+                "%(sku)s: exported %(n)d %(state)s key(s) in clear to %(file)s (mode 0600) —"
+                " delete it when done"
+            )
+            % {"sku": printable(args.sku), "n": len(items), "state": args.state, "file": target}
         )
         return 0
 
@@ -220,28 +261,36 @@ def cmd_export(args: argparse.Namespace) -> int:
 def cmd_void(args: argparse.Namespace) -> int:
     config = load(args)
     if args.count is None and not args.all:
-        raise CommandError("say how many free keys to void: --count N or --all")
+        raise CommandError(_("say how many free keys to void: --count N or --all"))
     if args.count is not None and args.all:
-        raise CommandError("--count and --all exclude each other")
+        raise CommandError(_("--count and --all exclude each other"))
     if not args.reason.strip():
-        raise CommandError("--reason must say why (it stays with the keys)")
+        raise CommandError(_("--reason must say why (it stays with the keys)"))
 
     async def action(store: Store) -> int:
         free = {c.sku: c.free for c in await store.stock_counts()}.get(args.sku, 0)
         if free == 0:
-            raise CommandError(f"{printable(args.sku)} has no free keys to void")
+            raise CommandError(_("%(sku)s has no free keys to void") % {"sku": printable(args.sku)})
         count = free if args.all else min(args.count, free)
         if count > CONFIRM_ABOVE:
             confirm(
-                f"void {count} of the {free} free keys of {printable(args.sku)}"
-                f" ({printable(args.reason)})?",
+                _("void %(n)d of the %(free)d free keys of %(sku)s (%(reason)s)?")
+                % {
+                    "n": count,
+                    "free": free,
+                    "sku": printable(args.sku),
+                    "reason": printable(args.reason),
+                },
                 str(count),
                 assume_yes=args.yes,
-                refusal=f"not voiding {count} keys",
+                refusal=_("not voiding %(n)d keys") % {"n": count},
             )
         # The count confirmed, also for --all: keys imported meanwhile stay free.
         voided = await store.void_free_keys(args.sku, count, args.reason, time.time())
-        print(f"{printable(args.sku)}: voided {voided} free key(s) ({printable(args.reason)})")
+        print(
+            _("%(sku)s: voided %(n)d free key(s) (%(reason)s)")
+            % {"sku": printable(args.sku), "n": voided, "reason": printable(args.reason)}
+        )
         return 0
 
     return with_store(config, action)
@@ -298,7 +347,7 @@ def add_parsers(sub: Any) -> None:
     )
     imp.add_argument(
         "--batch",
-        type=bounded_int(100, 20_000, "keys"),
+        type=bounded_int(100, 20_000, N_("keys")),
         default=IMPORT_CHUNK,
         help=f"keys per ledger transaction (default {IMPORT_CHUNK:,}; smaller: a running"
         " daemon waits less for the ledger, the import takes longer)",
@@ -318,7 +367,9 @@ def add_parsers(sub: Any) -> None:
     void = stock.add_parser("void", help="take free keys out of stock, with a reason")
     void.add_argument("sku")
     void.add_argument(
-        "--count", type=bounded_int(1, MAX_KEYS, "keys"), help="how many free keys (oldest first)"
+        "--count",
+        type=bounded_int(1, MAX_KEYS, N_("keys")),
+        help="how many free keys (oldest first)",
     )
     void.add_argument("--all", action="store_true", help="every free key of the SKU")
     void.add_argument("--reason", required=True)
