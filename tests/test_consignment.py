@@ -383,6 +383,11 @@ async def test_a_consigned_key_cannot_move_outside_the_table(store: Store) -> No
         await store.ensure_pool("tb", CPC, "VIP-30D", NOW)
 
 
+async def test_a_buyer_notice_to_an_agiso_shop_is_not_an_error(tb: AgisoPlatform) -> None:
+    # agent/buyer.py passes the notice's idempotency key: the adapter took two arguments.
+    await tb.notice("3000000000001", "waiting for stock", "kami-notice-1")
+
+
 def test_design_doc_shows_the_key_and_pool_tables() -> None:
     doc = (Path(__file__).resolve().parents[1] / "docs" / "design.md").read_text(encoding="utf-8")
     for kind in (KeyState, PoolAddState):

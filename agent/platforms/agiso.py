@@ -556,7 +556,8 @@ class AgisoPlatform:
 
     async def notice(self, order_id: str, message: str) -> None:
         """Not sent: every message counts against the order's cap (淘宝 3, 闲鱼 5), which the
-        keys need; 拼多多 and 京东 have no message call here."""
+        keys need; 拼多多 and 京东 have no message call here. (The buyer care passes the
+        notice's idempotency key: without the parameter, its call raised TypeError.)"""
         log.info("agiso_notice_not_sent", platform=self.name, order_id=order_id)
 
     async def refund(self, order_id: str, idempotency_key: str, reason: str) -> None:

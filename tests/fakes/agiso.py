@@ -45,7 +45,7 @@ import json
 import random
 import time
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Callable, Collection
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from typing import Any
@@ -198,11 +198,14 @@ class FakeAgiso:
         self.linked[item] = cpc_id
         self.pools.setdefault(cpc_id, [])
 
-    def sell_from_pools(self) -> list[str]:
-        """Agiso's auto-delivery: every paid order of a linked item that its pool can fill
-        gets its cards and is marked shipped, oldest first; the orders sent."""
+    def sell_from_pools(self, only: Collection[str] | None = None) -> list[str]:
+        """Agiso's auto-delivery: every paid order of a linked item (of `only`, if given)
+        that its pool can fill gets its cards and is marked shipped, oldest first; the orders
+        sent."""
         sent = []
         for order in self.orders.values():
+            if only is not None and order.tid not in only:
+                continue
             cpc_id = self.linked.get(order.item)
             if cpc_id is None or order.pool_cards or order.status != self._paid(order.channel):
                 continue
