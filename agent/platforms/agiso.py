@@ -554,7 +554,7 @@ class AgisoPlatform:
             message_unconfirmed=progress.unknown is not None,
         )
 
-    async def notice(self, order_id: str, message: str) -> None:
+    async def notice(self, order_id: str, message: str, idempotency_key: str | None = None) -> None:
         """Not sent: every message counts against the order's cap (淘宝 3, 闲鱼 5), which the
         keys need; 拼多多 and 京东 have no message call here. (The buyer care passes the
         notice's idempotency key: without the parameter, its call raised TypeError.)"""
