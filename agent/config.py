@@ -237,6 +237,15 @@ class Section:
             raise self.error(key, f"must be a non-empty list of strings, got {value!r}")
         return tuple(value)
 
+    def string_list(self, key: str) -> tuple[str, ...]:
+        """A list of non-empty strings, empty when absent."""
+        value = self._get(key)
+        if value is None:
+            return ()
+        if not isinstance(value, list) or not all(isinstance(v, str) and v.strip() for v in value):
+            raise self.error(key, f"must be a list of non-empty strings, got {value!r}")
+        return tuple(value)
+
     def decimal(self, key: str) -> Decimal | None:
         """A positive amount, or None when absent."""
         raw = self._get(key)
@@ -300,7 +309,22 @@ READERS: dict[str, Reader] = {
     "optional number": lambda s, k, d, spec: (
         None if s._get(k) is None else READERS["number"](s, k, 0.0, spec)
     ),
+    "optional strings": lambda s, k, d, spec: s.string_list(k),
+    "optional template": lambda s, k, d, spec: _template(s, k, s.optional_string(k)),
 }
+
+
+def _template(s: Section, key: str, text: str | None) -> str | None:
+    """A delivery message template, its variables checked (agent/platforms/agiso_messages.py)."""
+    if text is None:
+        return None
+    from agent.platforms.agiso_messages import TemplateError, check_template
+
+    try:
+        check_template(text)
+    except TemplateError as exc:
+        raise s.error(key, str(exc)) from None
+    return text
 
 
 def _bound(value: float | None) -> float:

@@ -31,6 +31,7 @@ from agent.domain import (
 )
 from agent.engine_stats import EngineStats
 from agent.logs import get_logger
+from agent.platforms.agiso_messages import render
 from agent.platforms.base import Platform
 from agent.sourcing import Sourcing
 from agent.store.base import Store, StoreError
@@ -171,7 +172,7 @@ class Delivery:
         """The delivery call, its intent already committed; then its outcome committed. A
         failure is committed before returning (None); a delivery is returned as its
         recording in the ledger, under way, for the caller to wait for or hand off."""
-        message = self._message_for(line.sku)
+        message = self._message_for(platform, line, intent.items)
         try:
             await platform.deliver(line.order_id, intent.idempotency_key, intent.items, message)
         except DeliveryConflict as exc:
@@ -270,8 +271,18 @@ class Delivery:
         self.stats.parked += 1
         log.error("needs_attention", order_id=line.order_id, sku=line.sku, reason=reason)
 
-    def _message_for(self, sku: str) -> str:
-        settings = self.skus.get(sku)
+    def _message_for(self, platform: Platform, line: OrderLine, items: Sequence[CardItem]) -> str:
+        """The SKU's message (else the shop's), its template filled in for this order. A
+        platform that renders messages itself (Agiso: within its channels' limits) gets the
+        template as it is."""
+        settings = self.skus.get(line.sku)
         if settings is not None and settings.message:
-            return settings.message
-        return self.settings.message_with_keys()
+            template = settings.message
+        else:
+            template = self.settings.message_with_keys()
+        if ("{" not in template and "}" not in template) or getattr(
+            platform, "renders_messages", False
+        ):
+            return template
+        # The keys travel as the delivery's items: a template naming none gets none appended.
+        return render(template, line.order_id, line.sku, line.quantity, items, append_cards=False)

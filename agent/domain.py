@@ -120,6 +120,9 @@ class CardItem:
 
     code: str
     secret: str
+    # When the key stops being valid (Unix time; from a stock file's expiry column), or None.
+    # Not part of the key's identity: the same code and secret are the same key.
+    expires_at: float | None = field(default=None, compare=False)
 
     def __repr__(self) -> str:  # never let a secret slip into a log or traceback
         return "CardItem(<sealed>)"
@@ -167,6 +170,10 @@ class RemoteDelivery:
 
     status: str
     items: tuple[CardItem, ...] = ()
+    # The order's content as the platform states it now (SKU, quantity, buyer), where the
+    # adapter reads it; `orders retry` of an order parked at intake takes it in again from
+    # this. None: the adapter cannot say.
+    order: PlatformOrder | RejectedOrder | None = None
 
 
 # --- ledger rows -------------------------------------------------------------------------
@@ -270,9 +277,10 @@ class StockPosition:
 @dataclass(frozen=True, slots=True)
 class StockCount:
     sku: str
-    free: int
+    free: int  # free keys that may be sold (not past their expiry)
     bound: int
     void: int
+    expired: int = 0  # free keys past their expiry: never bound to an order
 
 
 @dataclass(frozen=True, slots=True)

@@ -32,6 +32,7 @@ from agent.engine_stats import EngineStats
 from agent.logs import get_logger
 from agent.once import FirstSeen
 from agent.platforms.base import Platform
+from agent.screening import Screening
 from agent.store.base import Store
 
 log = get_logger("kami.engine")
@@ -92,7 +93,10 @@ def screen_order(
     sku = skus.get(order.sku)
     if sku is None:
         return RejectedOrder(
-            order.order_id, f"unknown SKU {order.sku!r} (not in config [skus])", sku=order.sku
+            order.order_id,
+            f"unknown SKU {order.sku!r} (not in config [skus])",
+            sku=order.sku,
+            quantity=order.quantity,  # its true quantity, shown and kept for a retry
         )
     if order.quantity > sku.max_quantity:
         return RejectedOrder(
@@ -140,6 +144,10 @@ class Intake:
         # Monotonic time of the long poll's last answer and the wait it asks for, while it runs.
         self._long_poll_answered: tuple[float, float] | None = None
         self._reported = FirstSeen()  # orders rejected or ignored, logged once each
+        self._screening = Screening(settings, skus, store)  # blocked buyers, buyer limits
+        # SKUs whose keys wait a while after intake: never claimed as they are taken in.
+        self._delays = {sku: s.delay for sku, s in skus.items() if s.delay > 0}
+        self._claimed_at_intake = local_skus - frozenset(self._delays)
 
     @property
     def auth_failed(self) -> bool:
@@ -320,6 +328,7 @@ class Intake:
                 count = len(fresh) if page.ignored else page.unidentifiable
                 log.warning("orders_without_id", platform=self.name, count=count, reasons=fresh[:5])
         screened = [s for o in page.orders if (s := screen_order(o, self.skus)) is not None]
+        screened = await self._screening.screen(self.name, screened, self.clock())
         taken = await self._take_in(screened)
         self._stats.polled_orders += len(page.orders)
         for order in screened:
@@ -356,7 +365,11 @@ class Intake:
                     started < len(chunks) and len(under_way) < CLAIMS_IN_FLIGHT and queue.has_room()
                 ):
                     now = self.clock()
-                    chunk = self.store.take_in(self.name, chunks[started], now, self._local_skus)
+                    # (delays passed only when a SKU has one: the call stays the port's usual)
+                    delays = (self._delays,) if self._delays else ()
+                    chunk = self.store.take_in(
+                        self.name, chunks[started], now, self._claimed_at_intake, *delays
+                    )
                     started += 1
                     queue.taking_in(now)
                     under_way.append((now, asyncio.ensure_future(chunk)))

@@ -173,10 +173,13 @@ class AgentSettings:
     )
     delivery_message: str | None = setting(
         None,
-        reader="optional string",
+        reader="optional template",
+        allowed="text (a template)",
         shown=f'"{DEFAULT_DELIVERY_MESSAGE}"',
         help="message sent with the keys (a SKU may have its own); the default one is sent in"
-        " `buyer_language`, one written here as it is",
+        " `buyer_language`, one written here as it is; a template: {订单号}/{order_id},"
+        " {商品}/{sku}, {数量}/{quantity}, {卡号}/{code}, {卡密}/{secret} (a line holding a"
+        " key's variable is repeated for each key), `{{`/`}}` for a brace",
     )
     max_delivery_attempts: int = setting(
         50,
@@ -208,6 +211,27 @@ class AgentSettings:
         maximum=DAY,
         unit="seconds",
         help="between reads of the suppliers' balances",
+    )
+    buyer_limit: int = setting(
+        0,
+        minimum=0,
+        maximum=1_000_000,
+        unit="keys",
+        help="keys one buyer (by contact) may buy, all SKUs together, within buyer_limit_window;"
+        " an order beyond it is parked at intake with the reason (0: no limit)",
+    )
+    buyer_limit_window: float = setting(
+        DAY,
+        minimum=60,
+        maximum=365 * DAY,
+        unit="seconds",
+        help="the time the buyer limits count a buyer's orders over",
+    )
+    blocked_buyers: tuple[str, ...] = setting(
+        (),
+        reader="optional strings",
+        allowed="list of text",
+        help="buyer contacts (any case) whose orders are parked at intake, never delivered",
     )
 
     @property
@@ -380,7 +404,10 @@ class SkuSettings:
         help="larger orders are parked for a human",
     )
     message: str | None = setting(
-        None, reader="optional string", help="delivery message for this SKU"
+        None,
+        reader="optional template",
+        allowed="text (a template)",
+        help="delivery message for this SKU (a template, as `agent.delivery_message`)",
     )
     sources: tuple[str, ...] = setting(
         (LOCAL_SOURCE,),
@@ -419,6 +446,26 @@ class SkuSettings:
         maximum=30 * DAY,
         unit="seconds",
         help='an order not delivered within this is "stuck" and alerts',
+    )
+    buyer_limit: int = setting(
+        0,
+        minimum=0,
+        maximum=1_000_000,
+        unit="keys",
+        help="keys of this SKU one buyer may buy within `agent.buyer_limit_window` (0: no limit)",
+    )
+    blocked_buyers: tuple[str, ...] = setting(
+        (),
+        reader="optional strings",
+        allowed="list of text",
+        help="buyer contacts (any case) whose orders of this SKU are parked at intake",
+    )
+    delay: float = setting(
+        0.0,
+        minimum=0,
+        maximum=7 * DAY,
+        unit="seconds",
+        help="send the keys this long after the order is taken in (0: at once)",
     )
     refund_after: float | None = setting(
         None,

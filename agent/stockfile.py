@@ -211,7 +211,7 @@ class StockFileReader:
     rejections: Rejections = field(default_factory=Rejections)
     skipped: list[str] = field(default_factory=list)  # header rows, described
     lines_read: int = 0
-    expiring: int = 0  # keys with an expiry date still ahead (kept; not stored by the ledger)
+    expiring: int = 0  # keys with an expiry date still ahead (stored with the key)
     described: str = ""  # how the file was read, for the report
     stop_requested: bool = False
     _kind: str | None = None  # "text" | "xlsx"
@@ -511,6 +511,9 @@ class StockFileReader:
                 self._reject(number, "expired")
                 return None
             self.expiring += 1
+            expires_at: float | None = expires.timestamp()
+        else:
+            expires_at = None
         if not secret:
             self._reject(number, "empty secret")
             return None
@@ -523,7 +526,7 @@ class StockFileReader:
         if any(ch < " " or "\x7f" <= ch <= "\x9f" for ch in code + secret):
             self._reject(number, "contains control characters")
             return None
-        return CardItem(code=code, secret=secret)
+        return CardItem(code=code, secret=secret, expires_at=expires_at)
 
 
 def _split(text: str) -> list[str]:

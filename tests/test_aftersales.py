@@ -4,13 +4,28 @@ on a delivered order, a merchant's refund, buyer limits, delayed delivery, templ
 
 from __future__ import annotations
 
+import asyncio
+import json
+import sqlite3
+import time
 from pathlib import Path
 
 import pytest
 
-from agent.domain import LineState, PlatformOrder
+from agent.config import load_config
+from agent.domain import (
+    CardItem,
+    DeliveryIntent,
+    LineState,
+    OrderLine,
+    PlatformOrder,
+    RejectedOrder,
+)
+from agent.intake import screen_order
+from agent.sandbox.platform import SandboxPlatform
 from agent.store.base import Store, StoreError
-from tests.conftest import stock
+from agent.store.sqlite import SQLiteStore
+from tests.conftest import keys, master_key_for_tests, stock
 from tests.test_cli import cli, config_for
 
 NOW = 1_700_000_000.0
@@ -60,3 +75,105 @@ def test_stock_unvoid_command(tmp_path: Path) -> None:
     assert "3 key(s)" in back.stdout
     listing = cli(config, "stock", "list").stdout.splitlines()
     assert next(ln.split() for ln in listing if ln.startswith(SKU))[:4] == [SKU, "4", "0", "1"]
+
+
+# --- item 2: key expiry ------------------------------------------------------------------------
+def dated(sku: str, count: int, start: int, expires_at: float | None) -> list[CardItem]:
+    return [
+        CardItem(code=k.code, secret=k.secret, expires_at=expires_at)
+        for k in keys(sku, count, start)
+    ]
+
+
+async def test_expired_keys_are_never_bound_nor_counted_as_stock(store: Store) -> None:
+    now = time.time()
+    await store.import_keys(SKU, dated(SKU, 2, 0, now - 60), "test", now)  # expired
+    await store.import_keys(SKU, dated(SKU, 1, 10, now + 3600), "test", now)
+    await store.import_keys(SKU, dated(SKU, 1, 20, None), "test", now)
+    (count,) = await store.stock_counts()
+    assert (count.free, count.bound, count.void, count.expired) == (2, 0, 0, 2)
+    assert await store.free_counts() == {SKU: 2}
+    assert (await store.stock_position(None)).free == {SKU: 2}
+    # Intake's set-wise claim: 3 keys wanted, only 2 may be sold.
+    (big,) = await store.take_in("main", [order("BIG", quantity=3)], now, {SKU})
+    assert isinstance(big, OrderLine) and big.state == LineState.BACKORDERED
+    # 4 free keys, 2 of them sellable: the sweep does not offer it a worker.
+    assert big.id not in [ln.id for ln in await store.due_lines(now, 10)]
+    # A line that fits takes the keys still valid, at intake...
+    (claimed,) = await store.take_in("main", [order("A", quantity=1)], now, {SKU})
+    assert isinstance(claimed, DeliveryIntent)
+    # ...and through allocation.
+    (line_id,) = await store.ingest("main", [order("B")], now)
+    assert (await store.allocate(line_id, now)).state == LineState.ALLOCATED
+    sent = {i.code for i in claimed.items} | {i.code for i in await store.bound_items(line_id)}
+    assert sent == {f"{SKU}-10", f"{SKU}-20"}
+    (count,) = await store.stock_counts()
+    assert (count.free, count.bound, count.expired) == (0, 2, 2)
+
+
+def test_stock_files_expiry_is_stored_and_expired_keys_are_listed(tmp_path: Path) -> None:
+    config = config_for(tmp_path)
+    path = tmp_path / "keys.csv"
+    path.write_text("code,secret,expiry\nC1,S1,2099-12-31\nC2,S2,\n", encoding="utf-8")
+    result = cli(config, "stock", "import", SKU, str(path))
+    assert result.returncode == 0, result.stderr
+    assert "not stored" not in result.stdout
+    with sqlite3.connect(tmp_path / "kami.db") as conn:
+        stored = sorted(r[0] or 0 for r in conn.execute("SELECT expires_at FROM card_keys"))
+    assert stored[0] == 0 and stored[1] > time.time() + 365 * 86400
+
+    async def add_expired() -> None:
+        s = SQLiteStore(tmp_path / "kami.db", master_key_for_tests())
+        await s.open()
+        try:
+            await s.import_keys(SKU, dated(SKU, 3, 0, time.time() - 1), "test", time.time())
+        finally:
+            await s.close()
+
+    asyncio.run(add_expired())
+    listing = cli(config, "stock", "list").stdout.splitlines()
+    assert listing[0].split()[-1] == "expired"
+    assert next(ln.split() for ln in listing if ln.startswith(SKU)) == [SKU, "2", "0", "0", "3"]
+    as_json = json.loads(cli(config, "stock", "list", "--json").stdout)
+    assert as_json[0]["free"] == 2 and as_json[0]["expired"] == 3
+
+
+# --- item 3: unknown SKU orders keep their quantity; retry reads the order again ---------------
+async def test_a_parked_unknown_sku_order_is_retried_as_the_platform_states_it(
+    tmp_path: Path, sandbox: SandboxPlatform
+) -> None:
+    config = await asyncio.to_thread(config_for, tmp_path, sandbox.base_url)
+    sandbox.add_order("NEW-SKU", 2, order_id="77")
+    sandbox.add_order("NEW-SKU", 9, order_id="78")  # over max_quantity once the SKU exists
+    store = SQLiteStore(tmp_path / "kami.db", master_key_for_tests())
+    await store.open()
+    try:
+        skus = load_config(config).skus
+        page = [PlatformOrder(o, "paid", "NEW-SKU", q) for o, q in (("77", 2), ("78", 9))]
+        screened = [screen_order(o, skus) for o in page]
+        await store.ingest("main", [s for s in screened if s is not None], time.time())
+        (parked,) = await store.find_lines("77")
+        assert parked.state == LineState.NEEDS_ATTENTION and parked.quantity == 2
+        # The ledger itself refuses to send back to work a line parked with no quantity.
+        await store.ingest("main", [RejectedOrder("79", "unknown SKU", sku="X")], time.time())
+        (unknown,) = await store.find_lines("79")
+        with pytest.raises(StoreError, match="quantity"):
+            await store.retry_line(unknown.id, time.time())
+    finally:
+        await store.close()
+    with config.open("a", encoding="utf-8") as handle:
+        handle.write('\n[skus."NEW-SKU"]\nmax_quantity = 5\n')
+    sandbox.orders["77"].data["quantity"] = 3  # the platform's word now
+    retried = await asyncio.to_thread(cli, config, "orders", "retry", "77", secret=sandbox.secret)
+    assert retried.returncode == 0, retried.stderr
+    still = await asyncio.to_thread(cli, config, "orders", "retry", "78", secret=sandbox.secret)
+    assert still.returncode == 1 and "max_quantity" in still.stderr
+    shown = await asyncio.to_thread(cli, config, "orders", "list", "--json")
+    lines = {ln["order_id"]: ln for ln in json.loads(shown.stdout)}
+    assert (lines["77"]["state"], lines["77"]["sku"], lines["77"]["quantity"]) == (
+        "new",
+        "NEW-SKU",
+        3,
+    )
+    assert (lines["78"]["state"], lines["78"]["quantity"]) == ("needs_attention", 9)
+    assert "max_quantity" in lines["78"]["reason"]

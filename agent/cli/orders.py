@@ -10,10 +10,11 @@ from __future__ import annotations
 
 import argparse
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, TypeVar
 
+from agent.aftersales import AfterSales
 from agent.cli.common import (
     MAX_LIMIT,
     CommandError,
@@ -27,11 +28,14 @@ from agent.cli.common import (
     when,
 )
 from agent.cli.common import with_store as run_with_store
+from agent.config import Config
 from agent.domain import LineState, OrderLine
+from agent.platforms.base import Platform
 from agent.store.base import Store
 from agent.textsafe import printable
 
 MAX_ROW_ID = 2**63 - 1
+T = TypeVar("T")
 
 
 def _quantity(line: OrderLine) -> str:
@@ -237,6 +241,29 @@ def cmd_show(args: argparse.Namespace) -> int:
     return run_with_store(config, action)
 
 
+async def with_aftersales(
+    config: Config, store: Store, act: Callable[[AfterSales], Awaitable[T]]
+) -> T:
+    """`act` with the after-sales actions, the platforms they need built on first use."""
+    from agent.runtime import build_platform
+
+    built: dict[str, Platform] = {}
+
+    def platform_for(name: str) -> Platform | None:
+        if name not in built:
+            settings = next((p for p in config.platforms if p.name == name), None)
+            if settings is None:
+                return None
+            built[name] = build_platform(settings)
+        return built[name]
+
+    try:
+        return await act(AfterSales(config, store, platform_for, time.time))
+    finally:
+        for platform in built.values():
+            await platform.close()
+
+
 def _operator_action(name: str) -> Callable[[argparse.Namespace], int]:
     def command(args: argparse.Namespace) -> int:
         config = load(args)
@@ -245,8 +272,11 @@ def _operator_action(name: str) -> Callable[[argparse.Namespace], int]:
 
         async def action(store: Store) -> int:
             line = _one(await resolve(store, ref, names), ref)
-            method = store.retry_line if name == "retry" else store.resend_line
-            updated = await method(line.id, time.time())
+            if name == "retry":
+                # A parked order is read again from its platform and screened as at intake.
+                updated = await with_aftersales(config, store, lambda a: a.retry(line))
+            else:
+                updated = await store.resend_line(line.id, time.time())
             print(
                 f"order {printable(updated.platform)}:{printable(updated.order_id)} (line"
                 f" #{updated.id}): now {updated.state}; the running agent picks it up on its"

@@ -182,11 +182,9 @@ def _print_import(
     for line in reader.rejections.report():
         print("  " + _("rejected %(what)s") % {"what": printable(line)})
     if reader.expiring:
-        # The ledger has no expiry column yet: say so rather than pretend.
         print(
-            f"  {reader.expiring} key(s) carry an expiry date: expired ones were rejected, but"
-            " the dates are not stored (this ledger has no expiry field), so check them again"
-            " before they run out"
+            f"  {reader.expiring} key(s) carry an expiry date, stored with them: a key is never"
+            " delivered once its date has passed (expired ones in the file were rejected)"
         )
     if reader.stop_requested:
         print(
@@ -204,16 +202,25 @@ def cmd_list(args: argparse.Namespace) -> int:
     config = load(args)
 
     async def action(store: Store) -> int:
-        counts = {c.sku: (c.free, c.bound, c.void) for c in await store.stock_counts()}
+        counts = {c.sku: (c.free, c.bound, c.void, c.expired) for c in await store.stock_counts()}
         for sku in config.skus:
-            counts.setdefault(sku, (0, 0, 0))
+            counts.setdefault(sku, (0, 0, 0, 0))
         ordered = sorted(counts.items())
         if args.json:
-            print_json([{"sku": s, "free": f, "bound": b, "void": v} for s, (f, b, v) in ordered])
+            print_json(
+                [
+                    {"sku": s, "free": f, "bound": b, "void": v, "expired": x}
+                    for s, (f, b, v, x) in ordered
+                ]
+            )
             return 0
-        print(f"{'SKU':<24} {'free':>9} {'bound':>9} {'void':>7}")
-        for sku, (free, bound, void) in ordered:
-            print(f"{printable(sku):<24} {free:>9} {bound:>9} {void:>7}")
+        # Free keys past their expiry (never sold) get a column when there are any.
+        expiring = any(row[3] for _, row in ordered)
+        extra = f" {'expired':>8}" if expiring else ""
+        print(f"{'SKU':<24} {'free':>9} {'bound':>9} {'void':>7}{extra}")
+        for sku, (free, bound, void, expired) in ordered:
+            extra = f" {expired:>8}" if expiring else ""
+            print(f"{printable(sku):<24} {free:>9} {bound:>9} {void:>7}{extra}")
         return 0
 
     return with_store(config, action)

@@ -291,6 +291,9 @@ def _cursor(cursor: str | None, epoch: str) -> tuple[int, int]:
 
 
 class AgisoPlatform:
+    # Delivery hands this adapter the message template as it is: it renders it per channel.
+    renders_messages = True
+
     def __init__(
         self,
         settings: PlatformSettings,
@@ -504,8 +507,9 @@ class AgisoPlatform:
         if template is not None:
             return template
         if message and message not in DEFAULT_MESSAGES:
-            # The SKU's own message from [skus]: plain text (any braces are literal).
-            return message.replace("{", "{{").replace("}", "}}")
+            # The SKU's own message from [skus]: a template too (checked when the config was
+            # read), rendered here within the channel's limits (renders_messages).
+            return message
         return DEFAULT_TEMPLATE
 
     def _progress_of(self, order_id: str, items: Sequence[CardItem]) -> Progress:

@@ -2,11 +2,11 @@
 variables, and each channel's length and count limits (split across the messages allowed, or
 refused with the reason before anything is sent).
 
-Variables (Chinese or English names): {订单号}/{order_id}, {商品}/{product}, {数量}/{quantity},
-{卡号}/{code}, {卡密}/{secret}, {卡}/{card} (卡号 and 卡密 together, or 卡密 alone when the key
-has no card number). A line holding a card variable is repeated for every key of the order;
-a template holding none gets the keys appended, one per line, so no key is ever left out.
-`{{` and `}}` write braces.
+Variables (Chinese or English names): {订单号}/{order_id}, {商品}/{product} (or {sku}),
+{数量}/{quantity}, {卡号}/{code}, {卡密}/{secret}, {卡}/{card} (卡号 and 卡密 together, or 卡密
+alone when the key has no card number). A line holding a card variable is repeated for every
+key of the order; a template holding none gets the keys appended, one per line, so no key is
+ever left out. `{{` and `}}` write braces.
 """
 
 from __future__ import annotations
@@ -30,6 +30,8 @@ NAMES = {
     "卡密": "secret",
     "卡": "card",
 }
+# Other English names a template may use (the engine's [skus] message templates say {sku}).
+ALIASES = {"sku": "product"}
 CARD_VARIABLES = frozenset({"code", "secret", "card"})
 _FIELD = re.compile(r"\{\{|\}\}|\{([^{}]*)\}")
 
@@ -44,6 +46,8 @@ def _canonical(name: str) -> str:
         return NAMES[name]
     if name in NAMES.values():
         return name
+    if name in ALIASES:
+        return ALIASES[name]
     known = "、".join(f"{{{n}}}" for n in NAMES)
     raise TemplateError(f"unknown variable {{{name}}} (known: {known}, or their English names)")
 
@@ -76,9 +80,17 @@ def _card_line(line: str) -> bool:
 
 
 def render(
-    template: str, order_id: str, product: str, quantity: int, items: Sequence[CardItem]
+    template: str,
+    order_id: str,
+    product: str,
+    quantity: int,
+    items: Sequence[CardItem],
+    *,
+    append_cards: bool = True,
 ) -> str:
-    """The message for one order: its card lines repeated for each key."""
+    """The message for one order: its card lines repeated for each key. `append_cards`: a
+    template without a card variable gets the keys appended (off where the keys travel apart
+    from the message, as platform-http's delivery carries them as items)."""
     base = {"order_id": order_id, "product": product, "quantity": str(quantity)}
     out: list[str] = []
     has_cards = False
@@ -90,7 +102,7 @@ def render(
                 out.append(_fill(line, values))
         else:
             out.append(_fill(line, {**base, "code": "", "secret": "", "card": ""}))
-    if not has_cards:
+    if not has_cards and append_cards:
         out += [card_text(item) for item in items]
     return "\n".join(out)
 

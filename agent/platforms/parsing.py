@@ -146,4 +146,6 @@ def parse_remote_order(body: Any) -> RemoteDelivery:
     items: tuple[CardItem, ...] = ()
     if isinstance(delivery, dict) and "items" in delivery:
         items = parse_items(delivery["items"])
-    return RemoteDelivery(status=body["status"], items=items)
+    content = _parse_order(body)  # the order as it stands: for a retry of a parked order
+    order = None if isinstance(content, str) else content
+    return RemoteDelivery(status=body["status"], items=items, order=order)

@@ -6,7 +6,7 @@ nothing of it happened. The engine relies on that to bracket every external call
 
 from __future__ import annotations
 
-from collections.abc import Callable, Collection, Iterable, Sequence
+from collections.abc import Callable, Collection, Iterable, Mapping, Sequence
 from contextlib import AbstractAsyncContextManager
 from typing import Protocol
 
@@ -103,12 +103,14 @@ class Store(Protocol):
         orders: Sequence[PlatformOrder | RejectedOrder],
         now: float,
         local_skus: Collection[str],
+        delays: Mapping[str, float] | None = None,
     ) -> list[DeliveryIntent | OrderLine]:
         """ingest, then claim_for_delivery of each new line whose SKU sells from local stock
         only: each new line that is ready, claimed if its keys could be bound, else as it
         stands.
         The orders are in the ledger when it returns, claimed or not; a claim is all or
-        nothing per line."""
+        nothing per line. `delays`: SKU -> seconds a new line of it waits before its keys are
+        sent (its next_attempt_at)."""
         ...
 
     async def get_cursor(self, platform: str) -> str | None: ...
@@ -199,6 +201,24 @@ class Store(Protocol):
     async def retry_line(self, line_id: int, now: float) -> OrderLine: ...
 
     async def resend_line(self, line_id: int, now: float) -> OrderLine: ...
+
+    async def revise_parked_line(
+        self, line_id: int, sku: str, quantity: int, reason: str | None, now: float
+    ) -> OrderLine:
+        """A parked line holding nothing yet, with the SKU and quantity its platform states
+        now: -> new (reason None), or parked again with `reason`."""
+        ...
+
+    async def bound_count(self, line_id: int) -> int:
+        """How many keys are bound to the line."""
+        ...
+
+    async def buyer_lines(
+        self, contacts: Sequence[str], since: float
+    ) -> list[tuple[str, str, str, str, int]]:
+        """(platform, order id, buyer contact, sku, quantity) of these buyers' lines taken in
+        since a time, bar those not sold (parked, cancelled)."""
+        ...
 
     async def find_lines(self, order_ref: str) -> list[OrderLine]: ...
 

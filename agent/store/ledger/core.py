@@ -173,13 +173,35 @@ class LedgerCore:
     async def _key_rows(
         self, tx: Tx, sku: str, items: Sequence[CardItem], source: str, now: float
     ) -> list[tuple[Any, ...]]:
-        """(sku, key_id, sealed, secret_hash, source, added_at) rows of new card keys."""
+        """(sku, key_id, sealed, secret_hash, source, added_at, expires_at) rows of new card
+        keys."""
         box = await self._fresh_keybox(tx)
         rows = []
         for item in items:
             key_id, sealed = box.seal(sku, item)
-            rows.append((sku, key_id, sealed, box.digest(item), source, now))
+            rows.append((sku, key_id, sealed, box.digest(item), source, now, item.expires_at))
         return rows
+
+    @staticmethod
+    async def _expired_counts(tx: Tx, now: float) -> dict[str, int]:
+        """Free keys past their expiry per SKU, from their own small index (most shops have
+        none): what the free counts leave out."""
+        rows = await tx.fetch(
+            "SELECT sku, COUNT(*) FROM card_keys WHERE state = 'free'"
+            " AND expires_at IS NOT NULL AND expires_at <= $1 GROUP BY sku",
+            now,
+        )
+        return {r[0]: r[1] for r in rows}
+
+    @classmethod
+    async def _sellable_counts(cls, tx: Tx, now: float) -> dict[str, int]:
+        """Free keys per SKU that may still be sold: counted from the free keys' index, less
+        those past their expiry."""
+        rows = await tx.fetch(
+            "SELECT sku, COUNT(*) FROM card_keys WHERE state = 'free' GROUP BY sku"
+        )
+        expired = await cls._expired_counts(tx, now)
+        return {r[0]: r[1] - expired.get(r[0], 0) for r in rows}
 
     async def _open_rows(self, tx: Tx, rows: Sequence[Row]) -> list[CardItem]:
         """(sku, key_id, sealed, secret_hash) rows -> card keys."""

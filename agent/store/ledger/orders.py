@@ -4,7 +4,7 @@ reads the commands and the engine make of it. Written once for both databases.""
 from __future__ import annotations
 
 from collections import Counter, deque
-from collections.abc import Collection, Sequence
+from collections.abc import Collection, Mapping, Sequence
 from dataclasses import replace
 from typing import Any
 
@@ -42,9 +42,10 @@ KNOWN = (
     "SELECT order_id, id, sku, quantity, state FROM orders WHERE platform = $1 AND line = 0"
     " AND order_id = ANY($2::text[])"
 )
+# A key past its expiry is never bound: one test of a nullable column on rows read anyway.
 FREE_KEYS = (
     "SELECT id, secret_hash, key_id, sealed FROM card_keys WHERE sku = $1 AND state = 'free'"
-    " ORDER BY id LIMIT $2{skip_locked}"
+    " AND (expires_at IS NULL OR expires_at > $3) ORDER BY id LIMIT $2{skip_locked}"
 )
 INSERT_LINE = Bulk(
     "INSERT INTO orders (platform, order_id, line, sku, quantity, state, reason, paid_at,"
@@ -62,6 +63,10 @@ CLAIM = Bulk(
     "UPDATE orders SET state = 'delivering', delivery_key = $1, attempts = 1,"
     " next_attempt_at = 0, updated_at = $2 WHERE id = $3",
     ("text", "float8", "bigint"),
+)
+DELAY = Bulk(
+    "UPDATE orders SET next_attempt_at = $1 WHERE id = $2 AND state = 'new'",
+    ("float8", "bigint"),
 )
 PARK = (
     "UPDATE orders SET state = 'needs_attention', reason = $1, updated_at = $2{release}"
@@ -102,14 +107,19 @@ class OrdersLedger(LedgerCore):
         orders: Sequence[PlatformOrder | RejectedOrder],
         now: float,
         local_skus: Collection[str],
+        delays: Mapping[str, float] | None = None,
     ) -> list[DeliveryIntent | OrderLine]:
-        """ingest, and claim_for_delivery of each new local-stock line, in one transaction."""
+        """ingest, and claim_for_delivery of each new local-stock line, in one transaction.
+        `delays`: SKU -> seconds its new lines wait before their keys are sent (their
+        next_attempt_at; such a SKU is not claimed here)."""
         if not orders:
             return []
         ordered = self._intake_order(orders)
 
         async def take(one: Sequence[PlatformOrder | RejectedOrder]) -> list[Any]:
-            return await self._write(lambda tx: self._take_in(tx, platform, one, now, local_skus))
+            return await self._write(
+                lambda tx: self._take_in(tx, platform, one, now, local_skus, delays)
+            )
 
         try:
             return await take(ordered)
@@ -126,6 +136,7 @@ class OrdersLedger(LedgerCore):
         orders: Sequence[PlatformOrder | RejectedOrder],
         now: float,
         local_skus: Collection[str],
+        delays: Mapping[str, float] | None = None,
     ) -> list[DeliveryIntent | OrderLine]:
         """Inserts the orders not in the ledger yet in one statement (one per row where a
         database runs it so) and claims the new local-stock lines set-wise (a flash sale is
@@ -138,7 +149,7 @@ class OrdersLedger(LedgerCore):
         known: dict[str, tuple[Any, ...]] = {r[0]: tuple(r[1:]) for r in rows}
         fresh = [o for o in orders if isinstance(o, PlatformOrder) and o.order_id not in known]
         early = self._keys_before_insert
-        free = await self._free_keys_for(tx, fresh, local_skus) if early else {}
+        free = await self._free_keys_for(tx, fresh, local_skus, now) if early else {}
         planned: list[tuple[PlatformOrder | RejectedOrder, _Keys | None]] = []
         inserts: list[tuple[Any, ...]] = []
         duplicates: list[PlatformOrder | RejectedOrder] = []
@@ -174,7 +185,7 @@ class OrdersLedger(LedgerCore):
             events.append((line_id, "intake", detail))
             ready.append((line_id, order, keys))
         if not early:
-            free = await self._free_keys_for(tx, [r[1] for r in ready], local_skus)
+            free = await self._free_keys_for(tx, [r[1] for r in ready], local_skus, now)
             claims = []
             for n, (line_id, order, _) in enumerate(ready):
                 if (keys := _claim_keys(free, platform, order)) is not None:
@@ -193,6 +204,7 @@ class OrdersLedger(LedgerCore):
         if binds and (bound := await tx.executemany(BIND, binds)) != len(binds):
             raise StoreError(f"intake: a key was taken while binding ({bound} of {len(binds)})")
         await self._events(tx, events, now)
+        waits = await self._delay(tx, ready, now, delays) if delays else {}
         for order in duplicates:
             await self._check_duplicate(tx, platform, order, known.get(order.order_id), now)
         for line_id, order, keys in ready:
@@ -202,11 +214,35 @@ class OrdersLedger(LedgerCore):
                 # Too few keys for it: the general path backorders it.
                 taken.append(await self._claim(tx, await self._fetch_line(tx, line_id), now))
             else:
-                taken.append(new_line(line_id, platform, order, now))
+                line = new_line(line_id, platform, order, now)
+                if line_id in waits:
+                    line = replace(line, next_attempt_at=waits[line_id])
+                taken.append(line)
         return taken
 
+    @staticmethod
+    async def _delay(
+        tx: Tx,
+        ready: Sequence[tuple[int, PlatformOrder, _Keys | None]],
+        now: float,
+        delays: Mapping[str, float],
+    ) -> dict[int, float]:
+        """Sets when the unclaimed new lines of delayed SKUs are due: line id -> that time."""
+        waits = {
+            line_id: now + delays[order.sku]
+            for line_id, order, keys in ready
+            if keys is None and delays.get(order.sku, 0) > 0
+        }
+        if waits:
+            await tx.executemany(DELAY, [(at, line_id) for line_id, at in waits.items()])
+        return waits
+
     async def _free_keys_for(
-        self, tx: Tx, orders: Sequence[PlatformOrder], local_skus: Collection[str]
+        self,
+        tx: Tx,
+        orders: Sequence[PlatformOrder],
+        local_skus: Collection[str],
+        now: float,
     ) -> FreeKeys | None:
         """Enough free keys, opened, for `orders` of `local_skus` (locked, skipping keys
         another agent is binding). None if one does not open (a damaged ledger): the lines
@@ -217,7 +253,7 @@ class OrdersLedger(LedgerCore):
                 wanted[order.sku] += order.quantity
         free: FreeKeys = {}
         for sku, count in wanted.items():
-            rows = await tx.fetch(FREE_KEYS, sku, count)
+            rows = await tx.fetch(FREE_KEYS, sku, count, now)
             try:
                 items = await self._open_rows(tx, [(sku, r[2], r[3], r[1]) for r in rows])
             except StoreKeyError:
@@ -293,10 +329,7 @@ class OrdersLedger(LedgerCore):
             limit,
         )
         if waiting:
-            counts = await tx.fetch(
-                "SELECT sku, COUNT(*) FROM card_keys WHERE state = 'free' GROUP BY sku"
-            )
-            free = {r[0]: r[1] for r in counts}
+            free = await self._sellable_counts(tx, now)
             for line in map(line_from_row, waiting):
                 if line.id not in taken and free.get(line.sku, 0) >= line.quantity:
                     free[line.sku] -= line.quantity
@@ -327,9 +360,10 @@ class OrdersLedger(LedgerCore):
         needed = line.quantity - await tx.fetchval(COUNT_BOUND, line.id)
         keys = await tx.fetch(
             "SELECT id, secret_hash FROM card_keys WHERE sku = $1 AND state = 'free'"
-            " ORDER BY id LIMIT $2{skip_locked}",
+            " AND (expires_at IS NULL OR expires_at > $3) ORDER BY id LIMIT $2{skip_locked}",
             line.sku,
             needed,
+            now,
         )
         if len(keys) < needed:
             # All or nothing: a half-filled line would hold keys another buyer could use now.
@@ -540,6 +574,12 @@ class OrdersLedger(LedgerCore):
         )
         bound = await tx.fetchval(COUNT_BOUND, line_id)
         state, ambiguous = retry_target(line, bound, open_purchases > 0)
+        if state == LineState.NEW and line.quantity < 1:
+            # Parked at intake with no quantity: back to work it would deliver no keys.
+            raise StoreError(
+                f"order {line.order_id} was parked before its quantity was known: retry it"
+                " with `kami-agent orders retry`, which reads the order again from its platform"
+            )
         await tx.execute(
             "UPDATE orders SET state = $1, reason = NULL, attempts = 0, next_attempt_at = 0,"
             " ambiguous = $2, updated_at = $3{release} WHERE id = $4",
@@ -570,7 +610,75 @@ class OrdersLedger(LedgerCore):
         await self._event(tx, line_id, "operator_resend", "same keys, new delivery", now)
         return await self._fetch_line(tx, line_id)
 
+    @write
+    async def revise_parked_line(
+        self, tx: Tx, line_id: int, sku: str, quantity: int, reason: str | None, now: float
+    ) -> OrderLine:
+        """A parked line that holds nothing yet (no keys, no delivery, no purchase open), with
+        the SKU and quantity its platform states now: back to `new` (reason None), or parked
+        again with `reason` (the order's screening refused it again)."""
+        line = await self._lock_line(tx, line_id, now)
+        if line.state != LineState.NEEDS_ATTENTION:
+            raise StoreError(
+                f"order {line.order_id} is {line.state}; only needs_attention can be retried"
+            )
+        busy = await tx.fetchval(
+            "SELECT (SELECT COUNT(*) FROM card_keys WHERE order_line_id = $1) +"
+            " (SELECT COUNT(*) FROM purchases WHERE order_line_id = $1"
+            "  AND state IN {open_purchase})",
+            line_id,
+        )
+        if busy or line.delivery_key is not None:
+            raise StoreError(f"order {line.order_id} holds keys or a purchase: retry it as it is")
+        if quantity < 1:
+            raise StoreError(f"order {line.order_id}: a quantity must be at least 1")
+        content = f"sku={sku} quantity={quantity}"
+        if reason is None:
+            await tx.execute(
+                "UPDATE orders SET sku = $1, quantity = $2, state = 'new', reason = NULL,"
+                " attempts = 0, next_attempt_at = 0, ambiguous = 0, updated_at = $3{release}"
+                " WHERE id = $4",
+                sku,
+                quantity,
+                now,
+                line_id,
+            )
+            await self._event(tx, line_id, "operator_retry", f"back to new as {content}", now)
+        else:
+            await tx.execute(
+                "UPDATE orders SET sku = $1, quantity = $2, state = 'needs_attention',"
+                " reason = $3, updated_at = $4{release} WHERE id = $5",
+                sku,
+                quantity,
+                reason,
+                now,
+                line_id,
+            )
+            await self._event(tx, line_id, "parked", f"read again ({content}): {reason}", now)
+        return await self._fetch_line(tx, line_id)
+
     # --- reads ----------------------------------------------------------------------------
+    @read
+    async def bound_count(self, tx: Tx, line_id: int) -> int:
+        """How many keys are bound to the line."""
+        return int(await tx.fetchval(COUNT_BOUND, line_id))
+
+    @read
+    async def buyer_lines(
+        self, tx: Tx, contacts: Sequence[str], since: float
+    ) -> list[tuple[str, str, str, str, int]]:
+        """(platform, order id, buyer contact, sku, quantity) of the lines these buyers were
+        taken in with since a time, bar those not sold (parked, cancelled): for the limits per
+        buyer (agent/screening.py)."""
+        rows = await tx.fetch(
+            "SELECT platform, order_id, buyer_contact, sku, quantity FROM orders"
+            " WHERE buyer_contact = ANY($1::text[]) AND seen_at >= $2"
+            " AND state NOT IN {line_class:not_demand}",
+            list(contacts),
+            since,
+        )
+        return [(r[0], r[1], r[2], r[3], int(r[4])) for r in rows]
+
     @read
     async def find_lines(self, tx: Tx, order_ref: str) -> list[OrderLine]:
         """The lines of a platform order id, else the line with that row id."""

@@ -18,9 +18,10 @@ from agent.store.rows import PURCHASE_COLUMNS, purchase_from_row
 from agent.store.tx import Bulk, Tx
 
 INSERT_KEY = Bulk(
-    "INSERT INTO card_keys (sku, key_id, sealed, secret_hash, state, source, added_at)"
-    " VALUES ($1, $2, $3, $4, 'free', $5, $6) ON CONFLICT (sku, secret_hash) DO NOTHING",
-    ("text", "bigint", "bytea", "bytea", "text", "float8"),
+    "INSERT INTO card_keys (sku, key_id, sealed, secret_hash, state, source, added_at,"
+    " expires_at) VALUES ($1, $2, $3, $4, 'free', $5, $6, $7)"
+    " ON CONFLICT (sku, secret_hash) DO NOTHING",
+    ("text", "bigint", "bytea", "bytea", "text", "float8", "float8"),
 )
 FETCH_PURCHASE = f"SELECT {PURCHASE_COLUMNS} FROM purchases WHERE id = $1"
 
@@ -167,10 +168,12 @@ class PurchasesLedger(OrdersLedger):
         if len(chosen) < needed:
             rows = await tx.fetch(
                 "SELECT id FROM card_keys WHERE sku = $1 AND state = 'free'"
-                " AND id != ALL($2::bigint[]) ORDER BY id LIMIT $3{skip_locked}",
+                " AND id != ALL($2::bigint[]) AND (expires_at IS NULL OR expires_at > $4)"
+                " ORDER BY id LIMIT $3{skip_locked}",
                 line.sku,
                 chosen,
                 needed - len(chosen),
+                now,
             )
             chosen += [r[0] for r in rows]
         if len(chosen) < needed:

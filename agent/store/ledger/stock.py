@@ -4,6 +4,7 @@ and the ledger's id. Written once; `Ledger` puts every ledger module together.""
 from __future__ import annotations
 
 import itertools
+import time
 from collections.abc import Iterable, Sequence
 from typing import Any
 
@@ -107,21 +108,29 @@ class Ledger(AlertsLedger, PoolsLedger):
 
     @read
     async def stock_counts(self, tx: Tx) -> list[StockCount]:
-        """Free, bound and void keys per SKU."""
+        """Free (sellable), bound and void keys per SKU, and free keys past their expiry."""
         rows = await tx.fetch(
             "SELECT sku, COUNT(*) FILTER (WHERE state = 'free'), COUNT(*) FILTER"
             " (WHERE state = 'bound'), COUNT(*) FILTER (WHERE state = 'void')"
             " FROM card_keys GROUP BY sku ORDER BY sku"
         )
-        return [StockCount(sku=r[0], free=r[1], bound=r[2], void=r[3]) for r in rows]
+        expired = await self._expired_counts(tx, time.time())
+        return [
+            StockCount(
+                sku=r[0],
+                free=r[1] - expired.get(r[0], 0),
+                bound=r[2],
+                void=r[3],
+                expired=expired.get(r[0], 0),
+            )
+            for r in rows
+        ]
 
     @read
     async def free_counts(self, tx: Tx) -> dict[str, int]:
-        """Free keys per SKU, counted from the free keys' index, not the whole key table."""
-        rows = await tx.fetch(
-            "SELECT sku, COUNT(*) FROM card_keys WHERE state = 'free' GROUP BY sku"
-        )
-        return {r[0]: r[1] for r in rows}
+        """Free keys per SKU that may be sold, counted from the free keys' index (less those
+        past their expiry, from theirs), not the whole key table."""
+        return await self._sellable_counts(tx, time.time())
 
     @read
     async def stock_position(self, tx: Tx, bought_since: float | None) -> StockPosition:
@@ -130,9 +139,7 @@ class Ledger(AlertsLedger, PoolsLedger):
         waiting = await tx.fetch(
             "SELECT sku, SUM(quantity) FROM orders WHERE state IN {line_class:waiting} GROUP BY sku"
         )
-        free = await tx.fetch(
-            "SELECT sku, COUNT(*) FROM card_keys WHERE state = 'free' GROUP BY sku"
-        )
+        free = await self._sellable_counts(tx, time.time())
         bought: list[Any] = []
         if bought_since is not None:
             bought = await tx.fetch(
@@ -141,7 +148,7 @@ class Ledger(AlertsLedger, PoolsLedger):
                 bought_since,
             )
         return StockPosition(
-            free={r[0]: r[1] for r in free},
+            free=free,
             waiting={r[0]: int(r[1]) for r in waiting},
             bought={(r[0], r[1]): int(r[2]) for r in bought},
         )
