@@ -439,6 +439,17 @@ def test_pools_are_read_from_the_config(tmp_path: Path) -> None:
             _config(tmp_path, pools, channel)
 
 
+def test_the_chinese_consignment_example_is_a_valid_config(tmp_path: Path) -> None:
+    text = (Path(__file__).parent.parent / "docs/platforms/agiso.md").read_text(encoding="utf-8")
+    setup, pools = [b.split("```", 1)[0] for b in text.split("```toml\n")[1:3]]
+    lines = [line.removeprefix("   ") for line in (setup + pools).splitlines()]
+    path = tmp_path / "config.toml"
+    path.write_text('[store]\npath = "kami.db"\n\n' + "\n".join(lines), encoding="utf-8")
+    options = load_config(path).platforms[0].options
+    assert isinstance(options, AgisoOptions)
+    assert options.pools == {"GAME-100": PoolBounds("551426", 20, 100)}
+
+
 # --- both paths at once, the real engine in-process ------------------------------------------
 @asynccontextmanager
 async def running(
