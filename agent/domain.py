@@ -260,6 +260,8 @@ class ImportReport:
     # keys it holds under another SKU (a key is unique across SKUs).
     already_bound: int = 0
     other_sku: int = 0
+    # The SKUs those keys are held under, each once, in the order first met.
+    other_skus: tuple[str, ...] = ()
     rejected: int = 0
     rejected_samples: list[str] = field(default_factory=list)
 

@@ -177,3 +177,25 @@ async def test_a_parked_unknown_sku_order_is_retried_as_the_platform_states_it(
     )
     assert (lines["78"]["state"], lines["78"]["quantity"]) == ("needs_attention", 9)
     assert "max_quantity" in lines["78"]["reason"]
+
+
+# --- item 4: the cross-SKU refusal names the other SKU -----------------------------------------
+async def test_an_import_refused_under_another_sku_names_it(store: Store) -> None:
+    await store.import_keys("GAME-A", keys("K", 3), "test", NOW)
+    await store.import_keys("GAME-B", keys("K", 2, 10), "test", NOW)
+    mixed = keys("K", 3) + keys("K", 2, 10) + keys("K", 1, 20)
+    report = await store.import_keys(SKU, mixed, "test", NOW)
+    assert (report.added, report.other_sku) == (1, 5)
+    assert report.other_skus == ("GAME-A", "GAME-B")
+
+
+def test_the_import_report_names_the_other_sku(tmp_path: Path) -> None:
+    config = config_for(tmp_path)
+    with config.open("a", encoding="utf-8") as handle:
+        handle.write('\n[skus."GAME-200"]\n')
+    path = tmp_path / "keys.txt"
+    path.write_text("K-1\nK-2\n", encoding="utf-8")
+    assert cli(config, "stock", "import", "GAME-200", str(path)).returncode == 0
+    again = cli(config, "stock", "import", SKU, str(path))
+    assert again.returncode == 0, again.stderr
+    assert "refused 2 key(s) this ledger holds under another SKU: GAME-200" in again.stdout

@@ -29,6 +29,7 @@ from agent.i18n import N_
 from agent.progress import Progress
 from agent.stockfile import StockFileReader
 from agent.store.base import Store
+from agent.store.imports import merge_skus
 from agent.textsafe import printable
 
 # Keys handed to the ledger per call, each call one transaction, with a gap after it: a daemon
@@ -74,6 +75,7 @@ def _merge(total: ImportReport, part: ImportReport) -> ImportReport:
         duplicates=total.duplicates + part.duplicates,
         already_bound=total.already_bound + part.already_bound,
         other_sku=total.other_sku + part.other_sku,
+        other_skus=merge_skus(total.other_skus, part.other_skus),
     )
 
 
@@ -169,13 +171,16 @@ def _print_import(
             % {"n": report.already_bound}
         )
     if report.other_sku:
+        named = ", ".join(printable(s) for s in report.other_skus[:5])
+        if len(report.other_skus) > 5:
+            named += ", …"
         print(
             "  "
             + _(
-                "refused %(n)d key(s) this ledger holds under another SKU (a key belongs to"
-                " one SKU)"
+                "refused %(n)d key(s) this ledger holds under another SKU: %(skus)s (a key"
+                " belongs to one SKU)"
             )
-            % {"n": report.other_sku}
+            % {"n": report.other_sku, "skus": named}
         )
     for skipped in reader.skipped:
         print("  " + _("skipped %(what)s") % {"what": printable(skipped)})

@@ -9,11 +9,16 @@ of keys already sold is being imported again.
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from typing import Any
 
 from agent.domain import ImportReport
+
+
+def merge_skus(first: Iterable[str], then: Iterable[str]) -> tuple[str, ...]:
+    """The SKUs of both, each once, in the order first met."""
+    return tuple(dict.fromkeys([*first, *then]))
 
 
 @dataclass
@@ -24,6 +29,7 @@ class Sorted:
     duplicates: int = 0
     already_bound: int = 0
     other_sku: int = 0
+    other_skus: dict[str, None] = field(default_factory=dict)  # the other SKUs, in order
     added: int = 0  # set once the fresh rows are inserted
 
     def add_to(self, report: ImportReport) -> ImportReport:
@@ -34,6 +40,7 @@ class Sorted:
             duplicates=report.duplicates + self.duplicates + len(self.fresh) - self.added,
             already_bound=report.already_bound + self.already_bound,
             other_sku=report.other_sku + self.other_sku,
+            other_skus=merge_skus(report.other_skus, self.other_skus),
         )
 
 
@@ -51,6 +58,7 @@ def sort_known(
             result.already_bound += 1
         elif found[0] != sku:
             result.other_sku += 1
+            result.other_skus[found[0]] = None
         else:
             result.duplicates += 1
     return result
