@@ -166,7 +166,10 @@ class SignedHeadersAuth:
         headers: tuple[str, str, str],
         skew: float,
         refuse: Callable[[str], Outbound],
+        *,
+        strip: str = "",
     ) -> None:
+        self._strip = strip  # a prefix of ours the caller's signed path does not have
         self._api_key = api_key
         self._secret = secret
         self._key_header, self._ts_header, self._sig_header = headers
@@ -193,6 +196,8 @@ class SignedHeadersAuth:
         self, method: str, path: str, headers: Mapping[str, str], body: bytes
     ) -> str | None:
         stamp = headers[self._ts_header]
+        if self._strip and path.startswith(self._strip + "/"):
+            path = path[len(self._strip) :]
         expected = hmac_sha256_hex(self._secret, method, path, stamp, body)
         return None if same(headers[self._sig_header].lower(), expected) else "invalid_signature"
 

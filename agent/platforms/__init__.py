@@ -26,6 +26,8 @@ KINDS: dict[str, str] = {
     "kinguin": "agent.platforms.kinguin",
     "agiso": "agent.platforms.agiso",
     "eneba": "agent.platforms.eneba",
+    "dujiao-next": "agent.platforms.dujiao",
+    "eneba": "agent.platforms.eneba",
 }
 
 
