@@ -11,6 +11,7 @@ from babel.messages.extract import extract_from_dir
 from babel.messages.frontend import parse_mapping_cfg
 from babel.messages.mofile import write_mo
 from babel.messages.pofile import read_po
+from babel.util import pathmatch
 
 from agent.i18n import (
     CHINESE,
@@ -54,6 +55,27 @@ def test_every_message_in_the_code_has_a_chinese_translation():
     assert not missing, f"untranslated (pybabel extract/update, see docs/console.md): {missing}"
     fuzzy = sorted(m.id for m in catalog if m.id and m.fuzzy)
     assert not fuzzy, f"fuzzy translations to review: {fuzzy}"
+
+
+def test_the_template_holds_every_message_and_every_speaking_module_is_extracted():
+    """kami.pot is the extraction of today's code (pybabel extract, docs/console.md), and
+    babel.cfg names every module that speaks through a translator (CLI, alerts, buyer
+    notices, settings, console, bot): a module left out would ship English only."""
+    from babel.messages.pofile import read_po as read_template
+
+    with (LOCALE_DIR / "kami.pot").open("rb") as handle:
+        template = {m.id if isinstance(m.id, str) else m.id[0] for m in read_template(handle)}
+    assert template - {""} == _extracted()
+    with (LOCALE_DIR / "babel.cfg").open() as handle:
+        method_map, _options = parse_mapping_cfg(handle)
+    speaking = {"agent/cli/common.py", "agent/alerts.py", "agent/buyer.py", "agent/domain.py"}
+    for path in (ROOT / "agent").rglob("*.py"):
+        text = path.read_text(encoding="utf-8")
+        if "Translator(" in text or ("from agent.cli.common import" in text and " _," in text):
+            speaking.add(path.relative_to(ROOT).as_posix())
+    patterns = [pattern for pattern, method in method_map if method == "python"]
+    missing = sorted(p for p in speaking if not any(pathmatch(pat, p) for pat in patterns))
+    assert not missing, f"add to agent/locale/babel.cfg: {missing}"
 
 
 def test_placeholders_match_between_english_and_chinese():
