@@ -393,6 +393,19 @@ class OpenAlert:
 
 
 @dataclass(frozen=True, slots=True)
+class ClosedAlert:
+    """An alert as it was when its condition cleared."""
+
+    key: str
+    kind: str
+    severity: str
+    summary: str
+    opened_at: float
+    resolved_at: float
+    escalations: int
+
+
+@dataclass(frozen=True, slots=True)
 class OutboxItem:
     id: int
     channel: str

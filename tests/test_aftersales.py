@@ -5,6 +5,7 @@ on a delivered order, a merchant's refund, buyer limits, delayed delivery, templ
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import json
 import sqlite3
 import time
@@ -12,8 +13,9 @@ from pathlib import Path
 
 import pytest
 
-from agent.config import load_config
+from agent.config import Config, ConfigError, SkuSettings, load_config
 from agent.domain import (
+    AlertCondition,
     CardItem,
     DeliveryIntent,
     LineState,
@@ -25,7 +27,8 @@ from agent.intake import screen_order
 from agent.sandbox.platform import SandboxPlatform
 from agent.store.base import Store, StoreError
 from agent.store.sqlite import SQLiteStore
-from tests.conftest import keys, master_key_for_tests, stock
+from tests.conftest import keys, make_config, master_key_for_tests, stock
+from tests.helpers import delivered_all, line_state_is, running_agent, wait_for
 from tests.test_cli import cli, config_for
 
 NOW = 1_700_000_000.0
@@ -199,3 +202,99 @@ def test_the_import_report_names_the_other_sku(tmp_path: Path) -> None:
     again = cli(config, "stock", "import", SKU, str(path))
     assert again.returncode == 0, again.stderr
     assert "refused 2 key(s) this ledger holds under another SKU: GAME-200" in again.stdout
+
+
+# --- item 5: buyer rules, delayed delivery, message templates (the running engine) -------------
+def shop(tmp_path: Path, base_url: str, **sku: object) -> Config:
+    config = make_config(tmp_path, base_url, buyer_limit=3, blocked_buyers=("Bad@Example.test",))
+    skus = dict(config.skus)
+    skus[SKU] = SkuSettings(sku=SKU, max_quantity=10, **sku)  # type: ignore[arg-type]
+    return dataclasses.replace(config, skus=skus)
+
+
+async def test_blocked_buyers_and_buyer_limits_are_parked_at_intake(
+    tmp_path: Path, sandbox: SandboxPlatform, store: Store
+) -> None:
+    await stock(store, SKU, 20)
+    config = shop(tmp_path, sandbox.base_url, buyer_limit=2)
+    buyer = {"buyer": {"contact": "fan@example.test"}}
+    first = sandbox.add_order(SKU, 2, **buyer)
+    over_sku = sandbox.add_order(SKU, 1, **buyer)  # a third key of the SKU: over its limit
+    other = sandbox.add_order("VIP-30D", 1, **buyer)  # the third key in all: allowed
+    over_all = sandbox.add_order("VIP-30D", 1, **buyer)  # a fourth: over [agent] buyer_limit
+    blocked = sandbox.add_order(SKU, 1, buyer={"contact": " bad@example.TEST "})
+    await stock(store, "VIP-30D", 5)
+    async with running_agent(config, store, sandbox):
+        await wait_for(delivered_all(sandbox, [first, other]), "deliveries")
+        for order_id in (over_sku, over_all, blocked):
+            await wait_for(line_state_is(store, order_id, LineState.NEEDS_ATTENTION), order_id)
+    reasons = {
+        o: (await store.find_lines(o))[0].reason or "" for o in (over_sku, over_all, blocked)
+    }
+    assert "buyer_limit 2" in reasons[over_sku] and f"[skus.{SKU}]" in reasons[over_sku]
+    assert "[agent] buyer_limit 3" in reasons[over_all]
+    assert "blocked" in reasons[blocked]
+    assert all(sandbox.orders[o].delivery is None for o in reasons)
+    assert "fan@example" not in " ".join(reasons.values())  # no contact in the reasons
+
+
+async def test_a_delayed_sku_waits_before_its_keys_are_sent(
+    tmp_path: Path, sandbox: SandboxPlatform, store: Store
+) -> None:
+    await stock(store, SKU, 2)
+    now = time.time()
+    (waiting,) = await store.take_in("main", [order("D1")], now, set(), {SKU: 600.0})
+    assert isinstance(waiting, OrderLine) and waiting.next_attempt_at == now + 600
+    assert await store.due_lines(now + 1, 10) == []
+    assert [ln.id for ln in await store.due_lines(now + 601, 10)] == [waiting.id]
+    config = shop(tmp_path, sandbox.base_url, delay=1.0)
+    order_id = sandbox.add_order(SKU, 1)
+    async with running_agent(config, store, sandbox):
+        await wait_for(line_state_is(store, order_id, LineState.NEW), "intake")
+        (line,) = await store.find_lines(order_id)
+        assert line.next_attempt_at >= line.seen_at + 1.0
+        assert sandbox.orders[order_id].delivery is None  # not at once
+        await wait_for(delivered_all(sandbox, [order_id]), "the delayed delivery")
+    (line,) = await store.find_lines(order_id)
+    assert line.delivered_at is not None and line.delivered_at >= line.seen_at + 1.0
+
+
+async def test_delivery_messages_are_templates(
+    tmp_path: Path, sandbox: SandboxPlatform, store: Store
+) -> None:
+    await stock(store, SKU, 2)
+    template = "订单 {订单号} / {sku} x{数量}\n卡密：{卡密}\n{{ok}}"
+    config = shop(tmp_path, sandbox.base_url, message=template)
+    order_id = sandbox.add_order(SKU, 2)
+    async with running_agent(config, store, sandbox):
+        await wait_for(delivered_all(sandbox, [order_id]), "delivery")
+    delivery = sandbox.orders[order_id].delivery
+    assert delivery is not None
+    secrets = [item["secret"] for item in delivery["items"]]
+    expected = f"订单 {order_id} / {SKU} x2\n卡密：{secrets[0]}\n卡密：{secrets[1]}\n{{ok}}"
+    assert delivery["message"] == expected
+
+
+def test_a_template_with_an_unknown_variable_is_a_config_error(tmp_path: Path) -> None:
+    path = tmp_path / "config.toml"
+    path.write_text(
+        '[store]\npath = "kami.db"\n[platforms.main]\nbase_url = "http://127.0.0.1:9"\n'
+        'api_key = "k"\nsecret = "s"\n[skus."A"]\nmessage = "hi {name}"\n',
+        encoding="utf-8",
+    )
+    with pytest.raises(ConfigError, match=r"skus\.A.*message.*unknown variable"):
+        load_config(path)
+
+
+# --- item 6: the history of closed alerts ------------------------------------------------------
+async def test_every_closed_alert_is_kept(store: Store) -> None:
+    low = AlertCondition("low_stock:A", "low_stock", "warning", "A runs out in 10 min")
+    for n in range(2):  # fires, clears, fires again, clears again
+        await store.apply_alerts([low], ["log"], NOW + 10 * n, 3600, 3)
+        await store.apply_alerts([], ["log"], NOW + 10 * n + 5, 3600, 3)
+    closed = await store.closed_alerts(10)
+    assert [(a.key, a.opened_at, a.resolved_at) for a in closed] == [
+        ("low_stock:A", NOW + 10, NOW + 15),
+        ("low_stock:A", NOW, NOW + 5),
+    ]
+    assert await store.open_alerts() == []

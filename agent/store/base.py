@@ -15,6 +15,7 @@ from agent.domain import (
     AlertCondition,
     AlertMessage,
     CardItem,
+    ClosedAlert,
     DeliveryIntent,
     ImportReport,
     KeyState,
@@ -263,6 +264,10 @@ class Store(Protocol):
         ...
 
     async def open_alerts(self) -> list[OpenAlert]: ...
+
+    async def closed_alerts(self, limit: int) -> list[ClosedAlert]:
+        """The alerts closed, newest first: each time one was resolved."""
+        ...
 
     async def due_outbox(self, now: float, limit: int) -> list[OutboxItem]: ...
 

@@ -10,6 +10,7 @@ from collections.abc import Sequence
 from agent.domain import (
     AlertCondition,
     AlertMessage,
+    ClosedAlert,
     LineState,
     OpenAlert,
     OrderLine,
@@ -100,6 +101,13 @@ class AlertsLedger(PurchasesLedger):
             await tx.execute(
                 "UPDATE alerts SET state = 'resolved', resolved_at = $1 WHERE key = $2", now, key
             )
+            # Kept apart: the alert's row is reopened in place the next time it fires.
+            await tx.execute(
+                "INSERT INTO alert_history (key, kind, severity, summary, opened_at,"
+                " resolved_at, escalations) SELECT key, kind, severity, summary, opened_at,"
+                " resolved_at, escalations FROM alerts WHERE key = $1",
+                key,
+            )
         outbox = [(c, m.key, m.to_json(), now) for m in plan.messages for c in channels]
         if outbox:
             await tx.executemany(OUTBOX, outbox)
@@ -113,6 +121,16 @@ class AlertsLedger(PurchasesLedger):
             " WHERE state = 'open' ORDER BY opened_at"
         )
         return [OpenAlert(*r) for r in rows]
+
+    @read
+    async def closed_alerts(self, tx: Tx, limit: int) -> list[ClosedAlert]:
+        """The alerts closed, newest first (every time each was resolved)."""
+        rows = await tx.fetch(
+            "SELECT key, kind, severity, summary, opened_at, resolved_at, escalations"
+            " FROM alert_history ORDER BY resolved_at DESC, id DESC LIMIT $1",
+            limit,
+        )
+        return [ClosedAlert(*r) for r in rows]
 
     @read
     async def due_outbox(self, tx: Tx, now: float, limit: int) -> list[OutboxItem]:
