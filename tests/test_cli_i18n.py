@@ -209,3 +209,14 @@ def test_orders_list_lines_up_chinese_skus_and_reasons(tmp_path: Path) -> None:
     starts = {columns(row, [order, row.split()[5]])[1][0] for order, row in by_order.items()}
     assert len(starts) == 1, result.stdout
     assert columns(head, ["状态"])[0][0] in starts
+
+
+@pytest.mark.parametrize(("language", "header"), [("zh-CN", "商品编码"), ("en", "SKU")])
+def test_stock_list_lines_up_chinese_skus(tmp_path: Path, language: str, header: str) -> None:
+    result = cli(shop(tmp_path, language), "stock", "list")
+    assert result.returncode == 0, result.stderr
+    head, *rows = result.stdout.splitlines()
+    assert head.startswith(header)
+    # Every row ends in the same cell: the right-aligned counts line up under their headings.
+    assert len({display_width(line) for line in [head, *rows]}) == 1, result.stdout
+    assert {row.split()[-3] for row in rows} == {"7", "12", "1234"}

@@ -22,6 +22,7 @@ from agent.cli.common import (
     confirm,
     load,
     print_json,
+    print_table,
     with_store,
 )
 from agent.domain import ImportReport, KeyState
@@ -220,12 +221,11 @@ def cmd_list(args: argparse.Namespace) -> int:
             )
             return 0
         # Free keys past their expiry (never sold) get a column when there are any.
-        expiring = any(row[3] for _, row in ordered)
-        extra = f" {'expired':>8}" if expiring else ""
-        print(f"{'SKU':<24} {'free':>9} {'bound':>9} {'void':>7}{extra}")
-        for sku, (free, bound, void, expired) in ordered:
-            extra = f" {expired:>8}" if expiring else ""
-            print(f"{printable(sku):<24} {free:>9} {bound:>9} {void:>7}{extra}")
+        expiring = any(counted[3] for _sku, counted in ordered)
+        width = 4 if expiring else 3
+        headers = [_("SKU"), _("free"), _("bound"), _("void"), _("expired")][: width + 1]
+        rows = [[sku, *(str(n) for n in counted[:width])] for sku, counted in ordered]
+        print_table(headers, rows, "<" + ">" * width)
         return 0
 
     return with_store(config, action)
