@@ -9,6 +9,8 @@ named `--line N` (or `#N`, quoted in a shell), an order on one platform `--platf
 from __future__ import annotations
 
 import argparse
+import getpass
+import os
 import time
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
@@ -29,7 +31,7 @@ from agent.cli.common import (
 )
 from agent.cli.common import with_store as run_with_store
 from agent.config import Config
-from agent.domain import LineState, OrderLine
+from agent.domain import CardItem, LineState, OrderLine
 from agent.platforms.base import Platform
 from agent.store.base import Store
 from agent.textsafe import printable
@@ -204,6 +206,8 @@ def cmd_show(args: argparse.Namespace) -> int:
 
     async def action(store: Store) -> int:
         lines = _one_order(await resolve(store, ref, names), ref)
+        # Written in each line's audit trail before any key is printed, as the console does.
+        revealed = {ln.id: await reveal_keys(store, ln) for ln in lines} if args.reveal else {}
         if args.json:
             shown = []
             for ln in lines:
@@ -211,7 +215,10 @@ def cmd_show(args: argparse.Namespace) -> int:
                     {"at": iso(e.at), "kind": e.kind, "detail": e.detail}
                     for e in await store.events(ln.id)
                 ]
-                shown.append({**line_json(ln), "events": events})
+                extra: dict[str, Any] = {}
+                if ln.id in revealed:
+                    extra["keys"] = [{"code": k.code, "secret": k.secret} for k in revealed[ln.id]]
+                shown.append({**line_json(ln), "events": events, **extra})
             print_json(shown)
             return 0
         print_lines(lines)
@@ -236,9 +243,36 @@ def cmd_show(args: argparse.Namespace) -> int:
                 [_("at (UTC)"), _("event"), _("detail")],
                 [[when(e.at), e.kind, e.detail] for e in await store.events(line.id)],
             )
+            if line.id in revealed:
+                print(_("keys (this view is recorded in the audit trail):"))
+                print_table(
+                    [_("card number"), _("secret")],
+                    [[k.code or "-", k.secret] for k in revealed[line.id]],
+                )
         return 0
 
     return run_with_store(config, action)
+
+
+def _os_user() -> str:
+    try:
+        return getpass.getuser()
+    except (KeyError, OSError):  # no passwd entry and no LOGNAME/USER: a container's uid
+        return f"uid {os.getuid()}"
+
+
+async def reveal_keys(store: Store, line: OrderLine) -> tuple[CardItem, ...]:
+    """The keys bound to `line`, after the audit trail records who asked (the OS user) and
+    when: the console's reveal (agent/console/actions.py) with the same event kind."""
+    items = await store.bound_items(line.id)
+    await store.add_event(
+        line.id,
+        "keys_revealed",
+        f"{len(items)} key(s) shown by `kami-agent orders show --reveal`, OS user"
+        f" {printable(_os_user())}",
+        time.time(),
+    )
+    return items
 
 
 async def with_aftersales(
@@ -316,4 +350,9 @@ def add_parsers(sub: Any) -> None:
         )
         if name == "show":
             add_json_flag(p)
+            p.add_argument(
+                "--reveal",
+                action="store_true",
+                help="also print the order's keys (recorded in its audit trail: who, when)",
+            )
         p.set_defaults(func=func)
