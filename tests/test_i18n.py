@@ -162,3 +162,11 @@ def test_table_columns_line_up_with_chinese_skus():
     # The naive way (what `status` does today) does not line up.
     naive = {display_width(f"{r[0]:<16}{r[1]:>6}") for r in rows}
     assert len(naive) > 1
+
+
+def test_every_line_state_has_a_label() -> None:
+    """A state added to the transition table shows under a name, in both languages."""
+    from agent.console.labels import STATE_LABELS
+    from agent.domain import LineState
+
+    assert set(STATE_LABELS) == set(LineState)

@@ -17,6 +17,8 @@ STATE_LABELS = {
     LineState.NEEDS_ATTENTION: N_("needs attention"),
     LineState.REFUNDED: N_("refunded"),
     LineState.CANCELLED: N_("cancelled"),
+    LineState.RESERVED: N_("reserved for the platform"),
+    LineState.PROVIDED: N_("keys handed to the platform"),
 }
 
 ALERT_KINDS = {
@@ -46,6 +48,7 @@ EVENT_KINDS = {
     "rejected": N_("refused at intake"),
     "buyer_notice": N_("buyer notified"),
     "refund_intent": N_("refund started"),
+    "refund_refused": N_("refund refused by the platform"),
     "keys_revealed": N_("keys shown in the console"),
     "operator_retry": N_("retried by the merchant"),
     "operator_resend": N_("resent by the merchant"),
@@ -55,7 +58,7 @@ EVENT_KINDS = {
 def state_label(_: Translator, state: str) -> str:
     try:
         return _(STATE_LABELS[LineState(state)])
-    except ValueError:
+    except (ValueError, KeyError):  # a state newer than this table: its code, never an error
         return state
 
 
