@@ -9,16 +9,25 @@ its deterministic key), then the platform's call, then its result in the ledger.
 from __future__ import annotations
 
 import hashlib
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
+from typing import TypeVar
 
 from agent.config import Config
-from agent.domain import AgentError, LineState, OrderLine, PlatformOrder, RejectedOrder
+from agent.domain import (
+    AgentError,
+    LineState,
+    OrderLine,
+    Permanent,
+    PlatformOrder,
+    RejectedOrder,
+)
 from agent.intake import screen_order
 from agent.platforms.base import Platform
 from agent.screening import Screening
-from agent.store.base import Store
+from agent.store.base import Store, StoreError
 
 REPLACED_NOTICE = "key_replaced"
+T = TypeVar("T")
 
 
 class ActionRefused(AgentError):
@@ -29,6 +38,33 @@ def notice_key(line: OrderLine, kind: str, generation: int) -> str:
     """The Idempotency-Key of a buyer notice about one after-sales action."""
     name = f"{line.platform}\x1f{line.order_id}\x1f{line.line}\x1f{kind}\x1f{generation}"
     return f"kami-notice-{hashlib.sha256(name.encode()).hexdigest()[:24]}"
+
+
+async def with_platforms(
+    config: Config,
+    store: Store,
+    clock: Callable[[], float],
+    act: Callable[[AfterSales], Awaitable[T]],
+) -> T:
+    """`act` with the after-sales actions, each platform adapter they need built on first use
+    and closed after (the CLI and the console share this)."""
+    from agent.runtime import build_platform  # the runtime imports half the agent
+
+    built: dict[str, Platform] = {}
+
+    def platform_for(name: str) -> Platform | None:
+        if name not in built:
+            settings = next((p for p in config.platforms if p.name == name), None)
+            if settings is None:
+                return None
+            built[name] = build_platform(settings)
+        return built[name]
+
+    try:
+        return await act(AfterSales(config, store, platform_for, clock))
+    finally:
+        for platform in built.values():
+            await platform.close()
 
 
 class AfterSales:
@@ -99,3 +135,31 @@ class AfterSales:
         return await self.store.revise_parked_line(
             line.id, screened.sku, screened.quantity, None, self.clock()
         )
+
+    # --- refund ---------------------------------------------------------------------------
+    async def refund(self, line: OrderLine, reason: str) -> OrderLine:
+        """A refund the merchant asked for, through the platform's refund call: the line's
+        deterministic refund key committed first (a crash or a lost answer repeats the same
+        refund), then the call, then the line closed `refunded`; its keys stay bound (the
+        buyer may have seen them). A platform that refuses refunds (Permanent) leaves the
+        line as it stood; an unclear answer (Transient/Ambiguous) keeps the key, so running
+        the command again asks the platform with the same key."""
+        reason = reason.strip()
+        if not reason:
+            raise ActionRefused("say why the order is refunded (--reason)")
+        platform = self._platform(line, "refund")
+        try:
+            line, key = await self.store.begin_merchant_refund(line.id, reason, self.clock())
+        except StoreError as exc:
+            raise ActionRefused(str(exc)) from None
+        try:
+            await platform.refund(line.order_id, key, reason)
+        except Permanent as exc:
+            await self.store.drop_refund(line.id, f"platform refused: {exc}", self.clock())
+            raise ActionRefused(
+                f"order {line.order_id} not refunded: platform {line.platform} refused: {exc}"
+            ) from None
+        await self.store.close_line(line.id, LineState.REFUNDED, reason, self.clock())
+        closed = await self.store.get_line(line.id)
+        assert closed is not None
+        return closed

@@ -123,6 +123,7 @@ NOTE_EVENTS = frozenset(
         "retry_scheduled",
         "buyer_notice",
         "refund_intent",
+        "refund_refused",  # the platform refused a merchant's refund: nothing changed
         "reconciled",
         "keys_revealed",
         "callback_sent",  # a responder's callback reached the platform (agent/listener.py)

@@ -16,7 +16,7 @@ from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from typing import Any, TypeVar
 
-from agent.aftersales import AfterSales
+from agent.aftersales import AfterSales, with_platforms
 from agent.cli.common import (
     MAX_LIMIT,
     CommandError,
@@ -32,7 +32,6 @@ from agent.cli.common import (
 from agent.cli.common import with_store as run_with_store
 from agent.config import Config
 from agent.domain import CardItem, LineState, OrderLine
-from agent.platforms.base import Platform
 from agent.store.base import Store
 from agent.textsafe import printable
 
@@ -279,23 +278,7 @@ async def with_aftersales(
     config: Config, store: Store, act: Callable[[AfterSales], Awaitable[T]]
 ) -> T:
     """`act` with the after-sales actions, the platforms they need built on first use."""
-    from agent.runtime import build_platform
-
-    built: dict[str, Platform] = {}
-
-    def platform_for(name: str) -> Platform | None:
-        if name not in built:
-            settings = next((p for p in config.platforms if p.name == name), None)
-            if settings is None:
-                return None
-            built[name] = build_platform(settings)
-        return built[name]
-
-    try:
-        return await act(AfterSales(config, store, platform_for, time.time))
-    finally:
-        for platform in built.values():
-            await platform.close()
+    return await with_platforms(config, store, time.time, act)
 
 
 def _operator_action(name: str) -> Callable[[argparse.Namespace], int]:
@@ -323,6 +306,36 @@ def _operator_action(name: str) -> Callable[[argparse.Namespace], int]:
     return command
 
 
+def _aftersales_action(name: str) -> Callable[[argparse.Namespace], int]:
+    """refund / replace-key: one line, through its platform, with the merchant's reason."""
+
+    def command(args: argparse.Namespace) -> int:
+        config = load(args)
+        ref = parse_ref(args.id, args.line, args.platform)
+        names = [p.name for p in config.platforms]
+
+        async def action(store: Store) -> int:
+            line = _one(await resolve(store, ref, names), ref)
+            updated = await with_aftersales(
+                config, store, lambda a: getattr(a, name.replace("-", "_"))(line, args.reason)
+            )
+            print(
+                f"order {printable(updated.platform)}:{printable(updated.order_id)} (line"
+                f" #{updated.id}): now {updated.state}"
+            )
+            return 0
+
+        return run_with_store(config, action)
+
+    return command
+
+
+def _add_target(p: Any) -> None:
+    p.add_argument("id", nargs="?", help="platform order id, PLATFORM:ID, or '#N'")
+    p.add_argument("--platform", help="the platform the order id belongs to")
+    p.add_argument("--line", type=bounded_int(1, MAX_ROW_ID), help="the ledger line (the # column)")
+
+
 def add_parsers(sub: Any) -> None:
     orders = sub.add_parser("orders", help="orders in the ledger").add_subparsers(
         dest="orders_cmd", required=True
@@ -343,11 +356,7 @@ def add_parsers(sub: Any) -> None:
             description=f"{text[0].upper()}{text[1:]}. Name it by platform order id (ID or"
             " PLATFORM:ID or --platform P ID) or by ledger line (--line N, or '#N').",
         )
-        p.add_argument("id", nargs="?", help="platform order id, PLATFORM:ID, or '#N'")
-        p.add_argument("--platform", help="the platform the order id belongs to")
-        p.add_argument(
-            "--line", type=bounded_int(1, MAX_ROW_ID), help="the ledger line (the # column)"
-        )
+        _add_target(p)
         if name == "show":
             add_json_flag(p)
             p.add_argument(
@@ -356,3 +365,8 @@ def add_parsers(sub: Any) -> None:
                 help="also print the order's keys (recorded in its audit trail: who, when)",
             )
         p.set_defaults(func=func)
+    for name, text in (("refund", "refund an order through its platform; its keys stay bound"),):
+        p = orders.add_parser(name, help=text, description=f"{text[0].upper()}{text[1:]}.")
+        _add_target(p)
+        p.add_argument("--reason", required=True, help="why (kept in the audit trail)")
+        p.set_defaults(func=_aftersales_action(name))

@@ -1,5 +1,5 @@
 """The console's actions (POST, each behind the CSRF check): log in and out, language,
-retry, resend, reveal an order's keys (recorded in its audit trail), void keys, import."""
+retry, resend, refund, reveal an order's keys (recorded in its audit trail), void keys, import."""
 
 from __future__ import annotations
 
@@ -7,10 +7,12 @@ import shutil
 
 from aiohttp import BodyPartReader, web
 
+from agent.aftersales import with_platforms
 from agent.console.app import CONSOLE, SESSION, Console
 from agent.console.labels import state_label
 from agent.console.sessions import Session
 from agent.console.uploads import UploadTooLarge, private_folder, save_upload
+from agent.domain import AgentError
 from agent.i18n import LANGUAGES
 from agent.logs import get_logger
 from agent.store.base import StoreError
@@ -116,6 +118,38 @@ async def retry(request: web.Request) -> web.StreamResponse:
 
 async def resend(request: web.Request) -> web.StreamResponse:
     return await _operator(request, "resend")
+
+
+async def refund(request: web.Request) -> web.StreamResponse:
+    """A merchant's refund through the order's platform (agent/aftersales.py), with the
+    reason typed in the form; the platform's refusal is shown as it came."""
+    console = _console(request)
+    session = _session(request)
+    _ = console.translator(request)
+    line_id = _line_id(request)
+    form = await request.post()
+    reason = str(form.get("reason", "")).strip()[:MAX_REASON]
+    line = await console.store.get_line(line_id)
+    if line is None:
+        raise web.HTTPNotFound(text="no such order line")
+    if not reason:
+        session.flash("error", _("Say why the order is refunded."))
+        raise web.HTTPSeeOther(f"/orders/{line_id}")
+    try:
+        updated = await with_platforms(
+            console.config, console.store, console.clock, lambda a: a.refund(line, reason)
+        )
+    except AgentError as exc:
+        session.flash("error", printable(str(exc)))
+    else:
+        console.cache.clear()
+        log.info("console_refund", line_id=line_id, session=session.fingerprint)
+        session.flash(
+            "ok",
+            _("Order %(order)s is now: %(state)s")
+            % {"order": printable(updated.order_id), "state": state_label(_, updated.state)},
+        )
+    raise web.HTTPSeeOther(f"/orders/{line_id}")
 
 
 async def reveal(request: web.Request) -> web.StreamResponse:
@@ -234,5 +268,6 @@ def add_routes(app: web.Application) -> None:
     app.router.add_post(f"{line}/retry", retry)
     app.router.add_post(f"{line}/resend", resend)
     app.router.add_post(f"{line}/keys", reveal)
+    app.router.add_post(f"{line}/refund", refund)
     app.router.add_post("/stock/void", void)
     app.router.add_post("/stock/import", import_upload)

@@ -11,6 +11,13 @@ from agent.console.labels import duration
 from agent.domain import LineState
 
 MAX_ORDERS_SHOWN = 500
+# The states a merchant's refund is offered in (agent/store/ledger/alerts.py refuses the rest).
+REFUNDABLE = (
+    LineState.NEW,
+    LineState.BACKORDERED,
+    LineState.DELIVERED,
+    LineState.NEEDS_ATTENTION,
+)
 # The states whose lines have keys bound, so that revealing them means something.
 STATES_WITH_KEYS = frozenset(
     {
@@ -138,6 +145,7 @@ async def order(request: web.Request) -> web.StreamResponse:
         purchases=purchases,
         can_retry=line.state == LineState.NEEDS_ATTENTION,
         can_resend=line.state == LineState.DELIVERED,
+        can_refund=line.state in REFUNDABLE,
         has_keys=line.state in STATES_WITH_KEYS,
     )
 

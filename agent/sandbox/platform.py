@@ -326,8 +326,12 @@ class SandboxPlatform(SignedSandbox):
         order = self.orders.get(request.match_info["id"])
         if order is None:
             return self.error(404, "not_found", "no such order")
-        if order.status == "delivered":
-            return self.error(409, "already_delivered", "a delivered order cannot be refunded")
+        # platform-http: a paid or a delivered order may be refunded (after-sales: the keys
+        # the buyer got stay theirs); a cancelled one has no money left to return.
+        if order.status == "cancelled":
+            return self.error(409, "order_cancelled", "a cancelled order cannot be refunded")
+        if order.status == "refunded":  # refunded once already: nothing more to return
+            return web.json_response({"status": "refunded"})
         order.data["status"] = "refunded"
         self.refunds.append(order.data["id"])
         self._idempotent[key] = (200, {"status": "refunded"})

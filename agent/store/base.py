@@ -286,6 +286,17 @@ class Store(Protocol):
 
     async def refunds_in_flight(self) -> list[tuple[OrderLine, str]]: ...
 
+    async def begin_merchant_refund(
+        self, line_id: int, reason: str, now: float
+    ) -> tuple[OrderLine, str]:
+        """Commits the refund key of a merchant's refund; (line, key). StoreError when the
+        line is closed or has a delivery or purchase under way."""
+        ...
+
+    async def drop_refund(self, line_id: int, why: str, now: float) -> None:
+        """The platform refused the refund: the key cleared, the refusal recorded."""
+        ...
+
     # --- stock ----------------------------------------------------------------------------
     async def import_keys(
         self,

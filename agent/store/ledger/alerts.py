@@ -17,6 +17,7 @@ from agent.domain import (
     OutboxItem,
     refund_idempotency_key,
 )
+from agent.store.base import StoreError
 from agent.store.ledger.core import read, write
 from agent.store.ledger.purchases import PurchasesLedger
 from agent.store.rows import (
@@ -32,6 +33,10 @@ OUTBOX = Bulk(
     "INSERT INTO outbox (channel, alert_key, payload, created_at) VALUES ($1, $2, $3, $4)",
     ("text", "text", "text", "float8"),
 )
+
+
+# A platform call under way on these: a refund now could race a delivery or a purchase.
+BUSY_FOR_REFUND = (LineState.ALLOCATED, LineState.DELIVERING, LineState.PURCHASING)
 
 
 class AlertsLedger(PurchasesLedger):
@@ -220,6 +225,51 @@ class AlertsLedger(PurchasesLedger):
         )
         await self._event(tx, line_id, "refund_intent", f"key {key}", now)
         return key
+
+    @write
+    async def begin_merchant_refund(
+        self, tx: Tx, line_id: int, reason: str, now: float
+    ) -> tuple[OrderLine, str]:
+        """Commits the refund key of a refund the merchant asked for (the same key when one
+        is committed) and returns (line, key); keys stay bound. Refused (StoreError) for a
+        closed line and for one with a delivery or a purchase under way: the call in flight
+        could still hand over keys the refund would not account for."""
+        row = await tx.fetchrow(
+            f"SELECT {LINE_COLUMNS}, refund_key FROM orders WHERE id = $1{{for_update}}", line_id
+        )
+        if row is None:
+            raise StoreError(f"no order line {line_id}")
+        line, existing = line_from_row(row), row[LINE_WIDTH]
+        if line.state in (LineState.REFUNDED, LineState.CANCELLED):
+            raise StoreError(f"order {line.order_id} is already {line.state}")
+        if line.state in BUSY_FOR_REFUND:
+            raise StoreError(
+                f"order {line.order_id} is {line.state}: a delivery or purchase is under way;"
+                " refund it once it is delivered or parked"
+            )
+        key = (
+            str(existing)
+            if existing
+            else refund_idempotency_key(line.platform, line.order_id, line.line)
+        )
+        if not existing:
+            await tx.execute(
+                "UPDATE orders SET refund_key = $1, updated_at = $2 WHERE id = $3",
+                key,
+                now,
+                line_id,
+            )
+        await self._event(tx, line_id, "refund_intent", f"key {key}; asked: {reason}", now)
+        return line, key
+
+    @write
+    async def drop_refund(self, tx: Tx, line_id: int, why: str, now: float) -> None:
+        """The platform definitely did not refund (it refused): the refund key cleared, so the
+        line goes on as it stood (a backordered one is offered to workers again)."""
+        await tx.execute(
+            "UPDATE orders SET refund_key = NULL, updated_at = $1 WHERE id = $2", now, line_id
+        )
+        await self._event(tx, line_id, "refund_refused", why, now)
 
     @read
     async def refunds_in_flight(self, tx: Tx) -> list[tuple[OrderLine, str]]:
