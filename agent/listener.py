@@ -352,6 +352,9 @@ class Listener:
             raise _TooLarge
         if not request.body_exists:
             return b""
+        content = request.content
+        if length is not None and content.is_eof():
+            return content.read_nowait(-1)  # all of it arrived with the headers (the usual)
         chunks: list[bytes] = []
         size = 0
         async with asyncio.timeout(self.settings.body_timeout):

@@ -164,3 +164,27 @@ async def test_an_order_placed_with_us_is_idempotent_and_owes_its_callback(store
     [line] = await store.find_lines("A-1")
     assert line.state == LineState.DELIVERED
     assert await r(store).handed_line("other", line.id) is None
+
+
+async def test_a_reply_survives_a_restart_and_is_replayed_from_the_ledger(tmp_path: Any) -> None:
+    from agent.store.identity import Opening
+    from agent.store.sqlite import SQLiteStore
+    from tests.conftest import master_key_for_tests
+
+    first = SQLiteStore(tmp_path / "k.db", master_key_for_tests(), opening=Opening.CREATE)
+    await first.open()
+    await stock(first, "GAME-100", 3)
+    await first.reserve(P, "o", [Want("GAME-100", 2)], NOW, ok)
+    before = await first.provide(P, "o", NOW, keys_of)
+    cached = first.cached_reply(P, "o", "PROVIDE")
+    assert cached is not None and cached.body == before.body and cached.replayed
+    await first.close()
+    again = SQLiteStore(tmp_path / "k.db", master_key_for_tests())
+    await again.open()
+    try:
+        assert again.cached_reply(P, "o", "PROVIDE") is None  # a new process: nothing in memory
+        after = await again.provide(P, "o", NOW + 9, keys_of)
+        assert after.replayed and after.body == before.body
+        assert again.cached_reply(P, "o", "PROVIDE") is not None
+    finally:
+        await again.close()

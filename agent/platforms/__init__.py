@@ -27,7 +27,6 @@ KINDS: dict[str, str] = {
     "agiso": "agent.platforms.agiso",
     "eneba": "agent.platforms.eneba",
     "dujiao-next": "agent.platforms.dujiao",
-    "eneba": "agent.platforms.eneba",
 }
 
 

@@ -322,7 +322,7 @@ class DujiaoResponder:
         except wire.WireError as exc:
             return _fail(400, "bad_request", str(exc))
         number = req.downstream_order_no
-        stored = await self.store.stored_reply(self.name, number, "ORDER")
+        stored = self.store.cached_reply(self.name, number, "ORDER")
         if stored is not None:
             return Outbound(
                 stored.status, stored.body, order_id=number, action="order", outcome="replayed"

@@ -359,11 +359,11 @@ class EnebaResponder:
             call = wire.parse_callback(inbound.body)
         except wire.WireError as exc:
             return Outbound(400, wire.bad_request(str(exc)), outcome="refused")
-        stored = await self.store.stored_reply(self.name, call.order_id, call.action)
-        if stored is None:
+        # A retry this process answered before: from memory. Else the ledger call, which
+        # replays a reply stored earlier (another agent's, or before a restart) itself.
+        reply = self.store.cached_reply(self.name, call.order_id, call.action)
+        if reply is None:
             reply = await self._answer(call)
-        else:
-            reply = stored
         return Outbound(
             reply.status,
             reply.body,

@@ -16,8 +16,9 @@ platform cancels afterwards.
 from __future__ import annotations
 
 import enum
+from collections import OrderedDict
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from agent.domain import CardItem, LineState, OrderLine
 from agent.store.base import StoreError
@@ -25,6 +26,7 @@ from agent.store.ledger.core import LedgerCore, read, write
 from agent.store.rows import LINE_COLUMNS, line_from_row
 from agent.store.tx import Bulk, Tx
 
+REPLY_CACHE = 20_000  # replies kept in memory (sealed): a day of a busy shop's retries
 RESERVED_FREE_KEYS = (
     "SELECT id, secret_hash FROM card_keys WHERE sku = $1 AND state = 'free'"
     " AND (expires_at IS NULL OR expires_at > $3) ORDER BY id LIMIT $2{skip_locked}"
@@ -64,6 +66,9 @@ class Reply:
     status: int
     body: bytes
     replayed: bool = False
+    # (platform, order id, action, key id, sealed) of the reply as stored; None when the
+    # reply was not stored (a refusal that changed nothing).
+    stored_as: tuple[str, str, str, int, bytes] | None = field(default=None, repr=False)
 
 
 @dataclass(frozen=True, slots=True)
@@ -114,11 +119,47 @@ def _callback_label(platform: str, line_id: int) -> str:
 
 
 class ResponderLedger(LedgerCore):
+    # Replies this process stored or read, sealed as stored: a stored reply never changes
+    # (inserted once, never updated), so a copy of it is that reply. Retries are answered
+    # from here without a ledger call; a miss goes through the ledger.
+    _replies: OrderedDict[tuple[str, str, str], tuple[int, int, bytes]] | None = None
+
     # --- stored replies -----------------------------------------------------------------
-    @read
-    async def stored_reply(self, tx: Tx, platform: str, order_id: str, action: str) -> Reply | None:
+    def cached_reply(self, platform: str, order_id: str, action: str) -> Reply | None:
+        """The reply stored for this call if this process has seen it (no ledger call)."""
+        if self._replies is None:
+            return None
+        found = self._replies.get((platform, order_id, action))
+        if found is None:
+            return None
+        self._replies.move_to_end((platform, order_id, action))
+        status, key_id, sealed = found
+        body = self.keybox.open_bytes(_label(platform, order_id, action), key_id, sealed)
+        return Reply(status, body, replayed=True)
+
+    def _remember(self, reply: Reply | None) -> Reply | None:
+        """Keeps a reply the ledger holds (called once the transaction that stored or read it
+        has committed: a reply in here is always one the ledger has)."""
+        if reply is None or reply.stored_as is None:
+            return reply
+        if self._replies is None:
+            self._replies = OrderedDict()
+        platform, order_id, action, key_id, sealed = reply.stored_as
+        self._replies[platform, order_id, action] = (reply.status, key_id, sealed)
+        if len(self._replies) > REPLY_CACHE:
+            self._replies.popitem(last=False)
+        return reply
+
+    async def stored_reply(self, platform: str, order_id: str, action: str) -> Reply | None:
         """The reply stored for this call, if one was (read only: a repeated call is answered
-        without the write lock)."""
+        without the write lock; from memory when this process has seen it)."""
+        cached = self.cached_reply(platform, order_id, action)
+        if cached is not None:
+            return cached
+        return self._remember(await self._read_stored(platform, order_id, action))
+
+    @read
+    async def _read_stored(self, tx: Tx, platform: str, order_id: str, action: str) -> Reply | None:
         return await self._stored(tx, platform, order_id, action)
 
     async def _stored(self, tx: Tx, platform: str, order_id: str, action: str) -> Reply | None:
@@ -128,8 +169,9 @@ class ResponderLedger(LedgerCore):
         box = self.keybox
         if not box.knows(row[1]):
             self._keybox = box = await self._load_keys(tx)
-        body = box.open_bytes(_label(platform, order_id, action), row[1], bytes(row[2]))
-        return Reply(row[0], body, replayed=True)
+        sealed = bytes(row[2])
+        body = box.open_bytes(_label(platform, order_id, action), row[1], sealed)
+        return Reply(row[0], body, True, (platform, order_id, action, row[1], sealed))
 
     async def _keep(
         self, tx: Tx, platform: str, order_id: str, action: str, reply: Rendered, now: float
@@ -145,11 +187,70 @@ class ResponderLedger(LedgerCore):
             earlier = await self._stored(tx, platform, order_id, action)
             assert earlier is not None
             return earlier
-        return Reply(reply[0], reply[1])
+        return Reply(reply[0], reply[1], False, (platform, order_id, action, key_id, sealed))
+
+    # --- the calls, each one transaction; the reply kept in memory once committed -------------
+    async def reserve(
+        self,
+        platform: str,
+        order_id: str,
+        wants: Sequence[Want],
+        now: float,
+        render: Callable[[bool], Rendered],
+    ) -> Reply:
+        """Binds every line's keys in this one transaction, as lines `reserved`
+        (render(True)); or binds nothing at all when any line cannot be filled
+        (render(False)). Either reply is stored: the platform was told, so it stays told."""
+        reply = await self._reserve(platform, order_id, wants, now, render)
+        self._remember(reply)
+        return reply
+
+    async def provide(
+        self,
+        platform: str,
+        order_id: str,
+        now: float,
+        render: Callable[[Sequence[Handed]], Rendered],
+    ) -> Reply:
+        """The order's lines `reserved` -> `provided`, their keys opened for the reply
+        (render(lines)); render([]) when the order holds no keys to hand out. Stored: every
+        retry gets exactly these keys."""
+        reply = await self._provide(platform, order_id, now, render)
+        self._remember(reply)
+        return reply
+
+    async def cancel_order(
+        self,
+        platform: str,
+        order_id: str,
+        reason: str,
+        now: float,
+        render: Callable[[Cancelled], Rendered],
+    ) -> Reply:
+        """Keys of lines still `reserved` go back to stock; keys handed out are voided with
+        the reason, naming their line. Stored."""
+        reply = await self._cancel_order(platform, order_id, reason, now, render)
+        self._remember(reply)
+        return reply
+
+    async def place_order(
+        self,
+        platform: str,
+        order_id: str,
+        want: Want,
+        now: float,
+        render: Callable[[Handed | None], Rendered],
+        callback: tuple[str, Callable[[Handed], bytes]] | None = None,
+    ) -> Reply:
+        """An order paid with us: its keys bound and handed over at once, the reply and the
+        callback owed stored with it (see _place_order)."""
+        reply = await self._place_order(platform, order_id, want, now, render, callback)
+        self._remember(reply)
+        return reply
 
     # --- reservations (Eneba's RESERVE, PROVIDE, CANCEL) ------------------------------------
     @write
-    async def reserve(
+    async def _reserve(
         self,
         tx: Tx,
         platform: str,
@@ -201,7 +302,7 @@ class ResponderLedger(LedgerCore):
         return await self._keep(tx, platform, order_id, "RESERVE", render(True), now)
 
     @write
-    async def provide(
+    async def _provide(
         self,
         tx: Tx,
         platform: str,
@@ -240,7 +341,7 @@ class ResponderLedger(LedgerCore):
         return tuple(await self._open_rows(tx, [r[1:] for r in rows]))
 
     @write
-    async def cancel_order(
+    async def _cancel_order(
         self,
         tx: Tx,
         platform: str,
@@ -334,7 +435,7 @@ class ResponderLedger(LedgerCore):
 
     # --- orders placed with us (a dujiao-next shop) ---------------------------------------
     @write
-    async def place_order(
+    async def _place_order(
         self,
         tx: Tx,
         platform: str,
