@@ -73,12 +73,18 @@ def test_orders_are_named_explicitly_and_ambiguity_is_refused(tmp_path: Path) ->
     assert both.returncode == 1
     no_traceback(both)
     assert "--line 2 (main:1" in both.stderr and "--line 3 (shop2:1" in both.stderr
-    by_line = cli(config, "orders", "retry", "--line", "1")
-    assert by_line.returncode == 0 and "main:A-1 (line #1): now new" in by_line.stdout
-    scoped = cli(config, "orders", "retry", "shop2:1")
-    assert scoped.returncode == 0 and "shop2:1 (line #3): now new" in scoped.stdout
-    flag = cli(config, "orders", "retry", "--platform", "main", "1")
-    assert flag.returncode == 0 and "main:1 (line #2): now new" in flag.stdout
+    # Each way of naming a line names exactly one (shown without touching any platform)...
+    by_line = cli(config, "orders", "show", "--line", "1")
+    assert by_line.returncode == 0 and "line #1: platform main" in by_line.stdout
+    scoped = cli(config, "orders", "show", "shop2:1")
+    assert scoped.returncode == 0 and "line #3: platform shop2" in scoped.stdout
+    flag = cli(config, "orders", "show", "--platform", "main", "1")
+    assert flag.returncode == 0 and "line #2: platform main" in flag.stdout
+    # ...and retry acts on that one: a line parked before it held anything is read again from
+    # its own platform first (issue 19), so it asks for that platform's credentials here
+    retried = cli(config, "orders", "retry", "shop2:1")
+    assert retried.returncode == 1 and "platform.shop2.secret" in retried.stderr
+    no_traceback(retried)
     hashed = cli(config, "orders", "show", "#4")
     assert hashed.returncode == 0 and "line #4: platform main" in hashed.stdout
     # a bare number is an order id, never a ledger line: line 3 exists, order "3" does not
