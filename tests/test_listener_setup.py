@@ -102,3 +102,56 @@ def test_the_socket_unit_serves_the_listener_on_loopback_only() -> None:
     assert (
         'systemd-analyze verify "$unit_dir/kami-agent.service" "$unit_dir/kami-agent.socket"' in ci
     )
+
+
+def uncommented(*blocks: str) -> str:
+    """config.example.toml with the commented tables starting at `blocks` uncommented."""
+    lines = (ROOT / "config.example.toml").read_text(encoding="utf-8").splitlines()
+    for block in blocks:
+        start = lines.index(f"# {block}")
+        end = next(i for i in range(start, len(lines)) if not lines[i].startswith("#"))
+        lines[start:end] = [line.removeprefix("# ") for line in lines[start:end]]
+    return "\n".join(lines) + "\n"
+
+
+def test_the_examples_listener_eneba_and_dujiao_blocks_are_valid_once_uncommented(
+    tmp_path: Path,
+) -> None:
+    from agent.platforms.dujiao import DujiaoOptions
+    from agent.platforms.eneba import EnebaOptions
+
+    path = tmp_path / "config.toml"
+    path.write_text(
+        uncommented("[listener]", "[platforms.eneba]", "[platforms.dujiao]"), encoding="utf-8"
+    )
+    config = load_config(path)
+    assert config.listener == ListenerSettings()
+    kinds = {p.kind: p for p in config.platforms}
+    eneba, dujiao = kinds["eneba"].options, kinds["dujiao-next"].options
+    assert isinstance(eneba, EnebaOptions) and eneba.skus == {
+        "GAME-100": "3e5b2f9a-1111-11ee-be56-0242ac120002"
+    }
+    assert isinstance(dujiao, DujiaoOptions) and dujiao.products[1].sku == "GAME-100"
+    assert "platform.eneba.callback" in config.secret_names()
+
+
+@pytest.mark.parametrize(
+    ("kind", "table", "named"),
+    [
+        ("eneba", "", "auctions"),
+        ("eneba", '[platforms.x.auctions]\n"a" = "S"\n"b" = "S"\n', "auctions.b"),
+        ("eneba", '[platforms.x.auctions]\n"a" = "S"\n', "callback_token"),
+        ("dujiao-next", "", "products"),
+        ("dujiao-next", '[platforms.x.products]\n"x1" = { sku = "S" }\n', "products.x1"),
+        ("dujiao-next", '[platforms.x.products]\n"1" = { sku = "S", price = "-1" }\n', "price"),
+    ],
+)
+def test_a_responders_bad_options_are_one_clear_error(
+    tmp_path: Path, kind: str, table: str, named: str
+) -> None:
+    text = BASE + (
+        f'\n[platforms.x]\nkind = "{kind}"\nbase_url = "https://127.0.0.1"\napi_key = "k"\n'
+        f'secret = "x.secret"\n{table}'
+    )
+    with pytest.raises(ConfigError, match=named):
+        load_config(config(tmp_path, text.removeprefix(BASE)))
