@@ -9,12 +9,13 @@ its deterministic key), then the platform's call, then its result in the ledger.
 from __future__ import annotations
 
 import hashlib
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Sequence
 from typing import TypeVar
 
 from agent.config import Config
 from agent.domain import (
     AgentError,
+    CardItem,
     LineState,
     OrderLine,
     Permanent,
@@ -22,7 +23,8 @@ from agent.domain import (
     RejectedOrder,
 )
 from agent.intake import screen_order
-from agent.platforms.base import Platform
+from agent.platforms.agiso_messages import render
+from agent.platforms.base import KeyReplacer, Platform
 from agent.screening import Screening
 from agent.store.base import Store, StoreError
 
@@ -163,3 +165,66 @@ class AfterSales:
         closed = await self.store.get_line(line.id)
         assert closed is not None
         return closed
+
+    # --- replace a bad key ----------------------------------------------------------------
+    async def replace_key(self, line: OrderLine, reason: str, slot: int | None = None) -> OrderLine:
+        """A bad key on a delivered line replaced by a fresh one, and the buyer told. Checked
+        first (a platform that cannot replace delivered keys is refused with nothing
+        changed), then one ledger transaction (old key void with the reason, naming its
+        line; a fresh key in its slot; the line delivering with a new delivery generation),
+        then the platform's replacement naming the delivery it replaces, then the line
+        delivered and the buyer's notice (idempotent per generation). An unclear answer
+        leaves the line delivering for the engine's reconciliation."""
+        reason = reason.strip()
+        if not reason:
+            raise ActionRefused("say why the key is replaced (--reason)")
+        platform = self._platform(line, "replace a key")
+        if not isinstance(platform, KeyReplacer):
+            raise ActionRefused(
+                f"platform {line.platform} cannot replace the keys of a delivered order;"
+                " nothing changed (void the key with `stock void` and deliver by hand)"
+            )
+        try:
+            line, previous = await self.store.replace_key(line.id, slot, reason, self.clock())
+            intent = await self.store.begin_delivery(line.id, self.clock())
+        except StoreError as exc:
+            raise ActionRefused(str(exc)) from None
+        message = self._message(line, intent.items)
+        try:
+            await platform.replace_delivery(
+                line.order_id, intent.idempotency_key, previous, intent.items, message
+            )
+        except Permanent as exc:
+            # A definite no: the old key stays void (it is bad), the fresh one bound; the
+            # merchant decides (a platform-http 1.0 platform answers so).
+            why = f"key replacement refused by the platform: {exc}"
+            await self.store.park(line.id, why, self.clock())
+            raise ActionRefused(f"order {line.order_id}: {why}; parked") from None
+        done = await self.store.mark_delivered(line.id, self.clock(), "replacement delivered")
+        generation = int(intent.idempotency_key.rsplit("-", 1)[1])
+        notice = (
+            f"Order {line.order_id}: a key you received was replaced with a fresh one"
+            f" ({reason}). The new key has been delivered to your order."
+        )
+        try:
+            await platform.notice(
+                line.order_id, notice, notice_key(line, REPLACED_NOTICE, generation)
+            )
+        except AgentError as exc:
+            # The keys are delivered; the message alone is missing: said, not undone.
+            raise ActionRefused(
+                f"order {line.order_id}: the fresh key is delivered, but the buyer's notice"
+                f" failed ({exc}); tell the buyer by hand"
+            ) from None
+        await self.store.add_event(line.id, "buyer_notice", notice[:200], self.clock())
+        return done
+
+    def _message(self, line: OrderLine, items: Sequence[CardItem]) -> str:
+        """The delivery message as the engine writes it (agent/delivery.py)."""
+        sku = self.config.skus.get(line.sku)
+        template = sku.message if sku is not None and sku.message else None
+        if template is None:
+            template = self.config.agent.message_with_keys()
+        if "{" not in template and "}" not in template:
+            return template
+        return render(template, line.order_id, line.sku, line.quantity, items, append_cards=False)

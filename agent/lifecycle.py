@@ -60,6 +60,8 @@ LINE_EDGES: tuple[Edge[L], ...] = (
     *edges([s for s in ANY_LINE if s is not L.DELIVERED], L.DELIVERED, "delivered"),
     *edges([L.NEEDS_ATTENTION], [L.NEW, L.PURCHASING, L.ALLOCATED, L.DELIVERING], "operator_retry"),
     *edges([L.DELIVERED], L.DELIVERING, "operator_resend"),
+    # After-sales: a bad key voided and a fresh one bound in its slot, delivered anew.
+    *edges([L.DELIVERED], L.DELIVERING, "key_replaced"),
     *edges(ANY_LINE, L.NEEDS_ATTENTION, "parked"),
     *edges(ANY_LINE, L.REFUNDED, "refunded"),
     *edges(ANY_LINE, L.CANCELLED, "cancelled"),

@@ -316,9 +316,14 @@ def _aftersales_action(name: str) -> Callable[[argparse.Namespace], int]:
 
         async def action(store: Store) -> int:
             line = _one(await resolve(store, ref, names), ref)
-            updated = await with_aftersales(
-                config, store, lambda a: getattr(a, name.replace("-", "_"))(line, args.reason)
-            )
+            if name == "refund":
+                updated = await with_aftersales(
+                    config, store, lambda a: a.refund(line, args.reason)
+                )
+            else:
+                updated = await with_aftersales(
+                    config, store, lambda a: a.replace_key(line, args.reason, args.slot)
+                )
             print(
                 f"order {printable(updated.platform)}:{printable(updated.order_id)} (line"
                 f" #{updated.id}): now {updated.state}"
@@ -365,8 +370,17 @@ def add_parsers(sub: Any) -> None:
                 help="also print the order's keys (recorded in its audit trail: who, when)",
             )
         p.set_defaults(func=func)
-    for name, text in (("refund", "refund an order through its platform; its keys stay bound"),):
+    for name, text in (
+        ("refund", "refund an order through its platform; its keys stay bound"),
+        ("replace-key", "replace a bad key of a delivered order with a fresh one"),
+    ):
         p = orders.add_parser(name, help=text, description=f"{text[0].upper()}{text[1:]}.")
         _add_target(p)
         p.add_argument("--reason", required=True, help="why (kept in the audit trail)")
+        if name == "replace-key":
+            p.add_argument(
+                "--slot",
+                type=bounded_int(0, 10_000),
+                help="which key of the order (0 = first); needed when it holds several",
+            )
         p.set_defaults(func=_aftersales_action(name))

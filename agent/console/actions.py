@@ -7,12 +7,12 @@ import shutil
 
 from aiohttp import BodyPartReader, web
 
-from agent.aftersales import with_platforms
+from agent.aftersales import AfterSales, with_platforms
 from agent.console.app import CONSOLE, SESSION, Console
 from agent.console.labels import state_label
 from agent.console.sessions import Session
 from agent.console.uploads import UploadTooLarge, private_folder, save_upload
-from agent.domain import AgentError
+from agent.domain import AgentError, OrderLine
 from agent.i18n import LANGUAGES
 from agent.logs import get_logger
 from agent.store.base import StoreError
@@ -123,6 +123,16 @@ async def resend(request: web.Request) -> web.StreamResponse:
 async def refund(request: web.Request) -> web.StreamResponse:
     """A merchant's refund through the order's platform (agent/aftersales.py), with the
     reason typed in the form; the platform's refusal is shown as it came."""
+    return await _aftersales(request, "refund")
+
+
+async def replace_key(request: web.Request) -> web.StreamResponse:
+    """A bad key of a delivered order replaced with a fresh one and the buyer told
+    (agent/aftersales.py), with the reason and the key's slot (blank: the only key)."""
+    return await _aftersales(request, "replace_key")
+
+
+async def _aftersales(request: web.Request, action: str) -> web.StreamResponse:
     console = _console(request)
     session = _session(request)
     _ = console.translator(request)
@@ -133,17 +143,28 @@ async def refund(request: web.Request) -> web.StreamResponse:
     if line is None:
         raise web.HTTPNotFound(text="no such order line")
     if not reason:
-        session.flash("error", _("Say why the order is refunded."))
-        raise web.HTTPSeeOther(f"/orders/{line_id}")
-    try:
-        updated = await with_platforms(
-            console.config, console.store, console.clock, lambda a: a.refund(line, reason)
+        asked = (
+            _("Say why the order is refunded.")
+            if action == "refund"
+            else _("Say what is wrong with the key.")
         )
+        session.flash("error", asked)
+        raise web.HTTPSeeOther(f"/orders/{line_id}")
+    slot_text = str(form.get("slot", "")).strip()
+    slot = int(slot_text) if slot_text.isdigit() and len(slot_text) < 6 else None
+
+    async def act(a: AfterSales) -> OrderLine:
+        if action == "refund":
+            return await a.refund(line, reason)
+        return await a.replace_key(line, reason, slot)
+
+    try:
+        updated = await with_platforms(console.config, console.store, console.clock, act)
     except AgentError as exc:
         session.flash("error", printable(str(exc)))
     else:
         console.cache.clear()
-        log.info("console_refund", line_id=line_id, session=session.fingerprint)
+        log.info(f"console_{action}", line_id=line_id, session=session.fingerprint)
         session.flash(
             "ok",
             _("Order %(order)s is now: %(state)s")
@@ -269,5 +290,6 @@ def add_routes(app: web.Application) -> None:
     app.router.add_post(f"{line}/resend", resend)
     app.router.add_post(f"{line}/keys", reveal)
     app.router.add_post(f"{line}/refund", refund)
+    app.router.add_post(f"{line}/replace-key", replace_key)
     app.router.add_post("/stock/void", void)
     app.router.add_post("/stock/import", import_upload)

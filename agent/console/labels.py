@@ -52,6 +52,7 @@ EVENT_KINDS = {
     "keys_revealed": N_("keys shown in the console"),
     "operator_retry": N_("retried by the merchant"),
     "operator_resend": N_("resent by the merchant"),
+    "key_replaced": N_("bad key replaced by the merchant"),
 }
 
 

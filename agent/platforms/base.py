@@ -48,6 +48,29 @@ class Platform(Protocol):
 
 
 @runtime_checkable
+class KeyReplacer(Protocol):
+    """Optional port of a platform that can replace the keys of a delivered order
+    (platform-http v1.1 `replaces`). A platform without it cannot take a fresh key for a bad
+    one: the after-sales action is refused before anything changes."""
+
+    name: str
+
+    async def replace_delivery(
+        self,
+        order_id: str,
+        idempotency_key: str,
+        replaces: str,
+        items: Sequence[CardItem],
+        message: str,
+    ) -> None:
+        """The delivered order's keys become `items`, replacing the delivery made with
+        idempotency key `replaces`; idempotent by `idempotency_key`. Raises Transient,
+        Ambiguous, Permanent (the platform refuses, e.g. a 1.0 platform) or
+        DeliveryConflict (the order's delivery is no longer the one replaced)."""
+        ...
+
+
+@runtime_checkable
 class StockPublisher(Protocol):
     """Optional port of a platform that sells only the stock we declare (Kinguin's declared
     stock, platform-http v1.1's stock endpoint). The stock sync publishes to every platform

@@ -15,6 +15,7 @@ from agent.domain import (
     DeliveryConflict,
     OrderClosed,
     OrderPage,
+    Permanent,
     RemoteDelivery,
     StockNotOffered,
     Transient,
@@ -134,6 +135,47 @@ class HttpPlatform:
             raise Ambiguous("delivery answered 2xx with malformed JSON") from None
         if not isinstance(body, dict) or body.get("status") != "delivered":
             raise Ambiguous(f"delivery answered {resp.status} without status 'delivered'")
+
+    async def replace_delivery(
+        self,
+        order_id: str,
+        idempotency_key: str,
+        replaces: str,
+        items: Sequence[CardItem],
+        message: str,
+    ) -> None:
+        """platform-http v1.1: the delivery body with `replaces`, the idempotency key of the
+        delivery it replaces. A 1.0 platform ignores the field and answers 409
+        already_delivered: refused as Permanent, saying the platform cannot replace."""
+        payload = {
+            "items": [{"code": item.code, "secret": item.secret} for item in items],
+            "message": message,
+            "replaces": replaces,
+        }
+        resp = await self._client.request(
+            "POST",
+            f"/api/v1/orders/{quote_segment(order_id)}/delivery",
+            payload=payload,
+            headers={"Idempotency-Key": idempotency_key},
+        )
+        if resp.status == 409:
+            code = _error_code(resp)
+            if code in ("order_cancelled", "order_refunded"):
+                status = code.removeprefix("order_")
+                raise OrderClosed(f"platform: order {status}; no replacement", status)
+            if code == "replaces_stale":
+                raise DeliveryConflict(f"platform: {resp.error_text()}")
+            raise Permanent(
+                "the platform refused the replacement (a platform-http 1.0 platform cannot"
+                f" replace delivered keys): {resp.error_text()}"
+            )
+        raise_for_status(resp, "platform", unknown_outcome=True)
+        try:
+            body = resp.json()
+        except BadResponse:
+            raise Ambiguous("replacement answered 2xx with malformed JSON") from None
+        if not isinstance(body, dict) or body.get("status") != "delivered":
+            raise Ambiguous(f"replacement answered {resp.status} without status 'delivered'")
 
     async def notice(self, order_id: str, message: str, idempotency_key: str | None = None) -> None:
         """platform-http v1.1: the same Idempotency-Key again -> 204 and no second message

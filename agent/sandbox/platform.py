@@ -72,12 +72,16 @@ class SandboxPlatform(SignedSandbox):
         self._idempotent: dict[str, tuple[int, dict[str, Any]]] = {}
         self.delivery_calls: list[DeliveryCall] = []
         self.refunds: list[str] = []
+        # order id -> the Idempotency-Key of the delivery (or resend) standing now: what a
+        # v1.1 replacement names in `replaces`
+        self._delivered_with: dict[str, str] = {}
         self._arrivals = asyncio.Event()
         self._next_id = 1
         self.polls = 0  # plain listings
         self.long_polls = 0
         self.long_poll_offered = True  # the protocol makes the long poll optional
         self.stock_offered = True  # the stock endpoint is optional too (v1.1)
+        self.replacement_offered = True  # False: a 1.0 platform, `replaces` ignored
         self.stock: dict[str, PublishedStock] = {}
         self.stock_puts: list[tuple[str, int, str | None]] = []  # (sku, available, as_of)
         self.refused = 0  # purchases try_buy refused for want of stock
@@ -260,9 +264,13 @@ class SandboxPlatform(SignedSandbox):
         order = self.orders.get(order_id)
         if order is None:
             return self.error(404, "not_found", "no such order")
+        replaces = payload.get("replaces") if isinstance(payload, dict) else None
+        if replaces is not None and self.replacement_offered:
+            return self._replace(request, order, key, str(replaces), items, item_secrets, payload)
         if order.delivery is not None:
             if sorted(item_secrets) == sorted(i["secret"] for i in order.delivery["items"]):
                 self.delivery_calls.append(DeliveryCall(order_id, key, item_secrets, "resent"))
+                self._delivered_with[order_id] = key
                 return web.json_response(
                     {"status": "delivered", "delivered_at": order.delivery["delivered_at"]}
                 )
@@ -291,10 +299,55 @@ class SandboxPlatform(SignedSandbox):
         order.data["status"] = "delivered"
         response = {"status": "delivered", "delivered_at": order.delivery["delivered_at"]}
         self._idempotent[key] = (200, response)
+        self._delivered_with[order_id] = key
         if self.random.random() < self.faults.drop_after_commit_rate:
             self.delivery_calls.append(DeliveryCall(order_id, key, item_secrets, "dropped"))
             return self.lose_response(request)
         self.delivery_calls.append(DeliveryCall(order_id, key, item_secrets, "delivered"))
+        return web.json_response(response)
+
+    def _replace(
+        self,
+        request: web.Request,
+        order: SandboxOrder,
+        key: str,
+        replaces: str,
+        items: list[dict[str, Any]],
+        item_secrets: tuple[str, ...],
+        payload: dict[str, Any],
+    ) -> web.StreamResponse:
+        """platform-http v1.1: a delivered order's keys replaced; `replaces` must name the
+        delivery standing now (else 409 replaces_stale, with it)."""
+        order_id = str(order.data["id"])
+        if order.status in ("cancelled", "refunded"):
+            return self.error(409, f"order_{order.status}", f"order is {order.status}")
+        if order.delivery is None:
+            return self.error(422, "not_delivered", "only a delivered order can be replaced")
+        if self._delivered_with.get(order_id) != replaces:
+            self.delivery_calls.append(DeliveryCall(order_id, key, item_secrets, "conflict"))
+            return web.json_response(
+                {
+                    "error": {"code": "replaces_stale", "message": "not the standing delivery"},
+                    "delivery": order.delivery,
+                },
+                status=409,
+            )
+        if len(items) != order.data.get("quantity"):
+            return self.error(422, "wrong_quantity", "item count differs from quantity")
+        now = time.time()
+        order.delivery = {
+            "items": [{"code": i.get("code", ""), "secret": i["secret"]} for i in items],
+            "message": payload.get("message", ""),
+            "delivered_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(now)),
+        }
+        order.delivered_at = now
+        self._delivered_with[order_id] = key
+        response = {"status": "delivered", "delivered_at": order.delivery["delivered_at"]}
+        self._idempotent[key] = (200, response)
+        if self.random.random() < self.faults.drop_after_commit_rate:
+            self.delivery_calls.append(DeliveryCall(order_id, key, item_secrets, "dropped"))
+            return self.lose_response(request)
+        self.delivery_calls.append(DeliveryCall(order_id, key, item_secrets, "replaced"))
         return web.json_response(response)
 
     async def _notice(self, request: web.Request) -> web.Response:

@@ -286,6 +286,13 @@ class Store(Protocol):
 
     async def refunds_in_flight(self) -> list[tuple[OrderLine, str]]: ...
 
+    async def replace_key(
+        self, line_id: int, slot: int | None, reason: str, now: float
+    ) -> tuple[OrderLine, str]:
+        """delivered -> delivering: the key in `slot` void with the reason, a fresh one in
+        its place, a new delivery generation; (line, the delivery key it replaces)."""
+        ...
+
     async def begin_merchant_refund(
         self, line_id: int, reason: str, now: float
     ) -> tuple[OrderLine, str]:

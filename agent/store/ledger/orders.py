@@ -54,6 +54,7 @@ INSERT_LINE = Bulk(
     " $12, $13, $14{lease_values:12}) ON CONFLICT (platform, order_id, line) DO NOTHING",
     ("text",) * 3 + ("int",) + ("text",) * 7 + ("float8", "text", "int"),
 )
+REPLACEMENT_GRACE = 300.0  # seconds a replaced key's new delivery is left to its caller
 BIND = Bulk(
     "UPDATE card_keys SET state = 'bound', order_line_id = $1, slot = $2, bound_at = $3"
     " WHERE id = $4 AND state = 'free'",
@@ -609,6 +610,69 @@ class OrdersLedger(LedgerCore):
         )
         await self._event(tx, line_id, "operator_resend", "same keys, new delivery", now)
         return await self._fetch_line(tx, line_id)
+
+    @write
+    async def replace_key(
+        self, tx: Tx, line_id: int, slot: int | None, reason: str, now: float
+    ) -> tuple[OrderLine, str]:
+        """A bad key on a delivered line replaced, in one transaction: the key in `slot`
+        (None: the line's only key) goes void with the reason, naming the line it was bound
+        to (the database lets a bound key go void only so), a fresh free key of the SKU takes
+        its slot, and the line goes delivering with a new delivery generation (so a new
+        idempotency key). Returns (line, the delivery key it was delivered with: what the
+        replacement replaces). StoreError says why not, with nothing changed."""
+        line = await self._lock_line(tx, line_id, now)
+        if line.state != LineState.DELIVERED:
+            raise StoreError(
+                f"order {line.order_id} is {line.state}; only a delivered order's key can be"
+                " replaced"
+            )
+        if not reason.strip():
+            raise StoreError("a reason is required to replace a key")
+        previous = line.delivery_key
+        if previous is None:
+            raise StoreError(f"order {line.order_id} has no delivery to replace")
+        bound = await tx.fetch(
+            "SELECT id, slot FROM card_keys WHERE order_line_id = $1 ORDER BY slot", line_id
+        )
+        if slot is None and len(bound) != 1:
+            raise StoreError(
+                f"order {line.order_id} holds {len(bound)} keys: name the slot to replace"
+                f" (0 to {len(bound) - 1})"
+            )
+        chosen = [k for k in bound if slot is None or k[1] == slot]
+        if not chosen:
+            raise StoreError(f"order {line.order_id} has no key in slot {slot}")
+        old_id, old_slot = chosen[0]
+        fresh = await tx.fetch(
+            "SELECT id, secret_hash FROM card_keys WHERE sku = $1 AND state = 'free'"
+            " AND (expires_at IS NULL OR expires_at > $2) ORDER BY id LIMIT 1{skip_locked}",
+            line.sku,
+            now,
+        )
+        if not fresh:
+            raise StoreError(f"no free key of {line.sku} to replace the bad one with")
+        await tx.execute(
+            "UPDATE card_keys SET state = 'void', void_reason = $1, was_bound_to = order_line_id,"
+            " order_line_id = NULL, slot = NULL WHERE id = $2 AND state = 'bound'",
+            reason,
+            old_id,
+        )
+        if await tx.executemany(BIND, [(line_id, old_slot, now, fresh[0][0])]) != 1:
+            raise StoreError(f"order line {line_id}: the fresh key was taken while binding")
+        await tx.execute(
+            "UPDATE orders SET state = 'delivering', delivery_generation ="
+            " delivery_generation + 1, attempts = 0, next_attempt_at = $1, ambiguous = 0,"
+            " updated_at = $2 WHERE id = $3 AND {line_to:delivering}",
+            # The caller delivers the replacement at once; the engine's sweep, which knows no
+            # replacement, takes the line up only if that caller died meanwhile.
+            now + REPLACEMENT_GRACE,
+            now,
+            line_id,
+        )
+        detail = f"slot {old_slot} replaced ({reason}); replaces delivery {previous}"
+        await self._event(tx, line_id, "key_replaced", detail, now)
+        return await self._fetch_line(tx, line_id), previous
 
     @write
     async def revise_parked_line(
