@@ -1,7 +1,7 @@
 """What the console's pages show, read from the ledger through the Store port only.
 
-The port has no aggregate queries for "delivered since" or latency, so those come from the
-newest delivered lines (DELIVERED_SAMPLE of them); the page says so when the day had more.
+"Delivered today" and its latency p50/p99 are one exact read over the lines delivered since
+midnight (Store.delivered_since); the orders page's filters run in the database.
 
 Reads share the ledger with delivery (on SQLite they ride in the writer's group commit), so
 the pages reuse what they read for CACHE_SECONDS: a console left open and refreshed every
@@ -21,12 +21,10 @@ from agent.alerts import Forecaster
 from agent.config import Config
 from agent.domain import ACTIVE_STATES, LineState, OpenAlert, OrderLine
 from agent.forecast import SkuForecast
-from agent.stats import percentile
 from agent.store.base import Store
 from agent.suppliers.base import Balance
 
 DELIVERED_SAMPLE = 1_000
-ORDERS_WINDOW = 2_000  # lines read when the orders page filters by SKU or platform
 # Pages polled every second must not read the ledger every second: figures are reused this
 # long (the delivery engine has the ledger to itself in between).
 CACHE_SECONDS = 10.0
@@ -69,20 +67,16 @@ def delivery_latency(line: OrderLine) -> float | None:
 
 async def read_overview(store: Store, now: float) -> Overview:
     by_state = await store.count_by_state()
-    delivered = await store.list_lines(LineState.DELIVERED, DELIVERED_SAMPLE)
-    midnight = start_of_day(now)
-    today = [ln for ln in delivered if ln.delivered_at is not None and ln.delivered_at >= midnight]
-    latencies = [lat for ln in today if (lat := delivery_latency(ln)) is not None]
-    # Every line read delivered today, and the sample full: the day may hold more.
-    more = len(delivered) == DELIVERED_SAMPLE and len(today) == len(delivered)
+    # Exact, from one read over the delivered lines since midnight (their partial index).
+    today = await store.delivered_since(start_of_day(now))
     return Overview(
-        delivered_today=len(today),
-        delivered_today_more=more,
+        delivered_today=today.count,
+        delivered_today_more=False,  # the count is exact: never a lower bound now
         backlog=sum(n for state, n in by_state.items() if state in ACTIVE_STATES),
         by_state=by_state,
-        latency_p50=percentile(latencies, 0.50) if latencies else None,
-        latency_p99=percentile(latencies, 0.99) if latencies else None,
-        latency_count=len(latencies),
+        latency_p50=today.p50,
+        latency_p99=today.p99,
+        latency_count=today.count,
         alerts=await store.open_alerts(),
         read_at=now,
     )
@@ -135,13 +129,12 @@ async def search_lines(
     platform: str,
     limit: int,
 ) -> list[OrderLine]:
-    """Order lines for the orders page: by order id or row id when `query` is given, else the
-    newest (in `state`), filtered by SKU and platform (exact) within ORDERS_WINDOW lines."""
-    if query:
-        lines = await store.find_lines(query)
-    else:
-        window = ORDERS_WINDOW if (sku or platform) else limit
-        lines = await store.list_lines(state, window)
+    """Order lines for the orders page: by order id or row id when `query` is given (then
+    filtered here: a handful of lines), else the newest in `state`, of `sku`, on `platform`
+    as the database filters them (no window: an old order of a rare SKU is found too)."""
+    if not query:
+        return await store.filter_lines(state, sku, platform, limit)
+    lines = await store.find_lines(query)
     found = [
         ln
         for ln in lines

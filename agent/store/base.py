@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Collection, Iterable, Mapping, Sequence
 from contextlib import AbstractAsyncContextManager
+from dataclasses import dataclass
 from typing import Protocol
 
 from agent.domain import (
@@ -79,6 +80,16 @@ class LedgerRefused(StoreError):
 
 class LedgerDataError(LedgerRefused):
     """A value the ledger cannot store (text with no UTF-8, a NUL, a number out of range)."""
+
+
+@dataclass(frozen=True, slots=True)
+class DeliveredSince:
+    """Lines delivered since a time: how many, and their latency (seconds from the ledger
+    seeing the order to its delivery) at the 50th and 99th percentile (nearest rank)."""
+
+    count: int
+    p50: float | None
+    p99: float | None
 
 
 class Store(Protocol):
@@ -228,6 +239,16 @@ class Store(Protocol):
         ...
 
     async def list_lines(self, state: LineState | None, limit: int) -> list[OrderLine]: ...
+
+    async def filter_lines(
+        self, state: LineState | None, sku: str, platform: str, limit: int
+    ) -> list[OrderLine]:
+        """The newest lines in `state`, of `sku`, on `platform` (each when given)."""
+        ...
+
+    async def delivered_since(self, since: float) -> DeliveredSince:
+        """Exact count and p50/p99 latency (seen -> delivered) of lines delivered since."""
+        ...
 
     async def events(self, line_id: int) -> list[OrderEvent]: ...
 

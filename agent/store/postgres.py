@@ -189,6 +189,7 @@ class PostgresStore(Ledger, ResponderLedger):
             ),
             "bucket": f"floor(seen_at / {DEMAND_BUCKET_SECONDS})",
             "orders_by_seen": "orders",
+            "orders_delivered": "orders",
         }
         self._sql: dict[Any, str] = {}
 

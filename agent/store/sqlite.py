@@ -64,6 +64,9 @@ SLOTS: dict[str, object] = {
     # Unprompted, the planner walks the (sku, state) index for demand's GROUP BY, through
     # every order ever taken in.
     "orders_by_seen": "orders INDEXED BY orders_seen",
+    # The console's delivered-since count: the delivered state's partial index by time, not
+    # a walk of every order ever delivered.
+    "orders_delivered": "orders INDEXED BY orders_delivered",
 }
 LIST_CHUNK = 20_000  # list values bound in one statement (SQLite allows 32,766 parameters)
 

@@ -13,7 +13,8 @@ spelling (`$n` parameters, `= ANY($n::type[])` for a list), with named slots for
 - `{line_to:TARGET}`, `{purchase_to:TARGET}` (the guard `state` may move to TARGET by),
   `{line_class:NAME}`, `{open_purchase}` (state sets): rendered from the transition table
   (agent/lifecycle.py);
-- `{bucket}`, `{orders_by_seen}`: an expression or a planner hint one database needs.
+- `{bucket}`, `{orders_by_seen}`, `{orders_delivered}`: an expression or a planner hint one
+  database needs.
 
 Each engine renders a statement once and caches it: SQLite gets `?n` parameters and a list
 expanded to `IN (...)`; PostgreSQL keeps its own spelling and turns a `Bulk` statement (one

@@ -20,7 +20,7 @@ from agent.domain import (
     delivery_idempotency_key,
 )
 from agent.keybox import SealedKeyError, StoreKeyError
-from agent.store.base import StoreError
+from agent.store.base import DeliveredSince, StoreError
 from agent.store.ledger.core import FETCH_LINE, LedgerCore, read, write
 from agent.store.rows import (
     LINE_COLUMNS,
@@ -780,6 +780,50 @@ class OrdersLedger(LedgerCore):
                 limit,
             )
         return [line_from_row(r) for r in rows]
+
+    @read
+    async def filter_lines(
+        self, tx: Tx, state: LineState | None, sku: str, platform: str, limit: int
+    ) -> list[OrderLine]:
+        """The newest lines, newest first, in `state`, of `sku`, on `platform` (each only
+        when given: None or ""), filtered by the database rather than in a window read."""
+        conditions, args = [], []
+        for column, value in (
+            ("state", state.value if state is not None else ""),
+            ("sku", sku),
+            ("platform", platform),
+        ):
+            if value:
+                args.append(value)
+                conditions.append(f"{column} = ${len(args)}")
+        where = f" WHERE {' AND '.join(conditions)}" if conditions else ""
+        rows = await tx.fetch(
+            f"SELECT {LINE_COLUMNS} FROM orders{where} ORDER BY id DESC LIMIT ${len(args) + 1}",
+            *args,
+            limit,
+        )
+        return [line_from_row(r) for r in rows]
+
+    @read
+    async def delivered_since(self, tx: Tx, since: float) -> DeliveredSince:
+        """The lines delivered since `since` (the delivered state's partial index, by
+        delivered_at): the exact count and the nearest-rank p50/p99 of seen -> delivered
+        latency, in one statement (ranks counted by the database, no row sent back)."""
+        row = await tx.fetchrow(
+            "SELECT COUNT(*), MAX(CASE WHEN n = (total + 1) / 2 THEN latency END),"
+            " MAX(CASE WHEN n = (99 * total + 99) / 100 THEN latency END) FROM"
+            " (SELECT delivered_at - seen_at AS latency,"
+            "  ROW_NUMBER() OVER (ORDER BY delivered_at - seen_at) AS n,"
+            "  COUNT(*) OVER () AS total"
+            "  FROM {orders_delivered} WHERE state = 'delivered' AND delivered_at >= $1) AS d",
+            since,
+        )
+        count, p50, p99 = (0, None, None) if row is None else (row[0], row[1], row[2])
+        return DeliveredSince(
+            count=int(count or 0),
+            p50=None if p50 is None else max(0.0, float(p50)),
+            p99=None if p99 is None else max(0.0, float(p99)),
+        )
 
     @read
     async def events(self, tx: Tx, line_id: int) -> list[OrderEvent]:
