@@ -161,6 +161,12 @@ class AfterSales:
             raise ActionRefused(
                 f"order {line.order_id} not refunded: platform {line.platform} refused: {exc}"
             ) from None
+        except AgentError as exc:
+            # Unclear: the key stays committed, so asking again repeats the same refund.
+            raise ActionRefused(
+                f"order {line.order_id}: the refund's outcome is unknown ({exc}); run the same"
+                " refund again: it is sent with the same key, so it refunds at most once"
+            ) from None
         await self.store.close_line(line.id, LineState.REFUNDED, reason, self.clock())
         closed = await self.store.get_line(line.id)
         assert closed is not None

@@ -189,3 +189,24 @@ async def test_the_console_refunds_behind_csrf_with_a_reason(
         assert line is not None and line.state == LineState.REFUNDED
     finally:
         await client.close()
+
+
+async def test_an_unclear_refund_is_asked_again_with_the_same_key(
+    store: Store, sandbox: SandboxPlatform, http_platform: HttpPlatform, tmp_path: Path
+) -> None:
+    await stock(store, SKU, 2)
+    line_id = await delivered(store, sandbox, 1)
+    line = await store.get_line(line_id)
+    assert line is not None
+    acts = aftersales(tmp_path, store, http_platform)
+    sandbox.faults.error_rate = 1.0  # 503 every time: the outcome is not known
+    with pytest.raises(ActionRefused, match="run the same refund again"):
+        await acts.refund(line, "bad key")
+    still = await store.get_line(line_id)
+    assert still is not None and still.state == LineState.DELIVERED
+    sandbox.faults.error_rate = 0.0
+    done = await acts.refund(still, "bad key")
+    assert done.state == LineState.REFUNDED and sandbox.refunds == [line.order_id]
+    intents = [e.detail for e in await store.events(line_id) if e.kind == "refund_intent"]
+    key = refund_idempotency_key(line.platform, line.order_id, line.line)
+    assert len(intents) == 2 and all(key in d for d in intents)
