@@ -15,6 +15,7 @@ from agent.keybox import SealedKeyError
 from agent.sandbox.platform import SandboxPlatform
 from agent.store.base import LedgerError, Store
 from agent.store.identity import Opening, identity_path
+from agent.store.rows import migrations
 from agent.store.sqlite import SQLiteStore
 from tests.conftest import keys, make_config, master_key_for_tests, stock
 from tests.helpers import (
@@ -66,19 +67,40 @@ async def test_a_sealed_key_moved_to_another_row_is_parked_not_delivered(
 
 
 def _as_made_before_ids(db: Path, store: SQLiteStore) -> None:
-    """Turns a ledger into one made before this change: no id, no identity file, the schema
-    before migration 0005, every card key sealed with its SKU alone."""
+    """Replaces a ledger by one made before ids existed: the schema of migrations 0001-0004
+    only (built from those very files, so later migrations run on it as on a shop's real
+    ledger), no id, no identity file, every card key sealed with its SKU alone."""
     with sqlite3.connect(db) as conn:
-        rows = conn.execute("SELECT id, sku, key_id, sealed, secret_hash FROM card_keys").fetchall()
-        for row_id, sku, key_id, sealed, secret_hash in rows:
-            item = store.keybox.open(sku, key_id, sealed, secret_hash)
-            _, old = store.keybox._seal(sku.encode(), item, key_id)
-            conn.execute("UPDATE card_keys SET sealed = ? WHERE id = ?", (old, row_id))
-        conn.executescript(
-            "DROP TABLE ledger_meta; DROP INDEX card_keys_secret_hash;"
-            " DROP INDEX card_keys_sku_bound_seal; ALTER TABLE card_keys DROP COLUMN"
-            " sku_bound_seal; DELETE FROM schema_version WHERE version >= 5;"
+        data_keys = conn.execute(
+            "SELECT id, purpose, wrapped, created_at FROM data_keys"
+        ).fetchall()
+        rows = conn.execute(
+            "SELECT id, sku, key_id, sealed, secret_hash, source, added_at FROM card_keys"
+        ).fetchall()
+    old_rows = []
+    for row_id, sku, key_id, sealed, secret_hash, source, added_at in rows:
+        item = store.keybox.open(sku, key_id, sealed, secret_hash)
+        _, old = store.keybox._seal(sku.encode(), item, key_id)
+        old_rows.append((row_id, sku, old, key_id, secret_hash, source, added_at))
+    old_db = db.with_name("old.db")
+    with sqlite3.connect(old_db) as conn:
+        conn.execute("CREATE TABLE schema_version (version INTEGER NOT NULL)")
+        for version, sql in migrations("sqlite"):
+            if version <= 4:
+                conn.executescript(sql)
+                conn.execute("INSERT INTO schema_version (version) VALUES (?)", (version,))
+        conn.executemany(
+            "INSERT INTO data_keys (id, purpose, wrapped, created_at) VALUES (?, ?, ?, ?)",
+            data_keys,
         )
+        conn.executemany(
+            "INSERT INTO card_keys (id, sku, sealed, key_id, secret_hash, state, source,"
+            " added_at) VALUES (?, ?, ?, ?, ?, 'free', ?, ?)",
+            old_rows,
+        )
+    for leftover in (db, db.with_name(db.name + "-wal"), db.with_name(db.name + "-shm")):
+        leftover.unlink(missing_ok=True)
+    old_db.rename(db)
     identity_path(db).unlink()
 
 
@@ -88,8 +110,8 @@ async def test_a_ledger_made_before_ids_is_adopted_and_resealed_once(
     db = tmp_path / "kami.db"
     await stock(sqlite_store, "GAME-100", 30)
     expected = await sqlite_store.export_keys("GAME-100", KeyState.FREE)
-    _as_made_before_ids(db, sqlite_store)
     await sqlite_store.close()
+    _as_made_before_ids(db, sqlite_store)
 
     again = SQLiteStore(db, master_key_for_tests())
     await again.open()  # adopted: an id given, the identity file written, keys re-sealed
