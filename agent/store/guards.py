@@ -42,7 +42,10 @@ def sqlite_triggers() -> dict[str, str]:
     for table, kind in TABLES:
         out[f"{table}_lifecycle"] = (
             f"CREATE TRIGGER {table}_lifecycle BEFORE UPDATE OF state ON {table}"
-            f" WHEN instr('{_pairs(kind)}', ',' || OLD.state || '>' || NEW.state || ',') = 0"
+            # A row rewritten in the state it has is no transition (an UPDATE of other columns,
+            # or of a whole set some rows of which are already there).
+            f" WHEN OLD.state != NEW.state AND"
+            f" instr('{_pairs(kind)}', ',' || OLD.state || '>' || NEW.state || ',') = 0"
             f" BEGIN SELECT RAISE(ABORT, '{table}.state: {MESSAGE}'); END"
         )
         out[f"{table}_lifecycle_insert"] = (
@@ -66,8 +69,8 @@ def postgres_statements() -> list[str]:
     for table, kind in TABLES:
         out += [
             f"CREATE OR REPLACE TRIGGER {table}_lifecycle BEFORE UPDATE OF state ON {table}"
-            f" FOR EACH ROW WHEN (strpos('{_pairs(kind)}', ',' || OLD.state || '>' ||"
-            " NEW.state || ',') = 0) EXECUTE FUNCTION lifecycle_refused()",
+            f" FOR EACH ROW WHEN (OLD.state != NEW.state AND strpos('{_pairs(kind)}', ',' ||"
+            " OLD.state || '>' || NEW.state || ',') = 0) EXECUTE FUNCTION lifecycle_refused()",
             f"CREATE OR REPLACE TRIGGER {table}_lifecycle_insert BEFORE INSERT ON {table}"
             f" FOR EACH ROW WHEN (strpos('{_inserted(kind)}', ',' || NEW.state || ',') = 0)"
             " EXECUTE FUNCTION lifecycle_refused()",
