@@ -171,7 +171,7 @@ def test_version_json_listings_and_completion(tmp_path: Path) -> None:
 
     asyncio.run(run())
     assert json.loads(cli(config, "stock", "list", "--json").stdout) == [
-        {"sku": SKU, "free": 2, "bound": 0, "void": 0}
+        {"sku": SKU, "free": 2, "bound": 0, "void": 0, "expired": 0}
     ]
     (line,) = json.loads(cli(config, "orders", "list", "--json").stdout)
     assert line["order_id"] == "O-\x1b[2J" and line["quantity"] == 2 and line["line"] == 1
