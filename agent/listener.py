@@ -428,13 +428,19 @@ def listener_mounts(
 
 
 def build_listener(
-    config: Any, store: Any, platforms: Mapping[str, Any], clock: Callable[[], float]
+    config: Any,
+    store: Any,
+    platforms: Mapping[str, Any],
+    clock: Callable[[], float],
+    intakes: Mapping[str, Any] | None = None,
 ) -> Listener | None:
     """The listener the config asks for ([listener]), with every taking-part platform's
     routes; None when off. A responder platform without it is said once in the log: its
-    platform cannot reach the agent."""
+    platform cannot reach the agent. `intakes`: the engine's, by platform name (a platform
+    whose calls carry paid orders, Agiso's pushes, takes them in through its own)."""
     kinds = {p.name: p.kind for p in config.platforms}
-    mounts = listener_mounts(platforms, kinds, ListenerContext(store, clock))
+    context = ListenerContext(store, clock, {"intakes": dict(intakes or {})})
+    mounts = listener_mounts(platforms, kinds, context)
     wanted = sorted({r.platform for m in mounts for r in m.routes})
     if config.listener is None:
         if wanted:

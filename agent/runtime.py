@@ -219,7 +219,8 @@ async def run_engine(
     for keeper in pool_keepers(store, platforms):
         background.append(asyncio.create_task(keeper.run(), name=f"pools:{keeper.platform.name}"))
     interfaces = MerchantInterfaces(config, store, engine)  # console, metrics, bot: if configured
-    listener = build_listener(config, store, platforms, engine.clock)  # inbound: if configured
+    # Inbound, if configured; pushed orders go through the engine's intakes.
+    listener = build_listener(config, store, platforms, engine.clock, engine.intakes)
     try:
         await interfaces.start()
         if listener is not None:

@@ -4,11 +4,12 @@
 One `[platforms.<name>]` table is one shop on one channel: `api_key` is the AppId, `secret`
 names the secret holding the AppSecret (shared by the AppId's shops), `access_token` names the
 secret holding the shop's AccessToken. Intake: paid orders come by Agiso push (the inbound
-listener calls `accept_push`) and, for 淘宝, by polling /Trade/TradesBuyerPay as a backstop;
-the other channels have no list call, so their only intake is the push. Delivery per channel:
-agent/platforms/agiso_channels.py. Consignment (`[platforms.<name>.pools]`): a SKU sold from an
-Agiso card pool the agent keeps topped up (agent/consignment.py); its orders are Agiso's to
-deliver, the agent only records which keys the pool sent.
+listener, agent/platforms/agiso_listener.py, commits them before it answers) and, for 淘宝, by
+polling /Trade/TradesBuyerPay as a backstop; the other channels have no list call, so their
+only intake is the push. Delivery per channel: agent/platforms/agiso_channels.py. Consignment
+(`[platforms.<name>.pools]`): a SKU sold from an Agiso card pool the agent keeps topped up
+(agent/consignment.py); its orders are Agiso's to deliver, the agent only records which keys
+the pool sent.
 """
 
 from __future__ import annotations
@@ -34,6 +35,7 @@ from agent.domain import (
     RejectedOrder,
     RemoteDelivery,
 )
+from agent.listener_routes import ListenerContext, Mount
 from agent.logs import get_logger
 from agent.platforms.agiso_cardpwd import (
     MAX_LINES,
@@ -131,6 +133,7 @@ class AgisoOptions:
     pools: Mapping[str, PoolBounds] = field(default_factory=dict)
     pool_interval: float = DEFAULT_POOL_INTERVAL
     pool_sale_wait: float = DEFAULT_POOL_SALE_WAIT
+    push_path: str = ""  # the listener's path for this shop's pushes ("": /agiso/<name>)
 
     def secret_names(self) -> list[str]:
         """Secrets named besides the platform's `secret` (`kami-agent check` asks for them)."""
@@ -201,7 +204,8 @@ def _parse_pools(section: Section, channel: str, skus: set[str]) -> dict[str, Po
 def parse_options(section: Section) -> AgisoOptions:
     """channel ("taobao" | "xianyu" | "pdd" | "jd"), access_token (a secret's name), products
     (required), templates and names (per SKU), message_cap, calls_per_second, probe_interval,
-    lookback_hours; pools (per SKU: cpc_id, low, high), pool_interval, pool_sale_wait."""
+    lookback_hours; pools (per SKU: cpc_id, low, high), pool_interval, pool_sale_wait;
+    push_path (the listener's path for the shop's pushes, default /agiso/<name>)."""
     base_url = section.data.get("base_url")
     if isinstance(base_url, str):
         parsed = urlparse(base_url)
@@ -239,6 +243,9 @@ def parse_options(section: Section) -> AgisoOptions:
     limits = MESSAGE_LIMITS.get(channel)
     cap = section.integer("message_cap", 0, minimum=0, maximum=limits.count if limits else 0)
     pools = _parse_pools(section, channel, set(products.values()))
+    push_path = section.string("push_path", "/").rstrip("/")
+    if push_path and (not push_path.startswith("/") or "?" in push_path or "{" in push_path):
+        raise section.error("push_path", f"must be a path starting with /, got {push_path!r}")
     return AgisoOptions(
         channel=channel,
         access_token_secret=section.secret_name("access_token"),
@@ -262,6 +269,7 @@ def parse_options(section: Section) -> AgisoOptions:
         pool_sale_wait=section.number(
             "pool_sale_wait", DEFAULT_POOL_SALE_WAIT, minimum=60, maximum=7 * 86400, unit="s"
         ),
+        push_path=push_path,
     )
 
 
@@ -412,6 +420,25 @@ class AgisoPlatform:
         del self._inbox[:-MAX_INBOX]
         log.info("agiso_push_taken", platform=self.name, tid=event.tid)
         return event
+
+    async def read_pushed(
+        self, query: Mapping[str, str], form: Mapping[str, str]
+    ) -> tuple[PushEvent, list[PlatformOrder | RejectedOrder]]:
+        """For the listener, which takes the orders into the ledger before it answers: the
+        push (its signature and timestamp checked before its json is parsed) and, for a paid
+        push, its orders (the order read first when the push does not say what was bought).
+        No in-memory dedupe: the ledger's unique order line makes a repeat a no-op. The pool's
+        "自动发货成功" push goes where accept_push sends it and yields no orders here.
+        Raises PushRejected, or the read's error (the listener answers a failure: retried)."""
+        push = verify_push(
+            self._secret, query, form, now=self._clock(), channel=self.options.channel
+        )
+        event = read_push(push)
+        if self._sold_from_pool(push, event) or not event.paid:
+            return event, []
+        trade = event.trade or await self.channel.trade(event.tid)
+        one_each = self.channel.one_card_each
+        return event, orders_of(trade, self.options.products, one_card_each=one_each)
 
     def _sold_from_pool(self, push: Push, event: PushEvent) -> bool:
         """淘宝's "自动发货成功" push (aopic 2048, with the cards sent): Agiso delivered the order
@@ -576,3 +603,11 @@ class AgisoPlatform:
 
     async def close(self) -> None:
         await self.client.close()
+
+
+def listener_routes(platform: AgisoPlatform, context: ListenerContext) -> Mount:
+    """POST <push_path> (default /agiso/<name>): the shop's Agiso pushes, each paid order
+    committed to the ledger before the answer (agent/platforms/agiso_listener.py)."""
+    from agent.platforms.agiso_listener import push_routes
+
+    return push_routes(platform, context)
