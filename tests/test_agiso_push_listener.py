@@ -8,7 +8,9 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import signal
 import socket
+import sqlite3
 import time
 from collections.abc import AsyncIterator, Iterator
 from contextlib import asynccontextmanager
@@ -27,6 +29,7 @@ from agent.platforms.agiso import AgisoOptions, AgisoPlatform
 from agent.runtime import run_engine
 from agent.store.base import Store
 from tests.conftest import make_config
+from tests.daemon import import_stock, start_daemon
 from tests.fakes.agiso import FakeAgiso, ShiftedClock
 
 APP_ID = "2024010112345678"
@@ -209,3 +212,107 @@ async def test_a_bad_signature_or_a_stale_timestamp_is_refused_without_parsing(
         assert await rig.push(query, form) == (200, b"")
         assert parsed
         assert len(await rig.lines(tid)) == 1
+
+
+# --- the real daemon, killed between a push and its repeat ---------------------------------
+DAEMON_SECRETS = {
+    "KAMI_SECRET_AGISO_APP_SECRET": APP_SECRET,
+    "KAMI_SECRET_AGISO_XIANYU_TOKEN": TOKEN,
+}
+
+
+def daemon_config(tmp_path: Path, fake: FakeAgiso, port: int) -> Path:
+    path = tmp_path / "config.toml"
+    path.write_text(
+        f"""
+[agent]
+poll_interval = 0.5
+sweep_interval = 0.2
+reconcile_interval = 2.0
+concurrency = 4
+retry_base = 0.1
+retry_cap = 1.0
+
+[store]
+path = "kami.db"
+
+[listener]
+port = {port}
+header_timeout = 5.0
+body_timeout = 5.0
+
+[platforms.xianyu]
+kind = "agiso"
+base_url = "{fake.base_url}"
+api_key = "{APP_ID}"
+secret = "agiso.app.secret"
+access_token = "agiso.xianyu.token"
+channel = "xianyu"
+timeout = 2.0
+probe_interval = 1.0
+
+[platforms.xianyu.products]
+"{ITEM}" = "{SKU}"
+
+[skus."{SKU}"]
+""",
+        encoding="utf-8",
+    )
+    return path
+
+
+async def daemon_push(
+    http: aiohttp.ClientSession, url: str, push: tuple[dict[str, str], dict[str, str]]
+) -> tuple[int, bytes]:
+    """The push, sent until the daemon's listener answers it (it may still be starting)."""
+    deadline = time.monotonic() + 60
+    while True:
+        try:
+            async with http.post(url, params=push[0], data=push[1]) as response:
+                return response.status, await response.read()
+        except aiohttp.ClientConnectionError:
+            assert time.monotonic() < deadline, "the daemon's listener never came up"
+            await asyncio.sleep(0.1)
+
+
+@pytest.mark.slow
+async def test_daemon_killed_after_a_push_delivers_the_repeated_push_once(
+    tmp_path: Path, fake: FakeAgiso
+) -> None:
+    port = free_port()
+    config = daemon_config(tmp_path, fake, port)
+    log = tmp_path / "daemon.log"
+    values = [f"XY-{i:05d}-secret" for i in range(5)]
+    keys = await import_stock(config, DAEMON_SECRETS, tmp_path, SKU, values)
+    tid = fake.add_order("xianyu", ITEM)
+    push = fake.push(tid)
+    url = f"http://127.0.0.1:{port}/agiso/xianyu"
+    async with aiohttp.ClientSession() as http:
+        proc = await start_daemon(config, DAEMON_SECRETS, log)
+        try:
+            assert await daemon_push(http, url, push) == (200, b"")
+        finally:
+            proc.send_signal(signal.SIGKILL)  # at once: the delivery may be under way
+            await proc.wait()
+        # answered, so committed: the killed daemon's ledger holds the order
+        assert sum(ledger_states(tmp_path / "kami.db").values()) == 1
+        proc = await start_daemon(config, DAEMON_SECRETS, log)
+        try:
+            assert await daemon_push(http, url, push) == (200, b""), f"see {log}"
+            deadline = time.monotonic() + 60
+            while ledger_states(tmp_path / "kami.db") != {"delivered": 1}:
+                assert proc.returncode is None, f"daemon died, see {log}"
+                assert time.monotonic() < deadline, f"not delivered, see {log}"
+                await asyncio.sleep(0.2)
+            assert await daemon_push(http, url, push) == (200, b"")
+        finally:
+            proc.send_signal(signal.SIGTERM)
+            assert await asyncio.wait_for(proc.wait(), 30) == 0, "graceful stop failed"
+    assert fake.shipped(tid)
+    assert shown(fake, tid, keys) == 1
+    assert ledger_states(tmp_path / "kami.db") == {"delivered": 1}
+
+
+def ledger_states(db: Path) -> dict[str, int]:
+    with sqlite3.connect(f"file:{db}?mode=ro", uri=True) as conn:
+        return dict(conn.execute("SELECT state, COUNT(*) FROM orders GROUP BY state"))
