@@ -21,8 +21,10 @@ import aiohttp
 import pytest
 
 from agent import safejson
-from agent.config import AlertSettings, PlatformSettings, SkuSettings
+from agent.config import AlertSettings, ConfigError, PlatformSettings, SkuSettings, parse_config
 from agent.domain import CardItem, LineState
+from agent.listener import listener_mounts
+from agent.listener_routes import ListenerContext
 from agent.listener_settings import ListenerSettings
 from agent.platforms import agiso_client as client_module
 from agent.platforms.agiso import AgisoOptions, AgisoPlatform
@@ -316,3 +318,41 @@ async def test_daemon_killed_after_a_push_delivers_the_repeated_push_once(
 def ledger_states(db: Path) -> dict[str, int]:
     with sqlite3.connect(f"file:{db}?mode=ro", uri=True) as conn:
         return dict(conn.execute("SELECT state, COUNT(*) FROM orders GROUP BY state"))
+
+
+# --- configuration -------------------------------------------------------------------------
+def shop_toml(**extra: Any) -> dict[str, Any]:
+    section: dict[str, Any] = {
+        "kind": "agiso",
+        "base_url": "https://gw-api.agiso.com",
+        "api_key": APP_ID,
+        "secret": "agiso.app.secret",
+        "access_token": "agiso.xianyu.token",
+        "channel": "xianyu",
+        "products": {ITEM: SKU},
+    }
+    section.update(extra)
+    return {"store": {"path": "kami.db"}, "platforms": {"xy": section}}
+
+
+def test_push_path_is_configurable_and_mounted_there(tmp_path: Path) -> None:
+    config = parse_config(shop_toml(push_path="/hooks/agiso-xy/"), tmp_path / "c.toml")
+    settings = config.platforms[0]
+    assert isinstance(settings.options, AgisoOptions)
+    platform = AgisoPlatform(settings, APP_SECRET, TOKEN, 1)
+    default = dataclasses.replace(
+        settings, options=dataclasses.replace(settings.options, push_path="")
+    )
+    context = ListenerContext(None, time.time)
+    kinds = {"xy": "agiso"}
+    [mount] = listener_mounts({"xy": platform}, kinds, context)
+    assert [(r.method, r.path) for r in mount.routes] == [("POST", "/hooks/agiso-xy")]
+    plain = AgisoPlatform(default, APP_SECRET, TOKEN, 1)
+    [mount] = listener_mounts({"xy": plain}, kinds, context)
+    assert [r.path for r in mount.routes] == ["/agiso/xy"]
+
+
+@pytest.mark.parametrize("path", ["hooks", "/a?b=1", "/a/{id}"])
+def test_a_push_path_that_is_not_a_path_is_refused(tmp_path: Path, path: str) -> None:
+    with pytest.raises(ConfigError, match="push_path: must be a path"):
+        parse_config(shop_toml(push_path=path), tmp_path / "c.toml")
