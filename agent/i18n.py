@@ -3,7 +3,7 @@
 English is the source language (the msgids); zh-CN comes from agent/locale/zh_CN/LC_MESSAGES/
 kami.mo. The runtime reads the compiled .mo files with the stdlib's gettext, so Babel is a
 maintainer's tool only (extract, update, compile; see docs/console.md), never a dependency of
-the daemon; tests/test_i18n.py checks that the committed .mo is the .po compiled and that
+the daemon; tests/unit/test_i18n.py checks that the committed .mo is the .po compiled and that
 every extracted message has a translation.
 
 Text that mixes Chinese with Latin letters is aligned by display width, not by len(): a CJK

@@ -1,5 +1,5 @@
 """The PostgreSQL engine of the ledger, for several agents sharing one stock (the bodies are
-agent/store/ledger/, written once; tests/test_store_contract.py runs both engines).
+agent/store/ledger/, written once; tests/contract/test_store_contract.py runs both engines).
 
 Each call is one transaction at READ COMMITTED from a pool; reads are read-only
 transactions. What agents sharing the ledger need lives here: a call on an order line first
