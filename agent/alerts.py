@@ -198,6 +198,7 @@ class AlertEvaluator:
         clock: Callable[[], float],
         balances: Mapping[str, Balance],
         auth_failures: Mapping[str, AuthFailed],
+        unreachable_since: Mapping[str, float] | None = None,
     ) -> None:
         self.config = config
         self.store = store
@@ -205,6 +206,7 @@ class AlertEvaluator:
         self.forecaster = Forecaster(config, store, clock)
         self.balances = balances
         self.auth_failures = auth_failures
+        self.unreachable_since = unreachable_since if unreachable_since is not None else {}
         self._ = Translator(config.agent.language)
 
     async def conditions(self) -> list[AlertCondition]:
@@ -237,6 +239,7 @@ class AlertEvaluator:
                     )
         for platform, refusal in sorted(self.auth_failures.items()):
             found.append(self._refusal(platform, refusal))
+        found += self._unreachable(now)
         stuck = []
         for line in active:
             sku = self.config.skus.get(line.sku)
@@ -266,6 +269,28 @@ class AlertEvaluator:
                         " needs_attention)"
                     )
                     % {"n": attention},
+                )
+            )
+        return found
+
+    def _unreachable(self, now: float) -> list[AlertCondition]:
+        """Platform accounts none of whose polls answered for `alerts.unreachable_after`:
+        one alert per outage, resolved by the first poll that answers."""
+        _ = self._
+        found = []
+        for platform, since in sorted(self.unreachable_since.items()):
+            if now - since < self.config.alerts.unreachable_after:
+                continue
+            found.append(
+                AlertCondition(
+                    f"unreachable:{platform}",
+                    "platform_unreachable",
+                    "critical",
+                    _(
+                        "platform %(name)s has not answered for %(time)s (connection refused,"
+                        " timeouts or server errors): orders are not being taken in"
+                    )
+                    % {"name": platform, "time": duration(_, now - since)},
                 )
             )
         return found

@@ -75,6 +75,8 @@ class Engine:
         self.balances: dict[str, Balance] = {}
         # Platform accounts refusing our calls, with the refusal (credentials, or unpaid calls).
         self.auth_failures: dict[str, AuthFailed] = {}
+        # Platform accounts none of whose polls answered since this time (self.clock).
+        self.unreachable_since: dict[str, float] = {}
         self.stats = EngineStats()
         sourcing = Sourcing(settings, skus, store, self.suppliers, supplier_settings or {}, clock)
         # Lines of a SKU a platform sells from its own pool are that pool's to deliver.
@@ -96,6 +98,7 @@ class Engine:
                 stats=self.stats,
                 auth_failures=self.auth_failures,
                 clock=clock,
+                unreachable_since=self.unreachable_since,
             )
             for name, platform in platforms.items()
         }

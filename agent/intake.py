@@ -125,6 +125,7 @@ class Intake:
         stats: EngineStats,
         auth_failures: dict[str, AuthFailed],
         clock: Callable[[], float],
+        unreachable_since: dict[str, float] | None = None,
     ) -> None:
         self.name = name
         self.platform = platform
@@ -138,6 +139,9 @@ class Intake:
         self._stats = stats
         # Shared with the alert evaluator: the accounts whose platform refuses our credentials.
         self._auth_failures = auth_failures
+        # Shared with the alert evaluator too: since when (the engine's clock) every poll of
+        # the account has failed without an answer from the platform (refused, timed out, 5xx).
+        self._unreachable_since = unreachable_since if unreachable_since is not None else {}
         self._follower: asyncio.Task[None] | None = None
         self._long_polled = False  # the long poll is running
         self._took_in_at = -math.inf  # monotonic time a poll last found orders
@@ -270,11 +274,15 @@ class Intake:
                     return
                 except AgentError as exc:
                     self._long_poll_answered = None  # the poll job takes over
-                    log.warning("long_poll_failed", platform=self.name, error=str(exc))
+                    if isinstance(exc, AuthFailed):
+                        log.warning("long_poll_failed", platform=self.name, error=str(exc))
+                    else:
+                        self._mark_unreachable(exc)
                     await asyncio.sleep(1.0)
                     cursor = await self.store.get_cursor(self.name)
                     continue
                 self._long_poll_answered = (time.monotonic(), wait_seconds)
+                self._mark_reachable()
                 cursor = page.next_cursor or cursor
                 # The next page is asked for while this one is taken in, so a flash sale's
                 # deliveries do not pause at every page boundary. Pages are still taken in
@@ -291,14 +299,31 @@ class Intake:
         try:
             page = await call
         except AuthFailed as exc:
+            self._unreachable_since.pop(self.name, None)  # it answered, with a refusal
             self._auth_failures[self.name] = exc  # the alert says which refusal it is
             log.error("platform_auth_failed", platform=self.name, error=str(exc))
             return None
         except AgentError as exc:
-            log.warning("poll_failed", platform=self.name, error=str(exc), kind=type(exc).__name__)
+            self._mark_unreachable(exc)
             return None
         self._auth_failures.pop(self.name, None)
+        self._mark_reachable()
         return page
+
+    def _mark_unreachable(self, exc: AgentError) -> None:
+        """A failed poll. Logged when an outage starts; while it lasts, the polls' failures
+        are logged at debug level: the `platform_unreachable` alert speaks for them, not a
+        warning per poll (several a second with the long poll)."""
+        if self.name not in self._unreachable_since:
+            self._unreachable_since[self.name] = self.clock()
+            log.warning("poll_failed", platform=self.name, error=str(exc), kind=type(exc).__name__)
+        else:
+            log.debug("poll_failed", platform=self.name, error=str(exc), kind=type(exc).__name__)
+
+    def _mark_reachable(self) -> None:
+        """A poll answered: an outage under way is over."""
+        if self._unreachable_since.pop(self.name, None) is not None:
+            log.info("platform_reachable", platform=self.name)
 
     async def _check_still_paid(self, order_ids: list[str], listed_at: float) -> None:
         """An order the platform still lists as paid after our ledger recorded it delivered

@@ -164,7 +164,14 @@ async def run_engine(
     resumed = await engine.sweep()  # every non-terminal line left by the last run
     log.info("started", platforms=list(platforms), resumed_lines=resumed)
 
-    evaluator = AlertEvaluator(config, store, engine.clock, engine.balances, engine.auth_failures)
+    evaluator = AlertEvaluator(
+        config,
+        store,
+        engine.clock,
+        engine.balances,
+        engine.auth_failures,
+        unreachable_since=engine.unreachable_since,
+    )
     drainer = OutboxDrainer(store, notifiers or {}, engine.clock, config.agent.language)
     buyers = BuyerCare(config, store, platforms, engine.clock)
 

@@ -513,6 +513,14 @@ class AlertSettings:
         unit="seconds",
         help="between attempts to send the alert messages waiting in the outbox",
     )
+    unreachable_after: float = setting(
+        300.0,
+        minimum=0.05,
+        maximum=DAY,
+        unit="seconds",
+        help="a platform whose every poll fails (refused, timed out, 5xx) this long raises"
+        " one alert, resolved when a poll succeeds again",
+    )
     buyer_notice_after: float = setting(
         600.0,
         minimum=1,

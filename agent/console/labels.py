@@ -26,6 +26,7 @@ ALERT_KINDS = {
     "supplier_balance": N_("supplier balance low"),
     "platform_auth": N_("platform refuses our credentials"),
     "platform_unpaid": N_("platform's prepaid calls ran out"),
+    "platform_unreachable": N_("platform unreachable"),
     "stuck_orders": N_("orders stuck"),
     "deadline_near": N_("delivery deadline near"),
     "needs_attention": N_("orders need attention"),
