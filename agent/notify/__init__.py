@@ -32,6 +32,7 @@ KINDS: dict[str, str] = {
     "wecom": "agent.notify.wecom",
     "feishu": "agent.notify.feishu",
     "console": "agent.notify.console",
+    "apprise": "agent.notify.apprise_channel",
 }
 
 
