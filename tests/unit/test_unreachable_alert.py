@@ -6,14 +6,16 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import io
 import json
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
-from typing import Any
+from typing import Any, TextIO
 
 import pytest
 from aiohttp import web
 
+from agent import logs
 from agent.config import NotifySettings
 from agent.notify.factory import build_notifier
 from agent.platforms.http import HttpPlatform
@@ -22,6 +24,15 @@ from agent.sandbox.platform import SandboxPlatform
 from agent.store.base import Store
 from tests.conftest import make_config, platform_settings
 from tests.helpers import wait_for
+
+
+@pytest.fixture
+def log_sink(quiet_logs: TextIO) -> Iterator[io.StringIO]:
+    """The agent's log lines during the test."""
+    sink = io.StringIO()
+    logs.configure("debug", sink)
+    yield sink
+    logs.configure("debug", quiet_logs)
 
 
 @pytest.fixture
@@ -49,6 +60,7 @@ async def test_unreachable_platform_raises_one_alert_then_its_recovery(
     sandbox: SandboxPlatform,
     store: Store,
     receiver: tuple[str, list[dict[str, Any]]],
+    log_sink: io.StringIO,
 ) -> None:
     url, received = receiver
     base_url = sandbox.base_url
@@ -88,3 +100,8 @@ async def test_unreachable_platform_raises_one_alert_then_its_recovery(
         await task
         await adapter.close()
         await notifier.close()
+    # The outage's failed polls were warned about once, not at every poll.
+    lines = [json.loads(line) for line in log_sink.getvalue().splitlines()]
+    failed = [e for e in lines if e["event"] in ("poll_failed", "long_poll_failed")]
+    assert len(failed) > 1  # polls went on during the outage, at debug level
+    assert [e["level"] for e in failed].count("warning") == 1
