@@ -554,7 +554,7 @@ async def test_engine_delivers_every_line_once_as_the_buyer_sees_it(
 
 # --- the real daemon, killed ----------------------------------------------------------------
 
-DAEMON_ORDERS = 400
+DAEMON_ORDERS = 1000  # as the crash test: 1,000 orders, faults, 3 kills
 
 
 def daemon_config(tmp_path: Path, shop: FakeWooCommerce) -> Path:
@@ -618,7 +618,7 @@ async def test_daemon_killed_three_times_delivers_every_line_once(tmp_path: Path
     ids: list[int] = []
     refunds = 0
     try:
-        for sku, count in (("GAME-100", 1400), ("VIP-30D", 500)):
+        for sku, count in (("GAME-100", 3500), ("VIP-30D", 1200)):
             values = [f"{sku}-{i:05d}-{rng.getrandbits(48):012x}" for i in range(count)]
             await import_stock(config, daemon_secrets, tmp_path, sku, values)
         # Three runs killed while orders stream in: at the worst moment (the note went out,
