@@ -42,6 +42,7 @@ webdriver = pytest.importorskip("selenium.webdriver")
 from selenium.common.exceptions import (  # noqa: E402
     NoSuchElementException,
     StaleElementReferenceException,
+    WebDriverException,
 )
 from selenium.webdriver.chrome.options import Options  # noqa: E402
 from selenium.webdriver.chrome.service import Service  # noqa: E402
@@ -215,11 +216,18 @@ def screenshots(tmp_path: Path) -> Path:
 
 def _wait(driver: WebDriver, condition: Callable[[WebDriver], Any], what: str) -> Any:
     # A click that navigates leaves the old page's elements stale for a moment: look again.
+    # On a loaded machine Chromium may also answer "node does not belong to the document"
+    # (a plain WebDriverException) while the new page replaces the old one; the wait still
+    # fails, naming `what`, if the condition never holds.
     return WebDriverWait(
         driver,
         WAIT,
         poll_frequency=0.1,
-        ignored_exceptions=(NoSuchElementException, StaleElementReferenceException),
+        ignored_exceptions=(
+            NoSuchElementException,
+            StaleElementReferenceException,
+            WebDriverException,
+        ),
     ).until(condition, what)
 
 
