@@ -37,8 +37,7 @@ from agent.signed_http import DEFAULT_CONNECTIONS
 from agent.stocksync import StockSync
 from agent.store.base import Store
 from agent.store.identity import Opening
-from agent.store.sqlite import SQLiteStore
-from agent.store.sqlite_base import exclusive_ledger
+from agent.store.sqlite import SQLiteStore, exclusive_ledger
 from agent.suppliers import kind_module as supplier_module
 from agent.suppliers.base import Supplier
 
