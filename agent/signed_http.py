@@ -125,6 +125,39 @@ def redirect_refusal(resp: aiohttp.ClientResponse, who: str) -> str:
     )
 
 
+class TransportErrors:
+    """Maps aiohttp's transport failures inside `with TransportErrors(host, method, path):` to the
+    classes the engine acts on: Transient when the request surely did not reach the server
+    (no connection), else Ambiguous (it may have been acted on). The signed client, the REST
+    client (Kinguin, OAuth) and WooCommerce's share it. A class, not a generator context
+    manager, because every delivery call of a flash sale passes through it (0.25 us a call,
+    against about 80 us for the call itself)."""
+
+    __slots__ = ("host", "method", "path")
+
+    def __init__(self, host: str | None, method: str, path: str) -> None:
+        self.host = host
+        self.method = method  # the call is named only when it failed: nothing built before
+        self.path = path
+
+    def __enter__(self) -> None:
+        return None
+
+    def __exit__(
+        self, kind: type[BaseException] | None, exc: BaseException | None, _: object
+    ) -> None:
+        if exc is None:
+            return
+        if isinstance(exc, aiohttp.ClientConnectorError):
+            raise Transient(f"cannot connect to {self.host}: {exc.os_error}") from None
+        if isinstance(exc, TimeoutError):
+            raise Ambiguous(f"{self.method} {self.path}: no response within the timeout") from None
+        if isinstance(exc, aiohttp.ClientError):
+            raise Ambiguous(
+                f"{self.method} {self.path}: connection broke: {type(exc).__name__}"
+            ) from None
+
+
 DEFAULT_CONNECTIONS = 64
 
 
@@ -183,7 +216,7 @@ class SignedClient:
         if payload is not None:
             all_headers["Content-Type"] = "application/json"
         session = self._session_or_new()
-        try:
+        with TransportErrors(self._base.host, method, path):
             # A long poll waits longer than an ordinary call may. (timeout=None would mean
             # "no timeout at all" to aiohttp, so the argument is only passed when set.)
             extra: dict[str, Any] = {}
@@ -203,12 +236,6 @@ class SignedClient:
                 return HttpResponse(
                     resp.status, data, parse_retry_after(resp.headers.get("Retry-After"))
                 )
-        except aiohttp.ClientConnectorError as exc:
-            raise Transient(f"cannot connect to {self._base.host}: {exc.os_error}") from None
-        except TimeoutError:
-            raise Ambiguous(f"{method} {path}: no response within the timeout") from None
-        except aiohttp.ClientError as exc:
-            raise Ambiguous(f"{method} {path}: connection broke: {type(exc).__name__}") from None
 
     async def close(self) -> None:
         if self._session is not None:

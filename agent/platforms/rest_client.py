@@ -19,8 +19,8 @@ import aiohttp
 from yarl import URL
 
 from agent import safejson
-from agent.domain import Ambiguous, BadResponse, Transient
-from agent.signed_http import parse_retry_after, read_capped
+from agent.domain import BadResponse
+from agent.signed_http import TransportErrors, parse_retry_after, read_capped
 
 _ENCODER = json.JSONEncoder(ensure_ascii=False)
 MAX_MESSAGE = 200
@@ -98,8 +98,7 @@ class RestClient:
             all_headers["Content-Type"] = "application/x-www-form-urlencoded"
         all_headers.setdefault("Accept", "application/json")
         session = self._session_or_new()
-        what = f"{method} {target.path}"
-        try:
+        with TransportErrors(target.host, method, target.path):
             async with session.request(
                 method, target, data=data, headers=all_headers, allow_redirects=False
             ) as resp:
@@ -110,12 +109,6 @@ class RestClient:
                     parse_retry_after(resp.headers.get("Retry-After")),
                     resp.headers.get("Location"),
                 )
-        except aiohttp.ClientConnectorError as exc:
-            raise Transient(f"cannot connect to {target.host}: {exc.os_error}") from None
-        except TimeoutError:
-            raise Ambiguous(f"{what}: no response within the timeout") from None
-        except aiohttp.ClientError as exc:
-            raise Ambiguous(f"{what}: connection broke: {type(exc).__name__}") from None
 
     async def close(self) -> None:
         if self._session is not None:

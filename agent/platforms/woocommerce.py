@@ -58,6 +58,7 @@ from agent.redact import register
 from agent.signed_http import (
     DEFAULT_CONNECTIONS,
     Redirected,
+    TransportErrors,
     parse_retry_after,
     read_capped,
     redirect_refusal,
@@ -204,7 +205,7 @@ class WooClient:
         if payload is not None:
             body = _JSON.encode(payload).encode()
             headers[hdrs.CONTENT_TYPE] = "application/json"
-        try:
+        with TransportErrors(self._base.host, method, path):
             async with self._session_or_new().request(
                 method, url, data=body, headers=headers, allow_redirects=False
             ) as resp:
@@ -218,12 +219,6 @@ class WooClient:
                     _total_pages(resp.headers.get("X-WP-TotalPages")),
                     resp.headers.get(hdrs.DATE),
                 )
-        except aiohttp.ClientConnectorError as exc:
-            raise Transient(f"cannot connect to {self._base.host}: {exc.os_error}") from None
-        except TimeoutError:
-            raise Ambiguous(f"{method} {path}: no response within the timeout") from None
-        except aiohttp.ClientError as exc:
-            raise Ambiguous(f"{method} {path}: connection broke: {type(exc).__name__}") from None
 
     async def close(self) -> None:
         if self._session is not None:
