@@ -1,6 +1,7 @@
 """`kami-agent install-service`: from `pip install` to a running, hardened systemd service.
 
-What it does, as root (`--dry-run` prints the same plan and changes nothing):
+What it does, as root (`--dry-run` prints the same plan and changes nothing; DESCRIPTION
+below says it again for --help, in the merchant's language):
 1. checks the config (its ledger in the unit's state directory, nothing under /home, /root or
    /tmp, which the unit hides from the service);
 2. seals every secret the config names into the credential store with systemd-creds
@@ -26,9 +27,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from agent.cli.common import CommandError, config_path
+from agent.cli.common import CommandError, _, config_path
+from agent.cli.language import RawDescriptionHelpFormatter
 from agent.config import Config, load_config
 from agent.credstore import MAGIC, SYSTEMD_CREDS, CredStore, CredStoreError
+from agent.i18n import N_
 from agent.keybox import new_master_key
 from agent.secrets import lookup_secret
 
@@ -36,6 +39,19 @@ UNIT_NAME = "kami-agent.service"
 STATE_DIRECTORY = Path("/var/lib/kami-agent")
 DEFAULT_CONFIG = Path("/etc/kami-agent/config.toml")
 DEFAULT_CREDSTORE = Path("/etc/kami-agent/credstore")
+DESCRIPTION = N_(
+    """What it does, as root (--dry-run prints the same plan and changes nothing):
+1. checks the config (its ledger in the unit's state directory, nothing under /home, /root or
+   /tmp, which the unit hides from the service);
+2. seals every secret the config names into the credential store with systemd-creds: one
+   already stored elsewhere (keyring, environment, an encrypted file) is copied in; the store
+   key is generated when there is no ledger yet; any other missing one stops it with the
+   command that stores it;
+3. writes the unit from systemd/kami-agent.service: its hardening as it is, ExecStart naming
+   this installation and the config, one LoadCredentialEncrypted= line per secret;
+4. systemctl daemon-reload, creates the ledger once (kami-agent init as the service's
+   dynamic user, in its state directory, with its credentials), systemctl enable --now."""
+)
 # What the unit's sandbox hides from the service (ProtectHome=, PrivateTmp=).
 _HIDDEN = (Path("/home"), Path("/root"), Path("/run/user"), Path("/tmp"), Path("/var/tmp"))
 
@@ -45,7 +61,9 @@ def unit_template() -> str:
     for candidate in (here / "systemd" / UNIT_NAME, here.parent / "systemd" / UNIT_NAME):
         if candidate.is_file():
             return candidate.read_text(encoding="utf-8")
-    raise CommandError(f"the unit template {UNIT_NAME} is missing from this installation")
+    raise CommandError(
+        _("the unit template %(unit)s is missing from this installation") % {"unit": UNIT_NAME}
+    )
 
 
 def render_unit(
@@ -65,7 +83,7 @@ def render_unit(
         else:
             out.append(line)
     if not placed:
-        raise CommandError("the unit template has no LoadCredentialEncrypted= line to replace")
+        raise CommandError(_("the unit template has no LoadCredentialEncrypted= line to replace"))
     return "\n".join(out) + "\n"
 
 
@@ -104,21 +122,27 @@ class Plan:
 def make_plan(args: argparse.Namespace, config: Config, config_file: Path) -> Plan:
     plan = Plan()
     executable = args.bin or shutil.which("kami-agent") or sys.argv[0]
-    places = [("the kami-agent program", Path(executable)), ("the config", config_file)]
+    places = [(_("the kami-agent program"), Path(executable)), (_("the config"), config_file)]
     if not args.bin:
-        places.append(("its Python", Path(sys.prefix)))
+        places.append((_("its Python"), Path(sys.prefix)))
     for what, path in places:
         if _hidden(path):
             plan.blockers.append(
-                f"{what} is in {path}, which the service cannot see (ProtectHome=, PrivateTmp=):"
-                " install it under /opt or /usr/local (e.g. python3 -m venv /opt/kami-agent &&"
-                " /opt/kami-agent/bin/pip install kami-agent) and keep the config in"
-                " /etc/kami-agent"
+                _(
+                    "%(what)s is in %(path)s, which the service cannot see (ProtectHome=,"
+                    " PrivateTmp=): install it under /opt or /usr/local (e.g. python3 -m venv"
+                    " /opt/kami-agent && /opt/kami-agent/bin/pip install kami-agent) and keep"
+                    " the config in /etc/kami-agent"
+                )
+                % {"what": what, "path": path}
             )
     if config.store.path is not None and config.store.path.parent != STATE_DIRECTORY:
         raise CommandError(
-            f"store.path is {config.store.path}: the service keeps its ledger in its state"
-            f' directory; set [store] path = "{STATE_DIRECTORY}/kami.db" in {config_file}'
+            _(
+                "store.path is %(path)s: the service keeps its ledger in its state directory;"
+                ' set [store] path = "%(state)s/kami.db" in %(file)s'
+            )
+            % {"path": config.store.path, "state": STATE_DIRECTORY, "file": config_file}
         )
     credstore = CredStore(Path(args.credstore), seal="systemd-creds")
     ledger_exists = config.store.path is not None and config.store.path.exists()
@@ -130,17 +154,18 @@ def make_plan(args: argparse.Namespace, config: Config, config_file: Path) -> Pl
         if path.exists() and not _sealed_as_file(path):
             continue
         if lookup_secret(name):
-            plan.seal.append((name, "copied from where it is stored now"))
+            plan.seal.append((name, _("copied from where it is stored now")))
         elif name == config.store.key_secret and not ledger_exists:
-            plan.seal.append((name, "a new random store key"))
+            plan.seal.append((name, _("a new random store key")))
         else:
             missing.append(name)
     if missing:
         raise CommandError(
-            "secret(s) missing: "
-            + ", ".join(missing)
-            + "; store each with `kami-agent secrets set NAME` (as root), then run install-service"
-            " again"
+            _(
+                "secret(s) missing: %(names)s; store each with `kami-agent secrets set NAME`"
+                " (as root), then run install-service again"
+            )
+            % {"names": ", ".join(missing)}
         )
     plan.unit_path = Path(args.unit_dir) / UNIT_NAME
     plan.unit = render_unit(unit_template(), executable, config_file, secrets)
@@ -149,7 +174,7 @@ def make_plan(args: argparse.Namespace, config: Config, config_file: Path) -> Pl
         plan.commands.append(_init_command(executable, config_file, secrets))
     elif config.store.path is None:
         plan.notes.append(
-            "PostgreSQL ledger: create it once with `kami-agent init` if the database is new"
+            _("PostgreSQL ledger: create it once with `kami-agent init` if the database is new")
         )
     plan.commands.append(["systemctl", "enable", "--now" if args.start else "", "kami-agent"])
     plan.commands[-1] = [c for c in plan.commands[-1] if c]
@@ -190,28 +215,35 @@ def _init_command(executable: str, config_file: Path, secrets: list[tuple[str, P
 
 
 def print_plan(plan: Plan, credstore: Path) -> None:
-    print("install-service plan (dry run: nothing changed)")
-    print(f"- credential store {credstore} (directory 0700, files 0600, sealed with systemd-creds)")
+    print(_("install-service plan (dry run: nothing changed)"))
+    print(
+        "- "
+        + _("credential store %(dir)s (directory 0700, files 0600, sealed with systemd-creds)")
+        % {"dir": credstore}
+    )
     for name, source in plan.seal:
-        print(f"  seal {name}: {source}")
+        print("  " + _("seal %(name)s: %(source)s") % {"name": name, "source": source})
         print(f"    {SYSTEMD_CREDS} encrypt --name={name} - {credstore / name}")
-    print(f"- write {plan.unit_path} (0644):")
+    print("- " + _("write %(file)s (0644):") % {"file": plan.unit_path})
     for line in plan.unit.splitlines():
         print(f"    {line}")
     for command in plan.commands:
-        print(f"- run: {shlex.join(command)}")
+        print("- " + _("run: %(command)s") % {"command": shlex.join(command)})
     for note in plan.notes:
-        print(f"- note: {note}")
+        print("- " + _("note: %(note)s") % {"note": note})
     for blocker in plan.blockers:
-        print(f"- would refuse: {blocker}")
+        print("- " + _("would refuse: %(why)s") % {"why": blocker})
 
 
 def cmd_install_service(args: argparse.Namespace) -> int:
     config_file = config_path(args.config) if args.config else DEFAULT_CONFIG
     if not config_file.is_file():
         raise CommandError(
-            f"no config at {config_file}: install it first (install -Dm644 config.example.toml"
-            f" {config_file}) and edit it"
+            _(
+                "no config at %(file)s: install it first (install -Dm644 config.example.toml"
+                " %(file)s) and edit it"
+            )
+            % {"file": config_file}
         )
     config_file = config_file.resolve()
     config = load_config(config_file)
@@ -223,50 +255,55 @@ def cmd_install_service(args: argparse.Namespace) -> int:
     if plan.blockers:
         raise CommandError(plan.blockers[0])
     if os.geteuid() != 0:
-        raise CommandError("install-service must run as root (or try --dry-run)")
+        raise CommandError(_("install-service must run as root (or try --dry-run)"))
     if shutil.which(SYSTEMD_CREDS) is None or shutil.which("systemctl") is None:
         raise CommandError(
-            "install-service needs systemd 250 or later (systemctl and systemd-creds)"
+            _("install-service needs systemd 250 or later (systemctl and systemd-creds)")
         )
     store = CredStore(credstore, seal="systemd-creds")
-    for name, _ in plan.seal:
+    for name, _source in plan.seal:
         value = lookup_secret(name) or new_master_key()
         try:
             where = store.set(name, value)
         except CredStoreError as exc:
-            raise CommandError(f"sealing {name}: {exc}") from None
-        print(f"secret {name}: {where}")
+            raise CommandError(
+                _("sealing %(name)s: %(why)s") % {"name": name, "why": exc}
+            ) from None
+        print(_("secret %(name)s: %(where)s") % {"name": name, "where": where})
     plan.unit_path.parent.mkdir(parents=True, exist_ok=True)
     tmp = plan.unit_path.with_name(f".{UNIT_NAME}.tmp")
     tmp.write_text(plan.unit, encoding="utf-8")
     tmp.chmod(0o644)
     os.replace(tmp, plan.unit_path)
-    print(f"unit {plan.unit_path}: written")
+    print(_("unit %(file)s: written") % {"file": plan.unit_path})
     for command in plan.commands:
-        print(f"running: {shlex.join(command)}")
+        print(_("running: %(command)s") % {"command": shlex.join(command)})
         result = subprocess.run(command, check=False)
         if result.returncode != 0:
-            raise CommandError(f"{command[0]} failed (exit {result.returncode}); see above")
+            raise CommandError(
+                _("%(program)s failed (exit %(code)d); see above")
+                % {"program": command[0], "code": result.returncode}
+            )
     for note in plan.notes:
-        print(f"note: {note}")
-    print("kami-agent is running: `systemctl status kami-agent`, `journalctl -u kami-agent -f`")
+        print(_("note: %(note)s") % {"note": note})
+    print(_("kami-agent is running: `systemctl status kami-agent`, `journalctl -u kami-agent -f`"))
     return 0
 
 
 def add_parser(sub: Any) -> None:
     parser = sub.add_parser(
         "install-service",
-        help="install and start the hardened systemd service (root)",
-        description=__doc__.split("\n\n")[1] if __doc__ else None,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
+        help=_("install and start the hardened systemd service (root)"),
+        description=_(DESCRIPTION),
+        formatter_class=RawDescriptionHelpFormatter,
     )
-    parser.add_argument("--dry-run", action="store_true", help="print the plan, change nothing")
+    parser.add_argument("--dry-run", action="store_true", help=_("print the plan, change nothing"))
     parser.add_argument(
-        "--credstore", default=str(DEFAULT_CREDSTORE), help="where the sealed secrets go"
+        "--credstore", default=str(DEFAULT_CREDSTORE), help=_("where the sealed secrets go")
     )
     parser.add_argument("--unit-dir", default="/etc/systemd/system", help=argparse.SUPPRESS)
-    parser.add_argument("--bin", help="the kami-agent program the unit runs (default: this one)")
+    parser.add_argument("--bin", help=_("the kami-agent program the unit runs (default: this one)"))
     parser.add_argument(
-        "--no-start", dest="start", action="store_false", help="enable, do not start now"
+        "--no-start", dest="start", action="store_false", help=_("enable, do not start now")
     )
     parser.set_defaults(func=cmd_install_service)

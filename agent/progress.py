@@ -8,7 +8,7 @@ import time
 from collections.abc import Callable
 from typing import TextIO
 
-from agent.forecast import format_duration
+from agent.i18n import ENGLISH, Translator, duration
 
 
 class Progress:
@@ -20,7 +20,9 @@ class Progress:
         interactive: bool | None = None,
         every: float = 10.0,
         clock: Callable[[], float] = time.monotonic,
+        translator: Translator | None = None,
     ) -> None:
+        self._ = translator or Translator(ENGLISH)
         self.total = max(total, 0)
         self.what = what
         self.stream = stream or sys.stderr
@@ -38,9 +40,11 @@ class Progress:
         parts = [f"{done:,}/{self.total:,} {self.what}"]
         if self.total:
             parts[0] += f" ({min(100, 100 * done // self.total)}%)"
-        parts.append(f"{rate:,.0f}/s")
+        _ = self._
+        parts.append(_("%(n)s/s") % {"n": f"{rate:,.0f}"})
         if rate > 0 and self.total > done:
-            parts.append(f"ETA {format_duration((self.total - done) / rate)}")
+            left = duration(_, (self.total - done) / rate)
+            parts.append(_("ETA %(time)s") % {"time": left})
         return "  ".join(parts)
 
     def update(self, done: int) -> None:
@@ -61,5 +65,5 @@ class Progress:
         if self.interactive:
             self.stream.write(f"\r  {self.line(done)}\x1b[K")
         else:
-            self.stream.write(f"progress: {self.line(done)}\n")
+            self.stream.write(self._("progress: %(line)s") % {"line": self.line(done)} + "\n")
         self.stream.flush()

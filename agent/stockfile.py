@@ -25,6 +25,7 @@ from pathlib import Path
 from typing import IO, Any
 
 from agent.domain import AgentError, CardItem
+from agent.i18n import ENGLISH, N_, Translator
 
 MAX_FIELD_LENGTH = 512
 MAX_SAMPLES = 10
@@ -63,12 +64,13 @@ _NORMALISE = re.compile(r"[\s_\-.:()（）\[\]：]+")
 # A field made of words only (any script), no digits: what a header cell looks like.
 _WORDY = re.compile(r"^[^\W\d]+(?:[ _\-./][^\W\d]+)*$")
 
+# (byte order mark, codec, how the report describes the file: translated where shown)
 _BOMS = (
-    (codecs.BOM_UTF32_LE, "utf-32", "UTF-32 (BOM)"),
-    (codecs.BOM_UTF32_BE, "utf-32", "UTF-32 (BOM)"),
-    (codecs.BOM_UTF8, "utf-8-sig", "UTF-8 (BOM)"),
-    (codecs.BOM_UTF16_LE, "utf-16", "UTF-16 (BOM, Excel Unicode text)"),
-    (codecs.BOM_UTF16_BE, "utf-16", "UTF-16 (BOM)"),
+    (codecs.BOM_UTF32_LE, "utf-32", N_("UTF-32 (BOM)")),
+    (codecs.BOM_UTF32_BE, "utf-32", N_("UTF-32 (BOM)")),
+    (codecs.BOM_UTF8, "utf-8-sig", N_("UTF-8 (BOM)")),
+    (codecs.BOM_UTF16_LE, "utf-16", N_("UTF-16 (BOM, Excel Unicode text)")),
+    (codecs.BOM_UTF16_BE, "utf-16", N_("UTF-16 (BOM)")),
 )
 
 
@@ -84,6 +86,8 @@ class Rejections:
     by_reason: dict[str, list[list[int]]] = field(default_factory=dict)
     counts: dict[str, int] = field(default_factory=dict)
     sink: IO[str] | None = None  # every rejected line, one `line,reason` row, when asked
+    # The reasons arrive already in the merchant's language; the report's own words too.
+    translator: Translator = field(default_factory=lambda: Translator(ENGLISH))
 
     def add(self, line: int, why: str) -> None:
         self.total += 1
@@ -103,9 +107,17 @@ class Rejections:
             shown = ", ".join(str(a) if a == b else f"{a}-{b}" for a, b in runs)
             listed = sum(b - a + 1 for a, b in runs)
             more = self.counts[why] - listed
-            tail = f", and {more} more" if more else ""
-            word = "line" if self.counts[why] == 1 else "lines"
-            out.append(f"{word} {shown}{tail}: {why} ({self.counts[why]})")
+            _ = self.translator
+            if more:
+                shown = _("%(lines)s, and %(n)d more") % {"lines": shown, "n": more}
+            out.append(
+                _.ngettext(
+                    "line %(lines)s: %(why)s (%(n)d)",
+                    "lines %(lines)s: %(why)s (%(n)d)",
+                    self.counts[why],
+                )
+                % {"lines": shown, "why": why, "n": self.counts[why]}
+            )
         return out
 
 
@@ -214,6 +226,8 @@ class StockFileReader:
     expiring: int = 0  # keys with an expiry date still ahead (stored with the key)
     described: str = ""  # how the file was read, for the report
     stop_requested: bool = False
+    # The merchant's language for reasons, skipped rows and errors (the CLI's, the console's).
+    translator: Translator = field(default_factory=lambda: Translator(ENGLISH))
     _kind: str | None = None  # "text" | "xlsx"
     _columns: Columns | None = None
     _first_is_header: bool = False
@@ -230,7 +244,14 @@ class StockFileReader:
         for why, runs in self.rejections.by_reason.items():
             for a, b in runs:
                 out.extend((n, why) for n in range(a, min(b, a + MAX_SAMPLES) + 1))
-        return [f"line {n}: {why}" for n, why in sorted(out)[:MAX_SAMPLES]]
+        return [
+            self._("line %(n)d: %(why)s") % {"n": n, "why": why}
+            for n, why in sorted(out)[:MAX_SAMPLES]
+        ]
+
+    @property
+    def _(self) -> Translator:
+        return self.translator
 
     def prepare(self) -> None:
         """Opens the file and decides its format, encoding and header; raises StockFileError
@@ -257,6 +278,7 @@ class StockFileReader:
     def __iter__(self) -> Iterator[CardItem]:
         if self._kind is None:
             self._decide(strict=False)
+        self.rejections.translator = self.translator
         started = False
         for number, fields in self._rows():
             self.lines_read = number
@@ -291,42 +313,51 @@ class StockFileReader:
 
     # --- deciding how to read --------------------------------------------------------------
     def _decide(self, *, strict: bool) -> None:
+        _, file = self._, {"file": self.path}
         if not self.path.exists():
-            raise StockFileError(f"stock file {self.path} does not exist")
+            raise StockFileError(_("stock file %(file)s does not exist") % file)
         if self.path.is_dir():
-            raise StockFileError(f"stock file {self.path} is a directory, not a file")
+            raise StockFileError(_("stock file %(file)s is a directory, not a file") % file)
         if not self.path.is_file():
-            raise StockFileError(f"stock file {self.path} is not a regular file")
+            raise StockFileError(_("stock file %(file)s is not a regular file") % file)
         try:
             with self.path.open("rb") as handle:
                 head = handle.read(8)
         except OSError as exc:
-            raise StockFileError(f"cannot read stock file {self.path}: {_why(exc)}") from None
+            raise StockFileError(self._unreadable(exc)) from None
         if head.startswith(b"\xd0\xcf\x11\xe0"):
             raise StockFileError(
-                f"{self.path} is an old Excel .xls workbook: save it as .xlsx or CSV (UTF-8)"
+                _("%(file)s is an old Excel .xls workbook: save it as .xlsx or CSV (UTF-8)") % file
             )
         if head.startswith(b"PK\x03\x04"):
             self._kind = "xlsx"
-            self.described = "Excel workbook"
+            self.described = _("Excel workbook")
         else:
             self._kind = "text"
             self._choose_encoding(head, strict=strict)
         self._decide_header(strict=strict)
 
+    def _unreadable(self, exc: OSError) -> str:
+        return self._("cannot read stock file %(file)s: %(why)s") % {
+            "file": self.path,
+            "why": _why(exc),
+        }
+
     def _choose_encoding(self, head: bytes, *, strict: bool) -> None:
+        _ = self._
         if self.encoding is not None:
             try:
                 self.encoding = codecs.lookup(self.encoding).name
             except LookupError:
                 raise StockFileError(
-                    f"unknown encoding {self.encoding!r} (e.g. utf-8, gb18030, utf-16)"
+                    _("unknown encoding %(name)r (e.g. utf-8, gb18030, utf-16)")
+                    % {"name": self.encoding}
                 ) from None
-            self.described = f"{self.encoding} (as asked)"
+            self.described = _("%(encoding)s (as asked)") % {"encoding": self.encoding}
             return
         for bom, name, text in _BOMS:
             if head.startswith(bom):
-                self.encoding, self.described = name, text
+                self.encoding, self.described = name, _(text)
                 return
         utf8_ok = utf8_bad = gb_ok = 0
         nul = False
@@ -351,20 +382,25 @@ class StockFileReader:
                         pass
         if nul and strict:
             raise StockFileError(
-                f"{self.path} holds NUL bytes: UTF-16 without a byte order mark? Pass "
-                "--encoding utf-16-le (or utf-16-be), or save it as UTF-8"
+                _(
+                    "%(file)s holds NUL bytes: UTF-16 without a byte order mark? Pass"
+                    " --encoding utf-16-le (or utf-16-be), or save it as UTF-8"
+                )
+                % {"file": self.path}
             )
         if not utf8_ok and gb_ok and gb_ok == utf8_bad:
-            self.encoding, self.described = "gb18030", "GBK/GB18030 (detected)"
+            self.encoding, self.described = "gb18030", _("GBK/GB18030 (detected)")
             return
         # No line reads as GB either: UTF-8 with broken lines, which are rejected one by one.
         if not utf8_bad or not gb_ok or not strict:
             self.encoding, self.described = "utf-8", "UTF-8"
             return
         raise StockFileError(
-            f"cannot tell the encoding of {self.path}: {utf8_ok} line(s) with non-ASCII text "
-            f"read as UTF-8 and {utf8_bad} do not (GBK?); pass --encoding utf-8 or "
-            "--encoding gb18030"
+            _(
+                "cannot tell the encoding of %(file)s: %(ok)d line(s) with non-ASCII text read"
+                " as UTF-8 and %(bad)d do not (GBK?); pass --encoding utf-8 or --encoding gb18030"
+            )
+            % {"file": self.path, "ok": utf8_ok, "bad": utf8_bad}
         )
 
     def _decide_header(self, *, strict: bool) -> None:
@@ -399,8 +435,11 @@ class StockFileReader:
         )
         if doubtful and strict:
             raise StockFileError(
-                f"the first row of {self.path} may be a header (no digits, unlike the next "
-                "row): pass --header to skip it, or --no-header to import it as a key"
+                self._(
+                    "the first row of %(file)s may be a header (no digits, unlike the next row):"
+                    " pass --header to skip it, or --no-header to import it as a key"
+                )
+                % {"file": self.path}
             )
 
     # --- reading rows -------------------------------------------------------------------------
@@ -408,7 +447,7 @@ class StockFileReader:
         try:
             return self.path.open("rb")
         except OSError as exc:
-            raise StockFileError(f"cannot read stock file {self.path}: {_why(exc)}") from None
+            raise StockFileError(self._unreadable(exc)) from None
 
     def _text(self) -> io.TextIOWrapper:
         # Undecodable bytes become U+FFFD: such a line is rejected, the rest read on.
@@ -427,25 +466,33 @@ class StockFileReader:
                     # a comment line is no row, whatever it holds
                     yield number, [] if stripped.startswith("#") else _split(stripped)
         except OSError as exc:
-            raise StockFileError(f"cannot read stock file {self.path}: {_why(exc)}") from None
+            raise StockFileError(self._unreadable(exc)) from None
 
     def _worksheet(self) -> tuple[Any, Any]:
         try:
             import openpyxl
         except ImportError:
             raise StockFileError(
-                "reading .xlsx needs openpyxl: pip install 'kami-agent[xlsx]' (or save the "
-                "sheet as CSV UTF-8)"
+                self._(
+                    "reading .xlsx needs openpyxl: pip install 'kami-agent[xlsx]' (or save the"
+                    " sheet as CSV UTF-8)"
+                )
             ) from None
         try:
             book = openpyxl.load_workbook(self.path, read_only=True, data_only=True)
         except (OSError, zipfile.BadZipFile, KeyError, ValueError) as exc:
-            raise StockFileError(f"{self.path} is not a readable .xlsx workbook: {exc}") from None
+            raise StockFileError(
+                self._("%(file)s is not a readable .xlsx workbook: %(why)s")
+                % {"file": self.path, "why": exc}
+            ) from None
         if self.sheet is None:
             return book, book.worksheets[0]
         if self.sheet not in book.sheetnames:
             names = ", ".join(book.sheetnames)
-            raise StockFileError(f"{self.path} has no sheet {self.sheet!r} (it has: {names})")
+            raise StockFileError(
+                self._("%(file)s has no sheet %(sheet)r (it has: %(names)s)")
+                % {"file": self.path, "sheet": self.sheet, "names": names}
+            )
         return book, book[self.sheet]
 
     def _sheet_rows(self) -> Iterator[tuple[int, list[Any]]]:
@@ -462,20 +509,26 @@ class StockFileReader:
     # --- one row ------------------------------------------------------------------------------
     def _skip_header(self, number: int, fields: Sequence[Any], *, show: bool) -> None:
         """`show`: only header words, which are safe to print (never a key)."""
-        shown = ",".join(str(f) for f in fields)[:80] if show else "as asked with --header"
-        self.skipped.append(f"line {number}: header row ({shown})")
+        _ = self._
+        shown = ",".join(str(f) for f in fields)[:80] if show else _("as asked with --header")
+        self.skipped.append(_("line %(n)d: header row (%(shown)s)") % {"n": number, "shown": shown})
 
     def _reject(self, number: int, why: str) -> None:
         self.rejections.add(number, why)
 
     def _cell(self, number: int, value: Any, what: str) -> str | None:
-        """A cell as text; None (rejected) when it cannot be a key's text."""
+        """A cell as text; None (rejected) when it cannot be a key's text. `what`: the
+        column's name, already in the merchant's language."""
         if value is None:
             return ""
         if isinstance(value, str):
             return value
         if isinstance(value, bool | datetime | date):
-            self._reject(number, f"the {what} cell holds a date or a truth value, not text")
+            self._reject(
+                number,
+                self._("the %(column)s cell holds a date or a truth value, not text")
+                % {"column": what},
+            )
             return None
         if isinstance(value, int):
             return str(value)
@@ -483,48 +536,57 @@ class StockFileReader:
             if value.is_integer() and abs(value) >= EXCEL_DIGITS:
                 self._reject(
                     number,
-                    f"the {what} is a number of 16 or more digits, of which Excel keeps 15 "
-                    "(format the column as text and enter the keys again)",
+                    self._(
+                        "the %(column)s is a number of 16 or more digits, of which Excel keeps 15"
+                        " (format the column as text and enter the keys again)"
+                    )
+                    % {"column": what},
                 )
                 return None
             return str(int(value)) if value.is_integer() else repr(value)
         return str(value)
 
     def _item(self, number: int, fields: list[Any]) -> CardItem | None:
+        _ = self._
         columns = self._columns if self._columns is not None else _positional(len(fields))
         if columns is None or len(fields) > columns.width:
-            expected = "secret; code,secret; or code,secret,expiry"
-            self._reject(number, f"{len(fields)} fields (expected {expected})")
+            self._reject(
+                number,
+                _("%(n)d fields (expected secret; code,secret; or code,secret,expiry)")
+                % {"n": len(fields)},
+            )
             return None
         fields = fields + [None] * (columns.width - len(fields))
-        code = self._cell(number, fields[columns.code], "code") if columns.code >= 0 else ""
-        secret = self._cell(number, fields[columns.secret], "secret")
+        code = self._cell(number, fields[columns.code], _("code")) if columns.code >= 0 else ""
+        secret = self._cell(number, fields[columns.secret], _("secret"))
         if code is None or secret is None:
             return None
         code, secret = code.strip(), secret.strip()
         if columns.expiry >= 0 and fields[columns.expiry] not in (None, ""):
             expires = parse_expiry(fields[columns.expiry])
             if expires is None:
-                self._reject(number, "the expiry field is not a date (YYYY-MM-DD)")
+                self._reject(number, _("the expiry field is not a date (YYYY-MM-DD)"))
                 return None
             if _is_past(expires, self.now):
-                self._reject(number, "expired")
+                self._reject(number, _("expired"))
                 return None
             self.expiring += 1
             expires_at: float | None = expires.timestamp()
         else:
             expires_at = None
         if not secret:
-            self._reject(number, "empty secret")
+            self._reject(number, _("empty secret"))
             return None
         if len(secret) > MAX_FIELD_LENGTH or len(code) > MAX_FIELD_LENGTH:
-            self._reject(number, f"longer than {MAX_FIELD_LENGTH} characters")
+            self._reject(number, _("longer than %(n)d characters") % {"n": MAX_FIELD_LENGTH})
             return None
         if "\ufffd" in code + secret:
-            self._reject(number, f"not valid {self.encoding or 'text'}")
+            self._reject(
+                number, _("not valid %(encoding)s") % {"encoding": self.encoding or "text"}
+            )
             return None
         if any(ch < " " or "\x7f" <= ch <= "\x9f" for ch in code + secret):
-            self._reject(number, "contains control characters")
+            self._reject(number, _("contains control characters"))
             return None
         return CardItem(code=code, secret=secret, expires_at=expires_at)
 

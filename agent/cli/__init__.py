@@ -16,6 +16,7 @@ from collections.abc import Callable, Sequence
 
 from agent.cli import ops, orders, secret_cmds, stock
 from agent.cli.common import CommandError, _
+from agent.cli.language import ArgumentParser, early_language, speak_argparse
 from agent.config import ConfigError
 from agent.credstore import CredStoreError
 from agent.domain import AgentError
@@ -36,13 +37,25 @@ def version() -> str:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="kami-agent", description=__doc__.split("\n\n")[0])
-    parser.add_argument("--version", action="version", version=f"kami-agent {version()}")
+    parser = ArgumentParser(
+        prog="kami-agent",
+        description=_(
+            "Command line: init, run, demo, check, status, stock, orders, notify, secrets,"
+            " keys, install-service."
+        ),
+    )
+    parser.add_argument(
+        "--version",
+        action="version",
+        version=f"kami-agent {version()}",
+        help=_("show program's version number and exit"),
+    )
     parser.add_argument(
         "-c",
         "--config",
-        help="config file (default: $KAMI_AGENT_CONFIG, "
-        "./config.toml, /etc/kami-agent/config.toml)",
+        help=_(
+            "config file (default: $KAMI_AGENT_CONFIG, ./config.toml, /etc/kami-agent/config.toml)"
+        ),
     )
     sub = parser.add_subparsers(dest="command", required=True)
     ops.add_parsers(sub)
@@ -72,6 +85,10 @@ def _error(text: str) -> None:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
+    # The language first: the parser's help and argparse's errors speak it too.
+    _.switch(early_language(argv))
+    speak_argparse(_)
     args = build_parser().parse_args(argv)
     func: Callable[[argparse.Namespace], int] = args.func
     try:

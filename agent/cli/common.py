@@ -98,7 +98,7 @@ def bounded_int(low: int, high: int, unit: str = "") -> Callable[[str], int]:
 
 
 def add_json_flag(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    parser.add_argument("--json", action="store_true", help=_("print JSON instead of a table"))
 
 
 def print_json(data: Any) -> None:

@@ -401,48 +401,53 @@ def cmd_completion(args: argparse.Namespace) -> int:
 
 
 def add_parsers(sub: Any) -> None:
-    init = sub.add_parser("init", help="create the ledger (once, after `keys init`)")
+    init = sub.add_parser("init", help=_("create the ledger (once, after `keys init`)"))
     init.add_argument(
         "--adopt",
         action="store_true",
-        help="record again the lost identity file of this shop's existing ledger",
+        help=_("record again the lost identity file of this shop's existing ledger"),
     )
     init.set_defaults(func=cmd_init)
-    sub.add_parser("run", help="run the daemon in the foreground").set_defaults(func=cmd_run)
-    demo = sub.add_parser("demo", help="run against the embedded sandbox platform")
+    sub.add_parser("run", help=_("run the daemon in the foreground")).set_defaults(func=cmd_run)
+    demo = sub.add_parser("demo", help=_("run against the embedded sandbox platform"))
     demo.add_argument(
-        "--orders", type=bounded_int(0, 1_000_000), default=150, help="orders in the steady stream"
+        "--orders",
+        type=bounded_int(0, 1_000_000),
+        default=150,
+        help=_("orders in the steady stream"),
     )
     demo.add_argument(
-        "--burst", type=bounded_int(0, 1_000_000), default=500, help="orders in the burst"
+        "--burst", type=bounded_int(0, 1_000_000), default=500, help=_("orders in the burst")
     )
     demo.set_defaults(func=cmd_demo)
-    status = sub.add_parser("status", help="stock, sales rate, time to empty, open alerts")
+    status = sub.add_parser("status", help=_("stock, sales rate, time to empty, open alerts"))
     add_json_flag(status)
     status.set_defaults(func=cmd_status)
     sub.add_parser(
         "check",
-        help="validate config and secrets; test the ledger, every platform's and supplier's"
-        " credentials",
+        help=_(
+            "validate config and secrets; test the ledger, every platform's and supplier's"
+            " credentials"
+        ),
     ).set_defaults(func=cmd_check)
 
-    notify = sub.add_parser("notify", help="alert channels").add_subparsers(
+    notify = sub.add_parser("notify", help=_("alert channels")).add_subparsers(
         dest="notify_cmd", required=True
     )
-    test = notify.add_parser("test", help="send a test message on every alert channel")
-    test.add_argument("--channel", help="only this [notify.<name>] channel")
+    test = notify.add_parser("test", help=_("send a test message on every alert channel"))
+    test.add_argument("--channel", help=_("only this [notify.<name>] channel"))
     test.add_argument(
         "--timeout",
         type=bounded_int(1, 120, N_("seconds")),
         default=15,
-        help="seconds per channel",
+        help=_("seconds per channel"),
     )
     test.set_defaults(func=cmd_notify_test)
 
     completion = sub.add_parser(
         "completion",
-        help="print a shell completion script",
-        description="e.g. kami-agent completion bash > /etc/bash_completion.d/kami-agent",
+        help=_("print a shell completion script"),
+        description=_("e.g. kami-agent completion bash > /etc/bash_completion.d/kami-agent"),
     )
     completion.add_argument("shell", choices=["bash", "zsh", "tcsh"])
     completion.set_defaults(func=cmd_completion)

@@ -32,6 +32,7 @@ from agent.cli.common import (
 from agent.cli.common import with_store as run_with_store
 from agent.config import Config
 from agent.domain import CardItem, LineState, OrderLine
+from agent.i18n import N_
 from agent.store.base import Store
 from agent.textsafe import printable
 
@@ -86,10 +87,13 @@ def line_json(ln: OrderLine) -> dict[str, Any]:
 
 
 def _describe(ln: OrderLine) -> str:
-    return (
-        f"--line {ln.id} ({printable(ln.platform)}:{printable(ln.order_id)} line {ln.line},"
-        f" {printable(ln.sku)}, {ln.state})"
-    )
+    return _("--line %(id)d (%(order)s line %(line)d, %(sku)s, %(state)s)") % {
+        "id": ln.id,
+        "order": f"{printable(ln.platform)}:{printable(ln.order_id)}",
+        "line": ln.line,
+        "sku": printable(ln.sku),
+        "state": ln.state,
+    }
 
 
 @dataclass(frozen=True)
@@ -295,9 +299,11 @@ def _operator_action(name: str) -> Callable[[argparse.Namespace], int]:
             else:
                 updated = await store.resend_line(line.id, time.time())
             print(
-                f"order {printable(updated.platform)}:{printable(updated.order_id)} (line"
-                f" #{updated.id}): now {updated.state}; the running agent picks it up on its"
-                " next sweep"
+                _(
+                    "order %(order)s (line #%(line)d): now %(state)s; the running agent picks it"
+                    " up on its next sweep"
+                )
+                % _order_now(updated)
             )
             return 0
 
@@ -324,10 +330,7 @@ def _aftersales_action(name: str) -> Callable[[argparse.Namespace], int]:
                 updated = await with_aftersales(
                     config, store, lambda a: a.replace_key(line, args.reason, args.slot)
                 )
-            print(
-                f"order {printable(updated.platform)}:{printable(updated.order_id)} (line"
-                f" #{updated.id}): now {updated.state}"
-            )
+            print(_("order %(order)s (line #%(line)d): now %(state)s") % _order_now(updated))
             return 0
 
         return run_with_store(config, action)
@@ -335,52 +338,69 @@ def _aftersales_action(name: str) -> Callable[[argparse.Namespace], int]:
     return command
 
 
+def _order_now(line: OrderLine) -> dict[str, object]:
+    return {
+        "order": f"{printable(line.platform)}:{printable(line.order_id)}",
+        "line": line.id,
+        "state": line.state,
+    }
+
+
+def _sentence(text: str) -> str:
+    """A help line as a description's sentence: capitalised, with its full stop (Chinese has
+    no capitals and ends with 。)."""
+    if text.isascii():
+        return f"{text[0].upper()}{text[1:]}."
+    return f"{text}。"
+
+
 def _add_target(p: Any) -> None:
-    p.add_argument("id", nargs="?", help="platform order id, PLATFORM:ID, or '#N'")
-    p.add_argument("--platform", help="the platform the order id belongs to")
-    p.add_argument("--line", type=bounded_int(1, MAX_ROW_ID), help="the ledger line (the # column)")
+    p.add_argument("id", nargs="?", help=_("platform order id, PLATFORM:ID, or '#N'"))
+    p.add_argument("--platform", help=_("the platform the order id belongs to"))
+    p.add_argument(
+        "--line", type=bounded_int(1, MAX_ROW_ID), help=_("the ledger line (the # column)")
+    )
 
 
 def add_parsers(sub: Any) -> None:
-    orders = sub.add_parser("orders", help="orders in the ledger").add_subparsers(
+    orders = sub.add_parser("orders", help=_("orders in the ledger")).add_subparsers(
         dest="orders_cmd", required=True
     )
-    lst = orders.add_parser("list", help="recent order lines")
+    lst = orders.add_parser("list", help=_("recent order lines"))
     lst.add_argument("--state", choices=[s.value for s in LineState])
-    lst.add_argument("--limit", type=bounded_int(1, MAX_LIMIT, "lines"), default=50)
+    lst.add_argument("--limit", type=bounded_int(1, MAX_LIMIT, N_("lines")), default=50)
     add_json_flag(lst)
     lst.set_defaults(func=cmd_list)
+    naming = _(
+        "Name it by platform order id (ID or PLATFORM:ID or --platform P ID) or by ledger line"
+        " (--line N, or '#N')."
+    )
     for name, func, text in (
-        ("show", cmd_show, "an order and its audit trail"),
-        ("retry", _operator_action("retry"), "send a needs_attention order back to work"),
-        ("resend", _operator_action("resend"), "deliver the same keys again"),
+        ("show", cmd_show, _("an order and its audit trail")),
+        ("retry", _operator_action("retry"), _("send a needs_attention order back to work")),
+        ("resend", _operator_action("resend"), _("deliver the same keys again")),
     ):
-        p = orders.add_parser(
-            name,
-            help=text,
-            description=f"{text[0].upper()}{text[1:]}. Name it by platform order id (ID or"
-            " PLATFORM:ID or --platform P ID) or by ledger line (--line N, or '#N').",
-        )
+        p = orders.add_parser(name, help=text, description=f"{_sentence(text)} {naming}")
         _add_target(p)
         if name == "show":
             add_json_flag(p)
             p.add_argument(
                 "--reveal",
                 action="store_true",
-                help="also print the order's keys (recorded in its audit trail: who, when)",
+                help=_("also print the order's keys (recorded in its audit trail: who, when)"),
             )
         p.set_defaults(func=func)
     for name, text in (
-        ("refund", "refund an order through its platform; its keys stay bound"),
-        ("replace-key", "replace a bad key of a delivered order with a fresh one"),
+        ("refund", _("refund an order through its platform; its keys stay bound")),
+        ("replace-key", _("replace a bad key of a delivered order with a fresh one")),
     ):
-        p = orders.add_parser(name, help=text, description=f"{text[0].upper()}{text[1:]}.")
+        p = orders.add_parser(name, help=text, description=_sentence(text))
         _add_target(p)
-        p.add_argument("--reason", required=True, help="why (kept in the audit trail)")
+        p.add_argument("--reason", required=True, help=_("why (kept in the audit trail)"))
         if name == "replace-key":
             p.add_argument(
                 "--slot",
                 type=bounded_int(0, 10_000),
-                help="which key of the order (0 = first); needed when it holds several",
+                help=_("which key of the order (0 = first); needed when it holds several"),
             )
         p.set_defaults(func=_aftersales_action(name))

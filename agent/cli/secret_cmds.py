@@ -11,6 +11,7 @@ from typing import Any
 
 from agent.cli.common import CommandError, _, config_path, load, with_store
 from agent.config import ConfigError, load_config
+from agent.i18n import N_
 from agent.keybox import new_master_key, parse_master_key
 from agent.secrets import (
     delete_secret,
@@ -131,50 +132,50 @@ def cmd_migrate_store(args: argparse.Namespace) -> int:
     return 0
 
 
-_STORE_HELP = (
+_STORE_HELP = N_(
     "where to keep it: the desktop keyring, or the sealed credential store (systemd-creds, else"
     " an encrypted 0600 file); default: the keyring when one works, else the credential store"
 )
 
 
 def add_parsers(sub: Any) -> None:
-    sec = sub.add_parser("secrets", help="named secrets (keyring or credential store)")
+    sec = sub.add_parser("secrets", help=_("named secrets (keyring or credential store)"))
     secs = sec.add_subparsers(dest="secrets_cmd", required=True)
-    sset = secs.add_parser("set", help="store a secret (prompted, or --stdin)")
-    sset.add_argument("name")
+    sset = secs.add_parser("set", help=_("store a secret (prompted, or --stdin)"))
+    sset.add_argument("name", help=_("the secret's name, as the config names it"))
     sset.add_argument("--stdin", action="store_true")
-    sset.add_argument("--store", choices=["keyring", "credstore"], help=_STORE_HELP)
+    sset.add_argument("--store", choices=["keyring", "credstore"], help=_(_STORE_HELP))
     sset.set_defaults(func=cmd_secrets_set)
-    sdel = secs.add_parser("delete", help="remove a stored secret")
-    sdel.add_argument("name")
+    sdel = secs.add_parser("delete", help=_("remove a stored secret"))
+    sdel.add_argument("name", help=_("the secret's name, as the config names it"))
     sdel.set_defaults(func=cmd_secrets_delete)
-    secs.add_parser("list-missing", help="secrets the config names but nobody stored").set_defaults(
-        func=cmd_secrets_list_missing
-    )
     secs.add_parser(
-        "where", help="where each secret the config names is found (never its value)"
+        "list-missing", help=_("secrets the config names but nobody stored")
+    ).set_defaults(func=cmd_secrets_list_missing)
+    secs.add_parser(
+        "where", help=_("where each secret the config names is found (never its value)")
     ).set_defaults(func=cmd_secrets_where)
 
     mig = sub.add_parser(
         "migrate-store",
-        help="copy a stopped agent's SQLite ledger into an empty PostgreSQL database",
+        help=_("copy a stopped agent's SQLite ledger into an empty PostgreSQL database"),
     )
     mig.add_argument("--from", dest="source", required=True, help="sqlite:/path/to/kami.db")
     mig.add_argument(
         "--to", dest="target", required=True, help="postgresql://user@host:port/database"
     )
-    mig.add_argument("--key", help="secret holding the store key (default: the config's)")
-    mig.add_argument("--password", help="secret holding the PostgreSQL password, if any")
+    mig.add_argument("--key", help=_("secret holding the store key (default: the config's)"))
+    mig.add_argument("--password", help=_("secret holding the PostgreSQL password, if any"))
     mig.set_defaults(func=cmd_migrate_store)
 
-    keys = sub.add_parser("keys", help="the encryption of card keys at rest").add_subparsers(
+    keys = sub.add_parser("keys", help=_("the encryption of card keys at rest")).add_subparsers(
         dest="keys_cmd", required=True
     )
     kinit = keys.add_parser(
-        "init", help="generate and store the store master key (once, before `init`)"
+        "init", help=_("generate and store the store master key (once, before `init`)")
     )
-    kinit.add_argument("--store", choices=["keyring", "credstore"], help=_STORE_HELP)
+    kinit.add_argument("--store", choices=["keyring", "credstore"], help=_(_STORE_HELP))
     kinit.set_defaults(func=cmd_keys_init)
-    keys.add_parser("rotate", help="re-seal every card key with a fresh data key").set_defaults(
+    keys.add_parser("rotate", help=_("re-seal every card key with a fresh data key")).set_defaults(
         func=cmd_keys_rotate
     )

@@ -41,6 +41,7 @@ MIN_GAP, MAX_GAP = 0.01, 0.1  # seconds left to other writers between import tra
 # Voiding more keys than this asks first: `--count -1` once voided a whole SKU's stock.
 CONFIRM_ABOVE = 10
 MAX_KEYS = 100_000_000
+SKU_HELP = N_("the SKU, as in [skus] of the config")
 
 
 class _StopOnSignal:
@@ -103,7 +104,9 @@ def _open_rejects(path: str | None) -> Any:
 def cmd_import(args: argparse.Namespace) -> int:
     config = load(args)
     path = Path(args.file)
-    reader = StockFileReader(path, encoding=args.encoding, header=args.header, sheet=args.sheet)
+    reader = StockFileReader(
+        path, encoding=args.encoding, header=args.header, sheet=args.sheet, translator=_
+    )
     reader.prepare()
     if args.sku not in config.skus:
         print(
@@ -117,7 +120,7 @@ def cmd_import(args: argparse.Namespace) -> int:
     rejects = _open_rejects(args.rejects)
     reader.rejections.sink = rejects
     total = reader.count_lines()
-    progress = Progress(total, _("lines"))
+    progress = Progress(total, _("lines"), translator=_)
     started = time.monotonic()
     source = f"import:{path.name}"
 
@@ -189,8 +192,12 @@ def _print_import(
         print("  " + _("rejected %(what)s") % {"what": printable(line)})
     if reader.expiring:
         print(
-            f"  {reader.expiring} key(s) carry an expiry date, stored with them: a key is never"
-            " delivered once its date has passed (expired ones in the file were rejected)"
+            "  "
+            + _(
+                "%(n)d key(s) carry an expiry date, stored with them: a key is never delivered"
+                " once its date has passed (expired ones in the file were rejected)"
+            )
+            % {"n": reader.expiring}
         )
     if reader.stop_requested:
         print(
@@ -316,13 +323,15 @@ def cmd_unvoid(args: argparse.Namespace) -> int:
         count = await store.unvoid_keys(args.sku, args.reason, args.count, time.time())
         if count == 0:
             raise CommandError(
-                f"{printable(args.sku)} has no keys voided as {printable(args.reason)!r} that"
-                " can return to stock (the reason must match exactly; keys once bound to an"
-                " order stay void)"
+                _(
+                    "%(sku)s has no keys voided as %(reason)r that can return to stock (the"
+                    " reason must match exactly; keys once bound to an order stay void)"
+                )
+                % {"sku": printable(args.sku), "reason": printable(args.reason)}
             )
         print(
-            f"{printable(args.sku)}: {count} key(s) voided as {printable(args.reason)!r}"
-            " are free again"
+            _("%(sku)s: %(n)d key(s) voided as %(reason)r are free again")
+            % {"sku": printable(args.sku), "n": count, "reason": printable(args.reason)}
         )
         return 0
 
@@ -330,70 +339,77 @@ def cmd_unvoid(args: argparse.Namespace) -> int:
 
 
 def add_parsers(sub: Any) -> None:
-    stock = sub.add_parser("stock", help="card key stock").add_subparsers(
+    stock = sub.add_parser("stock", help=_("card key stock")).add_subparsers(
         dest="stock_cmd", required=True
     )
     imp = stock.add_parser(
         "import",
-        help="import keys: one per line, CSV code,secret[,expiry], or .xlsx",
-        description="Reads UTF-8, UTF-16/32 with BOM, GBK/GB18030 (detected) and .xlsx;"
-        " skips header rows; reports every rejected line by number (never its content).",
+        help=_("import keys: one per line, CSV code,secret[,expiry], or .xlsx"),
+        description=_(
+            "Reads UTF-8, UTF-16/32 with BOM, GBK/GB18030 (detected) and .xlsx; skips header"
+            " rows; reports every rejected line by number (never its content)."
+        ),
     )
-    imp.add_argument("sku")
-    imp.add_argument("file")
-    imp.add_argument("--encoding", help="the file's encoding when detection cannot tell")
+    imp.add_argument("sku", help=_(SKU_HELP))
+    imp.add_argument("file", help=_("the stock file"))
+    imp.add_argument("--encoding", help=_("the file's encoding when detection cannot tell"))
     head = imp.add_mutually_exclusive_group()
     head.add_argument(
-        "--header", dest="header", action="store_const", const=True, help="skip the first row"
+        "--header", dest="header", action="store_const", const=True, help=_("skip the first row")
     )
     head.add_argument(
         "--no-header",
         dest="header",
         action="store_const",
         const=False,
-        help="the first row is a key too",
+        help=_("the first row is a key too"),
     )
-    imp.add_argument("--sheet", help=".xlsx: the sheet to read (default: the first)")
+    imp.add_argument("--sheet", help=_(".xlsx: the sheet to read (default: the first)"))
     imp.add_argument(
-        "--rejects", metavar="FILE", help="write every rejected line number and why to FILE"
+        "--rejects", metavar="FILE", help=_("write every rejected line number and why to FILE")
     )
     imp.add_argument(
         "--batch",
         type=bounded_int(100, 20_000, N_("keys")),
         default=IMPORT_CHUNK,
-        help=f"keys per ledger transaction (default {IMPORT_CHUNK:,}; smaller: a running"
-        " daemon waits less for the ledger, the import takes longer)",
+        help=_(
+            "keys per ledger transaction (default %(n)s; smaller: a running daemon waits less"
+            " for the ledger, the import takes longer)"
+        )
+        % {"n": f"{IMPORT_CHUNK:,}"},
     )
     imp.set_defaults(func=cmd_import, header=None)
 
-    lst = stock.add_parser("list", help="key counts per SKU")
+    lst = stock.add_parser("list", help=_("key counts per SKU"))
     add_json_flag(lst)
     lst.set_defaults(func=cmd_list)
 
-    export = stock.add_parser("export", help="write keys IN CLEAR to a new CSV file (0600)")
-    export.add_argument("sku")
-    export.add_argument("file")
+    export = stock.add_parser("export", help=_("write keys IN CLEAR to a new CSV file (0600)"))
+    export.add_argument("sku", help=_(SKU_HELP))
+    export.add_argument("file", help=_("the CSV file to create"))
     export.add_argument("--state", choices=[s.value for s in KeyState], default="free")
     export.set_defaults(func=cmd_export)
 
-    void = stock.add_parser("void", help="take free keys out of stock, with a reason")
-    void.add_argument("sku")
+    void = stock.add_parser("void", help=_("take free keys out of stock, with a reason"))
+    void.add_argument("sku", help=_(SKU_HELP))
     void.add_argument(
         "--count",
         type=bounded_int(1, MAX_KEYS, N_("keys")),
-        help="how many free keys (oldest first)",
+        help=_("how many free keys (oldest first)"),
     )
-    void.add_argument("--all", action="store_true", help="every free key of the SKU")
+    void.add_argument("--all", action="store_true", help=_("every free key of the SKU"))
     void.add_argument("--reason", required=True)
     void.add_argument(
-        "--yes", action="store_true", help=f"confirm voiding more than {CONFIRM_ABOVE} keys"
+        "--yes",
+        action="store_true",
+        help=_("confirm voiding more than %(n)d keys") % {"n": CONFIRM_ABOVE},
     )
     void.set_defaults(func=cmd_void)
 
     unvoid = stock.add_parser(
-        "unvoid", help="return keys voided by mistake to stock (never keys that were bound)"
+        "unvoid", help=_("return keys voided by mistake to stock (never keys that were bound)")
     )
-    unvoid.add_argument("sku")
-    unvoid.add_argument("--reason", required=True, help="the reason they were voided with")
-    unvoid.add_argument("--count", type=bounded_int(1, MAX_KEYS, "keys"))
+    unvoid.add_argument("sku", help=_(SKU_HELP))
+    unvoid.add_argument("--reason", required=True, help=_("the reason they were voided with"))
+    unvoid.add_argument("--count", type=bounded_int(1, MAX_KEYS, N_("keys")))
     unvoid.set_defaults(func=cmd_unvoid)
