@@ -20,7 +20,14 @@ from typing import Any, TypeVar
 from urllib.parse import urlparse
 
 from agent.domain import AgentError
-from agent.i18n import LANGUAGES, language_from_environment, normalise_language
+from agent.i18n import (
+    ENGLISH,
+    LANGUAGES,
+    N_,
+    Translator,
+    language_from_environment,
+    normalise_language,
+)
 from agent.secrets import env_var_for
 from agent.settings import (
     DEFAULT_DELIVERY_MESSAGE,
@@ -84,13 +91,17 @@ class ConfigError(AgentError):
 
 class Section:
     """Reads one TOML table, remembering which keys were used to reject typos. Adapters read
-    their own keys through it (see agent.platforms.KINDS)."""
+    their own keys through it (see agent.platforms.KINDS), and phrase their errors with its
+    translator `_`: the config's [agent] language, else the locale's."""
 
-    def __init__(self, source: Path, where: str, data: Any) -> None:
+    def __init__(
+        self, source: Path, where: str, data: Any, translator: Translator | None = None
+    ) -> None:
         self.source = source
         self.where = where
+        self._ = translator or Translator(language_from_environment())
         if not isinstance(data, dict):
-            raise self.error(None, f"must be a table, got {type(data).__name__}")
+            raise self.error(None, self._("must be a table, got %(type)s") % _type(data))
         self.data: dict[str, Any] = data
         self.used: set[str] = set()
 
@@ -98,12 +109,12 @@ class Section:
         name = f"{self.where}.{key}" if key and self.where else (key or self.where or "(top)")
         return ConfigError(f"{self.source}: {name}: {message}")
 
-    def missing(self, key: str, what: str = "is required") -> ConfigError:
+    def missing(self, key: str, what: str = N_("is required")) -> ConfigError:
         """`key` is absent; a key set in its place that looks like a typo of it is named."""
         unknown = [k for k in self.data if k not in self.used and k != key]
         close = difflib.get_close_matches(key, unknown, n=1, cutoff=0.6)
-        hint = f" ({close[0]} is set: a typo?)" if close else ""
-        return self.error(key, f"{what}{hint}")
+        hint = self._(" (%(key)s is set: a typo?)") % {"key": close[0]} if close else ""
+        return self.error(key, f"{self._(what)}{hint}")
 
     def _get(self, key: str) -> Any:
         self.used.add(key)
@@ -116,7 +127,7 @@ class Section:
                 raise self.missing(key)
             return default
         if not isinstance(value, str) or not value.strip():
-            raise self.error(key, f"must be a non-empty string, got {value!r}")
+            raise self.error(key, self._("must be a non-empty string, got %(value)r") % _v(value))
         return value
 
     def secret_name(self, key: str, default: str | None = None) -> str:
@@ -124,7 +135,7 @@ class Section:
         value = self._get(key)
         if value is None:
             if default is None:
-                raise self.missing(key, "is required (the name of a secret)")
+                raise self.missing(key, N_("is required (the name of a secret)"))
             return default
         return self.check_secret_name(key, value)
 
@@ -143,8 +154,11 @@ class Section:
         example = re.sub(r"[^a-z0-9_.-]", "-", f"{self.where}.{key}".lower()).strip(".")
         raise self.error(
             key,
-            "must be the NAME of a secret (words joined by dots, like "
-            f"{example}), not the secret itself; the value was not printed",
+            self._(
+                "must be the NAME of a secret (words joined by dots, like %(example)s), not the"
+                " secret itself; the value was not printed"
+            )
+            % {"example": example},
         )
 
     def optional_string(self, key: str) -> str | None:
@@ -152,7 +166,7 @@ class Section:
         if value is None:
             return None
         if not isinstance(value, str):
-            raise self.error(key, f"must be a string, got {value!r}")
+            raise self.error(key, self._("must be a string, got %(value)r") % _v(value))
         return value
 
     def number(
@@ -168,7 +182,7 @@ class Section:
         if value is None:
             return default
         if isinstance(value, bool) or not isinstance(value, int | float):
-            raise self.error(key, f"must be a number, got {value!r}")
+            raise self.error(key, self._("must be a number, got %(value)r") % _v(value))
         if not minimum <= value <= maximum:
             raise self._out_of_range(key, value, minimum, maximum, unit)
         return float(value)
@@ -180,7 +194,7 @@ class Section:
         if value is None:
             return default
         if isinstance(value, bool) or not isinstance(value, int):
-            raise self.error(key, f"must be a whole number, got {value!r}")
+            raise self.error(key, self._("must be a whole number, got %(value)r") % _v(value))
         if not minimum <= value <= maximum:
             raise self._out_of_range(key, value, minimum, maximum, unit)
         return value
@@ -188,15 +202,27 @@ class Section:
     def _out_of_range(
         self, key: str, value: float, minimum: float, maximum: float, unit: str | None
     ) -> ConfigError:
-        bounds = range_text(Spec("", unit, minimum, maximum), "and")
-        return self.error(key, f"must be between {bounds}, got {number_text(value)}")
+        if self._.language == ENGLISH:
+            bounds = range_text(Spec("", unit, minimum, maximum), "and")
+            return self.error(key, f"must be between {bounds}, got {number_text(value)}")
+        # The CLI's message for a number out of range (agent/cli/common.py), units translated.
+        return self.error(
+            key,
+            self._("must be between %(low)s and %(high)s%(unit)s, got %(text)s")
+            % {
+                "low": number_text(minimum),
+                "high": number_text(maximum),
+                "unit": f" {self._(unit)}" if unit else "",
+                "text": number_text(value),
+            },
+        )
 
     def boolean(self, key: str, default: bool) -> bool:
         value = self._get(key)
         if value is None:
             return default
         if not isinstance(value, bool):
-            raise self.error(key, f"must be true or false, got {value!r}")
+            raise self.error(key, self._("must be true or false, got %(value)r") % _v(value))
         return value
 
     def url(self, key: str, default: str | None = None) -> str:
@@ -207,14 +233,14 @@ class Section:
         value = self.string(key, required=True)
         parsed = urlparse(value)
         if parsed.scheme not in ("http", "https") or not parsed.hostname:
-            raise self.error(key, f"must be an http(s) URL, got {value!r}")
+            raise self.error(key, self._("must be an http(s) URL, got %(value)r") % _v(value))
         return value.rstrip("/")
 
     def choice(self, key: str, default: str, choices: tuple[str, ...]) -> str:
         """One of `choices`, in any case."""
         value = self.string(key, default).lower()
         if value not in choices:
-            raise self.error(key, f"must be one of {', '.join(choices)}, got {value!r}")
+            raise self.error(key, self._one_of(choices, value))
         return value
 
     def language(self, key: str, default: str | None) -> str | None:
@@ -225,8 +251,14 @@ class Section:
             return default
         found = normalise_language(raw)
         if found is None:
-            raise self.error(key, f"must be one of {', '.join(LANGUAGES)}, got {raw!r}")
+            raise self.error(key, self._one_of(LANGUAGES, raw))
         return found
+
+    def _one_of(self, choices: tuple[str, ...], value: str) -> str:
+        return self._("must be one of %(choices)s, got %(value)r") % {
+            "choices": ", ".join(choices),
+            "value": value,
+        }
 
     def strings(self, key: str) -> tuple[str, ...]:
         """A required, non-empty list of strings."""
@@ -234,7 +266,9 @@ class Section:
         if value is None:
             raise self.missing(key)
         if not isinstance(value, list) or not value or not all(isinstance(v, str) for v in value):
-            raise self.error(key, f"must be a non-empty list of strings, got {value!r}")
+            raise self.error(
+                key, self._("must be a non-empty list of strings, got %(value)r") % _v(value)
+            )
         return tuple(value)
 
     def string_list(self, key: str) -> tuple[str, ...]:
@@ -243,7 +277,9 @@ class Section:
         if value is None:
             return ()
         if not isinstance(value, list) or not all(isinstance(v, str) and v.strip() for v in value):
-            raise self.error(key, f"must be a list of non-empty strings, got {value!r}")
+            raise self.error(
+                key, self._("must be a list of non-empty strings, got %(value)r") % _v(value)
+            )
         return tuple(value)
 
     def decimal(self, key: str) -> Decimal | None:
@@ -254,9 +290,11 @@ class Section:
         try:
             value = Decimal(str(raw))
         except InvalidOperation:
-            raise self.error(key, f"must be a decimal amount, got {raw!r}") from None
+            raise self.error(
+                key, self._("must be a decimal amount, got %(value)r") % _v(raw)
+            ) from None
         if not value.is_finite() or value <= 0:
-            raise self.error(key, f"must be a positive amount, got {raw!r}")
+            raise self.error(key, self._("must be a positive amount, got %(value)r") % _v(raw))
         return value
 
     def table(self, key: str) -> dict[str, Any]:
@@ -264,7 +302,7 @@ class Section:
         if value is None:
             return {}
         if not isinstance(value, dict):
-            raise self.error(key, f"must be a table, got {type(value).__name__}")
+            raise self.error(key, self._("must be a table, got %(type)s") % _type(value))
         return value
 
     def reject_unknown(self) -> None:
@@ -274,9 +312,19 @@ class Section:
         key = unknown[0]
         close = difflib.get_close_matches(key, sorted(self.used), n=1, cutoff=0.6)
         hint = (
-            f"did you mean {close[0]}?" if close else f"known here: {', '.join(sorted(self.used))}"
+            self._("did you mean %(key)s?") % {"key": close[0]}
+            if close
+            else self._("known here: %(keys)s") % {"keys": ", ".join(sorted(self.used))}
         )
-        raise self.error(key, f"is not a known setting ({hint})")
+        raise self.error(key, self._("is not a known setting (%(hint)s)") % {"hint": hint})
+
+
+def _v(value: Any) -> dict[str, Any]:
+    return {"value": value}
+
+
+def _type(value: Any) -> dict[str, str]:
+    return {"type": type(value).__name__}
 
 
 # --- reading a settings type through its field metadata -------------------------------------
@@ -385,14 +433,20 @@ def _kind(s: Section, cls: type, what: str, default: str | None) -> str:
     kind = s.string("kind", default, required=default is None)
     if kind not in known:
         close = difflib.get_close_matches(kind, known, n=1)
-        hint = f"did you mean {close[0]!r}? " if close else ""
-        raise s.error("kind", f"unknown {what} kind {kind!r} ({hint}known: {', '.join(known)})")
+        _ = s._
+        hint = _("did you mean %(kind)r? ") % {"kind": close[0]} if close else ""
+        raise s.error(
+            "kind",
+            _("unknown %(what)s kind %(kind)r (%(hint)sknown: %(known)s)")
+            % {"what": _(what), "kind": kind, "hint": hint, "known": ", ".join(known)},
+        )
     return kind
 
 
 # --- the file ---------------------------------------------------------------------------------
-def decode_config(source: Path, raw: bytes) -> str:
+def decode_config(source: Path, raw: bytes, translator: Translator | None = None) -> str:
     """The file's text: UTF-8, with or without the BOM Windows editors write."""
+    _ = translator or Translator(language_from_environment())
     if raw.startswith(UTF8_BOM):
         raw = raw[len(UTF8_BOM) :]
     try:
@@ -400,59 +454,82 @@ def decode_config(source: Path, raw: bytes) -> str:
     except UnicodeDecodeError:
         pass
     if raw.startswith((b"\xff\xfe", b"\xfe\xff")):
-        cause = 'was saved as UTF-16 (Windows Notepad\'s "Unicode")'
+        cause = _('the config file was saved as UTF-16 (Windows Notepad\'s "Unicode")')
     else:
         try:
             raw.decode("gb18030")
-            cause = "was saved in a Chinese encoding (GBK/GB18030, ANSI on Chinese Windows)"
+            cause = _(
+                "the config file was saved in a Chinese encoding (GBK/GB18030, ANSI on Chinese"
+                " Windows)"
+            )
         except UnicodeDecodeError:
-            cause = "is not UTF-8 text"
+            cause = _("the config file is not UTF-8 text")
     raise ConfigError(
-        f"{source}: the config file {cause}; save it again as UTF-8 (in Notepad: Save as, "
-        f"Encoding: UTF-8), or convert it: iconv -f GBK -t UTF-8 {source.name} > config.utf8"
+        _(
+            "%(file)s: %(cause)s; save it again as UTF-8 (in Notepad: Save as, Encoding: UTF-8),"
+            " or convert it: iconv -f GBK -t UTF-8 %(name)s > config.utf8"
+        )
+        % {"file": source, "cause": cause, "name": source.name}
     )
 
 
 def load_config(path: Path | str) -> Config:
     source = Path(path)
+    # Before the file is read, its language is unknown: the locale's (as the CLI's).
+    _ = Translator(language_from_environment())
     try:
         raw = source.read_bytes()
     except OSError as exc:
-        raise ConfigError(f"{source}: cannot read config file: {exc.strerror or exc}") from None
+        raise ConfigError(
+            _("%(file)s: cannot read config file: %(why)s")
+            % {"file": source, "why": exc.strerror or exc}
+        ) from None
     try:
-        data = tomllib.loads(decode_config(source, raw))
+        data = tomllib.loads(decode_config(source, raw, _))
     except tomllib.TOMLDecodeError as exc:
-        raise ConfigError(f"{source}: invalid TOML: {exc}") from None
+        raise ConfigError(
+            _("%(file)s: invalid TOML: %(why)s") % {"file": source, "why": exc}
+        ) from None
     return parse_config(data, source)
 
 
+def config_translator(data: dict[str, Any]) -> Translator:
+    """The language errors in this config are phrased in: its [agent] language when that
+    names one of ours, else the locale's (as the setting's own default)."""
+    agent = data.get("agent")
+    value = agent.get("language") if isinstance(agent, dict) else None
+    found = normalise_language(value) if isinstance(value, str) else None
+    return Translator(found or language_from_environment())
+
+
 def parse_config(data: dict[str, Any], source: Path) -> Config:
-    top = Section(source, "", data)
-    agent = _parse_agent(Section(source, "agent", top.table("agent")))
-    store = _parse_store(Section(source, "store", top.table("store")), source)
-    log_section = Section(source, "log", top.table("log"))
+    tr = config_translator(data)
+    top = Section(source, "", data, tr)
+    agent = _parse_agent(Section(source, "agent", top.table("agent"), tr))
+    store = _parse_store(Section(source, "store", top.table("store"), tr), source)
+    log_section = Section(source, "log", top.table("log"), tr)
     log = read_settings(log_section, LogSettings)
     log_section.reject_unknown()
 
     platforms_table = top.table("platforms")
     if not platforms_table:
-        raise top.error("platforms", "at least one [platforms.<name>] table is required")
+        raise top.error("platforms", tr("at least one [platforms.<name>] table is required"))
     platforms = tuple(
-        _parse_platform(name, Section(source, f"platforms.{name}", value), top)
+        _parse_platform(name, Section(source, f"platforms.{name}", value, tr), top)
         for name, value in platforms_table.items()
     )
     suppliers = tuple(
-        _parse_supplier(name, Section(source, f"suppliers.{name}", value), top)
+        _parse_supplier(name, Section(source, f"suppliers.{name}", value, tr), top)
         for name, value in top.table("suppliers").items()
     )
     supplier_names = {s.name for s in suppliers}
     skus = {
-        sku: _parse_sku(sku, Section(source, f"skus.{sku}", value), top, supplier_names)
+        sku: _parse_sku(sku, Section(source, f"skus.{sku}", value, tr), top, supplier_names)
         for sku, value in top.table("skus").items()
     }
-    alerts = _parse_alerts(Section(source, "alerts", top.table("alerts")))
+    alerts = _parse_alerts(Section(source, "alerts", top.table("alerts"), tr))
     notify = tuple(
-        _parse_notify(name, Section(source, f"notify.{name}", value), top)
+        _parse_notify(name, Section(source, f"notify.{name}", value, tr), top)
         for name, value in top.table("notify").items()
     )
     from agent.console.settings import parse_interfaces  # it reads tables through Section
@@ -488,9 +565,12 @@ def _refuse_shared_env_vars(top: Section, config: Config) -> None:
         other = seen.setdefault(var, name)
         if other != name:
             raise ConfigError(
-                f"{top.source}: secret names {other!r} and {name!r} both map to the environment"
-                f" variable {var}: one value would serve both; rename one of them (letters,"
-                " digits and one kind of separator)"
+                top._(
+                    "%(file)s: secret names %(a)r and %(b)r both map to the environment variable"
+                    " %(var)s: one value would serve both; rename one of them (letters, digits and"
+                    " one kind of separator)"
+                )
+                % {"file": top.source, "a": other, "b": name, "var": var}
             )
 
 
@@ -505,7 +585,7 @@ def _parse_store(s: Section, source: Path) -> StoreSettings:
     raw_path = s.optional_string("path")
     url = s.optional_string("url")
     if (raw_path is None) == (url is None):
-        raise s.error(None, "needs exactly one of path (SQLite) or url (PostgreSQL)")
+        raise s.error(None, s._("needs exactly one of path (SQLite) or url (PostgreSQL)"))
     if url is not None:
         settings = _parse_postgres(s, url, key_secret)
         s.reject_unknown()
@@ -522,27 +602,32 @@ def _parse_store(s: Section, source: Path) -> StoreSettings:
 def _parse_postgres(s: Section, url: str, key_secret: str) -> StoreSettings:
     parsed = urlparse(url)
     if parsed.scheme not in ("postgresql", "postgres") or not parsed.hostname:
-        raise s.error("url", f"must be a postgresql://user@host:port/database URL, got {url!r}")
+        raise s.error(
+            "url",
+            s._("must be a postgresql://user@host:port/database URL, got %(value)r") % _v(url),
+        )
     if parsed.password:
         # Config files get copied around; the password lives in a secret instead.
         raise s.error(
             "url",
-            "must not contain a password; name a secret in store.password instead"
-            " (kami-agent secrets set <name>)",
+            s._(
+                "must not contain a password; name a secret in store.password instead"
+                " (kami-agent secrets set <name>)"
+            ),
         )
     return read_settings(s, StoreSettings, key_secret=key_secret, url=url, path=None)
 
 
 def _check_name(top: Section, table: str, name: str) -> None:
     if not _NAME_RE.match(name):
-        raise top.error(f"{table}.{name}", "name must be letters, digits, '.', '_' or '-'")
+        raise top.error(f"{table}.{name}", top._("name must be letters, digits, '.', '_' or '-'"))
 
 
 def _parse_platform(name: str, s: Section, top: Section) -> PlatformSettings:
     _check_name(top, "platforms", name)
     from agent.platforms import kind_module  # adapters import this module
 
-    kind = _kind(s, PlatformSettings, "platform", DEFAULT_KIND)
+    kind = _kind(s, PlatformSettings, N_("platform"), DEFAULT_KIND)
     shared = read_values(s, PlatformSettings, name=name, kind=kind, options=None)
     shared["options"] = kind_module(kind).parse_options(s)
     settings = PlatformSettings(**shared)
@@ -553,11 +638,12 @@ def _parse_platform(name: str, s: Section, top: Section) -> PlatformSettings:
 def _parse_supplier(name: str, s: Section, top: Section) -> SupplierSettings:
     if not _NAME_RE.match(name) or name == LOCAL_SOURCE:  # `local`: local stock in sources
         raise top.error(
-            f"suppliers.{name}", "name must be letters, digits, '.', '_' or '-' and not 'local'"
+            f"suppliers.{name}",
+            top._("name must be letters, digits, '.', '_' or '-' and not 'local'"),
         )
     from agent.suppliers import kind_module  # adapters import this module
 
-    kind = _kind(s, SupplierSettings, "supplier", DEFAULT_KIND)
+    kind = _kind(s, SupplierSettings, N_("supplier"), DEFAULT_KIND)
     shared = read_values(s, SupplierSettings, name=name, kind=kind, options=None)
     shared["options"] = kind_module(kind).parse_options(s)
     settings = SupplierSettings(**shared)
@@ -567,21 +653,28 @@ def _parse_supplier(name: str, s: Section, top: Section) -> SupplierSettings:
 
 def _parse_sku(sku: str, s: Section, top: Section, suppliers: set[str]) -> SkuSettings:
     if not sku.strip() or len(sku) > 128:
-        raise top.error(f"skus.{sku}", "SKU must be 1 to 128 characters")
+        raise top.error(f"skus.{sku}", top._("SKU must be 1 to 128 characters"))
     sources = s._get("sources")
     if sources is None:
         sources = list(field_default(SkuSettings, "sources"))
     if not isinstance(sources, list) or not sources or not all(isinstance(x, str) for x in sources):
-        raise s.error("sources", f"must be a non-empty list of names, got {sources!r}")
+        raise s.error(
+            "sources", s._("must be a non-empty list of names, got %(value)r") % _v(sources)
+        )
     for name in sources:
         if name != LOCAL_SOURCE and name not in suppliers:
-            raise s.error("sources", f"{name!r} is neither 'local' nor a [suppliers.*] name")
+            raise s.error(
+                "sources",
+                s._("%(name)r is neither 'local' nor a [suppliers.*] name") % {"name": name},
+            )
     if len(set(sources)) != len(sources):
-        raise s.error("sources", "lists a source twice")
+        raise s.error("sources", s._("lists a source twice"))
     supplier_skus = s.table("supplier_sku")
     for name, value in supplier_skus.items():
         if name not in suppliers or not isinstance(value, str) or not value:
-            raise s.error(f"supplier_sku.{name}", "must map a configured supplier to a product id")
+            raise s.error(
+                f"supplier_sku.{name}", s._("must map a configured supplier to a product id")
+            )
     settings = read_settings(
         s, SkuSettings, sku=sku, sources=tuple(sources), supplier_skus=dict(supplier_skus)
     )
@@ -599,7 +692,7 @@ def _parse_notify(name: str, s: Section, top: Section) -> NotifySettings:
     _check_name(top, "notify", name)
     from agent.notify import kind_module  # channel modules import this one
 
-    kind = _kind(s, NotifySettings, "channel", None)
+    kind = _kind(s, NotifySettings, N_("channel"), None)
     options = kind_module(kind).parse_options(s)
     s.reject_unknown()
     return NotifySettings(name=name, kind=kind, options=options)

@@ -34,7 +34,7 @@ def parse_listener(top: Section) -> ListenerSettings | None:
     """[listener], or None when absent or `enabled = false`."""
     if "listener" not in top.data:
         return None
-    s = Section(top.source, "listener", top.table("listener"))
+    s = Section(top.source, "listener", top.table("listener"), top._)
     enabled = s.boolean("enabled", True)
     host = s.string("host", "127.0.0.1")
     try:

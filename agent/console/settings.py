@@ -185,7 +185,7 @@ def parse_interfaces(top: Section, language: str | None = None) -> InterfaceSett
 
     def table(key: str) -> Section | None:
         data = top.table(key)
-        return Section(top.source, key, data) if key in top.data else None
+        return Section(top.source, key, data, top._) if key in top.data else None
 
     console = table("console")
     metrics = table("metrics")
