@@ -31,7 +31,7 @@ from typing import Any, TypeVar
 
 from agent.domain import OrderLine
 from agent.logs import get_logger
-from agent.store import guards, identity
+from agent.store import bound_journal, guards, identity
 from agent.store.base import (
     LedgerBusy,
     LedgerDataError,
@@ -44,7 +44,15 @@ from agent.store.ledger.core import Body, read
 from agent.store.ledger.responder import ResponderLedger
 from agent.store.ledger.stock import Ledger
 from agent.store.rows import DEMAND_BUCKET_SECONDS, migrations
-from agent.store.tx import Bulk, Expanding, Row, _Slot, render_sqlite
+from agent.store.tx import (
+    Bulk,
+    Expanding,
+    Row,
+    _Slot,
+    chunk_sizes,
+    render_bulk_sqlite,
+    render_sqlite,
+)
 
 T = TypeVar("T")
 log = get_logger("kami.store.sqlite")
@@ -69,6 +77,7 @@ SLOTS: dict[str, object] = {
     "orders_delivered": "orders INDEXED BY orders_delivered",
 }
 LIST_CHUNK = 20_000  # list values bound in one statement (SQLite allows 32,766 parameters)
+BULK_CHUNK = 64  # rows of a Bulk statement run as one statement (at most 64 x its parameters)
 
 
 def drive(body: Coroutine[Any, Any, T]) -> T:
@@ -88,7 +97,7 @@ class SQLiteTx:
 
     __slots__ = ("_conn", "_fail", "_sql")
 
-    def __init__(self, conn: sqlite3.Connection, sql: dict[str, Any], fail: Any) -> None:
+    def __init__(self, conn: sqlite3.Connection, sql: dict[Any, Any], fail: Any) -> None:
         self._conn = conn
         self._sql = sql
         self._fail = fail
@@ -121,9 +130,21 @@ class SQLiteTx:
         except _DRIVER as exc:
             raise self._fail(exc) from exc
 
+    def _bulk(
+        self, bulk: Bulk, rows: Sequence[Sequence[Any]], key: int | None
+    ) -> Iterator[sqlite3.Cursor]:
+        """The rows through the Bulk statement set-wise, a chunk per statement (tx.py)."""
+        start = 0
+        for size in chunk_sizes(len(rows), BULK_CHUNK):
+            sql = self._sql.get((bulk, size, key))
+            if sql is None:
+                sql = self._sql[(bulk, size, key)] = render_bulk_sqlite(bulk, SLOTS, size, key)
+            yield self._conn.execute(sql, [v for row in rows[start : start + size] for v in row])
+            start += size
+
     async def executemany(self, bulk: Bulk, rows: Sequence[Sequence[Any]]) -> int:
         try:
-            return self._conn.executemany(self._statement(bulk.sql), rows).rowcount  # type: ignore[arg-type]
+            return sum(cur.rowcount for cur in self._bulk(bulk, rows, None))
         except _DRIVER as exc:
             raise self._fail(exc) from exc
 
@@ -160,14 +181,10 @@ class SQLiteTx:
         self, bulk: Bulk, rows: Sequence[Sequence[Any]], key: int
     ) -> list[int | None]:
         try:
-            sql, execute = self._statement(bulk.sql), self._conn.execute
-            ids: list[int | None] = []
-            for row in rows:
-                cur = execute(sql, row)  # type: ignore[arg-type]
-                ids.append(cur.lastrowid if cur.rowcount else None)
-            return ids
+            ids = {r[1]: r[0] for cur in self._bulk(bulk, rows, key) for r in cur.fetchall()}
         except _DRIVER as exc:
             raise self._fail(exc) from exc
+        return [ids.get(row[key]) for row in rows]
 
 
 @contextmanager
@@ -225,7 +242,7 @@ class SQLiteStore(Ledger, ResponderLedger):
         self._reader = ThreadPoolExecutor(1, thread_name_prefix="kami-sqlite-read")
         self._conn: sqlite3.Connection | None = None
         self._rconn: sqlite3.Connection | None = None
-        self._sql: dict[str, Any] = {}
+        self._sql: dict[Any, Any] = {}
         self._wtx: SQLiteTx | None = None
         self._rtx: SQLiteTx | None = None
         self._pending: list[_Op] = []
@@ -233,6 +250,10 @@ class SQLiteStore(Ledger, ResponderLedger):
         self._flusher: asyncio.Task[None] | None = None
         self._conn_lock = asyncio.Lock()  # a batch, or one _call, uses the connection
         self._made = False
+        self._keeper: bound_journal.JournalKeeper | None = None
+        # What the open found in the bound-keys journal past the ledger's own history (a
+        # ledger restored from an older backup): the daemon alerts on it.
+        self.reconciled = bound_journal.Reconciled()
 
     # --- errors -------------------------------------------------------------------------------
     def _map(self, exc: BaseException) -> BaseException:
@@ -280,7 +301,7 @@ class SQLiteStore(Ledger, ResponderLedger):
                     try:
                         await loop.run_in_executor(self._writer, self._execute, "BEGIN IMMEDIATE")
                         outcomes = self._run_batch(batch)
-                        await loop.run_in_executor(self._writer, self._execute, "COMMIT")
+                        await loop.run_in_executor(self._writer, self._commit)
                     except BaseException as exc:  # no COMMIT: nothing of the batch is durable
                         self._rollback()
                         outcomes = [(False, self._map(exc))] * len(batch)
@@ -296,6 +317,16 @@ class SQLiteStore(Ledger, ResponderLedger):
 
     def _execute(self, sql: str) -> None:
         self._require().execute(sql)
+
+    def _commit(self) -> None:
+        """COMMIT, then the keys it let out appended to the bound-keys journal (fsync)
+        before any caller sees them (agent/store/bound_journal.py)."""
+        conn = self._require()
+        keeper = self._keeper
+        notes = keeper.before_commit(conn) if keeper is not None else None
+        conn.execute("COMMIT")
+        if notes:
+            keeper.after_commit(notes)  # type: ignore[union-attr]
 
     def _rollback(self) -> None:
         conn = self._conn
@@ -330,7 +361,7 @@ class SQLiteStore(Ledger, ResponderLedger):
         except BaseException:
             conn.execute("ROLLBACK")
             raise
-        conn.execute("COMMIT")
+        self._commit()
         return result
 
     async def _read(self, body: Body[T]) -> T:
@@ -405,6 +436,8 @@ class SQLiteStore(Ledger, ResponderLedger):
                     log.warning("ledger_adopted", ledger=str(self.path), ledger_id=self.ledger_id)
             else:
                 self.ledger_id = stored_id
+            adopt_journal = self._opening is Opening.RECORD_IDENTITY
+            self._keeper, self.reconciled = await self._call(self._keep_journal, adopt_journal)
             if self._startup_checks:
                 await self._write(self._note_start)
             await self._reseal_sku_bound()
@@ -440,16 +473,22 @@ class SQLiteStore(Ledger, ResponderLedger):
             self._abandon()
             raise
 
+    def _keep_journal(
+        self, adopt: bool
+    ) -> tuple[bound_journal.JournalKeeper, bound_journal.Reconciled]:
+        assert self.ledger_id is not None
+        return bound_journal.keep(self._require(), self.path, self.ledger_id, adopt)
+
     def _abandon(self) -> None:
         self._disconnect()
         if self._made:  # a half-made ledger (ours alone) must not block the next `init`
-            for suffix in ("", "-wal", "-shm"):
+            for suffix in ("", "-wal", "-shm", bound_journal.SUFFIX):
                 Path(f"{self.path}{suffix}").unlink(missing_ok=True)
 
     def _create_file(self) -> bool:
-        where = identity.identity_path(self.path)
-        if self.path.exists() or where.exists():
-            found = self.path if self.path.exists() else where
+        beside = (identity.identity_path(self.path), bound_journal.journal_path(self.path))
+        found = next((p for p in (self.path, *beside) if p.exists()), None)
+        if found is not None:
             raise LedgerError(
                 f"{found} already exists: `kami-agent init` makes a new ledger only where"
                 " there is none; nothing changed"
@@ -573,6 +612,8 @@ class SQLiteStore(Ledger, ResponderLedger):
 
     def _close(self) -> None:
         assert self._conn is not None
+        if self._keeper is not None and self._keeper.unsettled and self.ledger_lost() is None:
+            self._settle_journal(self._conn)
         if self.ledger_lost() is not None:
             # SQLite finds the -wal and -shm files by the ledger's path, which now names
             # another file (or none): left behind, our log of transactions would be read as
@@ -583,7 +624,21 @@ class SQLiteStore(Ledger, ResponderLedger):
                 log.error("ledger_checkpoint_failed", ledger=str(self.path), error=str(exc))
         self._disconnect()
 
+    def _settle_journal(self, conn: sqlite3.Connection) -> None:
+        """The last commit's notes deleted and the watermark moved up, so the next open has
+        nothing to write (a read-only command opens a read-only ledger)."""
+        try:
+            conn.execute("BEGIN IMMEDIATE")
+            self._commit()
+        except sqlite3.Error as exc:
+            if conn.in_transaction:
+                conn.execute("ROLLBACK")
+            log.warning("journal_settle_failed", ledger=str(self.path), error=str(exc))
+
     def _disconnect(self) -> None:
+        if self._keeper is not None:
+            self._keeper.close()
+            self._keeper = None
         for conn in (self._rconn, self._conn):
             if conn is not None:
                 conn.close()

@@ -184,6 +184,14 @@ def _values(sql: str, start: int) -> tuple[list[str], int]:
     raise ValueError(f"no end to the VALUES list of {sql!r}")
 
 
+def _returning(columns: str, values: list[str], returning_key: int | None) -> str:
+    """` RETURNING id, <the column the row's parameter returning_key goes to>` (or '')."""
+    if returning_key is None:
+        return ""
+    column = columns.split(",")[values.index(f"${returning_key + 1}")].strip()
+    return f" RETURNING id, {column}"
+
+
 def render_bulk_postgres(bulk: Bulk, slots: Mapping[str, object], returning_key: int | None) -> str:
     """One row's statement as one statement over the rows' arrays (`unnest`): an INSERT
     keeps the rows' order (identity values and events in order); an UPDATE joins them."""
@@ -199,17 +207,62 @@ def render_bulk_postgres(bulk: Bulk, slots: Mapping[str, object], returning_key:
     if insert is not None:
         table, columns = insert.groups()
         values, end = _values(sql, insert.end())
-        out = (
+        return (
             f"INSERT INTO {table} ({columns}) SELECT {refs(', '.join(values))}"
             f" FROM unnest({arrays}) WITH ORDINALITY AS u({names}, n) ORDER BY u.n{sql[end:]}"
+            + _returning(columns, values, returning_key)
         )
-        if returning_key is not None:
-            column = columns.split(",")[values.index(f"${returning_key + 1}")].strip()
-            out += f" RETURNING id, {column}"
-        return out
     assert sql.startswith("UPDATE ") and returning_key is None, sql
     head, where = _UPDATE_WHERE.split(sql, maxsplit=1)
     return f"{refs(head)} FROM unnest({arrays}) AS u({names}) WHERE {refs(where)}"
+
+
+def render_bulk_sqlite(
+    bulk: Bulk, slots: Mapping[str, object], count: int, returning_key: int | None
+) -> str:
+    """One row's statement as one statement over `count` rows (row r's `$k` bound as
+    `?(r*n+k)`): an INSERT lists the rows' VALUES in order; an UPDATE joins a VALUES table
+    (SQLite names its columns column1..n). Measured (issue 14): a statement per row paid
+    its fixed cost, the lifecycle triggers' program among it, once per row: 11.6 -> 6.4 us
+    per order line inserted, 7.6 -> 3.4 per key bound."""
+    sql = fill(bulk.sql, slots)
+    n = len(bulk.types)
+
+    def row(r: int, text: str) -> str:
+        return _PARAM.sub(lambda m: f"?{r * n + int(m.group(1))}", text)
+
+    insert = _INSERT.match(sql)
+    if insert is not None:
+        values, end = _values(sql, insert.end())
+        one = sql[insert.end() - 1 : end]  # "(...)": the row's VALUES
+        rows = ", ".join(row(r, one) for r in range(count))
+        return f"{sql[: insert.end() - 1]}{rows}{sql[end:]}" + _returning(
+            insert.group(2), values, returning_key
+        )
+    assert sql.startswith("UPDATE ") and returning_key is None, sql
+    head, where = _UPDATE_WHERE.split(sql, maxsplit=1)
+    table = ", ".join(
+        row(r, "(" + ", ".join(f"${k + 1}" for k in range(n)) + ")") for r in range(count)
+    )
+
+    def refs(text: str) -> str:
+        return _PARAM.sub(lambda m: f"u.column{m.group(1)}", text)
+
+    return f"{refs(head)} FROM (VALUES {table}) AS u WHERE {refs(where)}"
+
+
+def chunk_sizes(count: int, largest: int) -> list[int]:
+    """`count` rows as chunks of powers of two no larger than `largest` (itself one): few
+    statement texts to prepare and keep, whatever the batch's size."""
+    out = [largest] * (count // largest)
+    rest = count % largest
+    size = largest
+    while rest:
+        size //= 2
+        if rest >= size:
+            out.append(size)
+            rest -= size
+    return out
 
 
 def rows_changed(status: str) -> int:
