@@ -12,8 +12,8 @@ from typing import Any
 import pytest
 
 from agent.domain import LineState
-from agent.store.base import LedgerRefused, Store
-from agent.store.ledger.responder import Cancelled, Handed, Want
+from agent.store.base import LedgerRefused, Store, StoreError
+from agent.store.ledger.responder import Cancelled, Handed, Reply, Want
 from tests.conftest import stock
 
 NOW = 1_700_000_000.0
@@ -188,3 +188,71 @@ async def test_a_reply_survives_a_restart_and_is_replayed_from_the_ledger(tmp_pa
         assert again.cached_reply(P, "o", "PROVIDE") is not None
     finally:
         await again.close()
+
+
+def counting_writes(store: Store) -> list[int]:
+    """Counts the write transactions the engine is asked for (each its own transaction on
+    PostgreSQL, its own savepoint inside a group commit on SQLite), still run by it."""
+    count = [0]
+    real = r(store)._write
+
+    async def counted(body: Any) -> Any:
+        count[0] += 1
+        return await real(body)
+
+    r(store)._write = counted
+    return count
+
+
+async def test_concurrent_first_provides_share_one_ledger_body(store: Store) -> None:
+    await stock(store, "GAME-100", 60)
+    orders = [f"o-{n}" for n in range(20)]
+    for n, order in enumerate(orders):
+        await r(store).reserve(P, order, [Want("GAME-100", 1 + n % 3)], NOW, ok)
+    writes = counting_writes(store)
+    # A sale's PROVIDEs arriving together, one of them twice.
+    replies = await asyncio.gather(
+        *(r(store).provide(P, order, NOW + 1, keys_of) for order in [*orders, "o-7"])
+    )
+    assert writes[0] < len(orders) // 2  # one body for the batch, not one per order
+    handed = [json.loads(reply.body)["keys"] for reply in replies]
+    every = [key for keys in handed[: len(orders)] for line in keys for key in line]
+    assert len(every) == len(set(every)) == sum(1 + n % 3 for n in range(len(orders)))
+    for order, keys in zip(orders, handed, strict=False):
+        [line] = await store.find_lines(order)
+        assert line.state == LineState.PROVIDED
+        assert keys == [[i.secret for i in await store.bound_items(line.id)]]
+    # The duplicate got the very bytes stored for the first, as a replay.
+    assert replies[-1].body == replies[7].body
+    assert sorted(x.replayed for x in (replies[7], replies[-1])) == [False, True]
+    assert not any(x.replayed for x in replies[: len(orders)])
+    for order, reply in zip(orders, replies, strict=False):
+        assert (await r(store).stored_reply(P, order, "PROVIDE")).body == reply.body
+
+
+async def test_a_broken_order_in_a_batch_of_provides_fails_alone(store: Store) -> None:
+    await stock(store, "GAME-100", 12)
+    orders = [f"o-{n}" for n in range(6)]
+    for order in orders:
+        await r(store).reserve(P, order, [Want("GAME-100", 2)], NOW, ok)
+    [broken] = await store.find_lines("o-3")
+
+    async def short(tx: Any) -> None:  # the line says 3 keys, holds 2: the ledger refuses
+        await tx.execute("UPDATE orders SET quantity = 3 WHERE id = $1", broken.id)
+
+    await r(store)._write(short)
+    replies = await asyncio.gather(
+        *(r(store).provide(P, order, NOW + 1, keys_of) for order in orders),
+        return_exceptions=True,
+    )
+    assert isinstance(replies[3], StoreError)
+    for order, reply in zip(orders, replies, strict=True):
+        if order == "o-3":
+            continue
+        assert isinstance(reply, Reply) and not reply.replayed
+        assert len(json.loads(reply.body)["keys"][0]) == 2
+        [line] = await store.find_lines(order)
+        assert line.state == LineState.PROVIDED
+    [line] = await store.find_lines("o-3")
+    assert line.state == LineState.RESERVED  # nothing of it was kept
+    assert await r(store).stored_reply(P, "o-3", "PROVIDE") is None

@@ -15,6 +15,7 @@ platform cancels afterwards.
 
 from __future__ import annotations
 
+import asyncio
 import enum
 from collections import OrderedDict
 from collections.abc import Callable, Sequence
@@ -22,9 +23,9 @@ from dataclasses import dataclass, field
 
 from agent.domain import CardItem, LineState, OrderLine
 from agent.store.base import StoreError
-from agent.store.ledger.core import LedgerCore, read, write
+from agent.store.ledger.core import EVENT, LedgerCore, read, write
 from agent.store.rows import LINE_COLUMNS, line_from_row
-from agent.store.tx import Bulk, Tx
+from agent.store.tx import Bulk, Row, Tx
 
 REPLY_CACHE = 20_000  # replies kept in memory (sealed): a day of a busy shop's retries
 RESERVED_FREE_KEYS = (
@@ -56,6 +57,29 @@ STORE_REPLY = (
 LINE_KEYS = (
     "SELECT id, sku, key_id, sealed, secret_hash FROM card_keys WHERE order_line_id = $1"
     " ORDER BY slot"
+)
+# A batch of PROVIDEs (see ResponderLedger.provide): the same reads and writes as one
+# PROVIDE's, each over every order of the batch at once. Lines are locked in id order (the
+# same order for every agent: no deadlock between two batches).
+ORDERS_LINES = (
+    f"SELECT {LINE_COLUMNS} FROM orders WHERE platform = $1 AND order_id = ANY($2::text[])"
+    " ORDER BY id{for_update}"
+)
+STORED_MANY = (
+    "SELECT order_id, status, key_id, sealed FROM replies WHERE platform = $1 AND action = $2"
+    " AND order_id = ANY($3::text[])"
+)
+LINES_KEYS = (
+    "SELECT order_line_id, sku, key_id, sealed, secret_hash FROM card_keys"
+    " WHERE order_line_id = ANY($1::bigint[]) ORDER BY order_line_id, slot"
+)
+MARK_PROVIDED = Bulk(
+    "UPDATE orders SET state = 'provided', updated_at = $1 WHERE id = $2",
+    ("float8", "bigint"),
+)
+STORE_REPLIES = Bulk(
+    STORE_REPLY,
+    ("text", "text", "text", "int", "int", "bytea", "float8"),
 )
 
 
@@ -118,11 +142,30 @@ def _callback_label(platform: str, line_id: int) -> str:
     return f"callback\x1f{platform}\x1f{line_id}"
 
 
+@dataclass(slots=True)
+class _Provide:
+    """One PROVIDE waiting for its batch: the caller awaits `future`."""
+
+    order_id: str
+    now: float
+    render: Callable[[Sequence[Handed]], Rendered]
+    future: asyncio.Future[Reply]
+
+
+class _Raced(Exception):
+    """A batch found a reply stored by another agent between its read and its write: the
+    batch is undone and its calls run one by one (each finds that reply)."""
+
+
 class ResponderLedger(LedgerCore):
     # Replies this process stored or read, sealed as stored: a stored reply never changes
     # (inserted once, never updated), so a copy of it is that reply. Retries are answered
     # from here without a ledger call; a miss goes through the ledger.
     _replies: OrderedDict[tuple[str, str, str], tuple[int, int, bytes]] | None = None
+    # PROVIDEs waiting for the next batch, by platform (see provide), and the batches
+    # under way (a task is kept referenced until it ends).
+    _provides: dict[str, list[_Provide]] | None = None
+    _batches: set[asyncio.Task[None]] | None = None
 
     # --- stored replies -----------------------------------------------------------------
     def cached_reply(self, platform: str, order_id: str, action: str) -> Reply | None:
@@ -214,10 +257,69 @@ class ResponderLedger(LedgerCore):
     ) -> Reply:
         """The order's lines `reserved` -> `provided`, their keys opened for the reply
         (render(lines)); render([]) when the order holds no keys to hand out. Stored: every
-        retry gets exactly these keys."""
-        reply = await self._provide(platform, order_id, now, render)
+        retry gets exactly these keys.
+
+        PROVIDEs arriving together (a sale's callbacks) are answered by one ledger body:
+        each statement runs once for the batch, not once per order, and the batch commits
+        before any of its replies is returned. A batch that fails is undone and its calls
+        run one by one, so one order's trouble is never another's."""
+        loop = asyncio.get_running_loop()
+        future: asyncio.Future[Reply] = loop.create_future()
+        if self._provides is None:
+            self._provides = {}
+        waiting = self._provides.get(platform)
+        if waiting is None:
+            waiting = self._provides[platform] = []
+            if self._batches is None:
+                self._batches = set()
+            task = loop.create_task(self._provide_batch(platform, waiting))
+            self._batches.add(task)
+            task.add_done_callback(self._batches.discard)
+        waiting.append(_Provide(order_id, now, render, future))
+        return await future
+
+    async def _provide_batch(self, platform: str, waiting: list[_Provide]) -> None:
+        """Answers the PROVIDEs in `waiting`: those that came before the ledger ran the
+        body (on SQLite, the commit before it), in one body; one by one if that fails."""
+        calls: list[_Provide] = []
+
+        def drained() -> list[_Provide]:
+            # Taken once, when the body first runs (a body run again after a deadlock
+            # answers the same calls); from then on, a PROVIDE starts the next batch.
+            if not calls:
+                if self._provides is not None and self._provides.get(platform) is waiting:
+                    del self._provides[platform]
+                calls.extend(waiting)
+            return calls
+
+        try:
+            try:
+                replies = await self._write(lambda tx: self._provide_all(tx, platform, drained()))
+            except Exception:
+                replies = None
+            calls = drained()
+            if replies is None:
+                await asyncio.gather(*(self._provide_one(platform, c) for c in calls))
+                return
+            for call, reply in zip(calls, replies, strict=True):
+                self._remember(reply)
+                if not call.future.done():
+                    call.future.set_result(reply)
+        finally:
+            for call in drained():
+                if not call.future.done():
+                    call.future.cancel()
+
+    async def _provide_one(self, platform: str, call: _Provide) -> None:
+        try:
+            reply = await self._provide(platform, call.order_id, call.now, call.render)
+        except Exception as exc:
+            if not call.future.done():
+                call.future.set_exception(exc)
+            return
         self._remember(reply)
-        return reply
+        if not call.future.done():
+            call.future.set_result(reply)
 
     async def cancel_order(
         self,
@@ -333,6 +435,97 @@ class ResponderLedger(LedgerCore):
                 tx, [(i, "provided", f"keys handed over{self._by}") for i in reserved], now
             )
         return await self._keep(tx, platform, order_id, "PROVIDE", render(handed), now)
+
+    async def _provide_all(self, tx: Tx, platform: str, calls: Sequence[_Provide]) -> list[Reply]:
+        """_provide for every call at once, each statement over the whole batch: the replies,
+        in the calls' order. A second call for an order of the batch gets the first's reply,
+        as stored (replayed), as it would one after the other."""
+        orders = list(dict.fromkeys(call.order_id for call in calls))
+        lines: dict[str, list[OrderLine]] = {order: [] for order in orders}
+        for row in await tx.fetch(ORDERS_LINES, platform, orders):
+            line = line_from_row(row)
+            lines[line.order_id].append(line)
+        replies: dict[str, Reply] = {}
+        stored = await tx.fetch(STORED_MANY, platform, "PROVIDE", orders)
+        if stored:
+            box = self.keybox
+            if not all(box.knows(r[2]) for r in stored):
+                self._keybox = box = await self._load_keys(tx)
+            for order, status, key_id, sealed in stored:
+                sealed = bytes(sealed)
+                body = box.open_bytes(_label(platform, order, "PROVIDE"), key_id, sealed)
+                replies[order] = Reply(
+                    status, body, True, (platform, order, "PROVIDE", key_id, sealed)
+                )
+        holding = (LineState.RESERVED, LineState.PROVIDED, LineState.DELIVERED)
+        handing = [
+            order
+            for order in orders
+            if order not in replies
+            and lines[order]
+            and all(line.state in holding for line in lines[order])
+        ]
+        for order in handing:
+            lines[order].sort(key=lambda line: line.line)
+        items = await self._lines_items(tx, [line for order in handing for line in lines[order]])
+        first: dict[str, _Provide] = {}
+        for call in calls:
+            first.setdefault(call.order_id, call)
+        marks: list[tuple[float, int]] = []
+        events: list[tuple[int, float, str, str]] = []
+        rendered: dict[str, Rendered] = {}
+        for order in orders:
+            if order in replies:
+                continue
+            call = first[order]
+            if order not in handing:
+                rendered[order] = call.render([])
+                continue
+            handed = [Handed(line, items[line.id]) for line in lines[order]]
+            for line in lines[order]:
+                if line.state == LineState.RESERVED:
+                    marks.append((call.now, line.id))
+                    events.append((line.id, call.now, "provided", f"keys handed over{self._by}"))
+            rendered[order] = call.render(handed)
+        if marks:
+            await tx.executemany(MARK_PROVIDED, marks)
+            await tx.executemany(EVENT, events)
+        if rendered:
+            box = await self._fresh_keybox(tx)
+            rows = []
+            for order, (status, body) in rendered.items():
+                key_id, sealed = box.seal_bytes(_label(platform, order, "PROVIDE"), body)
+                now = first[order].now
+                rows.append((platform, order, "PROVIDE", status, key_id, sealed, now))
+                replies[order] = Reply(
+                    status, body, False, (platform, order, "PROVIDE", key_id, sealed)
+                )
+            if await tx.executemany(STORE_REPLIES, rows) != len(rows):
+                raise _Raced(f"{platform}: a PROVIDE of the batch was answered meanwhile")
+        answered: list[Reply] = []
+        for call in calls:
+            reply = replies[call.order_id]
+            if call is not first[call.order_id] and not reply.replayed:
+                reply = Reply(reply.status, reply.body, True, reply.stored_as)
+            answered.append(reply)
+        return answered
+
+    async def _lines_items(
+        self, tx: Tx, lines: Sequence[OrderLine]
+    ) -> dict[int, tuple[CardItem, ...]]:
+        """_line_items of many lines in one read, by line id."""
+        if not lines:
+            return {}
+        rows: dict[int, list[Row]] = {line.id: [] for line in lines}
+        for row in await tx.fetch(LINES_KEYS, [line.id for line in lines]):
+            rows[row[0]].append(row[1:])
+        for line in lines:
+            if len(rows[line.id]) != line.quantity:
+                raise StoreError(
+                    f"order line {line.id} holds {len(rows[line.id])} keys for {line.quantity}"
+                )
+        opened = iter(await self._open_rows(tx, [r for line in lines for r in rows[line.id]]))
+        return {line.id: tuple(next(opened) for _ in rows[line.id]) for line in lines}
 
     async def _line_items(self, tx: Tx, line: OrderLine) -> tuple[CardItem, ...]:
         rows = await tx.fetch(LINE_KEYS, line.id)
