@@ -20,6 +20,7 @@ from agent.cli.language import ArgumentParser, early_language, speak_argparse
 from agent.config import ConfigError
 from agent.credstore import CredStoreError
 from agent.domain import AgentError
+from agent.phrased import PhrasedLedgerError
 from agent.store.base import StoreError
 from agent.textsafe import printable
 
@@ -101,6 +102,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         with contextlib.suppress(BrokenPipeError):
             print(_("kami-agent: config error: %(what)s") % {"what": exc}, file=sys.stderr)
         return 2
+    except PhrasedLedgerError as exc:
+        _error(exc.say(_))
+        return 1
     except (AgentError, StoreError, CommandError, CredStoreError) as exc:
         _error(str(exc))
         return 1

@@ -28,6 +28,8 @@ import sqlite3
 import time
 from pathlib import Path
 
+from agent.i18n import N_
+from agent.phrased import PhrasedLedgerError
 from agent.store.base import LedgerError
 
 IDENTITY_SUFFIX = ".identity"
@@ -45,8 +47,9 @@ def new_ledger_id() -> str:
 
 
 def no_ledger(path: Path | str) -> LedgerError:
-    return LedgerError(
-        f"no ledger at {path}: run `kami-agent init` to create one, or restore it from backup"
+    return PhrasedLedgerError(
+        N_("no ledger at %(path)s: run `kami-agent init` to create one, or restore it from backup"),
+        path=path,
     )
 
 
@@ -59,21 +62,30 @@ def check_ledger_file(path: Path) -> None:
     except FileNotFoundError:
         raise no_ledger(path) from None
     except IsADirectoryError:
-        raise LedgerError(
-            f"the ledger path {path} is a directory, not a ledger file: set [store] path to"
-            " the ledger file"
+        raise PhrasedLedgerError(
+            N_(
+                "the ledger path %(path)s is a directory, not a ledger file: set [store] path to"
+                " the ledger file"
+            ),
+            path=path,
         ) from None
     except OSError as exc:
         raise LedgerError(os_error_text(path, exc)) from None
     if not header:
-        raise LedgerError(
-            f"the ledger {path} is empty (0 bytes): it is not a ledger any more; restore it"
-            " from backup (only `kami-agent init` makes a new ledger, and only where none is)"
+        raise PhrasedLedgerError(
+            N_(
+                "the ledger %(path)s is empty (0 bytes): it is not a ledger any more; restore it"
+                " from backup (only `kami-agent init` makes a new ledger, and only where none is)"
+            ),
+            path=path,
         )
     if header != SQLITE_HEADER:
-        raise LedgerError(
-            f"{path} is not a kami-agent ledger (not an SQLite database): restore the ledger"
-            " from backup, or correct [store] path"
+        raise PhrasedLedgerError(
+            N_(
+                "%(path)s is not a kami-agent ledger (not an SQLite database): restore the ledger"
+                " from backup, or correct [store] path"
+            ),
+            path=path,
         )
 
 
@@ -91,7 +103,9 @@ def read_identity(ledger: Path) -> str | None:
     except (ValueError, KeyError, TypeError):
         value = None
     if not isinstance(value, str) or not value:
-        raise LedgerError(f"the identity file {path} is damaged: restore it from backup")
+        raise PhrasedLedgerError(
+            N_("the identity file %(path)s is damaged: restore it from backup"), path=path
+        )
     return value
 
 
@@ -111,9 +125,12 @@ def write_identity(ledger: Path, ledger_id: str) -> Path:
         try:
             os.link(temp, target)  # unlike rename, fails if the target exists
         except FileExistsError:
-            raise LedgerError(
-                f"an identity file {target} already exists: it belongs to another ledger;"
-                " nothing changed"
+            raise PhrasedLedgerError(
+                N_(
+                    "an identity file %(path)s already exists: it belongs to another ledger;"
+                    " nothing changed"
+                ),
+                path=target,
             ) from None
         finally:
             os.unlink(temp)
@@ -137,22 +154,38 @@ def compare(ledger: Path, in_ledger: str | None, recorded: str | None) -> bool:
     where = identity_path(ledger)
     if in_ledger is not None and recorded is not None:
         if in_ledger != recorded:
-            raise LedgerError(
-                f"the ledger {ledger} was replaced: its id {in_ledger} is not {recorded},"
-                f" the one recorded in {where}; put this shop's ledger back (or restore it"
-                " from backup)"
+            raise PhrasedLedgerError(
+                N_(
+                    "the ledger %(ledger)s was replaced: its id %(id)s is not %(recorded)s, the"
+                    " one recorded in %(where)s; put this shop's ledger back (or restore it from"
+                    " backup)"
+                ),
+                ledger=ledger,
+                id=in_ledger,
+                recorded=recorded,
+                where=where,
             )
         return False
     if in_ledger is None and recorded is not None:
-        raise LedgerError(
-            f"the ledger {ledger} was replaced: it carries no id, but {where} records ledger"
-            f" {recorded}; put this shop's ledger back (or restore it from backup)"
+        raise PhrasedLedgerError(
+            N_(
+                "the ledger %(ledger)s was replaced: it carries no id, but %(where)s records"
+                " ledger %(recorded)s; put this shop's ledger back (or restore it from backup)"
+            ),
+            ledger=ledger,
+            where=where,
+            recorded=recorded,
         )
     if in_ledger is not None:
-        raise LedgerError(
-            f"the identity file {where} of the ledger {ledger} (id {in_ledger}) is missing:"
-            " restore it from backup with the ledger; or, if this is certainly the shop's"
-            " current ledger, record its id again with `kami-agent init --adopt`"
+        raise PhrasedLedgerError(
+            N_(
+                "the identity file %(where)s of the ledger %(ledger)s (id %(id)s) is missing:"
+                " restore it from backup with the ledger; or, if this is certainly the shop's"
+                " current ledger, record its id again with `kami-agent init --adopt`"
+            ),
+            where=where,
+            ledger=ledger,
+            id=in_ledger,
         )
     return True
 

@@ -91,3 +91,32 @@ def test_a_config_in_gbk_is_explained_in_chinese(tmp_path: Path) -> None:
     assert result.returncode == 2
     assert "配置文件被保存成了中文编码（GBK/GB18030" in result.stderr
     assert "iconv -f GBK -t UTF-8 config.toml > config.utf8" in result.stderr
+
+
+@pytest.mark.parametrize(
+    ("language", "missing", "empty"),
+    [
+        (
+            "zh-CN",
+            "kami-agent: 错误：%s 处没有账本：运行 `kami-agent init` 创建，或从备份恢复\n",
+            "kami-agent: 错误：账本 %s 是空的（0 字节）：它已不再是账本；",
+        ),
+        (
+            "en",
+            "kami-agent: error: no ledger at %s: run `kami-agent init` to create one, or restore"
+            " it from backup\n",
+            "kami-agent: error: the ledger %s is empty (0 bytes): it is not a ledger any more;",
+        ),
+    ],
+)
+def test_ledger_refusals_in_the_merchants_language(
+    tmp_path: Path, language: str, missing: str, empty: str
+) -> None:
+    config = tmp_path / "config.toml"
+    config.write_text(f'[agent]\nlanguage = "{language}"\n{PLATFORM}', encoding="utf-8")
+    ledger = tmp_path / "kami.db"
+    gone = cli(config, "status")
+    assert gone.returncode == 1 and gone.stderr == missing % ledger
+    ledger.write_bytes(b"")
+    emptied = cli(config, "stock", "list")
+    assert emptied.returncode == 1 and emptied.stderr.startswith(empty % ledger)
