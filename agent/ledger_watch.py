@@ -46,16 +46,46 @@ async def alert_ledger_lost(
 ) -> None:
     """Tells every channel, best effort: each gets one try, bounded in time."""
     _ = Translator(language)
+    summary = _(
+        "%(reason)s: the agent stopped taking orders and exited; restore the ledger (it"
+        " will not start on a missing or replaced ledger)"
+    ) % {"reason": reason}
+    await alert_channels(notifiers, "ledger_lost", summary, now, language)
+
+
+async def alert_restored_keys(
+    notifiers: Iterable[Notifier], set_aside: dict[str, int], now: float, language: str = ENGLISH
+) -> None:
+    """The start-up found keys this ledger holds as free that its bound-keys journal says
+    were let out (a ledger restored from an older backup): they were set aside, and the
+    merchant must hear it at once (agent/store/bound_journal.py)."""
+    _ = Translator(language)
+    skus = ", ".join(f"{sku} x{n}" for sku, n in sorted(set_aside.items()))
+    summary = _(
+        "the ledger is older than its bound-keys journal (restored from a backup?): %(n)d card"
+        " keys it held as free were already let out after that backup and are set aside as void"
+        " (%(skus)s); import fresh stock, and return a key to stock only if you know it was"
+        " never delivered"
+    ) % {"n": sum(set_aside.values()), "skus": skus}
+    await alert_channels(notifiers, "restored_keys", summary, now, language, "warning")
+
+
+async def alert_channels(
+    notifiers: Iterable[Notifier],
+    kind: str,
+    summary: str,
+    now: float,
+    language: str,
+    severity: str = "critical",
+) -> None:
+    """An alert straight to every channel (not through the outbox), best effort: each
+    channel gets one try, bounded in time."""
     message = AlertMessage(
-        key="ledger_lost",
-        kind="ledger_lost",
+        key=kind,
+        kind=kind,
         event="opened",
-        severity="critical",
-        summary=_(
-            "%(reason)s: the agent stopped taking orders and exited; restore the ledger (it"
-            " will not start on a missing or replaced ledger)"
-        )
-        % {"reason": reason},
+        severity=severity,
+        summary=summary,
         at=now,
         language=language,
     )
@@ -64,4 +94,4 @@ async def alert_ledger_lost(
             async with asyncio.timeout(ALERT_TIMEOUT_SECONDS):
                 await notifier.send(message)
         except (AgentError, TimeoutError) as exc:
-            log.warning("ledger_lost_alert_failed", channel=notifier.name, error=str(exc))
+            log.warning("alert_failed", kind=kind, channel=notifier.name, error=str(exc))

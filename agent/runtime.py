@@ -22,7 +22,12 @@ from agent.consignment import keepers as pool_keepers
 from agent.console.launch import MerchantInterfaces
 from agent.engine import Engine
 from agent.keybox import parse_master_key
-from agent.ledger_watch import EXIT_LEDGER_LOST, alert_ledger_lost, watch_ledger
+from agent.ledger_watch import (
+    EXIT_LEDGER_LOST,
+    alert_ledger_lost,
+    alert_restored_keys,
+    watch_ledger,
+)
 from agent.listener import build_listener
 from agent.logs import get_logger
 from agent.notify.base import Notifier
@@ -274,6 +279,10 @@ async def _run_daemon(config: Config) -> int:
     suppliers = build_suppliers(config)
     notifiers = {n.name: build_notifier(n) for n in config.notify}
     await store.open()
+    restored = getattr(store, "reconciled", None)  # a SQLite ledger's bound-keys journal
+    if restored is not None and restored.set_aside:
+        language = config.agent.language
+        await alert_restored_keys(notifiers.values(), restored.set_aside, time.time(), language)
     started = time.monotonic()
     lost: list[str] = []
 

@@ -14,6 +14,7 @@ from agent.domain import KeyState, LineState
 from agent.keybox import SealedKeyError
 from agent.sandbox.platform import SandboxPlatform
 from agent.store.base import LedgerError, Store
+from agent.store.bound_journal import journal_path
 from agent.store.identity import Opening, identity_path
 from agent.store.rows import migrations
 from agent.store.sqlite import SQLiteStore
@@ -102,6 +103,7 @@ def _as_made_before_ids(db: Path, store: SQLiteStore) -> None:
         leftover.unlink(missing_ok=True)
     old_db.rename(db)
     identity_path(db).unlink()
+    journal_path(db).unlink()  # nor had it a bound-keys journal
 
 
 async def test_a_ledger_made_before_ids_is_adopted_and_resealed_once(

@@ -57,6 +57,12 @@ class Ledger(AlertsLedger, PoolsLedger):
                 ):
                     if known.get(bytes(row[0]), ("", ""))[1] != "bound":  # bound wins
                         known[bytes(row[0])] = (row[1], row[2])
+                # Let out by this ledger before a restore took it back (bound_journal.py).
+                for row in await tx.fetch(
+                    "SELECT secret_hash FROM bound_history WHERE secret_hash = ANY($1::bytea[])",
+                    hashes,
+                ):
+                    known.setdefault(bytes(row[0]), ("", "bound"))
                 found = sort_known(sku, rows, known)
                 if found.fresh:
                     found.added = await tx.executemany(INSERT_KEY, found.fresh)
