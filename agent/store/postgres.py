@@ -48,6 +48,10 @@ DEFAULT_LEASE_SECONDS = 60.0
 # Two agents' transactions can still deadlock on rare paths (say, two pages listing the same
 # orders in another order); PostgreSQL aborts one of them, which is then run again whole.
 MAX_TX_ATTEMPTS = 8
+# How often a held singleton lock's connection is asked whether it is still alive: the
+# longest two agents may both run a singleton job after the server dropped the holder's
+# session (agent/store/postgres.py: singleton).
+LOCK_CHECK_SECONDS = 2.0
 MIGRATION_LOCK = 0x6B616D69  # "kami": one agent migrates, the others wait for it
 # What asyncpg raises for a value the database cannot take: text with no UTF-8 (a lone
 # surrogate, refused by the driver), NUL (refused by the server), a number out of range.
@@ -308,15 +312,48 @@ class PostgresStore(Ledger, ResponderLedger):
     @asynccontextmanager
     async def singleton(self, name: str) -> AsyncIterator[bool]:
         """True while this agent holds the job's advisory lock; False if another agent runs
-        it now. The lock lives with the session, so a killed agent lets go at once."""
+        it now. The lock lives with the session, so a killed agent lets go at once.
+
+        A lock held for long (the stock-sync leader holds it for as long as it runs) is
+        lost with its connection: the server ended the session (a restart, an idle or
+        network timeout) and another agent may take the job at once. So the connection is
+        asked every `LOCK_CHECK_SECONDS`; once it does not answer, the body is cancelled and
+        the block ends as if it had returned (the job is tried again by its caller's loop)."""
         pool = self._require()
         async with pool.acquire() as conn:
             held = bool(await conn.fetchval("SELECT pg_try_advisory_lock($1)", lock_id(name)))
+            if not held:
+                yield False
+                return
+            lost = False
             try:
-                yield held
+                async with asyncio.timeout(None) as lease:
+                    watch = asyncio.create_task(self._watch_lock(conn, name, lease))
+                    try:
+                        yield True
+                    finally:
+                        watch.cancel()
+            except TimeoutError:
+                if not lease.expired():
+                    raise  # the body's own
+                lost = True
+                log.error("singleton_lock_lost", job=name, action="stopped the job")
             finally:
-                if held:
+                if not lost:
                     await conn.execute("SELECT pg_advisory_unlock($1)", lock_id(name))
+
+    @staticmethod
+    async def _watch_lock(conn: Any, name: str, lease: asyncio.Timeout) -> None:
+        """Ends the lease (cancelling the body) once the lock's connection stops answering."""
+        while True:
+            await asyncio.sleep(LOCK_CHECK_SECONDS)
+            try:
+                async with asyncio.timeout(LOCK_CHECK_SECONDS):
+                    await conn.fetchval("SELECT 1")
+            except (TimeoutError, asyncpg.PostgresError, OSError, asyncpg.InterfaceError) as exc:
+                log.warning("singleton_lock_check_failed", job=name, error=type(exc).__name__)
+                lease.reschedule(asyncio.get_running_loop().time())
+                return
 
     @read
     async def integrity_check(self, tx: Any) -> str:

@@ -9,6 +9,7 @@ from pathlib import Path
 import pytest
 
 from agent.domain import DeliveryIntent, KeyState, LineState, PlatformOrder
+from agent.store import postgres
 from agent.store.postgres import PostgresStore, lock_id
 from agent.store.rows import migrations
 from tests.conftest import keys, master_key_for_tests, stock
@@ -212,6 +213,39 @@ async def test_singleton_jobs_run_on_one_agent_at_a_time(
                 break
         await asyncio.sleep(0.05)
     assert taken_over
+
+
+async def test_a_job_whose_lock_connection_dies_stops_before_another_agent_runs_it(
+    agents: list[PostgresStore], pg_url: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The server ends the session holding a leader's lock (a restart, a timeout): another
+    agent can take the job at once, so the first must stop running it, not lead on."""
+    monkeypatch.setattr(postgres, "LOCK_CHECK_SECONDS", 0.1)
+    a, b, _ = agents
+    leading = asyncio.Event()
+
+    async def leader() -> str:
+        async with a.singleton("stocksync") as ours:
+            assert ours
+            leading.set()
+            await asyncio.sleep(3600)  # a leader's loop: runs until it is told otherwise
+        return "stepped down"
+
+    task = asyncio.create_task(leader())
+    await leading.wait()
+    admin = await asyncpg.connect(pg_url)
+    try:
+        ended = await admin.fetchval(
+            "SELECT COUNT(pg_terminate_backend(pid)) FROM pg_locks"
+            " WHERE locktype = 'advisory' AND granted"
+        )
+    finally:
+        await admin.close()
+    assert ended == 1
+    assert await asyncio.wait_for(task, 30) == "stepped down"
+    async with b.singleton("stocksync") as theirs:
+        assert theirs
+    assert await a.stock_counts() == []  # the first agent's store goes on working
 
 
 async def test_rotation_on_one_agent_is_seen_by_the_others(
