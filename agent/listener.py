@@ -55,47 +55,63 @@ SERVER = "kami-agent"  # not aiohttp's name and version: nothing said about what
 class _Guard:
     """Deadlines and a cap on connections. A connection must deliver a request's headers
     within `timeout` of opening (or of its last reply, kept alive); more than `limit` open
-    connections are aborted as they come."""
+    connections are aborted as they come.
+
+    A connection holds one timer at a time: a request only moves its deadline (a reply
+    sets it, the next request's headers clear it), and the timer, when it fires, aborts the
+    connection if the deadline has passed or waits for the one it finds. No timer is made
+    or cancelled per request."""
 
     def __init__(self, timeout: float, limit: int) -> None:
         self.timeout = timeout
         self.limit = limit
-        self._timers: dict[RequestHandler, asyncio.TimerHandle | None] = {}
+        # By connection: the loop time its headers are due by (None while a request it sent
+        # is being answered), and its timer.
+        self._due: dict[RequestHandler, float | None] = {}
+        self._timers: dict[RequestHandler, asyncio.TimerHandle] = {}
         self.cut_off = 0  # connections closed for being slow
         self.turned_away = 0  # connections closed for being too many
 
     def opened(self, proto: RequestHandler, transport: asyncio.Transport) -> None:
-        if len(self._timers) >= self.limit:
+        if len(self._due) >= self.limit:
             self.turned_away += 1
             transport.abort()
             return
-        self._timers[proto] = None
-        self.arm(proto, transport)
+        loop = asyncio.get_running_loop()
+        due = self._due[proto] = loop.time() + self.timeout
+        self._timers[proto] = loop.call_at(due, self._check, proto, transport)
 
     def arm(self, proto: RequestHandler, transport: asyncio.Transport | None) -> None:
-        if proto not in self._timers or transport is None:
-            return
-        self.disarm(proto)
-        loop = asyncio.get_running_loop()
-        self._timers[proto] = loop.call_later(self.timeout, self._expire, transport)
+        if proto in self._due and transport is not None:
+            self._due[proto] = asyncio.get_running_loop().time() + self.timeout
 
     def disarm(self, proto: RequestHandler) -> None:
-        timer = self._timers.get(proto)
-        if timer is not None:
-            timer.cancel()
-            self._timers[proto] = None
+        if proto in self._due:
+            self._due[proto] = None
 
     def closed(self, proto: RequestHandler) -> None:
-        self.disarm(proto)
-        self._timers.pop(proto, None)
+        self._due.pop(proto, None)
+        timer = self._timers.pop(proto, None)
+        if timer is not None:
+            timer.cancel()
 
-    def _expire(self, transport: asyncio.Transport) -> None:
-        self.cut_off += 1
-        transport.abort()
+    def _check(self, proto: RequestHandler, transport: asyncio.Transport) -> None:
+        if proto not in self._due:
+            return
+        loop = asyncio.get_running_loop()
+        due = self._due[proto]
+        if due is not None and due <= loop.time():
+            self.closed(proto)
+            self.cut_off += 1
+            transport.abort()
+            return
+        # Busy (a request being answered: no deadline until its reply), or due later.
+        at = loop.time() + self.timeout if due is None else due
+        self._timers[proto] = loop.call_at(at, self._check, proto, transport)
 
     @property
     def open(self) -> int:
-        return len(self._timers)
+        return len(self._due)
 
 
 class _GuardedHandler(RequestHandler):
@@ -316,7 +332,7 @@ class Listener:
             method=request.method,
             path=wire_path,
             params=params,
-            query=dict(request.query),
+            query=dict(request.query) if "?" in request.raw_path else {},
             headers=headers,
             body=body,
             received_at=now,

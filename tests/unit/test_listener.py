@@ -248,6 +248,35 @@ async def test_slow_clients_are_cut_off_and_others_still_answered(listener: List
     assert closed == len(slow)
 
 
+async def test_a_reply_slower_than_header_timeout_still_arrives_and_the_idle_one_goes() -> None:
+    """The header deadline does not run while a request is answered (a ledger that takes a
+    while); it starts again at the reply, and an idle kept-alive connection is cut at it."""
+
+    async def slow(inbound: Inbound) -> Outbound:
+        await asyncio.sleep(0.8)  # past header_timeout (0.3), more than two times over
+        return Outbound(200, b'{"ok":true}')
+
+    settings = ListenerSettings(port=0, header_timeout=0.3, max_connections=8)
+    route = Route("eneba", "POST", "/eneba/main", BearerAuth(TOKEN, refused), slow)
+    server = Listener(settings, [Mount([route])])
+    await server.start()
+    assert server.address is not None
+    try:
+        reader, writer = await asyncio.open_connection("127.0.0.1", server.address[1])
+        head = (
+            b"POST /eneba/main HTTP/1.1\r\nHost: x\r\nContent-Length: 2\r\n"
+            + f"Authorization: Bearer {TOKEN}\r\n\r\n".encode()
+        )
+        writer.write(head + b"{}")
+        answer = await asyncio.wait_for(reader.read(4096), 3.0)
+        assert answer.startswith(b"HTTP/1.1 200") and answer.endswith(b'{"ok":true}')
+        # Kept alive and silent past header_timeout: closed.
+        assert await asyncio.wait_for(reader.read(10), 3.0) == b""
+        writer.close()
+    finally:
+        await server.stop()
+
+
 async def test_connections_beyond_the_cap_are_closed(seen: Seen) -> None:
     settings = ListenerSettings(port=0, header_timeout=5.0, max_connections=5)
     route = Route("eneba", "POST", "/eneba/main", BearerAuth(TOKEN, refused), seen.handle)
