@@ -31,8 +31,9 @@ from agent.console.data import EngineView, read_overview, search_lines
 from agent.console.labels import alert_kind_label, duration, severity_label, state_label
 from agent.console.settings import TelegramBotSettings
 from agent.domain import AgentError, LineState, OpenAlert, OrderLine
-from agent.i18n import Translator, format_table
+from agent.i18n import Translator, format_table, truncate
 from agent.logs import get_logger
+from agent.phrased import PhrasedLedgerError
 from agent.redact import register
 from agent.stockfile import StockFileReader
 from agent.store.base import Store, StoreError
@@ -43,6 +44,10 @@ log = get_logger("kami.telegram_bot")
 MAX_REPLY_BYTES = 4 * 1024 * 1024
 MAX_FILE_BYTES = 20 * 1024 * 1024  # what the Bot API lets a bot download
 MAX_MESSAGE = 3900  # Telegram's limit is 4096 characters; room for the markup
+# An import's rejection reasons in its reply: this many, each cut to this many cells, so the
+# reply stays far below MAX_MESSAGE (a cut through an HTML entity would be refused).
+MAX_REASONS = 10
+MAX_REASON_WIDTH = 300
 ORDERS_SHOWN = 10
 BACKOFF_CAP = 60.0
 
@@ -417,14 +422,14 @@ class TelegramBot:
         try:
             path = folder / "stock.upload"
             await self.download(document["file_id"], path)
-            reader = StockFileReader(path)
+            reader = StockFileReader(path, translator=_)
             name = printable(str(document.get("file_name") or "telegram"))[-100:]
             report = await self.store.import_keys(sku, reader, f"telegram:{name}", self.clock())
         except AgentError as exc:
             log.warning("telegram_bot_import_failed", sku=sku, error=str(exc))
-            await self.say(
-                chat_id, html.escape(_("The import failed: %(why)s") % {"why": str(exc)})
-            )
+            # The reader's own errors already speak its translator's language.
+            why = exc.say(_) if isinstance(exc, PhrasedLedgerError) else str(exc)
+            await self.say(chat_id, html.escape(_("The import failed: %(why)s") % {"why": why}))
             return
         finally:
             shutil.rmtree(folder, ignore_errors=True)
@@ -434,7 +439,15 @@ class TelegramBot:
             "d": report.duplicates,
             "r": reader.rejected,
         }
-        await self.say(chat_id, html.escape(f"{printable(sku)}: {text}"))
+        # Why lines were rejected, by reason with their line numbers (never their content).
+        reasons = reader.rejections.report()
+        shown = [
+            truncate(_("rejected %(what)s") % {"what": why}, MAX_REASON_WIDTH)
+            for why in reasons[:MAX_REASONS]
+        ]
+        if len(reasons) > MAX_REASONS:
+            shown.append(_("…and %(n)d more reasons") % {"n": len(reasons) - MAX_REASONS})
+        await self.say(chat_id, html.escape("\n".join([f"{printable(sku)}: {text}", *shown])))
 
 
 def _chat_of(message: dict[str, Any]) -> int | None:

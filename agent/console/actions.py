@@ -267,12 +267,15 @@ async def import_upload(request: web.Request) -> web.StreamResponse:
             path = await save_upload(part, folder)
         except UploadTooLarge as exc:
             shutil.rmtree(folder, ignore_errors=True)
-            session.flash("error", _("The file is too large (%(why)s).") % {"why": str(exc)})
+            session.flash(
+                "error",
+                _("The file is too large (larger than %(n)d MiB).") % {"n": exc.limit_mib},
+            )
             raise web.HTTPSeeOther("/stock") from None
         except BaseException:
             shutil.rmtree(folder, ignore_errors=True)
             raise
-        job = console.imports.start(sku, filename, folder, path)
+        job = console.imports.start(sku, filename, folder, path, _)
         log.info("console_import_started", sku=sku, session=session.fingerprint)
         raise web.HTTPSeeOther(f"/stock/import/{job.id}")
     if not session.csrf_ok(fields.get("csrf")):

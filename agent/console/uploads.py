@@ -17,7 +17,9 @@ from pathlib import Path
 from aiohttp import BodyPartReader
 
 from agent.domain import AgentError, ImportReport
+from agent.i18n import Translator
 from agent.logs import get_logger
+from agent.phrased import PhrasedLedgerError
 from agent.stockfile import StockFileReader
 from agent.store.base import Store
 
@@ -29,7 +31,12 @@ CHUNK = 256 * 1024
 
 
 class UploadTooLarge(AgentError):
-    pass
+    """The upload passed MAX_UPLOAD_BYTES; `limit_mib` for the message in the merchant's
+    language."""
+
+    def __init__(self, limit_mib: int) -> None:
+        super().__init__(f"larger than {limit_mib} MiB")
+        self.limit_mib = limit_mib
 
 
 @dataclass
@@ -43,7 +50,8 @@ class ImportJob:
     finished: bool = False
     report: ImportReport | None = None
     rejected: int = 0
-    samples: list[str] = field(default_factory=list)
+    # One line per rejection reason with its line numbers, as the CLI reports them.
+    reasons: list[str] = field(default_factory=list)
     error: str | None = None
 
     def progress(self, done: int) -> None:
@@ -68,7 +76,7 @@ async def save_upload(part: BodyPartReader, folder: Path) -> Path:
         while chunk := await part.read_chunk(CHUNK):
             size += len(chunk)
             if size > MAX_UPLOAD_BYTES:
-                raise UploadTooLarge(f"larger than {MAX_UPLOAD_BYTES // (1024 * 1024)} MiB")
+                raise UploadTooLarge(MAX_UPLOAD_BYTES // (1024 * 1024))
             handle.write(chunk)
     return path
 
@@ -88,27 +96,33 @@ class ImportJobs:
     def get(self, job_id: str) -> ImportJob | None:
         return self.jobs.get(job_id)
 
-    def start(self, sku: str, filename: str, folder: Path, path: Path) -> ImportJob:
+    def start(
+        self, sku: str, filename: str, folder: Path, path: Path, translator: Translator
+    ) -> ImportJob:
+        """Imports `path` in the background; the rejection reasons, the samples and a
+        failure are said through `translator` (the language of the merchant who uploaded)."""
         job = ImportJob(
             id=secrets.token_urlsafe(12), sku=sku, filename=filename, started=time.monotonic()
         )
         while len(self.jobs) >= KEEP_JOBS:
             self.jobs.pop(next(iter(self.jobs)))
         self.jobs[job.id] = job
-        task = asyncio.create_task(self._run(job, folder, path), name=f"console-import:{job.id}")
+        task = asyncio.create_task(
+            self._run(job, folder, path, translator), name=f"console-import:{job.id}"
+        )
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
         return job
 
-    async def _run(self, job: ImportJob, folder: Path, path: Path) -> None:
-        reader = StockFileReader(path)
+    async def _run(self, job: ImportJob, folder: Path, path: Path, translator: Translator) -> None:
+        reader = StockFileReader(path, translator=translator)
         try:
             job.total_lines = await asyncio.to_thread(reader.count_lines)
             job.report = await self.store.import_keys(
                 job.sku, reader, f"console:{job.filename}", self.clock(), job.progress
             )
             job.rejected = reader.rejected
-            job.samples = list(reader.samples)
+            job.reasons = reader.rejections.report()
             log.info(
                 "console_import",
                 sku=job.sku,
@@ -116,8 +130,11 @@ class ImportJobs:
                 duplicates=job.report.duplicates,
                 rejected=reader.rejected,
             )
+        except PhrasedLedgerError as exc:
+            job.error = exc.say(translator)
+            log.warning("console_import_failed", sku=job.sku, error=str(exc))
         except AgentError as exc:
-            job.error = str(exc)
+            job.error = str(exc)  # the reader's own errors already speak its translator's
             log.warning("console_import_failed", sku=job.sku, error=str(exc))
         finally:
             job.finished = True
