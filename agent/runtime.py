@@ -10,6 +10,7 @@ from collections.abc import Mapping
 
 from agent.alerts import AlertEvaluator, OutboxDrainer
 from agent.buyer import BuyerCare
+from agent.clock import ForwardClock
 from agent.config import (
     AgentSettings,
     Config,
@@ -163,6 +164,7 @@ async def run_engine(
         platforms,
         suppliers=suppliers,
         supplier_settings={s.name: s for s in config.suppliers},
+        clock=ForwardClock(),
     )
     engine.start_workers()
     resumed = await engine.sweep()  # every non-terminal line left by the last run

@@ -212,3 +212,49 @@ async def test_wall_clock_steps_do_not_stall_polling_or_the_watchdog(tmp_path: P
         listener.close()
         await sandbox.stop()
     assert_platform_invariants(sandbox)
+
+
+async def test_a_wait_in_the_ledger_is_not_lengthened_by_a_wall_clock_step_back(
+    tmp_path: Path,
+) -> None:
+    """A delivery due in 3 s (a SKU's delay, kept in the ledger as a wall-clock time) when
+    the wall clock steps back 200 s: it goes out about when it was due, not 200 s later."""
+    sandbox = await started_sandbox()
+    config = write_config(tmp_path, sandbox.base_url)
+    with config.open("a", encoding="utf-8") as toml:
+        toml.write('\n[skus."SLOW-1"]\ndelay = 3\n')
+    control = tmp_path / "faketime.offset"
+    step_wall_clock(control, "+0")
+    env = agent_env(config, SECRETS) | {
+        "LD_PRELOAD": libfaketime(),
+        "FAKETIME_TIMESTAMP_FILE": str(control),
+        "FAKETIME_NO_CACHE": "1",
+        "FAKETIME_DONT_FAKE_MONOTONIC": "1",
+    }
+    try:
+        await import_stock(config, SECRETS, tmp_path, "SLOW-1", ["S-1", "S-2"])
+        with (tmp_path / "daemon.log").open("ab") as sink:
+            proc = await asyncio.create_subprocess_exec(
+                sys.executable, "-m", "agent", "run", env=env, stdout=sink, stderr=sink
+            )
+        try:
+            await wait_until(lambda: sandbox.polls >= 3, "the first polls", proc)
+            order = sandbox.add_order("SLOW-1")
+            taken_in_by = sandbox.polls + 3  # listed by the next poll, committed before these
+            await wait_until(lambda: sandbox.polls >= taken_in_by, "the order taken in", proc)
+            assert sandbox.orders[order].delivery is None  # still waiting out its delay
+            step_wall_clock(control, "-200")
+            await wait_until(
+                lambda: sandbox.orders[order].delivery is not None,
+                "the delayed delivery after the clock stepped back",
+                proc,
+            )
+            proc.send_signal(signal.SIGTERM)
+            assert await asyncio.wait_for(proc.wait(), SAFETY_TIMEOUT) == 0
+        finally:
+            if proc.returncode is None:
+                proc.kill()
+                await proc.wait()
+    finally:
+        await sandbox.stop()
+    assert_platform_invariants(sandbox)
