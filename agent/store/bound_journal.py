@@ -34,7 +34,9 @@ from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from agent.i18n import N_
 from agent.logs import get_logger
+from agent.phrased import PhrasedLedgerError
 from agent.store.base import LedgerError
 from agent.store.identity import META_TABLE, os_error_text
 
@@ -88,9 +90,12 @@ class Journal:
                 os.close(fd)
             _fsync_dir(path.parent)
         except FileExistsError:
-            raise LedgerError(
-                f"a bound-keys journal {path} already exists: it belongs to another ledger;"
-                " nothing changed"
+            raise PhrasedLedgerError(
+                N_(
+                    "a bound-keys journal %(path)s already exists: it belongs to another"
+                    " ledger; nothing changed"
+                ),
+                path=path,
             ) from None
         except OSError as exc:
             raise LedgerError(os_error_text(path, exc)) from None
@@ -112,11 +117,18 @@ class Journal:
             raise LedgerError(os_error_text(path, exc)) from None
         if found != header:
             if found.startswith(MAGIC):
-                raise LedgerError(
-                    f"the bound-keys journal {path} belongs to another ledger, not to"
-                    f" {ledger} (id {ledger_id}): put this ledger's journal back"
+                raise PhrasedLedgerError(
+                    N_(
+                        "the bound-keys journal %(path)s belongs to another ledger, not to"
+                        " %(ledger)s (id %(id)s): put this ledger's journal back"
+                    ),
+                    path=path,
+                    ledger=ledger,
+                    id=ledger_id,
                 )
-            raise LedgerError(f"{path} is not a bound-keys journal: restore it from backup")
+            raise PhrasedLedgerError(
+                N_("%(path)s is not a bound-keys journal: restore it from backup"), path=path
+            )
         records, torn = divmod(size - len(header), RECORD)
         journal = cls(path, ledger_id, len(header), records)
         if torn:
@@ -241,18 +253,28 @@ def keep(
     journal = Journal.open(ledger, ledger_id)
     if journal is None:
         if watermark is not None and not adopt:
-            raise LedgerError(
-                f"the bound-keys journal {journal_path(ledger)} of the ledger {ledger} is"
-                " missing: restore it from backup with the ledger; if it is lost for good,"
-                " `kami-agent init --adopt` starts it again from this ledger"
+            raise PhrasedLedgerError(
+                N_(
+                    "the bound-keys journal %(path)s of the ledger %(ledger)s is missing:"
+                    " restore it from backup with the ledger; if it is lost for good,"
+                    " `kami-agent init --adopt` starts it again from this ledger"
+                ),
+                path=journal_path(ledger),
+                ledger=ledger,
             )
         journal = Journal.create(ledger, ledger_id)
     elif watermark is not None and journal.records < watermark and not adopt:
-        raise LedgerError(
-            f"the bound-keys journal {journal.path} holds {journal.records} records, fewer"
-            f" than the {watermark} the ledger {ledger} has seen: it was cut short or replaced"
-            " by an older copy; put the journal that belongs to this ledger back, or run"
-            " `kami-agent init --adopt` to continue it from this ledger"
+        raise PhrasedLedgerError(
+            N_(
+                "the bound-keys journal %(path)s holds %(records)d records, fewer than the"
+                " %(watermark)d the ledger %(ledger)s has seen: it was cut short or replaced by"
+                " an older copy; put the journal that belongs to this ledger back, or run"
+                " `kami-agent init --adopt` to continue it from this ledger"
+            ),
+            path=journal.path,
+            records=journal.records,
+            watermark=watermark,
+            ledger=ledger,
         )
     keeper = JournalKeeper(journal)
     pending = conn.execute("SELECT 1 FROM bound_pending LIMIT 1").fetchone() is not None

@@ -120,3 +120,37 @@ def test_ledger_refusals_in_the_merchants_language(
     ledger.write_bytes(b"")
     emptied = cli(config, "stock", "list")
     assert emptied.returncode == 1 and emptied.stderr.startswith(empty % ledger)
+
+
+@pytest.mark.parametrize(
+    ("language", "missing", "foreign"),
+    [
+        (
+            "zh-CN",
+            "kami-agent: 错误：账本 %(ledger)s 的已发卡密日志 %(journal)s 不见了：",
+            "kami-agent: 错误：%(journal)s 不是已发卡密日志：请从备份恢复\n",
+        ),
+        (
+            "en",
+            "kami-agent: error: the bound-keys journal %(journal)s of the ledger %(ledger)s is"
+            " missing:",
+            "kami-agent: error: %(journal)s is not a bound-keys journal: restore it from backup\n",
+        ),
+    ],
+)
+def test_bound_journal_refusals_in_the_merchants_language(
+    tmp_path: Path, language: str, missing: str, foreign: str
+) -> None:
+    config = tmp_path / "config.toml"
+    config.write_text(f'[agent]\nlanguage = "{language}"\n{PLATFORM}', encoding="utf-8")
+    assert cli(config, "init").returncode == 0
+    ledger = tmp_path / "kami.db"
+    journal = tmp_path / "kami.db.bound"
+    where = {"ledger": ledger, "journal": journal}
+    journal.unlink()
+    gone = cli(config, "status")
+    assert gone.returncode == 1 and "Traceback" not in gone.stderr
+    assert len(gone.stderr.splitlines()) == 1 and gone.stderr.startswith(missing % where)
+    journal.write_bytes(b"not a journal at all, but long enough to read a header from")
+    junk = cli(config, "stock", "list")
+    assert junk.returncode == 1 and junk.stderr == foreign % where
