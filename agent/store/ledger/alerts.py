@@ -18,7 +18,7 @@ from agent.domain import (
     refund_idempotency_key,
 )
 from agent.store.base import StoreError
-from agent.store.ledger.core import read, write
+from agent.store.ledger.core import HOLDINGS, read, write
 from agent.store.ledger.purchases import PurchasesLedger
 from agent.store.rows import (
     LINE_COLUMNS,
@@ -35,6 +35,8 @@ OUTBOX = Bulk(
 )
 
 
+LINE_AND_REFUND = f"SELECT {LINE_COLUMNS}, refund_key FROM orders WHERE id = $1{{for_update}}"
+SET_REFUND_KEY = "UPDATE orders SET refund_key = $1, updated_at = $2 WHERE id = $3"
 # A platform call under way on these: a refund now could race a delivery or a purchase.
 BUSY_FOR_REFUND = (LineState.ALLOCATED, LineState.DELIVERING, LineState.PURCHASING)
 
@@ -42,8 +44,6 @@ BUSY_FOR_REFUND = (LineState.ALLOCATED, LineState.DELIVERING, LineState.PURCHASI
 class AlertsLedger(PurchasesLedger):
     @read
     async def demand_since(self, tx: Tx, since: float) -> list[tuple[str, float, int]]:
-        """(sku, time, quantity) of real demand since a time, for the sales rate: summed per
-        SKU and DEMAND_BUCKET_SECONDS, at the mean time of the orders summed."""
         rows = await tx.fetch(
             "SELECT sku, AVG(seen_at), SUM(quantity) FROM {orders_by_seen} WHERE seen_at >= $1"
             " AND state NOT IN {line_class:not_demand} GROUP BY sku, {bucket}",
@@ -71,7 +71,6 @@ class AlertsLedger(PurchasesLedger):
         escalate_after: float,
         max_escalations: int,
     ) -> list[AlertMessage]:
-        """Opens/escalates/resolves alerts and queues one outbox row per channel, atomically."""
         rows = await tx.fetch(
             f"SELECT {OPEN_ALERT_COLUMNS} FROM alerts WHERE state = 'open'{{for_update}}"
         )
@@ -129,7 +128,6 @@ class AlertsLedger(PurchasesLedger):
 
     @read
     async def closed_alerts(self, tx: Tx, limit: int) -> list[ClosedAlert]:
-        """The alerts closed, newest first (every time each was resolved)."""
         rows = await tx.fetch(
             "SELECT key, kind, severity, summary, opened_at, resolved_at, escalations"
             " FROM alert_history ORDER BY resolved_at DESC, id DESC LIMIT $1",
@@ -202,27 +200,16 @@ class AlertsLedger(PurchasesLedger):
 
     @write
     async def begin_refund(self, tx: Tx, line_id: int, now: float) -> str | None:
-        """Commits the refund key if the line is backordered with no keys and no purchase."""
-        row = await tx.fetchrow(
-            f"SELECT {LINE_COLUMNS}, refund_key FROM orders WHERE id = $1{{for_update}}", line_id
-        )
+        row = await tx.fetchrow(LINE_AND_REFUND, line_id)
         if row is None:
             return None
         line, existing = line_from_row(row), row[LINE_WIDTH]
         if existing:
             return str(existing)
-        busy = await tx.fetchval(
-            "SELECT (SELECT COUNT(*) FROM card_keys WHERE order_line_id = $1) +"
-            " (SELECT COUNT(*) FROM purchases WHERE order_line_id = $1"
-            "  AND state IN {open_purchase})",
-            line_id,
-        )
-        if line.state != LineState.BACKORDERED or busy:
+        if line.state != LineState.BACKORDERED or await tx.fetchval(HOLDINGS, line_id):
             return None
         key = refund_idempotency_key(line.platform, line.order_id, line.line)
-        await tx.execute(
-            "UPDATE orders SET refund_key = $1, updated_at = $2 WHERE id = $3", key, now, line_id
-        )
+        await tx.execute(SET_REFUND_KEY, key, now, line_id)
         await self._event(tx, line_id, "refund_intent", f"key {key}", now)
         return key
 
@@ -234,9 +221,7 @@ class AlertsLedger(PurchasesLedger):
         is committed) and returns (line, key); keys stay bound. Refused (StoreError) for a
         closed line and for one with a delivery or a purchase under way: the call in flight
         could still hand over keys the refund would not account for."""
-        row = await tx.fetchrow(
-            f"SELECT {LINE_COLUMNS}, refund_key FROM orders WHERE id = $1{{for_update}}", line_id
-        )
+        row = await tx.fetchrow(LINE_AND_REFUND, line_id)
         if row is None:
             raise StoreError(f"no order line {line_id}")
         line, existing = line_from_row(row), row[LINE_WIDTH]
@@ -253,12 +238,7 @@ class AlertsLedger(PurchasesLedger):
             else refund_idempotency_key(line.platform, line.order_id, line.line)
         )
         if not existing:
-            await tx.execute(
-                "UPDATE orders SET refund_key = $1, updated_at = $2 WHERE id = $3",
-                key,
-                now,
-                line_id,
-            )
+            await tx.execute(SET_REFUND_KEY, key, now, line_id)
         await self._event(tx, line_id, "refund_intent", f"key {key}; asked: {reason}", now)
         return line, key
 

@@ -29,7 +29,18 @@ EVENT = Bulk(
     ("bigint", "float8", "text", "text"),
 )
 FETCH_LINE = f"SELECT {LINE_COLUMNS} FROM orders WHERE id = $1"
+# $2 free keys of SKU $1, oldest first, locked (skipping keys another agent is taking), as
+# (id, secret_hash, key_id, sealed); a key past its expiry ($3: now) is never handed out.
+FREE_KEYS = (
+    "SELECT id, secret_hash, key_id, sealed FROM card_keys WHERE sku = $1 AND state = 'free'"
+    " AND (expires_at IS NULL OR expires_at > $3) ORDER BY id LIMIT $2{skip_locked}"
+)
 KEYS = "SELECT id, purpose, wrapped, retired_at FROM data_keys ORDER BY id"
+# What line $1 holds: keys bound to it and purchases open for it.
+HOLDINGS = (
+    "SELECT (SELECT COUNT(*) FROM card_keys WHERE order_line_id = $1) +"
+    " (SELECT COUNT(*) FROM purchases WHERE order_line_id = $1 AND state IN {open_purchase})"
+)
 
 
 def write(

@@ -21,7 +21,7 @@ from agent.domain import (
 )
 from agent.keybox import SealedKeyError, StoreKeyError
 from agent.store.base import DeliveredSince, StoreError
-from agent.store.ledger.core import FETCH_LINE, LedgerCore, read, write
+from agent.store.ledger.core import FETCH_LINE, FREE_KEYS, HOLDINGS, LedgerCore, read, write
 from agent.store.rows import (
     LINE_COLUMNS,
     FreeKeys,
@@ -41,11 +41,6 @@ WAITING = lifecycle.states_in("waiting")
 KNOWN = (
     "SELECT order_id, id, sku, quantity, state FROM orders WHERE platform = $1 AND line = 0"
     " AND order_id = ANY($2::text[])"
-)
-# A key past its expiry is never bound: one test of a nullable column on rows read anyway.
-FREE_KEYS = (
-    "SELECT id, secret_hash, key_id, sealed FROM card_keys WHERE sku = $1 AND state = 'free'"
-    " AND (expires_at IS NULL OR expires_at > $3) ORDER BY id LIMIT $2{skip_locked}"
 )
 INSERT_LINE = Bulk(
     "INSERT INTO orders (platform, order_id, line, sku, quantity, state, reason, paid_at,"
@@ -95,7 +90,6 @@ class OrdersLedger(LedgerCore):
     async def ingest(
         self, platform: str, orders: Sequence[PlatformOrder | RejectedOrder], now: float
     ) -> list[int]:
-        """Inserts order lines idempotently; the ids of the lines new and ready."""
         if not orders:
             return []
         ordered = self._intake_order(orders)
@@ -349,8 +343,6 @@ class OrdersLedger(LedgerCore):
     async def allocate(
         self, tx: Tx, line_id: int, now: float, *, backorder: bool = True
     ) -> OrderLine:
-        """new/backordered/purchasing -> allocated (binding `quantity` distinct free keys);
-        when stock is short: -> backordered, or unchanged with backorder=False."""
         return await self._allocate(tx, await self._lock_line(tx, line_id, now), now, backorder)
 
     async def _allocate(
@@ -359,13 +351,7 @@ class OrdersLedger(LedgerCore):
         if line.state not in WAITING or await self._refunding(tx, line.id):
             return line
         needed = line.quantity - await tx.fetchval(COUNT_BOUND, line.id)
-        keys = await tx.fetch(
-            "SELECT id, secret_hash FROM card_keys WHERE sku = $1 AND state = 'free'"
-            " AND (expires_at IS NULL OR expires_at > $3) ORDER BY id LIMIT $2{skip_locked}",
-            line.sku,
-            needed,
-            now,
-        )
+        keys = await tx.fetch(FREE_KEYS, line.sku, needed, now)
         if len(keys) < needed:
             # All or nothing: a half-filled line would hold keys another buyer could use now.
             if backorder and line.state != LineState.BACKORDERED:
@@ -379,7 +365,7 @@ class OrdersLedger(LedgerCore):
                 await self._event(tx, line.id, "backordered", detail, now)
             return await self._fetch_line(tx, line.id)
         await self._bind(tx, line.id, [k[0] for k in keys], line.quantity - needed, now)
-        await self._event(tx, line.id, "allocated", allocated_detail(keys), now)
+        await self._event(tx, line.id, "allocated", allocated_detail(k[:2] for k in keys), now)
         # What the statements wrote, without reading the row back (hot path).
         return replace(line, state=LineState.ALLOCATED, next_attempt_at=0.0)
 
@@ -402,8 +388,6 @@ class OrdersLedger(LedgerCore):
     async def claim_for_delivery(
         self, tx: Tx, line_id: int, now: float
     ) -> DeliveryIntent | OrderLine:
-        """allocate + begin_delivery in one transaction: the intent if the keys were bound,
-        else the line (backordered, or in whatever state it already was)."""
         return await self._claim(tx, await self._lock_line(tx, line_id, now), now)
 
     async def _claim(self, tx: Tx, line: OrderLine, now: float) -> DeliveryIntent | OrderLine:
@@ -419,7 +403,6 @@ class OrdersLedger(LedgerCore):
 
     @write
     async def begin_delivery(self, tx: Tx, line_id: int, now: float) -> DeliveryIntent:
-        """allocated/delivering -> delivering: commits the idempotency key before the call."""
         return await self._begin_delivery(tx, await self._lock_line(tx, line_id, now), now)
 
     async def _begin_delivery(self, tx: Tx, line: OrderLine, now: float) -> DeliveryIntent:
@@ -476,7 +459,6 @@ class OrdersLedger(LedgerCore):
     async def mark_many_delivered(
         self, tx: Tx, deliveries: Sequence[tuple[int, str]], now: float
     ) -> None:
-        """mark_delivered for each (line id, detail), in one transaction."""
         if not deliveries:
             return
         details = dict(deliveries)
@@ -519,7 +501,6 @@ class OrdersLedger(LedgerCore):
 
     @write
     async def park(self, tx: Tx, line_id: int, reason: str, now: float) -> None:
-        """-> needs_attention with the reason; keys stay bound."""
         await self._park(tx, line_id, reason, now)
 
     async def _park(self, tx: Tx, line_id: int, reason: str, now: float) -> None:
@@ -527,7 +508,6 @@ class OrdersLedger(LedgerCore):
         await self._event(tx, line_id, "parked", reason, now)
 
     async def close_line(self, line_id: int, state: LineState, reason: str, now: float) -> None:
-        """-> cancelled/refunded because the platform says so."""
         if state not in (LineState.CANCELLED, LineState.REFUNDED):
             raise StoreError(f"close_line takes cancelled or refunded, not {state}")
         await self._close_line(line_id, state, reason, now)
@@ -549,7 +529,6 @@ class OrdersLedger(LedgerCore):
     async def backorder(
         self, tx: Tx, line_id: int, next_attempt_at: float, reason: str, now: float
     ) -> None:
-        """-> backordered; next_attempt_at > 0 offers it to the suppliers again then."""
         await tx.execute(
             "UPDATE orders SET state = 'backordered', next_attempt_at = $1, reason = $2,"
             " updated_at = $3{release} WHERE id = $4 AND {line_to:backordered}",
@@ -644,12 +623,7 @@ class OrdersLedger(LedgerCore):
         if not chosen:
             raise StoreError(f"order {line.order_id} has no key in slot {slot}")
         old_id, old_slot = chosen[0]
-        fresh = await tx.fetch(
-            "SELECT id, secret_hash FROM card_keys WHERE sku = $1 AND state = 'free'"
-            " AND (expires_at IS NULL OR expires_at > $2) ORDER BY id LIMIT 1{skip_locked}",
-            line.sku,
-            now,
-        )
+        fresh = await tx.fetch(FREE_KEYS, line.sku, 1, now)
         if not fresh:
             raise StoreError(f"no free key of {line.sku} to replace the bad one with")
         await tx.execute(
@@ -686,13 +660,7 @@ class OrdersLedger(LedgerCore):
             raise StoreError(
                 f"order {line.order_id} is {line.state}; only needs_attention can be retried"
             )
-        busy = await tx.fetchval(
-            "SELECT (SELECT COUNT(*) FROM card_keys WHERE order_line_id = $1) +"
-            " (SELECT COUNT(*) FROM purchases WHERE order_line_id = $1"
-            "  AND state IN {open_purchase})",
-            line_id,
-        )
-        if busy or line.delivery_key is not None:
+        if line.delivery_key is not None or await tx.fetchval(HOLDINGS, line_id):
             raise StoreError(f"order {line.order_id} holds keys or a purchase: retry it as it is")
         if quantity < 1:
             raise StoreError(f"order {line.order_id}: a quantity must be at least 1")
@@ -724,7 +692,6 @@ class OrdersLedger(LedgerCore):
     # --- reads ----------------------------------------------------------------------------
     @read
     async def bound_count(self, tx: Tx, line_id: int) -> int:
-        """How many keys are bound to the line."""
         return int(await tx.fetchval(COUNT_BOUND, line_id))
 
     @read
@@ -757,7 +724,6 @@ class OrdersLedger(LedgerCore):
     async def delivered_lines_of(
         self, tx: Tx, platform: str, order_ids: Sequence[str]
     ) -> list[OrderLine]:
-        """The lines of these platform orders that the ledger records as delivered."""
         rows = await tx.fetch(
             f"SELECT {LINE_COLUMNS} FROM orders WHERE platform = $1 AND state = 'delivered'"
             " AND order_id = ANY($2::text[])",

@@ -24,7 +24,7 @@ from agent.pool_domain import (
     pool_add_reference,
 )
 from agent.store.base import StoreError
-from agent.store.ledger.core import LedgerCore, read, write
+from agent.store.ledger.core import FREE_KEYS, LedgerCore, read, write
 from agent.store.rows import allocated_detail
 from agent.store.tx import Bulk, Row, Tx
 
@@ -103,16 +103,7 @@ class PoolsLedger(LedgerCore):
     async def begin_pool_add(
         self, tx: Tx, pool: Pool, count: int, now: float
     ) -> PoolAddIntent | None:
-        """Commits an add intent (deterministic reference) with up to `count` free keys of
-        the pool's SKU consigned to it, before the call; None when there is no free key."""
-        rows = await tx.fetch(
-            "SELECT id, sku, key_id, sealed, secret_hash FROM card_keys WHERE sku = $1"
-            " AND state = 'free' AND (expires_at IS NULL OR expires_at > $3) ORDER BY id"
-            " LIMIT $2{skip_locked}",
-            pool.sku,
-            count,
-            now,
-        )
+        rows = await tx.fetch(FREE_KEYS, pool.sku, count, now)
         if not rows:
             return None
         number = await tx.fetchval(
@@ -137,7 +128,7 @@ class PoolsLedger(LedgerCore):
         )
         if moved != len(ids):  # a key taken meanwhile: nothing of this intent stands
             raise StoreError("free keys changed while consigning them; try again")
-        items = await self._open_rows(tx, [r[1:] for r in rows])
+        items = await self._open_rows(tx, [(pool.sku, r[2], r[3], r[1]) for r in rows])
         add = PoolAdd(add_id, pool, reference, PoolAddState.INTENT, len(ids), None, None, 0, now)
         return PoolAddIntent(add, tuple(items), tuple(ids))
 
@@ -252,7 +243,6 @@ class PoolsLedger(LedgerCore):
 
     @read
     async def pool_levels(self, tx: Tx, platform: str) -> list[PoolLevel]:
-        """Each pool of the platform with the keys the ledger holds consigned to it."""
         pools = await tx.fetch(
             f"SELECT {POOL_COLUMNS} FROM pools p WHERE p.platform = $1 ORDER BY p.id", platform
         )
@@ -377,7 +367,6 @@ class PoolsLedger(LedgerCore):
 
     @read
     async def returning_keys(self, tx: Tx, platform: str) -> list[ConsignedKey]:
-        """Keys of the platform's pools whose StockBack began and was not settled."""
         rows = await tx.fetch(
             f"SELECT {KEY_COLUMNS}, {POOL_COLUMNS} FROM card_keys k"
             " JOIN pool_adds a ON a.id = k.pool_add_id JOIN pools p ON p.id = a.pool_id"

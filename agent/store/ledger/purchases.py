@@ -48,7 +48,6 @@ class PurchasesLedger(OrdersLedger):
 
     @write
     async def begin_purchase(self, tx: Tx, line_id: int, supplier: str, now: float) -> Purchase:
-        """Commits the intent (deterministic merchant_ref) before the request; -> purchasing."""
         line = await self._lock_line(tx, line_id, now)
         if line.state not in WAITING:
             raise StoreError(f"order line {line_id} is {line.state}, not buying")
@@ -131,7 +130,6 @@ class PurchasesLedger(OrdersLedger):
     async def complete_purchase(
         self, tx: Tx, purchase: Purchase, purchase_id: str, items: Sequence[CardItem], now: float
     ) -> OrderLine:
-        """Stores the bought keys and binds them to the line in the same transaction."""
         line = await self._lock_line(tx, purchase.order_line_id, now)
         if (await self._fetch_purchase(tx, purchase.id)).state == PurchaseState.COMPLETED:
             return line
