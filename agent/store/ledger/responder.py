@@ -73,10 +73,7 @@ LINES_KEYS = (
     "SELECT order_line_id, sku, key_id, sealed, secret_hash FROM card_keys"
     " WHERE order_line_id = ANY($1::bigint[]) ORDER BY order_line_id, slot"
 )
-MARK_PROVIDED = Bulk(
-    "UPDATE orders SET state = 'provided', updated_at = $1 WHERE id = $2",
-    ("float8", "bigint"),
-)
+MARK_PROVIDED = "UPDATE orders SET state = 'provided', updated_at = $1 WHERE id = ANY($2::bigint[])"
 STORE_REPLIES = Bulk(
     STORE_REPLY,
     ("text", "text", "text", "int", "int", "bytea", "float8"),
@@ -471,7 +468,7 @@ class ResponderLedger(LedgerCore):
         first: dict[str, _Provide] = {}
         for call in calls:
             first.setdefault(call.order_id, call)
-        marks: list[tuple[float, int]] = []
+        marks: list[int] = []
         events: list[tuple[int, float, str, str]] = []
         rendered: dict[str, Rendered] = {}
         for order in orders:
@@ -484,11 +481,12 @@ class ResponderLedger(LedgerCore):
             handed = [Handed(line, items[line.id]) for line in lines[order]]
             for line in lines[order]:
                 if line.state == LineState.RESERVED:
-                    marks.append((call.now, line.id))
+                    marks.append(line.id)
                     events.append((line.id, call.now, "provided", f"keys handed over{self._by}"))
             rendered[order] = call.render(handed)
         if marks:
-            await tx.executemany(MARK_PROVIDED, marks)
+            # One statement for the batch, at its latest call's time.
+            await tx.execute(MARK_PROVIDED, max(call.now for call in calls), marks)
             await tx.executemany(EVENT, events)
         if rendered:
             box = await self._fresh_keybox(tx)
