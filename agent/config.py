@@ -371,7 +371,7 @@ def _template(s: Section, key: str, text: str | None) -> str | None:
     try:
         check_template(text)
     except TemplateError as exc:
-        raise s.error(key, str(exc)) from None
+        raise s.error(key, exc.say(s._)) from None
     return text
 
 

@@ -18,6 +18,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from agent.domain import AlertMessage, Permanent, Transient
+from agent.i18n import N_
 from agent.notify.base import timeout_kwargs
 from agent.redact import fingerprint, register, scrub
 from agent.settings import setting
@@ -25,7 +26,7 @@ from agent.settings import setting
 if TYPE_CHECKING:
     from agent.config import Section
 
-INSTALL_HINT = "the apprise channel needs apprise: pip install 'kami-agent[apprise]'"
+INSTALL_HINT = N_("the apprise channel needs apprise: pip install 'kami-agent[apprise]'")
 # What separates several apprise URLs in one secret: white space or commas.
 _SEPARATORS = re.compile(r"[\s,]+")
 
@@ -124,7 +125,8 @@ def parse_options(section: Section) -> Options:
     try:
         _apprise_module()
     except Permanent as exc:
-        raise section.error("kind", str(exc)) from None
+        # The only refusal here is apprise missing: said in the merchant's language.
+        raise section.error("kind", section._(str(exc))) from None
     return options
 
 

@@ -143,22 +143,31 @@ def parse_options(section: Section) -> Options:
     """The email keys; `tls` settled from `starttls` when absent."""
     from agent.config import read_settings
 
+    _ = section._
     options = read_settings(section, Options)
     tls = options.tls
     if tls is None:
         tls = "starttls" if options.starttls else "none"
     elif tls not in TLS_MODES:
-        raise section.error("tls", f"must be one of {', '.join(TLS_MODES)}, got {tls!r}")
+        raise section.error(
+            "tls",
+            _("must be one of %(choices)s, got %(value)r")
+            % {"choices": ", ".join(TLS_MODES), "value": tls},
+        )
     elif section.data.get("starttls") is not None and options.starttls != (tls == "starttls"):
-        raise section.error("starttls", f'contradicts tls = "{tls}"; set tls alone')
+        raise section.error(
+            "starttls", _('contradicts tls = "%(tls)s"; set tls alone') % {"tls": tls}
+        )
     port = options.port
     if tls == "implicit" and section.data.get("port") is None:
         port = SMTPS_PORT
     if options.password and tls == "none":
         raise section.error(
             "password",
-            'is never sent over SMTP without TLS; set tls = "starttls" (usually port 587)'
-            ' or tls = "implicit" (usually port 465)',
+            _(
+                'is never sent over SMTP without TLS; set tls = "starttls" (usually port 587)'
+                ' or tls = "implicit" (usually port 465)'
+            ),
         )
     return dataclasses.replace(options, tls=tls, port=port)
 

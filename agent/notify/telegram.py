@@ -9,6 +9,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
+from agent.i18n import N_
 from agent.notify.base import timeout_kwargs
 from agent.notify.robots import TelegramNotifier
 from agent.settings import setting
@@ -21,7 +22,7 @@ API_BASE = "https://api.telegram.org"
 # negative, a supergroup's or channel's starts with -100), or a public channel's @username.
 _CHAT_NUMBER = re.compile(r"^-?[0-9]{1,20}$")
 _CHANNEL_NAME = re.compile(r"^@[A-Za-z][A-Za-z0-9_]{3,31}$")
-CHAT_ID_HELP = (
+CHAT_ID_HELP = N_(
     "the chat's id: the number Telegram gives the chat, like 123456789 (a group's is"
     " negative, often -100...: write to the bot, then open"
     " https://api.telegram.org/botTOKEN/getUpdates to see it), or a public channel's"
@@ -42,6 +43,7 @@ class Options:
 
 def chat_id(section: Section, value: Any) -> str:
     """`value` as sendMessage takes it, or one error explaining what a chat id is."""
+    _ = section._
     if isinstance(value, int) and not isinstance(value, bool):
         value = str(value)
     if isinstance(value, str) and (
@@ -49,8 +51,10 @@ def chat_id(section: Section, value: Any) -> str:
     ):
         return value.strip()
     if value is None:
-        raise section.missing("chat_id", f"is required: {CHAT_ID_HELP}")
-    raise section.error("chat_id", f"must be {CHAT_ID_HELP}; got {value!r}")
+        raise section.missing("chat_id", _("is required: %(help)s") % {"help": _(CHAT_ID_HELP)})
+    raise section.error(
+        "chat_id", _("must be %(help)s; got %(value)r") % {"help": _(CHAT_ID_HELP), "value": value}
+    )
 
 
 def parse_options(section: Section) -> Options:

@@ -156,47 +156,69 @@ def _loopback(host: str) -> bool:
 
 
 def _pool_bounds(section: Section, where: str, entry: Any) -> PoolBounds:
+    _ = section._
     if not isinstance(entry, dict):
-        raise section.error(where, 'must be a table: { cpc_id = "<卡种ID>", low = 20, high = 100 }')
+        raise section.error(
+            where, _('must be a table: { cpc_id = "<卡种ID>", low = 20, high = 100 }')
+        )
     unknown = sorted(set(entry) - {"cpc_id", "low", "high"})
     if unknown:
-        raise section.error(f"{where}.{unknown[0]}", "is not a pool setting (cpc_id, low, high)")
+        raise section.error(f"{where}.{unknown[0]}", _("is not a pool setting (cpc_id, low, high)"))
     cpc = entry.get("cpc_id")
     cpc_id = text_id(cpc) if isinstance(cpc, str | int) and not isinstance(cpc, bool) else None
     if cpc_id is None or not cpc_id.isdigit():
-        raise section.error(f"{where}.cpc_id", f"must be the pool's 卡种ID (digits), got {cpc!r}")
+        raise section.error(
+            f"{where}.cpc_id",
+            _("must be the pool's 卡种ID (digits), got %(value)r") % {"value": cpc},
+        )
     bounds = []
     for name in ("low", "high"):
         value = entry.get(name)
         if isinstance(value, bool) or not isinstance(value, int):
-            raise section.error(f"{where}.{name}", f"must be a whole number, got {value!r}")
+            raise section.error(
+                f"{where}.{name}", _("must be a whole number, got %(value)r") % {"value": value}
+            )
         if not 0 <= value <= MAX_POOL_KEYS:
             raise section.error(
-                f"{where}.{name}", f"must be between 0 and {MAX_POOL_KEYS}, got {value}"
+                f"{where}.{name}",
+                _("must be between 0 and %(max)d, got %(value)d")
+                % {"max": MAX_POOL_KEYS, "value": value},
             )
         bounds.append(value)
     low, high = bounds
     if low > high:
-        raise section.error(where, f"low ({low}) must not be above high ({high})")
+        raise section.error(
+            where,
+            _("low (%(low)d) must not be above high (%(high)d)") % {"low": low, "high": high},
+        )
     return PoolBounds(cpc_id, low, high)
 
 
 def _parse_pools(section: Section, channel: str, skus: set[str]) -> dict[str, PoolBounds]:
     """[platforms.<name>.pools]: "<SKU>" = { cpc_id = "<卡种ID>", low = N, high = M }."""
+    _ = section._
     pools: dict[str, PoolBounds] = {}
     for sku, entry in section.table("pools").items():
         where = f"pools.{sku}"
         if channel not in POOL_CHANNELS:
             raise section.error(
                 where,
-                f"{CHANNEL_NAMES[channel]}: Agiso offers no way to read back what a pool sent"
-                " per order there, so its pools cannot be kept from the ledger",
+                _(
+                    "%(channel)s: Agiso offers no way to read back what a pool sent per order"
+                    " there, so its pools cannot be kept from the ledger"
+                )
+                % {"channel": CHANNEL_NAMES[channel]},
             )
         if sku not in skus:
-            raise section.error(where, f"{sku!r} is not a SKU of this shop's products")
+            raise section.error(
+                where, _("%(sku)r is not a SKU of this shop's products") % {"sku": sku}
+            )
         bounds = _pool_bounds(section, where, entry)
         if any(p.cpc_id == bounds.cpc_id for p in pools.values()):
-            raise section.error(f"{where}.cpc_id", f"pool {bounds.cpc_id} is named for another SKU")
+            raise section.error(
+                f"{where}.cpc_id",
+                _("pool %(cpc_id)s is named for another SKU") % {"cpc_id": bounds.cpc_id},
+            )
         pools[sku] = bounds
     return pools
 
@@ -206,46 +228,59 @@ def parse_options(section: Section) -> AgisoOptions:
     (required), templates and names (per SKU), message_cap, calls_per_second, probe_interval,
     lookback_hours; pools (per SKU: cpc_id, low, high), pool_interval, pool_sale_wait;
     push_path (the listener's path for the shop's pushes, default /agiso/<name>)."""
+    _ = section._
     base_url = section.data.get("base_url")
     if isinstance(base_url, str):
         parsed = urlparse(base_url)
         if parsed.scheme != "https" and not _loopback(parsed.hostname or ""):
             raise section.error(
-                "base_url", f"must be https:// (the AccessToken travels in it), got {base_url!r}"
+                "base_url",
+                _("must be https:// (the AccessToken travels in it), got %(value)r")
+                % {"value": base_url},
             )
     channel = section.string("channel", required=True)
     if channel not in CHANNELS:
-        raise section.error("channel", f"must be one of {', '.join(CHANNELS)}, got {channel!r}")
+        raise section.error(
+            "channel",
+            _("must be one of %(choices)s, got %(value)r")
+            % {"choices": ", ".join(CHANNELS), "value": channel},
+        )
     products = section.table("products")
     if not products:
         raise section.error(
             "products",
-            'is required: map the marketplace\'s item or SKU ids to SKUs, products = { "<id>" ='
-            ' "<SKU>" }',
+            _(
+                "is required: map the marketplace's item or SKU ids to SKUs,"
+                ' products = { "<id>" = "<SKU>" }'
+            ),
         )
     for key, sku in products.items():
         if text_id(key) != key:
-            raise section.error(f"products.{key}", "is not an item, SKU or outer id")
+            raise section.error(f"products.{key}", _("is not an item, SKU or outer id"))
         if not isinstance(sku, str) or not sku.strip() or len(sku) > 128:
-            raise section.error(f"products.{key}", f"must name a SKU, got {sku!r}")
+            raise section.error(
+                f"products.{key}", _("must name a SKU, got %(value)r") % {"value": sku}
+            )
     templates = section.table("templates")
     for sku, text in templates.items():
         if not isinstance(text, str) or not text.strip():
-            raise section.error(f"templates.{sku}", "must be a non-empty string")
+            raise section.error(f"templates.{sku}", _("must be a non-empty string"))
         try:
             check_template(text)
         except TemplateError as exc:
-            raise section.error(f"templates.{sku}", str(exc)) from None
+            raise section.error(f"templates.{sku}", exc.say(_)) from None
     names = section.table("names")
     for sku, text in names.items():
         if not isinstance(text, str) or not text.strip():
-            raise section.error(f"names.{sku}", "must be a non-empty string")
+            raise section.error(f"names.{sku}", _("must be a non-empty string"))
     limits = MESSAGE_LIMITS.get(channel)
     cap = section.integer("message_cap", 0, minimum=0, maximum=limits.count if limits else 0)
     pools = _parse_pools(section, channel, set(products.values()))
     push_path = section.string("push_path", "/").rstrip("/")
     if push_path and (not push_path.startswith("/") or "?" in push_path or "{" in push_path):
-        raise section.error("push_path", f"must be a path starting with /, got {push_path!r}")
+        raise section.error(
+            "push_path", _("must be a path starting with /, got %(value)r") % {"value": push_path}
+        )
     return AgisoOptions(
         channel=channel,
         access_token_secret=section.secret_name("access_token"),

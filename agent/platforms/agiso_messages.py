@@ -12,10 +12,11 @@ ever left out. `{{` and `}}` write braces.
 from __future__ import annotations
 
 import re
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 from agent.domain import CardItem
+from agent.i18n import N_
 
 DEFAULT_TEMPLATE = (
     "亲，您购买的「{商品}」已发货，订单号 {订单号}，共 {数量} 件：\n"
@@ -37,7 +38,17 @@ _FIELD = re.compile(r"\{\{|\}\}|\{([^{}]*)\}")
 
 
 class TemplateError(ValueError):
-    """A template that cannot be rendered; the message names what is wrong."""
+    """A template that cannot be rendered; the message names what is wrong. It keeps its
+    msgid (marked with N_) and values, said in the merchant's language by the config check."""
+
+    def __init__(self, template: str, **values: str) -> None:
+        super().__init__(template % values)
+        self.template = template
+        self.values = values
+
+    def say(self, gettext: Callable[[str], str]) -> str:
+        """The message in the language of `gettext`."""
+        return gettext(self.template) % self.values
 
 
 def _canonical(name: str) -> str:
@@ -49,14 +60,18 @@ def _canonical(name: str) -> str:
     if name in ALIASES:
         return ALIASES[name]
     known = "、".join(f"{{{n}}}" for n in NAMES)
-    raise TemplateError(f"unknown variable {{{name}}} (known: {known}, or their English names)")
+    raise TemplateError(
+        N_("unknown variable {%(name)s} (known: %(known)s, or their English names)"),
+        name=name,
+        known=known,
+    )
 
 
 def check_template(text: str) -> None:
     """Raises TemplateError for an unknown variable or a stray brace."""
     rest = _FIELD.sub(lambda m: "" if m.group(1) is None else _canonical(m.group(1)) and "", text)
     if "{" in rest or "}" in rest:
-        raise TemplateError("a single { or } (write {{ or }} for a brace)")
+        raise TemplateError(N_("a single { or } (write {{ or }} for a brace)"))
 
 
 def card_text(item: CardItem) -> str:

@@ -91,38 +91,51 @@ class DujiaoOptions:
 def parse_options(section: Section) -> DujiaoOptions:
     """products = { "<id>" = { sku = "<SKU>", price = "9.90", title = "..." } }, currency,
     site_name, balance, path_prefix, callback_interval, callback_retry."""
+    _ = section._
     products: dict[int, wire.Product] = {}
     for key, entry in section.table("products").items():
         where = f"products.{key}"
         if not key.isdigit() or not 0 < int(key) < 2**31:
-            raise section.error(where, "a product id must be a whole number (the shop's sku_id)")
+            raise section.error(where, _("a product id must be a whole number (the shop's sku_id)"))
         if not isinstance(entry, dict) or set(entry) - {"sku", "price", "title"}:
-            raise section.error(where, 'must be { sku = "<SKU>", price = "9.90", title = "..." }')
+            raise section.error(
+                where, _('must be { sku = "<SKU>", price = "9.90", title = "..." }')
+            )
         sku, price, title = (
             entry.get("sku"),
             entry.get("price"),
             entry.get("title", entry.get("sku")),
         )
         if not isinstance(sku, str) or not sku.strip() or len(sku) > 128:
-            raise section.error(f"{where}.sku", f"must name a SKU, got {sku!r}")
+            raise section.error(
+                f"{where}.sku", _("must name a SKU, got %(value)r") % {"value": sku}
+            )
         try:
             amount = Decimal(str(price))
         except InvalidOperation:
             amount = Decimal(-1)
         if isinstance(price, bool) or not amount.is_finite() or amount < 0:
-            raise section.error(f"{where}.price", f'must be an amount like "9.90", got {price!r}')
+            raise section.error(
+                f"{where}.price",
+                _('must be an amount like "9.90", got %(value)r') % {"value": price},
+            )
         if not isinstance(title, str) or not title.strip():
-            raise section.error(f"{where}.title", "must be a text")
+            raise section.error(f"{where}.title", _("must be a text"))
         if any(p.sku == sku for p in products.values()):
-            raise section.error(f"{where}.sku", f"SKU {sku!r} is already another product")
+            raise section.error(
+                f"{where}.sku", _("SKU %(sku)r is already another product") % {"sku": sku}
+            )
         products[int(key)] = wire.Product(int(key), sku, amount, title)
     if not products:
         raise section.error(
-            "products", 'is required: { "1" = { sku = "<SKU>", price = "9.90", title = "..." } }'
+            "products",
+            _('is required: { "1" = { sku = "<SKU>", price = "9.90", title = "..." } }'),
         )
     prefix = section.string("path_prefix", "/").rstrip("/")
     if prefix and (not prefix.startswith("/") or "?" in prefix or "{" in prefix):
-        raise section.error("path_prefix", f"must be a path starting with /, got {prefix!r}")
+        raise section.error(
+            "path_prefix", _("must be a path starting with /, got %(value)r") % {"value": prefix}
+        )
     balance = section.string("balance", "0.00")
     return DujiaoOptions(
         products=products,

@@ -93,13 +93,18 @@ def _https(section: Section, key: str, url: str) -> None:
     parsed = urlparse(url)
     host = parsed.hostname or ""
     if parsed.scheme != "https" and host not in ("127.0.0.1", "localhost", "::1"):
-        raise section.error(key, f"must be an https:// URL (credentials travel in it), got {url!r}")
+        raise section.error(
+            key,
+            section._("must be an https:// URL (credentials travel in it), got %(value)r")
+            % {"value": url},
+        )
 
 
 def parse_options(section: Section) -> EnebaOptions:
     """auctions = { "<auctionId>" = "<SKU>" } (one auction per SKU), callback_token (a
     secret's name), token_url, client_id, reserve_hours, sweep_interval, reconcile_after,
     path."""
+    _ = section._
     base_url = section.data.get("base_url")
     if isinstance(base_url, str):
         _https(section, "base_url", base_url)
@@ -109,23 +114,29 @@ def parse_options(section: Section) -> EnebaOptions:
     if not auctions:
         raise section.error(
             "auctions",
-            'is required: map each Eneba auction to a SKU, auctions = { "<id>" = "<SKU>" }',
+            _('is required: map each Eneba auction to a SKU, auctions = { "<id>" = "<SKU>" }'),
         )
     seen: dict[str, str] = {}
     for auction, sku in auctions.items():
         if not isinstance(sku, str) or not sku.strip() or len(sku) > 128:
-            raise section.error(f"auctions.{auction}", f"must name a SKU, got {sku!r}")
+            raise section.error(
+                f"auctions.{auction}", _("must name a SKU, got %(value)r") % {"value": sku}
+            )
         if len(auction) > wire.MAX_ORDER_ID:
-            raise section.error(f"auctions.{auction}", "is not an Eneba auction id")
+            raise section.error(f"auctions.{auction}", _("is not an Eneba auction id"))
         if sku in seen:
             # Both auctions would be told the whole count: together they would sell it twice.
             raise section.error(
-                f"auctions.{auction}", f"SKU {sku!r} is already sold by auction {seen[sku]}"
+                f"auctions.{auction}",
+                _("SKU %(sku)r is already sold by auction %(auction)s")
+                % {"sku": sku, "auction": seen[sku]},
             )
         seen[sku] = auction
     path = section.string("path", "/").rstrip("/")
     if path and (not path.startswith("/") or "?" in path or "{" in path):
-        raise section.error("path", f"must be a path starting with /, got {path!r}")
+        raise section.error(
+            "path", _("must be a path starting with /, got %(value)r") % {"value": path}
+        )
     return EnebaOptions(
         auctions=dict(auctions),
         callback_token_secret=section.secret_name("callback_token"),

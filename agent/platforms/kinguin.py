@@ -112,12 +112,17 @@ def _require_https(section: Section, key: str, url: str) -> None:
     http to this machine is allowed, for tests and a local TLS-terminating proxy)."""
     parsed = urlparse(url)
     if parsed.scheme != "https" and not _loopback(parsed.hostname or ""):
-        raise section.error(key, f"must be an https:// URL (credentials travel in it), got {url!r}")
+        raise section.error(
+            key,
+            section._("must be an https:// URL (credentials travel in it), got %(value)r")
+            % {"value": url},
+        )
 
 
 def parse_options(section: Section) -> KinguinOptions:
     """token_url (default Kinguin's), offers = { "<offerId>" = "<SKU>" } (required),
     writes_per_minute / reads_per_minute (client-side limits, under Kinguin's)."""
+    _ = section._
     token_url = section.url("token_url") if "token_url" in section.data else DEFAULT_TOKEN_URL
     _require_https(section, "token_url", token_url)
     base_url = section.data.get("base_url")
@@ -127,15 +132,19 @@ def parse_options(section: Section) -> KinguinOptions:
     if not offers:
         raise section.error(
             "offers",
-            'is required: map each Kinguin offer to a SKU, offers = { "<offerId>" = "<SKU>" }',
+            _('is required: map each Kinguin offer to a SKU, offers = { "<offerId>" = "<SKU>" }'),
         )
     for offer, sku in offers.items():
         if text_id(offer) != offer:
             raise section.error(
-                f"offers.{offer}", f"not a Kinguin offer id (1-{MAX_ID} chars, no {SEPARATOR!r})"
+                f"offers.{offer}",
+                _("not a Kinguin offer id (1-%(max)d characters, no %(separator)r)")
+                % {"max": MAX_ID, "separator": SEPARATOR},
             )
         if not isinstance(sku, str) or not sku.strip() or len(sku) > 128:
-            raise section.error(f"offers.{offer}", f"must name a SKU, got {sku!r}")
+            raise section.error(
+                f"offers.{offer}", _("must name a SKU, got %(value)r") % {"value": sku}
+            )
     return KinguinOptions(
         offers=dict(offers),
         token_url=token_url,

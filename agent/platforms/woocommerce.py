@@ -98,18 +98,22 @@ def _loopback(host: str) -> bool:
 
 def parse_options(section: Section) -> WooCommerceOptions:
     """Reads the woocommerce keys and refuses settings WooCommerce cannot honour."""
+    _ = section._
     url = urlparse(str(section.data.get("base_url", "")))
     if url.scheme == "http" and not _loopback(url.hostname or ""):
         # Basic auth sends the consumer secret with every request: over plain HTTP anyone on
         # the way reads it (WooCommerce itself accepts Basic auth over HTTPS only).
         raise section.error(
-            "base_url", "must be https:// (the consumer secret would travel in clear text)"
+            "base_url", _("must be https:// (the consumer secret would travel in clear text)")
         )
     if section.data.get("long_poll") is True:
-        raise section.error("long_poll", "WooCommerce has no long poll; remove it")
+        raise section.error("long_poll", _("WooCommerce has no long poll; remove it"))
     page_size = section.data.get("page_size")
     if isinstance(page_size, int) and page_size > MAX_PER_PAGE:
-        raise section.error("page_size", f"WooCommerce serves at most {MAX_PER_PAGE} per page")
+        raise section.error(
+            "page_size",
+            _("WooCommerce serves at most %(n)d orders per page") % {"n": MAX_PER_PAGE},
+        )
     return WooCommerceOptions(
         listing_margin=section.number("listing_margin", 60.0, minimum=1.0, maximum=86400.0),
         complete_orders=section.boolean("complete_orders", True),
