@@ -15,7 +15,9 @@ Two servers, each in a process of its own, loaded by the same client in this pro
 latency is queueing (Little's law: 100 / throughput). "Bursts": 100 at once, the next burst
 once all are answered: each reply's time from a burst's start.
 
-Reported per phase: replies' p50/p99/max latency and throughput, and the listener's
+Reported per phase: replies' p50/p99/max latency and throughput, the server process's CPU
+time per reply (all its threads, from /proc: what a reply costs, which other work on the
+machine does not change, where throughput and latency swing with it), and the listener's
 throughput over hello's (the ratio). Figures also go to bench/results/listener.json with the
 machine's state (CPUs, load average before and after: other work on the machine weighs on
 both servers alike, and is said).
@@ -148,7 +150,13 @@ async def prepare(db: Path, orders: int) -> list[str]:
 
 
 # --- the client -------------------------------------------------------------------------
-async def load(port: int, bodies: list[bytes]) -> dict[str, Any]:
+def cpu_seconds(pid: int) -> float:
+    """The process's user + system CPU time so far, all its threads (Linux /proc)."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+async def load(port: int, bodies: list[bytes], pid: int) -> dict[str, Any]:
     """Posts every body, CONCURRENCY at a time; latency of each reply, and the throughput."""
     url = f"http://127.0.0.1:{port}/eneba/bench"
     headers = {"Authorization": f"Bearer {TOKEN}", "Content-Type": "application/json"}
@@ -179,15 +187,16 @@ async def load(port: int, bodies: list[bytes]) -> dict[str, Any]:
                         failures += 1
                 times.append(time.perf_counter() - started)
 
-        began = time.perf_counter()
+        began, cpu = time.perf_counter(), cpu_seconds(pid)
         await asyncio.gather(*(worker() for _ in range(CONCURRENCY)))
-        elapsed = time.perf_counter() - began
+        elapsed, cpu = time.perf_counter() - began, cpu_seconds(pid) - cpu
     ms = sorted(t * 1000 for t in times)
     return {
         "requests": len(times),
         "failures": failures,
         "seconds": round(elapsed, 3),
         "per_second": round(len(times) / elapsed, 1),
+        "server_cpu_ms_per_reply": round(cpu * 1000 / len(times), 3),
         "p50_ms": round(percentile(ms, 0.50), 2),
         "p99_ms": round(percentile(ms, 0.99), 2),
         "max_ms": round(ms[-1], 2),
@@ -250,8 +259,8 @@ async def bench(orders: int) -> dict[str, Any]:
         hello = start_server("hello", port)
         try:
             await wait_listening(port)
-            hello_first = await load(port, [provide(o) for o in ids])
-            hello_again = await load(port, [provide(random.choice(ids)) for _ in ids])
+            hello_first = await load(port, [provide(o) for o in ids], hello.pid)
+            hello_again = await load(port, [provide(random.choice(ids)) for _ in ids], hello.pid)
             hello_bursts = await bursts(port, [provide(o) for o in ids[: orders // 2]])
         finally:
             hello.terminate()
@@ -261,9 +270,9 @@ async def bench(orders: int) -> dict[str, Any]:
         try:
             await wait_listening(port)
             half = orders // 2
-            first = await load(port, [provide(o) for o in ids[:half]])
+            first = await load(port, [provide(o) for o in ids[:half]], server.pid)
             first_bursts = await bursts(port, [provide(o) for o in ids[half:]])
-            replays = await load(port, [provide(random.choice(ids)) for _ in ids])
+            replays = await load(port, [provide(random.choice(ids)) for _ in ids], server.pid)
         finally:
             server.terminate()
             server.wait()
@@ -312,6 +321,9 @@ def summary(runs: list[dict[str, Any]]) -> dict[str, Any]:
             "provide_bursts_p99_ms": median(("provide_first_bursts", "p99_ms")),
             "replayed_per_second": median(("provide_replayed", "per_second")),
             "replayed_p99_ms": median(("provide_replayed", "p99_ms")),
+            "hello_cpu_ms_per_reply": median(("hello", "first_pass", "server_cpu_ms_per_reply")),
+            "provide_cpu_ms_per_reply": median(("provide_first", "server_cpu_ms_per_reply")),
+            "replayed_cpu_ms_per_reply": median(("provide_replayed", "server_cpu_ms_per_reply")),
             "ratio_first_vs_hello": median(("ratio_first_vs_hello",)),
             "ratio_replayed_vs_hello": median(("ratio_replayed_vs_hello",)),
         },
