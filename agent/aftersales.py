@@ -42,6 +42,21 @@ def notice_key(line: OrderLine, kind: str, generation: int) -> str:
     return f"kami-notice-{hashlib.sha256(name.encode()).hexdigest()[:24]}"
 
 
+async def operator_action(
+    config: Config, store: Store, clock: Callable[[], float], action: str, line_id: int
+) -> OrderLine:
+    """`retry` or `resend` of one line, as the CLI, the console and the bot all do it: a
+    retry goes through AfterSales.retry (a line parked at intake is read again from its
+    platform and screened again: buyer limits, blacklist, SKU), a resend straight to the
+    ledger."""
+    if action == "resend":
+        return await store.resend_line(line_id, clock())
+    line = await store.get_line(line_id)
+    if line is None:
+        raise ActionRefused(f"no order line #{line_id}")
+    return await with_platforms(config, store, clock, lambda a: a.retry(line))
+
+
 async def with_platforms(
     config: Config,
     store: Store,

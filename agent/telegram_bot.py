@@ -25,6 +25,7 @@ from typing import Any
 import aiohttp
 
 from agent import safejson
+from agent.aftersales import operator_action
 from agent.alerts import Forecaster
 from agent.config import Config
 from agent.console.data import EngineView, read_overview, search_lines
@@ -36,7 +37,7 @@ from agent.logs import get_logger
 from agent.phrased import PhrasedLedgerError
 from agent.redact import register
 from agent.stockfile import StockFileReader
-from agent.store.base import Store, StoreError
+from agent.store.base import Store
 from agent.textsafe import printable
 
 log = get_logger("kami.telegram_bot")
@@ -388,8 +389,8 @@ class TelegramBot:
     async def _retry(self, line_id: int) -> str:
         _ = self._
         try:
-            updated = await self.store.retry_line(line_id, self.clock())
-        except StoreError as exc:
+            updated = await operator_action(self.config, self.store, self.clock, "retry", line_id)
+        except AgentError as exc:
             return printable(str(exc))
         if self.engine is not None:
             self.engine.dispatch([line_id])

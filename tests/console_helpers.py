@@ -39,8 +39,9 @@ class FakeEngine:
         self.dispatched.extend(line_ids)
 
 
-def console_config(tmp_path: Path) -> Config:
-    return make_config(tmp_path, "http://127.0.0.1:9")
+def console_config(tmp_path: Path, base_url: str = "http://127.0.0.1:9") -> Config:
+    """The tests' config, its platform `main` at base_url (by default, nothing listens)."""
+    return make_config(tmp_path, base_url)
 
 
 def console_settings(**overrides: Any) -> ConsoleSettings:
@@ -54,10 +55,11 @@ async def console_client(
     tmp_path: Path,
     store: Store,
     engine: Any | None = None,
+    platform_url: str = "http://127.0.0.1:9",
     **overrides: Any,
 ) -> AsyncIterator[TestClient[web.Request, web.Application]]:
     settings = console_settings(**overrides)
-    console = Console(console_config(tmp_path), settings, store, engine, TOKEN)
+    console = Console(console_config(tmp_path, platform_url), settings, store, engine, TOKEN)
     client = TestClient(TestServer(build_app(console), host="127.0.0.1"))
     await client.start_server()
     try:

@@ -7,7 +7,7 @@ import shutil
 
 from aiohttp import BodyPartReader, web
 
-from agent.aftersales import AfterSales, with_platforms
+from agent.aftersales import AfterSales, operator_action, with_platforms
 from agent.console.app import CONSOLE, SESSION, Console
 from agent.console.labels import state_label
 from agent.console.sessions import Session
@@ -15,7 +15,6 @@ from agent.console.uploads import UploadTooLarge, private_folder, save_upload
 from agent.domain import AgentError, OrderLine
 from agent.i18n import LANGUAGES
 from agent.logs import get_logger
-from agent.store.base import StoreError
 from agent.textsafe import printable
 
 log = get_logger("kami.console")
@@ -94,10 +93,11 @@ async def _operator(request: web.Request, action: str) -> web.StreamResponse:
     session = _session(request)
     _ = console.translator(request)
     line_id = _line_id(request)
-    method = console.store.retry_line if action == "retry" else console.store.resend_line
     try:
-        updated = await method(line_id, console.clock())
-    except StoreError as exc:
+        updated = await operator_action(
+            console.config, console.store, console.clock, action, line_id
+        )
+    except AgentError as exc:
         session.flash("error", printable(str(exc)))
     else:
         if console.engine is not None:

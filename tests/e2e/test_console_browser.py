@@ -174,6 +174,8 @@ async def _listening(port: int) -> bool:
 def shop(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[BackgroundShop]:
     _browser_or_skip()
     monkeypatch.setenv("KAMI_SECRET_CONSOLE_TOKEN", TOKEN)
+    # A retry reads the parked order again from its platform (agent/aftersales.py).
+    monkeypatch.setenv("KAMI_SECRET_PLATFORM_MAIN_SECRET", "test-secret")
     for name in ("LANGUAGE", "LC_ALL", "LC_MESSAGES"):
         monkeypatch.delenv(name, raising=False)
     monkeypatch.setenv("LANG", "en_US.UTF-8")  # console.language defaults from the locale

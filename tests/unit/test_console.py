@@ -14,6 +14,7 @@ from aiohttp import FormData
 from agent.console.app import CSP
 from agent.console.passwords import hash_password
 from agent.domain import LineState
+from agent.sandbox.platform import SandboxPlatform
 from agent.store.sqlite import SQLiteStore
 from tests.conftest import stock
 from tests.console_helpers import (
@@ -205,12 +206,21 @@ async def test_revealing_keys_takes_a_post_and_is_written_in_the_audit_trail(
 
 
 async def test_retry_moves_a_parked_order_and_hands_it_to_the_engine(
-    tmp_path: Path, sqlite_store: SQLiteStore
+    tmp_path: Path,
+    sqlite_store: SQLiteStore,
+    sandbox: SandboxPlatform,
+    monkeypatch: pytest.MonkeyPatch,
 ):
-    [line_id] = await add_orders(sqlite_store, ("P-1", "GAME-100", 1))
-    await sqlite_store.park(line_id, "platform said no", time.time())
+    """As `kami-agent orders retry` does (agent/aftersales.py): a line parked before it held
+    anything is read again from its platform first, and one cancelled meanwhile is closed."""
+    monkeypatch.setenv("KAMI_SECRET_PLATFORM_MAIN_SECRET", sandbox.secret)
+    paid, gone = sandbox.add_order("GAME-100"), sandbox.add_order("GAME-100")
+    sandbox.set_status(gone, "cancelled")
+    line_id, gone_id = await add_orders(sqlite_store, (paid, "GAME-100", 1), (gone, "GAME-100", 1))
+    for parked in (line_id, gone_id):
+        await sqlite_store.park(parked, "platform said no", time.time())
     engine = FakeEngine()
-    async with console_client(tmp_path, sqlite_store, engine) as client:
+    async with console_client(tmp_path, sqlite_store, engine, sandbox.base_url) as client:
         csrf = await log_in(client)
         page = await (await client.get(f"/orders/{line_id}")).text()
         assert "needs attention" in page and 'id="retry"' in page
@@ -222,6 +232,10 @@ async def test_retry_moves_a_parked_order_and_hands_it_to_the_engine(
         # Twice is refused by the ledger, said in one line on the page.
         again = await (await client.post(f"/orders/{line_id}/retry", data={"csrf": csrf})).text()
         assert "only needs_attention can be retried" in again
+        closed = await (await client.post(f"/orders/{gone_id}/retry", data={"csrf": csrf})).text()
+        assert "platform reports cancelled" in closed
+        assert (await sqlite_store.get_line(gone_id)).state == LineState.CANCELLED  # type: ignore[union-attr]
+        assert engine.dispatched == [line_id]
 
 
 async def test_import_by_upload_with_progress_page(tmp_path: Path, sqlite_store: SQLiteStore):

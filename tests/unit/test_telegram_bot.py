@@ -19,6 +19,7 @@ from agent.config import SkuSettings
 from agent.console.settings import TelegramBotSettings
 from agent.domain import AlertCondition, LineState
 from agent.i18n import display_width
+from agent.sandbox.platform import SandboxPlatform
 from agent.store.sqlite import SQLiteStore
 from agent.telegram_bot import TelegramBot
 from tests.conftest import stock
@@ -144,9 +145,14 @@ async def telegram() -> AsyncIterator[FakeTelegram]:
 
 @pytest.fixture
 async def bot(
-    tmp_path: Path, telegram: FakeTelegram, sqlite_store: SQLiteStore
+    tmp_path: Path,
+    telegram: FakeTelegram,
+    sqlite_store: SQLiteStore,
+    sandbox: SandboxPlatform,
+    monkeypatch: pytest.MonkeyPatch,
 ) -> AsyncIterator[tuple[TelegramBot, FakeEngine]]:
-    config = console_config(tmp_path)
+    monkeypatch.setenv("KAMI_SECRET_PLATFORM_MAIN_SECRET", sandbox.secret)
+    config = console_config(tmp_path, sandbox.base_url)
     skus = dict(config.skus)
     skus["王者荣耀点券"] = SkuSettings(sku="王者荣耀点券")
     config = dataclasses.replace(config, skus=skus)
@@ -209,14 +215,28 @@ async def test_stock_table_lines_up_with_chinese_skus(
 
 
 async def test_retry_by_command_and_by_button(
-    telegram: FakeTelegram, bot: tuple[TelegramBot, FakeEngine], sqlite_store: SQLiteStore
+    telegram: FakeTelegram,
+    bot: tuple[TelegramBot, FakeEngine],
+    sqlite_store: SQLiteStore,
+    sandbox: SandboxPlatform,
 ):
-    first, second = await add_orders(sqlite_store, ("P-1", "GAME-100", 1), ("P-2", "GAME-100", 1))
+    """As `kami-agent orders retry` does: a line parked before it held anything is read
+    again from its platform first; one cancelled there meanwhile is closed, not retried."""
+    p1, p2, p3 = (sandbox.add_order("GAME-100") for _ in range(3))
+    sandbox.set_status(p3, "cancelled")
+    first, second, third = await add_orders(
+        sqlite_store, (p1, "GAME-100", 1), (p2, "GAME-100", 1), (p3, "GAME-100", 1)
+    )
     now = time.time()
-    await sqlite_store.park(first, "refused", now)
-    await sqlite_store.park(second, "refused", now)
+    for line_id in (first, second, third):
+        await sqlite_store.park(line_id, "refused", now)
     _, engine = bot
-    telegram.message(MERCHANT, "/retry P-1")
+    telegram.message(MERCHANT, f"/retry {p3}")
+    await wait_for(
+        sent_matching(telegram, MERCHANT, lambda t: "platform reports cancelled" in t), "closed"
+    )
+    assert (await sqlite_store.get_line(third)).state == LineState.CANCELLED  # type: ignore[union-attr]
+    telegram.message(MERCHANT, f"/retry {p1}")
     await wait_for(sent_matching(telegram, MERCHANT, lambda t: "is now: new" in t), "retry")
     assert (await sqlite_store.get_line(first)).state == LineState.NEW  # type: ignore[union-attr]
     assert engine.dispatched == [first]
@@ -225,13 +245,13 @@ async def test_retry_by_command_and_by_button(
     await wait_for(lambda: any("reply_markup" in m for m in telegram.sent), "the orders list")
     listing = next(m for m in telegram.sent if "reply_markup" in m)
     [[button]] = listing["reply_markup"]["inline_keyboard"]
-    assert button["callback_data"] == f"retry:{second}" and "P-2" in button["text"]
+    assert button["callback_data"] == f"retry:{second}" and p2 in button["text"]
     query_id = telegram.press(MERCHANT, button["callback_data"])
     await wait_for(
         lambda: any(a["callback_query_id"] == query_id for a in telegram.answered), "answer"
     )
     assert (await sqlite_store.get_line(second)).state == LineState.NEW  # type: ignore[union-attr]
-    telegram.message(MERCHANT, "/retry P-2")  # no longer parked: the ledger says why
+    telegram.message(MERCHANT, f"/retry {p2}")  # no longer parked: the ledger says why
     await wait_for(
         sent_matching(telegram, MERCHANT, lambda t: "only needs_attention can be retried" in t),
         "the refusal",
