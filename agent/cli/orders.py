@@ -16,7 +16,7 @@ from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from typing import Any, TypeVar
 
-from agent.aftersales import AfterSales, with_platforms
+from agent.aftersales import AfterSales, operator_action, with_platforms
 from agent.cli.common import (
     MAX_LIMIT,
     CommandError,
@@ -293,11 +293,9 @@ def _operator_action(name: str) -> Callable[[argparse.Namespace], int]:
 
         async def action(store: Store) -> int:
             line = _one(await resolve(store, ref, names), ref)
-            if name == "retry":
-                # A parked order is read again from its platform and screened as at intake.
-                updated = await with_aftersales(config, store, lambda a: a.retry(line))
-            else:
-                updated = await store.resend_line(line.id, time.time())
+            # As the console and the bot do it: a retry reads a parked order again from its
+            # platform and screens it as at intake.
+            updated = await operator_action(config, store, time.time, name, line.id)
             print(
                 _(
                     "order %(order)s (line #%(line)d): now %(state)s; the running agent picks it"
