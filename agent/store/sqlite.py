@@ -26,6 +26,7 @@ import time
 from collections.abc import AsyncIterator, Coroutine, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import asynccontextmanager, contextmanager
+from itertools import chain
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -139,7 +140,7 @@ class SQLiteTx:
             sql = self._sql.get((bulk, size, key))
             if sql is None:
                 sql = self._sql[(bulk, size, key)] = render_bulk_sqlite(bulk, SLOTS, size, key)
-            yield self._conn.execute(sql, [v for row in rows[start : start + size] for v in row])
+            yield self._conn.execute(sql, list(chain.from_iterable(rows[start : start + size])))
             start += size
 
     async def executemany(self, bulk: Bulk, rows: Sequence[Sequence[Any]]) -> int:

@@ -38,6 +38,7 @@ from agent.store.set_aside import data_error, take_in_one_by_one
 from agent.store.tx import Bulk, Tx
 
 WAITING = lifecycle.states_in("waiting")
+NEW, DELIVERING = LineState.NEW.value, LineState.DELIVERING.value  # read once: intake's loop
 KNOWN = (
     "SELECT order_id, id, sku, quantity, state FROM orders WHERE platform = $1 AND line = 0"
     " AND order_id = ANY($2::text[])"
@@ -152,7 +153,7 @@ class OrdersLedger(LedgerCore):
             if order.order_id in known:
                 duplicates.append(order)
                 continue
-            known[order.order_id] = (None, order.sku, order.quantity, LineState.NEW.value)
+            known[order.order_id] = (None, order.sku, order.quantity, NEW)
             head = (platform, order.order_id, order.sku, order.quantity)
             if isinstance(order, RejectedOrder):
                 planned.append((order, None))
@@ -160,10 +161,9 @@ class OrdersLedger(LedgerCore):
                 continue
             keys = _claim_keys(free, platform, order)
             planned.append((order, keys))
-            state = LineState.NEW if keys is None else LineState.DELIVERING
             paid = (order.paid_at, order.amount, order.currency, order.buyer_contact)
             rest = (order.deliver_by, now, None if keys is None else keys[1], int(keys is not None))
-            inserts.append((*head, state.value, None, *paid, *rest))
+            inserts.append((*head, NEW if keys is None else DELIVERING, None, *paid, *rest))
         ids = await tx.insert_many(INSERT_LINE, inserts, key=1)
         ready: list[tuple[int, PlatformOrder, _Keys | None]] = []
         events: list[tuple[int, str, str]] = []
