@@ -36,6 +36,16 @@ FREE_KEYS = (
     " AND (expires_at IS NULL OR expires_at > $3) ORDER BY id LIMIT $2{skip_locked}"
 )
 KEYS = "SELECT id, purpose, wrapped, retired_at FROM data_keys ORDER BY id"
+COUNT_BOUND = "SELECT COUNT(*) FROM card_keys WHERE order_line_id = $1"
+PARK = (
+    "UPDATE orders SET state = 'needs_attention', reason = $1, updated_at = $2{release}"
+    " WHERE id = $3"
+)
+DELIVERED = (
+    "UPDATE orders SET state = 'delivered', delivered_at = $1, ambiguous = 0, reason = NULL,"
+    " updated_at = $1"
+)
+MARK_DELIVERED = DELIVERED + "{release} WHERE id = $2"
 # What line $1 holds: keys bound to it and purchases open for it.
 HOLDINGS = (
     "SELECT (SELECT COUNT(*) FROM card_keys WHERE order_line_id = $1) +"

@@ -21,7 +21,18 @@ from agent.domain import (
 )
 from agent.keybox import SealedKeyError, StoreKeyError
 from agent.store.base import DeliveredSince, StoreError
-from agent.store.ledger.core import FETCH_LINE, FREE_KEYS, HOLDINGS, LedgerCore, read, write
+from agent.store.ledger.core import (
+    COUNT_BOUND,
+    DELIVERED,
+    FETCH_LINE,
+    FREE_KEYS,
+    HOLDINGS,
+    MARK_DELIVERED,
+    PARK,
+    LedgerCore,
+    read,
+    write,
+)
 from agent.store.rows import (
     LINE_COLUMNS,
     FreeKeys,
@@ -65,15 +76,6 @@ DELAY = Bulk(
     "UPDATE orders SET next_attempt_at = $1 WHERE id = $2 AND state = 'new'",
     ("float8", "bigint"),
 )
-PARK = (
-    "UPDATE orders SET state = 'needs_attention', reason = $1, updated_at = $2{release}"
-    " WHERE id = $3"
-)
-DELIVERED = (
-    "UPDATE orders SET state = 'delivered', delivered_at = $1, ambiguous = 0, reason = NULL,"
-    " updated_at = $1"
-)
-COUNT_BOUND = "SELECT COUNT(*) FROM card_keys WHERE order_line_id = $1"
 # The keys taken for a new line at intake, and the idempotency key of their delivery.
 _Keys = tuple[list[tuple[int, bytes, CardItem]], str]
 
@@ -449,7 +451,7 @@ class OrdersLedger(LedgerCore):
         line = await self._lock_line(tx, line_id, now)
         if line.state == LineState.DELIVERED:
             return line
-        await tx.execute(DELIVERED + "{release} WHERE id = $2", now, line_id)
+        await tx.execute(MARK_DELIVERED, now, line_id)
         await self._event(tx, line_id, "delivered", detail, now)
         return replace(
             line, state=LineState.DELIVERED, delivered_at=now, ambiguous=False, reason=None

@@ -24,7 +24,15 @@ from agent.pool_domain import (
     pool_add_reference,
 )
 from agent.store.base import StoreError
-from agent.store.ledger.core import FREE_KEYS, LedgerCore, read, write
+from agent.store.ledger.core import (
+    COUNT_BOUND,
+    FREE_KEYS,
+    MARK_DELIVERED,
+    PARK,
+    LedgerCore,
+    read,
+    write,
+)
 from agent.store.rows import allocated_detail
 from agent.store.tx import Bulk, Row, Tx
 
@@ -41,14 +49,6 @@ BIND_SOLD = Bulk(
     "UPDATE card_keys SET state = 'bound', order_line_id = $1, slot = $2, bound_at = $3,"
     " returning_since = NULL WHERE id = $4 AND state IN ('consigned', 'free')",
     ("bigint", "int", "float8", "bigint"),
-)
-MARK_DELIVERED = (
-    "UPDATE orders SET state = 'delivered', delivered_at = $1, ambiguous = 0, reason = NULL,"
-    " updated_at = $1{release} WHERE id = $2"
-)
-PARK = (
-    "UPDATE orders SET state = 'needs_attention', reason = $1, updated_at = $2{release}"
-    " WHERE id = $3"
 )
 
 
@@ -286,9 +286,7 @@ class PoolsLedger(LedgerCore):
         the buyer bound to the line all the same, so the agent never hands it out."""
         line = await self._lock_line(tx, line_id, now)
         if line.state == LineState.DELIVERED:
-            bound = await tx.fetchval(
-                "SELECT COUNT(*) FROM card_keys WHERE order_line_id = $1", line_id
-            )
+            bound = await tx.fetchval(COUNT_BOUND, line_id)
             return PoolSaleRecord(int(bound), 0, 0, 0, True)
         box = await self._fresh_keybox(tx)
         digests = [box.digest(item) for item in items]
