@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from collections import deque
 from collections.abc import Iterable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from importlib import resources
 from typing import Any
 
@@ -26,33 +26,14 @@ IMPORT_BATCH = 20_000
 # forecast reads a few hundred rows, not every recent order, and its sales rate (half-life
 # an hour by default) barely notices the difference.
 DEMAND_BUCKET_SECONDS = 60
-LINE_COLUMNS = (
-    "id, platform, order_id, line, sku, quantity, state, reason, attempts, next_attempt_at,"
-    " ambiguous, delivery_key, seen_at, delivered_at, buyer_contact, paid_at, deliver_by"
-)
-LINE_WIDTH = 17  # columns in LINE_COLUMNS: a query's own extra columns come after them
+# The tables' columns bear the fields' names: a row read by these is the dataclass, in order.
+LINE_COLUMNS = ", ".join(f.name for f in fields(OrderLine))
+LINE_WIDTH = len(fields(OrderLine))  # a query's own extra columns come after these
 
 
 def line_from_row(row: Any) -> OrderLine:
-    return OrderLine(
-        id=row[0],
-        platform=row[1],
-        order_id=row[2],
-        line=row[3],
-        sku=row[4],
-        quantity=row[5],
-        state=LineState(row[6]),
-        reason=row[7],
-        attempts=row[8],
-        next_attempt_at=row[9],
-        ambiguous=bool(row[10]),
-        delivery_key=row[11],
-        seen_at=row[12],
-        delivered_at=row[13],
-        buyer_contact=row[14],
-        paid_at=row[15],
-        deliver_by=row[16],
-    )
+    values = (*row[:6], LineState(row[6]), *row[7:10], bool(row[10]), *row[11:LINE_WIDTH])
+    return OrderLine(*values)
 
 
 def new_line(
@@ -120,26 +101,12 @@ def claimed_at_intake(
     )
 
 
-PURCHASE_COLUMNS = (
-    "id, order_line_id, supplier, sku, quantity, merchant_ref, state, purchase_id, failure,"
-    " created_at, unknown_since"
-)
+PURCHASE_COLUMNS = ", ".join(f.name for f in fields(Purchase))
 
 
 def purchase_from_row(row: Any) -> Purchase:
-    return Purchase(
-        id=row[0],
-        order_line_id=row[1],
-        supplier=row[2],
-        sku=row[3],
-        quantity=row[4],
-        merchant_ref=row[5],
-        state=PurchaseState(row[6]),
-        purchase_id=row[7],
-        failure=row[8],
-        created_at=row[9],
-        unknown_since=row[10],
-    )
+    values = (*row[:6], PurchaseState(row[6]), *row[7:11])
+    return Purchase(*values)
 
 
 def migrations(dialect: str = "sqlite") -> list[tuple[int, str]]:
