@@ -57,17 +57,9 @@ def _pool(row: Row, at: int = 0) -> Pool:
 
 
 def _add(row: Row) -> PoolAdd:
-    return PoolAdd(
-        id=row[0],
-        pool=_pool(row, 8),
-        reference=row[1],
-        state=PoolAddState(row[2]),
-        quantity=row[3],
-        added=row[4],
-        refused=row[5],
-        attempts=row[6],
-        created_at=row[7],
-    )
+    """A row of ADD_COLUMNS: the add's own columns in PoolAdd's order, then its pool's."""
+    values = (row[0], _pool(row, 8), row[1], PoolAddState(row[2]), *row[3:8])
+    return PoolAdd(*values)
 
 
 class PoolsLedger(LedgerCore):
