@@ -91,39 +91,31 @@ class PgTx:
         self._conn = conn
         self._store = store
 
-    async def execute(self, sql: str, *args: Any) -> int:
+    async def _call(self, method: str, sql: str, args: Sequence[Any]) -> Any:
+        """The connection's `method` run on rendered `sql`, driver errors mapped."""
         try:
-            return rows_changed(await self._conn.execute(self._store._render(sql), *args))
+            return await getattr(self._conn, method)(sql, *args)
         except _DRIVER as exc:
             raise self._store._map(exc) from exc
+
+    async def execute(self, sql: str, *args: Any) -> int:
+        return rows_changed(await self._call("execute", self._store._render(sql), args))
 
     async def executemany(self, bulk: Bulk, rows: Sequence[Sequence[Any]]) -> int:
         if not rows:
             return 0
         columns = [list(c) for c in zip(*rows, strict=True)]
-        try:
-            status = await self._conn.execute(self._store._render_bulk(bulk, None), *columns)
-        except _DRIVER as exc:
-            raise self._store._map(exc) from exc
+        status = await self._call("execute", self._store._render_bulk(bulk, None), columns)
         return rows_changed(status)
 
     async def fetch(self, sql: str, *args: Any) -> list[Row]:
-        try:
-            return list(await self._conn.fetch(self._store._render(sql), *args))
-        except _DRIVER as exc:
-            raise self._store._map(exc) from exc
+        return list(await self._call("fetch", self._store._render(sql), args))
 
     async def fetchrow(self, sql: str, *args: Any) -> Row | None:
-        try:
-            return await self._conn.fetchrow(self._store._render(sql), *args)
-        except _DRIVER as exc:
-            raise self._store._map(exc) from exc
+        return await self._call("fetchrow", self._store._render(sql), args)
 
     async def fetchval(self, sql: str, *args: Any) -> Any:
-        try:
-            return await self._conn.fetchval(self._store._render(sql), *args)
-        except _DRIVER as exc:
-            raise self._store._map(exc) from exc
+        return await self._call("fetchval", self._store._render(sql), args)
 
     async def insert(self, sql: str, *args: Any) -> int | None:
         value = await self.fetchval(sql + " RETURNING id", *args)
@@ -135,10 +127,7 @@ class PgTx:
         if not rows:
             return []
         columns = [list(c) for c in zip(*rows, strict=True)]
-        try:
-            found = await self._conn.fetch(self._store._render_bulk(bulk, key), *columns)
-        except _DRIVER as exc:
-            raise self._store._map(exc) from exc
+        found = await self._call("fetch", self._store._render_bulk(bulk, key), columns)
         ids = {r[1]: int(r[0]) for r in found}
         return [ids.get(row[key]) for row in rows]
 

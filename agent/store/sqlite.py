@@ -124,9 +124,6 @@ class SQLiteTx:
 
     async def execute(self, sql: str, *args: Any) -> int:
         try:
-            statement = self._statement(sql)
-            if isinstance(statement, str):
-                return self._conn.execute(statement, args).rowcount
             return sum(cur.rowcount for cur in self._run(sql, args))
         except _DRIVER as exc:
             raise self._fail(exc) from exc
@@ -151,10 +148,7 @@ class SQLiteTx:
 
     async def fetch(self, sql: str, *args: Any) -> list[Row]:
         try:
-            rows: list[Row] = []
-            for cur in self._run(sql, args):
-                rows += cur.fetchall()
-            return rows
+            return list(chain.from_iterable(cur.fetchall() for cur in self._run(sql, args)))
         except _DRIVER as exc:
             raise self._fail(exc) from exc
 
