@@ -116,6 +116,9 @@ _LIST = re.compile(r"(\S+)\s*(=\s*ANY|!=\s*ALL)\(\$(\d+)::\w+\[\]\)")
 _PARAM = re.compile(r"\$(\d+)")
 
 
+PADDED = 4_096  # lists up to this long are padded (Expanding.expand)
+
+
 class Expanding:
     """A SQLite statement with a list parameter: `IN (...)` sized at each call."""
 
@@ -134,15 +137,20 @@ class Expanding:
 
     def expand(self, args: Sequence[Any]) -> tuple[str, tuple[Any, ...]]:
         """The statement for these arguments: the list's values become parameters after
-        the others (its own place is bound to NULL and never read)."""
+        the others (its own place is bound to NULL and never read). The list is padded to
+        a power of two by repeating its last value (the same IN, the same NOT IN): a
+        statement for each length would be prepared again and again, each one pushing
+        others out of sqlite3's cache of prepared statements (measured, issue 14)."""
         values = list(args[self._index])
+        if 0 < len(values) <= PADDED:
+            values += values[-1:] * ((1 << (len(values) - 1).bit_length()) - len(values))
         sql = self._sized.get(len(values))
         if sql is None:
             first = len(args) + 1
             # SQLite reads `IN ()` as false and `NOT IN ()` as true, as an empty list means.
             marks = ", ".join(f"?{n}" for n in range(first, first + len(values)))
             sql = self._parts[0] + marks + self._parts[1]
-            if len(values) <= 1_000:  # a long list's statement is not worth keeping
+            if len(values) <= PADDED:  # a longer list's statement is not worth keeping
                 self._sized[len(values)] = sql
         flat = list(args)
         flat[self._index] = None

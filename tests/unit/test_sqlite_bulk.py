@@ -6,7 +6,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from agent.domain import DeliveryIntent, PlatformOrder
+from agent.domain import DeliveryIntent, LineState, OrderLine, PlatformOrder
 from agent.store.ledger.orders import DELAY, INSERT_LINE
 from agent.store.sqlite import SQLiteStore
 from tests.conftest import stock
@@ -81,3 +81,36 @@ async def test_a_batch_over_several_chunks_answers_as_row_by_row(
     assert changed == 99
     line = await sqlite_store.get_line(ids[1])
     assert line is not None and line.next_attempt_at == NOW + 5
+
+
+async def test_a_list_of_any_length_runs_one_of_few_statements(
+    sqlite_store: SQLiteStore,
+) -> None:
+    """A list parameter (`= ANY($n)`) is padded to a power of two: batches of 1 to 8 lines
+    run 4 statement texts, not 8 (each text is prepared, and kept in sqlite3's cache)."""
+    await stock(sqlite_store, "GAME-100", 40)
+    orders = [PlatformOrder(f"L{n}", "paid", "GAME-100", 1) for n in range(40)]
+    ids = [
+        t.id if isinstance(t, OrderLine) else t.line.id
+        for t in await sqlite_store.take_in("main", orders, NOW, {"GAME-100"})
+    ]
+    tx = sqlite_store._wtx
+    assert tx is not None
+    tx._conn = counting = _Counting(tx._conn)  # type: ignore[assignment]
+    start = 0
+    for size in range(1, 9):  # 36 lines in batches of 1, 2, ... 8
+        await sqlite_store.mark_many_delivered([(i, "ok") for i in ids[start : start + size]], NOW)
+        start += size
+    tx._conn = counting.conn
+    texts = {s for s in counting.statements if s.startswith("UPDATE orders SET state = 'deliv")}
+    assert len(texts) == 4  # lists of 1, 2, 4 and 8
+    # The padding (the last value again) changes nothing: each line delivered once, with
+    # one event, and the others left as they were.
+    for n, line_id in enumerate(ids):
+        line = await sqlite_store.get_line(line_id)
+        assert line is not None
+        kinds = [e.kind for e in await sqlite_store.events(line_id)]
+        if n < 36:
+            assert line.state == LineState.DELIVERED and kinds.count("delivered") == 1
+        else:
+            assert line.state == LineState.DELIVERING and "delivered" not in kinds
