@@ -148,7 +148,9 @@ class Expanding:
         if sql is None:
             first = len(args) + 1
             # SQLite reads `IN ()` as false and `NOT IN ()` as true, as an empty list means.
-            marks = ", ".join(f"?{n}" for n in range(first, first + len(values)))
+            # A bare `?` is numbered one past the largest number so far: a long list costs
+            # its preparing no lookup of each number among the statement's named ones.
+            marks = ", ".join([f"?{first}"] + ["?"] * (len(values) - 1)) if values else ""
             sql = self._parts[0] + marks + self._parts[1]
             if len(values) <= PADDED:  # a longer list's statement is not worth keeping
                 self._sized[len(values)] = sql

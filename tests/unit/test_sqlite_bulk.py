@@ -4,11 +4,13 @@ fixed cost once (issue 14, the hot path's cost)."""
 
 from __future__ import annotations
 
+import re
 from typing import Any
 
 from agent.domain import DeliveryIntent, LineState, OrderLine, PlatformOrder
 from agent.store.ledger.orders import DELAY, INSERT_LINE
-from agent.store.sqlite import SQLiteStore
+from agent.store.sqlite import SLOTS, SQLiteStore
+from agent.store.tx import Expanding, render_sqlite
 from tests.conftest import stock
 
 NOW = 1_000.0
@@ -114,3 +116,17 @@ async def test_a_list_of_any_length_runs_one_of_few_statements(
             assert line.state == LineState.DELIVERED and kinds.count("delivered") == 1
         else:
             assert line.state == LineState.DELIVERING and "delivered" not in kinds
+
+
+def test_a_long_list_is_bound_by_bare_parameters() -> None:
+    """SQLite looks a numbered parameter (`?7`) up among the statement's others when it
+    prepares it: a list of numbered ones costs its preparing time quadratic in its length.
+    Only the list's first is numbered (it follows every other), the rest are bare `?`."""
+    template = (
+        "SELECT id FROM orders WHERE platform = $1 AND order_id = ANY($2::text[]) AND line = $3"
+    )
+    statement = render_sqlite(template, SLOTS)
+    assert isinstance(statement, Expanding)
+    sql, args = statement.expand(("main", [f"O{n}" for n in range(1000)], 0))
+    assert sql.count("?") == 2 + 1024 and len(re.findall(r"\?\d+", sql)) == 3
+    assert args[3:5] == ("O0", "O1") and args[-1] == "O999" and len(args) == 3 + 1024
