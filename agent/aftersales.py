@@ -8,7 +8,6 @@ its deterministic key), then the platform's call, then its result in the ledger.
 
 from __future__ import annotations
 
-import hashlib
 from collections.abc import Awaitable, Callable, Sequence
 from typing import TypeVar
 
@@ -25,21 +24,15 @@ from agent.domain import (
 from agent.intake import screen_order
 from agent.platforms.agiso_messages import render
 from agent.platforms.base import KeyReplacer, Platform
+from agent.replacement import REPLACED_NOTICE, generation_of, notice_key, replaced_notice
 from agent.screening import Screening
 from agent.store.base import Store, StoreError
 
-REPLACED_NOTICE = "key_replaced"
 T = TypeVar("T")
 
 
 class ActionRefused(AgentError):
     """The action was not done; the message says why, for the merchant."""
-
-
-def notice_key(line: OrderLine, kind: str, generation: int) -> str:
-    """The Idempotency-Key of a buyer notice about one after-sales action."""
-    name = f"{line.platform}\x1f{line.order_id}\x1f{line.line}\x1f{kind}\x1f{generation}"
-    return f"kami-notice-{hashlib.sha256(name.encode()).hexdigest()[:24]}"
 
 
 async def operator_action(
@@ -222,11 +215,8 @@ class AfterSales:
             await self.store.park(line.id, why, self.clock())
             raise ActionRefused(f"order {line.order_id}: {why}; parked") from None
         done = await self.store.mark_delivered(line.id, self.clock(), "replacement delivered")
-        generation = int(intent.idempotency_key.rsplit("-", 1)[1])
-        notice = (
-            f"Order {line.order_id}: a key you received was replaced with a fresh one"
-            f" ({reason}). The new key has been delivered to your order."
-        )
+        generation = generation_of(intent)
+        notice = replaced_notice(line.order_id, reason)
         try:
             await platform.notice(
                 line.order_id, notice, notice_key(line, REPLACED_NOTICE, generation)

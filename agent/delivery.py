@@ -18,6 +18,7 @@ from agent.consignment import ConsignedSales
 from agent.crashpoints import crash_point
 from agent.domain import (
     ACTIVE_STATES,
+    AgentError,
     Ambiguous,
     CardItem,
     DeliveryConflict,
@@ -33,6 +34,13 @@ from agent.engine_stats import EngineStats
 from agent.logs import get_logger
 from agent.platforms.agiso_messages import render
 from agent.platforms.base import Platform
+from agent.replacement import (
+    REPLACED_NOTICE,
+    generation_of,
+    notice_key,
+    replace_delivery,
+    replaced_notice,
+)
 from agent.sourcing import Sourcing
 from agent.store.base import Store, StoreError
 
@@ -173,8 +181,12 @@ class Delivery:
         failure is committed before returning (None); a delivery is returned as its
         recording in the ledger, under way, for the caller to wait for or hand off."""
         message = self._message_for(platform, line, intent.items)
+        replaces = intent.line.replaces
         try:
-            await platform.deliver(line.order_id, intent.idempotency_key, intent.items, message)
+            if replaces is None:
+                await platform.deliver(line.order_id, intent.idempotency_key, intent.items, message)
+            else:  # a key replacement whose caller died after its ledger step
+                await replace_delivery(platform, line, intent, replaces, intent.items, message)
         except DeliveryConflict as exc:
             await self.park(line, str(exc))
             return None
@@ -194,6 +206,8 @@ class Delivery:
             return None
         crash_point("after_deliver_call")
         recording = self._delivered.enqueue((line.id, f"key {intent.idempotency_key}"))
+        if replaces is not None:
+            await self._tell_replaced(platform, intent)
         self.stats.delivered += 1
         self.stats.last_progress = self.clock()
         log.info(
@@ -205,6 +219,19 @@ class Delivery:
             latency_ms=round((self.clock() - line.seen_at) * 1000, 1),
         )
         return recording
+
+    async def _tell_replaced(self, platform: Platform, intent: DeliveryIntent) -> None:
+        """The buyer's notice of a replacement the engine finished; best effort (the keys
+        are delivered: a missing message is logged, not retried)."""
+        line = intent.line
+        notice = replaced_notice(line.order_id, None)
+        key = notice_key(line, REPLACED_NOTICE, generation_of(intent))
+        try:
+            await platform.notice(line.order_id, notice, key)
+        except AgentError as exc:
+            log.warning("replacement_notice_failed", order_id=line.order_id, error=str(exc))
+            return
+        await self.store.add_event(line.id, "buyer_notice", notice[:200], self.clock())
 
     async def _reconcile(self, line: OrderLine, platform: Platform) -> bool:
         """Ask the platform what became of an earlier attempt; True = safe to send (again)."""
@@ -219,6 +246,10 @@ class Delivery:
         now = self.clock()
         if remote.status == "delivered":
             ours = await self.store.bound_items(line.id)
+            if line.replaces is not None and not _same_items(ours, remote.items):
+                # The delivery being replaced is still the platform's: replace it now (the
+                # platform refuses, DeliveryConflict, if its delivery is another one).
+                return True
             if _same_items(ours, remote.items):
                 await self.store.mark_delivered(line.id, now, "confirmed by platform")
                 self.stats.delivered += 1

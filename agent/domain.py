@@ -199,6 +199,9 @@ class OrderLine:
     paid_at: str | None = None
     # ISO 8601: when the platform wants the key at the latest (Kinguin cancels after that).
     deliver_by: str | None = None
+    # While a bad key's replacement is under way (kami-agent orders replace-key): the
+    # idempotency key of the delivery it replaces, so the engine can finish it.
+    replaces: str | None = None
 
 
 @dataclass(frozen=True, slots=True)

@@ -20,6 +20,7 @@ from agent.sandbox.platform import SandboxPlatform
 from agent.store.base import Store, StoreError
 from agent.store.sqlite import SQLiteStore
 from tests.conftest import make_config, master_key_for_tests, platform_settings, stock
+from tests.helpers import line_state_is, running_agent, wait_for
 from tests.unit.test_cli import cli, config_for
 
 SKU = "GAME-100"
@@ -200,3 +201,30 @@ async def test_the_console_replaces_a_key_behind_csrf(
         assert await sqlite_store.bound_items(line_id) != old
     finally:
         await client.close()
+
+
+async def test_a_replacement_whose_caller_died_is_finished_by_the_engine(
+    store: Store, sandbox: SandboxPlatform, http_platform: HttpPlatform, tmp_path: Path
+) -> None:
+    """`orders replace-key` killed after its ledger step (old key void, fresh key bound, a new
+    delivery generation committed) and before the platform's call: once the caller's grace
+    is over, the engine's sweep finishes the replacement and tells the buyer, instead of
+    parking the line because the platform still shows the old key."""
+    await stock(store, SKU, 3)
+    line_id = await delivered_through(store, sandbox, http_platform, 1)
+    [old] = await store.bound_items(line_id)
+    await store.replace_key(line_id, None, "does not redeem", time.time())
+    await store.begin_delivery(line_id, time.time())  # ... and the process was killed here
+    await store.defer(line_id, 0.0, "grace over", ambiguous=False, now=time.time())
+    [fresh] = await store.bound_items(line_id)
+    assert fresh != old
+    line = await store.get_line(line_id)
+    assert line is not None and line.replaces is not None
+    async with running_agent(make_config(tmp_path, sandbox.base_url), store, sandbox):
+        await wait_for(line_state_is(store, line.order_id, LineState.DELIVERED), "the replacement")
+    remote = sandbox.orders[line.order_id]
+    assert [i["secret"] for i in remote.delivery["items"]] == [fresh.secret]  # type: ignore[index]
+    assert sandbox.delivery_calls[-1].outcome == "replaced"
+    assert len(remote.notices) == 1 and "replaced" in remote.notices[0]
+    done = await store.get_line(line_id)
+    assert done is not None and done.replaces is None

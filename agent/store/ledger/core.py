@@ -43,7 +43,7 @@ PARK = (
 )
 DELIVERED = (
     "UPDATE orders SET state = 'delivered', delivered_at = $1, ambiguous = 0, reason = NULL,"
-    " updated_at = $1"
+    " replaces = NULL, updated_at = $1"
 )
 MARK_DELIVERED = DELIVERED + "{release} WHERE id = $2"
 # What line $1 holds: keys bound to it and purchases open for it.

@@ -639,12 +639,13 @@ class OrdersLedger(LedgerCore):
         await tx.execute(
             "UPDATE orders SET state = 'delivering', delivery_generation ="
             " delivery_generation + 1, attempts = 0, next_attempt_at = $1, ambiguous = 0,"
-            " updated_at = $2 WHERE id = $3 AND {line_to:delivering}",
-            # The caller delivers the replacement at once; the engine's sweep, which knows no
-            # replacement, takes the line up only if that caller died meanwhile.
+            " replaces = $4, updated_at = $2 WHERE id = $3 AND {line_to:delivering}",
+            # The caller delivers the replacement at once; the engine's sweep takes the line
+            # up (and replaces, as `replaces` says) only if that caller died meanwhile.
             now + REPLACEMENT_GRACE,
             now,
             line_id,
+            previous,
         )
         detail = f"slot {old_slot} replaced ({reason}); replaces delivery {previous}"
         await self._event(tx, line_id, "key_replaced", detail, now)

@@ -1,0 +1,52 @@
+"""A bad key's replacement on a delivered order, the part both its callers share: the
+after-sales action (agent/aftersales.py), which replaces at once, and the engine
+(agent/delivery.py), which finishes a replacement whose caller died after the ledger step
+(the line is left `delivering` with `replaces` naming the delivery it replaces)."""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Sequence
+
+from agent.domain import CardItem, DeliveryIntent, OrderLine, Permanent
+from agent.platforms.base import KeyReplacer, Platform
+
+REPLACED_NOTICE = "key_replaced"
+
+
+def notice_key(line: OrderLine, kind: str, generation: int) -> str:
+    """The Idempotency-Key of a buyer notice about one after-sales action."""
+    name = f"{line.platform}\x1f{line.order_id}\x1f{line.line}\x1f{kind}\x1f{generation}"
+    return f"kami-notice-{hashlib.sha256(name.encode()).hexdigest()[:24]}"
+
+
+def generation_of(intent: DeliveryIntent) -> int:
+    """The delivery generation an idempotency key was made for (its last field)."""
+    return int(intent.idempotency_key.rsplit("-", 1)[1])
+
+
+def replaced_notice(order_id: str, reason: str | None) -> str:
+    """What the buyer is told once the fresh key is delivered."""
+    why = f" ({reason})" if reason else ""
+    return (
+        f"Order {order_id}: a key you received was replaced with a fresh one{why}. The new"
+        " key has been delivered to your order."
+    )
+
+
+async def replace_delivery(
+    platform: Platform,
+    line: OrderLine,
+    intent: DeliveryIntent,
+    replaces: str,
+    items: Sequence[CardItem],
+    message: str,
+) -> None:
+    """The platform's replacement of the delivery `replaces` by `items`. Permanent when the
+    platform cannot replace delivered keys."""
+    if not isinstance(platform, KeyReplacer):
+        raise Permanent(
+            f"platform {line.platform} cannot replace the keys of a delivered order (void the"
+            " key with `stock void` and deliver by hand)"
+        )
+    await platform.replace_delivery(line.order_id, intent.idempotency_key, replaces, items, message)
