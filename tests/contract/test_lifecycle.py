@@ -26,7 +26,8 @@ NOW = 1_700_000_000.0
 def _recorded_kinds() -> tuple[dict[str, str], list[str]]:
     """Event kinds the code records: kind -> where, and the calls whose kind is computed.
     The ledger writes events with _event(tx, line, KIND, ...) or as (line, KIND, detail)
-    rows of an `events` batch; callers outside the store with store.add_event(line, KIND)."""
+    rows of an `events` batch (or (line, at, KIND, detail) rows of the EVENT statement);
+    callers outside the store with store.add_event(line, KIND)."""
     found: dict[str, str] = {}
     computed: list[str] = []
     for path in sorted((ROOT / "agent").rglob("*.py")):
@@ -41,7 +42,8 @@ def _recorded_kinds() -> tuple[dict[str, str], list[str]]:
                     kinds.append(node.args[1])
                 elif name == "append" and getattr(node.func.value, "id", "") == "events":
                     if isinstance(node.args[0], ast.Tuple):
-                        kinds.append(node.args[0].elts[1])
+                        row = node.args[0].elts  # (line, KIND, detail) or EVENT's 4 columns
+                        kinds.append(row[2] if len(row) == 4 else row[1])
                 elif name == "_events" and isinstance(node.args[1], ast.ListComp | ast.List):
                     rows = node.args[1]
                     elts = [rows.elt] if isinstance(rows, ast.ListComp) else rows.elts
