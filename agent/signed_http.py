@@ -244,20 +244,37 @@ class SignedClient:
 
 
 def raise_for_status(resp: HttpResponse, who: str, *, unknown_outcome: bool) -> None:
-    """Maps a non-2xx status to the error class the engine acts on.
+    """Maps a non-2xx status to the error class the engine acts on (see raise_for_answer)."""
+    if resp.status >= 300:
+        raise_for_answer(
+            resp.status, resp.error_text(), resp.retry_after, who, unknown_outcome=unknown_outcome
+        )
 
-    `unknown_outcome`: the request changes something (a delivery, a purchase), so a 5xx may
-    come after the change was committed — the caller must ask before acting again.
-    """
-    if resp.status < 300:
+
+def raise_for_answer(
+    status: int,
+    text: str,
+    retry_after: float | None,
+    who: str,
+    what: str | None = None,
+    *,
+    unknown_outcome: bool,
+    credentials: str = "our credentials",
+) -> None:
+    """A non-2xx answer as the error class the engine acts on, for every HTTP client of ours
+    (the signed client, Kinguin's, WooCommerce's). `who` answered (`what` was asked, if
+    named); `unknown_outcome`: the request changes something (a delivery, a purchase, a
+    note), so a 5xx may come after the change was made: the caller must ask before acting
+    again."""
+    if status < 300:
         return
-    text = resp.error_text()
-    if resp.status in (401, 403):
-        raise AuthFailed(f"{who} refused our credentials: {text}")
-    if resp.status == 429:
-        raise Transient(f"{who} rate limit: {text}", retry_after=resp.retry_after)
-    if resp.status >= 500:
+    where = f" ({what})" if what else ""
+    if status in (401, 403):
+        raise AuthFailed(f"{who} refused {credentials}{where}: {text}")
+    if status == 429:
+        raise Transient(f"{who} rate limit{where}: {text}", retry_after=retry_after)
+    if status >= 500:
         if unknown_outcome:
-            raise Ambiguous(f"{who} error, outcome unknown: {text}")
-        raise Transient(f"{who} error: {text}", retry_after=resp.retry_after)
-    raise Permanent(f"{who} rejected the request: {text}")
+            raise Ambiguous(f"{who} error, outcome unknown{where}: {text}")
+        raise Transient(f"{who} error{where}: {text}", retry_after=retry_after)
+    raise Permanent(f"{who} rejected {what or 'the request'}: {text}")

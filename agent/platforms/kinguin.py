@@ -58,7 +58,7 @@ from agent.platforms.oauth import ClientCredentials
 from agent.platforms.ratelimit import BURST_SHARE, TokenBucket
 from agent.platforms.rest_client import Reply, RestClient
 from agent.redact import fingerprint, safe_url
-from agent.signed_http import DEFAULT_CONNECTIONS, quote_segment
+from agent.signed_http import DEFAULT_CONNECTIONS, quote_segment, raise_for_answer
 
 log = get_logger("kami.kinguin")
 
@@ -179,18 +179,16 @@ def _read_retrying() -> AsyncRetrying:
 
 def _raise_for_status(reply: Reply, what: str, *, unknown_outcome: bool) -> None:
     """A non-2xx answer as the error class the engine acts on."""
-    if reply.status < 300:
-        return
-    text = reply.message()
-    if reply.status in (401, 403):
-        raise AuthFailed(f"Kinguin refused our token ({what}): {text}")
-    if reply.status == 429:
-        raise Transient(f"Kinguin rate limit ({what}): {text}", retry_after=reply.retry_after)
-    if reply.status >= 500:
-        if unknown_outcome:
-            raise Ambiguous(f"Kinguin error, outcome unknown ({what}): {text}")
-        raise Transient(f"Kinguin error ({what}): {text}", retry_after=reply.retry_after)
-    raise Permanent(f"Kinguin rejected {what}: {text}")
+    if reply.status >= 300:
+        raise_for_answer(
+            reply.status,
+            reply.message(),
+            reply.retry_after,
+            "Kinguin",
+            what,
+            unknown_outcome=unknown_outcome,
+            credentials="our token",
+        )
 
 
 def _page_number(cursor: str | None) -> int:

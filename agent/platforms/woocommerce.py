@@ -60,6 +60,7 @@ from agent.signed_http import (
     Redirected,
     TransportErrors,
     parse_retry_after,
+    raise_for_answer,
     read_capped,
     redirect_refusal,
 )
@@ -233,18 +234,17 @@ class WooClient:
 def _raise_for_status(resp: WooResponse, what: str, *, changes: bool) -> None:
     """Maps a WooCommerce answer to the error class the engine acts on. `changes`: the request
     writes (a note, a status), so a 5xx may come after the write was made."""
-    if resp.status < 300:
-        return
-    text = resp.error_text()
-    if resp.status in (401, 403):
-        raise AuthFailed(f"the shop refused our consumer key ({what}): {text}")
-    if resp.status == 429:
-        raise Transient(f"the shop's rate limit ({what}): {text}", retry_after=resp.retry_after)
-    if resp.status >= 500:
-        if changes:
-            raise Ambiguous(f"shop error, outcome unknown ({what}): {text}")
-        raise Transient(f"shop error ({what}): {text}", retry_after=resp.retry_after)
-    raise Permanent(f"the shop rejected {what}: {text}")
+    if resp.status >= 300:
+        text = resp.error_text()
+        raise_for_answer(
+            resp.status,
+            text,
+            resp.retry_after,
+            "the shop",
+            what,
+            unknown_outcome=changes,
+            credentials="our consumer key",
+        )
 
 
 def _worth_retrying_now(exc: BaseException) -> bool:
