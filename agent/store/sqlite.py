@@ -41,7 +41,7 @@ from agent.store.base import (
     StoreError,
 )
 from agent.store.identity import Opening
-from agent.store.ledger.core import Body, read
+from agent.store.ledger.core import STORED_ID, Body, read
 from agent.store.ledger.responder import ResponderLedger
 from agent.store.ledger.stock import Ledger
 from agent.store.rows import DEMAND_BUCKET_SECONDS, migrations
@@ -547,9 +547,7 @@ class SQLiteStore(Ledger, ResponderLedger):
     @staticmethod
     def _stored_id(conn: sqlite3.Connection) -> str | None:
         try:
-            row = conn.execute(
-                f"SELECT value FROM {identity.META_TABLE} WHERE key = 'ledger_id'"
-            ).fetchone()
+            row = conn.execute(STORED_ID).fetchone()
         except sqlite3.OperationalError:  # no such table: a ledger made before ids existed
             return None
         return None if row is None else str(row[0])

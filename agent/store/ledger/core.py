@@ -15,6 +15,7 @@ from typing import Any, Concatenate, ParamSpec, TypeVar
 
 from agent.domain import CardItem, OrderLine, PlatformOrder, RejectedOrder
 from agent.keybox import KEY_BYTES, KeyBox, unwrap, wrap
+from agent.store import identity
 from agent.store.base import StoreError
 from agent.store.rows import LINE_COLUMNS, line_from_row
 from agent.store.tx import Bulk, Row, Tx
@@ -36,6 +37,7 @@ FREE_KEYS = (
     " AND (expires_at IS NULL OR expires_at > $3) ORDER BY id LIMIT $2{skip_locked}"
 )
 KEYS = "SELECT id, purpose, wrapped, retired_at FROM data_keys ORDER BY id"
+STORED_ID = f"SELECT value FROM {identity.META_TABLE} WHERE key = 'ledger_id'"
 COUNT_BOUND = "SELECT COUNT(*) FROM card_keys WHERE order_line_id = $1"
 PARK = (
     "UPDATE orders SET state = 'needs_attention', reason = $1, updated_at = $2{release}"

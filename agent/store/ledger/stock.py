@@ -14,7 +14,7 @@ from agent.store import identity
 from agent.store.base import ProgressCallback, StoreError
 from agent.store.imports import Sorted, sort_known
 from agent.store.ledger.alerts import AlertsLedger
-from agent.store.ledger.core import read, write
+from agent.store.ledger.core import STORED_ID, read, write
 from agent.store.ledger.pools import PoolsLedger
 from agent.store.ledger.purchases import INSERT_KEY
 from agent.store.rows import IMPORT_BATCH
@@ -248,9 +248,7 @@ class Ledger(AlertsLedger, PoolsLedger):
         """The id stored in the ledger, given first (`give`) if it has none; and whether it
         was given now."""
         await self._lock_table(tx, identity.META_TABLE)
-        stored = await tx.fetchval(
-            f"SELECT value FROM {identity.META_TABLE} WHERE key = 'ledger_id'"
-        )
+        stored = await tx.fetchval(STORED_ID)
         if stored is not None or not give:
             return (None if stored is None else str(stored)), False
         ledger_id = identity.new_ledger_id()
