@@ -27,6 +27,7 @@ and one trigger row per key. PostgreSQL keeps no journal (see its migration 0009
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import sqlite3
 import time
@@ -209,8 +210,10 @@ class JournalKeeper:
         """In the transaction, just before COMMIT: the notes to append after it (and the
         previous commit's, appended since, deleted in this one)."""
         if self._journaled:
-            conn.executemany(
-                "DELETE FROM bound_pending WHERE rowid = ?", [(r,) for r in self._journaled]
+            # One statement (one text, prepared once) for any number of rows.
+            conn.execute(
+                "DELETE FROM bound_pending WHERE rowid IN (SELECT value FROM json_each(?))",
+                (json.dumps(self._journaled),),
             )
             _set_watermark(conn, self._watermark)
             self._journaled = []

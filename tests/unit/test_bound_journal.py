@@ -85,6 +85,8 @@ async def test_a_ledger_restored_from_an_older_backup_never_delivers_a_key_twice
             "SELECT void_reason, COUNT(*) FROM card_keys WHERE state = 'void' GROUP BY 1"
         ).fetchall()
     assert reasons == [(RESTORED_REASON, 4)]
+    with sqlite3.connect(ledger) as conn:  # every note appended was deleted from the ledger
+        assert conn.execute("SELECT COUNT(*) FROM bound_pending").fetchone() == (0,)
 
 
 async def test_keys_imported_and_let_out_after_the_backup_are_refused_on_reimport(
