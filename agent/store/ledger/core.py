@@ -39,6 +39,17 @@ FREE_KEYS = (
 KEYS = "SELECT id, purpose, wrapped, retired_at FROM data_keys ORDER BY id"
 STORED_ID = f"SELECT value FROM {identity.META_TABLE} WHERE key = 'ledger_id'"
 COUNT_BOUND = "SELECT COUNT(*) FROM card_keys WHERE order_line_id = $1"
+# The keys bound to line $1, in slot order: (id, then what _open_rows opens).
+LINE_KEYS = (
+    "SELECT id, sku, key_id, sealed, secret_hash FROM card_keys WHERE order_line_id = $1"
+    " ORDER BY slot"
+)
+# Free keys (locked by the transaction) bound to a line's slots, one row each.
+BIND = Bulk(
+    "UPDATE card_keys SET state = 'bound', order_line_id = $1, slot = $2, bound_at = $3"
+    " WHERE id = $4 AND state = 'free'",
+    ("bigint", "int", "float8", "bigint"),
+)
 PARK = (
     "UPDATE orders SET state = 'needs_attention', reason = $1, updated_at = $2{release}"
     " WHERE id = $3"

@@ -22,11 +22,13 @@ from agent.domain import (
 from agent.keybox import SealedKeyError, StoreKeyError
 from agent.store.base import DeliveredSince, StoreError
 from agent.store.ledger.core import (
+    BIND,
     COUNT_BOUND,
     DELIVERED,
     FETCH_LINE,
     FREE_KEYS,
     HOLDINGS,
+    LINE_KEYS,
     MARK_DELIVERED,
     PARK,
     LedgerCore,
@@ -62,11 +64,6 @@ INSERT_LINE = Bulk(
     ("text",) * 3 + ("int",) + ("text",) * 7 + ("float8", "text", "int"),
 )
 REPLACEMENT_GRACE = 300.0  # seconds a replaced key's new delivery is left to its caller
-BIND = Bulk(
-    "UPDATE card_keys SET state = 'bound', order_line_id = $1, slot = $2, bound_at = $3"
-    " WHERE id = $4 AND state = 'free'",
-    ("bigint", "int", "float8", "bigint"),
-)
 CLAIM = Bulk(
     "UPDATE orders SET state = 'delivering', delivery_key = $1, attempts = 1,"
     " next_attempt_at = 0, updated_at = $2 WHERE id = $3",
@@ -410,11 +407,7 @@ class OrdersLedger(LedgerCore):
     async def _begin_delivery(self, tx: Tx, line: OrderLine, now: float) -> DeliveryIntent:
         if line.state not in (LineState.ALLOCATED, LineState.DELIVERING):
             raise StoreError(f"order line {line.id} is {line.state}, not ready to deliver")
-        keys = await tx.fetch(
-            "SELECT id, sku, key_id, sealed, secret_hash FROM card_keys"
-            " WHERE order_line_id = $1 ORDER BY slot",
-            line.id,
-        )
+        keys = await tx.fetch(LINE_KEYS, line.id)
         if len(keys) != line.quantity:
             raise StoreError(
                 f"order line {line.id} holds {len(keys)} keys for quantity {line.quantity}"

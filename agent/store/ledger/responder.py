@@ -23,24 +23,15 @@ from dataclasses import dataclass, field
 
 from agent.domain import CardItem, LineState, OrderLine
 from agent.store.base import StoreError
-from agent.store.ledger.core import EVENT, LedgerCore, read, write
+from agent.store.ledger.core import BIND, EVENT, FREE_KEYS, LINE_KEYS, LedgerCore, read, write
 from agent.store.rows import LINE_COLUMNS, line_from_row
 from agent.store.tx import Bulk, Row, Tx
 
 REPLY_CACHE = 20_000  # replies kept in memory (sealed): a day of a busy shop's retries
-RESERVED_FREE_KEYS = (
-    "SELECT id, secret_hash FROM card_keys WHERE sku = $1 AND state = 'free'"
-    " AND (expires_at IS NULL OR expires_at > $3) ORDER BY id LIMIT $2{skip_locked}"
-)
 INSERT_RESPONDER_LINE = (
     "INSERT INTO orders (platform, order_id, line, sku, quantity, state, amount, currency,"
     " seen_at, updated_at, attempts) VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $9, 0)"
     " ON CONFLICT (platform, order_id, line) DO NOTHING"
-)
-BIND_RESERVED = Bulk(
-    "UPDATE card_keys SET state = 'bound', order_line_id = $1, slot = $2, bound_at = $3"
-    " WHERE id = $4 AND state = 'free'",
-    ("bigint", "int", "float8", "bigint"),
 )
 ORDER_LINES = (
     f"SELECT {LINE_COLUMNS} FROM orders WHERE platform = $1 AND order_id = $2"
@@ -53,10 +44,6 @@ STORED = (
 STORE_REPLY = (
     "INSERT INTO replies (platform, order_id, action, status, key_id, sealed, created_at)"
     " VALUES ($1, $2, $3, $4, $5, $6, $7) ON CONFLICT (platform, order_id, action) DO NOTHING"
-)
-LINE_KEYS = (
-    "SELECT id, sku, key_id, sealed, secret_hash FROM card_keys WHERE order_line_id = $1"
-    " ORDER BY slot"
 )
 # A batch of PROVIDEs (see ResponderLedger.provide): the same reads and writes as one
 # PROVIDE's, each over every order of the batch at once. Lines are locked in id order (the
@@ -365,7 +352,7 @@ class ResponderLedger(LedgerCore):
             return stored
         taken: list[list[int]] = []
         for want in wants:
-            rows = await tx.fetch(RESERVED_FREE_KEYS, want.sku, want.quantity, now)
+            rows = await tx.fetch(FREE_KEYS, want.sku, want.quantity, now)
             if len(rows) < want.quantity or want.quantity < 1:
                 return await self._keep(tx, platform, order_id, "RESERVE", render(False), now)
             taken.append([r[0] for r in rows])
@@ -393,7 +380,7 @@ class ResponderLedger(LedgerCore):
             events.append((line_id, "reserved", f"sku={want.sku} keys={want.quantity}{self._by}"))
         if not binds:  # nothing asked for: nothing reserved
             return await self._keep(tx, platform, order_id, "RESERVE", render(False), now)
-        if (bound := await tx.executemany(BIND_RESERVED, binds)) != len(binds):
+        if (bound := await tx.executemany(BIND, binds)) != len(binds):
             raise StoreError(
                 f"{platform} order {order_id}: a key was taken while binding ({bound})"
             )
@@ -642,7 +629,7 @@ class ResponderLedger(LedgerCore):
         changed, and a later try may find stock)."""
         if (stored := await self._stored(tx, platform, order_id, "ORDER")) is not None:
             return stored
-        rows = await tx.fetch(RESERVED_FREE_KEYS, want.sku, want.quantity, now)
+        rows = await tx.fetch(FREE_KEYS, want.sku, want.quantity, now)
         if len(rows) < want.quantity:
             rendered = render(None)
             return Reply(rendered[0], rendered[1])
@@ -664,7 +651,7 @@ class ResponderLedger(LedgerCore):
                 raise StoreError(f"{platform} order {order_id}: placed without a reply")
             return stored
         binds = [(line_id, slot, now, r[0]) for slot, r in enumerate(rows)]
-        if (bound := await tx.executemany(BIND_RESERVED, binds)) != len(binds):
+        if (bound := await tx.executemany(BIND, binds)) != len(binds):
             raise StoreError(
                 f"{platform} order {order_id}: a key was taken while binding ({bound})"
             )

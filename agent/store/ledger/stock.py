@@ -14,7 +14,7 @@ from agent.store import identity
 from agent.store.base import ProgressCallback, StoreError
 from agent.store.imports import Sorted, sort_known
 from agent.store.ledger.alerts import AlertsLedger
-from agent.store.ledger.core import STORED_ID, read, write
+from agent.store.ledger.core import LINE_KEYS, STORED_ID, read, write
 from agent.store.ledger.pools import PoolsLedger
 from agent.store.ledger.purchases import INSERT_KEY
 from agent.store.rows import IMPORT_BATCH
@@ -162,12 +162,8 @@ class Ledger(AlertsLedger, PoolsLedger):
     @read
     async def bound_items(self, tx: Tx, line_id: int) -> tuple[CardItem, ...]:
         """The keys bound to the line, opened, in slot order."""
-        rows = await tx.fetch(
-            "SELECT sku, key_id, sealed, secret_hash FROM card_keys WHERE order_line_id = $1"
-            " ORDER BY slot",
-            line_id,
-        )
-        return tuple(await self._open_rows(tx, rows))
+        rows = await tx.fetch(LINE_KEYS, line_id)
+        return tuple(await self._open_rows(tx, [r[1:] for r in rows]))
 
     @read
     async def export_keys(self, tx: Tx, sku: str, state: KeyState) -> list[CardItem]:
