@@ -1,4 +1,4 @@
-"""How fast does the listener answer Eneba's PROVIDE? `python -m bench.listener [--orders 3000]`.
+"""How fast does the listener answer Eneba's PROVIDE? `python -m bench.listener [--orders 12000]`.
 
 Two servers, each in a process of its own, loaded by the same client in this process with
 100 concurrent callbacks (keep-alive connections, as a platform's sender keeps them):
@@ -333,7 +333,7 @@ def summary(runs: list[dict[str, Any]]) -> dict[str, Any]:
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n", 1)[0])
-    parser.add_argument("--orders", type=int, default=3000)
+    parser.add_argument("--orders", type=int, default=12_000)
     parser.add_argument("--runs", type=int, default=3, help="whole runs, each reported")
     parser.add_argument("--serve", choices=("hello", "listener"))
     parser.add_argument("--port", type=int)
