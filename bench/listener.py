@@ -77,6 +77,7 @@ async def serve_hello(port: int) -> None:
 
 
 async def serve_listener(port: int, db: Path) -> None:
+    from agent import logs
     from agent.config import PlatformSettings
     from agent.keybox import parse_master_key
     from agent.listener import Listener, listener_mounts
@@ -84,6 +85,10 @@ async def serve_listener(port: int, db: Path) -> None:
     from agent.listener_settings import ListenerSettings
     from agent.platforms.eneba import EnebaOptions, EnebaPlatform
 
+    # As the daemon logs (`kami-agent run`): a JSON line per request at info, here to a file
+    # beside the ledger. Unconfigured, structlog would render its colourful console lines,
+    # a fifth of a reply's cost, which no daemon pays.
+    logs.configure("info", (db.parent / "listener.log").open("a", encoding="utf-8"))
     store = SQLiteStore(db, parse_master_key(MASTER_KEY))
     await store.open()
     settings = PlatformSettings(
