@@ -21,7 +21,9 @@ from agent.domain import (
     PlatformOrder,
     RejectedOrder,
 )
+from agent.i18n import N_
 from agent.intake import screen_order
+from agent.phrased import Phrase, phrased, rephrased
 from agent.platforms.agiso_messages import render
 from agent.platforms.base import KeyReplacer, Platform
 from agent.replacement import REPLACED_NOTICE, generation_of, notice_key, replaced_notice
@@ -46,7 +48,7 @@ async def operator_action(
         return await store.resend_line(line_id, clock())
     line = await store.get_line(line_id)
     if line is None:
-        raise ActionRefused(f"no order line #{line_id}")
+        raise phrased(ActionRefused, N_("no order line #%(line)s"), line=line_id)
     return await with_platforms(config, store, clock, lambda a: a.retry(line))
 
 
@@ -92,12 +94,15 @@ class AfterSales:
         self.clock = clock
         self.screening = Screening(config.agent, config.skus, store)
 
-    def _platform(self, line: OrderLine, what: str) -> Platform:
+    def _platform(self, line: OrderLine, what: Phrase) -> Platform:
         platform = self.platform_for(line.platform)
         if platform is None:
-            raise ActionRefused(
-                f"platform {line.platform!r} of order {line.order_id} is not configured:"
-                f" cannot {what}"
+            raise phrased(
+                ActionRefused,
+                N_("platform %(platform)r of order %(order)s is not configured: cannot %(what)s"),
+                platform=line.platform,
+                order=line.order_id,
+                what=what,
             )
         return platform
 
@@ -108,28 +113,46 @@ class AfterSales:
         it: its SKU and quantity are the platform's now, and an order still refused stays
         parked with the new reason (ActionRefused says it). Others go on as they stand."""
         if line.state != LineState.NEEDS_ATTENTION:
-            raise ActionRefused(
-                f"order {line.order_id} is {line.state}; only needs_attention can be retried"
+            raise phrased(
+                ActionRefused,
+                N_("order %(order)s is %(state)s; only needs_attention can be retried"),
+                order=line.order_id,
+                state=line.state,
             )
         holds = line.delivery_key is not None or await self.store.bound_count(line.id) > 0
         if holds or await self.store.open_purchase(line.id) is not None:
             return await self.store.retry_line(line.id, self.clock())
-        platform = self._platform(line, "read the order again")
+        platform = self._platform(line, Phrase(N_("read the order again")))
         remote = await platform.get_order(line.order_id)
         if remote.status in ("cancelled", "refunded"):
             reason = f"platform reports {remote.status} (read again at retry)"
             await self.store.close_line(line.id, LineState(remote.status), reason, self.clock())
-            raise ActionRefused(f"order {line.order_id}: {reason}; closed as {remote.status}")
+            raise phrased(
+                ActionRefused,
+                N_(
+                    "order %(order)s: platform reports %(status)s (read again at retry); closed"
+                    " as %(status)s"
+                ),
+                order=line.order_id,
+                status=remote.status,
+            )
         if remote.status != "paid":
-            raise ActionRefused(
-                f"order {line.order_id}: platform reports status {remote.status[:40]!r}, not paid"
+            raise phrased(
+                ActionRefused,
+                N_("order %(order)s: platform reports status %(status)r, not paid"),
+                order=line.order_id,
+                status=remote.status[:40],
             )
         order = remote.order
         if order is None:
             if line.quantity < 1:
-                raise ActionRefused(
-                    f"order {line.order_id}: its platform does not say what was ordered, and it"
-                    " was parked before its quantity was known; deliver it by hand"
+                raise phrased(
+                    ActionRefused,
+                    N_(
+                        "order %(order)s: its platform does not say what was ordered, and it was"
+                        " parked before its quantity was known; deliver it by hand"
+                    ),
+                    order=line.order_id,
                 )
             order = PlatformOrder(line.order_id, "paid", line.sku, line.quantity)
         screened = screen_order(order, self.config.skus)
@@ -141,7 +164,12 @@ class AfterSales:
             quantity = screened.quantity if screened is not None else 0
             if quantity >= 1:
                 await self.store.revise_parked_line(line.id, sku, quantity, reason, self.clock())
-            raise ActionRefused(f"order {line.order_id} stays parked: {reason}")
+            raise phrased(
+                ActionRefused,
+                N_("order %(order)s stays parked: %(reason)s"),
+                order=line.order_id,
+                reason=reason,
+            )
         return await self.store.revise_parked_line(
             line.id, screened.sku, screened.quantity, None, self.clock()
         )
@@ -156,24 +184,33 @@ class AfterSales:
         the command again asks the platform with the same key."""
         reason = reason.strip()
         if not reason:
-            raise ActionRefused("say why the order is refunded (--reason)")
-        platform = self._platform(line, "refund")
+            raise phrased(ActionRefused, N_("say why the order is refunded (--reason)"))
+        platform = self._platform(line, Phrase(N_("refund")))
         try:
             line, key = await self.store.begin_merchant_refund(line.id, reason, self.clock())
         except StoreError as exc:
-            raise ActionRefused(str(exc)) from None
+            raise rephrased(ActionRefused, exc) from None
         try:
             await platform.refund(line.order_id, key, reason)
         except Permanent as exc:
             await self.store.drop_refund(line.id, f"platform refused: {exc}", self.clock())
-            raise ActionRefused(
-                f"order {line.order_id} not refunded: platform {line.platform} refused: {exc}"
+            raise phrased(
+                ActionRefused,
+                N_("order %(order)s not refunded: platform %(platform)s refused: %(why)s"),
+                order=line.order_id,
+                platform=line.platform,
+                why=exc,
             ) from None
         except AgentError as exc:
             # Unclear: the key stays committed, so asking again repeats the same refund.
-            raise ActionRefused(
-                f"order {line.order_id}: the refund's outcome is unknown ({exc}); run the same"
-                " refund again: it is sent with the same key, so it refunds at most once"
+            raise phrased(
+                ActionRefused,
+                N_(
+                    "order %(order)s: the refund's outcome is unknown (%(why)s); run the same"
+                    " refund again: it is sent with the same key, so it refunds at most once"
+                ),
+                order=line.order_id,
+                why=exc,
             ) from None
         await self.store.close_line(line.id, LineState.REFUNDED, reason, self.clock())
         closed = await self.store.get_line(line.id)
@@ -191,18 +228,22 @@ class AfterSales:
         leaves the line delivering for the engine's reconciliation."""
         reason = reason.strip()
         if not reason:
-            raise ActionRefused("say why the key is replaced (--reason)")
-        platform = self._platform(line, "replace a key")
+            raise phrased(ActionRefused, N_("say why the key is replaced (--reason)"))
+        platform = self._platform(line, Phrase(N_("replace a key")))
         if not isinstance(platform, KeyReplacer):
-            raise ActionRefused(
-                f"platform {line.platform} cannot replace the keys of a delivered order;"
-                " nothing changed (void the key with `stock void` and deliver by hand)"
+            raise phrased(
+                ActionRefused,
+                N_(
+                    "platform %(platform)s cannot replace the keys of a delivered order; nothing"
+                    " changed (void the key with `stock void` and deliver by hand)"
+                ),
+                platform=line.platform,
             )
         try:
             line, previous = await self.store.replace_key(line.id, slot, reason, self.clock())
             intent = await self.store.begin_delivery(line.id, self.clock())
         except StoreError as exc:
-            raise ActionRefused(str(exc)) from None
+            raise rephrased(ActionRefused, exc) from None
         message = self._message(line, intent.items)
         try:
             await platform.replace_delivery(
@@ -213,7 +254,12 @@ class AfterSales:
             # merchant decides (a platform-http 1.0 platform answers so).
             why = f"key replacement refused by the platform: {exc}"
             await self.store.park(line.id, why, self.clock())
-            raise ActionRefused(f"order {line.order_id}: {why}; parked") from None
+            raise phrased(
+                ActionRefused,
+                N_("order %(order)s: key replacement refused by the platform: %(why)s; parked"),
+                order=line.order_id,
+                why=exc,
+            ) from None
         done = await self.store.mark_delivered(line.id, self.clock(), "replacement delivered")
         generation = generation_of(intent)
         notice = replaced_notice(line.order_id, reason)
@@ -223,9 +269,14 @@ class AfterSales:
             )
         except AgentError as exc:
             # The keys are delivered; the message alone is missing: said, not undone.
-            raise ActionRefused(
-                f"order {line.order_id}: the fresh key is delivered, but the buyer's notice"
-                f" failed ({exc}); tell the buyer by hand"
+            raise phrased(
+                ActionRefused,
+                N_(
+                    "order %(order)s: the fresh key is delivered, but the buyer's notice failed"
+                    " (%(why)s); tell the buyer by hand"
+                ),
+                order=line.order_id,
+                why=exc,
             ) from None
         await self.store.add_event(line.id, "buyer_notice", notice[:200], self.clock())
         return done

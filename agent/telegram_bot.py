@@ -34,7 +34,7 @@ from agent.console.settings import TelegramBotSettings
 from agent.domain import AgentError, LineState, OpenAlert, OrderLine
 from agent.i18n import Translator, format_table, truncate
 from agent.logs import get_logger
-from agent.phrased import PhrasedLedgerError
+from agent.phrased import say
 from agent.redact import register
 from agent.stockfile import StockFileReader
 from agent.store.base import Store
@@ -391,7 +391,7 @@ class TelegramBot:
         try:
             updated = await operator_action(self.config, self.store, self.clock, "retry", line_id)
         except AgentError as exc:
-            return printable(str(exc))
+            return printable(say(exc, _))
         if self.engine is not None:
             self.engine.dispatch([line_id])
         log.info("telegram_bot_retry", line_id=line_id)
@@ -429,7 +429,7 @@ class TelegramBot:
         except AgentError as exc:
             log.warning("telegram_bot_import_failed", sku=sku, error=str(exc))
             # The reader's own errors already speak its translator's language.
-            why = exc.say(_) if isinstance(exc, PhrasedLedgerError) else str(exc)
+            why = say(exc, _)
             await self.say(chat_id, html.escape(_("The import failed: %(why)s") % {"why": why}))
             return
         finally:

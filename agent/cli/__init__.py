@@ -20,7 +20,7 @@ from agent.cli.language import ArgumentParser, early_language, speak_argparse
 from agent.config import ConfigError
 from agent.credstore import CredStoreError
 from agent.domain import AgentError
-from agent.phrased import PhrasedLedgerError
+from agent.phrased import say
 from agent.store.base import StoreError
 from agent.textsafe import printable
 
@@ -102,11 +102,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         with contextlib.suppress(BrokenPipeError):
             print(_("kami-agent: config error: %(what)s") % {"what": exc}, file=sys.stderr)
         return 2
-    except PhrasedLedgerError as exc:
-        _error(exc.say(_))
-        return 1
     except (AgentError, StoreError, CommandError, CredStoreError) as exc:
-        _error(str(exc))
+        _error(say(exc, _))  # a phrased error in the merchant's language, others as raised
         return 1
     except KeyboardInterrupt:
         return 130

@@ -15,6 +15,7 @@ from agent.console.uploads import UploadTooLarge, private_folder, save_upload
 from agent.domain import AgentError, OrderLine
 from agent.i18n import LANGUAGES
 from agent.logs import get_logger
+from agent.phrased import say
 from agent.textsafe import printable
 
 log = get_logger("kami.console")
@@ -98,7 +99,7 @@ async def _operator(request: web.Request, action: str) -> web.StreamResponse:
             console.config, console.store, console.clock, action, line_id
         )
     except AgentError as exc:
-        session.flash("error", printable(str(exc)))
+        session.flash("error", printable(say(exc, _)))
     else:
         if console.engine is not None:
             console.engine.dispatch([line_id])  # now, not at the next sweep
@@ -161,7 +162,7 @@ async def _aftersales(request: web.Request, action: str) -> web.StreamResponse:
     try:
         updated = await with_platforms(console.config, console.store, console.clock, act)
     except AgentError as exc:
-        session.flash("error", printable(str(exc)))
+        session.flash("error", printable(say(exc, _)))
     else:
         console.cache.clear()
         log.info(f"console_{action}", line_id=line_id, session=session.fingerprint)

@@ -19,7 +19,7 @@ from aiohttp import BodyPartReader
 from agent.domain import AgentError, ImportReport
 from agent.i18n import Translator
 from agent.logs import get_logger
-from agent.phrased import PhrasedLedgerError
+from agent.phrased import say
 from agent.stockfile import StockFileReader
 from agent.store.base import Store
 
@@ -130,11 +130,9 @@ class ImportJobs:
                 duplicates=job.report.duplicates,
                 rejected=reader.rejected,
             )
-        except PhrasedLedgerError as exc:
-            job.error = exc.say(translator)
-            log.warning("console_import_failed", sku=job.sku, error=str(exc))
         except AgentError as exc:
-            job.error = str(exc)  # the reader's own errors already speak its translator's
+            # The reader's own errors already speak its translator's language.
+            job.error = say(exc, translator)
             log.warning("console_import_failed", sku=job.sku, error=str(exc))
         finally:
             job.finished = True

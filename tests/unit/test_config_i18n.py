@@ -154,3 +154,22 @@ def test_bound_journal_refusals_in_the_merchants_language(
     journal.write_bytes(b"not a journal at all, but long enough to read a header from")
     junk = cli(config, "stock", "list")
     assert junk.returncode == 1 and junk.stderr == foreign % where
+
+
+@pytest.mark.parametrize(
+    ("language", "refusal"),
+    [
+        ("zh-CN", "kami-agent: 错误：请写明这些卡密当初作废时的原因\n"),
+        ("en", "kami-agent: error: name the reason the keys were voided with\n"),
+    ],
+)
+def test_ledger_operator_refusals_in_the_merchants_language(
+    tmp_path: Path, language: str, refusal: str
+) -> None:
+    """A refusal of the ledger's operator checks (agent/store/ledger/stock.py), raised where
+    the language is not known, said by the CLI in the merchant's (issue 18)."""
+    config = tmp_path / "config.toml"
+    config.write_text(f'[agent]\nlanguage = "{language}"\n{PLATFORM}', encoding="utf-8")
+    assert cli(config, "init").returncode == 0
+    blank = cli(config, "stock", "unvoid", "GAME-100", "--reason", " ")
+    assert blank.returncode == 1 and blank.stderr == refusal

@@ -238,6 +238,26 @@ async def test_retry_moves_a_parked_order_and_hands_it_to_the_engine(
         assert engine.dispatched == [line_id]
 
 
+async def test_refusals_are_flashed_in_the_merchants_language(
+    tmp_path: Path, sqlite_store: SQLiteStore, sandbox: SandboxPlatform
+):
+    """The after-sales refusals (agent/aftersales.py) and the ledger's (a resend) are raised
+    without the merchant's language and said in it on the page (issue 18)."""
+    order = sandbox.add_order("GAME-100")
+    (line_id,) = await add_orders(sqlite_store, (order, "GAME-100", 1))
+    async with console_client(
+        tmp_path, sqlite_store, FakeEngine(), sandbox.base_url, language="zh-CN"
+    ) as client:
+        csrf = await log_in(client)
+        retried = await (await client.post(f"/orders/{line_id}/retry", data={"csrf": csrf})).text()
+        refusal = f"订单 {order} 当前为 new；只有 needs_attention（需人工处理）的订单可以重试"
+        assert refusal in retried
+        resent = await (await client.post(f"/orders/{line_id}/resend", data={"csrf": csrf})).text()
+        assert f"订单 {order} 当前为 new；只有已发货的订单可以重发" in resent
+        assert "can be retried" not in retried and "can be resent" not in resent
+    assert (await sqlite_store.get_line(line_id)).state == LineState.NEW  # type: ignore[union-attr]
+
+
 async def test_import_by_upload_with_progress_page(tmp_path: Path, sqlite_store: SQLiteStore):
     async with console_client(tmp_path, sqlite_store) as client:
         csrf = await log_in(client)

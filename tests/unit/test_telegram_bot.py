@@ -349,3 +349,34 @@ async def test_the_bot_speaks_chinese(
         await wait_for(sent_matching(telegram, MERCHANT, lambda t: "命令" in t), "help")
     finally:
         await bot.stop()
+
+
+async def test_a_refused_retry_is_said_in_chinese(
+    tmp_path: Path,
+    telegram: FakeTelegram,
+    sqlite_store: SQLiteStore,
+    sandbox: SandboxPlatform,
+    monkeypatch: pytest.MonkeyPatch,
+):
+    """The after-sales refusal (agent/aftersales.py) is raised without the merchant's
+    language; the bot says it in its own (issue 18)."""
+    monkeypatch.setenv("KAMI_SECRET_PLATFORM_MAIN_SECRET", sandbox.secret)
+    order = sandbox.add_order("GAME-100")
+    (line_id,) = await add_orders(sqlite_store, (order, "GAME-100", 1))
+    settings = TelegramBotSettings(
+        token_secret="bot.token",
+        allowed_chats=(MERCHANT,),
+        api_base=telegram.base_url,
+        language="zh-CN",
+        poll_seconds=1,
+    )
+    config = console_config(tmp_path, sandbox.base_url)
+    bot = TelegramBot(settings, BOT_TOKEN, config, sqlite_store, FakeEngine())
+    await bot.start()
+    try:
+        telegram.message(MERCHANT, f"/retry {order}")
+        refusal = f"订单 {order} 当前为 new；只有 needs_attention（需人工处理）的订单可以重试"
+        await wait_for(sent_matching(telegram, MERCHANT, lambda t: refusal in t), "the refusal")
+    finally:
+        await bot.stop()
+    assert (await sqlite_store.get_line(line_id)).state == LineState.NEW  # type: ignore[union-attr]

@@ -17,6 +17,8 @@ from agent.domain import (
     OutboxItem,
     refund_idempotency_key,
 )
+from agent.i18n import N_
+from agent.phrased import phrased
 from agent.store.base import StoreError
 from agent.store.ledger.core import HOLDINGS, read, write
 from agent.store.ledger.purchases import PurchasesLedger
@@ -223,14 +225,24 @@ class AlertsLedger(PurchasesLedger):
         could still hand over keys the refund would not account for."""
         row = await tx.fetchrow(LINE_AND_REFUND, line_id)
         if row is None:
-            raise StoreError(f"no order line {line_id}")
+            raise phrased(StoreError, N_("no order line %(line)s"), line=line_id)
         line, existing = line_from_row(row), row[LINE_WIDTH]
         if line.state in (LineState.REFUNDED, LineState.CANCELLED):
-            raise StoreError(f"order {line.order_id} is already {line.state}")
+            raise phrased(
+                StoreError,
+                N_("order %(order)s is already %(state)s"),
+                order=line.order_id,
+                state=line.state,
+            )
         if line.state in BUSY_FOR_REFUND:
-            raise StoreError(
-                f"order {line.order_id} is {line.state}: a delivery or purchase is under way;"
-                " refund it once it is delivered or parked"
+            raise phrased(
+                StoreError,
+                N_(
+                    "order %(order)s is %(state)s: a delivery or purchase is under way; refund it"
+                    " once it is delivered or parked"
+                ),
+                order=line.order_id,
+                state=line.state,
             )
         key = (
             str(existing)

@@ -14,7 +14,9 @@ from collections.abc import Awaitable, Callable, Coroutine, Sequence
 from typing import Any, Concatenate, ParamSpec, TypeVar
 
 from agent.domain import CardItem, OrderLine, PlatformOrder, RejectedOrder
+from agent.i18n import N_
 from agent.keybox import KEY_BYTES, KeyBox, unwrap, wrap
+from agent.phrased import phrased
 from agent.store import identity
 from agent.store.base import StoreError
 from agent.store.rows import LINE_COLUMNS, line_from_row
@@ -137,7 +139,7 @@ class LedgerCore:
     async def _fetch_line(tx: Tx, line_id: int) -> OrderLine:
         row = await tx.fetchrow(FETCH_LINE, line_id)
         if row is None:
-            raise StoreError(f"no order line with id {line_id}")
+            raise phrased(StoreError, N_("no order line with id %(line)s"), line=line_id)
         return line_from_row(row)
 
     @staticmethod
@@ -159,7 +161,7 @@ class LedgerCore:
     @property
     def keybox(self) -> KeyBox:
         if self._keybox is None:
-            raise StoreError("store is not open")
+            raise phrased(StoreError, N_("store is not open"))
         return self._keybox
 
     async def _load_keys(self, tx: Tx) -> KeyBox:

@@ -19,7 +19,9 @@ from agent.domain import (
     RejectedOrder,
     delivery_idempotency_key,
 )
+from agent.i18n import N_
 from agent.keybox import SealedKeyError, StoreKeyError
+from agent.phrased import phrased
 from agent.store.base import DeliveredSince, StoreError
 from agent.store.ledger.core import (
     BIND,
@@ -196,7 +198,12 @@ class OrdersLedger(LedgerCore):
             events.append((line_id, "allocated", allocated_detail(k[:2] for k in keys[0])))
             events.append((line_id, "delivery_intent", f"attempt 1 key {keys[1]}{self._by}"))
         if binds and (bound := await tx.executemany(BIND, binds)) != len(binds):
-            raise StoreError(f"intake: a key was taken while binding ({bound} of {len(binds)})")
+            raise phrased(
+                StoreError,
+                N_("intake: a key was taken while binding (%(bound)s of %(wanted)s)"),
+                bound=bound,
+                wanted=len(binds),
+            )
         await self._events(tx, events, now)
         waits = await self._delay(tx, ready, now, delays) if delays else {}
         for order in duplicates:
@@ -375,7 +382,12 @@ class OrdersLedger(LedgerCore):
         `first_slot` on, and marks the line allocated."""
         binds = [(line_id, first_slot + n, now, key_id) for n, key_id in enumerate(key_ids)]
         if (bound := await tx.executemany(BIND, binds)) != len(binds):
-            raise StoreError(f"order line {line_id}: a key was taken while binding ({bound})")
+            raise phrased(
+                StoreError,
+                N_("order line %(line)s: a key was taken while binding (%(bound)s)"),
+                line=line_id,
+                bound=bound,
+            )
         await tx.execute(
             "UPDATE orders SET state = 'allocated', next_attempt_at = 0, updated_at = $1"
             " WHERE id = $2",
@@ -406,11 +418,20 @@ class OrdersLedger(LedgerCore):
 
     async def _begin_delivery(self, tx: Tx, line: OrderLine, now: float) -> DeliveryIntent:
         if line.state not in (LineState.ALLOCATED, LineState.DELIVERING):
-            raise StoreError(f"order line {line.id} is {line.state}, not ready to deliver")
+            raise phrased(
+                StoreError,
+                N_("order line %(line)s is %(state)s, not ready to deliver"),
+                line=line.id,
+                state=line.state,
+            )
         keys = await tx.fetch(LINE_KEYS, line.id)
         if len(keys) != line.quantity:
-            raise StoreError(
-                f"order line {line.id} holds {len(keys)} keys for quantity {line.quantity}"
+            raise phrased(
+                StoreError,
+                N_("order line %(line)s holds %(held)s keys for quantity %(quantity)s"),
+                line=line.id,
+                held=len(keys),
+                quantity=line.quantity,
             )
         # Opened before any write: a key that does not open refuses the delivery.
         items = tuple(await self._open_rows(tx, [k[1:] for k in keys]))
@@ -504,7 +525,11 @@ class OrdersLedger(LedgerCore):
 
     async def close_line(self, line_id: int, state: LineState, reason: str, now: float) -> None:
         if state not in (LineState.CANCELLED, LineState.REFUNDED):
-            raise StoreError(f"close_line takes cancelled or refunded, not {state}")
+            raise phrased(
+                StoreError,
+                N_("close_line takes cancelled or refunded, not %(state)s"),
+                state=state,
+            )
         await self._close_line(line_id, state, reason, now)
 
     @write
@@ -540,8 +565,11 @@ class OrdersLedger(LedgerCore):
         """needs_attention -> the state it can go on from (see rows.retry_target)."""
         line = await self._lock_line(tx, line_id, now)
         if line.state != LineState.NEEDS_ATTENTION:
-            raise StoreError(
-                f"order {line.order_id} is {line.state}; only needs_attention can be retried"
+            raise phrased(
+                StoreError,
+                N_("order %(order)s is %(state)s; only needs_attention can be retried"),
+                order=line.order_id,
+                state=line.state,
             )
         open_purchases = await tx.fetchval(
             "SELECT COUNT(*) FROM purchases WHERE order_line_id = $1 AND state IN {open_purchase}",
@@ -551,9 +579,13 @@ class OrdersLedger(LedgerCore):
         state, ambiguous = retry_target(line, bound, open_purchases > 0)
         if state == LineState.NEW and line.quantity < 1:
             # Parked at intake with no quantity: back to work it would deliver no keys.
-            raise StoreError(
-                f"order {line.order_id} was parked before its quantity was known: retry it"
-                " with `kami-agent orders retry`, which reads the order again from its platform"
+            raise phrased(
+                StoreError,
+                N_(
+                    "order %(order)s was parked before its quantity was known: retry it with"
+                    " `kami-agent orders retry`, which reads the order again from its platform"
+                ),
+                order=line.order_id,
             )
         await tx.execute(
             "UPDATE orders SET state = $1, reason = NULL, attempts = 0, next_attempt_at = 0,"
@@ -572,8 +604,11 @@ class OrdersLedger(LedgerCore):
         and the platform sends it again (same keys: resend never hands out a second set)."""
         line = await self._lock_line(tx, line_id, now)
         if line.state != LineState.DELIVERED:
-            raise StoreError(
-                f"order {line.order_id} is {line.state}; only delivered orders can be resent"
+            raise phrased(
+                StoreError,
+                N_("order %(order)s is %(state)s; only delivered orders can be resent"),
+                order=line.order_id,
+                state=line.state,
             )
         await tx.execute(
             "UPDATE orders SET state = 'delivering', delivery_generation ="
@@ -597,30 +632,48 @@ class OrdersLedger(LedgerCore):
         replacement replaces). StoreError says why not, with nothing changed."""
         line = await self._lock_line(tx, line_id, now)
         if line.state != LineState.DELIVERED:
-            raise StoreError(
-                f"order {line.order_id} is {line.state}; only a delivered order's key can be"
-                " replaced"
+            raise phrased(
+                StoreError,
+                N_("order %(order)s is %(state)s; only a delivered order's key can be replaced"),
+                order=line.order_id,
+                state=line.state,
             )
         if not reason.strip():
-            raise StoreError("a reason is required to replace a key")
+            raise phrased(StoreError, N_("a reason is required to replace a key"))
         previous = line.delivery_key
         if previous is None:
-            raise StoreError(f"order {line.order_id} has no delivery to replace")
+            raise phrased(
+                StoreError,
+                N_("order %(order)s has no delivery to replace"),
+                order=line.order_id,
+            )
         bound = await tx.fetch(
             "SELECT id, slot FROM card_keys WHERE order_line_id = $1 ORDER BY slot", line_id
         )
         if slot is None and len(bound) != 1:
-            raise StoreError(
-                f"order {line.order_id} holds {len(bound)} keys: name the slot to replace"
-                f" (0 to {len(bound) - 1})"
+            raise phrased(
+                StoreError,
+                N_("order %(order)s holds %(held)s keys: name the slot to replace (0 to %(last)s)"),
+                order=line.order_id,
+                held=len(bound),
+                last=len(bound) - 1,
             )
         chosen = [k for k in bound if slot is None or k[1] == slot]
         if not chosen:
-            raise StoreError(f"order {line.order_id} has no key in slot {slot}")
+            raise phrased(
+                StoreError,
+                N_("order %(order)s has no key in slot %(slot)s"),
+                order=line.order_id,
+                slot=slot,
+            )
         old_id, old_slot = chosen[0]
         fresh = await tx.fetch(FREE_KEYS, line.sku, 1, now)
         if not fresh:
-            raise StoreError(f"no free key of {line.sku} to replace the bad one with")
+            raise phrased(
+                StoreError,
+                N_("no free key of %(sku)s to replace the bad one with"),
+                sku=line.sku,
+            )
         await tx.execute(
             "UPDATE card_keys SET state = 'void', void_reason = $1, was_bound_to = order_line_id,"
             " order_line_id = NULL, slot = NULL WHERE id = $2 AND state = 'bound'",
@@ -628,7 +681,11 @@ class OrdersLedger(LedgerCore):
             old_id,
         )
         if await tx.executemany(BIND, [(line_id, old_slot, now, fresh[0][0])]) != 1:
-            raise StoreError(f"order line {line_id}: the fresh key was taken while binding")
+            raise phrased(
+                StoreError,
+                N_("order line %(line)s: the fresh key was taken while binding"),
+                line=line_id,
+            )
         await tx.execute(
             "UPDATE orders SET state = 'delivering', delivery_generation ="
             " delivery_generation + 1, attempts = 0, next_attempt_at = $1, ambiguous = 0,"
@@ -653,13 +710,24 @@ class OrdersLedger(LedgerCore):
         again with `reason` (the order's screening refused it again)."""
         line = await self._lock_line(tx, line_id, now)
         if line.state != LineState.NEEDS_ATTENTION:
-            raise StoreError(
-                f"order {line.order_id} is {line.state}; only needs_attention can be retried"
+            raise phrased(
+                StoreError,
+                N_("order %(order)s is %(state)s; only needs_attention can be retried"),
+                order=line.order_id,
+                state=line.state,
             )
         if line.delivery_key is not None or await tx.fetchval(HOLDINGS, line_id):
-            raise StoreError(f"order {line.order_id} holds keys or a purchase: retry it as it is")
+            raise phrased(
+                StoreError,
+                N_("order %(order)s holds keys or a purchase: retry it as it is"),
+                order=line.order_id,
+            )
         if quantity < 1:
-            raise StoreError(f"order {line.order_id}: a quantity must be at least 1")
+            raise phrased(
+                StoreError,
+                N_("order %(order)s: a quantity must be at least 1"),
+                order=line.order_id,
+            )
         content = f"sku={sku} quantity={quantity}"
         if reason is None:
             await tx.execute(

@@ -13,6 +13,8 @@ from collections.abc import Sequence
 from typing import Any
 
 from agent.domain import CardItem, LineState
+from agent.i18n import N_
+from agent.phrased import phrased
 from agent.pool_domain import (
     ConsignedKey,
     Pool,
@@ -85,9 +87,16 @@ class PoolsLedger(LedgerCore):
         assert row is not None
         pool = _pool(row)
         if pool.sku != sku:
-            raise StoreError(
-                f"pool {cpc_id} on {platform} holds keys of {pool.sku}, not {sku}: one pool"
-                " sells one SKU (create another pool in Agiso for it)"
+            raise phrased(
+                StoreError,
+                N_(
+                    "pool %(pool)s on %(platform)s holds keys of %(held)s, not %(sku)s: one pool"
+                    " sells one SKU (create another pool in Agiso for it)"
+                ),
+                pool=cpc_id,
+                platform=platform,
+                held=pool.sku,
+                sku=sku,
             )
         return pool
 
@@ -119,7 +128,7 @@ class PoolsLedger(LedgerCore):
             ids,
         )
         if moved != len(ids):  # a key taken meanwhile: nothing of this intent stands
-            raise StoreError("free keys changed while consigning them; try again")
+            raise phrased(StoreError, N_("free keys changed while consigning them; try again"))
         items = await self._open_rows(tx, [(pool.sku, r[2], r[3], r[1]) for r in rows])
         add = PoolAdd(add_id, pool, reference, PoolAddState.INTENT, len(ids), None, None, 0, now)
         return PoolAddIntent(add, tuple(items), tuple(ids))
@@ -181,7 +190,7 @@ class PoolsLedger(LedgerCore):
             "SELECT state, quantity FROM pool_adds WHERE id = $1{for_update}", add_id
         )
         if row is None:
-            raise StoreError(f"no pool add with id {add_id}")
+            raise phrased(StoreError, N_("no pool add with id %(id)s"), id=add_id)
         if row[0] not in (PoolAddState.INTENT, PoolAddState.UNKNOWN):
             return PoolAddState(row[0])  # settled meanwhile
         accounted = added + refused >= sent

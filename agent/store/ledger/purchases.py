@@ -11,6 +11,8 @@ from agent.domain import (
     PurchaseState,
     purchase_merchant_ref,
 )
+from agent.i18n import N_
+from agent.phrased import phrased
 from agent.store.base import LedgerRefused, StoreError
 from agent.store.ledger.core import read, write
 from agent.store.ledger.orders import WAITING, OrdersLedger
@@ -50,9 +52,16 @@ class PurchasesLedger(OrdersLedger):
     async def begin_purchase(self, tx: Tx, line_id: int, supplier: str, now: float) -> Purchase:
         line = await self._lock_line(tx, line_id, now)
         if line.state not in WAITING:
-            raise StoreError(f"order line {line_id} is {line.state}, not buying")
+            raise phrased(
+                StoreError,
+                N_("order line %(line)s is %(state)s, not buying"),
+                line=line_id,
+                state=line.state,
+            )
         if await self._refunding(tx, line_id):
-            raise StoreError(f"order line {line_id} is being refunded, not buying")
+            raise phrased(
+                StoreError, N_("order line %(line)s is being refunded, not buying"), line=line_id
+            )
         attempt = await tx.fetchval(
             "SELECT COUNT(*) FROM purchases WHERE order_line_id = $1 AND supplier = $2",
             line_id,
@@ -72,7 +81,9 @@ class PurchasesLedger(OrdersLedger):
                 now,
             )
         except LedgerRefused as exc:
-            raise StoreError(f"order line {line_id} already has a purchase open") from exc
+            raise phrased(
+                StoreError, N_("order line %(line)s already has a purchase open"), line=line_id
+            ) from exc
         await tx.execute(
             "UPDATE orders SET state = 'purchasing', updated_at = $1 WHERE id = $2", now, line_id
         )
@@ -193,5 +204,5 @@ class PurchasesLedger(OrdersLedger):
     async def _fetch_purchase(tx: Tx, row_id: int) -> Purchase:
         row = await tx.fetchrow(FETCH_PURCHASE, row_id)
         if row is None:
-            raise StoreError(f"no purchase with id {row_id}")
+            raise phrased(StoreError, N_("no purchase with id %(id)s"), id=row_id)
         return purchase_from_row(row)

@@ -22,6 +22,8 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
 from agent.domain import CardItem, LineState, OrderLine
+from agent.i18n import N_
+from agent.phrased import phrased
 from agent.store.base import StoreError
 from agent.store.ledger.core import BIND, EVENT, FREE_KEYS, LINE_KEYS, LedgerCore, read, write
 from agent.store.rows import LINE_COLUMNS, line_from_row
@@ -374,15 +376,24 @@ class ResponderLedger(LedgerCore):
             if line_id is None:  # another agent took this order in meanwhile
                 stored = await self._stored(tx, platform, order_id, "RESERVE")
                 if stored is None:
-                    raise StoreError(f"{platform} order {order_id}: reserved without a reply")
+                    raise phrased(
+                        StoreError,
+                        N_("%(platform)s order %(order)s: reserved without a reply"),
+                        platform=platform,
+                        order=order_id,
+                    )
                 return stored
             binds += [(line_id, slot, now, key) for slot, key in enumerate(key_ids)]
             events.append((line_id, "reserved", f"sku={want.sku} keys={want.quantity}{self._by}"))
         if not binds:  # nothing asked for: nothing reserved
             return await self._keep(tx, platform, order_id, "RESERVE", render(False), now)
         if (bound := await tx.executemany(BIND, binds)) != len(binds):
-            raise StoreError(
-                f"{platform} order {order_id}: a key was taken while binding ({bound})"
+            raise phrased(
+                StoreError,
+                N_("%(platform)s order %(order)s: a key was taken while binding (%(bound)s)"),
+                platform=platform,
+                order=order_id,
+                bound=bound,
             )
         await self._events(tx, events, now)
         return await self._keep(tx, platform, order_id, "RESERVE", render(True), now)
@@ -506,8 +517,12 @@ class ResponderLedger(LedgerCore):
             rows[row[0]].append(row[1:])
         for line in lines:
             if len(rows[line.id]) != line.quantity:
-                raise StoreError(
-                    f"order line {line.id} holds {len(rows[line.id])} keys for {line.quantity}"
+                raise phrased(
+                    StoreError,
+                    N_("order line %(line)s holds %(held)s keys for %(quantity)s"),
+                    line=line.id,
+                    held=len(rows[line.id]),
+                    quantity=line.quantity,
                 )
         opened = iter(await self._open_rows(tx, [r for line in lines for r in rows[line.id]]))
         return {line.id: tuple(next(opened) for _ in rows[line.id]) for line in lines}
@@ -515,7 +530,13 @@ class ResponderLedger(LedgerCore):
     async def _line_items(self, tx: Tx, line: OrderLine) -> tuple[CardItem, ...]:
         rows = await tx.fetch(LINE_KEYS, line.id)
         if len(rows) != line.quantity:
-            raise StoreError(f"order line {line.id} holds {len(rows)} keys for {line.quantity}")
+            raise phrased(
+                StoreError,
+                N_("order line %(line)s holds %(held)s keys for %(quantity)s"),
+                line=line.id,
+                held=len(rows),
+                quantity=line.quantity,
+            )
         return tuple(await self._open_rows(tx, [r[1:] for r in rows]))
 
     @write
@@ -648,12 +669,21 @@ class ResponderLedger(LedgerCore):
         if line_id is None:  # another agent placed it meanwhile
             stored = await self._stored(tx, platform, order_id, "ORDER")
             if stored is None:
-                raise StoreError(f"{platform} order {order_id}: placed without a reply")
+                raise phrased(
+                    StoreError,
+                    N_("%(platform)s order %(order)s: placed without a reply"),
+                    platform=platform,
+                    order=order_id,
+                )
             return stored
         binds = [(line_id, slot, now, r[0]) for slot, r in enumerate(rows)]
         if (bound := await tx.executemany(BIND, binds)) != len(binds):
-            raise StoreError(
-                f"{platform} order {order_id}: a key was taken while binding ({bound})"
+            raise phrased(
+                StoreError,
+                N_("%(platform)s order %(order)s: a key was taken while binding (%(bound)s)"),
+                platform=platform,
+                order=order_id,
+                bound=bound,
             )
         detail = f"sku={want.sku} keys={want.quantity}{self._by}"
         await self._event(tx, line_id, "provided", detail, now)

@@ -9,7 +9,9 @@ from collections.abc import Iterable, Sequence
 from typing import Any
 
 from agent.domain import CardItem, ImportReport, KeyState, StockCount, StockPosition
+from agent.i18n import N_
 from agent.logs import get_logger
+from agent.phrased import phrased
 from agent.store import identity
 from agent.store.base import ProgressCallback, StoreError
 from agent.store.imports import Sorted, sort_known
@@ -77,7 +79,7 @@ class Ledger(AlertsLedger, PoolsLedger):
     async def void_free_keys(self, sku: str, count: int | None, reason: str, now: float) -> int:
         """Voids free keys of the SKU (all, or `count`), with a reason; how many."""
         if not reason.strip():
-            raise StoreError("a reason is required to void keys")
+            raise phrased(StoreError, N_("a reason is required to void keys"))
         return await self._void(sku, NO_LIMIT if count is None else count, reason)
 
     @write
@@ -96,9 +98,13 @@ class Ledger(AlertsLedger, PoolsLedger):
         `reason` (all, or the `count` oldest), never a key that was ever bound to an order (a
         key replaced on a delivered order stays void; the database refuses it too)."""
         if not reason.strip():
-            raise StoreError("name the reason the keys were voided with")
+            raise phrased(StoreError, N_("name the reason the keys were voided with"))
         if count is not None and count < 1:
-            raise StoreError(f"a count of keys to return must be at least 1, got {count}")
+            raise phrased(
+                StoreError,
+                N_("a count of keys to return must be at least 1, got %(count)s"),
+                count=count,
+            )
         return await self._unvoid(sku, reason, NO_LIMIT if count is None else count)
 
     @write
