@@ -6,11 +6,13 @@ import asyncio
 import os
 import signal
 import sys
-from collections.abc import Mapping
+import time
+from collections.abc import Callable, Mapping
 from pathlib import Path
 
 from agent.sandbox.supplier import SandboxSupplier
 from tests.conftest import STORE_KEY_ENV, TEST_STORE_KEY
+from tests.helpers import SAFETY_TIMEOUT
 
 
 def agent_env(
@@ -122,3 +124,15 @@ def faulty_upstream(api_key: str, secret: str, seed: int, sku: str) -> SandboxSu
     upstream.faults.processing_rate = 0.2
     upstream.faults.processing_seconds = 0.2
     return upstream
+
+
+async def wait_until(
+    condition: Callable[[], bool], what: str, proc: asyncio.subprocess.Process
+) -> None:
+    """Waits for condition() while the daemon process runs: fails at once if it died, or
+    after SAFETY_TIMEOUT (a hang guard, not a performance assertion)."""
+    deadline = time.monotonic() + SAFETY_TIMEOUT
+    while not condition():
+        assert proc.returncode is None, f"the daemon died while waiting for {what}"
+        assert time.monotonic() < deadline, f"timed out waiting for {what}"
+        await asyncio.sleep(0.02)

@@ -8,15 +8,13 @@ import os
 import signal
 import socket
 import sys
-import time
-from collections.abc import Callable
 from pathlib import Path
 
 import pytest
 
 from agent.runtime import EXIT_RESTART
 from agent.sandbox.platform import SandboxPlatform
-from tests.daemon import agent_env, import_stock, start_daemon
+from tests.daemon import agent_env, import_stock, start_daemon, wait_until
 from tests.helpers import SAFETY_TIMEOUT, assert_platform_invariants
 
 SECRET = "edges-process-platform-secret"
@@ -57,16 +55,6 @@ async def started_sandbox() -> SandboxPlatform:
     sandbox.long_poll_offered = False  # plain polling: every listing is a scheduled poll
     await sandbox.start()
     return sandbox
-
-
-async def wait_until(
-    condition: Callable[[], bool], what: str, proc: asyncio.subprocess.Process
-) -> None:
-    deadline = time.monotonic() + SAFETY_TIMEOUT
-    while not condition():
-        assert proc.returncode is None, f"the daemon died while waiting for {what}"
-        assert time.monotonic() < deadline, f"timed out waiting for {what}"
-        await asyncio.sleep(0.02)
 
 
 async def test_sighup_drains_exits_for_a_restart_and_orders_complete(tmp_path: Path) -> None:

@@ -8,12 +8,10 @@ import asyncio
 import json
 import signal
 import sqlite3
-import time
-from collections.abc import Callable
 from pathlib import Path
 
 from agent.sandbox.platform import SandboxPlatform
-from tests.daemon import import_stock, start_daemon
+from tests.daemon import import_stock, start_daemon, wait_until
 from tests.helpers import SAFETY_TIMEOUT, assert_platform_invariants
 
 SECRET = "poison-daemon-platform-secret"
@@ -54,16 +52,6 @@ def _raw_order(order_id: str, field: str, text: str) -> str:
     fields = {"id": json.dumps(order_id), "status": '"paid"', "sku": '"GAME-100"', "quantity": "1"}
     fields[field] = text
     return "{" + ", ".join(f'"{k}": {v}' for k, v in fields.items()) + "}"
-
-
-async def wait_until(
-    condition: Callable[[], bool], what: str, proc: asyncio.subprocess.Process
-) -> None:
-    deadline = time.monotonic() + SAFETY_TIMEOUT
-    while not condition():
-        assert proc.returncode is None, f"the daemon died while waiting for {what}"
-        assert time.monotonic() < deadline, f"timed out waiting for {what}"
-        await asyncio.sleep(0.05)
 
 
 async def test_the_daemon_delivers_past_poison_orders(tmp_path: Path) -> None:
