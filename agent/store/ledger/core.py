@@ -13,7 +13,7 @@ import time
 from collections.abc import Awaitable, Callable, Coroutine, Sequence
 from typing import Any, Concatenate, ParamSpec, TypeVar
 
-from agent.domain import CardItem, OrderLine, PlatformOrder, RejectedOrder
+from agent.domain import CardItem, LineState, OrderLine, PlatformOrder, RejectedOrder
 from agent.i18n import N_
 from agent.keybox import KEY_BYTES, KeyBox, unwrap, wrap
 from agent.phrased import phrased
@@ -121,6 +121,16 @@ class LedgerCore:
     async def _lock_line(self, tx: Tx, line_id: int, now: float) -> OrderLine:
         """The line, locked for this transaction (and leased to this agent, if shared)."""
         return await self._fetch_line(tx, line_id)
+
+    async def _lock_line_in(
+        self, tx: Tx, line_id: int, now: float, state: LineState, refusal: str
+    ) -> OrderLine:
+        """The line, locked, if it is in `state`; else StoreError saying `refusal` (a msgid
+        with %(order)s and %(state)s), with nothing changed."""
+        line = await self._lock_line(tx, line_id, now)
+        if line.state != state:
+            raise phrased(StoreError, refusal, order=line.order_id, state=line.state)
+        return line
 
     async def _lease(self, tx: Tx, line_ids: Sequence[int], now: float) -> None:
         """Leases lines this transaction locked to this agent (a shared ledger's hook)."""

@@ -563,14 +563,13 @@ class OrdersLedger(LedgerCore):
     @write
     async def retry_line(self, tx: Tx, line_id: int, now: float) -> OrderLine:
         """needs_attention -> the state it can go on from (see rows.retry_target)."""
-        line = await self._lock_line(tx, line_id, now)
-        if line.state != LineState.NEEDS_ATTENTION:
-            raise phrased(
-                StoreError,
-                N_("order %(order)s is %(state)s; only needs_attention can be retried"),
-                order=line.order_id,
-                state=line.state,
-            )
+        line = await self._lock_line_in(
+            tx,
+            line_id,
+            now,
+            LineState.NEEDS_ATTENTION,
+            N_("order %(order)s is %(state)s; only needs_attention can be retried"),
+        )
         open_purchases = await tx.fetchval(
             "SELECT COUNT(*) FROM purchases WHERE order_line_id = $1 AND state IN {open_purchase}",
             line_id,
@@ -602,14 +601,13 @@ class OrdersLedger(LedgerCore):
     async def resend_line(self, tx: Tx, line_id: int, now: float) -> OrderLine:
         """delivered -> delivering with a new delivery generation, so a new idempotency key
         and the platform sends it again (same keys: resend never hands out a second set)."""
-        line = await self._lock_line(tx, line_id, now)
-        if line.state != LineState.DELIVERED:
-            raise phrased(
-                StoreError,
-                N_("order %(order)s is %(state)s; only delivered orders can be resent"),
-                order=line.order_id,
-                state=line.state,
-            )
+        await self._lock_line_in(
+            tx,
+            line_id,
+            now,
+            LineState.DELIVERED,
+            N_("order %(order)s is %(state)s; only delivered orders can be resent"),
+        )
         await tx.execute(
             "UPDATE orders SET state = 'delivering', delivery_generation ="
             " delivery_generation + 1, attempts = 0, next_attempt_at = 0, ambiguous = 0,"
@@ -630,14 +628,13 @@ class OrdersLedger(LedgerCore):
         its slot, and the line goes delivering with a new delivery generation (so a new
         idempotency key). Returns (line, the delivery key it was delivered with: what the
         replacement replaces). StoreError says why not, with nothing changed."""
-        line = await self._lock_line(tx, line_id, now)
-        if line.state != LineState.DELIVERED:
-            raise phrased(
-                StoreError,
-                N_("order %(order)s is %(state)s; only a delivered order's key can be replaced"),
-                order=line.order_id,
-                state=line.state,
-            )
+        line = await self._lock_line_in(
+            tx,
+            line_id,
+            now,
+            LineState.DELIVERED,
+            N_("order %(order)s is %(state)s; only a delivered order's key can be replaced"),
+        )
         if not reason.strip():
             raise phrased(StoreError, N_("a reason is required to replace a key"))
         previous = line.delivery_key
@@ -708,14 +705,13 @@ class OrdersLedger(LedgerCore):
         """A parked line that holds nothing yet (no keys, no delivery, no purchase open), with
         the SKU and quantity its platform states now: back to `new` (reason None), or parked
         again with `reason` (the order's screening refused it again)."""
-        line = await self._lock_line(tx, line_id, now)
-        if line.state != LineState.NEEDS_ATTENTION:
-            raise phrased(
-                StoreError,
-                N_("order %(order)s is %(state)s; only needs_attention can be retried"),
-                order=line.order_id,
-                state=line.state,
-            )
+        line = await self._lock_line_in(
+            tx,
+            line_id,
+            now,
+            LineState.NEEDS_ATTENTION,
+            N_("order %(order)s is %(state)s; only needs_attention can be retried"),
+        )
         if line.delivery_key is not None or await tx.fetchval(HOLDINGS, line_id):
             raise phrased(
                 StoreError,
