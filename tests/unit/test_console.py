@@ -118,7 +118,10 @@ async def test_forms_without_the_csrf_token_are_refused(tmp_path: Path, sqlite_s
         await client.get("/login")
         assert (await client.post("/login", data={"secret": TOKEN})).status == 403
         csrf = await log_in(client)
-        for data in ({}, {"csrf": ""}, {"csrf": csrf[:-1] + "A"}):
+        # A forged token: the real one with its last character changed (to "A", unless it
+        # already was "A": then it would be the real token, and the post rightly taken).
+        forged = csrf[:-1] + ("B" if csrf.endswith("A") else "A")
+        for data in ({}, {"csrf": ""}, {"csrf": forged}):
             refused = await client.post(f"/orders/{line_id}/retry", data=data)
             assert refused.status == 403
         # The right token, but posted from another site's page.
