@@ -65,6 +65,8 @@ INSERT_LINE = Bulk(
     " $12, $13, $14{lease_values:12}) ON CONFLICT (platform, order_id, line) DO NOTHING",
     ("text",) * 3 + ("int",) + ("text",) * 7 + ("float8", "text", "int"),
 )
+# Retrying a line, or revising a parked one, wants it parked.
+NOT_PARKED = N_("order %(order)s is %(state)s; only needs_attention can be retried")
 REPLACEMENT_GRACE = 300.0  # seconds a replaced key's new delivery is left to its caller
 CLAIM = Bulk(
     "UPDATE orders SET state = 'delivering', delivery_key = $1, attempts = 1,"
@@ -568,7 +570,7 @@ class OrdersLedger(LedgerCore):
             line_id,
             now,
             LineState.NEEDS_ATTENTION,
-            N_("order %(order)s is %(state)s; only needs_attention can be retried"),
+            NOT_PARKED,
         )
         open_purchases = await tx.fetchval(
             "SELECT COUNT(*) FROM purchases WHERE order_line_id = $1 AND state IN {open_purchase}",
@@ -710,7 +712,7 @@ class OrdersLedger(LedgerCore):
             line_id,
             now,
             LineState.NEEDS_ATTENTION,
-            N_("order %(order)s is %(state)s; only needs_attention can be retried"),
+            NOT_PARKED,
         )
         if line.delivery_key is not None or await tx.fetchval(HOLDINGS, line_id):
             raise phrased(
