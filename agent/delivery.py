@@ -186,7 +186,7 @@ class Delivery:
             if replaces is None:
                 await platform.deliver(line.order_id, intent.idempotency_key, intent.items, message)
             else:  # a key replacement whose caller died after its ledger step
-                await replace_delivery(platform, line, intent, replaces, intent.items, message)
+                await replace_delivery(platform, line, intent, replaces, message)
         except DeliveryConflict as exc:
             await self.park(line, str(exc))
             return None

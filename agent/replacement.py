@@ -6,9 +6,8 @@ after-sales action (agent/aftersales.py), which replaces at once, and the engine
 from __future__ import annotations
 
 import hashlib
-from collections.abc import Sequence
 
-from agent.domain import CardItem, DeliveryIntent, OrderLine, Permanent
+from agent.domain import DeliveryIntent, OrderLine, Permanent
 from agent.platforms.base import KeyReplacer, Platform
 
 REPLACED_NOTICE = "key_replaced"
@@ -35,18 +34,15 @@ def replaced_notice(order_id: str, reason: str | None) -> str:
 
 
 async def replace_delivery(
-    platform: Platform,
-    line: OrderLine,
-    intent: DeliveryIntent,
-    replaces: str,
-    items: Sequence[CardItem],
-    message: str,
+    platform: Platform, line: OrderLine, intent: DeliveryIntent, replaces: str, message: str
 ) -> None:
-    """The platform's replacement of the delivery `replaces` by `items`. Permanent when the
-    platform cannot replace delivered keys."""
+    """The platform's replacement of the delivery `replaces` by the intent's items. Permanent
+    when the platform cannot replace delivered keys."""
     if not isinstance(platform, KeyReplacer):
         raise Permanent(
             f"platform {line.platform} cannot replace the keys of a delivered order (void the"
             " key with `stock void` and deliver by hand)"
         )
-    await platform.replace_delivery(line.order_id, intent.idempotency_key, replaces, items, message)
+    await platform.replace_delivery(
+        line.order_id, intent.idempotency_key, replaces, intent.items, message
+    )
