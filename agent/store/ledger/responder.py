@@ -347,9 +347,7 @@ class ResponderLedger(LedgerCore):
         now: float,
         render: Callable[[bool], Rendered],
     ) -> Reply:
-        """Binds every line's keys in this one transaction, as lines `reserved`
-        (render(True)); or binds nothing at all when any line cannot be filled
-        (render(False)). Either reply is stored: the platform was told, so it stays told."""
+        """reserve's transaction (see reserve)."""
         if (stored := await self._stored(tx, platform, order_id, "RESERVE")) is not None:
             return stored
         taken: list[list[int]] = []
