@@ -39,7 +39,7 @@ from agent.i18n import N_
 from agent.logs import get_logger
 from agent.phrased import PhrasedLedgerError
 from agent.store.base import LedgerError
-from agent.store.identity import META_TABLE, os_error_text
+from agent.store.identity import META_TABLE, fsync_dir, os_error_text
 
 log = get_logger("kami.store.journal")
 SUFFIX = ".bound"
@@ -55,7 +55,8 @@ LET_OUT_KEYS = (
     "SELECT secret_hash FROM card_keys WHERE state IN ('bound', 'consigned')"
     " OR bound_at IS NOT NULL OR was_bound_to IS NOT NULL"
 )
-_Note = tuple[int, bytes, int]  # bound_pending: rowid, secret_hash, freed
+PENDING = "SELECT rowid, secret_hash, freed FROM bound_pending"
+_Note = tuple[int, bytes, int]  # a row of PENDING
 
 
 def journal_path(ledger: Path) -> Path:
@@ -89,7 +90,7 @@ class Journal:
                 os.fsync(fd)
             finally:
                 os.close(fd)
-            _fsync_dir(path.parent)
+            fsync_dir(path.parent)
         except FileExistsError:
             raise PhrasedLedgerError(
                 N_(
@@ -178,14 +179,6 @@ class Journal:
             self._fd = None
 
 
-def _fsync_dir(folder: Path) -> None:
-    fd = os.open(folder, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
 @dataclass
 class Reconciled:
     """What an open found past the ledger's watermark."""
@@ -217,7 +210,7 @@ class JournalKeeper:
             )
             _set_watermark(conn, self._watermark)
             self._journaled = []
-        return conn.execute("SELECT rowid, secret_hash, freed FROM bound_pending").fetchall()
+        return conn.execute(PENDING).fetchall()
 
     def after_commit(self, notes: list[_Note]) -> None:
         """Right after COMMIT, before the callers are answered: the notes made durable."""
@@ -279,10 +272,10 @@ def keep(
             watermark=watermark,
             ledger=ledger,
         )
-    keeper = JournalKeeper(journal)
     pending = conn.execute("SELECT 1 FROM bound_pending LIMIT 1").fetchone() is not None
     if watermark is not None and watermark == journal.records and not pending and not adopt:
-        return keeper, Reconciled()  # the usual open: nothing to write (read-only ledgers open)
+        # the usual open: nothing to write (read-only ledgers open)
+        return JournalKeeper(journal), Reconciled()
     conn.execute("BEGIN IMMEDIATE")
     try:
         found = _reconcile(conn, journal, _watermark(conn), adopt)
@@ -290,7 +283,6 @@ def keep(
         conn.execute("ROLLBACK")
         raise
     conn.execute("COMMIT")
-    keeper._watermark = journal.records
     if found.total or found.unknown:
         log.error(
             "restored_keys_set_aside",
@@ -298,7 +290,7 @@ def keep(
             set_aside=found.set_aside,
             unknown=found.unknown,
         )
-    return keeper, found
+    return JournalKeeper(journal), found
 
 
 def _reconcile(
@@ -312,7 +304,7 @@ def _reconcile(
         start = 0 if watermark is None else min(watermark, journal.records)
         journal.append([(bytes(r[0]), False) for r in conn.execute(LET_OUT_KEYS)])
         watermark = start
-    notes = conn.execute("SELECT rowid, secret_hash, freed FROM bound_pending").fetchall()
+    notes = conn.execute(PENDING).fetchall()
     journal.append([(bytes(n[1]), bool(n[2])) for n in notes])  # duplicates are harmless
     conn.execute("DELETE FROM bound_pending")
     last: dict[bytes, bool] = {}  # hash -> freed, the last record of each key

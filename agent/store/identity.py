@@ -134,13 +134,14 @@ def write_identity(ledger: Path, ledger_id: str) -> Path:
             ) from None
         finally:
             os.unlink(temp)
-        _fsync_dir(target.parent)
+        fsync_dir(target.parent)
     except OSError as exc:
         raise LedgerError(os_error_text(target, exc)) from None
     return target
 
 
-def _fsync_dir(folder: Path) -> None:
+def fsync_dir(folder: Path) -> None:
+    """A new name in the folder made durable (its directory entry synced)."""
     fd = os.open(folder, os.O_RDONLY)
     try:
         os.fsync(fd)
