@@ -26,7 +26,7 @@ from agent.intake import screen_order
 from agent.phrased import Phrase, phrased, rephrased
 from agent.platforms.agiso_messages import render
 from agent.platforms.base import KeyReplacer, Platform
-from agent.replacement import REPLACED_NOTICE, generation_of, notice_key, replaced_notice
+from agent.replacement import tell_replaced
 from agent.screening import Screening
 from agent.store.base import Store, StoreError
 
@@ -261,12 +261,8 @@ class AfterSales:
                 why=exc,
             ) from None
         done = await self.store.mark_delivered(line.id, self.clock(), "replacement delivered")
-        generation = generation_of(intent)
-        notice = replaced_notice(line.order_id, reason)
         try:
-            await platform.notice(
-                line.order_id, notice, notice_key(line, REPLACED_NOTICE, generation)
-            )
+            await tell_replaced(platform, self.store, intent, reason, self.clock)
         except AgentError as exc:
             # The keys are delivered; the message alone is missing: said, not undone.
             raise phrased(
@@ -278,7 +274,6 @@ class AfterSales:
                 order=line.order_id,
                 why=exc,
             ) from None
-        await self.store.add_event(line.id, "buyer_notice", notice[:200], self.clock())
         return done
 
     def _message(self, line: OrderLine, items: Sequence[CardItem]) -> str:

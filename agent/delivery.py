@@ -34,13 +34,7 @@ from agent.engine_stats import EngineStats
 from agent.logs import get_logger
 from agent.platforms.agiso_messages import render
 from agent.platforms.base import Platform
-from agent.replacement import (
-    REPLACED_NOTICE,
-    generation_of,
-    notice_key,
-    replace_delivery,
-    replaced_notice,
-)
+from agent.replacement import replace_delivery, tell_replaced
 from agent.sourcing import Sourcing
 from agent.store.base import Store, StoreError
 
@@ -223,15 +217,12 @@ class Delivery:
     async def _tell_replaced(self, platform: Platform, intent: DeliveryIntent) -> None:
         """The buyer's notice of a replacement the engine finished; best effort (the keys
         are delivered: a missing message is logged, not retried)."""
-        line = intent.line
-        notice = replaced_notice(line.order_id, None)
-        key = notice_key(line, REPLACED_NOTICE, generation_of(intent))
         try:
-            await platform.notice(line.order_id, notice, key)
+            await tell_replaced(platform, self.store, intent, None, self.clock)
         except AgentError as exc:
-            log.warning("replacement_notice_failed", order_id=line.order_id, error=str(exc))
-            return
-        await self.store.add_event(line.id, "buyer_notice", notice[:200], self.clock())
+            log.warning(
+                "replacement_notice_failed", order_id=intent.line.order_id, error=str(exc)
+            )
 
     async def _reconcile(self, line: OrderLine, platform: Platform) -> bool:
         """Ask the platform what became of an earlier attempt; True = safe to send (again)."""

@@ -6,9 +6,11 @@ after-sales action (agent/aftersales.py), which replaces at once, and the engine
 from __future__ import annotations
 
 import hashlib
+from collections.abc import Callable
 
 from agent.domain import DeliveryIntent, OrderLine, Permanent
 from agent.platforms.base import KeyReplacer, Platform
+from agent.store.base import Store
 
 REPLACED_NOTICE = "key_replaced"
 
@@ -46,3 +48,21 @@ async def replace_delivery(
     await platform.replace_delivery(
         line.order_id, intent.idempotency_key, replaces, intent.items, message
     )
+
+
+async def tell_replaced(
+    platform: Platform,
+    store: Store,
+    intent: DeliveryIntent,
+    reason: str | None,
+    clock: Callable[[], float],
+) -> None:
+    """The buyer told that a key of the order was replaced (the notice's Idempotency-Key is
+    one per delivery generation, so telling again never says it twice), then the notice
+    recorded in the line's timeline. Raises the platform's AgentError: the keys are
+    delivered by then, so each caller decides how a missing message is said."""
+    line = intent.line
+    notice = replaced_notice(line.order_id, reason)
+    key = notice_key(line, REPLACED_NOTICE, generation_of(intent))
+    await platform.notice(line.order_id, notice, key)
+    await store.add_event(line.id, "buyer_notice", notice[:200], clock())
