@@ -220,9 +220,7 @@ class Delivery:
         try:
             await tell_replaced(platform, self.store, intent, None, self.clock)
         except AgentError as exc:
-            log.warning(
-                "replacement_notice_failed", order_id=intent.line.order_id, error=str(exc)
-            )
+            log.warning("replacement_notice_failed", order_id=intent.line.order_id, error=str(exc))
 
     async def _reconcile(self, line: OrderLine, platform: Platform) -> bool:
         """Ask the platform what became of an earlier attempt; True = safe to send (again)."""
