@@ -35,9 +35,11 @@ class EngineView(Protocol):
 
     balances: dict[str, Balance]
 
-    def snapshot(self) -> dict[str, Any]: ...
+    def snapshot(self) -> dict[str, Any]:
+        """The engine's figures now: delivered, parked, retries, backlog."""
 
-    def dispatch(self, line_ids: Sequence[int]) -> None: ...
+    def dispatch(self, line_ids: Sequence[int]) -> None:
+        """Queues lines an operator action made ready for the engine's workers at once."""
 
 
 @dataclass(frozen=True, slots=True)

@@ -20,7 +20,8 @@ class Notifier(Protocol):
         """Raises Transient (retry later) or Permanent (misconfigured; retrying won't help)."""
         ...
 
-    async def close(self) -> None: ...
+    async def close(self) -> None:
+        """Lets go of the channel's connections; called once, when the daemon stops."""
 
 
 # A robot's answer is a few hundred bytes; anything near this is not a robot answering.

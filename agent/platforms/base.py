@@ -44,7 +44,8 @@ class Platform(Protocol):
         """A cheap authenticated call for `kami-agent check`."""
         ...
 
-    async def close(self) -> None: ...
+    async def close(self) -> None:
+        """Lets go of the adapter's connections; called once, when the daemon stops."""
 
 
 @runtime_checkable

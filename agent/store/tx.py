@@ -56,11 +56,14 @@ class Tx(Protocol):
         """Runs a row statement for each of `rows`; the number of rows changed in all."""
         ...
 
-    async def fetch(self, sql: str, *args: Any) -> list[Row]: ...
+    async def fetch(self, sql: str, *args: Any) -> list[Row]:
+        """Every row the statement returns."""
 
-    async def fetchrow(self, sql: str, *args: Any) -> Row | None: ...
+    async def fetchrow(self, sql: str, *args: Any) -> Row | None:
+        """The first row the statement returns, or None."""
 
-    async def fetchval(self, sql: str, *args: Any) -> Any: ...
+    async def fetchval(self, sql: str, *args: Any) -> Any:
+        """The first column of the first row, or None when there is no row."""
 
     async def insert(self, sql: str, *args: Any) -> int | None:
         """Inserts one row; its id, or None if ON CONFLICT ... DO NOTHING left it out."""

@@ -32,9 +32,12 @@ class Supplier(Protocol):
         """A purchase still processing (by the supplier's id, or our reference)."""
         ...
 
-    async def balance(self) -> Balance: ...
+    async def balance(self) -> Balance:
+        """The account's balance with the supplier now (for the balance alert and the
+        console); Transient/Permanent when it cannot be read."""
 
-    async def close(self) -> None: ...
+    async def close(self) -> None:
+        """Lets go of the adapter's connections; called once, when the daemon stops."""
 
 
 @dataclass(frozen=True, slots=True)
