@@ -50,11 +50,9 @@ class Tx(Protocol):
 
     async def execute(self, sql: str, *args: Any) -> int:
         """Runs a statement; the number of rows it changed."""
-        ...
 
     async def executemany(self, bulk: Bulk, rows: Sequence[Sequence[Any]]) -> int:
         """Runs a row statement for each of `rows`; the number of rows changed in all."""
-        ...
 
     async def fetch(self, sql: str, *args: Any) -> list[Row]:
         """Every row the statement returns."""
@@ -67,14 +65,12 @@ class Tx(Protocol):
 
     async def insert(self, sql: str, *args: Any) -> int | None:
         """Inserts one row; its id, or None if ON CONFLICT ... DO NOTHING left it out."""
-        ...
 
     async def insert_many(
         self, bulk: Bulk, rows: Sequence[Sequence[Any]], key: int
     ) -> list[int | None]:
         """Inserts rows; the id of each, None where a conflict left it out. `key` is the
         position in a row of a value unique within the batch (how ids find their rows)."""
-        ...
 
 
 # --- rendering ------------------------------------------------------------------------------
