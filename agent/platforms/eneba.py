@@ -24,7 +24,7 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 from urllib.parse import urlparse
@@ -63,6 +63,10 @@ DEFAULT_RECONCILE_AFTER = 120.0  # Eneba gives up on a PROVIDE after 3 x 60 s + 
 TOKEN_RENEW_BEFORE = 3600.0
 MAX_TOKEN_LIFETIME = 86_400.0  # Eneba's tokens last 29 days; ours are renewed daily
 RECONCILE_BATCH = 50
+# S_updateAuction "is rate-limited. You can update each auction only once every 30 seconds"
+# (api.eneba.com/documentation/api-reference/mutation/s-update-auction; another version of the
+# page says 45): the stricter figure, so a declared count is never refused for coming early.
+DEFAULT_UPDATE_SPACING = 45.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -78,6 +82,7 @@ class EnebaOptions:
     reserve_hours: float = DEFAULT_RESERVE_HOURS
     sweep_interval: float = DEFAULT_SWEEP_INTERVAL
     reconcile_after: float = DEFAULT_RECONCILE_AFTER
+    update_spacing: float = DEFAULT_UPDATE_SPACING  # seconds between updates of one auction
     path: str = ""  # the callbacks' path on the listener; default /eneba/<platform name>
     skus: Mapping[str, str] = field(init=False)  # our SKU -> its auction
 
@@ -103,7 +108,7 @@ def _https(section: Section, key: str, url: str) -> None:
 def parse_options(section: Section) -> EnebaOptions:
     """auctions = { "<auctionId>" = "<SKU>" } (one auction per SKU), callback_token (a
     secret's name), token_url, client_id, reserve_hours, sweep_interval, reconcile_after,
-    path."""
+    update_spacing, path."""
     _ = section._
     base_url = section.data.get("base_url")
     if isinstance(base_url, str):
@@ -150,6 +155,9 @@ def parse_options(section: Section) -> EnebaOptions:
         ),
         reconcile_after=section.number(
             "reconcile_after", DEFAULT_RECONCILE_AFTER, minimum=0.05, maximum=86_400, unit="seconds"
+        ),
+        update_spacing=section.number(
+            "update_spacing", DEFAULT_UPDATE_SPACING, minimum=0, maximum=3600, unit="seconds"
         ),
         path=path,
     )
@@ -276,7 +284,10 @@ class EnebaPlatform:
         secret: str,
         callback_token: str,
         max_connections: int = DEFAULT_CONNECTIONS,
+        *,
+        monotonic: Callable[[], float] = time.monotonic,
     ) -> None:
+        """`monotonic`: the clock spacing the auction updates (tests move it)."""
         self.name = settings.name
         self.options = options
         register(callback_token)
@@ -290,6 +301,8 @@ class EnebaPlatform:
             settings.timeout,
             max_connections,
         )
+        self._monotonic = monotonic
+        self._updated_at: dict[str, float] = {}  # auction -> when its last update was sent
 
     def __repr__(self) -> str:  # never a secret
         return f"EnebaPlatform({self.name})"
@@ -339,10 +352,23 @@ class EnebaPlatform:
     async def publish_stock(self, sku: str, available: int) -> None:
         """S_updateAuction(declaredStock: available) on the SKU's auction (absolute: a
         repeat is harmless). A count of 0 keeps the feature on with nothing to sell (null
-        would turn it off)."""
+        would turn it off). Eneba takes one update of an auction per `update_spacing`: one
+        asked sooner is not sent but raised Transient with the wait, and the stock sync sends
+        its latest count then (a refused update would cost a failure and tell nothing)."""
         auction = self.options.skus.get(sku)
         if auction is None:
             raise StockNotOffered(f"no Eneba auction sells {sku}", sku=sku)
+        now = self._monotonic()
+        last = self._updated_at.get(auction)
+        wait = 0.0 if last is None else last + self.options.update_spacing - now
+        if wait > 0:
+            raise Transient(
+                f"Eneba takes one update of auction {auction} every"
+                f" {self.options.update_spacing:g} s; the next in {wait:.1f} s",
+                retry_after=wait,
+            )
+        # Counted from the sending: an update whose answer is lost may have been taken.
+        self._updated_at[auction] = now
         await self.api.graphql(
             wire.UPDATE_AUCTION, {"id": auction, "declaredStock": max(0, available)}, changes=True
         )

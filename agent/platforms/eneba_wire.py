@@ -12,6 +12,11 @@ From HelisLT/eneba-client docs/howto/declared-stock.md and api.eneba.com/documen
         -> 200 {"action": "PROVIDE", "orderId": ..., "success": true,
                 "auctions": [{"auctionId": ..., "keys": [{"type": "TEXT", "value": ...}]}]}
     CANCEL  {"action": "CANCEL", "orderId": Uuid} -> 200 (no body expected)
+
+Money is an Int of cents, as everywhere in Eneba's API (api.eneba.com/documentation/guide/
+purchasing-keys: "Price amounts are returned in cents — divide by 100 ... 1500 -> EUR 15.00";
+S_updateAuction's example price {amount: 1399, currency: "EUR"}). The ledger keeps amounts in
+currency units ("13.99"), a line's amount being its total: the price per key times keyCount.
 """
 
 from __future__ import annotations
@@ -48,12 +53,31 @@ class WireError(ValueError):
     """A callback we cannot read; the reason is safe to log (no body, no key)."""
 
 
+MAX_CENTS = 10**11  # a price per key beyond a billion euros is not one
+
+
 @dataclass(frozen=True, slots=True)
 class AuctionWant:
     auction_id: str
     key_count: int
-    amount: str | None
+    amount: str | None  # the line's total in currency units ("27.98"), from cents
     currency: str | None
+    cents: int | None = None  # the line's total in cents, as Eneba counts
+
+
+def _cents(value: Any) -> int | None:
+    """An Int of cents as Eneba sends it; None for anything else (a fraction, a negative,
+    text that is not digits)."""
+    if isinstance(value, str) and value.isascii() and value.isdigit() and len(value) <= 12:
+        value = int(value)
+    if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value <= MAX_CENTS:
+        return None
+    return value
+
+
+def money(cents: int) -> str:
+    """Cents as the ledger's amount in currency units: 1399 -> "13.99"."""
+    return f"{cents // 100}.{cents % 100:02d}"
 
 
 @dataclass(frozen=True, slots=True)
@@ -95,11 +119,10 @@ def parse_callback(body: bytes) -> Callback:
         if isinstance(count, bool) or not isinstance(count, int) or not 0 < count <= MAX_KEYS:
             raise WireError("keyCount is not a whole number from 1 to 1000")
         price = entry.get("price")
-        amount = currency = None
+        total = currency = None
         if isinstance(price, dict):
-            raw_amount, raw_currency = price.get("amount"), price.get("currency")
-            if isinstance(raw_amount, int | str) and not isinstance(raw_amount, bool):
-                amount = str(raw_amount)[:32]
+            per_key, raw_currency = _cents(price.get("amount")), price.get("currency")
+            total = None if per_key is None else per_key * count
             if isinstance(raw_currency, str) and identifier(raw_currency):
                 currency = raw_currency[:8]
         earlier = counts.get(auction)
@@ -107,7 +130,12 @@ def parse_callback(body: bytes) -> Callback:
             count += earlier.key_count
             if count > MAX_KEYS:
                 raise WireError("keyCount is not a whole number from 1 to 1000")
-        counts[auction] = AuctionWant(auction, count, amount, currency)
+            if earlier.cents is None or total is None or earlier.currency != currency:
+                total = currency = None  # priced apart, or not at all: no amount
+            else:
+                total += earlier.cents
+        amount = None if total is None else money(total)
+        counts[auction] = AuctionWant(auction, count, amount, currency, total)
     return Callback(action, order_id, tuple(counts.values()))
 
 

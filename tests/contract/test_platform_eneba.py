@@ -8,8 +8,10 @@ from __future__ import annotations
 
 import asyncio
 import json
+import sqlite3
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
+from contextlib import closing
 from dataclasses import dataclass
 from typing import Any
 
@@ -17,7 +19,7 @@ import aiohttp
 import pytest
 
 from agent.config import PlatformSettings, SkuSettings
-from agent.domain import KeyState, LineState
+from agent.domain import KeyState, LineState, Transient
 from agent.listener import Listener, listener_mounts
 from agent.listener_routes import ListenerContext
 from agent.listener_settings import ListenerSettings
@@ -50,12 +52,18 @@ def options(**over: Any) -> EnebaOptions:
         "callback_token_secret": "eneba.callback",
         "sweep_interval": 0.1,
         "reconcile_after": 0.05,
+        "update_spacing": 0.5,  # Eneba's 30 s between updates of an auction, scaled down
     }
     values.update(over)
     return EnebaOptions(**values)
 
 
-async def make_rig(store: SQLiteStore, fake: FakeEneba, **over: Any) -> Rig:
+async def make_rig(
+    store: SQLiteStore,
+    fake: FakeEneba,
+    monotonic: Callable[[], float] = time.monotonic,
+    **over: Any,
+) -> Rig:
     settings = PlatformSettings(
         name="eneba",
         kind="eneba",
@@ -66,7 +74,7 @@ async def make_rig(store: SQLiteStore, fake: FakeEneba, **over: Any) -> Rig:
         options=None,
     )
     opts = options(token_url=f"{fake.base_url}/oauth/token", **over)
-    platform = EnebaPlatform(settings, opts, AUTH_SECRET, TOKEN)
+    platform = EnebaPlatform(settings, opts, AUTH_SECRET, TOKEN, monotonic=monotonic)
     mounts = listener_mounts(
         {"eneba": platform}, {"eneba": "eneba"}, ListenerContext(store, time.time)
     )
@@ -80,7 +88,7 @@ async def make_rig(store: SQLiteStore, fake: FakeEneba, **over: Any) -> Rig:
 
 @pytest.fixture
 async def fake() -> AsyncIterator[FakeEneba]:
-    server = FakeEneba(TOKEN, AUTH_ID, AUTH_SECRET, gap=0.05, timeout=5.0)
+    server = FakeEneba(TOKEN, AUTH_ID, AUTH_SECRET, gap=0.05, timeout=5.0, update_every=0.5)
     await server.start()
     yield server
     await server.stop()
@@ -278,3 +286,41 @@ async def test_declared_stock_is_what_can_be_filled_reserved_keys_excluded(rig: 
     await asyncio.sleep(0.6)  # a lower count goes out at most every 0.5 s
     await sync.step()
     assert rig.fake.declared[AUCTION] == 3
+
+
+async def test_reserve_prices_are_cents_and_a_line_keeps_its_total(rig: Rig) -> None:
+    # Eneba's money is an Int of cents (guide/purchasing-keys: 1500 -> EUR 15.00): two keys
+    # at 1399 are a line of 27.98 EUR in the ledger, not of 1399.
+    rig.fake.price_cents = 1399
+    await stock(rig.store, "GAME-100", 3)
+    assert await rig.fake.reserve("o-cents", [(AUCTION, 2)])
+    with closing(sqlite3.connect(rig.store.path)) as db:
+        rows = db.execute(
+            "SELECT amount, currency FROM orders WHERE order_id = ?", ("o-cents",)
+        ).fetchall()
+    assert rows == [("27.98", "EUR")]
+
+
+async def test_declared_stock_updates_keep_enebas_spacing_per_auction(
+    sqlite_store: SQLiteStore, fake: FakeEneba
+) -> None:
+    # "You can update each auction only once every 30 seconds" (S_updateAuction): an update
+    # asked sooner is not sent (Eneba would refuse it) but put off, with the wait.
+    now = [1000.0]
+    fake.monotonic = lambda: now[0]
+    fake.update_every = 30.0
+    rig = await make_rig(sqlite_store, fake, lambda: now[0], update_spacing=30.0)
+    try:
+        await rig.platform.publish_stock("GAME-100", 5)
+        now[0] += 10
+        with pytest.raises(Transient) as raised:
+            await rig.platform.publish_stock("GAME-100", 3)
+        assert raised.value.retry_after == pytest.approx(20.0)
+        await rig.platform.publish_stock("VIP-30D", 1)  # another auction: its own spacing
+        now[0] += 20
+        await rig.platform.publish_stock("GAME-100", 3)
+        assert fake.refused_updates == 0
+        assert fake.declared_log == [(AUCTION, 5), (AUCTION_VIP, 1), (AUCTION, 3)]
+    finally:
+        await rig.listener.stop()
+        await rig.platform.close()

@@ -13,7 +13,13 @@ Sources (docs/platforms/eneba.md says what each one says):
   and their responses, with a status per callback type (COMPLETED, FAILED, ...);
 - docs/howto/authorization.md: POST /oauth/token grant_type=api_consumer, client_id, id,
   secret -> access_token, expires_in; docs/API.md: S_updateAuction(input: {id,
-  declaredStock}) -> actionId.
+  declaredStock}) -> actionId;
+- api.eneba.com/documentation/api-reference/mutation/s-update-auction: "This mutation is
+  rate-limited. You can update each auction only once every 30 seconds" (45 in another
+  version of the page): `update_every`; an update sooner is refused, as a GraphQL error
+  (how Eneba words that refusal is not documented);
+- money is an Int of cents (guide/purchasing-keys: "1500 -> EUR 15.00"): RESERVE's
+  `price.amount` is the price of one key in cents (`price_cents`).
 
 What the documents leave open is modelled the simple way: a reply is a success when it is
 HTTP 200 with `"success": true` and the shape above; anything else (a refused connection, a
@@ -29,6 +35,7 @@ import secrets
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from datetime import UTC, datetime
 from typing import Any
 
 import aiohttp
@@ -65,6 +72,8 @@ class FakeEneba:
         gap: float = 5.0,
         timeout: float = 60.0,
         client_id: str = "917611c2-70a5-11e9-97c4-46691b78bfa2",
+        update_every: float = 30.0,
+        price_cents: int = 1999,
     ) -> None:
         self.callback_token = callback_token
         self.auth_id = auth_id
@@ -72,6 +81,11 @@ class FakeEneba:
         self.client_id = client_id
         self.gap = gap
         self.timeout = timeout
+        self.update_every = update_every
+        self.price_cents = price_cents
+        self.monotonic = time.monotonic  # the clock of update_every (tests may move it)
+        self.updated_at: dict[str, float] = {}  # auction -> monotonic time of its last update
+        self.refused_updates = 0  # S_updateAuction calls sooner than update_every
         self.callback_url = ""
         self.orders: dict[str, EnebaOrder] = {}
         self.declared: dict[str, int | None] = {}  # auction -> last declaredStock
@@ -128,6 +142,13 @@ class FakeEneba:
             stock = variables.get("declaredStock")
             if not isinstance(auction, str):
                 return web.json_response({"errors": [{"message": "id is required"}]})
+            now = self.monotonic()
+            last = self.updated_at.get(auction)
+            if last is not None and now - last < self.update_every:
+                self.refused_updates += 1
+                message = f"You can update each auction only once every {self.update_every:g} s"
+                return web.json_response({"errors": [{"message": message}]})
+            self.updated_at[auction] = now
             self.declared[auction] = stock
             self.declared_log.append((auction, stock))
             return web.json_response(
@@ -143,7 +164,10 @@ class FakeEneba:
                             "status": order.results.get(kind, "RETRYING"),
                             "type": kind,
                             "callbackRequests": [
-                                {"createdAt": a.at, "callbackResponse": {"status": str(a.status)}}
+                                {
+                                    "createdAt": _iso(a.at),
+                                    "callbackResponse": {"status": str(a.status)},
+                                }
                                 for a in attempts
                             ],
                         }
@@ -201,7 +225,11 @@ class FakeEneba:
             "action": "RESERVE",
             "orderId": order_id,
             "auctions": [
-                {"auctionId": a, "keyCount": n, "price": {"amount": 1999, "currency": "EUR"}}
+                {
+                    "auctionId": a,
+                    "keyCount": n,
+                    "price": {"amount": self.price_cents, "currency": "EUR"},
+                }
                 for a, n in auctions
             ],
         }
@@ -241,6 +269,11 @@ class FakeEneba:
                 return True
         order.results[CANCELLATION] = "FAILED"
         return False
+
+
+def _iso(ts: float) -> str:
+    """A time as declared-stock-result.md shows it: 2021-01-01T01:01:00+00:00."""
+    return datetime.fromtimestamp(ts, UTC).isoformat(timespec="seconds")
 
 
 def _keys(body: dict[str, Any], order: EnebaOrder) -> dict[str, list[str]] | None:
