@@ -251,7 +251,23 @@ class LedgerCore:
 
     async def _open_rows(self, tx: Tx, rows: Sequence[Row]) -> list[CardItem]:
         """(sku, key_id, sealed, secret_hash) rows -> card keys."""
-        box = self.keybox
-        if not all(box.knows(r[1]) for r in rows):
-            self._keybox = box = await self._load_keys(tx)
+        box = await self._box_for(tx, [r[1] for r in rows])
         return [box.open(r[0], r[1], r[2], r[3]) for r in rows]
+
+    async def _box_for(self, tx: Tx, key_ids: Sequence[int]) -> KeyBox:
+        """The keybox, reloaded if it lacks one of `key_ids` (another agent sealed with a
+        data key it added since we loaded ours)."""
+        box = self.keybox
+        if not all(box.knows(key_id) for key_id in key_ids):
+            self._keybox = box = await self._load_keys(tx)
+        return box
+
+    @staticmethod
+    async def _bind_keys(
+        tx: Tx, binds: Sequence[Sequence[Any]], refusal: str, **names: Any
+    ) -> None:
+        """Binds free keys to lines' slots: (line id, slot, now, key id) rows of BIND. A key
+        taken meanwhile: StoreError saying `refusal` (a msgid; %(bound)s and %(wanted)s are
+        given besides `names`), to undo the transaction."""
+        if (bound := await tx.executemany(BIND, binds)) != len(binds):
+            raise phrased(StoreError, refusal, bound=bound, wanted=len(binds), **names)

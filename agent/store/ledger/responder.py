@@ -17,17 +17,22 @@ from __future__ import annotations
 
 import asyncio
 import enum
+import functools
 from collections import OrderedDict
-from collections.abc import Callable, Sequence
+from collections.abc import Awaitable, Callable, Coroutine, Sequence
 from dataclasses import dataclass, field
+from typing import Any, Concatenate, ParamSpec, TypeVar
 
 from agent.domain import CardItem, LineState, OrderLine
 from agent.i18n import N_
 from agent.phrased import phrased
 from agent.store.base import StoreError
-from agent.store.ledger.core import BIND, EVENT, FREE_KEYS, LINE_KEYS, LedgerCore, read, write
+from agent.store.ledger.core import EVENT, FREE_KEYS, LINE_KEYS, LedgerCore, read, write
 from agent.store.rows import LINE_COLUMNS, line_from_row
 from agent.store.tx import Bulk, Row, Tx
+
+P = ParamSpec("P")
+R = TypeVar("R", bound="ResponderLedger")
 
 REPLY_CACHE = 20_000  # replies kept in memory (sealed): a day of a busy shop's retries
 INSERT_RESPONDER_LINE = (
@@ -35,38 +40,29 @@ INSERT_RESPONDER_LINE = (
     " seen_at, updated_at, attempts) VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $9, 0)"
     " ON CONFLICT (platform, order_id, line) DO NOTHING"
 )
-ORDER_LINES = (
-    f"SELECT {LINE_COLUMNS} FROM orders WHERE platform = $1 AND order_id = $2"
-    " ORDER BY line{for_update}"
-)
-STORED = (
-    "SELECT status, key_id, sealed FROM replies WHERE platform = $1 AND order_id = $2"
-    " AND action = $3"
-)
-STORE_REPLY = (
-    "INSERT INTO replies (platform, order_id, action, status, key_id, sealed, created_at)"
-    " VALUES ($1, $2, $3, $4, $5, $6, $7) ON CONFLICT (platform, order_id, action) DO NOTHING"
-)
-# A batch of PROVIDEs (see ResponderLedger.provide): the same reads and writes as one
-# PROVIDE's, each over every order of the batch at once. Lines are locked in id order (the
-# same order for every agent: no deadlock between two batches).
+# The lines of orders: one order's, or a batch of PROVIDEs' (see ResponderLedger.provide:
+# each of a batch's reads and writes runs once over every order of the batch). Lines are
+# locked in id order (the same order for every agent: no deadlock between two batches).
 ORDERS_LINES = (
     f"SELECT {LINE_COLUMNS} FROM orders WHERE platform = $1 AND order_id = ANY($2::text[])"
     " ORDER BY id{for_update}"
 )
-STORED_MANY = (
+STORED = (
     "SELECT order_id, status, key_id, sealed FROM replies WHERE platform = $1 AND action = $2"
     " AND order_id = ANY($3::text[])"
+)
+STORE_REPLY = Bulk(
+    "INSERT INTO replies (platform, order_id, action, status, key_id, sealed, created_at)"
+    " VALUES ($1, $2, $3, $4, $5, $6, $7) ON CONFLICT (platform, order_id, action) DO NOTHING",
+    ("text", "text", "text", "int", "int", "bytea", "float8"),
 )
 LINES_KEYS = (
     "SELECT order_line_id, sku, key_id, sealed, secret_hash FROM card_keys"
     " WHERE order_line_id = ANY($1::bigint[]) ORDER BY order_line_id, slot"
 )
 MARK_PROVIDED = "UPDATE orders SET state = 'provided', updated_at = $1 WHERE id = ANY($2::bigint[])"
-STORE_REPLIES = Bulk(
-    STORE_REPLY,
-    ("text", "text", "text", "int", "int", "bytea", "float8"),
-)
+CANCEL_LINE = "UPDATE orders SET state = 'cancelled', reason = $1, updated_at = $2 WHERE id = $3"
+TAKEN = N_("%(platform)s order %(order)s: a key was taken while binding (%(bound)s)")
 
 
 @dataclass(frozen=True, slots=True)
@@ -143,6 +139,20 @@ class _Raced(Exception):
     batch is undone and its calls run one by one (each finds that reply)."""
 
 
+def _answered(
+    body: Callable[Concatenate[R, Tx, P], Awaitable[Reply]],
+) -> Callable[Concatenate[R, P], Coroutine[Any, Any, Reply]]:
+    """A call that changes the ledger: its body runs in one write transaction (`write`) and
+    its reply is kept in memory once that has committed (see _remember)."""
+    run = write(body)
+
+    @functools.wraps(body)
+    async def call(self: R, /, *args: P.args, **kwargs: P.kwargs) -> Reply:
+        return self._remember(await run(self, *args, **kwargs))
+
+    return call
+
+
 class ResponderLedger(LedgerCore):
     # Replies this process stored or read, sealed as stored: a stored reply never changes
     # (inserted once, never updated), so a copy of it is that reply. Retries are answered
@@ -166,10 +176,10 @@ class ResponderLedger(LedgerCore):
         body = self.keybox.open_bytes(_label(platform, order_id, action), key_id, sealed)
         return Reply(status, body, replayed=True)
 
-    def _remember(self, reply: Reply | None) -> Reply | None:
+    def _remember(self, reply: Reply) -> Reply:
         """Keeps a reply the ledger holds (called once the transaction that stored or read it
         has committed: a reply in here is always one the ledger has)."""
-        if reply is None or reply.stored_as is None:
+        if reply.stored_as is None:
             return reply
         if self._replies is None:
             self._replies = OrderedDict()
@@ -185,22 +195,28 @@ class ResponderLedger(LedgerCore):
         cached = self.cached_reply(platform, order_id, action)
         if cached is not None:
             return cached
-        return self._remember(await self._read_stored(platform, order_id, action))
+        reply = await self._read_stored(platform, order_id, action)
+        return None if reply is None else self._remember(reply)
 
     @read
     async def _read_stored(self, tx: Tx, platform: str, order_id: str, action: str) -> Reply | None:
         return await self._stored(tx, platform, order_id, action)
 
     async def _stored(self, tx: Tx, platform: str, order_id: str, action: str) -> Reply | None:
-        row = await tx.fetchrow(STORED, platform, order_id, action)
-        if row is None:
-            return None
-        box = self.keybox
-        if not box.knows(row[1]):
-            self._keybox = box = await self._load_keys(tx)
-        sealed = bytes(row[2])
-        body = box.open_bytes(_label(platform, order_id, action), row[1], sealed)
-        return Reply(row[0], body, True, (platform, order_id, action, row[1], sealed))
+        return (await self._stored_all(tx, platform, action, [order_id])).get(order_id)
+
+    async def _stored_all(
+        self, tx: Tx, platform: str, action: str, orders: Sequence[str]
+    ) -> dict[str, Reply]:
+        """The replies stored for these orders' `action`, opened, by order id."""
+        rows = await tx.fetch(STORED, platform, action, orders)
+        box = await self._box_for(tx, [r[2] for r in rows])
+        replies = {}
+        for order, status, key_id, sealed in rows:
+            stored_as = (platform, order, action, key_id, bytes(sealed))
+            body = box.open_bytes(_label(platform, order, action), key_id, stored_as[4])
+            replies[order] = Reply(status, body, True, stored_as)
+        return replies
 
     async def _keep(
         self, tx: Tx, platform: str, order_id: str, action: str, reply: Rendered, now: float
@@ -210,7 +226,7 @@ class ResponderLedger(LedgerCore):
         box = await self._fresh_keybox(tx)
         key_id, sealed = box.seal_bytes(_label(platform, order_id, action), reply[1])
         stored = await tx.execute(
-            STORE_REPLY, platform, order_id, action, reply[0], key_id, sealed, now
+            STORE_REPLY.sql, platform, order_id, action, reply[0], key_id, sealed, now
         )
         if not stored:
             earlier = await self._stored(tx, platform, order_id, action)
@@ -218,9 +234,45 @@ class ResponderLedger(LedgerCore):
             return earlier
         return Reply(reply[0], reply[1], False, (platform, order_id, action, key_id, sealed))
 
-    # --- the calls, each one transaction; the reply kept in memory once committed -------------
+    async def _new_line(
+        self,
+        tx: Tx,
+        platform: str,
+        order_id: str,
+        number: int,
+        want: Want,
+        state: LineState,
+        now: float,
+        action: str,
+        refusal: str,
+    ) -> int | Reply:
+        """Takes line `number` of the order in (its id); the reply stored for `action`
+        instead if another agent took the order in meanwhile (StoreError saying `refusal`
+        if it stored none)."""
+        line_id = await tx.insert(
+            INSERT_RESPONDER_LINE,
+            platform,
+            order_id,
+            number,
+            want.sku,
+            want.quantity,
+            state.value,
+            want.amount,
+            want.currency,
+            now,
+        )
+        if line_id is not None:
+            return line_id
+        stored = await self._stored(tx, platform, order_id, action)
+        if stored is None:
+            raise phrased(StoreError, refusal, platform=platform, order=order_id)
+        return stored
+
+    # --- reservations (Eneba's RESERVE, PROVIDE, CANCEL); each call one transaction --------
+    @_answered
     async def reserve(
         self,
+        tx: Tx,
         platform: str,
         order_id: str,
         wants: Sequence[Want],
@@ -230,9 +282,37 @@ class ResponderLedger(LedgerCore):
         """Binds every line's keys in this one transaction, as lines `reserved`
         (render(True)); or binds nothing at all when any line cannot be filled
         (render(False)). Either reply is stored: the platform was told, so it stays told."""
-        reply = await self._reserve(platform, order_id, wants, now, render)
-        self._remember(reply)
-        return reply
+        if (stored := await self._stored(tx, platform, order_id, "RESERVE")) is not None:
+            return stored
+        taken: list[list[int]] = []
+        for want in wants:
+            rows = await tx.fetch(FREE_KEYS, want.sku, want.quantity, now)
+            if len(rows) < want.quantity or want.quantity < 1:
+                return await self._keep(tx, platform, order_id, "RESERVE", render(False), now)
+            taken.append([r[0] for r in rows])
+        binds: list[tuple[int, int, float, int]] = []
+        events: list[tuple[int, str, str]] = []
+        for number, (want, key_ids) in enumerate(zip(wants, taken, strict=True)):
+            line_id = await self._new_line(
+                tx,
+                platform,
+                order_id,
+                number,
+                want,
+                LineState.RESERVED,
+                now,
+                "RESERVE",
+                N_("%(platform)s order %(order)s: reserved without a reply"),
+            )
+            if isinstance(line_id, Reply):  # another agent took this order in meanwhile
+                return line_id
+            binds += [(line_id, slot, now, key) for slot, key in enumerate(key_ids)]
+            events.append((line_id, "reserved", f"sku={want.sku} keys={want.quantity}{self._by}"))
+        if not binds:  # nothing asked for: nothing reserved
+            return await self._keep(tx, platform, order_id, "RESERVE", render(False), now)
+        await self._bind_keys(tx, binds, TAKEN, platform=platform, order=order_id)
+        await self._events(tx, events, now)
+        return await self._keep(tx, platform, order_id, "RESERVE", render(True), now)
 
     async def provide(
         self,
@@ -282,174 +362,53 @@ class ResponderLedger(LedgerCore):
             try:
                 replies = await self._write(lambda tx: self._provide_all(tx, platform, drained()))
             except Exception:
-                replies = None
-            calls = drained()
-            if replies is None:
-                await asyncio.gather(*(self._provide_one(platform, c) for c in calls))
+                await asyncio.gather(*(self._provide_one(platform, c) for c in drained()))
                 return
-            for call, reply in zip(calls, replies, strict=True):
-                self._remember(reply)
-                if not call.future.done():
-                    call.future.set_result(reply)
+            self._answer(drained(), replies)
         finally:
             for call in drained():
                 if not call.future.done():
                     call.future.cancel()
 
     async def _provide_one(self, platform: str, call: _Provide) -> None:
+        """One PROVIDE of a batch that failed, in a transaction of its own; run again once
+        if it raced another agent's (_Raced): the second run finds that agent's reply."""
+
+        async def body(tx: Tx) -> list[Reply]:
+            return await self._provide_all(tx, platform, [call])
+
         try:
-            reply = await self._provide(platform, call.order_id, call.now, call.render)
+            try:
+                replies = await self._write(body)
+            except _Raced:
+                replies = await self._write(body)
         except Exception as exc:
             if not call.future.done():
                 call.future.set_exception(exc)
             return
-        self._remember(reply)
-        if not call.future.done():
-            call.future.set_result(reply)
+        self._answer([call], replies)
 
-    async def cancel_order(
-        self,
-        platform: str,
-        order_id: str,
-        reason: str,
-        now: float,
-        render: Callable[[Cancelled], Rendered],
-    ) -> Reply:
-        """Keys of lines still `reserved` go back to stock; keys handed out are voided with
-        the reason, naming their line. Stored."""
-        reply = await self._cancel_order(platform, order_id, reason, now, render)
-        self._remember(reply)
-        return reply
-
-    async def place_order(
-        self,
-        platform: str,
-        order_id: str,
-        want: Want,
-        now: float,
-        render: Callable[[Handed | None], Rendered],
-        callback: tuple[str, Callable[[Handed], bytes]] | None = None,
-    ) -> Reply:
-        """An order paid with us: its keys bound and handed over at once, the reply and the
-        callback owed stored with it (see _place_order)."""
-        reply = await self._place_order(platform, order_id, want, now, render, callback)
-        self._remember(reply)
-        return reply
-
-    # --- reservations (Eneba's RESERVE, PROVIDE, CANCEL) ------------------------------------
-    @write
-    async def _reserve(
-        self,
-        tx: Tx,
-        platform: str,
-        order_id: str,
-        wants: Sequence[Want],
-        now: float,
-        render: Callable[[bool], Rendered],
-    ) -> Reply:
-        """reserve's transaction (see reserve)."""
-        if (stored := await self._stored(tx, platform, order_id, "RESERVE")) is not None:
-            return stored
-        taken: list[list[int]] = []
-        for want in wants:
-            rows = await tx.fetch(FREE_KEYS, want.sku, want.quantity, now)
-            if len(rows) < want.quantity or want.quantity < 1:
-                return await self._keep(tx, platform, order_id, "RESERVE", render(False), now)
-            taken.append([r[0] for r in rows])
-        binds: list[tuple[int, int, float, int]] = []
-        events: list[tuple[int, str, str]] = []
-        for number, (want, key_ids) in enumerate(zip(wants, taken, strict=True)):
-            line_id = await tx.insert(
-                INSERT_RESPONDER_LINE,
-                platform,
-                order_id,
-                number,
-                want.sku,
-                want.quantity,
-                LineState.RESERVED.value,
-                want.amount,
-                want.currency,
-                now,
-            )
-            if line_id is None:  # another agent took this order in meanwhile
-                stored = await self._stored(tx, platform, order_id, "RESERVE")
-                if stored is None:
-                    raise phrased(
-                        StoreError,
-                        N_("%(platform)s order %(order)s: reserved without a reply"),
-                        platform=platform,
-                        order=order_id,
-                    )
-                return stored
-            binds += [(line_id, slot, now, key) for slot, key in enumerate(key_ids)]
-            events.append((line_id, "reserved", f"sku={want.sku} keys={want.quantity}{self._by}"))
-        if not binds:  # nothing asked for: nothing reserved
-            return await self._keep(tx, platform, order_id, "RESERVE", render(False), now)
-        if (bound := await tx.executemany(BIND, binds)) != len(binds):
-            raise phrased(
-                StoreError,
-                N_("%(platform)s order %(order)s: a key was taken while binding (%(bound)s)"),
-                platform=platform,
-                order=order_id,
-                bound=bound,
-            )
-        await self._events(tx, events, now)
-        return await self._keep(tx, platform, order_id, "RESERVE", render(True), now)
-
-    @write
-    async def _provide(
-        self,
-        tx: Tx,
-        platform: str,
-        order_id: str,
-        now: float,
-        render: Callable[[Sequence[Handed]], Rendered],
-    ) -> Reply:
-        """The order's lines `reserved` -> `provided`, their keys opened for the reply
-        (render(lines)); render([]) when the order holds no keys to hand out (unknown,
-        cancelled, released). The reply is stored: every retry gets exactly these keys."""
-        lines = [line_from_row(r) for r in await tx.fetch(ORDER_LINES, platform, order_id)]
-        # Locked first: a PROVIDE running beside this one waits here, then finds the reply.
-        if (stored := await self._stored(tx, platform, order_id, "PROVIDE")) is not None:
-            return stored
-        holding = (LineState.RESERVED, LineState.PROVIDED, LineState.DELIVERED)
-        if not lines or any(line.state not in holding for line in lines):
-            return await self._keep(tx, platform, order_id, "PROVIDE", render([]), now)
-        handed = [Handed(line, await self._line_items(tx, line)) for line in lines]
-        reserved = [line.id for line in lines if line.state == LineState.RESERVED]
-        if reserved:
-            await tx.execute(
-                "UPDATE orders SET state = 'provided', updated_at = $1"
-                " WHERE id = ANY($2::bigint[])",
-                now,
-                reserved,
-            )
-            await self._events(
-                tx, [(i, "provided", f"keys handed over{self._by}") for i in reserved], now
-            )
-        return await self._keep(tx, platform, order_id, "PROVIDE", render(handed), now)
+    def _answer(self, calls: Sequence[_Provide], replies: Sequence[Reply]) -> None:
+        """Each call its reply, once the transaction that stored or read them committed."""
+        for call, reply in zip(calls, replies, strict=True):
+            self._remember(reply)
+            if not call.future.done():
+                call.future.set_result(reply)
 
     async def _provide_all(self, tx: Tx, platform: str, calls: Sequence[_Provide]) -> list[Reply]:
-        """_provide for every call at once, each statement over the whole batch: the replies,
-        in the calls' order. A second call for an order of the batch gets the first's reply,
-        as stored (replayed), as it would one after the other."""
+        """The PROVIDEs of `calls` in one body, each statement over the whole batch: an
+        order's lines `reserved` -> `provided`, their keys opened for the reply
+        (render(lines)); render([]) when the order holds no keys to hand out (unknown,
+        cancelled, released). The replies, in the calls' order. A second call for an order
+        of the batch gets the first's reply, as stored (replayed), as it would one after
+        the other. _Raced if another agent stored a reply of the batch meanwhile."""
         orders = list(dict.fromkeys(call.order_id for call in calls))
         lines: dict[str, list[OrderLine]] = {order: [] for order in orders}
         for row in await tx.fetch(ORDERS_LINES, platform, orders):
             line = line_from_row(row)
             lines[line.order_id].append(line)
-        replies: dict[str, Reply] = {}
-        stored = await tx.fetch(STORED_MANY, platform, "PROVIDE", orders)
-        if stored:
-            box = self.keybox
-            if not all(box.knows(r[2]) for r in stored):
-                self._keybox = box = await self._load_keys(tx)
-            for order, status, key_id, sealed in stored:
-                sealed = bytes(sealed)
-                body = box.open_bytes(_label(platform, order, "PROVIDE"), key_id, sealed)
-                replies[order] = Reply(
-                    status, body, True, (platform, order, "PROVIDE", key_id, sealed)
-                )
+        # Locked first: a PROVIDE running beside this one waits here, then finds the reply.
+        replies = await self._stored_all(tx, platform, "PROVIDE", orders)
         holding = (LineState.RESERVED, LineState.PROVIDED, LineState.DELIVERED)
         handing = [
             order
@@ -494,7 +453,7 @@ class ResponderLedger(LedgerCore):
                 replies[order] = Reply(
                     status, body, False, (platform, order, "PROVIDE", key_id, sealed)
                 )
-            if await tx.executemany(STORE_REPLIES, rows) != len(rows):
+            if await tx.executemany(STORE_REPLY, rows) != len(rows):
                 raise _Raced(f"{platform}: a PROVIDE of the batch was answered meanwhile")
         answered: list[Reply] = []
         for call in calls:
@@ -507,7 +466,8 @@ class ResponderLedger(LedgerCore):
     async def _lines_items(
         self, tx: Tx, lines: Sequence[OrderLine]
     ) -> dict[int, tuple[CardItem, ...]]:
-        """_line_items of many lines in one read, by line id."""
+        """The keys bound to each of these lines, opened, in slot order, by line id (one
+        read); StoreError if a line holds other than its quantity of keys."""
         if not lines:
             return {}
         rows: dict[int, list[Row]] = {line.id: [] for line in lines}
@@ -525,20 +485,8 @@ class ResponderLedger(LedgerCore):
         opened = iter(await self._open_rows(tx, [r for line in lines for r in rows[line.id]]))
         return {line.id: tuple(next(opened) for _ in rows[line.id]) for line in lines}
 
-    async def _line_items(self, tx: Tx, line: OrderLine) -> tuple[CardItem, ...]:
-        rows = await tx.fetch(LINE_KEYS, line.id)
-        if len(rows) != line.quantity:
-            raise phrased(
-                StoreError,
-                N_("order line %(line)s holds %(held)s keys for %(quantity)s"),
-                line=line.id,
-                held=len(rows),
-                quantity=line.quantity,
-            )
-        return tuple(await self._open_rows(tx, [r[1:] for r in rows]))
-
-    @write
-    async def _cancel_order(
+    @_answered
+    async def cancel_order(
         self,
         tx: Tx,
         platform: str,
@@ -550,53 +498,42 @@ class ResponderLedger(LedgerCore):
         """The platform cancels the order: keys of lines still `reserved` go back to stock;
         keys handed out (`provided`, `delivered`) are voided with the reason, naming their
         line. The reply is stored."""
-        lines = [line_from_row(r) for r in await tx.fetch(ORDER_LINES, platform, order_id)]
+        lines = [line_from_row(r) for r in await tx.fetch(ORDERS_LINES, platform, [order_id])]
         if (stored := await self._stored(tx, platform, order_id, "CANCEL")) is not None:
             return stored
         outcome = Cancelled.UNKNOWN if not lines else Cancelled.ALREADY
         for line in lines:
-            if line.state == LineState.RESERVED:
-                await self._release(tx, line, reason, now)
-                outcome = Cancelled.RELEASED
-            elif line.state in (LineState.PROVIDED, LineState.DELIVERED):
-                await self._void_handed(tx, line, reason, now)
-                outcome = Cancelled.VOIDED
+            if line.state in (LineState.RESERVED, LineState.PROVIDED, LineState.DELIVERED):
+                outcome = await self._cancel_line(tx, line, reason, now)
         return await self._keep(tx, platform, order_id, "CANCEL", render(outcome), now)
 
-    async def _release(self, tx: Tx, line: OrderLine, reason: str, now: float) -> None:
+    async def _cancel_line(self, tx: Tx, line: OrderLine, reason: str, now: float) -> Cancelled:
         """A reserved line's keys back to stock (while the line is still `reserved`: the
-        trigger lets only those go), then the line cancelled."""
-        count = await tx.execute(
-            "UPDATE card_keys SET state = 'free', order_line_id = NULL, slot = NULL,"
-            " bound_at = NULL WHERE order_line_id = $1",
-            line.id,
-        )
-        await tx.execute(
-            "UPDATE orders SET state = 'cancelled', reason = $1, updated_at = $2 WHERE id = $3",
-            reason,
-            now,
-            line.id,
-        )
-        await self._event(tx, line.id, "released", f"{count} keys back to stock: {reason}", now)
-
-    async def _void_handed(self, tx: Tx, line: OrderLine, reason: str, now: float) -> None:
-        why = (
-            f"{line.platform} order {line.order_id} cancelled after its keys were handed out:"
-            f" {reason}"
-        )
-        count = await tx.execute(
-            "UPDATE card_keys SET state = 'void', void_reason = $1, was_bound_to = order_line_id,"
-            " order_line_id = NULL, slot = NULL WHERE order_line_id = $2",
-            why,
-            line.id,
-        )
-        await tx.execute(
-            "UPDATE orders SET state = 'cancelled', reason = $1, updated_at = $2 WHERE id = $3",
-            reason,
-            now,
-            line.id,
-        )
-        await self._event(tx, line.id, "keys_voided", f"{count} keys voided: {reason}", now)
+        trigger lets only those go); a line's keys handed out voided, naming the line. Then
+        the line cancelled."""
+        if line.state == LineState.RESERVED:
+            count = await tx.execute(
+                "UPDATE card_keys SET state = 'free', order_line_id = NULL, slot = NULL,"
+                " bound_at = NULL WHERE order_line_id = $1",
+                line.id,
+            )
+            outcome, kind, detail = Cancelled.RELEASED, "released", "keys back to stock"
+        else:
+            why = (
+                f"{line.platform} order {line.order_id} cancelled after its keys were handed"
+                f" out: {reason}"
+            )
+            count = await tx.execute(
+                "UPDATE card_keys SET state = 'void', void_reason = $1,"
+                " was_bound_to = order_line_id, order_line_id = NULL, slot = NULL"
+                " WHERE order_line_id = $2",
+                why,
+                line.id,
+            )
+            outcome, kind, detail = Cancelled.VOIDED, "keys_voided", "keys voided"
+        await tx.execute(CANCEL_LINE, reason, now, line.id)
+        await self._event(tx, line.id, kind, f"{count} {detail}: {reason}", now)
+        return outcome
 
     @write
     async def release_expired(
@@ -612,7 +549,7 @@ class ResponderLedger(LedgerCore):
             limit,
         )
         for line in map(line_from_row, rows):
-            await self._release(tx, line, "reservation not paid in time", now)
+            await self._cancel_line(tx, line, "reservation not paid in time", now)
         return len(rows)
 
     @read
@@ -631,8 +568,8 @@ class ResponderLedger(LedgerCore):
         return [line_from_row(r) for r in rows]
 
     # --- orders placed with us (a dujiao-next shop) ---------------------------------------
-    @write
-    async def _place_order(
+    @_answered
+    async def place_order(
         self,
         tx: Tx,
         platform: str,
@@ -652,41 +589,25 @@ class ResponderLedger(LedgerCore):
         if len(rows) < want.quantity:
             rendered = render(None)
             return Reply(rendered[0], rendered[1])
-        line_id = await tx.insert(
-            INSERT_RESPONDER_LINE,
+        line_id = await self._new_line(
+            tx,
             platform,
             order_id,
             0,
-            want.sku,
-            want.quantity,
-            LineState.PROVIDED.value,
-            want.amount,
-            want.currency,
+            want,
+            LineState.PROVIDED,
             now,
+            "ORDER",
+            N_("%(platform)s order %(order)s: placed without a reply"),
         )
-        if line_id is None:  # another agent placed it meanwhile
-            stored = await self._stored(tx, platform, order_id, "ORDER")
-            if stored is None:
-                raise phrased(
-                    StoreError,
-                    N_("%(platform)s order %(order)s: placed without a reply"),
-                    platform=platform,
-                    order=order_id,
-                )
-            return stored
+        if isinstance(line_id, Reply):  # another agent placed it meanwhile
+            return line_id
         binds = [(line_id, slot, now, r[0]) for slot, r in enumerate(rows)]
-        if (bound := await tx.executemany(BIND, binds)) != len(binds):
-            raise phrased(
-                StoreError,
-                N_("%(platform)s order %(order)s: a key was taken while binding (%(bound)s)"),
-                platform=platform,
-                order=order_id,
-                bound=bound,
-            )
+        await self._bind_keys(tx, binds, TAKEN, platform=platform, order=order_id)
         detail = f"sku={want.sku} keys={want.quantity}{self._by}"
         await self._event(tx, line_id, "provided", detail, now)
         line = await self._fetch_line(tx, line_id)
-        handed = Handed(line, await self._line_items(tx, line))
+        handed = Handed(line, (await self._lines_items(tx, [line]))[line_id])
         if callback is not None:
             url, body = callback
             box = await self._fresh_keybox(tx)
@@ -730,9 +651,7 @@ class ResponderLedger(LedgerCore):
             now,
             limit,
         )
-        box = self.keybox
-        if not all(box.knows(r[3]) for r in rows):
-            self._keybox = box = await self._load_keys(tx)
+        box = await self._box_for(tx, [r[3] for r in rows])
         return [
             CallbackItem(
                 r[0],
