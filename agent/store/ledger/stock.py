@@ -76,24 +76,26 @@ class Ledger(AlertsLedger, PoolsLedger):
                 progress(seen)
         return report
 
-    async def void_free_keys(self, sku: str, count: int | None, reason: str, now: float) -> int:
+    @write
+    async def void_free_keys(
+        self, tx: Tx, sku: str, count: int | None, reason: str, now: float
+    ) -> int:
         """Voids free keys of the SKU (all, or `count`), with a reason; how many."""
         if not reason.strip():
             raise phrased(StoreError, N_("a reason is required to void keys"))
-        return await self._void(sku, NO_LIMIT if count is None else count, reason)
-
-    @write
-    async def _void(self, tx: Tx, sku: str, count: int, reason: str) -> int:
         return await tx.execute(
             "UPDATE card_keys SET state = 'void', void_reason = $1 WHERE id IN"
             " (SELECT id FROM card_keys WHERE sku = $2 AND state = 'free' ORDER BY id"
             "  LIMIT $3{skip_locked})",
             reason,
             sku,
-            count,
+            NO_LIMIT if count is None else count,
         )
 
-    async def unvoid_keys(self, sku: str, reason: str, count: int | None, now: float) -> int:
+    @write
+    async def unvoid_keys(
+        self, tx: Tx, sku: str, reason: str, count: int | None, now: float
+    ) -> int:
         """Returns keys voided by mistake to stock: void keys of the SKU voided with exactly
         `reason` (all, or the `count` oldest), never a key that was ever bound to an order (a
         key replaced on a delivered order stays void; the database refuses it too)."""
@@ -105,17 +107,13 @@ class Ledger(AlertsLedger, PoolsLedger):
                 N_("a count of keys to return must be at least 1, got %(count)s"),
                 count=count,
             )
-        return await self._unvoid(sku, reason, NO_LIMIT if count is None else count)
-
-    @write
-    async def _unvoid(self, tx: Tx, sku: str, reason: str, count: int) -> int:
         return await tx.execute(
             "UPDATE card_keys SET state = 'free', void_reason = NULL WHERE id IN"
             " (SELECT id FROM card_keys WHERE sku = $1 AND state = 'void' AND void_reason = $2"
             "  AND bound_at IS NULL AND was_bound_to IS NULL ORDER BY id LIMIT $3{skip_locked})",
             sku,
             reason,
-            count,
+            NO_LIMIT if count is None else count,
         )
 
     @read
