@@ -56,12 +56,9 @@ class AlertsLedger(PurchasesLedger):
     @read
     async def active_lines(self, tx: Tx, limit: int) -> list[OrderLine]:
         """Lines the engine still drives, oldest first."""
-        rows = await tx.fetch(
-            f"SELECT {LINE_COLUMNS} FROM orders WHERE state IN {{line_class:active}}"
-            " ORDER BY id LIMIT $1",
-            limit,
+        return await self._lines(
+            tx, "WHERE state IN {line_class:active} ORDER BY id LIMIT $1", limit
         )
-        return [line_from_row(r) for r in rows]
 
     @write
     async def apply_alerts(
@@ -186,13 +183,13 @@ class AlertsLedger(PurchasesLedger):
     @read
     async def lines_needing_notice(self, tx: Tx, seen_before: float, limit: int) -> list[OrderLine]:
         """Lines the buyer waits for, seen before a time, not told of the wait yet."""
-        rows = await tx.fetch(
-            f"SELECT {LINE_COLUMNS} FROM orders WHERE state IN {{line_class:noticed}}"
-            " AND notice_sent_at IS NULL AND seen_at <= $1 ORDER BY id LIMIT $2",
+        return await self._lines(
+            tx,
+            "WHERE state IN {line_class:noticed} AND notice_sent_at IS NULL AND seen_at <= $1"
+            " ORDER BY id LIMIT $2",
             seen_before,
             limit,
         )
-        return [line_from_row(r) for r in rows]
 
     @write
     async def mark_notice_sent(self, tx: Tx, line_id: int, message: str, now: float) -> None:
@@ -258,9 +255,7 @@ class AlertsLedger(PurchasesLedger):
     async def drop_refund(self, tx: Tx, line_id: int, why: str, now: float) -> None:
         """The platform definitely did not refund (it refused): the refund key cleared, so the
         line goes on as it stood (a backordered one is offered to workers again)."""
-        await tx.execute(
-            "UPDATE orders SET refund_key = NULL, updated_at = $1 WHERE id = $2", now, line_id
-        )
+        await tx.execute(SET_REFUND_KEY, None, now, line_id)
         await self._event(tx, line_id, "refund_refused", why, now)
 
     @read

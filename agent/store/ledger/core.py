@@ -271,3 +271,9 @@ class LedgerCore:
         given besides `names`), to undo the transaction."""
         if (bound := await tx.executemany(BIND, binds)) != len(binds):
             raise phrased(StoreError, refusal, bound=bound, wanted=len(binds), **names)
+
+    @staticmethod
+    async def _lines(tx: Tx, where: str, *args: Any) -> list[OrderLine]:
+        """The lines `where` (a template: `WHERE ... ORDER BY ...`) selects, as read."""
+        rows = await tx.fetch(f"SELECT {LINE_COLUMNS} FROM orders {where}", *args)
+        return [line_from_row(r) for r in rows]
