@@ -38,7 +38,6 @@ from agent.store.ledger.core import (
     write,
 )
 from agent.store.rows import (
-    LINE_COLUMNS,
     FreeKeys,
     allocated_detail,
     changed_order_reason,
@@ -315,25 +314,26 @@ class OrdersLedger(LedgerCore):
         """Lines due for work that no other agent holds, each now leased to this agent: due
         by their time, and backordered lines the free stock can now fill whole, oldest
         first (so a sweep does not churn on lines that would just be backordered again)."""
-        rows = await tx.fetch(
-            f"SELECT {LINE_COLUMNS} FROM orders WHERE (state IN {{line_class:due}}"
+        due = await self._lines(
+            tx,
+            "WHERE (state IN {line_class:due}"
             "  OR (state IN {line_class:scheduled} AND next_attempt_at > 0))"
             " AND next_attempt_at <= $1 AND refund_key IS NULL{lease_free:1}"
             " ORDER BY id LIMIT $2{skip_locked}",
             now,
             limit,
         )
-        due = [line_from_row(r) for r in rows]
         taken = {line.id for line in due}
-        waiting = await tx.fetch(
-            f"SELECT {LINE_COLUMNS} FROM orders WHERE state IN {{line_class:scheduled}}"
+        waiting = await self._lines(
+            tx,
+            "WHERE state IN {line_class:scheduled}"
             " AND refund_key IS NULL{lease_free:1} ORDER BY id LIMIT $2{skip_locked}",
             now,
             limit,
         )
         if waiting:
             free = await self._sellable_counts(tx, now)
-            for line in map(line_from_row, waiting):
+            for line in waiting:
                 if line.id not in taken and free.get(line.sku, 0) >= line.quantity:
                     free[line.sku] -= line.quantity
                     due.append(line)
@@ -363,14 +363,8 @@ class OrdersLedger(LedgerCore):
         if len(keys) < needed:
             # All or nothing: a half-filled line would hold keys another buyer could use now.
             if backorder and line.state != LineState.BACKORDERED:
-                await tx.execute(
-                    "UPDATE orders SET state = 'backordered', updated_at = $1{release}"
-                    " WHERE id = $2",
-                    now,
-                    line.id,
-                )
                 detail = f"need {needed}, free {len(keys)}"
-                await self._event(tx, line.id, "backordered", detail, now)
+                await self._backorder(tx, line.id, None, None, detail, now)
             return await self._fetch_line(tx, line.id)
         await self._bind(tx, line.id, [k[0] for k in keys], line.quantity - needed, now)
         await self._event(tx, line.id, "allocated", allocated_detail(k[:2] for k in keys), now)
@@ -525,19 +519,16 @@ class OrdersLedger(LedgerCore):
         await tx.execute(PARK, reason, now, line_id)
         await self._event(tx, line_id, "parked", reason, now)
 
-    async def close_line(self, line_id: int, state: LineState, reason: str, now: float) -> None:
+    @write
+    async def close_line(
+        self, tx: Tx, line_id: int, state: LineState, reason: str, now: float
+    ) -> None:
         if state not in (LineState.CANCELLED, LineState.REFUNDED):
             raise phrased(
                 StoreError,
                 N_("close_line takes cancelled or refunded, not %(state)s"),
                 state=state,
             )
-        await self._close_line(line_id, state, reason, now)
-
-    @write
-    async def _close_line(
-        self, tx: Tx, line_id: int, state: LineState, reason: str, now: float
-    ) -> None:
         await tx.execute(
             "UPDATE orders SET state = $1, reason = $2, updated_at = $3{release} WHERE id = $4",
             state.value,
@@ -551,27 +542,35 @@ class OrdersLedger(LedgerCore):
     async def backorder(
         self, tx: Tx, line_id: int, next_attempt_at: float, reason: str, now: float
     ) -> None:
+        await self._backorder(tx, line_id, next_attempt_at, reason, reason, now)
+
+    async def _backorder(
+        self,
+        tx: Tx,
+        line_id: int,
+        next_attempt_at: float | None,
+        reason: str | None,
+        detail: str,
+        now: float,
+    ) -> None:
+        """-> backordered, recorded with `detail`; its time and reason as given (None: left
+        as they are)."""
         await tx.execute(
-            "UPDATE orders SET state = 'backordered', next_attempt_at = $1, reason = $2,"
+            "UPDATE orders SET state = 'backordered',"
+            " next_attempt_at = COALESCE($1, next_attempt_at), reason = COALESCE($2, reason),"
             " updated_at = $3{release} WHERE id = $4 AND {line_to:backordered}",
             next_attempt_at,
             reason,
             now,
             line_id,
         )
-        await self._event(tx, line_id, "backordered", reason, now)
+        await self._event(tx, line_id, "backordered", detail, now)
 
     # --- operator actions -------------------------------------------------------------------
     @write
     async def retry_line(self, tx: Tx, line_id: int, now: float) -> OrderLine:
         """needs_attention -> the state it can go on from (see rows.retry_target)."""
-        line = await self._lock_line_in(
-            tx,
-            line_id,
-            now,
-            LineState.NEEDS_ATTENTION,
-            NOT_PARKED,
-        )
+        line = await self._lock_line_in(tx, line_id, now, LineState.NEEDS_ATTENTION, NOT_PARKED)
         open_purchases = await tx.fetchval(
             "SELECT COUNT(*) FROM purchases WHERE order_line_id = $1 AND state IN {open_purchase}",
             line_id,
@@ -588,6 +587,13 @@ class OrdersLedger(LedgerCore):
                 ),
                 order=line.order_id,
             )
+        await self._reopen(tx, line_id, state, ambiguous, f"back to {state}", now)
+        return await self._fetch_line(tx, line_id)
+
+    async def _reopen(
+        self, tx: Tx, line_id: int, state: LineState, ambiguous: bool, detail: str, now: float
+    ) -> None:
+        """A parked line back to work in `state`, afresh: the operator's retry."""
         await tx.execute(
             "UPDATE orders SET state = $1, reason = NULL, attempts = 0, next_attempt_at = 0,"
             " ambiguous = $2, updated_at = $3{release} WHERE id = $4",
@@ -596,8 +602,7 @@ class OrdersLedger(LedgerCore):
             now,
             line_id,
         )
-        await self._event(tx, line_id, "operator_retry", f"back to {state}", now)
-        return await self._fetch_line(tx, line_id)
+        await self._event(tx, line_id, "operator_retry", detail, now)
 
     @write
     async def resend_line(self, tx: Tx, line_id: int, now: float) -> OrderLine:
@@ -707,13 +712,7 @@ class OrdersLedger(LedgerCore):
         """A parked line that holds nothing yet (no keys, no delivery, no purchase open), with
         the SKU and quantity its platform states now: back to `new` (reason None), or parked
         again with `reason` (the order's screening refused it again)."""
-        line = await self._lock_line_in(
-            tx,
-            line_id,
-            now,
-            LineState.NEEDS_ATTENTION,
-            NOT_PARKED,
-        )
+        line = await self._lock_line_in(tx, line_id, now, LineState.NEEDS_ATTENTION, NOT_PARKED)
         if line.delivery_key is not None or await tx.fetchval(HOLDINGS, line_id):
             raise phrased(
                 StoreError,
@@ -727,27 +726,13 @@ class OrdersLedger(LedgerCore):
                 order=line.order_id,
             )
         content = f"sku={sku} quantity={quantity}"
+        await tx.execute(
+            "UPDATE orders SET sku = $1, quantity = $2 WHERE id = $3", sku, quantity, line_id
+        )
         if reason is None:
-            await tx.execute(
-                "UPDATE orders SET sku = $1, quantity = $2, state = 'new', reason = NULL,"
-                " attempts = 0, next_attempt_at = 0, ambiguous = 0, updated_at = $3{release}"
-                " WHERE id = $4",
-                sku,
-                quantity,
-                now,
-                line_id,
-            )
-            await self._event(tx, line_id, "operator_retry", f"back to new as {content}", now)
+            await self._reopen(tx, line_id, LineState.NEW, False, f"back to new as {content}", now)
         else:
-            await tx.execute(
-                "UPDATE orders SET sku = $1, quantity = $2, state = 'needs_attention',"
-                " reason = $3, updated_at = $4{release} WHERE id = $5",
-                sku,
-                quantity,
-                reason,
-                now,
-                line_id,
-            )
+            await tx.execute(PARK, reason, now, line_id)
             await self._event(tx, line_id, "parked", f"read again ({content}): {reason}", now)
         return await self._fetch_line(tx, line_id)
 
@@ -775,39 +760,25 @@ class OrdersLedger(LedgerCore):
     @read
     async def find_lines(self, tx: Tx, order_ref: str) -> list[OrderLine]:
         """The lines of a platform order id, else the line with that row id."""
-        rows = await tx.fetch(
-            f"SELECT {LINE_COLUMNS} FROM orders WHERE order_id = $1 ORDER BY id", order_ref
-        )
-        if not rows and order_ref.isdigit():
-            rows = await tx.fetch(FETCH_LINE, int(order_ref))
-        return [line_from_row(r) for r in rows]
+        lines = await self._lines(tx, "WHERE order_id = $1 ORDER BY id", order_ref)
+        if not lines and order_ref.isdigit():
+            lines = await self._lines(tx, "WHERE id = $1", int(order_ref))
+        return lines
 
     @read
     async def delivered_lines_of(
         self, tx: Tx, platform: str, order_ids: Sequence[str]
     ) -> list[OrderLine]:
-        rows = await tx.fetch(
-            f"SELECT {LINE_COLUMNS} FROM orders WHERE platform = $1 AND state = 'delivered'"
-            " AND order_id = ANY($2::text[])",
+        return await self._lines(
+            tx,
+            "WHERE platform = $1 AND state = 'delivered' AND order_id = ANY($2::text[])",
             platform,
             list(order_ids),
         )
-        return [line_from_row(r) for r in rows]
 
-    @read
-    async def list_lines(self, tx: Tx, state: LineState | None, limit: int) -> list[OrderLine]:
+    async def list_lines(self, state: LineState | None, limit: int) -> list[OrderLine]:
         """The newest lines (in one state, if given), newest first."""
-        if state is None:
-            rows = await tx.fetch(
-                f"SELECT {LINE_COLUMNS} FROM orders ORDER BY id DESC LIMIT $1", limit
-            )
-        else:
-            rows = await tx.fetch(
-                f"SELECT {LINE_COLUMNS} FROM orders WHERE state = $1 ORDER BY id DESC LIMIT $2",
-                state.value,
-                limit,
-            )
-        return [line_from_row(r) for r in rows]
+        return await self.filter_lines(state, "", "", limit)
 
     @read
     async def filter_lines(
@@ -824,13 +795,10 @@ class OrdersLedger(LedgerCore):
             if value:
                 args.append(value)
                 conditions.append(f"{column} = ${len(args)}")
-        where = f" WHERE {' AND '.join(conditions)}" if conditions else ""
-        rows = await tx.fetch(
-            f"SELECT {LINE_COLUMNS} FROM orders{where} ORDER BY id DESC LIMIT ${len(args) + 1}",
-            *args,
-            limit,
+        where = f"WHERE {' AND '.join(conditions)}" if conditions else ""
+        return await self._lines(
+            tx, f"{where} ORDER BY id DESC LIMIT ${len(args) + 1}", *args, limit
         )
-        return [line_from_row(r) for r in rows]
 
     @read
     async def delivered_since(self, tx: Tx, since: float) -> DeliveredSince:

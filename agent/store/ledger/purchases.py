@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import Any
 
 from agent.domain import (
     CardItem,
@@ -25,28 +26,28 @@ INSERT_KEY = Bulk(
     " ON CONFLICT (sku, secret_hash) DO NOTHING",
     ("text", "bigint", "bytea", "bytea", "text", "float8", "float8"),
 )
-FETCH_PURCHASE = f"SELECT {PURCHASE_COLUMNS} FROM purchases WHERE id = $1"
+# What moving a purchase to each of these states writes besides its state and time ($1: now,
+# $2: the value the move is given).
+MOVE_SETS = {
+    PurchaseState.UNKNOWN: "unknown_since = COALESCE(unknown_since, $1), failure = $2",
+    PurchaseState.PROCESSING: "purchase_id = $2",
+    PurchaseState.FAILED: "failure = $2",
+}
 
 
 class PurchasesLedger(OrdersLedger):
     @read
     async def open_purchase(self, tx: Tx, line_id: int) -> Purchase | None:
         """The line's purchase in flight (intent, unknown or processing), if any."""
-        row = await tx.fetchrow(
-            f"SELECT {PURCHASE_COLUMNS} FROM purchases WHERE order_line_id = $1"
-            " AND state IN {open_purchase}",
-            line_id,
+        found = await self._purchases(
+            tx, "WHERE order_line_id = $1 AND state IN {open_purchase}", line_id
         )
-        return None if row is None else purchase_from_row(row)
+        return found[0] if found else None
 
     @read
     async def purchases_for(self, tx: Tx, line_id: int) -> list[Purchase]:
         """Every purchase made for the line, oldest first."""
-        rows = await tx.fetch(
-            f"SELECT {PURCHASE_COLUMNS} FROM purchases WHERE order_line_id = $1 ORDER BY id",
-            line_id,
-        )
-        return [purchase_from_row(r) for r in rows]
+        return await self._purchases(tx, "WHERE order_line_id = $1 ORDER BY id", line_id)
 
     @write
     async def begin_purchase(self, tx: Tx, line_id: int, supplier: str, now: float) -> Purchase:
@@ -95,14 +96,7 @@ class PurchasesLedger(OrdersLedger):
         self, tx: Tx, purchase: Purchase, reason: str, now: float
     ) -> Purchase:
         """-> unknown: sent, its outcome not known; asked about again later."""
-        await self._lock_line(tx, purchase.order_line_id, now)
-        await tx.execute(
-            "UPDATE purchases SET state = 'unknown', unknown_since = COALESCE(unknown_since,"
-            " $1), failure = $2, updated_at = $1 WHERE id = $3 AND {purchase_to:unknown}",
-            now,
-            reason,
-            purchase.id,
-        )
+        await self._move_purchase(tx, purchase, PurchaseState.UNKNOWN, reason, now)
         detail = f"{purchase.merchant_ref}: {reason}"
         await self._event(tx, purchase.order_line_id, "purchase_unknown", detail, now)
         return await self._fetch_purchase(tx, purchase.id)
@@ -112,30 +106,31 @@ class PurchasesLedger(OrdersLedger):
         self, tx: Tx, purchase: Purchase, purchase_id: str, now: float
     ) -> None:
         """-> processing: the supplier took it, its keys come later."""
-        await self._lock_line(tx, purchase.order_line_id, now)
-        await tx.execute(
-            "UPDATE purchases SET state = 'processing', purchase_id = $1, updated_at = $2"
-            " WHERE id = $3 AND {purchase_to:processing}",
-            purchase_id,
-            now,
-            purchase.id,
-        )
+        await self._move_purchase(tx, purchase, PurchaseState.PROCESSING, purchase_id, now)
         detail = f"{purchase.supplier} purchase {purchase_id}"
         await self._event(tx, purchase.order_line_id, "purchase_processing", detail, now)
 
     @write
     async def purchase_failed(self, tx: Tx, purchase: Purchase, failure: str, now: float) -> None:
         """-> failed: a definite failure, after which a new purchase may be made."""
-        await self._lock_line(tx, purchase.order_line_id, now)
-        await tx.execute(
-            "UPDATE purchases SET state = 'failed', failure = $1, updated_at = $2"
-            " WHERE id = $3 AND {purchase_to:failed}",
-            failure,
-            now,
-            purchase.id,
-        )
+        await self._move_purchase(tx, purchase, PurchaseState.FAILED, failure, now)
         detail = f"{purchase.supplier} {purchase.merchant_ref}: {failure}"
         await self._event(tx, purchase.order_line_id, "purchase_failed", detail, now)
+
+    async def _move_purchase(
+        self, tx: Tx, purchase: Purchase, target: PurchaseState, value: str, now: float
+    ) -> None:
+        """Its line locked, the purchase -> `target` where the table allows (MOVE_SETS says
+        what `value` is); the caller records the event (its kind written out, for
+        tests/contract/test_lifecycle.py)."""
+        await self._lock_line(tx, purchase.order_line_id, now)
+        await tx.execute(
+            f"UPDATE purchases SET state = '{target}', {MOVE_SETS[target]}, updated_at = $1"
+            f" WHERE id = $3 AND {{purchase_to:{target}}}",
+            now,
+            value,
+            purchase.id,
+        )
 
     @write
     async def complete_purchase(
@@ -186,23 +181,23 @@ class PurchasesLedger(OrdersLedger):
             )
             chosen += [r[0] for r in rows]
         if len(chosen) < needed:
-            await tx.execute(
-                "UPDATE orders SET state = 'backordered', next_attempt_at = 0, updated_at = $1"
-                "{release} WHERE id = $2",
-                now,
-                line.id,
-            )
             detail = f"bought too few keys; need {needed}"
-            await self._event(tx, line.id, "backordered", detail, now)
+            await self._backorder(tx, line.id, 0.0, None, detail, now)
             return await self._fetch_line(tx, line.id)
         await self._bind(tx, line.id, chosen, 0, now)
         detail = f"keys {','.join(f'#{k}' for k in chosen)}"
         await self._event(tx, line.id, "allocated", detail, now)
         return await self._fetch_line(tx, line.id)
 
-    @staticmethod
-    async def _fetch_purchase(tx: Tx, row_id: int) -> Purchase:
-        row = await tx.fetchrow(FETCH_PURCHASE, row_id)
-        if row is None:
+    @classmethod
+    async def _fetch_purchase(cls, tx: Tx, row_id: int) -> Purchase:
+        found = await cls._purchases(tx, "WHERE id = $1", row_id)
+        if not found:
             raise phrased(StoreError, N_("no purchase with id %(id)s"), id=row_id)
-        return purchase_from_row(row)
+        return found[0]
+
+    @staticmethod
+    async def _purchases(tx: Tx, where: str, *args: Any) -> list[Purchase]:
+        """The purchases `where` (a template: `WHERE ... ORDER BY ...`) selects."""
+        rows = await tx.fetch(f"SELECT {PURCHASE_COLUMNS} FROM purchases {where}", *args)
+        return [purchase_from_row(r) for r in rows]
