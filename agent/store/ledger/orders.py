@@ -24,7 +24,6 @@ from agent.keybox import SealedKeyError, StoreKeyError
 from agent.phrased import phrased
 from agent.store.base import DeliveredSince, StoreError
 from agent.store.ledger.core import (
-    BIND,
     COUNT_BOUND,
     DELIVERED,
     FETCH_LINE,
@@ -198,13 +197,9 @@ class OrdersLedger(LedgerCore):
             binds += [(line_id, slot, now, k[0]) for slot, k in enumerate(keys[0])]
             events.append((line_id, "allocated", allocated_detail(k[:2] for k in keys[0])))
             events.append((line_id, "delivery_intent", f"attempt 1 key {keys[1]}{self._by}"))
-        if binds and (bound := await tx.executemany(BIND, binds)) != len(binds):
-            raise phrased(
-                StoreError,
-                N_("intake: a key was taken while binding (%(bound)s of %(wanted)s)"),
-                bound=bound,
-                wanted=len(binds),
-            )
+        if binds:
+            taken_meanwhile = N_("intake: a key was taken while binding (%(bound)s of %(wanted)s)")
+            await self._bind_keys(tx, binds, taken_meanwhile)
         await self._events(tx, events, now)
         waits = await self._delay(tx, ready, now, delays) if delays else {}
         for order in duplicates:
@@ -366,30 +361,26 @@ class OrdersLedger(LedgerCore):
                 detail = f"need {needed}, free {len(keys)}"
                 await self._backorder(tx, line.id, None, None, detail, now)
             return await self._fetch_line(tx, line.id)
-        await self._bind(tx, line.id, [k[0] for k in keys], line.quantity - needed, now)
-        await self._event(tx, line.id, "allocated", allocated_detail(k[:2] for k in keys), now)
+        detail = allocated_detail(k[:2] for k in keys)
+        await self._bind(tx, line.id, [k[0] for k in keys], line.quantity - needed, detail, now)
         # What the statements wrote, without reading the row back (hot path).
         return replace(line, state=LineState.ALLOCATED, next_attempt_at=0.0)
 
     async def _bind(
-        self, tx: Tx, line_id: int, key_ids: list[int], first_slot: int, now: float
+        self, tx: Tx, line_id: int, key_ids: list[int], first_slot: int, detail: str, now: float
     ) -> None:
         """Binds free keys (locked by this transaction) to the line's slots from
-        `first_slot` on, and marks the line allocated."""
+        `first_slot` on, and marks the line allocated (its event saying `detail`)."""
         binds = [(line_id, first_slot + n, now, key_id) for n, key_id in enumerate(key_ids)]
-        if (bound := await tx.executemany(BIND, binds)) != len(binds):
-            raise phrased(
-                StoreError,
-                N_("order line %(line)s: a key was taken while binding (%(bound)s)"),
-                line=line_id,
-                bound=bound,
-            )
+        taken_meanwhile = N_("order line %(line)s: a key was taken while binding (%(bound)s)")
+        await self._bind_keys(tx, binds, taken_meanwhile, line=line_id)
         await tx.execute(
             "UPDATE orders SET state = 'allocated', next_attempt_at = 0, updated_at = $1"
             " WHERE id = $2",
             now,
             line_id,
         )
+        await self._event(tx, line_id, "allocated", detail, now)
 
     @write
     async def claim_for_delivery(
@@ -684,12 +675,10 @@ class OrdersLedger(LedgerCore):
             reason,
             old_id,
         )
-        if await tx.executemany(BIND, [(line_id, old_slot, now, fresh[0][0])]) != 1:
-            raise phrased(
-                StoreError,
-                N_("order line %(line)s: the fresh key was taken while binding"),
-                line=line_id,
-            )
+        taken_meanwhile = N_("order line %(line)s: the fresh key was taken while binding")
+        await self._bind_keys(
+            tx, [(line_id, old_slot, now, fresh[0][0])], taken_meanwhile, line=line_id
+        )
         await tx.execute(
             "UPDATE orders SET state = 'delivering', delivery_generation ="
             " delivery_generation + 1, attempts = 0, next_attempt_at = $1, ambiguous = 0,"

@@ -184,9 +184,7 @@ class PurchasesLedger(OrdersLedger):
             detail = f"bought too few keys; need {needed}"
             await self._backorder(tx, line.id, 0.0, None, detail, now)
             return await self._fetch_line(tx, line.id)
-        await self._bind(tx, line.id, chosen, 0, now)
-        detail = f"keys {','.join(f'#{k}' for k in chosen)}"
-        await self._event(tx, line.id, "allocated", detail, now)
+        await self._bind(tx, line.id, chosen, 0, f"keys {','.join(f'#{k}' for k in chosen)}", now)
         return await self._fetch_line(tx, line.id)
 
     @classmethod

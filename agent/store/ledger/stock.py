@@ -235,12 +235,11 @@ class Ledger(AlertsLedger, PoolsLedger):
             " ORDER BY id LIMIT $1{skip_locked}",
             RESEAL_BATCH,
         )
-        if rows and not all(self.keybox.knows(r[2]) for r in rows):
-            self._keybox = await self._load_keys(tx)
+        box = await self._box_for(tx, [r[2] for r in rows])
         resealed: list[Sequence[Any]] = []
         for row_id, sku, key_id, sealed in rows:
-            item = self.keybox.open_sku_bound(sku, key_id, sealed)
-            resealed.append((key_id, self.keybox.seal(sku, item, key_id)[1], row_id))
+            item = box.open_sku_bound(sku, key_id, sealed)
+            resealed.append((key_id, box.seal(sku, item, key_id)[1], row_id))
         await tx.executemany(RESEAL, resealed)
         return len(rows)
 
