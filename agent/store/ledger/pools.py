@@ -12,10 +12,12 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Any
 
+from agent import lifecycle
 from agent.domain import CardItem, LineState
 from agent.i18n import N_
 from agent.phrased import phrased
 from agent.pool_domain import (
+    OPEN_POOL_ADD,
     ConsignedKey,
     Pool,
     PoolAdd,
@@ -43,8 +45,28 @@ ADD_COLUMNS = (
     "a.id, a.reference, a.state, a.quantity, a.added, a.refused, a.attempts, a.created_at, "
     + POOL_COLUMNS
 )
+# OPEN_POOL_ADD written out: a query naming them so may use the partial index pool_adds_open.
 OPEN_ADDS = "('intent', 'unknown')"
 KEY_COLUMNS = "k.id, k.sku, k.key_id, k.sealed, k.secret_hash"
+POOLS = f"SELECT {POOL_COLUMNS} FROM pools p WHERE p.platform = $1"
+ADDS = (
+    f"SELECT {ADD_COLUMNS} FROM pool_adds a JOIN pools p ON p.id = a.pool_id WHERE p.platform = $1"
+)
+# Keys consigned to the pools of platform $1.
+CONSIGNED = (
+    " FROM card_keys k JOIN pool_adds a ON a.id = k.pool_add_id JOIN pools p ON p.id = a.pool_id"
+    " WHERE k.state = 'consigned' AND p.platform = $1"
+)
+# A call of add $4 that did not settle it recorded (its detail $2, at $3), the add moved to
+# state $1 (NULL: it stays) if it is in one of the states $5.
+ADD_CALLED = (
+    "UPDATE pool_adds SET state = COALESCE($1, state), attempts = attempts + 1, detail = $2,"
+    " updated_at = $3 WHERE id = $4 AND state = ANY($5::text[])"
+)
+# Consigned keys $2 marked as being given back since $1 (NULL: not, or no longer).
+RETURNING = (
+    "UPDATE card_keys SET returning_since = $1 WHERE id = ANY($2::bigint[]) AND state = 'consigned'"
+)
 # A key the platform sold, bound to the line its send log names (a free key it sold too: it
 # went to that buyer, so the agent must never hand it out).
 BIND_SOLD = Bulk(
@@ -79,11 +101,7 @@ class PoolsLedger(LedgerCore):
             sku,
             now,
         )
-        row = await tx.fetchrow(
-            f"SELECT {POOL_COLUMNS} FROM pools p WHERE p.platform = $1 AND p.cpc_id = $2",
-            platform,
-            cpc_id,
-        )
+        row = await tx.fetchrow(POOLS + " AND p.cpc_id = $2", platform, cpc_id)
         assert row is not None
         pool = _pool(row)
         if pool.sku != sku:
@@ -137,11 +155,7 @@ class PoolsLedger(LedgerCore):
     async def open_pool_adds(self, tx: Tx, platform: str) -> list[PoolAddIntent]:
         """The platform's adds not settled yet (intent, unknown), each with the keys it still
         holds consigned (a key sold meanwhile is in the pool for sure, and never added again)."""
-        rows = await tx.fetch(
-            f"SELECT {ADD_COLUMNS} FROM pool_adds a JOIN pools p ON p.id = a.pool_id"
-            f" WHERE p.platform = $1 AND a.state IN {OPEN_ADDS} ORDER BY a.id",
-            platform,
-        )
+        rows = await tx.fetch(ADDS + f" AND a.state IN {OPEN_ADDS} ORDER BY a.id", platform)
         adds = [_add(r) for r in rows]
         if not adds:
             return []
@@ -169,14 +183,7 @@ class PoolsLedger(LedgerCore):
     ) -> None:
         """The call did not settle the add: tried again later with the same keys. `unclear`:
         it may have taken effect (-> unknown); else nothing happened (the state stays)."""
-        state = "'unknown'" if unclear else "state"
-        await tx.execute(
-            f"UPDATE pool_adds SET state = {state}, attempts = attempts + 1, detail = $1,"
-            f" updated_at = $2 WHERE id = $3 AND state IN {OPEN_ADDS}",
-            reason[:500],
-            now,
-            add_id,
-        )
+        await self._add_called(tx, add_id, PoolAddState.UNKNOWN if unclear else None, reason, now)
 
     @write
     async def finish_pool_add(
@@ -191,7 +198,7 @@ class PoolsLedger(LedgerCore):
         )
         if row is None:
             raise phrased(StoreError, N_("no pool add with id %(id)s"), id=add_id)
-        if row[0] not in (PoolAddState.INTENT, PoolAddState.UNKNOWN):
+        if row[0] not in OPEN_POOL_ADD:
             return PoolAddState(row[0])  # settled meanwhile
         accounted = added + refused >= sent
         state = PoolAddState.ADDED
@@ -215,14 +222,7 @@ class PoolsLedger(LedgerCore):
         """The platform refused the intent's first call for good: nothing was added, its keys
         are free again. Only for an intent whose every call definitely did nothing (else the
         keys may be in the pool: see park_pool_add); True if it was failed."""
-        changed = await tx.execute(
-            "UPDATE pool_adds SET state = 'failed', attempts = attempts + 1, detail = $1,"
-            " updated_at = $2 WHERE id = $3 AND state = 'intent'",
-            reason[:500],
-            now,
-            add_id,
-        )
-        if changed:
+        if changed := await self._add_called(tx, add_id, PoolAddState.FAILED, reason, now):
             await tx.execute(
                 "UPDATE card_keys SET state = 'free', pool_add_id = NULL"
                 " WHERE pool_add_id = $1 AND state = 'consigned'",
@@ -234,23 +234,26 @@ class PoolsLedger(LedgerCore):
     async def park_pool_add(self, tx: Tx, add_id: int, reason: str, now: float) -> None:
         """An add that cannot be settled (refused after an earlier call may have added its
         keys): -> partial, its keys kept consigned for a human to check in the pool."""
-        await tx.execute(
-            "UPDATE pool_adds SET state = 'partial', attempts = attempts + 1, detail = $1,"
-            f" updated_at = $2 WHERE id = $3 AND state IN {OPEN_ADDS}",
-            reason[:500],
-            now,
-            add_id,
+        await self._add_called(tx, add_id, PoolAddState.PARTIAL, reason, now)
+
+    @staticmethod
+    async def _add_called(
+        tx: Tx, add_id: int, state: PoolAddState | None, reason: str, now: float
+    ) -> int:
+        """Records a call of the add that did not settle it (`reason`) and moves the add to
+        `state` (None: it stays open as it is), from the states agent/lifecycle.py lets it
+        move there from; how many adds it changed (0: settled, or failed, meanwhile)."""
+        sources = OPEN_POOL_ADD if state is None else lifecycle.sources(PoolAddState, state)
+        value = None if state is None else state.value
+        return await tx.execute(
+            ADD_CALLED, value, reason[:500], now, add_id, [s.value for s in sources]
         )
 
     @read
     async def pool_levels(self, tx: Tx, platform: str) -> list[PoolLevel]:
-        pools = await tx.fetch(
-            f"SELECT {POOL_COLUMNS} FROM pools p WHERE p.platform = $1 ORDER BY p.id", platform
-        )
+        pools = await tx.fetch(POOLS + " ORDER BY p.id", platform)
         counts = await tx.fetch(
-            "SELECT a.pool_id, COUNT(*), COUNT(k.returning_since) FROM card_keys k"
-            " JOIN pool_adds a ON a.id = k.pool_add_id JOIN pools p ON p.id = a.pool_id"
-            " WHERE k.state = 'consigned' AND p.platform = $1 GROUP BY a.pool_id",
+            f"SELECT a.pool_id, COUNT(*), COUNT(k.returning_since){CONSIGNED} GROUP BY a.pool_id",
             platform,
         )
         by_pool = {r[0]: (int(r[1]), int(r[2])) for r in counts}
@@ -268,12 +271,7 @@ class PoolsLedger(LedgerCore):
     @read
     async def pool_adds(self, tx: Tx, platform: str) -> list[PoolAdd]:
         """Every add to the platform's pools, oldest first (status, tests)."""
-        rows = await tx.fetch(
-            f"SELECT {ADD_COLUMNS} FROM pool_adds a JOIN pools p ON p.id = a.pool_id"
-            " WHERE p.platform = $1 ORDER BY a.id",
-            platform,
-        )
-        return [_add(r) for r in rows]
+        return [_add(r) for r in await tx.fetch(ADDS + " ORDER BY a.id", platform)]
 
     # --- sales ---------------------------------------------------------------------------
     @write
@@ -355,21 +353,14 @@ class PoolsLedger(LedgerCore):
         )
         if not rows:
             return []
-        await tx.execute(
-            "UPDATE card_keys SET returning_since = $1 WHERE id = ANY($2::bigint[])"
-            " AND state = 'consigned'",
-            now,
-            [r[0] for r in rows],
-        )
+        await tx.execute(RETURNING, now, [r[0] for r in rows])
         items = await self._open_rows(tx, [r[1:] for r in rows])
         return [ConsignedKey(r[0], pool, item) for r, item in zip(rows, items, strict=True)]
 
     @read
     async def returning_keys(self, tx: Tx, platform: str) -> list[ConsignedKey]:
         rows = await tx.fetch(
-            f"SELECT {KEY_COLUMNS}, {POOL_COLUMNS} FROM card_keys k"
-            " JOIN pool_adds a ON a.id = k.pool_add_id JOIN pools p ON p.id = a.pool_id"
-            " WHERE k.state = 'consigned' AND k.returning_since IS NOT NULL AND p.platform = $1"
+            f"SELECT {KEY_COLUMNS}, {POOL_COLUMNS}{CONSIGNED} AND k.returning_since IS NOT NULL"
             " ORDER BY k.id",
             platform,
         )
@@ -390,8 +381,4 @@ class PoolsLedger(LedgerCore):
     async def keep_consigned(self, tx: Tx, key_ids: Sequence[int], now: float) -> int:
         """A StockBack settled the other way: the pool did not give the key back (sold, its
         sale not recorded yet), or the key was added to it again. Consigned, as before."""
-        return await tx.execute(
-            "UPDATE card_keys SET returning_since = NULL WHERE id = ANY($1::bigint[])"
-            " AND state = 'consigned'",
-            list(key_ids),
-        )
+        return await tx.execute(RETURNING, None, list(key_ids))
