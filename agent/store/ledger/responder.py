@@ -61,8 +61,11 @@ LINES_KEYS = (
     " WHERE order_line_id = ANY($1::bigint[]) ORDER BY order_line_id, slot"
 )
 MARK_PROVIDED = "UPDATE orders SET state = 'provided', updated_at = $1 WHERE id = ANY($2::bigint[])"
-CANCEL_LINE = "UPDATE orders SET state = 'cancelled', reason = $1, updated_at = $2 WHERE id = $3"
-TAKEN = N_("%(platform)s order %(order)s: a key was taken while binding (%(bound)s)")
+# The platform $2's lines in state $1 taken in before $3, oldest first, $4 at most.
+LINES_SEEN = (
+    f"SELECT {LINE_COLUMNS} FROM orders WHERE state = $1 AND platform = $2 AND seen_at < $3"
+    " ORDER BY id LIMIT $4"
+)
 
 
 @dataclass(frozen=True, slots=True)
@@ -234,39 +237,58 @@ class ResponderLedger(LedgerCore):
             return earlier
         return Reply(reply[0], reply[1], False, (platform, order_id, action, key_id, sealed))
 
-    async def _new_line(
+    async def _take_lines(
         self,
         tx: Tx,
         platform: str,
         order_id: str,
-        number: int,
-        want: Want,
+        wants: Sequence[Want],
         state: LineState,
         now: float,
         action: str,
         refusal: str,
-    ) -> int | Reply:
-        """Takes line `number` of the order in (its id); the reply stored for `action`
-        instead if another agent took the order in meanwhile (StoreError saying `refusal`
-        if it stored none)."""
-        line_id = await tx.insert(
-            INSERT_RESPONDER_LINE,
-            platform,
-            order_id,
-            number,
-            want.sku,
-            want.quantity,
-            state.value,
-            want.amount,
-            want.currency,
-            now,
+    ) -> list[int] | Reply | None:
+        """The order's lines taken in, in `state`, each bound to its keys: their ids. None,
+        with nothing changed, when a line cannot be filled; the reply stored for `action`
+        if another agent took the order in meanwhile (StoreError saying `refusal` if it
+        stored none)."""
+        taken: list[list[int]] = []
+        for want in wants:
+            rows = await tx.fetch(FREE_KEYS, want.sku, want.quantity, now)
+            if len(rows) < want.quantity:
+                return None
+            taken.append([r[0] for r in rows])
+        binds: list[tuple[int, int, float, int]] = []
+        events: list[tuple[int, str, str]] = []
+        for number, (want, key_ids) in enumerate(zip(wants, taken, strict=True)):
+            line_id = await tx.insert(
+                INSERT_RESPONDER_LINE,
+                platform,
+                order_id,
+                number,
+                want.sku,
+                want.quantity,
+                state.value,
+                want.amount,
+                want.currency,
+                now,
+            )
+            if line_id is None:  # another agent took this order in meanwhile
+                stored = await self._stored(tx, platform, order_id, action)
+                if stored is None:
+                    raise phrased(StoreError, refusal, platform=platform, order=order_id)
+                return stored
+            binds += [(line_id, slot, now, key) for slot, key in enumerate(key_ids)]
+            events.append((line_id, state.value, f"sku={want.sku} keys={want.quantity}{self._by}"))
+        await self._bind_keys(
+            tx,
+            binds,
+            N_("%(platform)s order %(order)s: a key was taken while binding (%(bound)s)"),
+            platform=platform,
+            order=order_id,
         )
-        if line_id is not None:
-            return line_id
-        stored = await self._stored(tx, platform, order_id, action)
-        if stored is None:
-            raise phrased(StoreError, refusal, platform=platform, order=order_id)
-        return stored
+        await self._events(tx, events, now)
+        return [event[0] for event in events]
 
     # --- reservations (Eneba's RESERVE, PROVIDE, CANCEL); each call one transaction --------
     @_answered
@@ -284,35 +306,21 @@ class ResponderLedger(LedgerCore):
         (render(False)). Either reply is stored: the platform was told, so it stays told."""
         if (stored := await self._stored(tx, platform, order_id, "RESERVE")) is not None:
             return stored
-        taken: list[list[int]] = []
-        for want in wants:
-            rows = await tx.fetch(FREE_KEYS, want.sku, want.quantity, now)
-            if len(rows) < want.quantity or want.quantity < 1:
-                return await self._keep(tx, platform, order_id, "RESERVE", render(False), now)
-            taken.append([r[0] for r in rows])
-        binds: list[tuple[int, int, float, int]] = []
-        events: list[tuple[int, str, str]] = []
-        for number, (want, key_ids) in enumerate(zip(wants, taken, strict=True)):
-            line_id = await self._new_line(
+        taken = None
+        if wants and all(want.quantity > 0 for want in wants):  # else nothing asked for
+            taken = await self._take_lines(
                 tx,
                 platform,
                 order_id,
-                number,
-                want,
+                wants,
                 LineState.RESERVED,
                 now,
                 "RESERVE",
                 N_("%(platform)s order %(order)s: reserved without a reply"),
             )
-            if isinstance(line_id, Reply):  # another agent took this order in meanwhile
-                return line_id
-            binds += [(line_id, slot, now, key) for slot, key in enumerate(key_ids)]
-            events.append((line_id, "reserved", f"sku={want.sku} keys={want.quantity}{self._by}"))
-        if not binds:  # nothing asked for: nothing reserved
-            return await self._keep(tx, platform, order_id, "RESERVE", render(False), now)
-        await self._bind_keys(tx, binds, TAKEN, platform=platform, order=order_id)
-        await self._events(tx, events, now)
-        return await self._keep(tx, platform, order_id, "RESERVE", render(True), now)
+            if isinstance(taken, Reply):
+                return taken
+        return await self._keep(tx, platform, order_id, "RESERVE", render(taken is not None), now)
 
     async def provide(
         self,
@@ -531,7 +539,12 @@ class ResponderLedger(LedgerCore):
                 line.id,
             )
             outcome, kind, detail = Cancelled.VOIDED, "keys_voided", "keys voided"
-        await tx.execute(CANCEL_LINE, reason, now, line.id)
+        await tx.execute(
+            "UPDATE orders SET state = 'cancelled', reason = $1, updated_at = $2 WHERE id = $3",
+            reason,
+            now,
+            line.id,
+        )
         await self._event(tx, line.id, kind, f"{count} {detail}: {reason}", now)
         return outcome
 
@@ -542,11 +555,7 @@ class ResponderLedger(LedgerCore):
         """Releases reservations taken before `reserved_before` and never asked for (the
         buyer never paid): their keys back to stock. How many lines."""
         rows = await tx.fetch(
-            f"SELECT {LINE_COLUMNS} FROM orders WHERE state = 'reserved' AND platform = $1"
-            " AND seen_at < $2 ORDER BY id LIMIT $3{skip_locked}",
-            platform,
-            reserved_before,
-            limit,
+            LINES_SEEN + "{skip_locked}", LineState.RESERVED.value, platform, reserved_before, limit
         )
         for line in map(line_from_row, rows):
             await self._cancel_line(tx, line, "reservation not paid in time", now)
@@ -557,14 +566,7 @@ class ResponderLedger(LedgerCore):
         self, tx: Tx, platform: str, state: LineState, seen_before: float, limit: int
     ) -> list[OrderLine]:
         """The platform's lines in `state` taken in before `seen_before`, oldest first."""
-        rows = await tx.fetch(
-            f"SELECT {LINE_COLUMNS} FROM orders WHERE state = $1 AND platform = $2"
-            " AND seen_at < $3 ORDER BY id LIMIT $4",
-            state.value,
-            platform,
-            seen_before,
-            limit,
-        )
+        rows = await tx.fetch(LINES_SEEN, state.value, platform, seen_before, limit)
         return [line_from_row(r) for r in rows]
 
     # --- orders placed with us (a dujiao-next shop) ---------------------------------------
@@ -585,38 +587,32 @@ class ResponderLedger(LedgerCore):
         changed, and a later try may find stock)."""
         if (stored := await self._stored(tx, platform, order_id, "ORDER")) is not None:
             return stored
-        rows = await tx.fetch(FREE_KEYS, want.sku, want.quantity, now)
-        if len(rows) < want.quantity:
-            rendered = render(None)
-            return Reply(rendered[0], rendered[1])
-        line_id = await self._new_line(
+        taken = await self._take_lines(
             tx,
             platform,
             order_id,
-            0,
-            want,
+            [want],
             LineState.PROVIDED,
             now,
             "ORDER",
             N_("%(platform)s order %(order)s: placed without a reply"),
         )
-        if isinstance(line_id, Reply):  # another agent placed it meanwhile
-            return line_id
-        binds = [(line_id, slot, now, r[0]) for slot, r in enumerate(rows)]
-        await self._bind_keys(tx, binds, TAKEN, platform=platform, order=order_id)
-        detail = f"sku={want.sku} keys={want.quantity}{self._by}"
-        await self._event(tx, line_id, "provided", detail, now)
-        line = await self._fetch_line(tx, line_id)
-        handed = Handed(line, (await self._lines_items(tx, [line]))[line_id])
+        if taken is None:
+            rendered = render(None)
+            return Reply(rendered[0], rendered[1])
+        if isinstance(taken, Reply):
+            return taken
+        line = await self._fetch_line(tx, taken[0])
+        handed = Handed(line, (await self._lines_items(tx, [line]))[line.id])
         if callback is not None:
             url, body = callback
             box = await self._fresh_keybox(tx)
-            key_id, sealed = box.seal_bytes(_callback_label(platform, line_id), body(handed))
+            key_id, sealed = box.seal_bytes(_callback_label(platform, line.id), body(handed))
             await tx.execute(
                 "INSERT INTO callbacks (platform, order_line_id, url, key_id, sealed, created_at)"
                 " VALUES ($1, $2, $3, $4, $5, $6)",
                 platform,
-                line_id,
+                line.id,
                 url,
                 key_id,
                 sealed,
