@@ -156,28 +156,18 @@ class AlertsLedger(PurchasesLedger):
         retry_at: float | None = None,
     ) -> None:
         """Sent (no error), to retry at `retry_at`, or dead (error and no retry)."""
+        args: tuple[float | str, ...]
         if error is None:
-            await tx.execute(
-                "UPDATE outbox SET sent_at = $1, attempts = attempts + 1 WHERE id = $2",
-                now,
-                item_id,
-            )
+            sets, args = "sent_at = $1", (now,)
         elif retry_at is not None:
-            await tx.execute(
-                "UPDATE outbox SET attempts = attempts + 1, next_attempt_at = $1,"
-                " last_error = $2 WHERE id = $3",
-                retry_at,
-                error,
-                item_id,
-            )
+            sets, args = "next_attempt_at = $1, last_error = $2", (retry_at, error)
         else:
-            await tx.execute(
-                "UPDATE outbox SET attempts = attempts + 1, dead_at = $1, last_error = $2"
-                " WHERE id = $3",
-                now,
-                error,
-                item_id,
-            )
+            sets, args = "dead_at = $1, last_error = $2", (now, error)
+        await tx.execute(
+            f"UPDATE outbox SET attempts = attempts + 1, {sets} WHERE id = ${len(args) + 1}",
+            *args,
+            item_id,
+        )
 
     # --- buyer side -------------------------------------------------------------------------
     @read

@@ -562,12 +562,9 @@ class OrdersLedger(LedgerCore):
     async def retry_line(self, tx: Tx, line_id: int, now: float) -> OrderLine:
         """needs_attention -> the state it can go on from (see rows.retry_target)."""
         line = await self._lock_line_in(tx, line_id, now, LineState.NEEDS_ATTENTION, NOT_PARKED)
-        open_purchases = await tx.fetchval(
-            "SELECT COUNT(*) FROM purchases WHERE order_line_id = $1 AND state IN {open_purchase}",
-            line_id,
-        )
         bound = await tx.fetchval(COUNT_BOUND, line_id)
-        state, ambiguous = retry_target(line, bound, open_purchases > 0)
+        # What it holds besides its keys: a purchase open for it.
+        state, ambiguous = retry_target(line, bound, await tx.fetchval(HOLDINGS, line_id) > bound)
         if state == LineState.NEW and line.quantity < 1:
             # Parked at intake with no quantity: back to work it would deliver no keys.
             raise phrased(
