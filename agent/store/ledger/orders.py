@@ -274,16 +274,11 @@ class OrdersLedger(LedgerCore):
             _, sku, quantity, state = seen
             if changed_order_reason(sku, quantity, LineState(state), order) is None:
                 return
-        row = await tx.fetchrow(
-            "SELECT id, sku, quantity, state FROM orders"
-            " WHERE platform = $1 AND order_id = $2 AND line = 0{for_update}",
-            platform,
-            order.order_id,
-        )
+        row = await tx.fetchrow(KNOWN + "{for_update}", platform, [order.order_id])
         assert row is not None  # a duplicate's row: it is in the ledger
-        reason = changed_order_reason(row[1], row[2], LineState(row[3]), order)
+        reason = changed_order_reason(row[2], row[3], LineState(row[4]), order)
         if reason is not None:
-            await self._park(tx, row[0], reason, now)
+            await self._park(tx, row[1], reason, now)
 
     @read
     async def get_cursor(self, tx: Tx, platform: str) -> str | None:
