@@ -14,7 +14,7 @@ import pytest
 from agent.domain import LineState
 from agent.store.base import LedgerRefused, Store, StoreError
 from agent.store.ledger.responder import Cancelled, Handed, Reply, Want
-from tests.conftest import stock
+from tests.conftest import master_key_for_tests, stock
 
 NOW = 1_700_000_000.0
 P = "eneba"
@@ -256,3 +256,63 @@ async def test_a_broken_order_in_a_batch_of_provides_fails_alone(store: Store) -
     [line] = await store.find_lines("o-3")
     assert line.state == LineState.RESERVED  # nothing of it was kept
     assert await r(store).stored_reply(P, "o-3", "PROVIDE") is None
+
+
+async def test_a_provide_racing_another_agents_reply_answers_that_reply(
+    pg_url: str,
+) -> None:
+    # Two agents on one PostgreSQL ledger answer a PROVIDE of an order neither holds (it
+    # locks no line). Agent b writes its reply first and commits it only once agent a's own
+    # write waits on that row: a stores nothing, and answers b's reply. a's batch failed
+    # first (a broken order beside it), so the race hits a call run on its own.
+    asyncpg = pytest.importorskip("asyncpg")
+    from agent.store.postgres import PostgresStore
+
+    a, b = (PostgresStore(pg_url, master_key_for_tests(), instance=name) for name in "ab")
+    await asyncio.gather(a.open(), b.open())
+    try:
+        await stock(a, "GAME-100", 2)
+        await r(a).reserve(P, "broken", [Want("GAME-100", 2)], NOW, ok)
+        [broken] = await a.find_lines("broken")
+
+        async def short(tx: Any) -> None:  # the line says 3 keys, holds 2: the ledger refuses
+            await tx.execute("UPDATE orders SET quantity = 3 WHERE id = $1", broken.id)
+
+        await r(a)._write(short)
+        written, commit = asyncio.Event(), asyncio.Event()
+
+        async def b_replies(tx: Any) -> Reply:
+            reply = await r(b)._keep(tx, P, "unknown", "PROVIDE", (200, b"b's reply"), NOW)
+            written.set()
+            await commit.wait()
+            assert isinstance(reply, Reply)
+            return reply
+
+        b_done = asyncio.create_task(r(b)._write(b_replies))
+        await written.wait()
+        answers = asyncio.gather(
+            *(r(a).provide(P, order, NOW + 1, keys_of) for order in ("broken", "unknown")),
+            return_exceptions=True,
+        )
+        watch = await asyncpg.connect(pg_url)
+        try:
+            for _ in range(3000):  # until a's write waits on b's row
+                if await watch.fetchval(
+                    "SELECT COUNT(*) FROM pg_stat_activity WHERE wait_event_type = 'Lock'"
+                    " AND datname = current_database()"
+                ):
+                    break
+                await asyncio.sleep(0.01)
+            else:
+                pytest.fail("agent a never wrote its reply")
+        finally:
+            await watch.close()
+        commit.set()
+        replies = await answers
+        assert isinstance(replies[0], StoreError)
+        assert isinstance(replies[1], Reply)
+        assert (replies[1].body, replies[1].replayed) == (b"b's reply", True)
+        assert (await b_done).body == b"b's reply"
+    finally:
+        await a.close()
+        await b.close()
