@@ -113,6 +113,8 @@ def fill(template: str, slots: Mapping[str, object]) -> str:
 
 _LIST = re.compile(r"(\S+)\s*(=\s*ANY|!=\s*ALL)\(\$(\d+)::\w+\[\]\)")
 _PARAM = re.compile(r"\$(\d+)")
+# What makes a statement answer otherwise run a chunk of its list at a time than whole.
+_WHOLE = re.compile(r"\b(LIMIT|ORDER BY|GROUP BY|DISTINCT|COUNT|SUM|MIN|MAX)\b", re.IGNORECASE)
 
 
 PADDED = 4_096  # lists up to this long are padded (Expanding.expand)
@@ -121,7 +123,7 @@ PADDED = 4_096  # lists up to this long are padded (Expanding.expand)
 class Expanding:
     """A SQLite statement with a list parameter: `IN (...)` sized at each call."""
 
-    __slots__ = ("_index", "_parts", "_sized")
+    __slots__ = ("_index", "_parts", "_sized", "_splittable")
 
     def __init__(self, sql: str) -> None:
         match = _LIST.search(sql)
@@ -133,6 +135,9 @@ class Expanding:
         )
         self._parts = (f"{before}{match.group(1)} {op} (", f"){after}")
         self._sized: dict[int, str] = {}
+        # Chunks answer as the whole only for IN (the union of their rows or changes) with
+        # nothing over all the rows at once (a limit, an order, a count).
+        self._splittable = op == "IN" and _WHOLE.search(sql) is None
 
     def expand(self, args: Sequence[Any]) -> tuple[str, tuple[Any, ...]]:
         """The statement for these arguments: the list's values become parameters after
@@ -158,9 +163,10 @@ class Expanding:
         return sql, (*flat, *values)
 
     def chunks(self, args: Sequence[Any], size: int) -> list[tuple[Any, ...]]:
-        """The arguments split so no call binds more than `size` list values."""
+        """The arguments split so no call binds more than `size` list values, where the
+        chunks answer as the whole list would (else the arguments whole)."""
         values = list(args[self._index])
-        if len(values) <= size:
+        if len(values) <= size or not self._splittable:
             return [tuple(args)]
         out = []
         for start in range(0, len(values), size):
