@@ -68,6 +68,17 @@ class Transient(AgentError):
         self.retry_after = retry_after
 
 
+class Held(Transient):
+    """The adapter held the call back, unsent, to keep the platform's own rate limit (Eneba
+    takes one update of an auction per 45 s): nothing failed; it may go out in
+    `retry_after` seconds."""
+
+    retry_after: float
+
+    def __init__(self, message: str, retry_after: float) -> None:
+        super().__init__(message, retry_after)
+
+
 class AuthFailed(Transient):
     """The platform refused our credentials; nothing took effect."""
 

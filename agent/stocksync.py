@@ -28,7 +28,7 @@ from dataclasses import dataclass, field
 from decimal import Decimal
 
 from agent.config import LOCAL_SOURCE, SkuSettings
-from agent.domain import AgentError, Ambiguous, StockNotOffered, Transient, retry_delay
+from agent.domain import AgentError, Ambiguous, Held, StockNotOffered, Transient, retry_delay
 from agent.logs import get_logger
 from agent.platforms.base import Platform, StockPublisher, WatermarkedStockPublisher
 from agent.stockcapacity import capacities
@@ -342,6 +342,18 @@ class StockSync:
                     await publisher.publish_stock(sku, count)
             except StockNotOffered as exc:
                 self._not_offered(name, sku, exc)
+                return
+            except Held as exc:
+                # Not a failure: the adapter keeps the platform's spacing; the latest count
+                # goes out when it allows (no back-off, no warning every spacing).
+                outlet.retry_at = time.monotonic() + exc.retry_after
+                log.info(
+                    "stock_publish_held",
+                    platform=name,
+                    sku=sku,
+                    available=count,
+                    retry_in_s=round(exc.retry_after, 1),
+                )
                 return
             except Exception as exc:
                 self._failed(name, sku, outlet, count, exc)

@@ -35,6 +35,7 @@ from agent.domain import (
     AuthFailed,
     BadResponse,
     CardItem,
+    Held,
     LineState,
     OrderPage,
     Permanent,
@@ -362,7 +363,7 @@ class EnebaPlatform:
         last = self._updated_at.get(auction)
         wait = 0.0 if last is None else last + self.options.update_spacing - now
         if wait > 0:
-            raise Transient(
+            raise Held(
                 f"Eneba takes one update of auction {auction} every"
                 f" {self.options.update_spacing:g} s; the next in {wait:.1f} s",
                 retry_after=wait,

@@ -17,6 +17,7 @@ from typing import Any
 
 import aiohttp
 import pytest
+import structlog.testing
 
 from agent.config import PlatformSettings, SkuSettings
 from agent.domain import KeyState, LineState, Transient
@@ -286,6 +287,34 @@ async def test_declared_stock_is_what_can_be_filled_reserved_keys_excluded(rig: 
     await asyncio.sleep(0.6)  # a lower count goes out at most every 0.5 s
     await sync.step()
     assert rig.fake.declared[AUCTION] == 3
+
+
+async def test_a_count_held_for_enebas_spacing_is_no_failure_and_goes_out_then(
+    sqlite_store: SQLiteStore, fake: FakeEneba
+) -> None:
+    # The adapter holds a lower count back until the auction's spacing allows it: the stock
+    # sync neither counts that a failure (no back-off, no warning each time) nor forgets it.
+    rig = await make_rig(sqlite_store, fake, update_spacing=2.0)
+    try:
+        await stock(rig.store, "GAME-100", 5)
+        skus = {"GAME-100": SkuSettings(sku="GAME-100")}
+        sync = StockSync(skus, rig.store, {"eneba": rig.platform}, {})
+        await sync.step()
+        assert rig.fake.declared[AUCTION] == 5
+        assert await rig.fake.reserve("o-held", [(AUCTION, 2)])
+        await asyncio.sleep(0.6)  # past the stock sync's own spacing of a lower count
+        with structlog.testing.capture_logs() as logs:
+            await sync.step()
+        outlet = sync.outlets["eneba", "GAME-100"]
+        assert rig.fake.declared[AUCTION] == 5 and outlet.failures == 0
+        assert [e["event"] for e in logs if e["log_level"] == "warning"] == []
+        assert [e["available"] for e in logs if e["event"] == "stock_publish_held"] == [3]
+        await wait_for(lambda: time.monotonic() >= outlet.retry_at, "the spacing to pass")
+        await sync.step()
+        assert rig.fake.declared[AUCTION] == 3 and rig.fake.refused_updates == 0
+    finally:
+        await rig.listener.stop()
+        await rig.platform.close()
 
 
 async def test_reserve_prices_are_cents_and_a_line_keeps_its_total(rig: Rig) -> None:
