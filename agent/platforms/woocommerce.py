@@ -18,7 +18,7 @@ import json
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
-from urllib.parse import urlencode, urlparse
+from urllib.parse import urlparse
 
 import aiohttp
 from aiohttp import hdrs
@@ -40,6 +40,7 @@ from agent.domain import (
     Transient,
 )
 from agent.logs import get_logger
+from agent.platforms.woocommerce_auth import oauth_params, query_string
 from agent.platforms.woocommerce_listing import (
     ListingPass,
     bound_from_date,
@@ -162,8 +163,9 @@ def _total_pages(value: str | None) -> int | None:
 
 
 class WooClient:
-    """Basic-auth JSON client. Never follows a redirect (it would carry the credentials and the
-    keys elsewhere), caps every body, and never puts the credentials in a URL or a log."""
+    """Basic-auth JSON client (plus an OAuth 1.0a signature in the query over plain HTTP, which
+    names the consumer key but never the secret). Never follows a redirect (it would carry the
+    credentials and the keys elsewhere), caps every body, never logs a URL or a credential."""
 
     def __init__(
         self,
@@ -176,6 +178,10 @@ class WooClient:
         self._base = URL(base_url)
         self._base_text = str(self._base).rstrip("/")
         token = base64.b64encode(f"{consumer_key}:{consumer_secret}".encode()).decode()
+        self._consumer_key = consumer_key
+        self._consumer_secret = consumer_secret
+        # Only a loopback shop may be plain HTTP (parse_options refuses any other).
+        self._sign = self._base.scheme == "http"
         self._authorization = f"Basic {token}"
         register(consumer_secret, token)  # masked wherever a text might show them
         self._timeout = aiohttp.ClientTimeout(total=timeout)
@@ -203,8 +209,16 @@ class WooClient:
     ) -> WooResponse:
         """Transient when the request surely did not reach the shop, else Ambiguous;
         Redirected (Permanent) for a 3xx answer."""
-        query = f"?{urlencode(params)}" if params else ""
-        url = URL(f"{self._base_text}{API}{path}{query}", encoded=True)
+        endpoint = f"{self._base_text}{API}{path}"
+        query = {k: str(v) for k, v in (params or {}).items()}
+        if self._sign:
+            # Plain HTTP: WooCommerce ignores Basic unless WordPress believes it is on TLS, and
+            # checks an OAuth 1.0a signature instead (see woocommerce_auth). The Basic header
+            # stays for a loopback shop that WordPress is told is on TLS (a proxy in front).
+            query.update(
+                oauth_params(method, endpoint, query, self._consumer_key, self._consumer_secret)
+            )
+        url = URL(f"{endpoint}?{query_string(query)}" if query else endpoint, encoded=True)
         headers = {hdrs.AUTHORIZATION: self._authorization, hdrs.ACCEPT: "application/json"}
         body = None
         if payload is not None:

@@ -145,23 +145,52 @@ def test_config_refuses_what_woocommerce_cannot_do(
 # --- auth, transport ----------------------------------------------------------------------
 
 
+@pytest.mark.parametrize(
+    ("ssl", "wrong_secret", "how"),
+    [
+        (True, "Consumer secret is invalid", "basic"),
+        (False, "provided signature does not match", "oauth"),
+    ],
+)
 async def test_wrong_credentials_are_auth_failures_that_do_not_show_the_secret(
-    shop: FakeWooCommerce,
+    shop: FakeWooCommerce, ssl: bool, wrong_secret: str, how: str
 ) -> None:
+    shop.ssl = ssl
     shop.add_order([("GAME-100", 1)])
     async with adapter(shop, secret="cs_wrong_secret_value") as platform:
         with pytest.raises(AuthFailed) as refused:
             await platform.list_paid(None)
-    assert "Consumer secret is invalid" in str(refused.value)
+    assert wrong_secret in str(refused.value)
     assert "cs_wrong_secret_value" not in str(refused.value)
     async with adapter(shop, api_key="ck_unknown") as platform:
         with pytest.raises(AuthFailed, match="Consumer key is invalid"):
             await platform.ping()
     async with adapter(shop) as platform:
         await platform.ping()
-    # Basic auth only: the secret never travels in a URL (where logs and proxies keep it).
-    assert shop.seen_auth == {"basic"}
+    # Never the query-string credentials: the secret never travels in a URL.
+    assert shop.seen_auth == {how}
     assert shop.auth_failures == 2
+
+
+async def test_a_plain_http_shop_is_signed_with_oauth_and_never_sees_the_secret(
+    shop: FakeWooCommerce,
+) -> None:
+    # WooCommerce reads Basic auth only when WordPress believes the request is on TLS; over
+    # plain HTTP (a shop on the same machine) it checks an OAuth 1.0a signature instead
+    # [docs _authentication.md; class-wc-rest-authentication.php]. Basic alone is refused.
+    order = shop.add_order([("GAME-100", 1), ("GAME-200", 2)])
+    async with adapter(shop) as platform:
+        seen_lines, _ = await one_pass(platform, None)
+        assert len(seen_lines) == 2
+        await platform.deliver(line_of(shop, order), "idem-1", keys_for("A", 1), "Thanks")
+        await platform.deliver(line_of(shop, order, 1), "idem-2", keys_for("B", 2), "Thanks")
+    assert shop.orders[order].status == "completed"
+    assert shop.auth_failures == 0 and shop.seen_auth == {"oauth"}
+    seen = shop.seen_queries
+    assert seen and all("oauth_signature=" in q for q in seen)
+    assert not any(shop.consumer_secret in q for q in seen)
+    # A fresh nonce for every request (WooCommerce refuses one used in the last 15 minutes).
+    assert len(shop.used_nonces) == len(seen)
 
 
 async def test_rate_limit_is_transient_with_the_shops_retry_after(shop: FakeWooCommerce) -> None:
@@ -233,6 +262,7 @@ async def test_orders_completed_during_a_pass_do_not_make_others_skipped(
 async def test_cursor_resumes_after_a_restart_and_keeps_orders_of_a_shared_second() -> None:
     now = [1_800_000_000.0]
     shop = FakeWooCommerce(clock=lambda: now[0])
+    shop.ssl = True  # Basic auth: OAuth timestamps would be checked against the shifted clock
     await shop.start()
     try:
         first = [shop.add_order([("GAME-100", 1)]) for _ in range(120)]

@@ -3,8 +3,11 @@ documentation and written without looking at the adapter (nothing here imports
 agent.platforms.woocommerce), so the adapter is checked against the shop, not against itself.
 
 Sources (woocommerce/woocommerce-rest-api-docs, source/includes/wp-api-v3/):
-- _authentication.md: consumer key and secret as HTTP Basic user and password ("over HTTPS";
-  the fake runs plain HTTP on 127.0.0.1), or as `consumer_key`/`consumer_secret` in the query.
+- _authentication.md: over HTTPS, consumer key and secret as HTTP Basic user and password, or as
+  `consumer_key`/`consumer_secret` in the query; over HTTP, OAuth 1.0a "one-legged" parameters
+  in the query, HMAC-SHA1/256 keyed with `secret&`, 15-minute timestamps, single-use nonces
+  (checked as includes/class-wc-rest-authentication.php does; the fake runs plain HTTP, so
+  Basic is read only when `ssl` is set, as WordPress's is_ssl() decides).
 - _introduction.md: errors are `{"code", "message", "data": {"status"}}`; collections are paged
   with `page` (1-based) and `per_page`; `X-WP-Total` and `X-WP-TotalPages` always sent.
 - _orders.md: the order properties (`id`, `status`, `date_modified_gmt`, `date_paid_gmt`,
@@ -34,6 +37,8 @@ from __future__ import annotations
 import asyncio
 import base64
 import binascii
+import hashlib
+import hmac
 import json
 import random
 import time
@@ -42,6 +47,7 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta, timezone
 from email.utils import formatdate
 from typing import Any
+from urllib.parse import quote
 
 from aiohttp import web
 
@@ -161,7 +167,12 @@ class FakeWooCommerce:
         self.errors = 0
         self.rate_limited = 0
         self.duplicated = 0
-        self.seen_auth: set[str] = set()  # how clients authenticated: "basic" / "query"
+        self.seen_auth: set[str] = set()  # how clients authenticated: basic / query / oauth
+        # WordPress's is_ssl(): False, as for a shop served over plain HTTP (the fake is); True
+        # models TLS ended in front of a WordPress told so. Basic auth is only read when True.
+        self.ssl = False
+        self.used_nonces: set[str] = set()
+        self.seen_queries: list[str] = []  # every request's query string, as received
         self.base_url = ""
         self._runner: web.AppRunner | None = None
 
@@ -247,17 +258,22 @@ class FakeWooCommerce:
     def _authenticated(self, request: web.Request) -> web.Response | None:
         header = request.headers.get("Authorization", "")
         key = secret = None
-        if header.lower().startswith("basic "):
+        # WC_REST_Authentication::authenticate: Basic (header, or consumer_key/consumer_secret
+        # in the query) only when WordPress believes the request is on TLS (is_ssl()); else,
+        # and when Basic found no key, an OAuth 1.0a signature in the query.
+        if self.ssl and request.query.get("consumer_key") and request.query.get("consumer_secret"):
+            key = request.query["consumer_key"]
+            secret = request.query["consumer_secret"]
+            self.seen_auth.add("query")
+        elif self.ssl and header.lower().startswith("basic "):
             try:
                 decoded = base64.b64decode(header[6:].strip(), validate=True).decode()
             except (binascii.Error, UnicodeDecodeError):
                 decoded = ""
             key, _, secret = decoded.partition(":")
             self.seen_auth.add("basic")
-        elif "consumer_key" in request.query:
-            key = request.query.get("consumer_key")
-            secret = request.query.get("consumer_secret")
-            self.seen_auth.add("query")
+        elif any(name.startswith("oauth_") for name in request.query):
+            return self._oauth_refusal(request)
         if key is None:
             self.auth_failures += 1
             return _error(401, "woocommerce_rest_cannot_view", "Sorry, you cannot list resources.")
@@ -277,9 +293,83 @@ class FakeWooCommerce:
             )
         return None
 
+    def _oauth_refusal(self, request: web.Request) -> web.Response | None:
+        """WC_REST_Authentication::perform_oauth_authentication, as its source reads."""
+        self.seen_auth.add("oauth")
+        params = dict(request.query)
+        required = (
+            "oauth_consumer_key",
+            "oauth_timestamp",
+            "oauth_nonce",
+            "oauth_signature",
+            "oauth_signature_method",
+        )
+        missing = [name for name in required if not params.get(name)]
+        if missing:
+            self.auth_failures += 1
+            return _error(
+                401,
+                "woocommerce_rest_authentication_missing_parameter",
+                f"Missing OAuth parameter(s) {', '.join(missing)}",
+            )
+        if params["oauth_consumer_key"] != self.consumer_key:
+            self.auth_failures += 1
+            return _error(401, "woocommerce_rest_authentication_error", "Consumer key is invalid.")
+        given = params.pop("oauth_signature")
+        method = params["oauth_signature_method"]
+        if method not in ("HMAC-SHA1", "HMAC-SHA256"):
+            self.auth_failures += 1
+            return _error(
+                401,
+                "woocommerce_rest_authentication_error",
+                "Invalid signature - signature method is invalid.",
+            )
+
+        def encode(text: str) -> str:  # PHP rawurlencode
+            return quote(text, safe="~")
+
+        # The store URL WordPress knows (scheme by is_ssl()) and the request path; every query
+        # parameter but the signature, encoded, sorted, joined; key = consumer secret + "&".
+        url = f"{'https' if self.ssl else 'http'}://{request.host}{request.path}"
+        joined = "&".join(f"{encode(k)}={encode(v)}" for k, v in sorted(params.items()))
+        base = f"{request.method.upper()}&{encode(url)}&{encode(joined)}"
+        algorithm = hashlib.sha1 if method == "HMAC-SHA1" else hashlib.sha256
+        digest = hmac.new(f"{self.consumer_secret}&".encode(), base.encode(), algorithm).digest()
+        if not hmac.compare_digest(base64.b64encode(digest).decode(), given):
+            self.auth_failures += 1
+            return _error(
+                401,
+                "woocommerce_rest_authentication_error",
+                "Invalid signature - provided signature does not match.",
+            )
+        try:
+            stamp = int(params["oauth_timestamp"])
+        except ValueError:
+            stamp = 0
+        if abs(stamp - self.clock()) > 15 * 60:
+            self.auth_failures += 1
+            return _error(401, "woocommerce_rest_authentication_error", "Invalid timestamp.")
+        nonce = params["oauth_nonce"]
+        if nonce in self.used_nonces:
+            self.auth_failures += 1
+            return _error(
+                401,
+                "woocommerce_rest_authentication_error",
+                "Invalid nonce - nonce has already been used.",
+            )
+        self.used_nonces.add(nonce)
+        if self.read_only and request.method != "GET":
+            return _error(
+                401,
+                "woocommerce_rest_authentication_error",
+                "The API key provided does not have write permissions.",
+            )
+        return None
+
     @web.middleware
     async def _middleware(self, request: web.Request, handler: Any) -> web.StreamResponse:
         self.requests += 1
+        self.seen_queries.append(request.query_string)
         if self.faults.latency:
             await asyncio.sleep(self.random.uniform(0, self.faults.latency))
         refused = self._authenticated(request)
