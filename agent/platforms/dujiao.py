@@ -242,12 +242,15 @@ class DujiaoPlatform:
                 timeout=aiohttp.ClientTimeout(total=self.timeout),
                 cookie_jar=aiohttp.DummyCookieJar(),
             )
-        path = urlparse(url).path or "/"
         stamp = str(int(time.time()))
+        # Signed over the fixed callback path, not the URL's: the shop's receiver verifies
+        # that path (HandleCallback), as dujiao-next's own sender signs it (SendCallback), so a
+        # shop under a sub-path or behind a proxy's prefix still accepts it.
+        signed = wire.CALLBACK_PATH
         headers = {
             wire.HEADERS[0]: self.api_key,
             wire.HEADERS[1]: stamp,
-            wire.HEADERS[2]: hmac_sha256_hex(self.secret, "POST", path, stamp, body),
+            wire.HEADERS[2]: hmac_sha256_hex(self.secret, "POST", signed, stamp, body),
             "Content-Type": "application/json",
         }
         try:

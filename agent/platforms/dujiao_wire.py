@@ -24,6 +24,12 @@ from agent.storable import identifier
 HEADERS = ("Dujiao-Next-Api-Key", "Dujiao-Next-Timestamp", "Dujiao-Next-Signature")
 MAX_SKEW = 60.0  # seconds, either way (signer.go: MaxTimestampSkew)
 PROTOCOL_VERSION = "1.0"
+# What a callback is signed over, wherever the shop's callback URL points (the shop's
+# HandleCallback verifies this path; dujiao-next's SendCallback signs it).
+CALLBACK_PATH = "/api/v1/upstream/callback"
+# The callback's event for a delivered order, as dujiao-next's own sender names it
+# (DownstreamCallbackService.SendCallback: "order.fulfilled", else "order.status_changed").
+DELIVERED_EVENT = "order.fulfilled"
 MAX_ORDER_NO = 64
 MAX_QUANTITY = 1000
 MAX_URL = 1024
@@ -210,7 +216,7 @@ def callback(line_id: int, downstream_order_no: str, items: Sequence[CardItem], 
     status, fulfillment, timestamp)."""
     return encode(
         {
-            "event": "order.delivered",
+            "event": DELIVERED_EVENT,
             "order_id": line_id,
             "order_no": order_no(line_id),
             "downstream_order_no": downstream_order_no,

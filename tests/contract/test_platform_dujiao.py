@@ -229,3 +229,25 @@ async def test_a_shop_under_a_path_prefix_signs_the_path_without_it(
     finally:
         await rig.listener.stop()
         await rig.platform.close()
+
+
+async def test_callbacks_to_a_shop_under_a_sub_path_are_signed_over_the_fixed_path(
+    sqlite_store: SQLiteStore,
+) -> None:
+    # The shop's receiver (HandleCallback) and dujiao-next's own sender (SendCallback) both
+    # sign POST /api/v1/upstream/callback, whatever the callback URL's path is.
+    shop = FakeShop(API_KEY, SECRET, retry_base=0.05, callback_prefix="/shop")
+    await shop.start()
+    rig = await make_rig(sqlite_store, shop)
+    try:
+        await stock(sqlite_store, "GAME-100", 1)
+        assert shop.callback_url.endswith("/shop/api/v1/upstream/callback")
+        assert (await shop.create_order(1, 1, "H-1")).status == 200
+        await wait_for(lambda: bool(shop.callbacks), "the callback acknowledged")
+        assert shop.refused_callbacks == 0
+        # The event name dujiao-next's own sender uses for a delivered order.
+        assert shop.callbacks[0].body["event"] == "order.fulfilled"
+    finally:
+        await rig.listener.stop()
+        await rig.platform.close()
+        await shop.stop()

@@ -11,8 +11,12 @@ Sources (docs/platforms/dujiao-next.md says what each one says):
 - dujiao-next internal/upstream/dujiao_next.go (the shop's client): GET requests sign an
   empty body, a non-200 answer is an error (its error_code kept), ping is POST.
 
-The callback receiver verifies the signature the same way and can be made to fail
-(`fail_rate`: a 500, or no answer at all) to exercise the supplier's retries.
+The callback receiver is the shop's HandleCallback (internal/http/handlers/upstream/
+upstream_handler.go): it verifies the signature over the fixed path /api/v1/upstream/callback
+whatever URL it is reached at (`callback_prefix` puts it behind a reverse proxy's path, as a
+shop under a sub-path is), and answers every refusal or failure HTTP 200 `{"ok": false,
+"message": ...}`. It can be made to fail (`fail_rate`: `ok: false`, a proxy's 500, or no answer
+at all) to exercise the supplier's retries.
 """
 
 from __future__ import annotations
@@ -62,6 +66,7 @@ class FakeShop:
     fail_rate: float = 0.0  # callbacks answered 500 or not at all
     seed: int = 1
     clock_skew: float = 0.0  # seconds added to the shop's clock
+    callback_prefix: str = ""  # a reverse proxy's path in front of the shop ("/shop")
     callbacks: list[Received] = field(default_factory=list)
     callback_attempts: int = 0
     refused_callbacks: int = 0  # bad signatures or stale timestamps
@@ -74,7 +79,7 @@ class FakeShop:
 
     async def start(self) -> None:
         app = web.Application()
-        app.router.add_post(CALLBACK_PATH, self._callback)
+        app.router.add_post(self.callback_prefix + CALLBACK_PATH, self._callback)
         self._runner = web.AppRunner(app, access_log=None)
         await self._runner.setup()
         site = web.TCPSite(self._runner, "127.0.0.1", 0)
@@ -91,7 +96,7 @@ class FakeShop:
 
     @property
     def callback_url(self) -> str:
-        return self.base_url + CALLBACK_PATH
+        return self.base_url + self.callback_prefix + CALLBACK_PATH
 
     # --- the shop calling its supplier ---------------------------------------------------
     async def request(self, method: str, path: str, payload: Any = None) -> Answer:
@@ -164,13 +169,16 @@ class FakeShop:
             and abs(time.time() - int(ts_raw)) <= 60
             and hmac.compare_digest(
                 request.headers.get("Dujiao-Next-Signature", ""),
+                # The fixed path, not the one this request came in on (HandleCallback).
                 sign(self.secret, "POST", CALLBACK_PATH, int(ts_raw or 0), body),
             )
         )
         if not ok:
             self.refused_callbacks += 1
-            return web.json_response({"ok": False, "message": "invalid signature"}, status=401)
+            return web.json_response({"ok": False, "message": "signature verification failed"})
         roll = self._rng.random()
+        if roll < self.fail_rate / 4:
+            return web.json_response({"ok": False, "message": "callback processing failed"})
         if roll < self.fail_rate / 2:
             return web.json_response({"ok": False, "message": "busy"}, status=500)
         if roll < self.fail_rate:
