@@ -263,7 +263,11 @@ class StockFileReader:
         if self._kind is None:
             self._decide(strict=False)
         if self._kind == "xlsx":
-            return int(self._worksheet()[1].max_row or 0)
+            book, sheet, handle = self._worksheet()
+            with handle:
+                rows = int(sheet.max_row or 0)
+                book.close()
+            return rows
         if (self.encoding or "").startswith(("utf-16", "utf-32")):
             with self._text() as text:
                 return sum(1 for _ in text)
@@ -468,7 +472,7 @@ class StockFileReader:
         except OSError as exc:
             raise StockFileError(self._unreadable(exc)) from None
 
-    def _worksheet(self) -> tuple[Any, Any]:
+    def _worksheet(self) -> tuple[Any, Any, IO[bytes]]:
         try:
             import openpyxl
         except ImportError:
@@ -478,25 +482,31 @@ class StockFileReader:
                     " sheet as CSV UTF-8)"
                 )
             ) from None
+        # Read from the open file, not by its name: openpyxl refuses a workbook by its
+        # extension (one saved as keys.csv), and what it is was decided by its content.
+        handle = self._open_binary()
         try:
-            book = openpyxl.load_workbook(self.path, read_only=True, data_only=True)
+            book = openpyxl.load_workbook(handle, read_only=True, data_only=True)
         except (OSError, zipfile.BadZipFile, KeyError, ValueError) as exc:
+            handle.close()
             raise StockFileError(
                 self._("%(file)s is not a readable .xlsx workbook: %(why)s")
                 % {"file": self.path, "why": exc}
             ) from None
         if self.sheet is None:
-            return book, book.worksheets[0]
+            return book, book.worksheets[0], handle
         if self.sheet not in book.sheetnames:
             names = ", ".join(book.sheetnames)
+            book.close()
+            handle.close()
             raise StockFileError(
                 self._("%(file)s has no sheet %(sheet)r (it has: %(names)s)")
                 % {"file": self.path, "sheet": self.sheet, "names": names}
             )
-        return book, book[self.sheet]
+        return book, book[self.sheet], handle
 
     def _sheet_rows(self) -> Iterator[tuple[int, list[Any]]]:
-        book, sheet = self._worksheet()
+        book, sheet, handle = self._worksheet()
         try:
             for number, row in enumerate(sheet.iter_rows(values_only=True), start=1):
                 values = list(row)
@@ -505,6 +515,7 @@ class StockFileReader:
                 yield number, [v.strip() if isinstance(v, str) else v for v in values]
         finally:
             book.close()
+            handle.close()
 
     # --- one row ------------------------------------------------------------------------------
     def _skip_header(self, number: int, fields: Sequence[Any], *, show: bool) -> None:

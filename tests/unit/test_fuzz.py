@@ -26,7 +26,7 @@ from agent.platforms.parsing import (
     parse_remote_order,
 )
 from agent.signed_http import HttpResponse
-from agent.stockfile import MAX_FIELD_LENGTH, StockFileReader
+from agent.stockfile import MAX_FIELD_LENGTH, StockFileError, StockFileReader
 from agent.store.identity import Opening
 from agent.store.sqlite import SQLiteStore
 from agent.suppliers.http import parse_purchase
@@ -141,7 +141,11 @@ def test_stock_files_yield_only_clean_keys(content: bytes) -> None:
         path = Path(folder) / "keys.txt"
         path.write_bytes(content)
         reader = StockFileReader(path)
-        items = list(reader)
+        try:
+            items = list(reader)
+        except StockFileError as exc:  # a file that is no stock at all, refused in one line
+            assert str(path) in str(exc) and "\n" not in str(exc)
+            return
     for item in items:
         assert item.secret and len(item.secret) <= MAX_FIELD_LENGTH
         assert not any(ch < " " for ch in item.code + item.secret)

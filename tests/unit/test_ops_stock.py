@@ -176,6 +176,25 @@ def test_xlsx_with_numbers_dates_and_expired_keys(tmp_path: Path) -> None:
     assert "SEC-" not in result.stdout + result.stderr
 
 
+def test_a_workbook_is_read_by_its_content_whatever_its_name(tmp_path: Path) -> None:
+    # A sheet saved (or renamed) as keys.csv is still a workbook: read as one, not refused
+    # for its name; a file that only starts like one is refused in one line, no traceback.
+    openpyxl = pytest.importorskip("openpyxl")
+    config = config_for(tmp_path)
+    book = openpyxl.Workbook()
+    book.active.append(["C1", "SEC-1"])
+    path = tmp_path / "keys.csv"
+    book.save(path)
+    result = imported(config, path)
+    assert result.returncode == 0, result.stderr
+    assert "added 1, duplicates 0, rejected 0" in result.stdout
+    broken = tmp_path / "broken.txt"
+    broken.write_bytes(b"PK\x03\x04")
+    result = imported(config, broken)
+    assert result.returncode != 0 and "Traceback" not in result.stderr
+    assert "broken.txt is not a readable .xlsx workbook" in result.stderr
+
+
 def test_every_rejected_line_is_reported_by_number_never_by_content(tmp_path: Path) -> None:
     config = config_for(tmp_path)
     lines = ["GOOD-1"]
