@@ -44,6 +44,10 @@ def _recorded_kinds() -> tuple[dict[str, str], list[str]]:
                     if isinstance(node.args[0], ast.Tuple):
                         row = node.args[0].elts  # (line, KIND, detail) or EVENT's 4 columns
                         kinds.append(row[2] if len(row) == 4 else row[1])
+                elif name == "_take_lines" and isinstance(node.args[4], ast.Attribute):
+                    # a responder's lines taken in: each records its state (LineState.X)
+                    state = LineState[node.args[4].attr].value
+                    kinds.append(ast.Constant(state, lineno=node.args[4].lineno))
                 elif name == "_events" and isinstance(node.args[1], ast.ListComp | ast.List):
                     rows = node.args[1]
                     elts = [rows.elt] if isinstance(rows, ast.ListComp) else rows.elts
@@ -63,8 +67,11 @@ def test_every_event_kind_recorded_is_an_edge_of_the_table_or_a_note() -> None:
     unknown = {k: w for k, w in found.items() if k not in edges | lifecycle.NOTE_EVENTS}
     assert unknown == {}, "event kinds missing from agent/lifecycle.py"
     # Computed kinds: add_event's (its callers' are scanned) and close_line's, the state it
-    # closes to (cancelled or refunded).
-    assert {w.split(":")[0] for w in computed} == {"agent/store/ledger/orders.py"}
+    # closes to (cancelled or refunded); and the responder's _take_lines, the state its lines
+    # are taken in (its callers' are scanned).
+    files = [w.split(":")[0] for w in computed]
+    assert set(files) == {"agent/store/ledger/orders.py", "agent/store/ledger/responder.py"}
+    assert files.count("agent/store/ledger/responder.py") == 1
     assert {"cancelled", "refunded"} <= edges
     # Every edge is recorded somewhere (a kind nobody records would be a dead edge).
     assert edges - set(found) <= {"cancelled", "refunded"}

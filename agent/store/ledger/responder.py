@@ -525,7 +525,9 @@ class ResponderLedger(LedgerCore):
                 " bound_at = NULL WHERE order_line_id = $1",
                 line.id,
             )
-            outcome, kind, detail = Cancelled.RELEASED, "released", "keys back to stock"
+            detail = f"{count} keys back to stock: {reason}"
+            await self._event(tx, line.id, "released", detail, now)
+            outcome = Cancelled.RELEASED
         else:
             why = (
                 f"{line.platform} order {line.order_id} cancelled after its keys were handed"
@@ -538,14 +540,14 @@ class ResponderLedger(LedgerCore):
                 why,
                 line.id,
             )
-            outcome, kind, detail = Cancelled.VOIDED, "keys_voided", "keys voided"
+            await self._event(tx, line.id, "keys_voided", f"{count} keys voided: {reason}", now)
+            outcome = Cancelled.VOIDED
         await tx.execute(
             "UPDATE orders SET state = 'cancelled', reason = $1, updated_at = $2 WHERE id = $3",
             reason,
             now,
             line.id,
         )
-        await self._event(tx, line.id, kind, f"{count} {detail}: {reason}", now)
         return outcome
 
     @write
