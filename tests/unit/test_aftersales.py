@@ -259,6 +259,20 @@ async def test_a_delayed_sku_waits_before_its_keys_are_sent(
     assert line.delivered_at is not None and line.delivered_at >= line.seen_at + 1.0
 
 
+async def test_a_delayed_line_short_of_stock_waits_for_stock_not_every_sweep(store: Store) -> None:
+    # Its delay (next_attempt_at) is spent once the line is taken up: backordered for want of
+    # keys, it waits for stock like any other, not taken up again at every sweep (where it
+    # came before newer lines due, and a sale of such lines filled the sweep's every batch).
+    now = time.time()
+    (waiting,) = await store.take_in("main", [order("D2")], now, set(), {SKU: 5.0})
+    assert isinstance(waiting, OrderLine)
+    line = await store.claim_for_delivery(waiting.id, now + 6)
+    assert isinstance(line, OrderLine) and line.state == LineState.BACKORDERED
+    assert await store.due_lines(now + 7, 10) == []
+    await stock(store, SKU, 1)
+    assert [ln.id for ln in await store.due_lines(now + 8, 10)] == [waiting.id]
+
+
 async def test_delivery_messages_are_templates(
     tmp_path: Path, sandbox: SandboxPlatform, store: Store
 ) -> None:

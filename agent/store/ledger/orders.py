@@ -353,8 +353,10 @@ class OrdersLedger(LedgerCore):
         if len(keys) < needed:
             # All or nothing: a half-filled line would hold keys another buyer could use now.
             if backorder and line.state != LineState.BACKORDERED:
+                # Backordered here only where no supplier stands behind the SKU: it waits for
+                # stock (next_attempt_at 0), its delivery delay, if any, spent.
                 detail = f"need {needed}, free {len(keys)}"
-                await self._backorder(tx, line.id, None, None, detail, now)
+                await self._backorder(tx, line.id, 0.0, None, detail, now)
             return await self._fetch_line(tx, line.id)
         detail = allocated_detail(k[:2] for k in keys)
         await self._bind(tx, line.id, [k[0] for k in keys], line.quantity - needed, detail, now)
