@@ -599,7 +599,6 @@ class SQLiteStore(Ledger, ResponderLedger):
         conn.execute("COMMIT")
 
     async def close(self) -> None:
-        """Closes the ledger; writes already queued still get their commit."""
         if self._flusher is not None:
             await self._flusher
         self._reader.shutdown(wait=True)  # reads under way end first

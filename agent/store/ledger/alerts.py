@@ -55,7 +55,6 @@ class AlertsLedger(PurchasesLedger):
 
     @read
     async def active_lines(self, tx: Tx, limit: int) -> list[OrderLine]:
-        """Lines the engine still drives, oldest first."""
         return await self._lines(
             tx, "WHERE state IN {line_class:active} ORDER BY id LIMIT $1", limit
         )
@@ -118,7 +117,6 @@ class AlertsLedger(PurchasesLedger):
 
     @read
     async def open_alerts(self, tx: Tx) -> list[OpenAlert]:
-        """The alerts open now, oldest first."""
         rows = await tx.fetch(
             "SELECT key, kind, severity, summary, opened_at, escalations FROM alerts"
             " WHERE state = 'open' ORDER BY opened_at"
@@ -136,7 +134,6 @@ class AlertsLedger(PurchasesLedger):
 
     @read
     async def due_outbox(self, tx: Tx, now: float, limit: int) -> list[OutboxItem]:
-        """Messages to send now, oldest first."""
         rows = await tx.fetch(
             "SELECT id, channel, payload, attempts FROM outbox WHERE sent_at IS NULL"
             " AND dead_at IS NULL AND next_attempt_at <= $1 ORDER BY id LIMIT $2",
@@ -155,7 +152,6 @@ class AlertsLedger(PurchasesLedger):
         error: str | None = None,
         retry_at: float | None = None,
     ) -> None:
-        """Sent (no error), to retry at `retry_at`, or dead (error and no retry)."""
         args: tuple[float | str, ...]
         if error is None:
             sets, args = "sent_at = $1", (now,)
@@ -172,7 +168,6 @@ class AlertsLedger(PurchasesLedger):
     # --- buyer side -------------------------------------------------------------------------
     @read
     async def lines_needing_notice(self, tx: Tx, seen_before: float, limit: int) -> list[OrderLine]:
-        """Lines the buyer waits for, seen before a time, not told of the wait yet."""
         return await self._lines(
             tx,
             "WHERE state IN {line_class:noticed} AND notice_sent_at IS NULL AND seen_at <= $1"
@@ -183,7 +178,6 @@ class AlertsLedger(PurchasesLedger):
 
     @write
     async def mark_notice_sent(self, tx: Tx, line_id: int, message: str, now: float) -> None:
-        """Records that the buyer was told of the wait."""
         await tx.execute("UPDATE orders SET notice_sent_at = $1 WHERE id = $2", now, line_id)
         await self._event(tx, line_id, "buyer_notice", message[:200], now)
 
@@ -250,7 +244,6 @@ class AlertsLedger(PurchasesLedger):
 
     @read
     async def refunds_in_flight(self, tx: Tx) -> list[tuple[OrderLine, str]]:
-        """Backordered lines whose refund key is committed: (line, refund key)."""
         rows = await tx.fetch(
             f"SELECT {LINE_COLUMNS}, refund_key FROM orders WHERE refund_key IS NOT NULL"
             " AND state = 'backordered'"

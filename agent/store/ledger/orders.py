@@ -282,13 +282,11 @@ class OrdersLedger(LedgerCore):
 
     @read
     async def get_cursor(self, tx: Tx, platform: str) -> str | None:
-        """The platform's listing cursor, or None before its first listing."""
         value = await tx.fetchval("SELECT cursor FROM cursors WHERE platform = $1", platform)
         return None if value is None else str(value)
 
     @write
     async def set_cursor(self, tx: Tx, platform: str, cursor: str | None, now: float) -> None:
-        """Stores the platform's listing cursor."""
         await tx.execute(
             "INSERT INTO cursors (platform, cursor, updated_at) VALUES ($1, $2, $3)"
             " ON CONFLICT (platform) DO UPDATE SET cursor = excluded.cursor,"
@@ -301,9 +299,6 @@ class OrdersLedger(LedgerCore):
     # --- claiming work ----------------------------------------------------------------------
     @write
     async def due_lines(self, tx: Tx, now: float, limit: int) -> list[OrderLine]:
-        """Lines due for work that no other agent holds, each now leased to this agent: due
-        by their time, and backordered lines the free stock can now fill whole, oldest
-        first (so a sweep does not churn on lines that would just be backordered again)."""
         due = await self._lines(
             tx,
             "WHERE (state IN {line_class:due}"
@@ -332,7 +327,6 @@ class OrdersLedger(LedgerCore):
 
     @read
     async def get_line(self, tx: Tx, line_id: int) -> OrderLine | None:
-        """The line, or None if there is no such line."""
         row = await tx.fetchrow(FETCH_LINE, line_id)
         return None if row is None else line_from_row(row)
 
@@ -445,7 +439,6 @@ class OrdersLedger(LedgerCore):
 
     @write
     async def mark_delivered(self, tx: Tx, line_id: int, now: float, detail: str) -> OrderLine:
-        """-> delivered (a line delivered already is left as it is)."""
         line = await self._lock_line(tx, line_id, now)
         if line.state == LineState.DELIVERED:
             return line
@@ -496,7 +489,6 @@ class OrdersLedger(LedgerCore):
 
     @write
     async def add_event(self, tx: Tx, line_id: int, kind: str, detail: str, now: float) -> None:
-        """Records an event on the line (the audit trail), changing nothing else."""
         await self._event(tx, line_id, kind, detail, now)
 
     @write
@@ -557,7 +549,6 @@ class OrdersLedger(LedgerCore):
     # --- operator actions -------------------------------------------------------------------
     @write
     async def retry_line(self, tx: Tx, line_id: int, now: float) -> OrderLine:
-        """needs_attention -> the state it can go on from (see rows.retry_target)."""
         line = await self._lock_line_in(tx, line_id, now, LineState.NEEDS_ATTENTION, NOT_PARKED)
         bound = await tx.fetchval(COUNT_BOUND, line_id)
         # What it holds besides its keys: a purchase open for it.
@@ -591,8 +582,6 @@ class OrdersLedger(LedgerCore):
 
     @write
     async def resend_line(self, tx: Tx, line_id: int, now: float) -> OrderLine:
-        """delivered -> delivering with a new delivery generation, so a new idempotency key
-        and the platform sends it again (same keys: resend never hands out a second set)."""
         await self._lock_line_in(
             tx,
             line_id,
@@ -742,7 +731,6 @@ class OrdersLedger(LedgerCore):
 
     @read
     async def find_lines(self, tx: Tx, order_ref: str) -> list[OrderLine]:
-        """The lines of a platform order id, else the line with that row id."""
         lines = await self._lines(tx, "WHERE order_id = $1 ORDER BY id", order_ref)
         if not lines and order_ref.isdigit():
             lines = await self._lines(tx, "WHERE id = $1", int(order_ref))
@@ -760,7 +748,6 @@ class OrdersLedger(LedgerCore):
         )
 
     async def list_lines(self, state: LineState | None, limit: int) -> list[OrderLine]:
-        """The newest lines (in one state, if given), newest first."""
         return await self.filter_lines(state, "", "", limit)
 
     @read
@@ -806,7 +793,6 @@ class OrdersLedger(LedgerCore):
 
     @read
     async def events(self, tx: Tx, line_id: int) -> list[OrderEvent]:
-        """The line's audit trail, oldest first."""
         rows = await tx.fetch(
             "SELECT at, kind, detail FROM events WHERE order_line_id = $1 ORDER BY id", line_id
         )
@@ -814,6 +800,5 @@ class OrdersLedger(LedgerCore):
 
     @read
     async def count_by_state(self, tx: Tx) -> dict[LineState, int]:
-        """How many lines are in each state."""
         rows = await tx.fetch("SELECT state, COUNT(*) FROM orders GROUP BY state")
         return {LineState(r[0]): r[1] for r in rows}

@@ -38,7 +38,6 @@ MOVE_SETS = {
 class PurchasesLedger(OrdersLedger):
     @read
     async def open_purchase(self, tx: Tx, line_id: int) -> Purchase | None:
-        """The line's purchase in flight (intent, unknown or processing), if any."""
         found = await self._purchases(
             tx, "WHERE order_line_id = $1 AND state IN {open_purchase}", line_id
         )
@@ -46,7 +45,6 @@ class PurchasesLedger(OrdersLedger):
 
     @read
     async def purchases_for(self, tx: Tx, line_id: int) -> list[Purchase]:
-        """Every purchase made for the line, oldest first."""
         return await self._purchases(tx, "WHERE order_line_id = $1 ORDER BY id", line_id)
 
     @write
@@ -95,7 +93,6 @@ class PurchasesLedger(OrdersLedger):
     async def purchase_unknown(
         self, tx: Tx, purchase: Purchase, reason: str, now: float
     ) -> Purchase:
-        """-> unknown: sent, its outcome not known; asked about again later."""
         await self._move_purchase(tx, purchase, PurchaseState.UNKNOWN, reason, now)
         detail = f"{purchase.merchant_ref}: {reason}"
         await self._event(tx, purchase.order_line_id, "purchase_unknown", detail, now)
@@ -105,14 +102,12 @@ class PurchasesLedger(OrdersLedger):
     async def purchase_processing(
         self, tx: Tx, purchase: Purchase, purchase_id: str, now: float
     ) -> None:
-        """-> processing: the supplier took it, its keys come later."""
         await self._move_purchase(tx, purchase, PurchaseState.PROCESSING, purchase_id, now)
         detail = f"{purchase.supplier} purchase {purchase_id}"
         await self._event(tx, purchase.order_line_id, "purchase_processing", detail, now)
 
     @write
     async def purchase_failed(self, tx: Tx, purchase: Purchase, failure: str, now: float) -> None:
-        """-> failed: a definite failure, after which a new purchase may be made."""
         await self._move_purchase(tx, purchase, PurchaseState.FAILED, failure, now)
         detail = f"{purchase.supplier} {purchase.merchant_ref}: {failure}"
         await self._event(tx, purchase.order_line_id, "purchase_failed", detail, now)

@@ -40,9 +40,6 @@ class Ledger(AlertsLedger, PoolsLedger):
         now: float,
         progress: ProgressCallback | None = None,
     ) -> ImportReport:
-        """Stores card keys as free stock, each batch in a transaction of its own (the
-        agents' writes flow between batches; an interrupted import is simply run again:
-        keys already held are counted, not stored twice)."""
         report = ImportReport()
         seen = 0
         iterator = iter(items)
@@ -80,7 +77,6 @@ class Ledger(AlertsLedger, PoolsLedger):
     async def void_free_keys(
         self, tx: Tx, sku: str, count: int | None, reason: str, now: float
     ) -> int:
-        """Voids free keys of the SKU (all, or `count`), with a reason; how many."""
         if not reason.strip():
             raise phrased(StoreError, N_("a reason is required to void keys"))
         return await tx.execute(
@@ -118,7 +114,6 @@ class Ledger(AlertsLedger, PoolsLedger):
 
     @read
     async def stock_counts(self, tx: Tx) -> list[StockCount]:
-        """Free (sellable), bound and void keys per SKU, and free keys past their expiry."""
         rows = await tx.fetch(
             "SELECT sku, COUNT(*) FILTER (WHERE state = 'free'), COUNT(*) FILTER"
             " (WHERE state = 'bound'), COUNT(*) FILTER (WHERE state = 'void')"
@@ -165,13 +160,11 @@ class Ledger(AlertsLedger, PoolsLedger):
 
     @read
     async def bound_items(self, tx: Tx, line_id: int) -> tuple[CardItem, ...]:
-        """The keys bound to the line, opened, in slot order."""
         rows = await tx.fetch(LINE_KEYS, line_id)
         return tuple(await self._open_rows(tx, [r[1:] for r in rows]))
 
     @read
     async def export_keys(self, tx: Tx, sku: str, state: KeyState) -> list[CardItem]:
-        """Decrypted keys, for `kami-agent stock export` only."""
         rows = await tx.fetch(
             "SELECT sku, key_id, sealed, secret_hash FROM card_keys WHERE sku = $1"
             " AND state = $2 ORDER BY id",
@@ -181,7 +174,6 @@ class Ledger(AlertsLedger, PoolsLedger):
         return await self._open_rows(tx, rows)
 
     async def rotate_data_key(self, now: float, batch: int = 10_000) -> tuple[int, int]:
-        """Seals every card key with a fresh data key; returns (new key id, rows moved)."""
         new_id = await self._start_rotation(now)
         moved = 0
         while count := await self._reseal(new_id, batch):
