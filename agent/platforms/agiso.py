@@ -407,10 +407,14 @@ class AgisoPlatform:
             "pageNo": page + 1,
             "pageSize": self._page_size,
         }
-        envelope = await self.client.read("alds", "/Trade/TradesBuyerPay", params)
+        envelope = await self.client.read("alds", "/Trade/TradesBuyerPay", params, empty_ok=True)
         data = envelope.data
-        if data is None:
+        if data is None:  # also 没有数据 (11): no trade waiting
             data = []
+        if isinstance(data, dict) and "Tid" in data:
+            # The documented example of TradesBuyerPay shows Data as one trade object (the
+            # TradeInfo sample); a public client reads a list. Both are taken.
+            data = [data]
         if not isinstance(data, list):
             raise BadResponse("淘宝 /Trade/TradesBuyerPay answered no list of trades")
         orders: list[PlatformOrder | RejectedOrder] = []
@@ -548,7 +552,10 @@ class AgisoPlatform:
             cards = await pool_sent_cards(self.client, order_id, [bounds.cpc_id])
         else:
             envelope = await self.client.read(
-                self.channel.service, "/Cpd/GetLastSentResult", {"tid": order_id, "aldsType": 1}
+                self.channel.service,
+                "/Cpd/GetLastSentResult",
+                {"tid": order_id, "aldsType": 1},
+                empty_ok=True,
             )
             cards = last_sent_cards(envelope.data)
         if cards:

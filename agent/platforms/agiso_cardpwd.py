@@ -117,7 +117,9 @@ async def pool_sent_cards(client: AgisoClient, tid: str, cpc_ids: Sequence[str])
     """The cards Agiso's pools `cpc_ids` sent for 淘宝 order `tid` (/Trade/QueryTradeCPSendLog;
     empty while the order is still going out: "等待5分钟后再尝试"). Cards of other pools (the
     merchant's other business on the same trade) are left out."""
-    envelope = await client.read(POOL_SERVICE, "/Trade/QueryTradeCPSendLog", {"tid": tid})
+    envelope = await client.read(
+        POOL_SERVICE, "/Trade/QueryTradeCPSendLog", {"tid": tid}, empty_ok=True
+    )
     wanted = set(cpc_ids)
     data = envelope.data
     cards: list[CardItem] = []

@@ -280,7 +280,7 @@ class TaobaoChannel(Channel):
     async def delivered(self, trade: Trade, progress: Progress | None) -> RemoteDelivery:
         if progress is None:
             envelope = await self.client.read(
-                self.service, "/Trade/QueryTradeCPSendLog", {"tid": trade.tid}
+                self.service, "/Trade/QueryTradeCPSendLog", {"tid": trade.tid}, empty_ok=True
             )
             cards = taobao_sent_cards(envelope.data)
             if cards:  # Agiso's own pools sent these: the engine compares them with ours
@@ -333,7 +333,10 @@ class XianyuChannel(Channel):
     async def delivered(self, trade: Trade, progress: Progress | None) -> RemoteDelivery:
         if progress is None:
             envelope = await self.client.read(
-                self.service, "/Cpd/GetLastSentResult", {"tid": trade.tid, "aldsType": ALDS_PAID}
+                self.service,
+                "/Cpd/GetLastSentResult",
+                {"tid": trade.tid, "aldsType": ALDS_PAID},
+                empty_ok=True,
             )
             cards = last_sent_cards(envelope.data)
             if cards:  # Agiso's own auto-delivery sent these
@@ -354,7 +357,10 @@ class PddChannel(Channel):
 
     async def sent(self, tid: str) -> tuple[CardItem, ...]:
         envelope = await self.client.read(
-            self.service, "/Cpd/GetLastSentResult", {"tid": tid, "aldsType": ALDS_PAID}
+            self.service,
+            "/Cpd/GetLastSentResult",
+            {"tid": tid, "aldsType": ALDS_PAID},
+            empty_ok=True,
         )
         return last_sent_cards(envelope.data)
 

@@ -15,6 +15,7 @@ Every call is billed against the developer's prepaid deposit; code 16 means it r
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import hashlib
 import itertools
 import math
@@ -100,7 +101,7 @@ RATE_LIMITED = 2
 SIGNATURE_FAILED = 4
 AUTHORISATION_FAILED = 8
 TRADE_NOT_FOUND = 9
-NO_DATA = (11, 114)
+NO_DATA = (11, 114)  # 没有数据: a read that found nothing (see AgisoClient.read's `empty_ok`)
 ALREADY_SENT = 12
 UPSTREAM_TIMEOUT = 13
 BALANCE_EXHAUSTED = 16
@@ -112,6 +113,13 @@ NO_API_PERMISSION = 28
 # 快手 30, 有赞 31, 微盟 32, 微店 33, 微信小店 35) or Agiso failed in a way it names
 # (14 生成旺旺消息失败, 24 更新订单状态失败): the call failed; trying again later may work.
 UPSTREAM_ERRORS = frozenset({10, 14, 23, 24, 26, 27, 30, 31, 32, 33, 35})
+# A batch call (/Trade/LogisticsDummySend, ...) that failed as a whole (6 部分失败, 7 全部失败)
+# names each item's failure in Data.ErrorInfos[{Tid, ErrorCode, AllowRetry, ErrorMsg}], while
+# the envelope's own AllowRetry stays null (alds/api.md; DummySendErrorInfo in the rendered
+# pages: "-85:可重试的错误 -50:重复发货 -86:不可重试的错误 ... -90:授权失败").
+BATCH_FAILED = (6, 7)
+ITEM_RETRYABLE = -85
+ITEM_AUTH_FAILED = -90
 SHOP_REFUSALS = {
     TOKEN_INVALID: "the shop's AccessToken is invalid or expired (无效AccessToken): the merchant"
     " must authorise the AppId again (or renew the Agiso subscription)",
@@ -146,6 +154,25 @@ class Envelope:
     message: str
     allow_retry: bool | None
     request_id: str | None
+
+    def item_errors(self) -> list[tuple[int | None, bool | None]]:
+        """A batch call's per-item failures, (ErrorCode, AllowRetry) each, from
+        Data.ErrorInfos (a list, or one object)."""
+        infos = _field(self.data, "ErrorInfos") if isinstance(self.data, dict) else None
+        if isinstance(infos, dict):
+            infos = [infos]
+        found: list[tuple[int | None, bool | None]] = []
+        for info in infos if isinstance(infos, list) else ():
+            if not isinstance(info, dict):
+                continue
+            code, allow = _field(info, "ErrorCode"), _field(info, "AllowRetry")
+            found.append(
+                (
+                    code if isinstance(code, int) and not isinstance(code, bool) else None,
+                    allow if isinstance(allow, bool) else None,
+                )
+            )
+        return found
 
 
 def _field(body: Mapping[str, Any], name: str) -> Any:
@@ -196,6 +223,10 @@ def refusal_for(envelope: Envelope, what: str, *, write: bool) -> AgentError:
         return Ambiguous(f"{said} (超时: the marketplace may or may not have done it)")
     if envelope.allow_retry is True:
         return Transient(said)
+    if code in BATCH_FAILED and envelope.allow_retry is None:
+        batch = _batch_refusal(envelope, said)
+        if batch is not None:
+            return batch
     if code == ALREADY_SENT:
         return AlreadySent(said, code)
     if code == MESSAGE_LIMIT:
@@ -205,6 +236,22 @@ def refusal_for(envelope: Envelope, what: str, *, write: bool) -> AgentError:
     if envelope.allow_retry is None and (code in UPSTREAM_ERRORS or code == UPSTREAM_TIMEOUT):
         return Transient(said)
     return AgisoError(said, code)
+
+
+def _batch_refusal(envelope: Envelope, said: str) -> AgentError | None:
+    """A failed batch call judged by its items: every item retryable (AllowRetry true, or
+    ErrorCode -85) is Transient; an item refused for the shop's authorisation (-90) holds the
+    shop; anything else is left to the envelope (None)."""
+    items = envelope.item_errors()
+    if not items:
+        return None
+    codes = sorted({str(code) for code, _ in items})
+    said = f"{said} (items: {', '.join(codes)[:60]})"
+    if any(code == ITEM_AUTH_FAILED for code, _ in items):
+        return AgisoRefused(f"{said} ({SHOP_REFUSALS[AUTHORISATION_FAILED]})", "shop")
+    if all(allow is True or (allow is None and code == ITEM_RETRYABLE) for code, allow in items):
+        return Transient(said)
+    return None
 
 
 # --- the 20 calls a second, shared by every shop of an AppId -------------------------------------
@@ -372,11 +419,18 @@ class AgisoClient:
         return form
 
     async def call(
-        self, service: str, path: str, params: Mapping[str, str | int], *, write: bool
+        self,
+        service: str,
+        path: str,
+        params: Mapping[str, str | int],
+        *,
+        write: bool,
+        empty_ok: bool = False,
     ) -> Envelope:
         """One call. Returns the envelope of a successful answer; raises the error class of
         any other (see refusal_for). A write whose answer is lost or a 5xx is Ambiguous; a
-        read's is Transient (it changed nothing)."""
+        read's is Transient (it changed nothing). `empty_ok`: a read whose nothing-found is an
+        answer (a sent log, a listing): 没有数据 (11, 114) comes back as success, Data None."""
         what = f"{service}{path}"
         self.holds.admit(_APP_HOLDS, self.app_id)
         is_open = service == OPEN_SERVICE
@@ -397,6 +451,8 @@ class AgisoClient:
                 raise
             raise Transient(str(exc)) from None
         envelope = self._envelope(reply, what, write=write)
+        if not envelope.success and empty_ok and envelope.code in NO_DATA:
+            envelope = dataclasses.replace(envelope, success=True, data=None)
         if envelope.success:
             if self.holds.answered(_APP_HOLDS, self.app_id, shop=not is_open):
                 log.warning("agiso_calls_resumed", shop=self.shop, app_id=self.app_id)
@@ -443,8 +499,16 @@ class AgisoClient:
                 raise Ambiguous(f"Agiso {what} answered 200 with {exc}") from None
             raise BadResponse(f"Agiso {what}: {exc}") from None
 
-    async def read(self, service: str, path: str, params: Mapping[str, str | int]) -> Envelope:
-        """A call that changes nothing, tried up to three times over a few seconds."""
+    async def read(
+        self,
+        service: str,
+        path: str,
+        params: Mapping[str, str | int],
+        *,
+        empty_ok: bool = False,
+    ) -> Envelope:
+        """A call that changes nothing, tried up to three times over a few seconds.
+        `empty_ok`: 没有数据 (11, 114) is an empty answer, Data None (see call)."""
         async for attempt in AsyncRetrying(
             retry=retry_if_exception(_worth_retrying_now),
             stop=stop_after_attempt(3),
@@ -452,7 +516,7 @@ class AgisoClient:
             reraise=True,
         ):
             with attempt:
-                return await self.call(service, path, params, write=False)
+                return await self.call(service, path, params, write=False, empty_ok=empty_ok)
         raise AssertionError("unreachable: tenacity reraises")
 
     async def write(self, service: str, path: str, params: Mapping[str, str | int]) -> Envelope:

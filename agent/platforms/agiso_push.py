@@ -26,6 +26,7 @@ from agent.platforms.agiso_wire import (
     pdd_lines,
     taobao_trade,
     text_id,
+    yuan,
 )
 from agent.storable import escaped
 
@@ -137,7 +138,9 @@ def read_push(push: Push) -> PushEvent:
         tid = text_id(body.get("Tid") or body.get("OrderSn"))
         status = f"aopic{aopic}"  # "以Tid组合为唯一标识": one push per order and type
         if paid and tid is not None:
-            trade = Trade(tid, PAID, pdd_lines(body.get("ItemList")))
+            trade = Trade(
+                tid, PAID, pdd_lines(body.get("ItemList")), None, yuan(body.get("PayAmount"))
+            )
     else:
         tid = text_id(body.get("OrderId") or body.get("orderId"))
         status = _status_word(body.get("orderStatus")) or f"aopic{aopic}"
@@ -146,7 +149,7 @@ def read_push(push: Push) -> PushEvent:
             sku, count = text_id(body.get("SkuId")), body.get("BuyNum")
             quantity = count if isinstance(count, int) and 0 < count < 1_000_000 else None
             line = TradeLine((sku,) if sku else (), quantity)
-            trade = Trade(tid, PAID, (line,))
+            trade = Trade(tid, PAID, (line,), None, yuan(body.get("TotalPrice")))
     if tid is None:
         raise PushRejected("push names no order id")
     return PushEvent(channel, tid, paid, f"{channel}:{tid}:{status}", trade)

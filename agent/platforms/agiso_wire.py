@@ -5,9 +5,12 @@ names the documentation page of every field read here).
 
 from __future__ import annotations
 
+import math
 import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
+from decimal import Decimal, InvalidOperation
 from typing import Any
 
 from agent.domain import CardItem, PlatformOrder, RejectedOrder
@@ -22,6 +25,14 @@ MAX_ID = 64
 _ID = re.compile(r"^[0-9A-Za-z][0-9A-Za-z_-]{0,63}$")
 
 PAID, SHIPPED, REFUNDED, CANCELLED, UNPAID = "paid", "shipped", "refunded", "cancelled", "unpaid"
+# Every channel behind Agiso sells in yuan. The amounts come in three shapes: 淘宝 "3.00"
+# (元, text), 拼多多 pay_amount 0.1 and 京东 TotalPrice 12.36 (元, numbers), 闲鱼 payment 1
+# (分: "实付金额, 单位分", aldsIdle /Order/Detail). Times are China Standard Time without a
+# zone ("2016-07-11 11:20:20"), or milliseconds since the epoch on 闲鱼 ("时间戳,毫秒"); ours
+# are UTC ISO 8601.
+CURRENCY = "CNY"
+BEIJING = timedelta(hours=8)
+MAX_YUAN = Decimal(100_000_000)
 
 # 淘宝 trade statuses (Taobao's TradeStatus, as /Trade/TradeInfo and the pushes carry them).
 TAOBAO_STATUS = {
@@ -104,6 +115,47 @@ def _text(value: Any, limit: int = 120) -> str:
     return escaped(" ".join(value.split()))[:limit] if isinstance(value, str) else ""
 
 
+def yuan(value: Any, *, fen: bool = False) -> str | None:
+    """An amount as yuan text with two decimals ("3.00"); `fen`: the value counts 分 (闲鱼).
+    None when it is not a non-negative amount."""
+    if isinstance(value, bool) or not isinstance(value, str | int | float):
+        return None
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    try:
+        amount = Decimal(str(value).strip()) if isinstance(value, str | float) else Decimal(value)
+    except InvalidOperation:
+        return None
+    if not amount.is_finite():
+        return None
+    if fen:
+        amount /= 100
+    if not 0 <= amount < MAX_YUAN:
+        return None
+    return str(amount.quantize(Decimal("0.01")))
+
+
+def beijing_time(value: Any) -> str | None:
+    """ "2016-07-11 11:20:20" (or with a T), China Standard Time, as UTC ISO 8601; None for
+    anything else, and for JD's "0001-01-01 00:00:00" (no payment time)."""
+    if not isinstance(value, str):
+        return None
+    try:
+        local = datetime.strptime(value.strip()[:19].replace("T", " "), "%Y-%m-%d %H:%M:%S")
+    except ValueError:
+        return None
+    if local.year < 2000:
+        return None
+    return (local - BEIJING).strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+def epoch_ms_time(value: Any) -> str | None:
+    """Milliseconds since the epoch (闲鱼's pay_time) as UTC ISO 8601."""
+    if isinstance(value, bool) or not isinstance(value, int) or not 0 < value < 10**14:
+        return None
+    return datetime.fromtimestamp(value / 1000, UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
 def _status(table: Mapping[Any, str], raw: Any) -> str:
     return table.get(raw) or f"other:{escaped(str(raw))[:40]}"
 
@@ -127,8 +179,8 @@ def taobao_trade(data: Any) -> Trade:
         tid,
         _status(TAOBAO_STATUS, data.get("Status")),
         tuple(lines),
-        _text(data.get("PayTime"), 40) or None,
-        _text(data.get("Payment"), 20) or None,
+        beijing_time(data.get("PayTime")),
+        yuan(data.get("Payment")),
     )
 
 
@@ -146,11 +198,13 @@ def xianyu_trade(data: Any) -> Trade:
     sku_id = sku.split("|", 1)[0] if isinstance(sku, str) else None
     ids = _ids({"sku": sku_id, **item}, "sku", "outer_id_sku", "item_id", "outer_id_spu")
     line = TradeLine(ids, _count(data.get("buy_amount")), _text(item.get("title")))
-    pay_time = data.get("pay_time")
-    paid_at = (
-        str(pay_time) if isinstance(pay_time, int) and not isinstance(pay_time, bool) else None
+    return Trade(
+        tid,
+        _status(XIANYU_STATUS, data.get("order_status")),
+        (line,),
+        epoch_ms_time(data.get("pay_time")),
+        yuan(data.get("payment"), fen=True),
     )
-    return Trade(tid, _status(XIANYU_STATUS, data.get("order_status")), (line,), paid_at)
 
 
 def pdd_trade(tid: str, data: Any) -> Trade:
@@ -169,7 +223,13 @@ def pdd_trade(tid: str, data: Any) -> Trade:
         status = PAID
     else:
         status = UNPAID if confirm == 0 else f"other:{escaped(str(confirm))[:40]}"
-    return Trade(tid, status, pdd_lines(data.get("item_list")), _text(data.get("pay_time"), 40))
+    return Trade(
+        tid,
+        status,
+        pdd_lines(data.get("item_list")),
+        beijing_time(data.get("pay_time")),
+        yuan(data.get("pay_amount")),
+    )
 
 
 def pdd_lines(items: Any) -> tuple[TradeLine, ...]:
@@ -196,7 +256,7 @@ def jd_trade(tid: str, data: Any) -> Trade:
                 TradeLine(ids, _count(entry.get("itemTotal")), _text(entry.get("skuName")))
             )
     state = _status(JD_STATUS, data.get("orderState"))
-    return Trade(tid, state, tuple(lines), _text(data.get("paymentConfirmTime"), 40) or None)
+    return Trade(tid, state, tuple(lines), beijing_time(data.get("paymentConfirmTime")))
 
 
 def our_lines(trade: Trade, products: Mapping[str, str]) -> list[tuple[str, TradeLine]]:
@@ -243,6 +303,7 @@ def orders_of(
             quantity=line.quantity,
             paid_at=trade.paid_at,
             amount=trade.amount,
+            currency=CURRENCY if trade.amount is not None else None,
         )
     ]
 

@@ -65,6 +65,7 @@ from agent.platforms.agiso_push import (
     read_push,
     verify_push,
 )
+from agent.platforms.agiso_wire import xianyu_trade
 from agent.runtime import run_engine
 from agent.store.base import Store
 from tests.conftest import make_config
@@ -927,3 +928,87 @@ async def test_other_keys_for_an_order_shipped_half_way_are_refused_not_sent(
     with pytest.raises(Permanent, match="已经发货"):  # never a second set of keys
         await platform.deliver(tid, "k", [key(2)], "")
     assert sightings(fake, tid, key(2)) == 0 and fake.orders[tid].im == []
+
+
+# --- conformance with Agiso's documentation (audit) --------------------------------------
+@pytest.mark.parametrize(
+    ("items", "expected", "scope"),
+    [
+        ([{"Tid": 1, "ErrorCode": -85, "AllowRetry": True}], Transient, None),
+        ([{"Tid": 1, "ErrorCode": -85}], Transient, None),
+        ({"Tid": 1, "ErrorCode": -90, "AllowRetry": False}, AgisoRefused, "shop"),
+        ([{"Tid": 1, "ErrorCode": -50, "AllowRetry": False}], AgisoError, None),
+        (
+            [{"Tid": 1, "ErrorCode": -85, "AllowRetry": True}, {"Tid": 2, "ErrorCode": -86}],
+            AgisoError,
+            None,
+        ),
+    ],
+)
+def test_a_failed_batch_is_judged_by_its_items(
+    items: Any, expected: type[Exception], scope: str | None
+) -> None:
+    # alds/api.md LogisticsDummySend: Error_Code 7 全部失败 with the envelope's AllowRetry null
+    # and Data.ErrorInfos per trade; DummySendErrorInfo: -85 可重试的错误, -50 重复发货,
+    # -86 不可重试, -90 授权失败.
+    envelope = Envelope(False, {"ErrorInfos": items}, 7, "全部失败", None, "1")
+    error = refusal_for(envelope, "alds/Trade/LogisticsDummySend", write=True)
+    assert type(error) is expected
+    if scope is not None:
+        assert isinstance(error, AgisoRefused) and error.scope == scope
+
+
+async def test_a_dummy_send_refused_as_retryable_per_trade_is_retried_not_parked(
+    fake: FakeAgiso, adapters: dict[str, AgisoPlatform]
+) -> None:
+    fake.faults.dummy_send_retryable = 1  # 7 全部失败, the trade's ErrorCode -85 AllowRetry true
+    tid = fake.add_order("taobao", ITEMS["taobao"])
+    await adapters["taobao"].deliver(tid, "k", [key(1)], "")
+    assert fake.shipped(tid) and sightings(fake, tid, key(1)) == 2  # the result and the message
+    assert [c.path for c in fake.calls].count("/Trade/LogisticsDummySend") == 2
+
+
+async def test_nothing_found_answered_as_error_11_is_an_empty_answer(
+    fake: FakeAgiso, adapters: dict[str, AgisoPlatform]
+) -> None:
+    # errorCode.md: 11 / 114 没有数据. A sent log without cards and an empty page of trades
+    # answered so are empty answers, not failures.
+    fake.no_data_as_error = True
+    page = await adapters["taobao"].list_paid(None)
+    assert page.orders == [] and not page.has_more
+    tid = fake.add_order("pdd", ITEMS["pdd"])
+    await adapters["pdd"].deliver(tid, "k", [key(1)], "")
+    assert fake.orders[tid].cards == [("CARD000001", "PWD-000001-XyZ")]
+    assert (await adapters["pdd"].get_order(tid)).status == "delivered"
+
+
+async def test_a_page_of_trades_answered_as_one_object_is_read(
+    fake: FakeAgiso, adapters: dict[str, AgisoPlatform]
+) -> None:
+    fake.single_trade_as_object = True  # TradesBuyerPay's documented example: Data = a trade
+    tid = fake.add_order("taobao", ITEMS["taobao"])
+    page = await adapters["taobao"].list_paid(None)
+    assert [o.order_id for o in page.orders] == [tid]
+
+
+async def test_amounts_are_yuan_and_times_utc_on_every_channel(
+    fake: FakeAgiso, adapters: dict[str, AgisoPlatform]
+) -> None:
+    # 淘宝 Payment "3.00" (元); 闲鱼 /Order/Detail payment 1990 "单位分" and pay_time in ms;
+    # 拼多多 PayAmount 0.1 (元); 京东 TotalPrice 12.36 (元). Times: China Standard Time.
+    tid = fake.add_order("taobao", ITEMS["taobao"])
+    [order] = (await adapters["taobao"].list_paid(None)).orders
+    assert isinstance(order, PlatformOrder)
+    assert (order.amount, order.currency) == ("3.00", "CNY")
+    paid = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(fake.orders[tid].modified))
+    assert order.paid_at == paid
+    expected = {"xianyu": "19.90", "pdd": "0.10", "jd": "12.36"}
+    for channel, amount in expected.items():
+        tid = fake.add_order(channel, ITEMS[channel])
+        await pushed(adapters[channel], fake, tid)
+        [order] = (await adapters[channel].list_paid(None)).orders
+        assert isinstance(order, PlatformOrder)
+        assert (order.amount, order.currency) == (amount, "CNY"), channel
+    # The documented 闲鱼 example: pay_time 1647677841000 (ms), payment 1 (分).
+    xianyu = xianyu_trade({"biz_order_id": 1, "pay_time": 1647677841000, "payment": 1})
+    assert (xianyu.paid_at, xianyu.amount) == ("2022-03-19T08:17:21Z", "0.01")

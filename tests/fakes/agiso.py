@@ -98,6 +98,9 @@ class AgisoFaults:
     lose_after_change_rate: float = 0.0  # the change is made, the connection dropped (writes)
     error_after_change_rate: float = 0.0  # the change is made, HTTP 500 (writes)
     only: frozenset[str] = frozenset()  # restrict the faults to these paths (empty: all)
+    # /Trade/LogisticsDummySend answers this many times 7 全部失败 with the items' ErrorInfos
+    # ErrorCode -85 "可重试的错误", AllowRetry true (the envelope's AllowRetry null), nothing done.
+    dummy_send_retryable: int = 0
 
 
 @dataclass
@@ -160,6 +163,13 @@ class FakeAgiso:
         self.linked: dict[str, str] = {}  # item -> the pool Agiso delivers it from
         self.sold_to: dict[tuple[str, str], str] = {}  # (pool, card) -> the order it went to
         self.closed_pools: set[str] = set()  # pools deleted in the back office
+        # A read that finds nothing (a sent log without cards, an empty page of trades)
+        # answers IsSuccess false, 11 没有数据 (errorCode.md) instead of an empty Data.
+        self.no_data_as_error = False
+        # /Trade/TradesBuyerPay's documented example shows Data as one trade object (the
+        # TradeInfo sample); a public client reads a list. True: a page of one trade is
+        # answered as that object.
+        self.single_trade_as_object = False
         self.calls: list[Call] = []
         self._window: deque[float] = deque()
         self.quota_refusals = 0
@@ -391,6 +401,10 @@ class FakeAgiso:
         ]
         waiting = [o for o in waiting if o.modified >= since_ts - 1]
         chunk = waiting[(page - 1) * size : page * size]
+        if not chunk and self.no_data_as_error:
+            return self.answer(None, 11, "没有数据")
+        if len(chunk) == 1 and self.single_trade_as_object:
+            return self.answer(self._taobao_json(chunk[0]))
         return self.answer([self._taobao_json(o) for o in chunk])
 
     def _alds_trade_tradeinfo(self, form: dict[str, str]) -> web.Response:
@@ -432,11 +446,23 @@ class FakeAgiso:
         return self.answer(None)
 
     def _alds_trade_logisticsdummysend(self, form: dict[str, str]) -> web.Response:
+        # DummySendErrorInfo: -85 可重试的错误, -50 重复发货, -86 不可重试, -90 授权失败; the
+        # api.md example shows -81 (AllowRetry false) for orders that cannot be shipped.
+        tids = form.get("tids", "").split(",")
+        if self.faults.dummy_send_retryable > 0:
+            self.faults.dummy_send_retryable -= 1
+            errors = [
+                {"Tid": int(t) if t.isdigit() else 0, "ErrorCode": -85, "AllowRetry": True}
+                for t in tids
+            ]
+            return self.answer({"ErrorInfos": errors}, 7, "全部失败")
         errors = []
-        for tid in form.get("tids", "").split(","):
+        for tid in tids:
             order = self.orders.get(tid)
             if order is None or order.status != "WAIT_SELLER_SEND_GOODS":
-                errors.append({"Tid": int(tid) if tid.isdigit() else 0, "ErrorCode": -81})
+                shipped = order is not None and self.shipped(tid)
+                code = -50 if shipped else -81
+                errors.append({"Tid": int(tid) if tid.isdigit() else 0, "ErrorCode": code})
                 errors[-1]["AllowRetry"] = False
                 continue
             order.status = "WAIT_BUYER_CONFIRM_GOODS"
@@ -452,6 +478,8 @@ class FakeAgiso:
             {"CpcId": int(order.pool_id or 1), "Title": "卡", "Cards": [{"Card": c, "Pwd": p}]}
             for c, p in order.pool_cards
         ]
+        if not sent and self.no_data_as_error:
+            return self.answer(None, 11, "没有数据")
         return self.answer({"Orders": [{"Oid": int(order.oid), "SendCards": sent}]})
 
     def _alds_cardpwd_add(self, form: dict[str, str]) -> web.Response:
@@ -497,7 +525,8 @@ class FakeAgiso:
             "buy_amount": order.quantity,
             "item": {"item_id": int(order.item), "title": order.title, "outer_id_sku": ""},
             "order_status": int(order.status),
-            "pay_time": int(order.modified * 1000),
+            "pay_time": int(order.modified * 1000),  # 时间戳,毫秒
+            "payment": 1990,  # 实付金额, 单位分: 19.90 元
             "sku": 0,
         }
         return self.answer(data)
@@ -526,7 +555,7 @@ class FakeAgiso:
     def _last_sent(self, order: FakeOrder, own: bool) -> web.Response:
         cards = order.pool_cards + (order.cards if own else [])
         if not cards:
-            return self.answer([])
+            return self.answer(None, 11, "没有数据") if self.no_data_as_error else self.answer([])
         return self.answer([{"title": "卡", "cardPwdArr": [{"c": c, "p": p} for c, p in cards]}])
 
     def _aldsidle_cpd_getlastsentresult(self, form: dict[str, str]) -> web.Response:
@@ -546,6 +575,7 @@ class FakeAgiso:
             "refund_status": 1,
             "item_list": [item | {"goods_name": order.title}],
             "pay_time": beijing(order.modified),
+            "pay_amount": 0.1,  # 支付金额（元）
         }
         return self.answer(data)
 
@@ -624,10 +654,12 @@ class FakeAgiso:
             aopic = 1
             item = {"goods_id": "2557644875", "sku_id": order.item, "goods_count": order.quantity}
             body = {"MallId": "110770592823138", "Tid": tid, "OrderSn": tid, "ItemList": [item]}
+            body["PayAmount"] = 0.1
         else:
             aopic = 8
             body = {"OrderId": int(tid), "OrderType": 2, "BuyNum": order.quantity}
             body |= {"SkuId": int(order.item), "PlatformShopId": 242781471563}
+            body["TotalPrice"] = 12.36
         text = json.dumps(body, ensure_ascii=False)
         ts = str(int(self.clock() if timestamp is None else timestamp))
         sign = md5_sign({"json": text, "timestamp": ts}, self.app_secret)
