@@ -394,6 +394,14 @@ class PddChannel(Channel):
                 raise DeliveryConflict(f"拼多多订单 {trade.tid} 已有其他卡密 (holds another card)")
             if attempt == 2:
                 break
+            if trade.refunding:
+                # 售后处理中/退款中: the buyer asked for the money back; a card sent now could
+                # go with the refund. Wait: a refused refund shows 1 again, a granted one 4.
+                raise Transient(
+                    f"拼多多订单 {trade.tid} 售后处理中/退款中，暂不发卡 (a refund is pending:"
+                    " the card waits until it is settled)",
+                    retry_after=300.0,
+                )
             try:
                 await self.client.write(self.service, "/DummySend/CardPwdSend", params)
                 return

@@ -100,6 +100,9 @@ class Trade:
     lines: tuple[TradeLine, ...] = ()
     paid_at: str | None = None
     amount: str | None = None
+    # A refund asked for and not settled yet (拼多多 refund_status 2 售后处理中, 3 退款中): the
+    # order is still paid, but a key sent now may be refunded with it.
+    refunding: bool = False
 
 
 def _ids(entry: Mapping[str, Any], *names: str) -> tuple[str, ...]:
@@ -209,7 +212,8 @@ def xianyu_trade(data: Any) -> Trade:
 
 def pdd_trade(tid: str, data: Any) -> Trade:
     """A 拼多多 order (aldsPdd /Trade/Detail): confirm_status (0 未成交 1 已成交 2 已取消),
-    refund_status (1 无售后 … 4 退款成功), item_list[] of {goods_id, sku_id, outer_id,
+    refund_status (1 无售后或售后关闭, 2 售后处理中, 3 退款中, 4 退款成功), item_list[] of
+    {goods_id, sku_id, outer_id,
     outer_goods_id, goods_count, goods_name}. It carries no shipping state: whether our card
     went out is read from the sent log (/Cpd/GetLastSentResult)."""
     if not isinstance(data, dict):
@@ -229,6 +233,7 @@ def pdd_trade(tid: str, data: Any) -> Trade:
         pdd_lines(data.get("item_list")),
         beijing_time(data.get("pay_time")),
         yuan(data.get("pay_amount")),
+        refunding=refund in (2, 3),
     )
 
 

@@ -1012,3 +1012,18 @@ async def test_amounts_are_yuan_and_times_utc_on_every_channel(
     # The documented 闲鱼 example: pay_time 1647677841000 (ms), payment 1 (分).
     xianyu = xianyu_trade({"biz_order_id": 1, "pay_time": 1647677841000, "payment": 1})
     assert (xianyu.paid_at, xianyu.amount) == ("2022-03-19T08:17:21Z", "0.01")
+
+
+async def test_a_pdd_order_with_a_refund_pending_gets_no_card_until_it_is_settled(
+    fake: FakeAgiso, adapters: dict[str, AgisoPlatform]
+) -> None:
+    # aldsPdd /Trade/Detail refund_status: 1 无售后或售后关闭, 2 售后处理中, 3 退款中, 4 退款成功.
+    tid = fake.add_order("pdd", ITEMS["pdd"])
+    fake.orders[tid].refund_status = 3
+    with pytest.raises(Transient, match="退款中"):
+        await adapters["pdd"].deliver(tid, "k", [key(1)], "")
+    assert fake.orders[tid].cards == []
+    assert (await adapters["pdd"].get_order(tid)).status == "paid"  # still waiting
+    fake.orders[tid].refund_status = 1  # the refund was refused
+    await adapters["pdd"].deliver(tid, "k", [key(1)], "")
+    assert fake.orders[tid].cards == [("CARD000001", "PWD-000001-XyZ")]

@@ -130,6 +130,7 @@ class FakeOrder:
     card_sends: int = 0
     pool_cards: list[tuple[str, str]] = field(default_factory=list)  # Agiso's own sends
     pool_id: str = ""  # the pool they came from
+    refund_status: int = 1  # 拼多多 /Trade/Detail: 1 无售后, 2 售后处理中, 3 退款中, 4 退款成功
 
 
 @dataclass
@@ -572,7 +573,7 @@ class FakeAgiso:
         item = {"sku_id": order.item, "goods_id": "2557644875", "goods_count": order.quantity}
         data = {
             "confirm_status": 2 if order.status == "cancel" else 1,
-            "refund_status": 1,
+            "refund_status": order.refund_status,
             "item_list": [item | {"goods_name": order.title}],
             "pay_time": beijing(order.modified),
             "pay_amount": 0.1,  # 支付金额（元）
