@@ -35,6 +35,13 @@ linked to a pool (`link_pool`) is Agiso's own auto-delivery: `sell_from_pools` s
 order of it its cards from the pool (oldest first), marks it shipped, and records the cards
 for /Trade/QueryTradeCPSendLog (with the pool's CpcId), /Cpd/GetLastSentResult and the
 "自动发货成功" push (aopic 2048); an order the pool cannot fill waits.
+
+Also modelled from the documentation (knobs off by default): /Trade/LogisticsDummySend's
+per-trade ErrorInfos (DummySendErrorInfo: -85 可重试 with AllowRetry true,
+`faults.dummy_send_retryable`; -50 重复发货 for a shipped trade; -81 otherwise, as api.md's
+example); 11 没有数据 for a read that finds nothing (`no_data_as_error`); TradesBuyerPay's Data
+as one trade object, as its example shows (`single_trade_as_object`); 拼多多 refund_status
+(`FakeOrder.refund_status`); amounts as each service writes them (闲鱼 payment in 分).
 """
 
 from __future__ import annotations
