@@ -15,6 +15,7 @@ from __future__ import annotations
 import asyncio
 import html
 import os
+import re
 import shutil
 import tempfile
 import time
@@ -44,7 +45,15 @@ log = get_logger("kami.telegram_bot")
 
 MAX_REPLY_BYTES = 4 * 1024 * 1024
 MAX_FILE_BYTES = 20 * 1024 * 1024  # what the Bot API lets a bot download
-MAX_MESSAGE = 3900  # Telegram's limit is 4096 characters; room for the markup
+# sendMessage takes "1-4096 characters after entities parsing" (UTF-16 code units, as
+# Telegram counts): the visible text, not the markup around it.
+MAX_MESSAGE = 4096
+# Flood control: a 429 names in parameters.retry_after how long to wait before repeating the
+# call. Waits up to this long are sat out (at most twice per call); longer ones fail the call.
+MAX_FLOOD_WAIT = 60.0
+FLOOD_RETRIES = 2
+# The pieces of a parse_mode=HTML text: a tag, an entity, or one character.
+_HTML_PIECE = re.compile(r"<(/?)([A-Za-z-]+)[^<>]*>|&#?[0-9A-Za-z]+;|.", re.DOTALL)
 # An import's rejection reasons in its reply: this many, each cut to this many cells, so the
 # reply stays far below MAX_MESSAGE (a cut through an HTML entity would be refused).
 MAX_REASONS = 10
@@ -54,7 +63,44 @@ BACKOFF_CAP = 60.0
 
 
 class BotApiError(AgentError):
-    """The Bot API could not be reached or refused a call; never carries the URL."""
+    """The Bot API could not be reached or refused a call; never carries the URL.
+    `retry_after`: seconds Telegram asked us to wait (flood control), when it said."""
+
+    def __init__(self, message: str, retry_after: float | None = None) -> None:
+        super().__init__(message)
+        self.retry_after = retry_after
+
+
+def fit_html(text: str, limit: int = MAX_MESSAGE) -> str:
+    """`text` (parse_mode HTML, as the bot writes it) cut so that what Telegram shows is at
+    most `limit` UTF-16 code units: never through a tag or an entity, ending in "…" and
+    closing the tags still open, so Telegram can still parse it."""
+    pieces = [(m.group(0), m.group(1), m.group(2)) for m in _HTML_PIECE.finditer(text)]
+
+    def units(piece: str) -> int:
+        return (
+            1 if piece.startswith("&") and len(piece) > 1 else len(piece.encode("utf-16-le")) // 2
+        )
+
+    if sum(units(p) for p, _, tag in pieces if tag is None) <= limit:
+        return text
+    kept: list[str] = []
+    open_tags: list[str] = []
+    used = 0
+    for piece, closing, tag in pieces:
+        if tag is not None:
+            if closing:
+                if open_tags and open_tags[-1] == tag.lower():
+                    open_tags.pop()
+            else:
+                open_tags.append(tag.lower())
+            kept.append(piece)
+            continue
+        if used + units(piece) > limit - 1:
+            break
+        kept.append(piece)
+        used += units(piece)
+    return "".join(kept) + "…" + "".join(f"</{tag}>" for tag in reversed(open_tags))
 
 
 class TelegramBot:
@@ -105,7 +151,21 @@ class TelegramBot:
 
     # --- the Bot API --------------------------------------------------------------------------
     async def call(self, method: str, **payload: Any) -> Any:
-        """One Bot API method; its `result`, or BotApiError naming the method and why."""
+        """One Bot API method; its `result`, or BotApiError naming the method and why. Flood
+        control (HTTP 429 with parameters.retry_after) is waited out and the call repeated,
+        when the wait is short."""
+        for attempt in range(FLOOD_RETRIES + 1):
+            try:
+                return await self._call_once(method, payload)
+            except BotApiError as exc:
+                wait = exc.retry_after
+                if wait is None or wait > MAX_FLOOD_WAIT or attempt == FLOOD_RETRIES:
+                    raise
+                log.warning("telegram_bot_flood_wait", method=method, seconds=wait)
+                await asyncio.sleep(wait)
+        raise AssertionError("unreachable")
+
+    async def _call_once(self, method: str, payload: dict[str, Any]) -> Any:
         assert self._session is not None
         try:
             async with self._session.post(
@@ -123,8 +183,15 @@ class TelegramBot:
             raise BotApiError(f"telegram {method}: HTTP {status}, not JSON") from None
         if not isinstance(reply, dict) or reply.get("ok") is not True:
             description = reply.get("description") if isinstance(reply, dict) else None
+            parameters = reply.get("parameters") if isinstance(reply, dict) else None
+            retry_after = parameters.get("retry_after") if isinstance(parameters, dict) else None
             raise BotApiError(
-                f"telegram {method}: HTTP {status}: {printable(str(description or ''))[:200]}"
+                f"telegram {method}: HTTP {status}: {printable(str(description or ''))[:200]}",
+                retry_after=float(retry_after)
+                if isinstance(retry_after, int)
+                and not isinstance(retry_after, bool)
+                and retry_after >= 0
+                else None,
             )
         return reply.get("result")
 
@@ -159,7 +226,7 @@ class TelegramBot:
     ) -> None:
         payload: dict[str, Any] = {
             "chat_id": chat_id,
-            "text": text[:MAX_MESSAGE],
+            "text": fit_html(text),
             "parse_mode": "HTML",
             "disable_web_page_preview": True,
         }
@@ -183,7 +250,8 @@ class TelegramBot:
                 failures += 1
                 if failures == 1:
                     log.warning("telegram_bot_poll_failed", error=str(exc))
-                await asyncio.sleep(min(BACKOFF_CAP, 2.0**failures))
+                # A flood-control wait longer than call() sits out is still honoured here.
+                await asyncio.sleep(max(min(BACKOFF_CAP, 2.0**failures), exc.retry_after or 0))
                 continue
             for update in updates if isinstance(updates, list) else []:
                 if not isinstance(update, dict) or not isinstance(update.get("update_id"), int):

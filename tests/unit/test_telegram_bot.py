@@ -1,11 +1,19 @@
 """Telegram bot control against a fake Telegram Bot API served on 127.0.0.1 (getUpdates long
-poll, sendMessage, getFile and the file download, answerCallbackQuery), over a real ledger."""
+poll, sendMessage, getFile and the file download, answerCallbackQuery), over a real ledger.
+
+The fake's sendMessage checks what the Bot API documents (core.telegram.org/bots/api,
+sendMessage and "Formatting options"): with parse_mode HTML only the supported tags, properly
+closed, and only &lt; &gt; &amp; &quot; and numerical entities; the text 1-4096 characters
+(UTF-16 code units) after entities parsing; and flood control answered with HTTP 429 and
+parameters.retry_after."""
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
 import dataclasses
+import math
+import re
 import time
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
@@ -30,6 +38,46 @@ BOT_TOKEN = "123456:fake-bot-token-for-tests-AbCdEf"
 MERCHANT = 4242
 STRANGER = 666
 
+# The Bot API's HTML style: these tags (with their documented synonyms), nothing else.
+HTML_TAGS = frozenset(
+    {"b", "strong", "i", "em", "u", "ins", "s", "strike", "del", "span", "tg-spoiler", "a"}
+    | {"tg-emoji", "code", "pre", "blockquote"}
+)
+_HTML_TOKEN = re.compile(r"<(/?)([a-z-]+)(?:\s[^<>]*)?>|&(#[0-9]+|#x[0-9a-fA-F]+|[a-zA-Z]+);|[<>&]")
+_NAMED_ENTITIES = {"lt": "<", "gt": ">", "amp": "&", "quot": '"'}
+
+
+def telegram_html_text(text: str) -> str:
+    """The text Telegram shows for `text` sent with parse_mode HTML; ValueError (its words)
+    for what it refuses to parse."""
+    shown: list[str] = []
+    open_tags: list[str] = []
+    at = 0
+    for token in _HTML_TOKEN.finditer(text):
+        shown.append(text[at : token.start()])
+        at = token.end()
+        closing, tag, entity = token.group(1), token.group(2), token.group(3)
+        if tag is not None:
+            if tag not in HTML_TAGS:
+                raise ValueError(f'Unsupported start tag "{tag}"')
+            if not closing:
+                open_tags.append(tag)
+            elif not open_tags or open_tags.pop() != tag:
+                raise ValueError(f'Unmatched end tag "{tag}"')
+        elif entity is not None:
+            if entity.startswith("#"):
+                shown.append(chr(int(entity[2:], 16) if entity[1] == "x" else int(entity[1:])))
+            elif entity in _NAMED_ENTITIES:
+                shown.append(_NAMED_ENTITIES[entity])
+            else:
+                raise ValueError(f'Unsupported HTML entity "&{entity};"')
+        else:
+            raise ValueError(f'Unexpected "{token.group(0)}": it must be escaped')
+    shown.append(text[at:])
+    if open_tags:
+        raise ValueError(f'Can\'t find end tag corresponding to start tag "{open_tags[-1]}"')
+    return "".join(shown)
+
 
 @dataclass
 class FakeTelegram:
@@ -41,6 +89,8 @@ class FakeTelegram:
     answered: list[dict[str, Any]] = field(default_factory=list)
     files: dict[str, tuple[str, bytes]] = field(default_factory=dict)
     refused_tokens: int = 0
+    refused_messages: list[str] = field(default_factory=list)
+    flood_until: float = 0.0  # time.monotonic() before which sendMessage answers 429
     next_id: int = 1
     arrived: asyncio.Event = field(default_factory=asyncio.Event)
     base_url: str = ""
@@ -104,6 +154,36 @@ class FakeTelegram:
                 with contextlib.suppress(TimeoutError):
                     await asyncio.wait_for(self.arrived.wait(), deadline - time.monotonic())
         if method == "sendMessage":
+            wait = self.flood_until - time.monotonic()
+            if wait > 0:
+                return web.json_response(
+                    {
+                        "ok": False,
+                        "error_code": 429,
+                        "description": f"Too Many Requests: retry after {math.ceil(wait)}",
+                        "parameters": {"retry_after": math.ceil(wait)},
+                    },
+                    status=429,
+                )
+            text = payload.get("text")
+            try:
+                if not isinstance(text, str):
+                    raise ValueError("message text is empty")
+                shown = telegram_html_text(text) if payload.get("parse_mode") == "HTML" else text
+                if not shown.strip():
+                    raise ValueError("message text is empty")
+                if len(shown.encode("utf-16-le")) // 2 > 4096:
+                    raise ValueError("message is too long")
+            except ValueError as exc:
+                self.refused_messages.append(str(exc))
+                return web.json_response(
+                    {
+                        "ok": False,
+                        "error_code": 400,
+                        "description": f"Bad Request: can't parse entities: {exc}",
+                    },
+                    status=400,
+                )
             self.sent.append(payload)
             return web.json_response({"ok": True, "result": {"message_id": len(self.sent)}})
         if method == "answerCallbackQuery":
@@ -380,3 +460,35 @@ async def test_a_refused_retry_is_said_in_chinese(
     finally:
         await bot.stop()
     assert (await sqlite_store.get_line(line_id)).state == LineState.NEW  # type: ignore[union-attr]
+
+
+async def test_a_long_stock_table_is_cut_as_telegram_parses_it(
+    telegram: FakeTelegram, bot: tuple[TelegramBot, FakeEngine], sqlite_store: SQLiteStore
+):
+    # More SKUs than one message holds, with "&" in their names (escaped as &amp;): the reply
+    # is cut by what Telegram counts (the text after entities parsing) and never through a tag
+    # or an entity, so it is still valid HTML; cutting the raw markup left <pre> unclosed and
+    # Telegram refused the whole reply.
+    running, _ = bot
+    skus = dict(running.config.skus)
+    for n in range(300):
+        skus[f"R&D-KEY-{n:03d}"] = SkuSettings(sku=f"R&D-KEY-{n:03d}")
+    running.config = dataclasses.replace(running.config, skus=skus)
+    telegram.message(MERCHANT, "/stock")
+    telegram.message(MERCHANT, "/help")  # handled after /stock: its reply ends the wait
+    await wait_for(sent_matching(telegram, MERCHANT, lambda t: "/import SKU" in t), "help")
+    assert telegram.refused_messages == []
+    stock_reply = next(t for t in telegram.replies_to(MERCHANT) if "<pre>" in t)
+    shown = telegram_html_text(stock_reply)
+    assert "R&D-KEY-000" in shown and shown.rstrip().endswith("…")
+    assert len(shown.encode("utf-16-le")) // 2 <= 4096
+
+
+async def test_flood_control_is_waited_out(
+    telegram: FakeTelegram, bot: tuple[TelegramBot, FakeEngine]
+):
+    # Over Telegram's flood limits sendMessage answers 429 with parameters.retry_after: the
+    # reply is sent again once that wait is over, not lost.
+    telegram.flood_until = time.monotonic() + 1
+    telegram.message(MERCHANT, "/help")
+    await wait_for(sent_matching(telegram, MERCHANT, lambda t: "/import SKU" in t), "help")
