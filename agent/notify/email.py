@@ -66,9 +66,13 @@ class EmailNotifier:
         mail = EmailMessage()
         mail["From"] = self.sender
         mail["To"] = ", ".join(self.recipients)
-        mail["Subject"] = message.text[:150]
+        # A header holds no line break (RFC 5322; Python's email raises ValueError for one):
+        # the subject is the alert on one line, the whole text is in the body. Non-ASCII is
+        # written as RFC 2047 encoded words by the email package's default policy.
+        mail["Subject"] = " ".join(message.text.split())[:150]
         mail["X-Kami-Alert"] = message.key
-        mail.set_content(f"{message.text}\n\nalert: {message.key}\nkind: {message.kind}\n")
+        text = message.text.replace("\r\n", "\n").replace("\r", "\n")
+        mail.set_content(f"{text}\n\nalert: {message.key}\nkind: {message.kind}\n")
         return mail
 
     def _connect(self) -> smtplib.SMTP:

@@ -254,3 +254,29 @@ def test_config_tls_modes(tmp_path: Path, mail: str, tls: str, port: int) -> Non
 def test_config_rejects_unclear_tls(tmp_path: Path, mail: str, problem: str) -> None:
     with pytest.raises(ConfigError, match=problem):
         load_config(write_config(tmp_path, mail))
+
+
+async def test_a_chinese_multiline_alert_makes_one_encoded_subject(
+    plain_server: tuple[Controller, Mailbox],
+) -> None:
+    # RFC 5322 header lines cannot hold a bare line break (Python's email refuses it with a
+    # ValueError, which no retry logic expects), and non-ASCII goes as RFC 2047 encoded
+    # words: the subject is the alert on one line, the full text in the body.
+    from email import message_from_bytes
+    from email.header import decode_header, make_header
+    from email.policy import default
+
+    controller, mailbox = plain_server
+    summary = "平台 main 说：\n余额不足\r\n请充值"
+    message = AlertMessage("k", "platform_blocked", "opened", "critical", summary, 1.0)
+    plain = EmailNotifier(
+        "mail", "127.0.0.1", controller.port, "a@b.test", ("c@d.test",), starttls=False
+    )
+    await plain.send(message)
+    (raw,) = mailbox.messages
+    subject_line = raw.split(b"\r\n\r\n", 1)[0].decode("ascii")  # headers are 7-bit
+    assert "=?utf-8?" in subject_line
+    mail = message_from_bytes(raw, policy=default)
+    subject = str(make_header(decode_header(mail["Subject"])))
+    assert "\n" not in subject and "余额不足 请充值" in subject
+    assert "说：\n余额不足\n请充值\n" in mail.get_content().replace("\r\n", "\n")
