@@ -41,6 +41,16 @@ def test_sign_and_card_decryption_vectors() -> None:
     assert decrypt_card_field("bxk8R8P5SSJi7UJddnLJjw==", APP_SECRET) == "CARD-PWD-123"
 
 
+def test_card_decryption_of_the_documentation_samples() -> None:
+    # Fulu's own test data, as its documentation and demo SDKs give it ("基础数据（测试使用）":
+    # the sandbox AppSecret and an encrypted TestCardnumber / TestCardpassword), decrypted as
+    # its PHP demo does: openssl_decrypt(base64_decode(v), "aes-256-ecb", AppSecret).
+    secret = "0a091b3aa4324435aab703142518a8f7"
+    number = decrypt_card_field("12nCp6X/nALmrvr1erxK+D4L8n/kqz/RItKWUfvZrCU=", secret)
+    password = decrypt_card_field("9HeOgdv+NpLihh2+5Gm0Mj4L8n/kqz/RItKWUfvZrCU=", secret)
+    assert (number, password) == ("CD1000250201906121742434441", "CP1000250201906121742434441")
+
+
 @pytest.fixture
 async def fulu() -> AsyncIterator[FakeFulu]:
     fake = FakeFulu(APP_KEY, APP_SECRET, {10000001: "9.50"})
