@@ -191,7 +191,9 @@ class Delivery:
             await self.park(line, str(exc))
             return None
         except Ambiguous as exc:
-            await self._retry_later(intent.line, str(exc), ambiguous=True)
+            await self._retry_later(
+                intent.line, str(exc), ambiguous=True, retry_after=exc.retry_after
+            )
             return None
         except Transient as exc:
             await self._retry_later(

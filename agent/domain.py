@@ -89,7 +89,12 @@ class CallsUnpaid(AuthFailed):
 
 
 class Ambiguous(AgentError):
-    """The call may or may not have taken effect; ask the other side before acting again."""
+    """The call may or may not have taken effect; ask the other side before acting again
+    (not before `retry_after` seconds, when the other side said so: a 503's Retry-After)."""
+
+    def __init__(self, message: str, retry_after: float | None = None) -> None:
+        super().__init__(message)
+        self.retry_after = retry_after
 
 
 class Permanent(AgentError):

@@ -7,9 +7,12 @@ decides what a status code means for its own calls.
 from __future__ import annotations
 
 import json
+import math
 import time
 from collections.abc import Mapping
 from dataclasses import dataclass
+from datetime import UTC
+from email.utils import parsedate_to_datetime
 from typing import Any
 from urllib.parse import quote, urlencode
 
@@ -58,14 +61,29 @@ def quote_segment(value: str) -> str:
     return quote(value, safe="")
 
 
-def parse_retry_after(value: str | None) -> float | None:
+MAX_RETRY_AFTER = 3600.0
+
+
+def parse_retry_after(value: str | None, now: float | None = None) -> float | None:
+    """Seconds to wait from a `Retry-After` header, which RFC 9110 allows in two forms:
+    delay-seconds (`120`) or an HTTP-date (`Wed, 21 Oct 2015 07:28:00 GMT`, measured from
+    `now`, default the wall clock). Capped at an hour; None when absent or unreadable."""
     if value is None:
         return None
+    text = value.strip()
     try:
-        seconds = float(value)
+        seconds = float(text)
     except ValueError:
+        try:
+            when = parsedate_to_datetime(text)
+        except (TypeError, ValueError, IndexError, OverflowError):
+            return None
+        if when.tzinfo is None:  # an HTTP-date is always GMT
+            when = when.replace(tzinfo=UTC)
+        seconds = when.timestamp() - (time.time() if now is None else now)
+    if math.isnan(seconds):
         return None
-    return max(0.0, min(seconds, 3600.0))
+    return max(0.0, min(seconds, MAX_RETRY_AFTER))
 
 
 async def read_capped(resp: aiohttp.ClientResponse, limit: int = MAX_BODY_BYTES) -> bytes:
@@ -204,9 +222,12 @@ class SignedClient:
         payload: Any = None,
         headers: Mapping[str, str] | None = None,
         read_timeout: float | None = None,
+        unknown_outcome: bool = False,
     ) -> HttpResponse:
         """Raises Transient when the request surely did not reach the server, else Ambiguous;
-        Redirected (Permanent) for a 3xx answer, which is never followed."""
+        Redirected (Permanent) for a 3xx answer, which is never followed. `unknown_outcome`:
+        the call changes something, so an answer too big to read is Ambiguous, not a
+        BadResponse (which the engine may take for a call that did nothing)."""
         url = self.url_for(path, params)
         body = b"" if payload is None else _ENCODER.encode(payload).encode()
         signed = auth_headers(
@@ -232,7 +253,15 @@ class SignedClient:
             ) as resp:
                 if 300 <= resp.status < 400:
                     raise Redirected(redirect_refusal(resp, f"{self._base.host} ({method} {path})"))
-                data = await read_capped(resp)
+                try:
+                    data = await read_capped(resp)
+                except BadResponse as exc:
+                    if not unknown_outcome:
+                        raise
+                    # The server answered a call that changes something (a delivery, a
+                    # purchase): it may have been done. Unread, it must be asked about, never
+                    # taken for a refusal (a new purchase reference would buy twice).
+                    raise Ambiguous(f"{method} {path}: {exc}") from None
                 return HttpResponse(
                     resp.status, data, parse_retry_after(resp.headers.get("Retry-After"))
                 )
@@ -275,6 +304,7 @@ def raise_for_answer(
         raise Transient(f"{who} rate limit{where}: {text}", retry_after=retry_after)
     if status >= 500:
         if unknown_outcome:
-            raise Ambiguous(f"{who} error, outcome unknown{where}: {text}")
+            # 503 carries Retry-After: the question that must come first waits for it too.
+            raise Ambiguous(f"{who} error, outcome unknown{where}: {text}", retry_after)
         raise Transient(f"{who} error{where}: {text}", retry_after=retry_after)
     raise Permanent(f"{who} rejected {what or 'the request'}: {text}")

@@ -2,9 +2,16 @@
 
 from __future__ import annotations
 
+from collections import Counter
 from collections.abc import Sequence
 
-from tenacity import AsyncRetrying, retry_if_exception, stop_after_attempt, wait_exponential
+from tenacity import (
+    AsyncRetrying,
+    RetryCallState,
+    retry_if_exception,
+    stop_after_attempt,
+    wait_exponential,
+)
 
 from agent.config import PlatformSettings, Section
 from agent.domain import (
@@ -20,7 +27,12 @@ from agent.domain import (
     StockNotOffered,
     Transient,
 )
-from agent.platforms.parsing import ParseError, parse_order_page, parse_remote_order
+from agent.platforms.parsing import (
+    ParseError,
+    parse_items,
+    parse_order_page,
+    parse_remote_order,
+)
 from agent.signed_http import (
     DEFAULT_CONNECTIONS,
     HttpResponse,
@@ -40,17 +52,33 @@ def read_order_page(resp: HttpResponse, what: str) -> OrderPage:
 
 
 # In-call retries only (seconds); anything longer is scheduled in the order row.
+IN_CALL_RETRY_AFTER = 2.0
+
+
 def _worth_retrying_now(exc: BaseException) -> bool:
     # A GET has no side effect, so an ambiguous read is just a failed read. Bad credentials
-    # will not fix themselves within seconds.
-    return isinstance(exc, Transient | Ambiguous) and not isinstance(exc, AuthFailed)
+    # will not fix themselves within seconds, and a platform that asks for a longer pause
+    # (429/503 Retry-After) gets it: the caller schedules the next try.
+    if isinstance(exc, AuthFailed) or not isinstance(exc, Transient | Ambiguous):
+        return False
+    return (exc.retry_after or 0.0) <= IN_CALL_RETRY_AFTER
+
+
+_backoff = wait_exponential(multiplier=0.2, max=2)
+
+
+def _wait_for_retry(state: RetryCallState) -> float:
+    """The backoff, but never less than the platform's Retry-After."""
+    exc = state.outcome.exception() if state.outcome is not None else None
+    asked = getattr(exc, "retry_after", None) or 0.0
+    return max(_backoff(state), asked)
 
 
 def _read_retrying() -> AsyncRetrying:
     return AsyncRetrying(
         retry=retry_if_exception(_worth_retrying_now),
         stop=stop_after_attempt(3),
-        wait=wait_exponential(multiplier=0.2, max=2),
+        wait=_wait_for_retry,
         reraise=True,
     )
 
@@ -64,6 +92,21 @@ def _error_code(resp: HttpResponse) -> str | None:
     error = body.get("error") if isinstance(body, dict) else None
     code = error.get("code") if isinstance(error, dict) else None
     return code if isinstance(code, str) else None
+
+
+def _conflict_delivery(resp: HttpResponse) -> tuple[CardItem, ...] | None:
+    """The items of the `delivery` a 409 already_delivered carries; None when it has none."""
+    try:
+        body = resp.json()
+    except BadResponse:
+        return None
+    delivery = body.get("delivery") if isinstance(body, dict) else None
+    if not isinstance(delivery, dict) or "items" not in delivery:
+        return None
+    try:
+        return parse_items(delivery["items"])
+    except ParseError:
+        return None
 
 
 class HttpPlatform:
@@ -121,12 +164,15 @@ class HttpPlatform:
             f"/api/v1/orders/{quote_segment(order_id)}/delivery",
             payload=payload,
             headers={"Idempotency-Key": idempotency_key},
+            unknown_outcome=True,
         )
         if resp.status == 409:
             code = _error_code(resp)
             if code in ("order_cancelled", "order_refunded"):
                 status = code.removeprefix("order_")
                 raise OrderClosed(f"platform: order {status} before delivery", status)
+            if await self._holds_these_items(order_id, resp, items):
+                return  # delivered already, with exactly our keys (an earlier attempt)
             raise DeliveryConflict(f"order already delivered with other items: {resp.error_text()}")
         raise_for_status(resp, "platform", unknown_outcome=True)
         try:
@@ -135,6 +181,26 @@ class HttpPlatform:
             raise Ambiguous("delivery answered 2xx with malformed JSON") from None
         if not isinstance(body, dict) or body.get("status") != "delivered":
             raise Ambiguous(f"delivery answered {resp.status} without status 'delivered'")
+
+    async def _holds_these_items(
+        self, order_id: str, conflict: HttpResponse, items: Sequence[CardItem]
+    ) -> bool:
+        """A 409 already_delivered: True when the delivery the platform holds is exactly
+        `items` (ours, sent before under another key or with the answer lost), so the order
+        is delivered, not in conflict. The 409 carries the existing `delivery`; a body without
+        a readable one is settled by reading the order."""
+        delivery = _conflict_delivery(conflict)
+        if delivery is None:
+            try:
+                remote = await self.get_order(order_id)
+            except (Transient, Ambiguous) as exc:
+                raise Ambiguous(f"409 on delivery, and the order cannot be read: {exc}") from None
+            if remote.status != "delivered":
+                return False
+            delivery = remote.items
+        return Counter((i.code, i.secret) for i in delivery) == Counter(
+            (i.code, i.secret) for i in items
+        )
 
     async def replace_delivery(
         self,
@@ -157,6 +223,7 @@ class HttpPlatform:
             f"/api/v1/orders/{quote_segment(order_id)}/delivery",
             payload=payload,
             headers={"Idempotency-Key": idempotency_key},
+            unknown_outcome=True,
         )
         if resp.status == 409:
             code = _error_code(resp)
@@ -186,6 +253,7 @@ class HttpPlatform:
             f"/api/v1/orders/{quote_segment(order_id)}/notice",
             payload={"message": message},
             headers=headers,
+            unknown_outcome=True,
         )
         raise_for_status(resp, "platform", unknown_outcome=True)
 
@@ -195,9 +263,13 @@ class HttpPlatform:
             f"/api/v1/orders/{quote_segment(order_id)}/refund",
             payload={"reason": reason},
             headers={"Idempotency-Key": idempotency_key},
+            unknown_outcome=True,
         )
         raise_for_status(resp, "platform", unknown_outcome=True)
-        body = resp.json()
+        try:
+            body = resp.json()
+        except BadResponse:
+            raise Ambiguous("refund answered 2xx with malformed JSON") from None
         if not isinstance(body, dict) or body.get("status") != "refunded":
             raise Ambiguous(f"refund answered {resp.status} without status 'refunded'")
 
@@ -212,7 +284,10 @@ class HttpPlatform:
 
     async def _put_stock(self, sku: str, payload: dict[str, object]) -> None:
         resp = await self._client.request(
-            "PUT", f"/api/v1/skus/{quote_segment(sku)}/stock", payload=payload
+            "PUT",
+            f"/api/v1/skus/{quote_segment(sku)}/stock",
+            payload=payload,
+            unknown_outcome=True,
         )
         if resp.status == 404:
             if _error_code(resp) == "unknown_sku":

@@ -52,6 +52,14 @@ def parse_purchase(body: Any) -> PurchaseResult:
     )
 
 
+def _ours(result: PurchaseResult, merchant_ref: str) -> PurchaseResult:
+    """The purchase, if it is the one made under `merchant_ref`: the keys of another one
+    (a supplier answering with the wrong purchase) are not this line's to bind."""
+    if result.merchant_ref != merchant_ref:
+        raise BadResponse("the supplier answered with a purchase under another merchant_ref")
+    return result
+
+
 def parse_product(body: Any) -> SupplierProduct:
     """A product answer; `available` must be a count >= 0 or null (the supplier does not say)."""
     if not isinstance(body, dict):
@@ -82,7 +90,9 @@ class HttpSupplier:
         if max_price is not None:
             payload["max_price"] = str(max_price)
         try:
-            resp = await self._client.request("POST", "/api/v1/purchases", payload=payload)
+            resp = await self._client.request(
+                "POST", "/api/v1/purchases", payload=payload, unknown_outcome=True
+            )
         except Redirected as exc:
             # Not followed, so surely nothing was bought through it; but a refusal would let
             # the need be bought again under a new reference. Asking about this reference
@@ -90,7 +100,7 @@ class HttpSupplier:
             raise Ambiguous(f"purchase: {exc}") from None
         raise_for_status(resp, "supplier", unknown_outcome=True)
         try:
-            return parse_purchase(resp.json())
+            return _ours(parse_purchase(resp.json()), merchant_ref)
         except BadResponse as exc:
             # A 2xx we cannot read may well be a purchase that went through.
             raise Ambiguous(f"unreadable purchase response: {exc}") from None
@@ -102,12 +112,12 @@ class HttpSupplier:
         if resp.status == 404:
             return None
         raise_for_status(resp, "supplier", unknown_outcome=False)
-        return parse_purchase(resp.json())
+        return _ours(parse_purchase(resp.json()), merchant_ref)
 
     async def get_purchase(self, purchase_id: str, merchant_ref: str) -> PurchaseResult:
         resp = await self._client.request("GET", f"/api/v1/purchases/{quote_segment(purchase_id)}")
         raise_for_status(resp, "supplier", unknown_outcome=False)
-        return parse_purchase(resp.json())
+        return _ours(parse_purchase(resp.json()), merchant_ref)
 
     async def product(self, sku: str) -> SupplierProduct:
         """GET /api/v1/products/{sku}: price and availability (stock sync)."""
