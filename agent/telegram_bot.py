@@ -261,6 +261,10 @@ class TelegramBot:
                     await self.handle(update)
                 except AgentError as exc:
                     log.warning("telegram_bot_update_failed", error=str(exc))
+                except Exception as exc:
+                    # A fault of ours on one update: that update is lost, the bot goes on
+                    # (its loop ending would leave the merchant talking to no one).
+                    log.error("telegram_bot_update_failed", kind=type(exc).__name__, exc_info=exc)
 
     async def _alert_loop(self) -> None:
         while True:
@@ -269,6 +273,8 @@ class TelegramBot:
                 await self.push_alerts()
             except AgentError as exc:
                 log.warning("telegram_bot_alerts_failed", error=str(exc))
+            except Exception as exc:
+                log.error("telegram_bot_alerts_failed", kind=type(exc).__name__, exc_info=exc)
 
     async def push_alerts(self) -> int:
         """Sends every alert opened since the last look to every allowed chat, with buttons."""

@@ -492,3 +492,29 @@ async def test_flood_control_is_waited_out(
     telegram.flood_until = time.monotonic() + 1
     telegram.message(MERCHANT, "/help")
     await wait_for(sent_matching(telegram, MERCHANT, lambda t: "/import SKU" in t), "help")
+
+
+async def test_one_update_failing_on_our_side_does_not_stop_the_bot(
+    telegram: FakeTelegram,
+    bot: tuple[TelegramBot, FakeEngine],
+    sqlite_store: SQLiteStore,
+    monkeypatch: pytest.MonkeyPatch,
+):
+    running, _ = bot
+    real = running.handle
+    failed: list[int] = []
+
+    async def faulty_once(update: dict[str, Any]) -> None:
+        if not failed:
+            failed.append(update["update_id"])
+            raise RuntimeError("a fault of ours")
+        await real(update)
+
+    monkeypatch.setattr(running, "handle", faulty_once)
+    telegram.message(MERCHANT, "/status")
+    await wait_for(lambda: bool(failed), "the faulty update")
+    telegram.message(MERCHANT, "/help")
+    await wait_for(sent_matching(telegram, MERCHANT, lambda t: "/import SKU" in t), "help")
+    # A row number past 63 bits names no order: answered, not lost in the ledger's refusal.
+    telegram.message(MERCHANT, "/retry " + "9" * 40)
+    await wait_for(lambda: len(telegram.replies_to(MERCHANT)) == 2, "the retry's answer")

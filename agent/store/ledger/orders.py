@@ -732,7 +732,8 @@ class OrdersLedger(LedgerCore):
     @read
     async def find_lines(self, tx: Tx, order_ref: str) -> list[OrderLine]:
         lines = await self._lines(tx, "WHERE order_id = $1 ORDER BY id", order_ref)
-        if not lines and order_ref.isdigit():
+        # A row id is ASCII digits within 63 bits: anything else names no line.
+        if not lines and order_ref.isascii() and order_ref.isdigit() and len(order_ref) < 19:
             lines = await self._lines(tx, "WHERE id = $1", int(order_ref))
         return lines
 
