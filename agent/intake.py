@@ -147,6 +147,9 @@ class Intake:
         self._took_in_at = -math.inf  # monotonic time a poll last found orders
         # Monotonic time of the long poll's last answer and the wait it asks for, while it runs.
         self._long_poll_answered: tuple[float, float] | None = None
+        # Monotonic time before which the platform asked not to be listed (429/503
+        # Retry-After): every poll until then is skipped, the scheduled and the busy ones.
+        self._quiet_until = -math.inf
         self._reported = FirstSeen()  # orders rejected or ignored, logged once each
         self._screening = Screening(settings, skus, store)  # blocked buyers, buyer limits
         # SKUs whose keys wait a while after intake: never claimed as they are taken in.
@@ -168,6 +171,8 @@ class Intake:
     async def poll(self, *, from_start: bool = False, follow: bool = True) -> int:
         """Lists paid orders page by page; returns how many new lines were taken in. New
         orders start follow-up polls (see _follow_up) unless `follow` is off."""
+        if time.monotonic() < self._quiet_until:
+            return 0  # the platform's Retry-After has not run out
         cursor = None if from_start else await self.store.get_cursor(self.name)
         taken = 0
         # A full re-list also checks that the platform took our deliveries (see below).
@@ -278,7 +283,7 @@ class Intake:
                         log.warning("long_poll_failed", platform=self.name, error=str(exc))
                     else:
                         self._mark_unreachable(exc)
-                    await asyncio.sleep(1.0)
+                    await asyncio.sleep(max(1.0, self._hold_off(exc)))
                     cursor = await self.store.get_cursor(self.name)
                     continue
                 self._long_poll_answered = (time.monotonic(), wait_seconds)
@@ -304,11 +309,20 @@ class Intake:
             log.error("platform_auth_failed", platform=self.name, error=str(exc))
             return None
         except AgentError as exc:
+            self._hold_off(exc)
             self._mark_unreachable(exc)
             return None
         self._auth_failures.pop(self.name, None)
         self._mark_reachable()
         return page
+
+    def _hold_off(self, exc: AgentError) -> float:
+        """A failed listing whose answer carried Retry-After (429, 503): no listing of this
+        platform until it runs out. Returns the seconds asked for (0 when none)."""
+        wait = getattr(exc, "retry_after", None) or 0.0
+        if wait > 0:
+            self._quiet_until = max(self._quiet_until, time.monotonic() + wait)
+        return wait
 
     def _mark_unreachable(self, exc: AgentError) -> None:
         """A failed poll. Logged when an outage starts; while it lasts, the polls' failures
