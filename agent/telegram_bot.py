@@ -126,7 +126,8 @@ class TelegramBot:
         self._session: aiohttp.ClientSession | None = None
         self._tasks: list[asyncio.Task[None]] = []
         self._offset = 0
-        self._pushed: set[tuple[str, float]] = set()
+        # (alert key, opened at, chat) told: a round that fails part way tells no chat twice.
+        self._pushed: set[tuple[str, float, int]] = set()
         self._strangers: set[int] = set()
 
     # --- lifecycle ----------------------------------------------------------------------------
@@ -135,7 +136,11 @@ class TelegramBot:
             timeout=aiohttp.ClientTimeout(total=self.settings.poll_seconds + 15)
         )
         # Alerts already open are in /status; only the ones opened from now on are pushed.
-        self._pushed = {(a.key, a.opened_at) for a in await self.store.open_alerts()}
+        self._pushed = {
+            (a.key, a.opened_at, chat)
+            for a in await self.store.open_alerts()
+            for chat in self.settings.allowed_chats
+        }
         self._tasks = [
             asyncio.create_task(self._poll_loop(), name="telegram-bot-poll"),
             asyncio.create_task(self._alert_loop(), name="telegram-bot-alerts"),
@@ -279,13 +284,20 @@ class TelegramBot:
     async def push_alerts(self) -> int:
         """Sends every alert opened since the last look to every allowed chat, with buttons."""
         alerts = await self.store.open_alerts()
-        fresh = [a for a in alerts if (a.key, a.opened_at) not in self._pushed]
-        for alert in fresh:
-            for chat in self.settings.allowed_chats:
-                await self.say(chat, self._alert_text(alert), self._alert_buttons(alert))
-            self._pushed.add((alert.key, alert.opened_at))
-        self._pushed &= {(a.key, a.opened_at) for a in alerts}  # bounded: open ones only
-        return len(fresh)
+        owed = [
+            (alert, chat)
+            for alert in alerts
+            for chat in self.settings.allowed_chats
+            if (alert.key, alert.opened_at, chat) not in self._pushed
+        ]
+        for alert, chat in owed:
+            await self.say(chat, self._alert_text(alert), self._alert_buttons(alert))
+            self._pushed.add((alert.key, alert.opened_at, chat))
+        # bounded: open ones only
+        self._pushed &= {
+            (a.key, a.opened_at, c) for a in alerts for c in self.settings.allowed_chats
+        }
+        return len({(alert.key, alert.opened_at) for alert, _ in owed})
 
     # --- updates ------------------------------------------------------------------------------
     async def handle(self, update: dict[str, Any]) -> None:

@@ -91,6 +91,7 @@ class FakeTelegram:
     refused_tokens: int = 0
     refused_messages: list[str] = field(default_factory=list)
     flood_until: float = 0.0  # time.monotonic() before which sendMessage answers 429
+    blocked_by: set[int] = field(default_factory=set)  # chats whose user blocked the bot
     next_id: int = 1
     arrived: asyncio.Event = field(default_factory=asyncio.Event)
     base_url: str = ""
@@ -164,6 +165,15 @@ class FakeTelegram:
                         "parameters": {"retry_after": math.ceil(wait)},
                     },
                     status=429,
+                )
+            if payload.get("chat_id") in self.blocked_by:
+                return web.json_response(
+                    {
+                        "ok": False,
+                        "error_code": 403,
+                        "description": "Forbidden: bot was blocked by the user",
+                    },
+                    status=403,
                 )
             text = payload.get("text")
             try:
@@ -518,3 +528,37 @@ async def test_one_update_failing_on_our_side_does_not_stop_the_bot(
     # A row number past 63 bits names no order: answered, not lost in the ledger's refusal.
     telegram.message(MERCHANT, "/retry " + "9" * 40)
     await wait_for(lambda: len(telegram.replies_to(MERCHANT)) == 2, "the retry's answer")
+
+
+async def test_an_alert_round_failing_at_one_chat_tells_no_chat_twice(
+    tmp_path: Path,
+    telegram: FakeTelegram,
+    sqlite_store: SQLiteStore,
+    sandbox: SandboxPlatform,
+    monkeypatch: pytest.MonkeyPatch,
+):
+    monkeypatch.setenv("KAMI_SECRET_PLATFORM_MAIN_SECRET", sandbox.secret)
+    partner = MERCHANT + 1
+    telegram.blocked_by.add(partner)  # the partner blocked the bot for a while
+    settings = TelegramBotSettings(
+        token_secret="bot.token",
+        allowed_chats=(MERCHANT, partner),
+        api_base=telegram.base_url,
+        language="en",
+        poll_seconds=1,
+        alert_interval=0.05,
+    )
+    config = console_config(tmp_path, sandbox.base_url)
+    running = TelegramBot(settings, BOT_TOKEN, config, sqlite_store, FakeEngine())
+    await running.start()
+    try:
+        low = AlertCondition("low_stock:G", "low_stock", "warning", "G runs out soon")
+        await sqlite_store.apply_alerts([low], [], time.time(), 3600, 3)
+        await wait_for(lambda: len(telegram.replies_to(MERCHANT)) == 1, "the merchant's alert")
+        await asyncio.sleep(0.3)  # several rounds failing at the partner
+        telegram.blocked_by.clear()
+        await wait_for(lambda: len(telegram.replies_to(partner)) == 1, "the partner's alert")
+        await asyncio.sleep(0.3)
+        assert len(telegram.replies_to(MERCHANT)) == 1 and len(telegram.replies_to(partner)) == 1
+    finally:
+        await running.stop()
