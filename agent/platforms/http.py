@@ -27,6 +27,7 @@ from agent.domain import (
     StockNotOffered,
     Transient,
 )
+from agent.logs import get_logger
 from agent.platforms.parsing import (
     ParseError,
     parse_items,
@@ -40,6 +41,8 @@ from agent.signed_http import (
     quote_segment,
     raise_for_status,
 )
+
+log = get_logger("kami.platform.http")
 
 
 def read_order_page(resp: HttpResponse, what: str) -> OrderPage:
@@ -119,6 +122,9 @@ class HttpPlatform:
         self._client = SignedClient(
             settings.base_url, settings.api_key, secret, settings.timeout, max_connections
         )
+        # False once the platform refused a count with its watermark (a platform built to the
+        # plain `{"available": n}` body): its counts go out plain from then on.
+        self._takes_as_of = True
 
     async def _read(self, path: str, params: dict[str, str | int] | None = None) -> HttpResponse:
         async for attempt in _read_retrying():
@@ -279,7 +285,13 @@ class HttpPlatform:
 
     async def publish_stock_as_of(self, sku: str, available: int, as_of: str) -> None:
         """platform-http v1.1: PUT /api/v1/skus/{sku}/stock {"available": n, "as_of": cursor};
-        the platform subtracts the sales listed after `as_of` before it sells."""
+        the platform subtracts the sales listed after `as_of` before it sells. A platform
+        that refuses the body with `as_of` (400, or 422 for anything but the count) gets
+        the plain count, as a v1.1 platform without watermarks expects; one that refuses
+        only this cursor (`bad_as_of`) gets it plain this once."""
+        if not self._takes_as_of:
+            await self.publish_stock(sku, available)
+            return
         await self._put_stock(sku, {"available": max(0, available), "as_of": as_of})
 
     async def _put_stock(self, sku: str, payload: dict[str, object]) -> None:
@@ -289,8 +301,22 @@ class HttpPlatform:
             payload=payload,
             unknown_outcome=True,
         )
+        code = _error_code(resp)
+        if "as_of" in payload and (
+            resp.status == 400 or (resp.status == 422 and code != "bad_available")
+        ):
+            if code != "bad_as_of":
+                self._takes_as_of = False
+                log.warning(
+                    "stock_as_of_refused",
+                    platform=self.name,
+                    status=resp.status,
+                    code=(code or "")[:64],
+                )
+            await self._put_stock(sku, {"available": payload["available"]})
+            return
         if resp.status == 404:
-            if _error_code(resp) == "unknown_sku":
+            if code == "unknown_sku":
                 raise StockNotOffered(f"platform sells no SKU {sku!r}", sku)
             raise StockNotOffered("platform has no stock endpoint (platform-http v1)")
         # A PUT of an absolute count: a 5xx after the change leaves it applied or not, and

@@ -485,3 +485,52 @@ async def test_product_available_may_be_null(
     server.on("GET", "/api/v1/products/S", answer(200, body))
     product = await supplier.product("S")
     assert product.available == available and product.price == Decimal("8.50")
+
+
+# --- stock: a platform that knows only the plain count ---------------------------------------
+def plain_stock_only(taken: list[object]) -> Handler:
+    """PUT stock as the shared v1.1 text has it: `{"available": int >= 0}` and nothing else."""
+
+    async def handler(request: web.Request, body: bytes) -> web.StreamResponse:
+        payload = json.loads(body)
+        if set(payload) != {"available"}:
+            return web.json_response(
+                {"error": {"code": "bad_body", "message": "unknown field"}}, status=400
+            )
+        taken.append(payload["available"])
+        return web.Response(status=204)
+
+    return handler
+
+
+async def test_a_platform_refusing_the_watermark_gets_the_plain_count(
+    server: StrictServer, platform: HttpPlatform
+) -> None:
+    taken: list[object] = []
+    server.on("PUT", "/api/v1/skus/G/stock", plain_stock_only(taken))
+    await platform.publish_stock_as_of("G", 5, "c-1")
+    await platform.publish_stock_as_of("G", 3, "c-2")  # plain at once: no refusal again
+    assert taken == [5, 3]
+    assert server.count("PUT", "/api/v1/skus/G/stock") == 3
+
+
+async def test_a_cursor_refused_once_is_sent_plain_that_once(
+    server: StrictServer, platform: HttpPlatform
+) -> None:
+    bodies: list[dict[str, object]] = []
+
+    async def handler(request: web.Request, body: bytes) -> web.StreamResponse:
+        payload = json.loads(body)
+        bodies.append(payload)
+        if payload.get("as_of") == "gone":
+            return web.json_response({"error": {"code": "bad_as_of", "message": "-"}}, status=422)
+        return web.Response(status=204)
+
+    server.on("PUT", "/api/v1/skus/G/stock", handler)
+    await platform.publish_stock_as_of("G", 5, "gone")
+    await platform.publish_stock_as_of("G", 4, "c-9")
+    assert bodies == [
+        {"available": 5, "as_of": "gone"},
+        {"available": 5},
+        {"available": 4, "as_of": "c-9"},
+    ]
