@@ -26,6 +26,14 @@ from agent.intake import screen_order
 from agent.phrased import Phrase, phrased, rephrased
 from agent.platforms.agiso_messages import render
 from agent.platforms.base import KeyReplacer, Platform
+from agent.reasons import (
+    NOT_PAID,
+    PLATFORM_REPORTS_AT_RETRY,
+    REFUND_REFUSED,
+    REPLACEMENT_REFUSED,
+    StoredReason,
+    english,
+)
 from agent.replacement import tell_replaced
 from agent.screening import Screening
 from agent.store.base import Store, StoreError
@@ -125,7 +133,7 @@ class AfterSales:
         platform = self._platform(line, Phrase(N_("read the order again")))
         remote = await platform.get_order(line.order_id)
         if remote.status in ("cancelled", "refunded"):
-            reason = f"platform reports {remote.status} (read again at retry)"
+            reason = PLATFORM_REPORTS_AT_RETRY[remote.status]
             await self.store.close_line(line.id, LineState(remote.status), reason, self.clock())
             raise phrased(
                 ActionRefused,
@@ -159,7 +167,7 @@ class AfterSales:
         if isinstance(screened, PlatformOrder):
             (screened,) = await self.screening.screen(line.platform, [screened], self.clock())
         if isinstance(screened, RejectedOrder) or screened is None:
-            reason = screened.reason if screened is not None else "not paid"
+            reason = screened.reason if screened is not None else NOT_PAID
             sku = screened.sku if screened is not None else line.sku
             quantity = screened.quantity if screened is not None else 0
             if quantity >= 1:
@@ -168,7 +176,7 @@ class AfterSales:
                 ActionRefused,
                 N_("order %(order)s stays parked: %(reason)s"),
                 order=line.order_id,
-                reason=reason,
+                reason=StoredReason(reason),
             )
         return await self.store.revise_parked_line(
             line.id, screened.sku, screened.quantity, None, self.clock()
@@ -193,7 +201,7 @@ class AfterSales:
         try:
             await platform.refund(line.order_id, key, reason)
         except Permanent as exc:
-            await self.store.drop_refund(line.id, f"platform refused: {exc}", self.clock())
+            await self.store.drop_refund(line.id, english(REFUND_REFUSED, error=exc), self.clock())
             raise phrased(
                 ActionRefused,
                 N_("order %(order)s not refunded: platform %(platform)s refused: %(why)s"),
@@ -252,7 +260,7 @@ class AfterSales:
         except Permanent as exc:
             # A definite no: the old key stays void (it is bad), the fresh one bound; the
             # merchant decides (a platform-http 1.0 platform answers so).
-            why = f"key replacement refused by the platform: {exc}"
+            why = english(REPLACEMENT_REFUSED, error=exc)
             await self.store.park(line.id, why, self.clock())
             raise phrased(
                 ActionRefused,

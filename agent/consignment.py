@@ -50,6 +50,14 @@ from agent.pool_domain import (
     PoolAddState,
     PoolBounds,
 )
+from agent.reasons import (
+    PLATFORM_REPORTS,
+    POOL_AFTER_BOUND_KEYS,
+    POOL_LOG_NOT_READ,
+    POOL_LOG_UNREADABLE,
+    POOL_WAITING,
+    english,
+)
 from agent.store.base import Store
 
 log = get_logger("kami.consignment")
@@ -138,23 +146,19 @@ class ConsignedSales:
         if line.state not in (LineState.NEW, LineState.BACKORDERED):
             # Keys the agent bound before the SKU was consigned here: the pool delivers this
             # order too, so sending them as well would give the buyer two sets.
-            await self._park(
-                line,
-                "the SKU is sold from an Agiso pool on this shop now, but"
-                " the agent had bound keys to this order before: check it",
-            )
+            await self._park(line, POOL_AFTER_BOUND_KEYS)
             return
         try:
             remote = await platform.pool_sale(line.order_id, line.sku)
         except Permanent as exc:
-            await self._park(line, f"the pool's send log cannot be read: {exc}")
+            await self._park(line, english(POOL_LOG_UNREADABLE, error=exc))
             return
         except (Transient, Ambiguous) as exc:
-            await self._later(line, f"pool send log not read: {exc}", now)
+            await self._later(line, english(POOL_LOG_NOT_READ, error=exc), now)
             return
         if remote.status in ("cancelled", "refunded"):
             await self.store.close_line(
-                line.id, LineState(remote.status), f"platform reports {remote.status}", now
+                line.id, LineState(remote.status), PLATFORM_REPORTS[remote.status], now
             )
             return
         overdue = now - line.seen_at >= platform.pool_sale_wait
@@ -188,7 +192,7 @@ class ConsignedSales:
                 f" {platform.pool_sale_wait:.0f} s: check the pool and Agiso's auto-delivery)",
             )
             return
-        await self._later(line, "waiting for the Agiso pool to send the keys", now)
+        await self._later(line, POOL_WAITING, now)
 
     async def _later(self, line: OrderLine, reason: str, now: float) -> None:
         # The pool usually sends within seconds; its send log may lag ("等待5分钟后再尝试").

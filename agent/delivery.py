@@ -34,6 +34,19 @@ from agent.engine_stats import EngineStats
 from agent.logs import get_logger
 from agent.platforms.agiso_messages import render
 from agent.platforms.base import Platform
+from agent.reasons import (
+    CONFIRMED_BY_PLATFORM,
+    NO_REASON_RECORDED,
+    OTHER_KEYS,
+    PLATFORM_CANNOT_SHOW,
+    PLATFORM_NOT_CONFIGURED,
+    PLATFORM_REPORTS,
+    RECONCILE_FAILED,
+    STILL_PAID_RESENDING,
+    STILL_UNDELIVERED,
+    UNEXPECTED_STATUS,
+    english,
+)
 from agent.replacement import replace_delivery, tell_replaced
 from agent.sourcing import Sourcing
 from agent.store.base import Store, StoreError
@@ -114,7 +127,7 @@ class Delivery:
         """The line's platform, or None after parking a line whose platform left the config."""
         platform = self.platforms.get(line.platform)
         if platform is None:
-            await self.park(line, f"platform {line.platform!r} is not configured")
+            await self.park(line, english(PLATFORM_NOT_CONFIGURED, platform=line.platform))
         return platform
 
     async def _claim_and_deliver(self, line: OrderLine) -> None:
@@ -143,8 +156,11 @@ class Delivery:
         if line.attempts >= self.settings.max_delivery_attempts:
             await self.park(
                 line,
-                f"still undelivered after {line.attempts} attempts: "
-                f"{line.reason or 'no reason recorded'}",
+                english(
+                    STILL_UNDELIVERED,
+                    attempts=line.attempts,
+                    reason=line.reason or NO_REASON_RECORDED,
+                ),
             )
             return
         try:
@@ -229,10 +245,10 @@ class Delivery:
         try:
             remote = await platform.get_order(line.order_id)
         except Permanent as exc:
-            await self.park(line, f"platform cannot show the order: {exc}")
+            await self.park(line, english(PLATFORM_CANNOT_SHOW, error=exc))
             return False
         except (Transient, Ambiguous) as exc:
-            await self._retry_later(line, f"reconcile failed: {exc}", ambiguous=True)
+            await self._retry_later(line, english(RECONCILE_FAILED, error=exc), ambiguous=True)
             return False
         now = self.clock()
         if remote.status == "delivered":
@@ -242,7 +258,7 @@ class Delivery:
                 # platform refuses, DeliveryConflict, if its delivery is another one).
                 return True
             if _same_items(ours, remote.items):
-                await self.store.mark_delivered(line.id, now, "confirmed by platform")
+                await self.store.mark_delivered(line.id, now, CONFIRMED_BY_PLATFORM)
                 self.stats.delivered += 1
                 self.stats.last_progress = now
                 log.info(
@@ -253,15 +269,15 @@ class Delivery:
                     confirmed=True,
                 )
             else:
-                await self.park(line, "platform shows a delivery with other keys")
+                await self.park(line, OTHER_KEYS)
             return False
         if remote.status in ("refunded", "cancelled"):
-            await self._close(line, remote.status, f"platform reports {remote.status}")
+            await self._close(line, remote.status, PLATFORM_REPORTS[remote.status])
             return False
         if remote.status != "paid":
-            await self.park(line, f"platform reports unexpected status {remote.status[:40]!r}")
+            await self.park(line, english(UNEXPECTED_STATUS, status=remote.status[:40]))
             return False
-        await self.store.add_event(line.id, "reconciled", "platform: still paid, re-sending", now)
+        await self.store.add_event(line.id, "reconciled", STILL_PAID_RESENDING, now)
         return True
 
     async def _retry_later(

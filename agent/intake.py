@@ -32,6 +32,7 @@ from agent.engine_stats import EngineStats
 from agent.logs import get_logger
 from agent.once import FirstSeen
 from agent.platforms.base import Platform
+from agent.reasons import OVER_MAX_QUANTITY, STILL_PAID, UNKNOWN_SKU, english
 from agent.screening import Screening
 from agent.store.base import Store
 
@@ -47,11 +48,6 @@ CLAIMS_IN_FLIGHT = 2
 # poll job resumes; longer than the adapters' read-timeout margin, so a hung request fails
 # (and says so) first.
 LONG_POLL_SILENCE_MARGIN = 15.0
-STILL_PAID_REASON = (
-    "the platform still lists this order as paid after our ledger recorded it"
-    " delivered: the buyer may not have the keys; check the order on the platform,"
-    " then `kami-agent orders retry` it"
-)
 
 Claims = Sequence[DeliveryIntent | OrderLine]
 
@@ -94,14 +90,16 @@ def screen_order(
     if sku is None:
         return RejectedOrder(
             order.order_id,
-            f"unknown SKU {order.sku!r} (not in config [skus])",
+            english(UNKNOWN_SKU, sku=order.sku),
             sku=order.sku,
             quantity=order.quantity,  # its true quantity, shown and kept for a retry
         )
     if order.quantity > sku.max_quantity:
         return RejectedOrder(
             order.order_id,
-            f"quantity {order.quantity} exceeds max_quantity {sku.max_quantity} for {order.sku}",
+            english(
+                OVER_MAX_QUANTITY, quantity=order.quantity, max=sku.max_quantity, sku=order.sku
+            ),
             sku=order.sku,
             quantity=order.quantity,
         )
@@ -355,7 +353,7 @@ class Intake:
                 continue
             if remote.status != "paid":
                 continue
-            await self._park(line, STILL_PAID_REASON)
+            await self._park(line, STILL_PAID)
 
     # --- into the ledger ----------------------------------------------------------------------
     async def take_page(self, page: OrderPage) -> int:

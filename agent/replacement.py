@@ -10,6 +10,7 @@ from collections.abc import Callable
 
 from agent.domain import DeliveryIntent, OrderLine, Permanent
 from agent.platforms.base import KeyReplacer, Platform
+from agent.reasons import CANNOT_REPLACE, english
 from agent.store.base import Store
 
 REPLACED_NOTICE = "key_replaced"
@@ -41,10 +42,7 @@ async def replace_delivery(
     """The platform's replacement of the delivery `replaces` by the intent's items. Permanent
     when the platform cannot replace delivered keys."""
     if not isinstance(platform, KeyReplacer):
-        raise Permanent(
-            f"platform {line.platform} cannot replace the keys of a delivered order (void the"
-            " key with `stock void` and deliver by hand)"
-        )
+        raise Permanent(english(CANNOT_REPLACE, platform=line.platform))
     await platform.replace_delivery(
         line.order_id, intent.idempotency_key, replaces, intent.items, message
     )

@@ -14,6 +14,7 @@ from collections.abc import Mapping, Sequence
 
 from agent.config import AgentSettings, SkuSettings
 from agent.domain import PlatformOrder, RejectedOrder
+from agent.reasons import BLOCKED_BUYER, BUYER_LIMIT, BUYER_LIMIT_SKU, english
 from agent.store.base import Store
 
 Screened = PlatformOrder | RejectedOrder
@@ -52,7 +53,7 @@ class Screening:
             where = f"[skus.{order.sku}] blocked_buyers"
         else:
             return None
-        return _rejected(order, f"the buyer's contact is blocked ({where}): not delivered")
+        return _rejected(order, english(BLOCKED_BUYER, where=where))
 
     async def screen(self, platform: str, orders: Sequence[Screened], now: float) -> list[Screened]:
         """The orders as intake takes them in: each one as it is, or rejected with the reason
@@ -100,26 +101,23 @@ class Screening:
         return out
 
     def _over_limit(self, order: PlatformOrder, bought: int, bought_sku: int) -> str | None:
-        window = _hours(self.settings.buyer_limit_window)
+        hours = f"{self.settings.buyer_limit_window / 3600:g}"
         sku = self.skus.get(order.sku)
         if sku is not None and sku.buyer_limit and bought_sku + order.quantity > sku.buyer_limit:
-            return (
-                f"buyer limit: this buyer already has {bought_sku} key(s) of {order.sku} from the"
-                f" last {window}; {order.quantity} more exceed [skus.{order.sku}] buyer_limit"
-                f" {sku.buyer_limit}"
+            return english(
+                BUYER_LIMIT_SKU,
+                bought=bought_sku,
+                sku=order.sku,
+                hours=hours,
+                quantity=order.quantity,
+                limit=sku.buyer_limit,
             )
         limit = self.settings.buyer_limit
         if limit and bought + order.quantity > limit:
-            return (
-                f"buyer limit: this buyer already has {bought} key(s) from the last {window};"
-                f" {order.quantity} more exceed [agent] buyer_limit {limit}"
+            return english(
+                BUYER_LIMIT, bought=bought, hours=hours, quantity=order.quantity, limit=limit
             )
         return None
-
-
-def _hours(seconds: float) -> str:
-    hours = seconds / 3600
-    return f"{hours:g} h"
 
 
 def _rejected(order: PlatformOrder, reason: str) -> RejectedOrder:

@@ -27,6 +27,18 @@ from agent.domain import (
     retry_delay,
 )
 from agent.logs import get_logger
+from agent.reasons import (
+    BOUGHT_FEWER,
+    CHECK_WITH_SUPPLIER,
+    COMPLETED_WITHOUT_KEYS,
+    LOCAL_STOCK_SHORT,
+    NO_SOURCE,
+    OPEN_PURCHASE_UNCONFIGURED,
+    PURCHASE_OPEN,
+    PURCHASE_UNKNOWN_TOO_LONG,
+    QUERY_FAILED,
+    english,
+)
 from agent.store.base import Store, StoreError
 from agent.suppliers.base import Supplier
 
@@ -84,7 +96,7 @@ class Sourcing:
                     return line
                 if line.state == LineState.ALLOCATED or not buys:
                     return line
-                failures.append("local stock short")
+                failures.append(LOCAL_STOCK_SHORT)
                 continue
             if not suppliers:
                 continue
@@ -94,7 +106,7 @@ class Sourcing:
             failures.append(f"{source}: {reason}")
         if buys and suppliers:
             now = self.clock()
-            reason = "; ".join(failures) or "no source"
+            reason = "; ".join(failures) or NO_SOURCE
             await self.store.backorder(
                 line.id, now + self.settings.supplier_retry_interval, reason[:500], now
             )
@@ -115,8 +127,11 @@ class Sourcing:
         if supplier is None:
             await self._park(
                 line,
-                f"open purchase at {purchase.supplier!r}, which is no longer "
-                f"configured (merchant_ref {purchase.merchant_ref})",
+                english(
+                    OPEN_PURCHASE_UNCONFIGURED,
+                    supplier=purchase.supplier,
+                    ref=purchase.merchant_ref,
+                ),
             )
             return await self._reload(line)
         try:
@@ -127,7 +142,7 @@ class Sourcing:
             else:
                 result = await supplier.find_purchase(purchase.merchant_ref)
         except AgentError as exc:
-            await self._still_open(line, purchase, f"query failed: {exc}")
+            await self._still_open(line, purchase, english(QUERY_FAILED, error=exc))
             return await self._reload(line)
         if result is None:
             outcome = await self._never_seen(line, purchase)
@@ -191,12 +206,13 @@ class Sourcing:
         now = self.clock()
         if result.status == "completed":
             if not result.items:
-                reason = (
-                    f"{purchase.supplier} reports purchase {result.purchase_id} completed "
-                    "without keys"
+                reason = english(
+                    COMPLETED_WITHOUT_KEYS,
+                    supplier=purchase.supplier,
+                    purchase=result.purchase_id,
                 )
                 await self.store.purchase_failed(purchase, reason, now)
-                await self._park(line, reason + "; check with the supplier (possibly charged)")
+                await self._park(line, english(CHECK_WITH_SUPPLIER, reason=reason))
                 return Outcome.WAITING, reason
             filled = await self.store.complete_purchase(
                 purchase, result.purchase_id, result.items, now
@@ -210,7 +226,7 @@ class Sourcing:
             )
             if filled.state == LineState.ALLOCATED:
                 return Outcome.FILLED, ""
-            return Outcome.FAILED, "bought fewer keys than ordered"
+            return Outcome.FAILED, BOUGHT_FEWER
         if result.status == "processing":
             await self.store.purchase_processing(purchase, result.purchase_id, now)
             await self._look_again(line, purchase, self._settings(purchase).processing_poll)
@@ -243,9 +259,12 @@ class Sourcing:
         if self.clock() - since > settings.unknown_window:
             await self._park(
                 line,
-                f"purchase at {purchase.supplier} (merchant_ref {purchase.merchant_ref}) has had "
-                f"an unknown outcome for over {settings.unknown_window:.0f} s; ask the supplier "
-                "before retrying — no second purchase was made",
+                english(
+                    PURCHASE_UNKNOWN_TOO_LONG,
+                    supplier=purchase.supplier,
+                    ref=purchase.merchant_ref,
+                    seconds=f"{settings.unknown_window:.0f}",
+                ),
             )
             return
         await self._look_again(
@@ -257,7 +276,7 @@ class Sourcing:
         await self.store.defer(
             line.id,
             now + max(delay, 0.0),
-            f"purchase {purchase.merchant_ref} open",
+            english(PURCHASE_OPEN, ref=purchase.merchant_ref),
             ambiguous=False,
             now=now,
         )

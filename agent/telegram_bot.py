@@ -36,6 +36,7 @@ from agent.domain import AgentError, LineState, OpenAlert, OrderLine
 from agent.i18n import Translator, format_table, truncate
 from agent.logs import get_logger
 from agent.phrased import say
+from agent.reasons import say_reason
 from agent.redact import register
 from agent.stockfile import StockFileReader
 from agent.store.base import Store
@@ -440,6 +441,16 @@ class TelegramBot:
             aligns="<<><",
             max_widths=[20, 16, None, None],
         )
+        # Why each line stands where it is (parked, waiting, closed), before a retry is pressed:
+        # the agent's own reasons in the merchant's language, a platform's words as they came.
+        why = [
+            truncate(
+                f"{printable(ln.order_id)[:30]}: {printable(say_reason(ln.reason, _))}",
+                MAX_REASON_WIDTH,
+            )
+            for ln in lines
+            if ln.reason
+        ]
         buttons = [
             [
                 {
@@ -450,7 +461,10 @@ class TelegramBot:
             for ln in lines
             if ln.state == LineState.NEEDS_ATTENTION
         ]
-        return "<pre>" + html.escape("\n".join(table)) + "</pre>", buttons
+        text = "<pre>" + html.escape("\n".join(table)) + "</pre>"
+        if why:
+            text += "\n" + html.escape("\n".join(why))
+        return text, buttons
 
     def _alert_line(self, alert: OpenAlert) -> str:
         _ = self._

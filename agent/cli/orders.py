@@ -33,6 +33,7 @@ from agent.cli.common import with_store as run_with_store
 from agent.config import Config
 from agent.domain import CardItem, LineState, OrderLine
 from agent.i18n import N_
+from agent.reasons import say_reason
 from agent.store.base import Store
 from agent.textsafe import printable
 
@@ -47,7 +48,8 @@ def _quantity(line: OrderLine) -> str:
 
 def print_lines(lines: Sequence[OrderLine]) -> None:
     """A table lined up by display width (Chinese SKUs and reasons); the state as the code
-    `--state` takes. Ids, SKUs and reasons come from platforms: print_table escapes them."""
+    `--state` takes; the agent's own reasons in the merchant's language (agent/reasons.py).
+    Ids, SKUs and reasons come from platforms: print_table escapes them."""
     headers = [_("line"), _("platform"), _("order"), _("sku"), _("qty"), _("state")]
     headers += [_("tries"), _("seen (UTC)"), _("reason")]
     rows = [
@@ -60,7 +62,7 @@ def print_lines(lines: Sequence[OrderLine]) -> None:
             str(ln.state),
             str(ln.attempts),
             when(ln.seen_at),
-            ln.reason or "",
+            say_reason(ln.reason, _),
         ]
         for ln in lines
     ]
@@ -244,7 +246,10 @@ def cmd_show(args: argparse.Namespace) -> int:
             print(_("audit trail:"))
             print_table(
                 [_("at (UTC)"), _("event"), _("detail")],
-                [[when(e.at), e.kind, e.detail] for e in await store.events(line.id)],
+                [
+                    [when(e.at), e.kind, say_reason(e.detail, _)]
+                    for e in await store.events(line.id)
+                ],
             )
             if line.id in revealed:
                 print(_("keys (this view is recorded in the audit trail):"))

@@ -34,6 +34,7 @@ from agent.console.settings import ConsoleSettings
 from agent.console.uploads import ImportJobs
 from agent.i18n import LANGUAGE_NAMES, LANGUAGES, Translator, translations
 from agent.logs import get_logger
+from agent.reasons import say_reason
 from agent.store.base import Store
 
 log = get_logger("kami.console")
@@ -115,6 +116,7 @@ class Console:
             alert_kind=partial(alert_kind_label, t),
             severity=partial(severity_label, t),
             event=partial(event_label, t),
+            reason=partial(say_reason, gettext=t),
         )
         return env
 

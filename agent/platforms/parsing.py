@@ -5,6 +5,17 @@ from __future__ import annotations
 from typing import Any
 
 from agent.domain import CardItem, OrderPage, PlatformOrder, RejectedOrder, RemoteDelivery
+from agent.reasons import (
+    FIELD_UNSTORABLE,
+    INVALID_QUANTITY,
+    INVALID_SKU,
+    INVALID_STATUS,
+    ORDER_ID_CONTROL,
+    QUANTITY_ABSURD,
+    QUANTITY_BELOW_ONE,
+    SKU_UNSTORABLE,
+    english,
+)
 from agent.storable import identifier, storable
 
 MAX_ID_LENGTH = 128
@@ -56,26 +67,30 @@ def _parse_order(raw: Any) -> PlatformOrder | RejectedOrder | str:
     if not storable(order_id):
         return f"order id {_short(order_id)} holds characters no ledger can store"
     if not identifier(order_id):
-        return RejectedOrder(order_id, f"order id {_short(order_id)} holds control characters")
+        return RejectedOrder(order_id, english(ORDER_ID_CONTROL, id=_short(order_id)))
     sku = raw.get("sku")
     if not isinstance(sku, str) or not sku or len(sku) > MAX_ID_LENGTH:
         clipped = sku[:MAX_ID_LENGTH] if isinstance(sku, str) else ""
         return RejectedOrder(
-            order_id, f"invalid sku {_short(sku)}", sku=clipped if identifier(clipped) else ""
+            order_id,
+            english(INVALID_SKU, sku=_short(sku)),
+            sku=clipped if identifier(clipped) else "",
         )
     if not identifier(sku):
-        reason = f"sku {_short(sku)} holds control characters or characters no ledger can store"
+        reason = english(SKU_UNSTORABLE, sku=_short(sku))
         return RejectedOrder(order_id, reason)
     quantity = raw.get("quantity")
     if isinstance(quantity, bool) or not isinstance(quantity, int):
-        return RejectedOrder(order_id, f"invalid quantity {_short(quantity)}", sku=sku)
+        return RejectedOrder(
+            order_id, english(INVALID_QUANTITY, quantity=_short(quantity)), sku=sku
+        )
     if quantity < 1:
-        return RejectedOrder(order_id, f"quantity must be at least 1, got {quantity}", sku=sku)
+        return RejectedOrder(order_id, english(QUANTITY_BELOW_ONE, quantity=quantity), sku=sku)
     if quantity > ABSURD_QUANTITY:
-        return RejectedOrder(order_id, f"absurd quantity {_short(quantity)}", sku=sku)
+        return RejectedOrder(order_id, english(QUANTITY_ABSURD, quantity=_short(quantity)), sku=sku)
     status = raw.get("status")
     if not isinstance(status, str):
-        return RejectedOrder(order_id, f"invalid status {_short(status)}", sku=sku)
+        return RejectedOrder(order_id, english(INVALID_STATUS, status=_short(status)), sku=sku)
     buyer = raw.get("buyer")
     contact = _optional_text(buyer, "contact") if isinstance(buyer, dict) else None
     paid_at, amount = _optional_text(raw, "paid_at"), _optional_text(raw, "amount")
@@ -90,7 +105,7 @@ def _parse_order(raw: Any) -> PlatformOrder | RejectedOrder | str:
             "deliver_by": deliver_by,
         }
         name, text = next((n, t) for n, t in texts.items() if t is not None and not storable(t))
-        reason = f"{name} {_short(text)} holds characters no ledger can store"
+        reason = english(FIELD_UNSTORABLE, field=name, value=_short(text))
         return RejectedOrder(order_id, reason, sku=sku, quantity=quantity)
     return PlatformOrder(
         order_id=order_id,

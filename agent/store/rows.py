@@ -20,6 +20,7 @@ from agent.domain import (
     PurchaseState,
     delivery_idempotency_key,
 )
+from agent.reasons import CHANGED_ORDER, english
 
 IMPORT_BATCH = 20_000
 # Demand is read summed per SKU and per this many seconds (at the sales' mean time): the
@@ -128,9 +129,12 @@ def changed_order_reason(
         return None
     if state not in (LineState.NEW, LineState.BACKORDERED):
         return None
-    return (
-        f"platform reported order again with different content "
-        f"(sku {sku!r}->{order.sku!r}, quantity {quantity}->{order.quantity})"
+    return english(
+        CHANGED_ORDER,
+        old_sku=sku,
+        new_sku=order.sku,
+        old_quantity=quantity,
+        new_quantity=order.quantity,
     )
 
 

@@ -22,6 +22,7 @@ from agent.domain import (
 from agent.i18n import N_
 from agent.keybox import SealedKeyError, StoreKeyError
 from agent.phrased import phrased
+from agent.reasons import NEED_FREE, READ_AGAIN, SAME_KEYS_AGAIN, english
 from agent.store.base import DeliveredSince, StoreError
 from agent.store.ledger.core import (
     COUNT_BOUND,
@@ -349,7 +350,7 @@ class OrdersLedger(LedgerCore):
             if backorder and line.state != LineState.BACKORDERED:
                 # Backordered here only where no supplier stands behind the SKU: it waits for
                 # stock (next_attempt_at 0), its delivery delay, if any, spent.
-                detail = f"need {needed}, free {len(keys)}"
+                detail = english(NEED_FREE, needed=needed, free=len(keys))
                 await self._backorder(tx, line.id, 0.0, None, detail, now)
             return await self._fetch_line(tx, line.id)
         detail = allocated_detail(k[:2] for k in keys)
@@ -596,7 +597,7 @@ class OrdersLedger(LedgerCore):
             now,
             line_id,
         )
-        await self._event(tx, line_id, "operator_resend", "same keys, new delivery", now)
+        await self._event(tx, line_id, "operator_resend", SAME_KEYS_AGAIN, now)
         return await self._fetch_line(tx, line_id)
 
     @write
@@ -705,7 +706,8 @@ class OrdersLedger(LedgerCore):
             await self._reopen(tx, line_id, LineState.NEW, False, f"back to new as {content}", now)
         else:
             await tx.execute(PARK, reason, now, line_id)
-            await self._event(tx, line_id, "parked", f"read again ({content}): {reason}", now)
+            detail = english(READ_AGAIN, content=content, reason=reason)
+            await self._event(tx, line_id, "parked", detail, now)
         return await self._fetch_line(tx, line_id)
 
     # --- reads ----------------------------------------------------------------------------

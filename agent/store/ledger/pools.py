@@ -27,6 +27,7 @@ from agent.pool_domain import (
     PoolSaleRecord,
     pool_add_reference,
 )
+from agent.reasons import POOL_MISMATCH, english
 from agent.store.base import StoreError
 from agent.store.ledger.core import (
     COUNT_BOUND,
@@ -328,10 +329,13 @@ class PoolsLedger(LedgerCore):
             await tx.execute(MARK_DELIVERED, now, line_id)
             await self._event(tx, line_id, "delivered", f"sold from the pool: {detail}", now)
             return PoolSaleRecord(bound, 0, 0, were_free, True)
-        reason = (
-            f"the platform's pool sent {len(digests)} keys for {line.quantity} ordered:"
-            f" {bound} bound here, {unknown} not in this ledger (added to the pool by hand?),"
-            f" {conflicts} bound to another order or voided here: check the order"
+        reason = english(
+            POOL_MISMATCH,
+            sent=len(digests),
+            ordered=line.quantity,
+            bound=bound,
+            unknown=unknown,
+            conflicts=conflicts,
         )
         await tx.execute(PARK, reason, now, line_id)
         await self._event(tx, line_id, "parked", f"{reason}; {detail}", now)

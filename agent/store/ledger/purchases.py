@@ -14,6 +14,7 @@ from agent.domain import (
 )
 from agent.i18n import N_
 from agent.phrased import phrased
+from agent.reasons import BOUGHT_TOO_FEW, english
 from agent.store.base import LedgerRefused, StoreError
 from agent.store.ledger.core import read, write
 from agent.store.ledger.orders import WAITING, OrdersLedger
@@ -176,7 +177,7 @@ class PurchasesLedger(OrdersLedger):
             )
             chosen += [r[0] for r in rows]
         if len(chosen) < needed:
-            detail = f"bought too few keys; need {needed}"
+            detail = english(BOUGHT_TOO_FEW, needed=needed)
             await self._backorder(tx, line.id, 0.0, None, detail, now)
             return await self._fetch_line(tx, line.id)
         await self._bind(tx, line.id, chosen, 0, f"keys {','.join(f'#{k}' for k in chosen)}", now)
