@@ -332,10 +332,16 @@ async def _summary(
     else:
         fallback = f"not needed: {BURST_SKUS[BOUGHT_SKU]} local {BOUGHT_SKU} keys sufficed"
     print(f"  supplier fallback       {fallback}", file=out)
-    alert_ok = low_alert is not None and (
-        demo.first_backorder is None or low_alert < demo.first_backorder
+    # The promise is an alert before any order has to wait: a run whose stream sold too
+    # little of it (`--orders 0`) to run low owes none.
+    alert_ok = (
+        demo.first_backorder is None
+        if low_alert is None
+        else demo.first_backorder is None or low_alert < demo.first_backorder
     )
-    if low_alert is None:
+    if low_alert is None and demo.first_backorder is None:
+        alert_text = f"none for {LOW_SKU}: it never ran low, no order had to wait"
+    elif low_alert is None:
         alert_text = f"NO low-stock alert for {LOW_SKU}"
     elif demo.first_backorder is None:
         alert_text = f"{LOW_SKU} alert at t={low_alert:.1f}s; no order had to wait"

@@ -159,7 +159,7 @@ class AgentSettings:
         "en",
         reader="language",
         choices=LANGUAGES,
-        shown="from `LC_ALL` / `LANG`",
+        shown="from the locale: `LANGUAGE`, `LC_ALL`, `LC_MESSAGES`, `LANG` (the first set)",
         help="the merchant's language: the CLI, alerts, the console and the Telegram bot (a"
         " Chinese locale such as `zh_CN.UTF-8` means zh-CN, any other en)",
     )
@@ -259,7 +259,8 @@ class StoreSettings:
     path: Path | None = setting(  # noqa: RUF009 (a field, not a call at each init)
         None,
         reader="by hand",
-        shown="path or url",
+        shown="required (or url)",
+        allowed="file path",
         help="SQLite ledger file; relative to the config file; created by `kami-agent init`,"
         " mode 0600",
     )
@@ -274,7 +275,8 @@ class StoreSettings:
     url: str | None = setting(
         None,
         reader="by hand",
-        shown="path or url",
+        shown="required (or path)",
+        allowed="postgresql:// URL",
         help="`postgresql://user@host:port/db`: the ledger shared by several agents"
         " (no password in it)",
     )

@@ -66,7 +66,19 @@ def build_parser() -> argparse.ArgumentParser:
     from agent import install_service
 
     install_service.add_parser(sub)
+    _name_subcommands(parser)
     return parser
+
+
+def _name_subcommands(parser: argparse.ArgumentParser) -> None:
+    """A missing subcommand is named by its choices (`{list,show,...}`), as the usage line
+    shows them, not by the parser's internal name for it (`orders_cmd`)."""
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            if action.metavar is None:
+                action.metavar = "{" + ",".join(action.choices) + "}"
+            for child in action.choices.values():
+                _name_subcommands(child)
 
 
 def _quiet_broken_pipe() -> int:

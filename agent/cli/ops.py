@@ -85,6 +85,30 @@ def cmd_demo(args: argparse.Namespace) -> int:
     return asyncio.run(run_demo(plan))
 
 
+async def _check_platforms(config: Config) -> int:
+    """Each platform's credentials, by one authenticated call (its ping)."""
+    from agent.runtime import build_platform
+
+    problems = 0
+    for settings in config.platforms:
+        if not lookup_secret(settings.secret_name):
+            continue  # reported with the secrets
+        platform = build_platform(settings)
+        where = {"name": settings.name, "url": settings.base_url}
+        try:
+            await platform.ping()
+            print(_("platform %(name)s (%(url)s): reachable, auth ok") % where)
+        except AgentError as exc:
+            print(
+                _("platform %(name)s (%(url)s): FAILED: %(why)s")
+                % (where | {"why": printable(str(exc))})
+            )
+            problems += 1
+        finally:
+            await platform.close()
+    return problems
+
+
 async def _check_suppliers(config: Config) -> int:
     """Each supplier's credentials, by asking its balance (a cheap authenticated call)."""
     from agent.runtime import build_supplier
@@ -140,30 +164,10 @@ def cmd_check(args: argparse.Namespace) -> int:
     ledger = config.store.describe()
 
     async def probe(store: Store) -> int:
-        problems = 0
         result = await store.integrity_check()
         shown = _("ok") if result == "ok" else printable(result)
         print(_("store %(ledger)s: %(result)s") % {"ledger": ledger, "result": shown})
-        problems += result != "ok"
-        from agent.runtime import build_platform
-
-        for settings in config.platforms:
-            if not lookup_secret(settings.secret_name):
-                continue
-            platform = build_platform(settings)
-            where = {"name": settings.name, "url": settings.base_url}
-            try:
-                await platform.ping()
-                print(_("platform %(name)s (%(url)s): reachable, auth ok") % where)
-            except AgentError as exc:
-                print(
-                    _("platform %(name)s (%(url)s): FAILED: %(why)s")
-                    % (where | {"why": printable(str(exc))})
-                )
-                problems += 1
-            finally:
-                await platform.close()
-        return problems + await _check_suppliers(config)
+        return int(result != "ok")
 
     if lookup_secret(config.store.key_secret):
         try:
@@ -174,13 +178,15 @@ def cmd_check(args: argparse.Namespace) -> int:
                 % {"ledger": ledger, "why": printable(str(exc))}
             )
             failures += 1
-            failures += asyncio.run(_check_suppliers(config))
     else:
         print(
             _("store %(ledger)s: not checked (its key %(name)s is missing)")
             % {"ledger": ledger, "name": config.store.key_secret}
         )
-        failures += asyncio.run(_check_suppliers(config))
+    # The platforms and suppliers whatever became of the ledger: a merchant checks the
+    # credentials before `init` too, and a broken ledger says nothing about them.
+    failures += asyncio.run(_check_platforms(config))
+    failures += asyncio.run(_check_suppliers(config))
     if config.notify:
         print(_("alert channels: not sent to (`kami-agent notify test` sends a test message)"))
     if failures:
