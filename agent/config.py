@@ -453,8 +453,12 @@ def decode_config(source: Path, raw: bytes, translator: Translator | None = None
         return raw.decode("utf-8")
     except UnicodeDecodeError:
         pass
+    # What iconv is told the file is in: Notepad's "Unicode" is UTF-16, anything else is
+    # most likely the Chinese Windows ANSI code page.
+    encoding = "GBK"
     if raw.startswith((b"\xff\xfe", b"\xfe\xff")):
         cause = _('the config file was saved as UTF-16 (Windows Notepad\'s "Unicode")')
+        encoding = "UTF-16"
     else:
         try:
             raw.decode("gb18030")
@@ -467,9 +471,9 @@ def decode_config(source: Path, raw: bytes, translator: Translator | None = None
     raise ConfigError(
         _(
             "%(file)s: %(cause)s; save it again as UTF-8 (in Notepad: Save as, Encoding: UTF-8),"
-            " or convert it: iconv -f GBK -t UTF-8 %(name)s > config.utf8"
+            " or convert it: iconv -f %(encoding)s -t UTF-8 %(name)s > config.utf8"
         )
-        % {"file": source, "cause": cause, "name": source.name}
+        % {"file": source, "cause": cause, "name": source.name, "encoding": encoding}
     )
 
 

@@ -16,6 +16,7 @@ from typing import Any
 from agent.config import Config, ConfigError, load_config
 from agent.domain import AgentError
 from agent.i18n import Translator, format_table, language_from_environment
+from agent.secrets import env_var_for, lookup_secret
 from agent.store.base import Store
 from agent.textsafe import printable
 
@@ -50,8 +51,36 @@ def load(args: argparse.Namespace) -> Config:
     return config
 
 
+def require_store_key(config: Config) -> None:
+    """Refuses, with the command that helps, when the store key is missing: a new shop makes
+    it with `keys init` (typing a key in with `secrets set` would take any text and then fail
+    to parse); a ledger already sealed with one needs that very key back."""
+    name = config.store.key_secret
+    if lookup_secret(name):
+        return
+    values = {"name": name, "variable": env_var_for(name)}
+    if config.store.path is not None and not config.store.path.exists():
+        raise CommandError(
+            _(
+                "secret '%(name)s' is not set: it is the store key; make it with `kami-agent keys"
+                " init` (once, before `kami-agent init`), or provide environment variable"
+                " %(variable)s"
+            )
+            % values
+        )
+    raise CommandError(
+        _(
+            "secret '%(name)s' is not set: it is the store key the ledger %(ledger)s was sealed"
+            " with; restore it from your backup (`kami-agent secrets set %(name)s`, or"
+            " environment variable %(variable)s)"
+        )
+        % (values | {"ledger": config.store.describe()})
+    )
+
+
 def with_store(config: Config, action: Callable[[Store], Awaitable[int]]) -> int:
     """Runs `action` on the opened ledger (never creates one: only `init` does)."""
+    require_store_key(config)
 
     async def run() -> int:
         from agent.runtime import open_store

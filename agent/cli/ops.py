@@ -19,6 +19,7 @@ from agent.cli.common import (
     load,
     print_json,
     print_table,
+    require_store_key,
     when,
     with_store,
 )
@@ -49,6 +50,7 @@ def cmd_init(args: argparse.Namespace) -> int:
     from agent.store.identity import Opening, identity_path
 
     config = load(args)
+    require_store_key(config)
     opening = Opening.RECORD_IDENTITY if args.adopt else Opening.CREATE
 
     async def create() -> str | None:
@@ -155,6 +157,12 @@ def cmd_check(args: argparse.Namespace) -> int:
     for name in config.secret_names():
         if lookup_secret(name):
             print(_("secret %(name)s: present") % {"name": name})
+        elif name == config.store.key_secret:
+            failures += 1
+            try:
+                require_store_key(config)
+            except CommandError as exc:  # what to do about it, as every command says it
+                print(exc)
         else:
             print(
                 _("secret %(name)s: MISSING (kami-agent secrets set %(name)s, or %(variable)s)")

@@ -86,8 +86,9 @@ def cmd_secrets_list_missing(args: argparse.Namespace) -> int:
 
 def cmd_secrets_where(args: argparse.Namespace) -> int:
     config = load(args)
+    missing = _("MISSING")  # outside the f-string, where the extractor finds it
     for name in config.secret_names():
-        print(f"{name}: {where_stored(name) or _('MISSING')}")
+        print(f"{name}: {where_stored(name) or missing}")
     return 0
 
 
