@@ -34,6 +34,7 @@ from agent.platforms.parsing import (
     parse_order_page,
     parse_remote_order,
 )
+from agent.reasons import CLOSED_BEFORE_DELIVERY, DELIVERED_WITH_OTHER_ITEMS, english
 from agent.signed_http import (
     DEFAULT_CONNECTIONS,
     HttpResponse,
@@ -176,10 +177,10 @@ class HttpPlatform:
             code = _error_code(resp)
             if code in ("order_cancelled", "order_refunded"):
                 status = code.removeprefix("order_")
-                raise OrderClosed(f"platform: order {status} before delivery", status)
+                raise OrderClosed(CLOSED_BEFORE_DELIVERY[status], status)
             if await self._holds_these_items(order_id, resp, items):
                 return  # delivered already, with exactly our keys (an earlier attempt)
-            raise DeliveryConflict(f"order already delivered with other items: {resp.error_text()}")
+            raise DeliveryConflict(english(DELIVERED_WITH_OTHER_ITEMS, error=resp.error_text()))
         raise_for_status(resp, "platform", unknown_outcome=True)
         try:
             body = resp.json()

@@ -15,9 +15,10 @@ import pytest
 
 from agent.config import AgentSettings, SkuSettings
 from agent.console.settings import TelegramBotSettings
-from agent.domain import PlatformOrder, RejectedOrder
+from agent.domain import DeliveryConflict, OrderClosed, PlatformOrder, RejectedOrder
 from agent.i18n import CHINESE, ENGLISH, Translator
 from agent.intake import screen_order
+from agent.platforms.http import HttpPlatform
 from agent.platforms.parsing import parse_order
 from agent.reasons import (
     CATALOGUE,
@@ -35,7 +36,7 @@ from agent.sandbox.platform import SandboxPlatform
 from agent.screening import Screening
 from agent.store.sqlite import SQLiteStore
 from agent.telegram_bot import TelegramBot
-from tests.conftest import master_key_for_tests
+from tests.conftest import keys, master_key_for_tests
 from tests.console_helpers import FakeEngine, add_orders, console_client, console_config, log_in
 from tests.helpers import wait_for
 from tests.unit.test_cli import cli
@@ -110,6 +111,24 @@ def test_text_no_template_matches_is_shown_as_stored() -> None:
     # Not matched beyond MAX_MATCHED (the patterns have open values): shown as it is.
     long = english(UNKNOWN_SKU, sku="x" * MAX_MATCHED)
     assert say_reason(long, ZH) == long
+
+
+async def test_our_protocols_refusals_of_a_delivery_are_said_in_chinese(
+    sandbox: SandboxPlatform, http_platform: HttpPlatform
+) -> None:
+    """The order closed before our delivery, or delivered with other keys: the platform
+    adapter's reasons (agent/platforms/http.py), from the real 409 answers."""
+    cancelled = sandbox.add_order("GAME-100")
+    sandbox.set_status(cancelled, "cancelled")
+    with pytest.raises(OrderClosed) as closed:
+        await http_platform.deliver(cancelled, "k-1", keys("GAME-100", 1), "")
+    assert say_reason(str(closed.value), ZH) == "平台：订单在发货前已取消"
+    taken = sandbox.add_order("GAME-100")
+    await http_platform.deliver(taken, "k-2", keys("GAME-100", 1), "")
+    with pytest.raises(DeliveryConflict) as conflict:
+        await http_platform.deliver(taken, "k-3", keys("GAME-100", 1, start=5), "")
+    said = say_reason(str(conflict.value), ZH)
+    assert said == "订单已用其他卡密发货：HTTP 409 already_delivered: other items"
 
 
 # --- where they are shown -------------------------------------------------------------------
