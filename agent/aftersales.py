@@ -21,7 +21,7 @@ from agent.domain import (
     PlatformOrder,
     RejectedOrder,
 )
-from agent.i18n import N_
+from agent.i18n import N_, Translator
 from agent.intake import screen_order
 from agent.phrased import Phrase, phrased, rephrased
 from agent.platforms.agiso_messages import render
@@ -99,6 +99,7 @@ class AfterSales:
         self.config = config
         self.store = store
         self.platform_for = platform_for
+        self._buyers = Translator(config.agent.buyers_language)  # what buyers read
         self.clock = clock
         self.screening = Screening(config.agent, config.skus, store)
 
@@ -270,7 +271,7 @@ class AfterSales:
             ) from None
         done = await self.store.mark_delivered(line.id, self.clock(), "replacement delivered")
         try:
-            await tell_replaced(platform, self.store, intent, reason, self.clock)
+            await tell_replaced(platform, self.store, intent, reason, self.clock, self._buyers)
         except AgentError as exc:
             # The keys are delivered; the message alone is missing: said, not undone.
             raise phrased(

@@ -31,6 +31,7 @@ from agent.domain import (
     retry_delay,
 )
 from agent.engine_stats import EngineStats
+from agent.i18n import Translator
 from agent.logs import get_logger
 from agent.platforms.agiso_messages import render
 from agent.platforms.base import Platform
@@ -78,6 +79,7 @@ class Delivery:
     ) -> None:
         """`consigned`: the lines a platform's own pool delivers (agent/consignment.py)."""
         self.settings = settings
+        self._buyers = Translator(settings.buyers_language)  # what buyers read
         self.skus = skus
         self.store = store
         self.platforms = platforms
@@ -236,7 +238,7 @@ class Delivery:
         """The buyer's notice of a replacement the engine finished; best effort (the keys
         are delivered: a missing message is logged, not retried)."""
         try:
-            await tell_replaced(platform, self.store, intent, None, self.clock)
+            await tell_replaced(platform, self.store, intent, None, self.clock, self._buyers)
         except AgentError as exc:
             log.warning("replacement_notice_failed", order_id=intent.line.order_id, error=str(exc))
 

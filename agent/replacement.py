@@ -9,6 +9,7 @@ import hashlib
 from collections.abc import Callable
 
 from agent.domain import DeliveryIntent, OrderLine, Permanent
+from agent.i18n import N_, Translator
 from agent.platforms.base import KeyReplacer, Platform
 from agent.reasons import CANNOT_REPLACE, english
 from agent.store.base import Store
@@ -27,13 +28,22 @@ def generation_of(intent: DeliveryIntent) -> int:
     return int(intent.idempotency_key.rsplit("-", 1)[1])
 
 
-def replaced_notice(order_id: str, reason: str | None) -> str:
-    """What the buyer is told once the fresh key is delivered."""
-    why = f" ({reason})" if reason else ""
-    return (
-        f"Order {order_id}: a key you received was replaced with a fresh one{why}. The new"
-        " key has been delivered to your order."
-    )
+REPLACED = N_(
+    "Order %(order)s: a key you received was replaced with a fresh one. The new key has been"
+    " delivered to your order."
+)
+REPLACED_BECAUSE = N_(
+    "Order %(order)s: a key you received was replaced with a fresh one (%(reason)s). The new"
+    " key has been delivered to your order."
+)
+
+
+def replaced_notice(order_id: str, reason: str | None, _: Translator) -> str:
+    """What the buyer is told once the fresh key is delivered, in the buyers' language
+    (agent.buyers_language); `reason`, the merchant's words, as typed."""
+    if reason:
+        return _(REPLACED_BECAUSE) % {"order": order_id, "reason": reason}
+    return _(REPLACED) % {"order": order_id}
 
 
 async def replace_delivery(
@@ -54,13 +64,14 @@ async def tell_replaced(
     intent: DeliveryIntent,
     reason: str | None,
     clock: Callable[[], float],
+    buyers: Translator,
 ) -> None:
     """The buyer told that a key of the order was replaced (the notice's Idempotency-Key is
     one per delivery generation, so telling again never says it twice), then the notice
     recorded in the line's timeline. Raises the platform's AgentError: the keys are
     delivered by then, so each caller decides how a missing message is said."""
     line = intent.line
-    notice = replaced_notice(line.order_id, reason)
+    notice = replaced_notice(line.order_id, reason, buyers)
     key = notice_key(line, REPLACED_NOTICE, generation_of(intent))
     await platform.notice(line.order_id, notice, key)
     await store.add_event(line.id, "buyer_notice", notice[:200], clock())

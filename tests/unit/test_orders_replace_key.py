@@ -47,6 +47,38 @@ def aftersales(tmp_path: Path, store: Store, platform: Platform) -> AfterSales:
     )
 
 
+@pytest.mark.parametrize(
+    ("languages", "expected"),
+    [
+        (
+            {"language": "zh-CN"},
+            "订单 %s：您收到的一个卡密已更换为新卡密（无法兑换），新卡密已发送到您的订单。",
+        ),
+        (  # a Chinese merchant selling to buyers who read English
+            {"language": "zh-CN", "buyer_language": "en"},
+            "Order %s: a key you received was replaced with a fresh one (无法兑换). The new key"
+            " has been delivered to your order.",
+        ),
+    ],
+)
+async def test_the_buyer_is_told_of_a_replaced_key_in_the_buyers_language(
+    store: Store,
+    sandbox: SandboxPlatform,
+    http_platform: HttpPlatform,
+    tmp_path: Path,
+    languages: dict[str, str],
+    expected: str,
+) -> None:
+    await stock(store, SKU, 3)
+    line_id = await delivered_through(store, sandbox, http_platform, 1)
+    line = await store.get_line(line_id)
+    assert line is not None
+    config = make_config(tmp_path, "http://127.0.0.1:9", **languages)
+    acts = AfterSales(config, store, lambda n: http_platform, time.time)
+    await acts.replace_key(line, "无法兑换", slot=0)
+    assert sandbox.orders[line.order_id].notices == [expected % line.order_id]
+
+
 async def test_a_bad_key_is_replaced_and_the_buyer_told(
     store: Store, sandbox: SandboxPlatform, http_platform: HttpPlatform, tmp_path: Path
 ) -> None:
