@@ -49,6 +49,23 @@ STATE_MAP = {
 # a wrong guess only costs one more query, never a second purchase).
 NOT_FOUND_HINTS = ("不存在", "not exist", "not found")
 DUPLICATE_HINTS = ("重复", "已存在", "duplicate", "exists")
+# Refusals that surely come before any order is made (the request itself, the product, the
+# money). Any other error of card.add may follow an order Fulu made (its busy or internal
+# errors are not documented): it is asked about by customer_order_no, never bought again
+# under a new one on a guess (invariant 4).
+REFUSED_HINTS = (
+    "余额不足",
+    "商品不存在",
+    "库存不足",
+    "下架",
+    "签名",
+    "app_key",
+    "参数",
+    "insufficient",
+    "not exist",
+    "invalid",
+    "signature",
+)
 
 
 def fulu_sign(params: dict[str, Any], app_secret: str) -> str:
@@ -178,10 +195,11 @@ class FuluSupplier:
                 },
             )
         except FuluError as exc:
-            if _hints(exc.message, DUPLICATE_HINTS):
-                # Already placed under this reference: find out how it went.
-                raise Ambiguous(str(exc)) from None
-            raise Permanent(str(exc)) from None
+            if _hints(exc.message, REFUSED_HINTS) and not _hints(exc.message, DUPLICATE_HINTS):
+                raise Permanent(str(exc)) from None
+            # Already placed under this reference, or an error that may follow the order:
+            # find out how it went.
+            raise Ambiguous(str(exc)) from None
         except (BadResponse, Transient, Redirected) as exc:
             # A redirect is never followed; like an unreadable answer it is settled by asking
             # about the customer_order_no, never by ordering under a new one.

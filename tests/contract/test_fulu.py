@@ -99,6 +99,27 @@ async def test_adapter_order_then_cards(fulu: FakeFulu) -> None:
         await client.close()
 
 
+async def test_an_error_after_the_order_was_made_is_asked_about_not_bought_again(
+    fulu: FakeFulu,
+) -> None:
+    # An error code the documents do not list may come after Fulu made the order: the
+    # adapter says "unknown" (asked about by customer_order_no), never "failed", which would
+    # let the engine buy again under a new reference (invariant 4).
+    client = FuluSupplier(settings(fulu), APP_SECRET)
+    try:
+        fulu.error_after_commit = (5000, "系统繁忙，请稍后再试")
+        with pytest.raises(Ambiguous):
+            await client.purchase("kami-ref-9", "10000001", 1, None)
+        found = await client.find_purchase("kami-ref-9")
+        assert found is not None and found.merchant_ref == "kami-ref-9"
+        with pytest.raises(Permanent, match="余额不足"):  # refused before any order: failed
+            fulu.balance = 0
+            await client.purchase("kami-ref-10", "10000001", 1, None)
+        assert list(fulu.orders) == ["kami-ref-9"]
+    finally:
+        await client.close()
+
+
 async def test_wrong_secret_is_refused(fulu: FakeFulu) -> None:
     client = FuluSupplier(settings(fulu), "f" * 32)
     try:

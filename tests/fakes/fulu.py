@@ -67,6 +67,9 @@ class FakeFulu:
         self.orders: dict[str, FakeOrder] = {}
         self.calls: list[str] = []
         self.drop_after_commit_rate = 0.0
+        # (code, message) answered to the next card.add after it made the order (an error
+        # of Fulu's own, e.g. a busy backend, that does not say whether the order stands).
+        self.error_after_commit: tuple[int, str] | None = None
         self.processing_seconds = 0.1
         self.random = random.Random(5)
         self.base_url = ""
@@ -148,6 +151,10 @@ class FakeFulu:
             for i in range(quantity)
         ]
         self.orders[ref] = order
+        if self.error_after_commit is not None:
+            code, message = self.error_after_commit
+            self.error_after_commit = None
+            return self._answer(code, message)
         if self.random.random() < self.drop_after_commit_rate:
             if request.transport is not None:
                 request.transport.close()
