@@ -234,7 +234,8 @@ class TelegramBot:
             "chat_id": chat_id,
             "text": fit_html(text),
             "parse_mode": "HTML",
-            "disable_web_page_preview": True,
+            # Bot API 7.0 replaced disable_web_page_preview with this.
+            "link_preview_options": {"is_disabled": True},
         }
         if buttons:
             payload["reply_markup"] = {"inline_keyboard": buttons}

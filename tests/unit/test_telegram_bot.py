@@ -276,6 +276,10 @@ async def test_status_answers_the_merchant_only(
     await wait_for(sent_matching(telegram, MERCHANT, lambda t: "Delivered today" in t), "status")
     (text,) = telegram.replies_to(MERCHANT)
     assert "Waiting to be delivered: 1" in text
+    # Bot API 7.0: link previews are turned off by link_preview_options.
+    (sent,) = [m for m in telegram.sent if m["chat_id"] == MERCHANT]
+    assert sent["link_preview_options"] == {"is_disabled": True}
+    assert "disable_web_page_preview" not in sent
     telegram.message(MERCHANT, "/help")
     await wait_for(sent_matching(telegram, MERCHANT, lambda t: "/import SKU" in t), "help")
     assert telegram.replies_to(STRANGER) == []  # never answered, whatever it sends
