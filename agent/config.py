@@ -206,15 +206,17 @@ class Section:
             bounds = range_text(Spec("", unit, minimum, maximum), "and")
             return self.error(key, f"must be between {bounds}, got {number_text(value)}")
         # The CLI's message for a number out of range (agent/cli/common.py), units translated.
+        values = {"low": number_text(minimum), "high": number_text(maximum)}
+        values["text"] = number_text(value)
+        if not unit:
+            return self.error(
+                key, self._("must be between %(low)s and %(high)s, got %(text)s") % values
+            )
+        # The unit inside the message: Chinese puts no space before 之间.
         return self.error(
             key,
-            self._("must be between %(low)s and %(high)s%(unit)s, got %(text)s")
-            % {
-                "low": number_text(minimum),
-                "high": number_text(maximum),
-                "unit": f" {self._(unit)}" if unit else "",
-                "text": number_text(value),
-            },
+            self._("must be between %(low)s and %(high)s %(unit)s, got %(text)s")
+            % (values | {"unit": self._(unit)}),
         )
 
     def boolean(self, key: str, default: bool) -> bool:

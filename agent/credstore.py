@@ -12,6 +12,9 @@ One file per secret in a 0700 directory (`/etc/kami-agent/credstore` for root, e
   key file `.key` (0600) made beside the secrets the first time one is stored.
 
 `KAMI_CREDSTORE_SEAL=systemd-creds|file` forces one way of sealing new secrets.
+
+What it says (where a secret is, why it cannot be used) is phrased (agent/phrased.py): English
+in str() and the logs, the merchant's language where the CLI shows it.
 """
 
 from __future__ import annotations
@@ -28,6 +31,8 @@ from cryptography.exceptions import InvalidTag
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
 from agent.domain import AgentError
+from agent.i18n import N_
+from agent.phrased import Phrase, phrased
 
 MAGIC = b"kami-credstore-v1:"
 KEY_FILE = ".key"
@@ -58,9 +63,12 @@ def systemd_creds_usable() -> bool:
 
 def check_name(name: str) -> None:
     if not _NAME.match(name):
-        raise CredStoreError(
-            "a secret name is letters, digits, '.', '_' or '-' (at most 128), like"
-            " platform.main.secret"
+        raise phrased(
+            CredStoreError,
+            N_(
+                "a secret name is letters, digits, '.', '_' or '-' (at most 128), like"
+                " platform.main.secret"
+            ),
         )
 
 
@@ -69,7 +77,7 @@ class CredStore:
         self.directory = directory or default_directory()
         wanted = seal or os.environ.get("KAMI_CREDSTORE_SEAL") or None
         if wanted not in (None, "systemd-creds", "file"):
-            raise CredStoreError("KAMI_CREDSTORE_SEAL must be systemd-creds or file")
+            raise phrased(CredStoreError, N_("KAMI_CREDSTORE_SEAL must be systemd-creds or file"))
         self.seal = wanted or ("systemd-creds" if systemd_creds_usable() else "file")
 
     def path(self, name: str) -> Path:
@@ -87,22 +95,24 @@ class CredStore:
         except FileNotFoundError:
             return None
         except OSError as exc:
-            raise CredStoreError(f"cannot read {path}: {_why(exc)}") from None
+            raise _cannot_read(path, exc) from None
         if blob.startswith(MAGIC):
             return self._open_file(name, blob[len(MAGIC) :]).strip() or None
         return self._decrypt_systemd(name, path).strip() or None
 
-    def describe(self, name: str) -> str:
+    def describe(self, name: str) -> Phrase:
+        """Where and how `name` is sealed, in words (str() is the English)."""
         path = self.path(name)
         try:
             head = path.read_bytes()[: len(MAGIC)]
         except OSError:
             head = b""
-        how = "encrypted file" if head == MAGIC else "systemd-creds"
-        return f"sealed in {path} ({how})"
+        if head == MAGIC:
+            return Phrase(N_("sealed in %(path)s (encrypted file)"), {"path": str(path)})
+        return Phrase(N_("sealed in %(path)s (systemd-creds)"), {"path": str(path)})
 
     # --- writing ------------------------------------------------------------------------
-    def set(self, name: str, value: str) -> str:
+    def set(self, name: str, value: str) -> Phrase:
         path = self.path(name)
         self._make_directory()
         tmp = path.with_name(f".{name}.tmp")
@@ -135,7 +145,12 @@ class CredStore:
             self.directory.mkdir(mode=0o700, parents=True, exist_ok=True)
             os.chmod(self.directory, 0o700)
         except OSError as exc:
-            raise CredStoreError(f"cannot create {self.directory}: {_why(exc)}") from None
+            raise phrased(
+                CredStoreError,
+                N_("cannot create %(path)s: %(why)s"),
+                path=str(self.directory),
+                why=_why(exc),
+            ) from None
 
     # --- systemd-creds ------------------------------------------------------------------
     def _encrypt_systemd(self, name: str, value: str, target: Path) -> None:
@@ -149,15 +164,19 @@ class CredStore:
                 check=False,
             )
         except (OSError, subprocess.TimeoutExpired) as exc:
-            raise CredStoreError(f"systemd-creds encrypt failed: {exc}") from None
+            raise _failed("encrypt", str(exc)) from None
         finally:
             os.umask(old)
         if result.returncode != 0:
-            raise CredStoreError(f"systemd-creds encrypt failed: {_last_line(result.stderr)}")
+            raise _failed("encrypt", _last_line(result.stderr))
 
     def _decrypt_systemd(self, name: str, path: Path) -> str:
         if shutil.which(SYSTEMD_CREDS) is None:
-            raise CredStoreError(f"{path} is sealed with systemd-creds, which is not installed")
+            raise phrased(
+                CredStoreError,
+                N_("%(path)s is sealed with systemd-creds, which is not installed"),
+                path=str(path),
+            )
         try:
             result = subprocess.run(
                 [SYSTEMD_CREDS, "decrypt", f"--name={name}", str(path), "-"],
@@ -166,11 +185,16 @@ class CredStore:
                 check=False,
             )
         except (OSError, subprocess.TimeoutExpired) as exc:
-            raise CredStoreError(f"systemd-creds decrypt failed: {exc}") from None
+            raise _failed("decrypt", str(exc)) from None
         if result.returncode != 0:
-            raise CredStoreError(
-                f"cannot open {path} with systemd-creds (as root, on the machine that sealed"
-                f" it): {_last_line(result.stderr)}"
+            raise phrased(
+                CredStoreError,
+                N_(
+                    "cannot open %(path)s with systemd-creds (as root, on the machine that"
+                    " sealed it): %(why)s"
+                ),
+                path=str(path),
+                why=_last_line(result.stderr),
             )
         return result.stdout.decode("utf-8", "replace")
 
@@ -190,12 +214,16 @@ class CredStore:
             return _parse_key(key_path.read_bytes(), str(key_path))
         except FileNotFoundError:
             if not create:
-                raise CredStoreError(
-                    f"the credential store's key is missing (no {key_path}, no"
-                    " KAMI_CREDSTORE_KEY): the secrets sealed with it cannot be opened"
+                raise phrased(
+                    CredStoreError,
+                    N_(
+                        "the credential store's key is missing (no %(path)s, no"
+                        " KAMI_CREDSTORE_KEY): the secrets sealed with it cannot be opened"
+                    ),
+                    path=str(key_path),
                 ) from None
         except OSError as exc:
-            raise CredStoreError(f"cannot read {key_path}: {_why(exc)}") from None
+            raise _cannot_read(key_path, exc) from None
         key = os.urandom(32)
         fd = os.open(key_path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
         with os.fdopen(fd, "wb") as handle:
@@ -209,9 +237,13 @@ class CredStore:
                 sealed[:12], sealed[12:], name.encode()
             )
         except (binascii.Error, ValueError, InvalidTag):
-            raise CredStoreError(
-                f"{self.directory / name} does not open with the credential store's key"
-                " (altered, renamed, or another key)"
+            raise phrased(
+                CredStoreError,
+                N_(
+                    "%(path)s does not open with the credential store's key (altered, renamed,"
+                    " or another key)"
+                ),
+                path=str(self.directory / name),
             ) from None
         return plain.decode("utf-8", "replace")
 
@@ -222,8 +254,28 @@ def _parse_key(raw: bytes, where: str) -> bytes:
     except (binascii.Error, ValueError):
         key = b""
     if len(key) != 32:
-        raise CredStoreError(f"{where}: the credential store key must be 32 bytes in base64")
+        raise phrased(
+            CredStoreError,
+            N_("%(where)s: the credential store key must be 32 bytes in base64"),
+            where=where,
+        )
     return key
+
+
+def _cannot_read(path: Path, exc: OSError) -> CredStoreError:
+    return phrased(
+        CredStoreError, N_("cannot read %(path)s: %(why)s"), path=str(path), why=_why(exc)
+    )
+
+
+def _failed(step: str, why: str) -> CredStoreError:
+    """systemd-creds encrypt/decrypt failed (the command's own words, as it said them)."""
+    return phrased(
+        CredStoreError,
+        N_("%(command)s failed: %(why)s"),
+        command=f"{SYSTEMD_CREDS} {step}",
+        why=why,
+    )
 
 
 def _why(exc: OSError) -> str:

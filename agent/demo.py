@@ -4,7 +4,7 @@ A temp SQLite ledger and sample stock; a steady stream of orders with a flash-sa
 middle; injected platform and supplier faults; one SKU that runs out locally and is bought
 upstream; one SKU that runs low, so the low-stock alert shows up before any order has to wait,
 after which the "merchant" restocks and the waiting orders fill. Live progress, then a summary
-that checks the invariants from the platform's side.
+that checks the invariants from the platform's side, in the merchant's language (the CLI's).
 """
 
 from __future__ import annotations
@@ -34,8 +34,10 @@ from agent.config import (
     SupplierSettings,
 )
 from agent.domain import AlertMessage, CardItem, LineState
+from agent.i18n import ENGLISH, N_, Translator, display_width, pad
 from agent.keybox import new_master_key, parse_master_key
 from agent.notify.console import ConsoleNotifier
+from agent.reasons import say_reason
 from agent.runtime import build_platform, platform_connections, run_engine
 from agent.sandbox.platform import Faults, SandboxPlatform
 from agent.sandbox.supplier import SandboxSupplier, SupplierFaults
@@ -49,6 +51,22 @@ BURST_SKUS = {"GAME-100": 1500, "VIP-30D": 800, "KEY-PRO": 400, "GIFT-50": 40}
 BOUGHT_SKU = "GIFT-50"
 # Sold only in the steady stream, local stock only: it runs low and raises the alert.
 LOW_SKU, LOW_STOCK, RESTOCK = "TOPUP-10", 12, 60
+# The summary's labels, lined up: the values start in this column (more when a language's
+# labels are wider).
+LABEL_CELLS = 24
+SUMMARY_LABELS = {
+    "orders": N_("orders on platform"),
+    "delivered": N_("delivered"),
+    "burst": N_("burst delivered"),
+    "latency": N_("latency p50 / p99"),
+    "calls": N_("delivery calls"),
+    "fallback": N_("supplier fallback"),
+    "alert": N_("low-stock alert"),
+    "attention": N_("needs attention"),
+    "invariants": N_("invariants"),
+    "logs": N_("logs"),
+    "ledger": N_("ledger"),
+}
 
 
 @dataclass(frozen=True)
@@ -66,7 +84,7 @@ def _sample_keys(sku: str, count: int, start: int = 0) -> list[CardItem]:
     ]
 
 
-def demo_config(workdir: Path, base_url: str, supplier_url: str) -> Config:
+def demo_config(workdir: Path, base_url: str, supplier_url: str, language: str = ENGLISH) -> Config:
     # Demo time runs fast: rates forget within half a minute and lead times are seconds, so
     # only TOPUP-10 (12 keys, no supplier) gets close enough to running out to alert.
     skus = {sku: SkuSettings(sku=sku, max_quantity=5, lead_time=5.0) for sku in BURST_SKUS}
@@ -87,6 +105,7 @@ def demo_config(workdir: Path, base_url: str, supplier_url: str) -> Config:
             concurrency=16,
             retry_base=0.2,
             retry_cap=2.0,
+            language=language,  # the alerts speak it too
         ),
         store=StoreSettings(path=workdir / "kami.db"),
         log=LogSettings(level="info"),
@@ -136,9 +155,10 @@ class DemoConsole(ConsoleNotifier):
 
 
 class Demo:
-    def __init__(self, plan: DemoPlan, out: TextIO) -> None:
+    def __init__(self, plan: DemoPlan, out: TextIO, translator: Translator) -> None:
         self.plan = plan
         self.out = out
+        self._ = translator
         self.started = time.time()
         self.first_backorder: float | None = None
         self.restocked_at: float | None = None
@@ -154,7 +174,7 @@ class Demo:
         for index in range(half):
             sandbox.add_order(steady[index % len(steady)], quantity=1 + (index % 7 == 0))
             await asyncio.sleep(1 / self.plan.steady_rate)
-        self.say(f"flash sale: {self.plan.burst} orders at once")
+        self.say(self._("flash sale: %(n)d orders at once") % {"n": self.plan.burst})
         skus = list(BURST_SKUS)
         burst = [sandbox.add_order(skus[i % len(skus)]) for i in range(self.plan.burst)]
         # Hostile input the agent must park, not choke on.
@@ -169,7 +189,7 @@ class Demo:
         """Plays the merchant: restocks TOPUP-10 a moment after orders start waiting."""
         if counts.get(LineState.BACKORDERED, 0) and self.first_backorder is None:
             self.first_backorder = time.time() - self.started
-            self.say(f"first order waiting for stock ({LOW_SKU} is out)")
+            self.say(self._("first order waiting for stock (%(sku)s is out)") % {"sku": LOW_SKU})
         restock_due = (
             self.first_backorder is not None
             and self.restocked_at is None
@@ -180,15 +200,21 @@ class Demo:
                 LOW_SKU, _sample_keys(LOW_SKU, RESTOCK, 1000), "demo-restock", time.time()
             )
             self.restocked_at = time.time() - self.started
-            self.say(f"merchant imports {RESTOCK} {LOW_SKU} keys; waiting orders fill")
+            self.say(
+                self._("merchant imports %(n)d %(sku)s keys; waiting orders fill")
+                % {"n": RESTOCK, "sku": LOW_SKU}
+            )
 
     def progress(self, sandbox: SandboxPlatform, counts: dict[LineState, int], shown: str) -> str:
-        line = (
-            f"  orders {len(sandbox.orders):4d}  delivered "
-            f"{counts.get(LineState.DELIVERED, 0):4d}  waiting "
-            f"{counts.get(LineState.BACKORDERED, 0):3d}  needs attention "
-            f"{counts.get(LineState.NEEDS_ATTENTION, 0)}"
-        )
+        line = "  " + self._(
+            "orders %(orders)4d  delivered %(delivered)4d  waiting %(waiting)3d  needs"
+            " attention %(attention)d"
+        ) % {
+            "orders": len(sandbox.orders),
+            "delivered": counts.get(LineState.DELIVERED, 0),
+            "waiting": counts.get(LineState.BACKORDERED, 0),
+            "attention": counts.get(LineState.NEEDS_ATTENTION, 0),
+        }
         if self.out.isatty():  # one line, redrawn in place
             self.out.write(f"\r{line}  ")
             self.out.flush()
@@ -201,8 +227,11 @@ async def run_demo(
     plan: DemoPlan = DemoPlan(),
     out: TextIO = sys.stdout,
     witness: list[SandboxPlatform] | None = None,
+    language: str = ENGLISH,
 ) -> int:
-    """Runs the demo; `witness` (tests) receives the sandbox platform to inspect afterwards."""
+    """Runs the demo, saying what happens in `language`; `witness` (tests) receives the
+    sandbox platform to inspect afterwards."""
+    _ = Translator(language)
     workdir = Path(tempfile.mkdtemp(prefix="kami-demo-"))
     log_path = workdir / "kami-agent.log"
     # Private from the start (the umask would make it world-readable): order ids, fingerprints.
@@ -210,7 +239,7 @@ async def run_demo(
         os.open(log_path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600), "w", encoding="utf-8"
     )
     logs.configure("info", log_file)
-    demo = Demo(plan, out)
+    demo = Demo(plan, out, _)
     sandbox = SandboxPlatform(api_key="demo", seed=7)
     sandbox.faults = Faults(
         error_rate=0.03, drop_after_commit_rate=0.02, duplicate_rate=0.05, latency=0.005
@@ -224,18 +253,24 @@ async def run_demo(
         drop_after_commit_rate=0.05, processing_rate=0.2, processing_seconds=0.5
     )
     supplier_url = await upstream.start()
-    config = demo_config(workdir, base_url, supplier_url)
+    config = demo_config(workdir, base_url, supplier_url, _.language)
     # Made the one way a ledger is made: as `kami-agent init` makes it.
     store = SQLiteStore(
         workdir / "kami.db", parse_master_key(new_master_key()), opening=Opening.CREATE
     )
     await store.open()
-    print(f"kami-agent demo — sandbox platform at {base_url}, ledger {config.store.path}", file=out)
+    print(
+        _("kami-agent demo — sandbox platform at %(url)s, ledger %(ledger)s")
+        % {"url": base_url, "ledger": config.store.path},
+        file=out,
+    )
     for sku, count in {**BURST_SKUS, LOW_SKU: LOW_STOCK}.items():
         report = await store.import_keys(sku, _sample_keys(sku, count), "demo", time.time())
-        print(f"  stock {sku}: {report.added} keys", file=out)
+        print("  " + _("stock %(sku)s: %(n)d keys") % {"sku": sku, "n": report.added}, file=out)
     print(
-        f"  supplier upstream at {supplier_url} sells {BOUGHT_SKU} when local stock is out",
+        "  "
+        + _("supplier upstream at %(url)s sells %(sku)s when local stock is out")
+        % {"url": supplier_url, "sku": BOUGHT_SKU},
         file=out,
     )
     platform = build_platform(
@@ -307,31 +342,42 @@ async def _summary(
         (at for at, m in console.seen if m.key == f"low_stock:{LOW_SKU}" and m.event == "opened"),
         None,
     )
-    print("\n\nsummary" if out.isatty() else "\nsummary", file=out)
-    print(f"  orders on platform      {len(sandbox.orders)}", file=out)
-    print(f"  delivered               {len(delivered)}  ({len(all_keys)} keys)", file=out)
-    print(f"  burst delivered         {len(burst) - len(burst_missing)}/{len(burst)}", file=out)
-    print(
-        f"  latency p50 / p99       {percentile(latencies, 0.5) * 1000:.0f} ms / "
-        f"{percentile(latencies, 0.99) * 1000:.0f} ms  (order visible -> delivery acked)",
-        file=out,
+    _ = demo._
+    # Labels padded by display cells: a Chinese character takes two.
+    cells = max(LABEL_CELLS, max(display_width(_(label)) for label in SUMMARY_LABELS.values()) + 2)
+
+    def row(label: str, value: str) -> None:
+        print(f"  {pad(_(SUMMARY_LABELS[label]), cells)}{value}", file=out)
+
+    heading = _("summary")
+    print(f"\n\n{heading}" if out.isatty() else f"\n{heading}", file=out)
+    row("orders", str(len(sandbox.orders)))
+    row(
+        "delivered",
+        _("%(orders)d  (%(keys)d keys)") % {"orders": len(delivered), "keys": len(all_keys)},
     )
-    print(
-        f"  delivery calls          {len(sandbox.delivery_calls)} "
-        "(faults injected: 5xx, lost responses, duplicate listings)",
-        file=out,
+    row("burst", f"{len(burst) - len(burst_missing)}/{len(burst)}")
+    row(
+        "latency",
+        _("%(p50).0f ms / %(p99).0f ms  (order visible -> delivery acked)")
+        % {"p50": percentile(latencies, 0.5) * 1000, "p99": percentile(latencies, 0.99) * 1000},
+    )
+    row(
+        "calls",
+        _("%(n)d (faults injected: 5xx, lost responses, duplicate listings)")
+        % {"n": len(sandbox.delivery_calls)},
     )
     bought_orders = sum(1 for o in sandbox.orders.values() if o.data.get("sku") == BOUGHT_SKU)
     bought_keys = sum(p.quantity for p in upstream.charged)
+    local = {"sku": BOUGHT_SKU, "local": BURST_SKUS[BOUGHT_SKU]}
     if upstream.charged:
-        fallback = (
-            f"{BOUGHT_SKU}: {BURST_SKUS[BOUGHT_SKU]} local keys ran out; "
-            f"{len(upstream.charged)} purchases ({bought_keys} keys) for "
-            f"{bought_orders} orders"
-        )
+        fallback = _(
+            "%(sku)s: %(local)d local keys ran out; %(n)d purchases (%(keys)d keys) for"
+            " %(orders)d orders"
+        ) % (local | {"n": len(upstream.charged), "keys": bought_keys, "orders": bought_orders})
     else:
-        fallback = f"not needed: {BURST_SKUS[BOUGHT_SKU]} local {BOUGHT_SKU} keys sufficed"
-    print(f"  supplier fallback       {fallback}", file=out)
+        fallback = _("not needed: %(local)d local %(sku)s keys sufficed") % local
+    row("fallback", fallback)
     # The promise is an alert before any order has to wait: a run whose stream sold too
     # little of it (`--orders 0`) to run low owes none.
     alert_ok = (
@@ -340,20 +386,27 @@ async def _summary(
         else demo.first_backorder is None or low_alert < demo.first_backorder
     )
     if low_alert is None and demo.first_backorder is None:
-        alert_text = f"none for {LOW_SKU}: it never ran low, no order had to wait"
+        alert_text = _("none for %(sku)s: it never ran low, no order had to wait") % {
+            "sku": LOW_SKU
+        }
     elif low_alert is None:
-        alert_text = f"NO low-stock alert for {LOW_SKU}"
+        alert_text = _("NO low-stock alert for %(sku)s") % {"sku": LOW_SKU}
     elif demo.first_backorder is None:
-        alert_text = f"{LOW_SKU} alert at t={low_alert:.1f}s; no order had to wait"
+        alert_text = _("%(sku)s alert at t=%(at).1fs; no order had to wait") % {
+            "sku": LOW_SKU,
+            "at": low_alert,
+        }
     else:
-        alert_text = (
-            f"{LOW_SKU} alert at t={low_alert:.1f}s, "
-            f"{demo.first_backorder - low_alert:.1f}s before the first order had to "
-            "wait for stock"
-        )
-    print(f"  low-stock alert         {alert_text}", file=out)
+        alert_text = _(
+            "%(sku)s alert at t=%(at).1fs, %(lead).1fs before the first order had to wait for stock"
+        ) % {"sku": LOW_SKU, "at": low_alert, "lead": demo.first_backorder - low_alert}
+    row("alert", alert_text)
     for line in parked:
-        print(f"  needs attention         {line.order_id}: {line.reason}", file=out)
+        row(
+            "attention",
+            _("%(order)s: %(reason)s")
+            % {"order": line.order_id, "reason": say_reason(line.reason, _)},
+        )
     ok = (
         not reused
         and not wrong_count
@@ -362,12 +415,20 @@ async def _summary(
         and integrity == "ok"
         and alert_ok
     )
-    print(
-        f"  invariants              {'ok' if ok else 'VIOLATED'}: no key twice "
-        f"({len(reused)} reused), exact quantities ({len(wrong_count)} wrong), every good "
-        f"order delivered ({len(undelivered)} not), ledger integrity {integrity}",
-        file=out,
+    row(
+        "invariants",
+        _(
+            "%(verdict)s: no key twice (%(reused)d reused), exact quantities (%(wrong)d wrong),"
+            " every good order delivered (%(missing)d not), ledger integrity %(integrity)s"
+        )
+        % {
+            "verdict": _("ok") if ok else _("VIOLATED"),
+            "reused": len(reused),
+            "wrong": len(wrong_count),
+            "missing": len(undelivered),
+            "integrity": _("ok") if integrity == "ok" else integrity,
+        },
     )
-    print(f"  logs                    {log_path}", file=out)
-    print(f"  ledger                  {workdir / 'kami.db'}", file=out)
+    row("logs", str(log_path))
+    row("ledger", str(workdir / "kami.db"))
     return 0 if ok else 1

@@ -33,6 +33,7 @@ from agent.config import Config, load_config
 from agent.credstore import MAGIC, SYSTEMD_CREDS, CredStore, CredStoreError
 from agent.i18n import N_
 from agent.keybox import new_master_key
+from agent.phrased import say
 from agent.secrets import lookup_secret
 
 UNIT_NAME = "kami-agent.service"
@@ -267,9 +268,9 @@ def cmd_install_service(args: argparse.Namespace) -> int:
             where = store.set(name, value)
         except CredStoreError as exc:
             raise CommandError(
-                _("sealing %(name)s: %(why)s") % {"name": name, "why": exc}
+                _("sealing %(name)s: %(why)s") % {"name": name, "why": say(exc, _)}
             ) from None
-        print(_("secret %(name)s: %(where)s") % {"name": name, "where": where})
+        print(_("secret %(name)s: %(where)s") % {"name": name, "where": where.say(_)})
     plan.unit_path.parent.mkdir(parents=True, exist_ok=True)
     tmp = plan.unit_path.with_name(f".{UNIT_NAME}.tmp")
     tmp.write_text(plan.unit, encoding="utf-8")

@@ -2,7 +2,9 @@
 credential store (agent/credstore.py: sealed files, for servers without a desktop keyring),
 then the keyring.
 
-The value never goes into config files, logs or error messages — only its name does.
+The value never goes into config files, logs or error messages — only its name does. Where a
+secret is, and why one is missing, are phrased (agent/phrased.py): English in str() and the
+logs, the merchant's language where the CLI shows them.
 """
 
 from __future__ import annotations
@@ -17,6 +19,8 @@ from keyring.backend import KeyringBackend
 
 from agent.credstore import CredStore, CredStoreError
 from agent.domain import AgentError
+from agent.i18n import N_
+from agent.phrased import Phrase, phrased
 
 KEYRING_SERVICE = "kami-agent"
 
@@ -109,17 +113,21 @@ def lookup_secret(name: str) -> str | None:
         return None
 
 
-def where_stored(name: str) -> str | None:
-    """Where lookup_secret finds `name` (never its value), or None."""
+def _backend() -> dict[str, str]:
+    return {"backend": type(keyring.get_keyring()).__name__}
+
+
+def where_stored(name: str) -> Phrase | None:
+    """Where lookup_secret finds `name` (never its value), in words, or None."""
     if _CREDENTIALS.get_password(KEYRING_SERVICE, name):
-        return "systemd credential ($CREDENTIALS_DIRECTORY)"
+        return Phrase(N_("systemd credential ($CREDENTIALS_DIRECTORY)"))
     if os.environ.get(env_var_for(name)):
-        return f"environment ({env_var_for(name)})"
+        return Phrase(N_("environment (%(variable)s)"), {"variable": env_var_for(name)})
     if _from_credstore(name):
         return CredStore().describe(name)
     try:
         if keyring.get_password(KEYRING_SERVICE, name):
-            return f"keyring ({type(keyring.get_keyring()).__name__})"
+            return Phrase(N_("keyring (%(backend)s)"), _backend())
     except Exception:  # see lookup_secret
         return None
     return None
@@ -129,9 +137,15 @@ def resolve_secret(name: str) -> str:
     value = lookup_secret(name)
     if not value:
         CredStore().get(name)  # a sealed file that does not open: raises with the reason
-        raise SecretMissing(
-            f"secret {name!r} is not set: store it with `kami-agent secrets set {name}` "
-            f"or provide environment variable {env_var_for(name)}"
+        raise phrased(
+            SecretMissing,
+            N_(
+                "secret %(name)r is not set: store it with `kami-agent secrets set %(secret)s` or"
+                " provide environment variable %(variable)s"
+            ),
+            name=name,
+            secret=name,
+            variable=env_var_for(name),
         )
     return value
 
@@ -149,7 +163,7 @@ def _keyring_works() -> bool:
     return backends is None or bool(backends)
 
 
-def store_secret(name: str, value: str, backend: str | None = None) -> str:
+def store_secret(name: str, value: str, backend: str | None = None) -> Phrase:
     """Stores the secret; returns where, in words. `backend`: "keyring", "credstore", or None
     (the keyring when one works, else the credential store)."""
     if backend == "credstore" or (backend is None and not _keyring_works()):
@@ -158,26 +172,42 @@ def store_secret(name: str, value: str, backend: str | None = None) -> str:
         keyring.set_password(KEYRING_SERVICE, name, value)
     except Exception as exc:  # see lookup_secret
         if backend == "keyring":
-            raise SecretMissing(
-                f"cannot store secret {name!r}: no writable keyring ({type(exc).__name__}); "
-                "store it with --store credstore, or use environment variable "
-                f"{env_var_for(name)}"
+            raise phrased(
+                SecretMissing,
+                N_(
+                    "cannot store secret %(name)r: no writable keyring (%(error)s); store it"
+                    " with --store credstore, or use environment variable %(variable)s"
+                ),
+                name=name,
+                error=type(exc).__name__,
+                variable=env_var_for(name),
             ) from None
         # A desktop keyring that is installed but has no session (a server): the store.
         return CredStore().set(name, value)
-    return f"in the keyring ({type(keyring.get_keyring()).__name__})"
+    return Phrase(N_("in the keyring (%(backend)s)"), _backend())
 
 
-def delete_secret(name: str) -> str:
-    """Deletes the secret wherever it is stored (credential store and keyring); returns where."""
-    places = []
-    if CredStore().delete(name):
-        places.append("the credential store")
+# Where delete_secret found a secret: (in the credential store, in the keyring) -> the words.
+_DELETED_FROM = {
+    (True, False): N_("the credential store"),
+    (False, True): N_("the keyring"),
+    (True, True): N_("the credential store and the keyring"),
+}
+
+
+def delete_secret(name: str) -> Phrase:
+    """Deletes the secret wherever it is stored (credential store and keyring); returns where,
+    in words."""
+    in_credstore = CredStore().delete(name)
     try:
         keyring.delete_password(KEYRING_SERVICE, name)
-        places.append("the keyring")
+        in_keyring = True
     except Exception:  # not there, or no keyring at all
-        pass
-    if not places:
-        raise SecretMissing(f"secret {name!r} is neither in the credential store nor the keyring")
-    return " and ".join(places)
+        in_keyring = False
+    if not (in_credstore or in_keyring):
+        raise phrased(
+            SecretMissing,
+            N_("secret %(name)r is neither in the credential store nor the keyring"),
+            name=name,
+        )
+    return Phrase(_DELETED_FROM[in_credstore, in_keyring])

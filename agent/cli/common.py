@@ -109,7 +109,6 @@ def bounded_int(low: int, high: int, unit: str = "") -> Callable[[str], int]:
     """An argparse type: an integer within [low, high], else one line saying so."""
 
     def parse(text: str) -> int:
-        suffix = f" {_(unit)}" if unit else ""  # a unit marked with N_ where it is named
         try:
             value = int(text)
         except ValueError:
@@ -117,10 +116,14 @@ def bounded_int(low: int, high: int, unit: str = "") -> Callable[[str], int]:
                 _("not a whole number: %(text)r") % {"text": text[:40]}
             ) from None
         if not low <= value <= high:
-            raise argparse.ArgumentTypeError(
-                _("must be between %(low)s and %(high)s%(unit)s, got %(text)s")
-                % {"low": f"{low:,}", "high": f"{high:,}", "unit": suffix, "text": text[:40]}
-            )
+            values = {"low": f"{low:,}", "high": f"{high:,}", "text": text[:40]}
+            if not unit:
+                message = _("must be between %(low)s and %(high)s, got %(text)s") % values
+            else:  # the unit inside the message: Chinese puts no space before 之间
+                message = _("must be between %(low)s and %(high)s %(unit)s, got %(text)s") % (
+                    values | {"unit": _(unit)}  # a unit marked with N_ where it is named
+                )
+            raise argparse.ArgumentTypeError(message)
         return value
 
     return parse

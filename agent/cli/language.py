@@ -146,6 +146,22 @@ class HelpFormatter(argparse.HelpFormatter):
             return super()._fill_text(text, width, indent)
         return "\n".join(indent + line for line in _wrap(text, width - len(indent)))
 
+    def start_section(self, heading: str | None) -> None:
+        if heading and not heading.isascii():
+            self._wide_headings: set[str] = getattr(self, "_wide_headings", set())
+            self._wide_headings.add(heading)
+        super().start_section(heading)
+
+    def format_help(self) -> str:
+        # argparse ends every section heading with an ASCII ":"; a Chinese one ("位置参数",
+        # "选项") takes the full-width "：", as "用法：" does.
+        headings: set[str] = getattr(self, "_wide_headings", set())
+        lines = super().format_help().split("\n")
+        for index, line in enumerate(lines):
+            if line.endswith(":") and line.lstrip(" ")[:-1] in headings:
+                lines[index] = line[:-1] + "："
+        return "\n".join(lines)
+
     def _format_usage(
         self, usage: str | None, actions: Any, groups: Any, prefix: str | None
     ) -> str:

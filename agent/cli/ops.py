@@ -27,6 +27,7 @@ from agent.config import Config
 from agent.domain import AgentError, AlertMessage
 from agent.i18n import N_, duration
 from agent.keybox import StoreKeyError
+from agent.phrased import say
 from agent.secrets import env_var_for, lookup_secret
 from agent.store.base import LedgerError, Store
 from agent.suppliers.base import Balance
@@ -84,7 +85,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
     from agent.demo import DemoPlan, run_demo
 
     plan = DemoPlan(steady_orders=args.orders, burst=args.burst)
-    return asyncio.run(run_demo(plan))
+    return asyncio.run(run_demo(plan, language=_.language))  # the locale's, or the config's
 
 
 async def _check_platforms(config: Config) -> int:
@@ -103,7 +104,7 @@ async def _check_platforms(config: Config) -> int:
         except AgentError as exc:
             print(
                 _("platform %(name)s (%(url)s): FAILED: %(why)s")
-                % (where | {"why": printable(str(exc))})
+                % (where | {"why": printable(say(exc, _))})
             )
             problems += 1
         finally:
@@ -131,7 +132,7 @@ async def _check_suppliers(config: Config) -> int:
         except AgentError as exc:
             print(
                 _("supplier %(name)s (%(url)s): FAILED: %(why)s")
-                % (where | {"why": printable(str(exc))})
+                % (where | {"why": printable(say(exc, _))})
             )
             problems += 1
         finally:
@@ -183,7 +184,7 @@ def cmd_check(args: argparse.Namespace) -> int:
         except (LedgerError, StoreKeyError) as exc:
             print(
                 _("store %(ledger)s: FAILED: %(why)s")
-                % {"ledger": ledger, "why": printable(str(exc))}
+                % {"ledger": ledger, "why": printable(say(exc, _))}
             )
             failures += 1
     else:
@@ -226,7 +227,7 @@ async def _supplier_balances(config: Config, *, as_json: bool) -> dict[str, Bala
         except AgentError as exc:
             print(
                 _("supplier %(name)s: balance unknown (%(why)s)")
-                % {"name": settings.name, "why": printable(str(exc))},
+                % {"name": settings.name, "why": printable(say(exc, _))},
                 file=notes,
             )
             continue
@@ -376,7 +377,7 @@ def cmd_notify_test(args: argparse.Namespace) -> int:
             except AgentError as exc:
                 print(
                     _("notify %(name)s (%(kind)s): FAILED: %(why)s")
-                    % (where | {"why": printable(str(exc))})
+                    % (where | {"why": printable(say(exc, _))})
                 )
                 failed += 1
                 continue
@@ -386,7 +387,7 @@ def cmd_notify_test(args: argparse.Namespace) -> int:
             except AgentError as exc:
                 print(
                     _("notify %(name)s (%(kind)s): FAILED: %(why)s")
-                    % (where | {"why": printable(str(exc))})
+                    % (where | {"why": printable(say(exc, _))})
                 )
                 failed += 1
             finally:
@@ -463,5 +464,5 @@ def add_parsers(sub: Any) -> None:
         help=_("print a shell completion script"),
         description=_("e.g. kami-agent completion bash > /etc/bash_completion.d/kami-agent"),
     )
-    completion.add_argument("shell", choices=["bash", "zsh", "tcsh"])
+    completion.add_argument("shell", choices=["bash", "zsh", "tcsh"], help=_("your shell"))
     completion.set_defaults(func=cmd_completion)

@@ -31,8 +31,9 @@ from agent.cli.common import (
 )
 from agent.cli.common import with_store as run_with_store
 from agent.config import Config
+from agent.console.labels import event_label, state_label
 from agent.domain import CardItem, LineState, OrderLine
-from agent.i18n import N_
+from agent.i18n import ENGLISH, N_
 from agent.reasons import say_reason
 from agent.store.base import Store
 from agent.textsafe import printable
@@ -46,10 +47,21 @@ def _quantity(line: OrderLine) -> str:
     return str(line.quantity) if line.quantity > 0 else "?"
 
 
+def said_state(state: str) -> str:
+    """A line's state as the merchant reads it: in English the code `--state` takes (what the
+    English output has always said), in Chinese the console's name for it."""
+    return str(state) if _.language == ENGLISH else state_label(_, state)
+
+
+def said_event(kind: str) -> str:
+    """An audit trail entry's kind, likewise: the ledger's code in English, else its name."""
+    return kind if _.language == ENGLISH else event_label(_, kind)
+
+
 def print_lines(lines: Sequence[OrderLine]) -> None:
-    """A table lined up by display width (Chinese SKUs and reasons); the state as the code
-    `--state` takes; the agent's own reasons in the merchant's language (agent/reasons.py).
-    Ids, SKUs and reasons come from platforms: print_table escapes them."""
+    """A table lined up by display width (Chinese SKUs and reasons); the state as said_state
+    says it; the agent's own reasons in the merchant's language (agent/reasons.py). Ids,
+    SKUs and reasons come from platforms: print_table escapes them."""
     headers = [_("line"), _("platform"), _("order"), _("sku"), _("qty"), _("state")]
     headers += [_("tries"), _("seen (UTC)"), _("reason")]
     rows = [
@@ -59,7 +71,7 @@ def print_lines(lines: Sequence[OrderLine]) -> None:
             ln.order_id,
             ln.sku,
             _quantity(ln),
-            str(ln.state),
+            said_state(ln.state),
             str(ln.attempts),
             when(ln.seen_at),
             say_reason(ln.reason, _),
@@ -94,7 +106,7 @@ def _describe(ln: OrderLine) -> str:
         "order": f"{printable(ln.platform)}:{printable(ln.order_id)}",
         "line": ln.line,
         "sku": printable(ln.sku),
-        "state": ln.state,
+        "state": said_state(ln.state),
     }
 
 
@@ -247,7 +259,7 @@ def cmd_show(args: argparse.Namespace) -> int:
             print_table(
                 [_("at (UTC)"), _("event"), _("detail")],
                 [
-                    [when(e.at), e.kind, say_reason(e.detail, _)]
+                    [when(e.at), said_event(e.kind), say_reason(e.detail, _)]
                     for e in await store.events(line.id)
                 ],
             )
@@ -345,7 +357,7 @@ def _order_now(line: OrderLine) -> dict[str, object]:
     return {
         "order": f"{printable(line.platform)}:{printable(line.order_id)}",
         "line": line.id,
-        "state": line.state,
+        "state": said_state(line.state),
     }
 
 
@@ -370,8 +382,17 @@ def add_parsers(sub: Any) -> None:
         dest="orders_cmd", required=True
     )
     lst = orders.add_parser("list", help=_("recent order lines"))
-    lst.add_argument("--state", choices=[s.value for s in LineState])
-    lst.add_argument("--limit", type=bounded_int(1, MAX_LIMIT, N_("lines")), default=50)
+    lst.add_argument(
+        "--state",
+        choices=[s.value for s in LineState],
+        help=_("only lines in this state (its code, as --json shows it)"),
+    )
+    lst.add_argument(
+        "--limit",
+        type=bounded_int(1, MAX_LIMIT, N_("lines")),
+        default=50,
+        help=_("at most this many lines, newest first (default: 50)"),
+    )
     add_json_flag(lst)
     lst.set_defaults(func=cmd_list)
     naming = _(

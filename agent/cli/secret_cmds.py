@@ -51,14 +51,14 @@ def cmd_keys_init(args: argparse.Namespace) -> int:
             "secret %(name)s: a new random store key is stored %(where)s — back it up: without"
             " it the card keys in the ledger cannot be read"
         )
-        % {"name": name, "where": where}
+        % {"name": name, "where": where.say(_)}
     )
     return 0
 
 
 def cmd_secrets_delete(args: argparse.Namespace) -> int:
     where = delete_secret(args.name)
-    print(_("secret %(name)s: deleted from %(where)s") % {"name": args.name, "where": where})
+    print(_("secret %(name)s: deleted from %(where)s") % {"name": args.name, "where": where.say(_)})
     return 0
 
 
@@ -72,7 +72,7 @@ def cmd_secrets_set(args: argparse.Namespace) -> int:
     if not value:
         raise CommandError(_("empty secret, nothing stored"))
     where = store_secret(args.name, value, backend=args.store)
-    print(_("secret %(name)s: stored %(where)s") % {"name": args.name, "where": where})
+    print(_("secret %(name)s: stored %(where)s") % {"name": args.name, "where": where.say(_)})
     return 0
 
 
@@ -86,9 +86,11 @@ def cmd_secrets_list_missing(args: argparse.Namespace) -> int:
 
 def cmd_secrets_where(args: argparse.Namespace) -> int:
     config = load(args)
-    missing = _("MISSING")  # outside the f-string, where the extractor finds it
+    missing = _("MISSING")
     for name in config.secret_names():
-        print(f"{name}: {where_stored(name) or missing}")
+        where = where_stored(name)
+        said = where.say(_) if where is not None else missing
+        print(_("%(name)s: %(where)s") % {"name": name, "where": said})
     return 0
 
 
@@ -144,7 +146,9 @@ def add_parsers(sub: Any) -> None:
     secs = sec.add_subparsers(dest="secrets_cmd", required=True)
     sset = secs.add_parser("set", help=_("store a secret (prompted, or --stdin)"))
     sset.add_argument("name", help=_("the secret's name, as the config names it"))
-    sset.add_argument("--stdin", action="store_true")
+    sset.add_argument(
+        "--stdin", action="store_true", help=_("read the value from standard input's first line")
+    )
     sset.add_argument("--store", choices=["keyring", "credstore"], help=_(_STORE_HELP))
     sset.set_defaults(func=cmd_secrets_set)
     sdel = secs.add_parser("delete", help=_("remove a stored secret"))

@@ -387,7 +387,15 @@ def add_parsers(sub: Any) -> None:
     export = stock.add_parser("export", help=_("write keys IN CLEAR to a new CSV file (0600)"))
     export.add_argument("sku", help=_(SKU_HELP))
     export.add_argument("file", help=_("the CSV file to create"))
-    export.add_argument("--state", choices=[s.value for s in KeyState], default="free")
+    export.add_argument(
+        "--state",
+        choices=[s.value for s in KeyState],
+        default="free",
+        help=_(
+            "which keys: free (in stock, the default), bound (sold), void (taken out) or"
+            " consigned (handed to a platform's pool)"
+        ),
+    )
     export.set_defaults(func=cmd_export)
 
     void = stock.add_parser("void", help=_("take free keys out of stock, with a reason"))
@@ -398,7 +406,9 @@ def add_parsers(sub: Any) -> None:
         help=_("how many free keys (oldest first)"),
     )
     void.add_argument("--all", action="store_true", help=_("every free key of the SKU"))
-    void.add_argument("--reason", required=True)
+    void.add_argument(
+        "--reason", required=True, help=_("why (kept with the keys; unvoid names it)")
+    )
     void.add_argument(
         "--yes",
         action="store_true",
@@ -411,5 +421,9 @@ def add_parsers(sub: Any) -> None:
     )
     unvoid.add_argument("sku", help=_(SKU_HELP))
     unvoid.add_argument("--reason", required=True, help=_("the reason they were voided with"))
-    unvoid.add_argument("--count", type=bounded_int(1, MAX_KEYS, N_("keys")))
+    unvoid.add_argument(
+        "--count",
+        type=bounded_int(1, MAX_KEYS, N_("keys")),
+        help=_("how many of them, oldest first (default: all voided with that reason)"),
+    )
     unvoid.set_defaults(func=cmd_unvoid)

@@ -35,7 +35,8 @@ ALERT_KINDS = {
 
 SEVERITIES = {"critical": N_("critical"), "warning": N_("warning"), "info": N_("info")}
 
-# Audit trail entries the merchant sees most; others are shown by their code.
+# Every event kind of the transition table (agent/lifecycle.py, its notes included): the
+# console's timeline and `kami-agent orders show` say them; a test keeps the table complete.
 EVENT_KINDS = {
     "intake": N_("order taken in"),
     "allocated": N_("keys reserved"),
@@ -54,6 +55,31 @@ EVENT_KINDS = {
     "operator_retry": N_("retried by the merchant"),
     "operator_resend": N_("resent by the merchant"),
     "key_replaced": N_("bad key replaced by the merchant"),
+    "refunded": N_("refunded"),
+    "cancelled": N_("cancelled"),
+    # Responder platforms (agent/listener.py)
+    "reserved": N_("reserved for the platform"),
+    "provided": N_("keys handed to the platform"),
+    "released": N_("keys released back to stock"),
+    "keys_voided": N_("keys voided"),
+    "callback_sent": N_("platform told by callback"),
+    # A purchase from a supplier, recorded on the line it is for
+    "purchase_unknown": N_("purchase outcome unclear"),
+    "purchase_processing": N_("supplier still processing the purchase"),
+    "purchase_failed": N_("purchase failed"),
+    "purchase_completed": N_("purchase completed"),
+    # Card keys and adds to a platform's own pool (consignment)
+    "imported": N_("imported"),
+    "voided": N_("voided"),
+    "unvoided": N_("returned to stock"),
+    "replaced": N_("replaced"),
+    "sold_from_pool": N_("sold from the platform's pool"),
+    "stock_back": N_("given back by the platform's pool"),
+    "pool_add_intent": N_("adding to the platform's pool"),
+    "pool_add_unknown": N_("add to the platform's pool unclear"),
+    "pool_added": N_("added to the platform's pool"),
+    "pool_add_partial": N_("partly added to the platform's pool"),
+    "pool_add_failed": N_("add to the platform's pool failed"),
 }
 
 

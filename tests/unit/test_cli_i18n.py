@@ -142,7 +142,7 @@ def test_an_argument_error_before_the_config_speaks_the_locale(tmp_path: Path) -
     config = shop(tmp_path, None)
     result = cli(config, "notify", "test", "--timeout", "999", extra_env={"LANG": "zh_CN.UTF-8"})
     assert result.returncode == 2
-    assert "必须在 1 到 120 秒 之间，收到的是 999" in result.stderr
+    assert "必须在 1 到 120 秒之间，收到的是 999" in result.stderr
 
 
 def test_json_is_the_same_in_every_language(tmp_path: Path) -> None:

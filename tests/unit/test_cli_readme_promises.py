@@ -196,4 +196,4 @@ def test_secrets_where_says_missing_in_chinese(tmp_path: Path) -> None:
     config = small_config(tmp_path, 'language = "zh-CN"')
     result = run_bare(config, "secrets", "where", tmp_path=tmp_path)
     assert result.returncode == 0
-    assert "platform.main.secret: 缺失" in result.stdout, result.stdout
+    assert "platform.main.secret：缺失" in result.stdout, result.stdout

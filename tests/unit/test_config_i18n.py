@@ -22,7 +22,7 @@ secret = "platform.main.secret"
 CASES = [
     (
         "timeout = 9999",
-        "platforms.main.timeout: 必须在 0.1 到 300 秒 之间，收到的是 9999",
+        "platforms.main.timeout: 必须在 0.1 到 300 秒之间，收到的是 9999",
         "platforms.main.timeout: must be between 0.1 and 300 seconds, got 9999",
     ),
     (
