@@ -597,6 +597,12 @@ def _parse_store(s: Section, source: Path) -> StoreSettings:
         s.reject_unknown()
         return settings
     assert raw_path is not None
+    for key in ("password", "instance", "lease_seconds", "pool_size"):
+        if key in s.data:
+            raise s.error(
+                key,
+                s._("applies to a PostgreSQL ledger (store.url) only; this one is SQLite (path)"),
+            )
     path = Path(raw_path).expanduser()
     if not path.is_absolute():
         # Relative to the config file, not to wherever systemd happens to start us.

@@ -40,6 +40,12 @@ CASES = [
         "platforms.main.api_key: 必须是非空字符串，收到的是 3",
         "platforms.main.api_key: must be a non-empty string, got 3",
     ),
+    (  # a PostgreSQL setting beside a SQLite path: said so, not "unknown"
+        "lease_seconds = 30",
+        "store.lease_seconds: 只适用于 PostgreSQL 账本（store.url）；此账本是 SQLite（path）",
+        "store.lease_seconds: applies to a PostgreSQL ledger (store.url) only; this one is"
+        " SQLite (path)",
+    ),
 ]
 
 
@@ -52,6 +58,8 @@ def test_a_bad_setting_is_one_line_in_the_configs_language(
     text = f'[agent]\nlanguage = "{language}"\n{PLATFORM}'
     if line.startswith("api_key"):
         text = text.replace('api_key = "k"', line)
+    elif line.startswith("lease_seconds"):
+        text = text.replace('path = "kami.db"', f'path = "kami.db"\n{line}')
     else:
         text += f"{line}\n"
     config.write_text(text, encoding="utf-8")
