@@ -51,7 +51,7 @@ EVENT_KINDS = {
     "buyer_notice": N_("buyer notified"),
     "refund_intent": N_("refund started"),
     "refund_refused": N_("refund refused by the platform"),
-    "keys_revealed": N_("keys shown in the console"),
+    "keys_revealed": N_("keys shown to the merchant"),
     "operator_retry": N_("retried by the merchant"),
     "operator_resend": N_("resent by the merchant"),
     "key_replaced": N_("bad key replaced by the merchant"),

@@ -205,7 +205,7 @@ async def test_revealing_keys_takes_a_post_and_is_written_in_the_audit_trail(
         assert len(revealed) == 1 and "2 key(s) shown in the console" in revealed[0].detail
         assert not any(s in revealed[0].detail for s in secrets_bound)
         timeline = await (await client.get(f"/orders/{line_id}")).text()
-        assert "keys shown in the console" in timeline
+        assert "keys shown to the merchant" in timeline
 
 
 async def test_retry_moves_a_parked_order_and_hands_it_to_the_engine(
