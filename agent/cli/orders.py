@@ -209,6 +209,12 @@ def cmd_list(args: argparse.Namespace) -> int:
         lines = await store.list_lines(state, args.limit)
         if args.json:
             print_json([line_json(ln) for ln in lines])
+        elif not lines:
+            # An empty table says nothing; say whether the filter or the ledger is empty.
+            if state is None:
+                print(_("no order lines in the ledger yet"))
+            else:
+                print(_("no order lines are %(state)s") % {"state": said_state(state.value)})
         else:
             print_lines(lines)
         return 0

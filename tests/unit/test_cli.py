@@ -178,7 +178,7 @@ def test_orders_list_show_retry_resend(tmp_path: Path) -> None:
     # (unreachable here), never sends it back to work as it stands (0 keys; issue 19).
     retry = cli(config, "orders", "retry", "O-2", secret="s")
     assert retry.returncode == 1 and "Traceback" not in retry.stderr
-    assert "new" not in cli(config, "orders", "list", "--state", "new").stdout
+    assert cli(config, "orders", "list", "--state", "new").stdout == "no order lines are new\n"
     assert "only needs_attention" in cli(config, "orders", "retry", "O-1").stderr
     resend = cli(config, "orders", "resend", "O-1")
     assert resend.returncode == 0 and "now delivering" in resend.stdout

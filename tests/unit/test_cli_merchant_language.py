@@ -206,7 +206,8 @@ def test_every_state_and_event_kind_of_the_lifecycle_has_a_chinese_name() -> Non
         assert ZH(label) != label and not ZH(label).isascii(), label
 
 
-def orders_shop(tmp_path: Path, language: str) -> Path:
+def orders_shop(tmp_path: Path, language: str, *, orders: bool = True) -> Path:
+    tmp_path.mkdir(parents=True, exist_ok=True)
     path = tmp_path / "config.toml"
     path.write_text(
         f'[agent]\nlanguage = "{language}"\n\n[store]\npath = "kami.db"\n\n[platforms.main]\n'
@@ -215,6 +216,8 @@ def orders_shop(tmp_path: Path, language: str) -> Path:
         encoding="utf-8",
     )
     assert cli(path, "init").returncode == 0
+    if not orders:
+        return path
 
     async def seed() -> None:
         store = SQLiteStore(tmp_path / "kami.db", master_key_for_tests())
@@ -267,6 +270,20 @@ def test_orders_in_english_show_the_codes_as_before(tmp_path: Path) -> None:
     }
     trail = cli(config, "orders", "show", "P-STUCK").stdout.split("audit trail:\n", 1)[1]
     assert [row.split()[2] for row in trail.splitlines()[1:]] == ["intake", "parked"]
+
+
+def test_an_empty_listing_says_so(tmp_path: Path) -> None:
+    # A header alone says nothing: the ledger is empty, or nothing is in the state asked for.
+    for language, empty, none_parked in (
+        ("en", "no order lines in the ledger yet", "no order lines are delivered"),
+        ("zh-CN", "账本中还没有订单行", "没有状态为“已发货”的订单行"),
+    ):
+        config = orders_shop(tmp_path / language, language)
+        listing = cli(config, "orders", "list", "--state", "delivered")
+        assert listing.returncode == 0 and listing.stdout.strip() == none_parked, listing
+        config = orders_shop(tmp_path / f"{language}-empty", language, orders=False)
+        listing = cli(config, "orders", "list")
+        assert listing.returncode == 0 and listing.stdout.strip() == empty, listing
 
 
 # --- argparse's headings, range errors, options without help ----------------------------------
