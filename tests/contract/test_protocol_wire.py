@@ -35,6 +35,7 @@ from agent.signed_http import parse_retry_after
 from agent.suppliers.http import HttpSupplier
 from tests.conftest import platform_settings
 from tests.contract.test_suppliers import supplier_settings
+from tests.loopback import serve
 
 SECRET = "wire-conformance-secret"
 API_KEY = "test-key"
@@ -110,12 +111,7 @@ async def server() -> AsyncIterator[StrictServer]:
     strict = StrictServer()
     app = web.Application()
     app.router.add_route("*", "/{tail:.*}", strict.handle)
-    runner = web.AppRunner(app)
-    await runner.setup()
-    site = web.TCPSite(runner, "127.0.0.1", 0)
-    await site.start()
-    port = site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
-    strict.url = f"http://127.0.0.1:{port}"
+    runner, strict.url = await serve(app)
     yield strict
     await runner.cleanup()
 

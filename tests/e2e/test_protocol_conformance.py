@@ -25,6 +25,7 @@ from aiohttp import web
 
 from tests.daemon import import_stock, start_daemon, wait_until
 from tests.helpers import SAFETY_TIMEOUT
+from tests.loopback import serve
 
 PLATFORM_SECRET = "conformance-platform-secret"
 SUPPLIER_SECRET = "conformance-supplier-secret"
@@ -202,13 +203,9 @@ class StrictPlatform:
 async def serving(handler: Any) -> AsyncIterator[str]:
     app = web.Application()
     app.router.add_route("*", "/{tail:.*}", handler)
-    runner = web.AppRunner(app)
-    await runner.setup()
-    site = web.TCPSite(runner, "127.0.0.1", 0)
-    await site.start()
-    port = site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
+    runner, url = await serve(app)
     try:
-        yield f"http://127.0.0.1:{port}"
+        yield url
     finally:
         await runner.cleanup()
 

@@ -59,6 +59,8 @@ from typing import Any
 
 from aiohttp import web
 
+from tests.loopback import serve
+
 QUOTA = 20  # calls a second per AppId
 WINDOW = 600.0  # timestamp skew allowed
 WW_CAP = 3
@@ -265,12 +267,7 @@ class FakeAgiso:
     async def start(self) -> str:
         app = web.Application(client_max_size=2 * 1024 * 1024)
         app.router.add_post("/{service}/{path:.*}", self._handle)
-        self._runner = web.AppRunner(app)
-        await self._runner.setup()
-        site = web.TCPSite(self._runner, "127.0.0.1", 0)
-        await site.start()
-        port = site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
-        self.base_url = f"http://127.0.0.1:{port}"
+        self._runner, self.base_url = await serve(app)
         return self.base_url
 
     async def stop(self) -> None:

@@ -33,6 +33,8 @@ from typing import Any
 import aiohttp
 from aiohttp import web
 
+from tests.loopback import serve
+
 CALLBACK_PATH = "/api/v1/upstream/callback"
 
 
@@ -80,12 +82,7 @@ class FakeShop:
     async def start(self) -> None:
         app = web.Application()
         app.router.add_post(self.callback_prefix + CALLBACK_PATH, self._callback)
-        self._runner = web.AppRunner(app, access_log=None)
-        await self._runner.setup()
-        site = web.TCPSite(self._runner, "127.0.0.1", 0)
-        await site.start()
-        port = site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
-        self.base_url = f"http://127.0.0.1:{port}"
+        self._runner, self.base_url = await serve(app, access_log=None)
         self._session = aiohttp.ClientSession()
 
     async def stop(self) -> None:

@@ -41,6 +41,8 @@ from typing import Any
 import aiohttp
 from aiohttp import web
 
+from tests.loopback import serve
+
 PROVISION = "DECLARED_STOCK_PROVISION"
 RESERVATION = "DECLARED_STOCK_RESERVATION"
 CANCELLATION = "DECLARED_STOCK_CANCELLATION"
@@ -101,12 +103,7 @@ class FakeEneba:
         app = web.Application()
         app.router.add_post("/oauth/token", self._token)
         app.router.add_post("/graphql", self._graphql)
-        self._runner = web.AppRunner(app, access_log=None)
-        await self._runner.setup()
-        site = web.TCPSite(self._runner, "127.0.0.1", 0)
-        await site.start()
-        port = site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
-        self.base_url = f"http://127.0.0.1:{port}"
+        self._runner, self.base_url = await serve(app, access_log=None)
         self._session = aiohttp.ClientSession()
 
     async def stop(self) -> None:

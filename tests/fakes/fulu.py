@@ -17,6 +17,8 @@ from aiohttp import web
 from cryptography.hazmat.primitives import padding
 from cryptography.hazmat.primitives.ciphers import Cipher, algorithms, modes
 
+from tests.loopback import serve
+
 PUBLIC = (
     "app_key",
     "method",
@@ -78,12 +80,8 @@ class FakeFulu:
     async def start(self) -> str:
         app = web.Application()
         app.router.add_post("/api/getway", self._gateway)
-        self._runner = web.AppRunner(app, shutdown_timeout=0.5)
-        await self._runner.setup()
-        site = web.TCPSite(self._runner, "127.0.0.1", 0)
-        await site.start()
-        port = site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
-        self.base_url = f"http://127.0.0.1:{port}/api/getway"
+        self._runner, self.base_url = await serve(app, shutdown_timeout=0.5)
+        self.base_url += "/api/getway"
         return self.base_url
 
     async def stop(self) -> None:

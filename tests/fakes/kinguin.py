@@ -41,6 +41,8 @@ from typing import Any
 
 from aiohttp import web
 
+from tests.loopback import serve
+
 DELIVERY_WINDOW = 15 * 60.0  # seconds from "needs stock" to Kinguin cancelling the order
 NEEDS_STOCK = ("BOUGHT", "OUT_OF_STOCK")
 FINAL = ("DELIVERED", "CANCELED", "REFUNDED", "RETURNED", "REVERSED")
@@ -201,13 +203,7 @@ class FakeKinguin:
         return app
 
     async def start(self) -> str:
-        self._runner = web.AppRunner(self.app(), access_log=None, shutdown_timeout=0.5)
-        await self._runner.setup()
-        site = web.TCPSite(self._runner, "127.0.0.1", 0)
-        await site.start()
-        sockets = getattr(site._server, "sockets", None)
-        assert sockets, "fake Kinguin did not bind"
-        self.base_url = f"http://127.0.0.1:{int(sockets[0].getsockname()[1])}"
+        self._runner, self.base_url = await serve(self.app(), access_log=None, shutdown_timeout=0.5)
         return self.base_url
 
     async def stop(self) -> None:

@@ -30,6 +30,8 @@ from typing import Any
 
 from aiohttp import web
 
+from tests.loopback import serve
+
 HOUR_S = 3600
 
 
@@ -65,12 +67,7 @@ class RobotFakes:
         app.router.add_post("/open-apis/bot/v2/hook/{hook}", self._feishu)
         app.router.add_post("/cgi-bin/webhook/send", self._wecom)
         app.router.add_post("/bot{token}/sendMessage", self._telegram)
-        self._runner = web.AppRunner(app)
-        await self._runner.setup()
-        site = web.TCPSite(self._runner, "127.0.0.1", 0)
-        await site.start()
-        port = site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
-        self.base_url = f"http://127.0.0.1:{port}"
+        self._runner, self.base_url = await serve(app)
         return self.base_url
 
     async def stop(self) -> None:

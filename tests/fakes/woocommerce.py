@@ -51,6 +51,8 @@ from urllib.parse import quote
 
 from aiohttp import web
 
+from tests.loopback import serve
+
 API = "/wp-json/wc/v3"
 STATUSES = ("pending", "processing", "on-hold", "completed", "cancelled", "refunded", "failed")
 ORDERBY = ("date", "id", "include", "title", "slug")
@@ -241,13 +243,7 @@ class FakeWooCommerce:
         app.router.add_get(API + r"/orders/{id:\d+}/notes", self._list_notes)
         app.router.add_post(API + r"/orders/{id:\d+}/notes", self._create_note)
         app.router.add_get(API + r"/orders/{id:\d+}/notes/{note:\d+}", self._get_note)
-        self._runner = web.AppRunner(app, access_log=None, shutdown_timeout=0.5)
-        await self._runner.setup()
-        site = web.TCPSite(self._runner, "127.0.0.1", 0)
-        await site.start()
-        sockets = getattr(site._server, "sockets", None)
-        assert sockets, "fake shop did not bind"
-        self.base_url = f"http://127.0.0.1:{int(sockets[0].getsockname()[1])}"
+        self._runner, self.base_url = await serve(app, access_log=None, shutdown_timeout=0.5)
         return self.base_url
 
     async def stop(self) -> None:

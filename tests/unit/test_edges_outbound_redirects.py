@@ -30,6 +30,7 @@ from agent.suppliers.fulu import FuluSupplier
 from agent.suppliers.http import HttpSupplier
 from tests.conftest import make_config, platform_settings, stock
 from tests.helpers import line_state_is, running_agent, wait_for
+from tests.loopback import serve
 
 CARD = CardItem(code="C-1", secret="CARD-KEY-NEVER-ELSEWHERE")
 TG_TOKEN = "123456789:TG-token-in-the-path-AAAAAAAAAAAAAAAA"
@@ -44,12 +45,7 @@ class Server:
 async def _serve(handler: Callable[[web.Request], Awaitable[web.StreamResponse]]) -> Any:
     app = web.Application()
     app.router.add_route("*", "/{tail:.*}", handler)
-    runner = web.AppRunner(app, access_log=None)
-    await runner.setup()
-    site = web.TCPSite(runner, "127.0.0.1", 0)
-    await site.start()
-    port = site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
-    return runner, f"http://127.0.0.1:{port}"
+    return await serve(app, access_log=None)
 
 
 def _looks_successful(request: web.Request, body: bytes) -> dict[str, Any]:

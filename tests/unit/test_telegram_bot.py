@@ -33,6 +33,7 @@ from agent.telegram_bot import TelegramBot
 from tests.conftest import stock
 from tests.console_helpers import FakeEngine, add_orders, console_config
 from tests.helpers import wait_for
+from tests.loopback import serve
 
 BOT_TOKEN = "123456:fake-bot-token-for-tests-AbCdEf"
 MERCHANT = 4242
@@ -101,12 +102,7 @@ class FakeTelegram:
         app = web.Application()
         app.router.add_post("/bot{token}/{method}", self._method)
         app.router.add_get("/file/bot{token}/{path:.+}", self._file)
-        self._runner = web.AppRunner(app)
-        await self._runner.setup()
-        site = web.TCPSite(self._runner, "127.0.0.1", 0)
-        await site.start()
-        port = site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
-        self.base_url = f"http://127.0.0.1:{port}"
+        self._runner, self.base_url = await serve(app)
 
     async def stop(self) -> None:
         assert self._runner is not None
