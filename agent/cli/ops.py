@@ -7,7 +7,8 @@ import asyncio
 import socket
 import sys
 import time
-from typing import Any
+from collections.abc import Awaitable, Callable, Sequence
+from typing import TYPE_CHECKING, Any
 
 from agent import logs
 from agent.cli.common import (
@@ -23,15 +24,18 @@ from agent.cli.common import (
     when,
     with_store,
 )
-from agent.config import Config
+from agent.config import Config, PlatformSettings, SupplierSettings
 from agent.domain import AgentError, AlertMessage
 from agent.i18n import N_, duration
 from agent.keybox import StoreKeyError
 from agent.phrased import say
 from agent.secrets import env_var_for, lookup_secret
 from agent.store.base import LedgerError, Store
-from agent.suppliers.base import Balance
+from agent.suppliers.base import Balance, Supplier
 from agent.textsafe import printable
+
+if TYPE_CHECKING:
+    from agent.platforms.base import Platform
 
 STATUS_SKU_WIDTH = 32  # display cells; a longer SKU is cut with …
 
@@ -88,56 +92,58 @@ def cmd_demo(args: argparse.Namespace) -> int:
     return asyncio.run(run_demo(plan, language=_.language))  # the locale's, or the config's
 
 
-async def _check_platforms(config: Config) -> int:
-    """Each platform's credentials, by one authenticated call (its ping)."""
-    from agent.runtime import build_platform
-
+async def _check_credentials(
+    adapters: Sequence[PlatformSettings] | Sequence[SupplierSettings],
+    build: Callable[[Any], Any],
+    probe: Callable[[Any, dict[str, str]], Awaitable[str]],
+    failed: str,
+) -> int:
+    """Each adapter's credentials, by one authenticated call: `probe(adapter, where)` makes it
+    and says what it found; `failed` is the msgid said when it is refused. How many failed."""
     problems = 0
-    for settings in config.platforms:
+    for settings in adapters:
         if not lookup_secret(settings.secret_name):
             continue  # reported with the secrets
-        platform = build_platform(settings)
+        adapter = build(settings)
         where = {"name": settings.name, "url": settings.base_url}
         try:
-            await platform.ping()
-            print(_("platform %(name)s (%(url)s): reachable, auth ok") % where)
+            print(await probe(adapter, where))
         except AgentError as exc:
-            print(
-                _("platform %(name)s (%(url)s): FAILED: %(why)s")
-                % (where | {"why": printable(say(exc, _))})
-            )
+            print(_(failed) % (where | {"why": printable(say(exc, _))}))
             problems += 1
         finally:
-            await platform.close()
+            await adapter.close()
     return problems
 
 
-async def _check_suppliers(config: Config) -> int:
-    """Each supplier's credentials, by asking its balance (a cheap authenticated call)."""
-    from agent.runtime import build_supplier
+async def _ping(platform: Platform, where: dict[str, str]) -> str:
+    await platform.ping()
+    return _("platform %(name)s (%(url)s): reachable, auth ok") % where
 
-    problems = 0
-    for settings in config.suppliers:
-        if not lookup_secret(settings.secret_name):
-            continue  # reported with the secrets
-        supplier = build_supplier(settings)
-        where = {"name": settings.name, "url": settings.base_url}
-        try:
-            balance = await supplier.balance()
-            shown = printable(f"{balance.amount} {balance.currency}")
-            print(
-                _("supplier %(name)s (%(url)s): reachable, auth ok (balance %(balance)s)")
-                % (where | {"balance": shown})
-            )
-        except AgentError as exc:
-            print(
-                _("supplier %(name)s (%(url)s): FAILED: %(why)s")
-                % (where | {"why": printable(say(exc, _))})
-            )
-            problems += 1
-        finally:
-            await supplier.close()
-    return problems
+
+async def _balance(supplier: Supplier, where: dict[str, str]) -> str:
+    balance = await supplier.balance()  # a cheap authenticated call
+    shown = printable(f"{balance.amount} {balance.currency}")
+    return _("supplier %(name)s (%(url)s): reachable, auth ok (balance %(balance)s)") % (
+        where | {"balance": shown}
+    )
+
+
+async def _check_adapters(config: Config) -> int:
+    """Each platform's and supplier's credentials; how many were refused."""
+    from agent.runtime import build_platform, build_supplier
+
+    return await _check_credentials(
+        config.platforms,
+        build_platform,
+        _ping,
+        N_("platform %(name)s (%(url)s): FAILED: %(why)s"),
+    ) + await _check_credentials(
+        config.suppliers,
+        build_supplier,
+        _balance,
+        N_("supplier %(name)s (%(url)s): FAILED: %(why)s"),
+    )
 
 
 def cmd_check(args: argparse.Namespace) -> int:
@@ -194,8 +200,7 @@ def cmd_check(args: argparse.Namespace) -> int:
         )
     # The platforms and suppliers whatever became of the ledger: a merchant checks the
     # credentials before `init` too, and a broken ledger says nothing about them.
-    failures += asyncio.run(_check_platforms(config))
-    failures += asyncio.run(_check_suppliers(config))
+    failures += asyncio.run(_check_adapters(config))
     if config.notify:
         print(_("alert channels: not sent to (`kami-agent notify test` sends a test message)"))
     if failures:
