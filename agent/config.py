@@ -586,6 +586,15 @@ def _parse_agent(s: Section) -> AgentSettings:
     return settings
 
 
+# The store's settings beside path, key and url: PostgreSQL's alone (password, instance,
+# lease_seconds, pool_size), read from StoreSettings so a new one is refused beside a path too.
+POSTGRES_ONLY = tuple(
+    toml_key(f)
+    for f in dataclasses.fields(StoreSettings)
+    if spec_of(f) is not None and toml_key(f) not in ("path", "key", "url")
+)
+
+
 def _parse_store(s: Section, source: Path) -> StoreSettings:
     key_secret = s.secret_name("key", field_default(StoreSettings, "key_secret"))
     raw_path = s.optional_string("path")
@@ -597,7 +606,7 @@ def _parse_store(s: Section, source: Path) -> StoreSettings:
         s.reject_unknown()
         return settings
     assert raw_path is not None
-    for key in ("password", "instance", "lease_seconds", "pool_size"):
+    for key in POSTGRES_ONLY:
         if key in s.data:
             raise s.error(
                 key,

@@ -302,7 +302,8 @@ class HttpPlatform:
             payload=payload,
             unknown_outcome=True,
         )
-        code = _error_code(resp)
+        # The error code decides only a refusal (204, the common answer, has no body).
+        code = _error_code(resp) if resp.status in (400, 404, 422) else None
         if "as_of" in payload and (
             resp.status == 400 or (resp.status == 422 and code != "bad_available")
         ):
