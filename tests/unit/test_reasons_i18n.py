@@ -8,7 +8,6 @@ from __future__ import annotations
 import asyncio
 import re
 import time
-from collections.abc import AsyncIterator
 from pathlib import Path
 
 import pytest
@@ -40,7 +39,13 @@ from tests.conftest import keys, master_key_for_tests
 from tests.console_helpers import FakeEngine, add_orders, console_client, console_config, log_in
 from tests.helpers import wait_for
 from tests.unit.test_cli import cli
-from tests.unit.test_telegram_bot import BOT_TOKEN, MERCHANT, FakeTelegram, sent_matching
+from tests.unit.test_telegram_bot import (  # noqa: F401 (telegram: the fixture)
+    BOT_TOKEN,
+    MERCHANT,
+    FakeTelegram,
+    sent_matching,
+    telegram,
+)
 
 ZH = Translator(CHINESE)
 EN = Translator(ENGLISH)
@@ -288,16 +293,10 @@ async def test_a_retry_refused_by_the_screening_quotes_the_reason_in_chinese(
     assert timeline in page
 
 
-@pytest.fixture
-async def telegram() -> AsyncIterator[FakeTelegram]:
-    fake = FakeTelegram(BOT_TOKEN)
-    await fake.start()
-    yield fake
-    await fake.stop()
-
-
 async def test_the_bot_says_the_reasons_in_the_merchants_language(
-    tmp_path: Path, telegram: FakeTelegram, sqlite_store: SQLiteStore
+    tmp_path: Path,
+    telegram: FakeTelegram,  # noqa: F811 (the fixture)
+    sqlite_store: SQLiteStore,
 ) -> None:
     await _seed(sqlite_store)
     settings = TelegramBotSettings(
